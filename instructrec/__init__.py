@@ -1,0 +1,7 @@
+"""instructrec: recommendation as instruction following (InstructRec, arXiv 2305.07001).
+
+The core package holds the method shared by training and serving: the instruction
+format, the template table and its selection, model loading and the likelihood ranker.
+"""
+
+__version__ = "0.1.0"
