@@ -1,0 +1,51 @@
+"""Training presets: the budgets ``instructrec train --preset`` names.
+
+``smoke`` trains a tiny random model in well under a minute (tests); ``quick`` is the
+quick-start default, sized to finish within 15 minutes on 2 CPU cores; ``full`` is the
+quality run (hours on a CPU; minutes on a GPU with Flan-T5 or the default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from instructrec.modeling import MINILM, TINY
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    base: str
+    data: str = "games-sample"
+    users: int | None = None  # seeded subsample of users (None = all)
+    max_history: int = 20
+    max_source_tokens: int = 256
+    max_target_tokens: int = 48
+    per_case: int = 2  # instruction examples generated per training case
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 1000
+    learning_rate: float = 1e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    eval_steps: int = 250
+    save_steps: int = 50  # resumable checkpoints: at most this many steps are redone after a crash
+    eval_users: int = 200  # validation cases ranked (1 positive + 9 negatives) at each evaluation
+    logging_steps: int = 10
+    seed: int = 0
+
+    def override(self, **changes) -> "Preset":
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+PRESETS: dict[str, Preset] = {
+    "smoke": Preset("smoke", base=TINY, users=60, max_history=5, max_source_tokens=128, max_target_tokens=32,
+                    per_case=1, batch_size=8, max_steps=24, learning_rate=1e-3, warmup_steps=0, eval_steps=12,
+                    save_steps=6, eval_users=20, logging_steps=4),
+    "quick": Preset("quick", base=MINILM, max_history=10, max_source_tokens=192, per_case=2, batch_size=16,
+                    max_steps=700, learning_rate=1e-4, warmup_steps=30, eval_steps=350, save_steps=50,
+                    eval_users=300),
+    "full": Preset("full", base=MINILM, max_history=20, max_source_tokens=320, per_case=3, batch_size=32,
+                   max_steps=30000, learning_rate=1e-4, warmup_steps=500, eval_steps=1000, save_steps=250,
+                   eval_users=1000, logging_steps=50),
+}

@@ -1,0 +1,313 @@
+"""Instruction tuning (paper Eq. 1): minimise the negative log-likelihood of the target
+response given the instruction, over a mixture of templates and task forms.
+
+Built on the HF Trainer, which brings what a long CPU or multi-GPU run needs: progress
+bars, bf16 autocast, gradient accumulation, DDP through ``accelerate launch``/``torchrun``,
+and resumable checkpoints (model, optimizer, scheduler, RNG and data position). On top
+of it this module adds the recommender's own validation (HR@1 of the likelihood ranker
+on held-out cases, the metric that picks the best checkpoint) and the output layout:
+
+    OUT/instructions.jsonl    the generated instruction data (reused on resume)
+    OUT/annotations.jsonl     teacher annotations (a resumable cache)
+    OUT/checkpoints/          Trainer checkpoints for resuming after a crash or kill -9
+    OUT/best/                 the best model by validation HR@1 so far
+    OUT/model/                the final model: HF directory + instructrec.json
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from instructrec.aspects import UserNeed
+from instructrec.checkpoint import read_meta, write_meta
+from instructrec.instruction import build as build_instruction
+from instructrec.modeling import LoadedModel, build_base, resolve_device
+from instructrec.ranker import Ranker, target_ids, eos_id
+from instructrec.templates import TEMPLATE_VERSION
+
+from .data.load import load_dataset
+from .data.types import Case, InteractionData
+from .instructions import Example, Mixture, build_examples, read_examples, summary, write_examples
+from .metrics import candidate_set, metrics_from_ranks, rank_of
+from .presets import Preset
+
+log = logging.getLogger(__name__)
+# EncoderDecoderModel warns on every step that its loss moved into the framework in v4.12.
+warnings.filterwarnings("ignore", message="Version v4.12.0 introduces a better way", category=FutureWarning)
+
+EVAL_SEED = 2023  # candidate sets for validation are fixed by this seed
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def validation_metrics(model, tokenizer, data: InteractionData, cases: list[Case], preset: Preset,
+                       device: torch.device, n_negatives: int = 9) -> dict[str, float]:
+    """HR/NDCG of the likelihood ranker on ``cases`` (1 positive + ``n_negatives``), serving path."""
+    was_training = model.training
+    model.eval()
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, name="training", kind="seq2seq", device=device,
+                         dtype=next(model.parameters()).dtype)
+    ranker = Ranker(loaded, max_source_tokens=preset.max_source_tokens, max_target_tokens=preset.max_target_tokens)
+    ranks = []
+    try:
+        for case in cases:
+            need = UserNeed(history=tuple(data.title(i) for i in case.history))
+            inst = build_instruction(need, tokenizer, ranker.max_source_tokens)
+            cands = candidate_set(data, case, n_negatives, EVAL_SEED)
+            scores = ranker.score(inst.source, [data.title(c) for c in cands]).scores
+            ranks.append(rank_of(scores, cands.index(case.target)))
+    finally:
+        model.train(was_training)
+    return metrics_from_ranks(ranks)
+
+
+class _Examples(torch.utils.data.Dataset):
+    def __init__(self, features: list[dict]):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.features[i]
+
+
+def tokenize_examples(examples: list[Example], tokenizer, preset: Preset, eos: int) -> list[dict]:
+    sources = tokenizer([e.source for e in examples], truncation=True, max_length=preset.max_source_tokens)["input_ids"]
+    feats = []
+    for ids, ex in zip(sources, examples):
+        labels, _ = target_ids(tokenizer, ex.target, preset.max_target_tokens, eos)
+        feats.append({"input_ids": ids, "labels": labels})
+    return feats
+
+
+def annotate_offline(data: InteractionData, cases: list[Case], path: Path, progress: bool) -> dict:
+    """Fine-grained annotations from the offline teacher, cached in ``path`` (resumable)."""
+    from .annotate.offline import OfflineTeacher
+    from .annotate.pipeline import annotate_cases, load_annotations
+    from .annotate.teachers import Kind
+
+    asyncio.run(annotate_cases(data, cases, OfflineTeacher(), list(Kind), path, progress=progress))
+    return load_annotations(path)
+
+
+def _last_good_checkpoint(directory: Path) -> str | None:
+    """The newest Trainer checkpoint that was written completely (kill -9 can leave a partial one)."""
+    if not directory.is_dir():
+        return None
+    found = []
+    for d in directory.glob("checkpoint-*"):
+        try:
+            step = int(d.name.split("-")[-1])
+        except ValueError:
+            continue
+        if (d / "trainer_state.json").is_file() and any(d.glob("*.safetensors")) and (d / "optimizer.pt").is_file():
+            found.append((step, d))
+    return str(max(found)[1]) if found else None
+
+
+def _save_model_dir(model, tokenizer, target: Path, meta: dict) -> None:
+    """Write an HF model directory atomically (a temp dir renamed into place)."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    to_save = model
+    if hasattr(model, "merge_and_unload"):  # a peft model: save the merged weights, serving needs no peft
+        import copy
+
+        to_save = copy.deepcopy(model).merge_and_unload()
+    to_save.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    write_meta(tmp, meta)
+    old = target.with_name(target.name + ".old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def train(preset: Preset, out: str | Path, *, data_path: str | None = None, annotations_path: str | None = None,
+          device: str | None = None, bf16: bool | None = None, lora: bool = False, resume: bool = True,
+          progress: bool = True) -> dict:
+    """Run (or resume) one instruction-tuning job; returns the final model's metadata."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:  # start over; the annotation cache stays valid (it is keyed by request)
+        for stale in ("checkpoints", "best", "model"):
+            shutil.rmtree(out / stale, ignore_errors=True)
+        (out / "instructions.jsonl").unlink(missing_ok=True)
+    dev = resolve_device(device)
+    use_bf16 = bf16 if bf16 is not None else (
+        (dev.type == "cuda" and torch.cuda.is_bf16_supported()) or (dev.type == "cpu" and cpu_has_bf16()))
+
+    # -- data and instructions -------------------------------------------------------
+    data = load_dataset(data_path or preset.data)
+    if preset.users:
+        data = data.sample_users(preset.users, seed=preset.seed)
+    split = data.split(preset.max_history)
+    model, tokenizer, kind = build_base(preset.base)
+    if kind != "seq2seq":
+        raise TrainingError(f"base model {preset.base!r} is not a seq2seq model; instruction tuning here trains encoder-decoders")
+    eos = eos_id(tokenizer, model)
+
+    examples_path = out / "instructions.jsonl"
+    if examples_path.exists() and resume:
+        examples = read_examples(examples_path)
+        log.info("reusing %d instruction examples from %s", len(examples), examples_path)
+    else:
+        if annotations_path:
+            from .annotate.pipeline import load_annotations
+
+            annotations = load_annotations(Path(annotations_path))
+        else:
+            annotations = annotate_offline(data, split.train, out / "annotations.jsonl", progress)
+        examples = build_examples(data, split.train, annotations, tokenizer, preset.max_source_tokens,
+                                  seed=preset.seed, mixture=Mixture(per_case=preset.per_case))
+        write_examples(examples_path, examples)
+    if not examples:
+        raise TrainingError(f"no training examples could be built from {data.source or data.name}")
+    stats = summary(examples)
+    (out / "instructions_summary.json").write_text(json.dumps(stats, indent=2) + "\n")
+    features = tokenize_examples(examples, tokenizer, preset, eos)
+    valid_cases = split.valid
+    if len(valid_cases) > preset.eval_users:
+        import random
+
+        valid_cases = sorted(random.Random(preset.seed).sample(valid_cases, preset.eval_users), key=lambda c: c.user_id)
+
+    # -- model and trainer ---------------------------------------------------------
+    if lora:
+        try:
+            from peft import LoraConfig, TaskType, get_peft_model
+        except ImportError as exc:
+            raise TrainingError("--lora needs peft: pip install 'instructrec[lora]'") from exc
+        model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=16, lora_alpha=32,
+                                                 lora_dropout=0.05, target_modules="all-linear"))
+    base_meta = {
+        "base_model": preset.base,
+        "template_version": TEMPLATE_VERSION,
+        "preset": asdict(preset),
+        "data": {"name": data.name, "source": data.source, "users": len(data.sequences), "items": len(data.items),
+                 "train_cases": len(split.train), "examples": len(examples), "validation_cases": len(valid_cases)},
+        "instructions": stats,
+        "lora": lora,
+        "bf16": use_bf16,
+        "device": str(dev),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+    }
+    best_dir = out / "best"
+    best = read_meta(best_dir).get("validation", {}).get("hr@1", -1.0) if best_dir.exists() else -1.0
+    timing = {"train_seconds": 0.0, "examples": 0}
+
+    class RecTrainer(Trainer):
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            nonlocal best
+            start = time.perf_counter()
+            # Under Trainer the model's forward autocasts when bf16 is on; rank under the same
+            # autocast so every part of the fast path computes in one dtype.
+            with torch.autocast(self.args.device.type, dtype=torch.bfloat16, enabled=bool(self.args.bf16)):
+                metrics = validation_metrics(self.model, tokenizer, data, valid_cases, preset, self.args.device)
+            metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+            metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - start, 2)
+            self.log(dict(metrics))
+            hr1 = metrics[f"{metric_key_prefix}_hr@1"]
+            if self.args.should_save and hr1 > best:
+                best = hr1
+                meta = {**base_meta, "steps": self.state.global_step,
+                        "validation": {k.removeprefix(f"{metric_key_prefix}_"): v for k, v in metrics.items()}}
+                _save_model_dir(self.model, tokenizer, best_dir, meta)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
+
+    class Throughput(TrainerCallback):
+        """Examples per second over training steps only (evaluation excluded)."""
+
+        def on_step_begin(self, args, state, control, **kw):
+            self._t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            timing["train_seconds"] += time.perf_counter() - self._t
+            timing["examples"] += args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+
+    args = TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=preset.batch_size,
+        gradient_accumulation_steps=preset.grad_accum,
+        max_steps=preset.max_steps,
+        learning_rate=preset.learning_rate,
+        warmup_steps=preset.warmup_steps,
+        weight_decay=preset.weight_decay,
+        lr_scheduler_type="linear",
+        optim="adamw_torch",
+        bf16=use_bf16,
+        use_cpu=dev.type == "cpu",
+        eval_strategy="steps",
+        eval_steps=preset.eval_steps,
+        save_strategy="steps",
+        save_steps=preset.save_steps,
+        save_total_limit=2,
+        logging_steps=preset.logging_steps,
+        train_sampling_strategy="group_by_length",
+        report_to="none",
+        seed=preset.seed,
+        data_seed=preset.seed,
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+    train_set = _Examples(features)
+    trainer = RecTrainer(
+        model=model,
+        args=args,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100),
+        train_dataset=train_set,
+        eval_dataset=train_set,  # unused: evaluate() ranks validation cases instead
+        processing_class=tokenizer,
+        callbacks=[Throughput()],
+    )
+    ckpt = _last_good_checkpoint(out / "checkpoints") if resume else None
+    if ckpt:
+        log.info("resuming from %s", ckpt)
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=ckpt)
+    wall = time.perf_counter() - started
+
+    # -- final model -----------------------------------------------------------------
+    final_meta = {**base_meta, "steps": trainer.state.global_step,
+                  "examples_per_second": round(timing["examples"] / timing["train_seconds"], 2) if timing["train_seconds"] else None,
+                  "train_seconds_this_run": round(wall, 1), "train_loss": result.training_loss,
+                  "resumed_from": ckpt}
+    if best_dir.exists():
+        best_meta = read_meta(best_dir)
+        final_meta["validation"] = best_meta.get("validation", {})
+        final_meta["best_step"] = best_meta.get("steps")
+        if (out / "model").exists():
+            shutil.rmtree(out / "model")
+        shutil.copytree(best_dir, out / "model")
+        write_meta(out / "model", final_meta)
+    else:
+        _save_model_dir(trainer.model, tokenizer, out / "model", final_meta)
+    return final_meta

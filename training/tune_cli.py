@@ -1,0 +1,59 @@
+"""``instructrec train``: instruction-tune a seq2seq model from a preset."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .presets import PRESETS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick",
+                        help="smoke: tiny model, <1 min (tests); quick: the quick-start default, <=15 min on 2 cores; full: the quality run")
+    parser.add_argument("--out", required=True, help="output directory (the model lands in OUT/model)")
+    parser.add_argument("--data", help="dataset directory or 'games-sample' (default: the preset's)")
+    parser.add_argument("--base", help="base model: a built-in name (minilm-bert2bert, tiny-random), an HF model directory, or a hub id such as google/flan-t5-xl")
+    parser.add_argument("--annotations", help="annotations.jsonl from `instructrec annotate` (default: run the offline teacher)")
+    parser.add_argument("--users", type=int, help="train on a seeded subsample of this many users")
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--grad-accum", type=int)
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--max-history", type=int)
+    parser.add_argument("--max-source-tokens", type=int)
+    parser.add_argument("--eval-steps", type=int)
+    parser.add_argument("--save-steps", type=int)
+    parser.add_argument("--eval-users", type=int)
+    parser.add_argument("--per-case", type=int, help="instruction examples per training case")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    bf16 = parser.add_mutually_exclusive_group()
+    bf16.add_argument("--bf16", dest="bf16", action="store_true", default=None, help="bf16 autocast (default: on where the hardware supports it)")
+    bf16.add_argument("--no-bf16", dest="bf16", action="store_false")
+    parser.add_argument("--lora", action="store_true", help="train LoRA adapters (needs the 'lora' extra); the saved model is merged")
+    parser.add_argument("--no-resume", dest="resume", action="store_false", help="start over instead of resuming from OUT")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .data.types import DataError
+    from .tune import TrainingError, train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    preset = PRESETS[args.preset].override(
+        base=args.base, users=args.users, max_steps=args.max_steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, learning_rate=args.learning_rate, max_history=args.max_history,
+        max_source_tokens=args.max_source_tokens, eval_steps=args.eval_steps, save_steps=args.save_steps,
+        eval_users=args.eval_users, per_case=args.per_case, seed=args.seed)
+    try:
+        meta = train(preset, args.out, data_path=args.data, annotations_path=args.annotations, device=args.device,
+                     bf16=args.bf16, lora=args.lora, resume=args.resume, progress=args.progress)
+    except (DataError, TrainingError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"instructrec train: {exc}", file=sys.stderr)
+        return 2
+    summary = {k: meta.get(k) for k in ("steps", "best_step", "examples_per_second", "validation", "template_version")}
+    print(json.dumps({"model": f"{args.out}/model", **summary}, indent=2))
+    return 0
