@@ -77,7 +77,9 @@ class Ranker:
         self.device = loaded.device
         self.kind = loaded.kind
         limit = _position_limit(self.model)
-        self.max_source_tokens = min(max_source_tokens or limit, limit)
+        if loaded.kind == "causal":
+            limit -= max_target_tokens  # the prefix and the candidate share the positions
+        self.max_source_tokens = min(max_source_tokens or limit, limit)  # instruction tokens actually kept
         self.max_target_tokens = max_target_tokens
         self.batch_tokens = batch_tokens
         self.reduction = reduction
@@ -111,8 +113,6 @@ class Ranker:
     def _source_ids(self, source: str) -> tuple[list[int], int]:
         ids = self.tokenizer(source)["input_ids"]
         limit = self.max_source_tokens
-        if self.kind == "causal":
-            limit -= self.max_target_tokens  # the prefix and the candidate share the positions
         if len(ids) <= limit:
             return ids, 0
         # Keep the end: templates put the question last, history first; the caller should

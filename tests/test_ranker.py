@@ -1,0 +1,239 @@
+"""Tests for the likelihood ranker on tiny random models (BERT2BERT, T5, GPT-2 style) and `instructrec rank`."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from instructrec.modeling import TINY, TINY_CAUSAL, TINY_T5, load_model
+from instructrec.ranker import Ranker, rank_order, target_ids
+
+torch.set_num_threads(1)
+
+SOURCE = "A user played: 1. Halo; 2. Doom; 3. Quake. They ask for a fast shooter. Pick the best candidate."
+OTHER_SOURCE = "Someone who loves gardening and cooking wants a calm farming game for a long winter evening."
+WORDS = "legend zelda mario kart halo doom quest star wars edition remastered deluxe racing puzzle".split()
+
+
+def _candidates(n: int, seed: int = 0) -> list[str]:
+    rnd = random.Random(seed)
+    lengths = [0, 1, 2, 4, 9, 20, 60]  # 60 words: cut at max_target_tokens
+    return [" ".join(rnd.choice(WORDS) for _ in range(lengths[i % len(lengths)])) or "x" for i in range(n)]
+
+
+CANDS = _candidates(21)
+
+
+@pytest.fixture(scope="module")
+def models():
+    cache: dict = {}
+
+    def get(name, dtype="float32"):
+        if (name, dtype) not in cache:
+            cache[name, dtype] = load_model(name, device="cpu", dtype=dtype)
+        return cache[name, dtype]
+
+    return get
+
+
+def _close(fast, naive, tol=1e-4):
+    assert len(fast) == len(naive)
+    for f, n in zip(fast, naive):
+        assert f == pytest.approx(n, abs=tol, rel=1e-6), (fast, naive)
+
+
+@pytest.mark.parametrize("name", [TINY, TINY_T5, TINY_CAUSAL])
+def test_fast_equals_naive(models, name):
+    ranker = Ranker(models(name), batch_tokens=16)
+    ids = [target_ids(ranker.tokenizer, c, ranker.max_target_tokens, ranker.eos)[0] for c in CANDS]
+    assert len({len(t) for t in ids}) >= 5 and len(ranker._chunks(ids)) > 5  # several buckets and chunks
+    for reduction in ("sum", "mean"):
+        fast = ranker.score(SOURCE, CANDS, reduction=reduction)
+        naive = ranker.score(SOURCE, CANDS, reduction=reduction, naive=True)
+        _close(fast.scores, naive.scores)
+        assert fast.target_tokens == naive.target_tokens == sum(len(t) for t in ids)
+        assert fast.targets_truncated == naive.targets_truncated == sum(len(c.split()) == 60 for c in CANDS) > 0
+    # one candidate
+    _close(ranker.score(SOURCE, ["Mario Kart"]).scores, ranker.score(SOURCE, ["Mario Kart"], naive=True).scores)
+    # 300 candidates, default batch budget: the fast path against naive on a subset
+    many = _candidates(300, seed=1)
+    fast = Ranker(models(name)).score(SOURCE, many, reduction="sum").scores
+    assert len(fast) == 300
+    subset = list(range(0, 300, 23))
+    _close([fast[i] for i in subset], ranker.score(SOURCE, [many[i] for i in subset], reduction="sum", naive=True).scores)
+
+
+@pytest.mark.parametrize("name", [TINY, TINY_T5, TINY_CAUSAL])
+def test_scores_depend_on_instruction_and_candidate(models, name):
+    ranker = Ranker(models(name), reduction="sum")
+    cands = ["Mario Kart 8", "Stardew Valley", "Doom Eternal"]
+    a, b = ranker.score(SOURCE, cands).scores, ranker.score(OTHER_SOURCE, cands).scores
+    assert max(abs(x - y) for x, y in zip(a, b)) > 1e-5
+    assert len({round(s, 5) for s in a}) == 3
+    # the same candidate gets the same score wherever it stands in the request
+    assert ranker.score(SOURCE, list(reversed(cands))).scores == pytest.approx(list(reversed(a)), abs=1e-5)
+
+
+def test_cross_attention_kv_computed_once(models):
+    loaded = models(TINY)
+    layers = loaded.model.decoder.bert.encoder.layer
+    calls: list[int] = []
+    hooks = [layer.crossattention.self.key.register_forward_hook(lambda *_, k=k: calls.append(k))
+             for k, layer in enumerate(layers)]
+    try:
+        ranker = Ranker(loaded, batch_tokens=16)
+        cands = [f"game {i} " + "deluxe " * (i % 6) for i in range(50)]
+        ids = [target_ids(ranker.tokenizer, c, ranker.max_target_tokens, ranker.eos)[0] for c in cands]
+        assert len(ranker._chunks(ids)) >= 10
+        ranker.score(SOURCE, cands)
+        assert calls == list(range(len(layers)))  # once per layer (the probe), not per chunk
+        calls.clear()
+        ranker.score(SOURCE, cands, naive=True)
+        assert len(calls) == 50 * len(layers)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_mean_is_sum_over_target_tokens(models):
+    ranker = Ranker(models(TINY))
+    sums = ranker.score(SOURCE, CANDS, reduction="sum").scores
+    means = ranker.score(SOURCE, CANDS, reduction="mean").scores
+    for c, s, m in zip(CANDS, sums, means):
+        n = len(target_ids(ranker.tokenizer, c, ranker.max_target_tokens, ranker.eos)[0])
+        assert n == min(len(ranker.tokenizer(c, add_special_tokens=False)["input_ids"]) + 1, ranker.max_target_tokens)
+        assert m == pytest.approx(s / n, abs=1e-6)
+    assert Ranker(models(TINY), reduction="sum").score(SOURCE, CANDS).scores == pytest.approx(sums, abs=1e-5)
+
+
+def test_rank_order_ties_and_top_n(models):
+    ranker = Ranker(models(TINY))
+    cands = ["Doom", "Mario Kart 8", "Doom", "Tetris", "Mario Kart 8", "Doom"]
+    scores = ranker.score(SOURCE, cands).scores
+    assert scores[0] == scores[2] == scores[5] and scores[1] == scores[4]
+    ranked = ranker.rank(SOURCE, cands)
+    assert [r.index for r in ranked] == rank_order(scores)
+    assert sorted(r.index for r in ranked) == list(range(6))
+    assert all(a.score >= b.score for a, b in zip(ranked, ranked[1:]))
+    for a, b in zip(ranked, ranked[1:]):  # equal scores keep request order
+        if a.score == b.score:
+            assert a.index < b.index
+    assert [r.index for r in ranked if r.text == "Doom"] == [0, 2, 5]
+    assert all(r.text == cands[r.index] and r.score == scores[r.index] for r in ranked)
+    top = ranker.rank(SOURCE, cands, top_n=2)
+    assert top == ranked[:2]
+    assert ranker.rank(SOURCE, cands, top_n=2, reduction="sum")[0].score == pytest.approx(
+        max(ranker.score(SOURCE, cands, reduction="sum").scores))
+    assert rank_order([1.0, 3.0, 3.0, 2.0, 3.0]) == [1, 2, 4, 3, 0]
+
+
+def test_errors(models):
+    ranker = Ranker(models(TINY))
+    with pytest.raises(ValueError):
+        ranker.score(SOURCE, [])
+    with pytest.raises(ValueError):
+        ranker.rank(SOURCE, [])
+    with pytest.raises(ValueError, match="reduction"):
+        ranker.score(SOURCE, ["Doom"], reduction="max")
+    with pytest.raises(ValueError, match="reduction"):
+        Ranker(models(TINY), reduction="median")
+
+
+@pytest.mark.parametrize("name", [TINY, TINY_CAUSAL])
+def test_truncation(models, name):
+    ranker = Ranker(models(name), max_target_tokens=8)
+    limit = ranker.max_source_tokens
+    assert limit == (512 - 8 if name == TINY_CAUSAL else 512)
+    long_source = " ".join(f"item{i}" for i in range(400)) + " " + SOURCE
+    n_tokens = len(ranker.tokenizer(long_source)["input_ids"])
+    assert n_tokens > 600
+    cands = ["Doom", " ".join(["remastered"] * 30), "Halo " * 7]
+    fast = ranker.score(long_source, cands)
+    naive = ranker.score(long_source, cands, naive=True)
+    assert fast.source_tokens == limit and fast.source_truncated == n_tokens - limit > 0
+    _close(fast.scores, naive.scores)
+    assert all(torch.isfinite(torch.tensor(fast.scores)))
+    assert fast.targets_truncated == 1  # "Halo " * 7 is 7 tokens + end = 8: fits exactly
+    assert fast.target_tokens == 2 + 8 + 8
+    # the cut keeps the end of the instruction (the question), so the tail still matters
+    tail_changed = ranker.score(long_source.replace("Pick the best", "Choose the worst"), cands).scores
+    assert max(abs(x - y) for x, y in zip(fast.scores, tail_changed)) > 0
+    short = ranker.score(SOURCE, cands)
+    assert short.source_truncated == 0 and short.source_tokens == len(ranker.tokenizer(SOURCE)["input_ids"])
+
+
+def _bf16_works() -> bool:
+    try:
+        x = torch.ones(2, 2, dtype=torch.bfloat16)
+        return bool(torch.isfinite((x @ x).float()).all())
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.skipif(not _bf16_works(), reason="bfloat16 matmul is not supported on this CPU")
+def test_bf16_close_to_fp32(models):
+    fp32 = Ranker(models(TINY)).score(SOURCE, CANDS).scores
+    bf16 = Ranker(models(TINY, "bfloat16")).score(SOURCE, CANDS).scores
+    assert models(TINY, "bfloat16").model.dtype == torch.bfloat16
+    for a, b in zip(fp32, bf16):
+        assert b == pytest.approx(a, abs=0.1)
+
+
+# -- instructrec rank -------------------------------------------------------------------------
+
+
+def test_rank_cli_json(capsys, tmp_path):
+    from instructrec.cli import main
+
+    history = tmp_path / "history.txt"
+    history.write_text("Halo\nDoom\n\nQuake\n", encoding="utf-8")
+    cands = ["Mario Kart 8", "Doom Eternal", "Stardew Valley", "Tetris"]
+    argv = ["rank", "--model", "tiny-random", "--device", "cpu", "--dtype", "float32", "--history-file", str(history),
+            "--intention", "a fast shooter", "--intention-kind", "specific", "--top-n", "3", "--json"]
+    for c in cands:
+        argv += ["--candidate", c]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["template"] == "comb-09"
+    assert out["instantiation"] == "<P1,I2,T3>"
+    assert out["history_dropped"] == 0
+    assert "1. Halo; 2. Doom; 3. Quake" in out["instruction"] and "a fast shooter" in out["instruction"]
+    ranked = out["ranked"]
+    assert len(ranked) == 3
+    assert all(r["title"] == cands[r["index"]] for r in ranked)
+    assert [r["score"] for r in ranked] == sorted((r["score"] for r in ranked), reverse=True)
+    # same scores as the library call on the same instruction
+    expected = Ranker(load_model(TINY, device="cpu", dtype="float32")).rank(out["instruction"], cands, top_n=3)
+    assert [r["index"] for r in ranked] == [r.index for r in expected]
+    assert [r["score"] for r in ranked] == pytest.approx([r.score for r in expected], abs=1e-5)
+
+    assert main(argv + ["--template", "comb-11"]) == 0
+    assert json.loads(capsys.readouterr().out)["template"] == "comb-11"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--history", "Halo", "--candidate", "Doom", "--template", "nope-01"], "unknown template id"),
+    (["--history", "Halo", "--candidate", "Doom", "--template", "int-07"], "intention"),
+    (["--history", "Halo"], "no candidates"),
+])
+def test_rank_cli_errors(capsys, extra, message):
+    from instructrec.cli import main
+
+    assert main(["rank", "--model", "tiny-random", "--device", "cpu", "--json", *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in captured.err
+
+
+def test_rank_cli_missing_model(capsys, tmp_path, monkeypatch):
+    from instructrec.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no artifacts/quickstart/model here
+    assert main(["rank", "--history", "Halo", "--candidate", "Doom"]) == 2
+    assert "instructrec train --preset quick --out artifacts/quickstart" in capsys.readouterr().err
+    assert main(["rank", "--model", str(tmp_path / "no-such-dir"), "--history", "Halo", "--candidate", "Doom"]) == 2
+    assert "does not exist" in capsys.readouterr().err
