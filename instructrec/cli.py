@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "annotate": ("training.annotate.cli", "generate fine-grained instruction annotations with a teacher"),
     "train": ("training.tune_cli", "instruction-tune a seq2seq model"),
     "rank": ("instructrec.rank_cli", "rerank candidates for one instruction with a checkpoint"),
+    "serve": ("service.cli", "run the /rerank HTTP service (micro-batching, Redis cache, metrics)"),
 }
 
 

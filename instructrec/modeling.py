@@ -23,6 +23,14 @@ TINY = "tiny-random"  # a tiny randomly initialised BERT2BERT for tests and the 
 TINY_T5 = "tiny-random-t5"  # a tiny randomly initialised T5, for tests of the generic path
 TINY_CAUSAL = "tiny-random-causal"  # a tiny randomly initialised GPT-2-style decoder-only model
 
+DEFAULT_MODEL_DIR = Path("artifacts") / "quickstart" / "model"  # where the quick start puts its model
+TRAIN_HINT = "instructrec train --preset quick --out artifacts/quickstart"
+
+
+class ModelNotFound(ValueError):
+    """No usable model under the given name; the message says what to do."""
+
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -181,3 +189,24 @@ def load_model(name_or_path: str | Path, device: str | None = "auto", dtype: str
     model.to(device=dev, dtype=dt)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, kind=kind, device=dev, dtype=dt, meta=meta)
+
+
+def resolve_model_name(arg: str | None) -> str:
+    """What ``--model`` / ``INSTRUCTREC_MODEL`` names: a checkpoint directory, a built-in, or a hub id.
+
+    With nothing given, the quick-start model if it exists. Shared by ``instructrec rank``
+    and the service so both accept exactly the same names.
+    """
+    if arg is None or not str(arg).strip():
+        if DEFAULT_MODEL_DIR.is_dir():
+            return str(DEFAULT_MODEL_DIR)
+        raise ModelNotFound(f"no model given and {DEFAULT_MODEL_DIR} does not exist; train one first with "
+                            f"`{TRAIN_HINT}` or name one (a checkpoint directory or one of: {', '.join(BUILDERS)})")
+    arg = str(arg)
+    if arg in BUILDERS or Path(arg).is_dir():
+        return arg
+    if Path(arg).exists():
+        raise ModelNotFound(f"model {arg} is a file, not a checkpoint directory")
+    if arg.startswith((".", "/", "~")) or arg.count("/") > 1 or "\\" in arg:
+        raise ModelNotFound(f"model directory {arg} does not exist (built-in models: {', '.join(BUILDERS)})")
+    return arg  # perhaps a hub id such as org/name

@@ -12,8 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL = Path("artifacts") / "quickstart" / "model"
-TRAIN_HINT = "instructrec train --preset quick --out artifacts/quickstart"
+from .modeling import DEFAULT_MODEL_DIR as DEFAULT_MODEL
 
 
 class UsageError(Exception):
@@ -50,20 +49,12 @@ def _read_lines(path: str, what: str) -> list[str]:
 
 
 def _model_name(arg: str | None) -> str:
-    from .modeling import BUILDERS
+    from .modeling import ModelNotFound, resolve_model_name
 
-    if arg is None:
-        if DEFAULT_MODEL.is_dir():
-            return str(DEFAULT_MODEL)
-        raise UsageError(f"no --model given and {DEFAULT_MODEL} does not exist; train one first with "
-                         f"`{TRAIN_HINT}` or pass --model (a checkpoint directory or one of: {', '.join(BUILDERS)})")
-    if arg in BUILDERS or Path(arg).is_dir():
-        return arg
-    if Path(arg).exists():
-        raise UsageError(f"model {arg} is a file, not a checkpoint directory")
-    if arg.startswith((".", "/", "~")) or arg.count("/") > 1 or "\\" in arg:
-        raise UsageError(f"model directory {arg} does not exist (built-in models: {', '.join(BUILDERS)})")
-    return arg  # perhaps a hub id such as org/name
+    try:
+        return resolve_model_name(arg)
+    except ModelNotFound as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _need(args: argparse.Namespace):
@@ -104,7 +95,7 @@ def _rank(args: argparse.Namespace) -> dict:
     name = _model_name(args.model)
 
     from .modeling import load_model
-    from .ranker import Ranker
+    from .ranker import Ranker, token_limits
 
     try:
         loaded = load_model(name, device=args.device, dtype=args.dtype)
@@ -113,9 +104,8 @@ def _rank(args: argparse.Namespace) -> dict:
     tuned = loaded.meta.get("template_version")
     if tuned and tuned != TEMPLATE_VERSION:
         print(f"warning: {name} was tuned on template table {tuned}, this is {TEMPLATE_VERSION}", file=sys.stderr)
-    preset = loaded.meta.get("preset") or {}
-    ranker = Ranker(loaded, max_source_tokens=preset.get("max_source_tokens"),
-                    max_target_tokens=preset.get("max_target_tokens") or 48, reduction=args.reduction)
+    max_source, max_target = token_limits(loaded.meta)
+    ranker = Ranker(loaded, max_source_tokens=max_source, max_target_tokens=max_target, reduction=args.reduction)
     try:
         inst = build(need, loaded.tokenizer, max_tokens=ranker.max_source_tokens, template_id=args.template)
     except TemplateError as exc:

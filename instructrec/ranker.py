@@ -22,6 +22,14 @@ import torch
 from .modeling import LoadedModel
 
 REDUCTIONS = ("mean", "sum")
+DEFAULT_TARGET_TOKENS = 48
+
+
+def token_limits(meta: dict) -> tuple[int | None, int]:
+    """(max_source_tokens, max_target_tokens) a checkpoint was tuned with (from its
+    ``instructrec.json``); ``None`` source means the model's own position limit."""
+    preset = meta.get("preset") or {}
+    return preset.get("max_source_tokens"), preset.get("max_target_tokens") or DEFAULT_TARGET_TOKENS
 
 
 @dataclass(frozen=True)
@@ -67,7 +75,7 @@ def rank_order(scores: Sequence[float]) -> list[int]:
 class Ranker:
     """Scores candidates for an instruction with a loaded model (seq2seq or causal)."""
 
-    def __init__(self, loaded: LoadedModel, *, max_source_tokens: int | None = None, max_target_tokens: int = 48,
+    def __init__(self, loaded: LoadedModel, *, max_source_tokens: int | None = None, max_target_tokens: int = DEFAULT_TARGET_TOKENS,
                  batch_tokens: int = 4096, reduction: str = "mean"):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, not {reduction!r}")
@@ -285,4 +293,4 @@ def _generic_parts(model):
     return body, lambda logits: logits
 
 
-__all__ = ["Ranker", "Ranked", "Scored", "rank_order", "target_ids", "eos_id", "REDUCTIONS"]
+__all__ = ["Ranker", "Ranked", "Scored", "rank_order", "target_ids", "eos_id", "token_limits", "REDUCTIONS"]

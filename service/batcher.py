@@ -1,0 +1,215 @@
+"""Micro-batching between the HTTP layer and the ranker (router -> batcher -> ranker -> model).
+
+Requests submit *jobs* (one instruction and the candidates still to score). One worker
+task collects jobs until the batch's token budget is reached or ``max_wait`` has passed
+since the first job of the batch, then scores the batch in the single inference thread,
+so the event loop never runs the model. Jobs are taken in arrival order; a job that would
+overflow the budget starts the next batch (a job bigger than the whole budget forms a
+batch of its own, which the ranker splits into forward passes within the budget).
+
+Back-pressure: at most ``max_queue`` jobs wait; :meth:`Batcher.submit` raises
+:class:`QueueFull` (the route answers 429 with ``Retry-After``) beyond that. A job whose
+future was cancelled (client disconnected) is skipped, before its batch starts and again
+just before its scoring in the inference thread.
+
+For now the jobs of one batch are scored one after another inside one thread call: the
+ranker scores one instruction at a time (it shares the encoder pass and cross-attention
+keys/values across that instruction's candidates). Sharing forward passes *across*
+instructions is a later performance step; the queue/budget/back-pressure/cancellation
+semantics here do not change with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .metrics import Metrics
+
+log = logging.getLogger("instructrec.service.batcher")
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__(f"scoring queue is full; retry after {retry_after}s")
+        self.retry_after = retry_after
+
+
+class ShuttingDown(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    source: str
+    candidates: list[str]
+    tokens: int  # instruction tokens + candidate target tokens: the job's share of a budget
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+# score(source, candidates) -> (result, encode_seconds, decode_seconds), run in the inference thread
+ScoreFn = Callable[[str, list[str]], tuple[Any, float, float]]
+
+
+class Batcher:
+    def __init__(self, score: ScoreFn, *, budget_tokens: int, max_wait_s: float, max_queue: int, executor: Executor,
+                 metrics: Metrics):
+        self._score = score
+        self.budget = budget_tokens
+        self.max_wait = max_wait_s
+        self.max_queue = max_queue
+        self._executor = executor
+        self.metrics = metrics
+        self._pending: deque[Job] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._closed = False
+        self._batch_seconds = 0.05  # running estimate of one batch's duration, for Retry-After
+
+    # -- router side --------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="instructrec-batcher")
+
+    def submit(self, source: str, candidates: list[str], tokens: int) -> asyncio.Future:
+        if self._closed:
+            raise ShuttingDown("the service is shutting down")
+        if len(self._pending) >= self.max_queue:
+            self._purge_cancelled()
+        if len(self._pending) >= self.max_queue:
+            raise QueueFull(self.retry_after())
+        job = Job(source, list(candidates), max(1, int(tokens)), asyncio.get_running_loop().create_future())
+        self._pending.append(job)
+        self.metrics.queue_depth.set(len(self._pending))
+        self._wake.set()
+        return job.future
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has likely drained: one batch per waiting job, at least 1."""
+        return max(1, math.ceil(self._batch_seconds * (len(self._pending) + 1)))
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        while self._pending:
+            job = self._pending.popleft()
+            if not job.future.done():
+                job.future.set_exception(ShuttingDown("the service is shutting down"))
+        self.metrics.queue_depth.set(0)
+
+    # -- worker -------------------------------------------------------------------------
+    def _purge_cancelled(self) -> None:
+        live = [j for j in self._pending if not j.future.cancelled()]
+        dropped = len(self._pending) - len(live)
+        if dropped:
+            self.metrics.dropped_jobs.inc(dropped)
+            self._pending = deque(live)
+            self.metrics.queue_depth.set(len(self._pending))
+
+    def _pop_live(self) -> Job | None:
+        while self._pending:
+            job = self._pending.popleft()
+            if job.future.cancelled():
+                self.metrics.dropped_jobs.inc()
+                continue
+            return job
+        return None
+
+    async def _collect(self) -> list[Job]:
+        """Wait for a first job, then add jobs until the budget or the max wait is reached."""
+        loop = asyncio.get_running_loop()
+        while True:
+            first = self._pop_live()
+            if first is not None:
+                break
+            self._wake.clear()
+            self.metrics.queue_depth.set(0)
+            await self._wake.wait()
+        batch, tokens = [first], first.tokens
+        deadline = loop.time() + self.max_wait
+        while tokens < self.budget:
+            if self._pending:
+                nxt = self._pending[0]
+                if nxt.future.cancelled():
+                    self._pending.popleft()
+                    self.metrics.dropped_jobs.inc()
+                    continue
+                if tokens + nxt.tokens > self.budget:
+                    break  # it starts the next batch
+                batch.append(self._pending.popleft())
+                tokens += nxt.tokens
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)  # Event.wait is safe to time out
+            except asyncio.TimeoutError:
+                break
+        self.metrics.queue_depth.set(len(self._pending))
+        return batch
+
+    def _score_batch(self, jobs: list[Job]) -> list[tuple[str, Any, float, float]]:
+        """In the inference thread: score each live job; ('skip'|'ok'|'error', value, enc, dec)."""
+        out = []
+        for job in jobs:
+            if job.future.cancelled():  # the client left while the batch waited for the thread
+                out.append(("skip", None, 0.0, 0.0))
+                continue
+            try:
+                result, enc, dec = self._score(job.source, job.candidates)
+                out.append(("ok", result, enc, dec))
+            except Exception as exc:  # noqa: BLE001 - reported to the job's request
+                out.append(("error", exc, 0.0, 0.0))
+        return out
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            start = time.monotonic()
+            for job in batch:
+                self.metrics.queue_seconds.observe(start - job.enqueued)
+            self.metrics.batch_size.observe(len(batch))
+            self.metrics.batch_tokens.observe(sum(j.tokens for j in batch))
+            try:
+                results = await loop.run_in_executor(self._executor, self._score_batch, batch)
+            except asyncio.CancelledError:
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(ShuttingDown("the service is shutting down"))
+                raise
+            except Exception as exc:  # noqa: BLE001 - e.g. the executor is gone
+                log.exception("scoring batch failed")
+                results = [("error", exc, 0.0, 0.0)] * len(batch)
+            elapsed = time.monotonic() - start
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+            for job, (status, value, enc, dec) in zip(batch, results):
+                if status == "skip" or job.future.cancelled():
+                    self.metrics.dropped_jobs.inc()
+                    continue
+                self.metrics.encode_seconds.observe(enc)
+                self.metrics.decode_seconds.observe(dec)
+                if job.future.done():
+                    continue
+                if status == "ok":
+                    job.future.set_result(value)
+                else:
+                    job.future.set_exception(value)

@@ -1,0 +1,144 @@
+"""Per-candidate score cache in Redis, shared by every replica.
+
+One key per (model checkpoint version, template-table version, template id, reduction,
+token limits, full rendered instruction, candidate text): the rendered instruction
+already holds the normalised history, preference and intention, so a different
+template, history or wording is a different key, and a partial hit scores only the
+misses. Values are ``repr(float)``, which ``float()`` reads back bit-identically, so a
+cached answer equals an uncached one.
+
+Redis is optional: when it is down or slow every operation fails fast (short socket
+timeouts), the error is counted, logged once per outage, the request is answered
+uncached, and Redis is tried again after a back-off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from typing import Sequence
+
+from .metrics import Metrics
+
+log = logging.getLogger("instructrec.service.cache")
+
+_SEP = "\x1f"  # unit separator: cannot be confused with text inside the parts
+
+
+def score_key(namespace: str, *parts: str) -> str:
+    digest = hashlib.sha256(_SEP.join(parts).encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{namespace}:{digest}"
+
+
+class ScoreCache:
+    """``get_many`` / ``set_many`` never raise: on any Redis problem they degrade to 'no cache'."""
+
+    def __init__(self, url: str, *, namespace: str, ttl_seconds: int, timeout_s: float, retry_s: float,
+                 metrics: Metrics):
+        self.url = url
+        self.namespace = namespace
+        self.ttl = ttl_seconds
+        self.timeout = timeout_s
+        self.retry = retry_s
+        self.metrics = metrics
+        self._client = None
+        self._down_since: float | None = None  # monotonic time of the first error of the current outage
+        self._retry_at = 0.0
+        if url:
+            import redis.asyncio as aioredis
+
+            self._client = aioredis.Redis.from_url(
+                url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False,
+                health_check_interval=0, decode_responses=True)
+        metrics.cache_up.set(0)
+
+    @property
+    def enabled(self) -> bool:
+        return self._client is not None
+
+    @property
+    def available(self) -> bool:
+        """Worth trying now: configured, and not inside an outage's back-off."""
+        return self._client is not None and (self._down_since is None or time.monotonic() >= self._retry_at)
+
+    @property
+    def up(self) -> bool:
+        """Configured and not in an outage (as far as the last operation knows)."""
+        return self._client is not None and self._down_since is None
+
+    def key(self, *parts: str) -> str:
+        return score_key(self.namespace, *parts)
+
+    async def connect(self) -> bool:
+        """Ping once at start-up, only to say in the log whether the cache is in use."""
+        if self._client is None:
+            log.info("score cache disabled (INSTRUCTREC_REDIS_URL is empty): answering uncached")
+            return False
+        try:
+            await asyncio.wait_for(self._client.ping(), self.timeout * 2)
+        except Exception as exc:  # noqa: BLE001 - any failure means "no cache for now"
+            self._failed(exc)
+            return False
+        self._ok()
+        log.info("score cache: Redis at %s (namespace %s, ttl %ss)", _safe_url(self.url), self.namespace, self.ttl)
+        return True
+
+    async def get_many(self, keys: Sequence[str]) -> list[float | None] | None:
+        """Cached scores (None where missing), or None when the cache cannot be used now."""
+        if not keys or not self.available:
+            return None
+        try:
+            values = await asyncio.wait_for(self._client.mget(list(keys)), self.timeout * 2)
+        except Exception as exc:  # noqa: BLE001
+            self._failed(exc)
+            return None
+        self._ok()
+        return [None if v is None else float(v) for v in values]
+
+    async def set_many(self, items: dict[str, float]) -> bool:
+        if not items or not self.available:
+            return False
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for key, score in items.items():
+                pipe.set(key, repr(float(score)), ex=self.ttl)
+            await asyncio.wait_for(pipe.execute(), self.timeout * 2 + 0.001 * len(items))
+        except Exception as exc:  # noqa: BLE001
+            self._failed(exc)
+            return False
+        self._ok()
+        return True
+
+    async def close(self) -> None:
+        if self._client is not None:
+            try:
+                await self._client.aclose()
+            except Exception:  # noqa: BLE001 - closing a dead connection
+                pass
+
+    # -- outage bookkeeping ---------------------------------------------------------
+    def _failed(self, exc: BaseException) -> None:
+        self.metrics.cache_errors.inc()
+        self.metrics.cache_up.set(0)
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+            log.warning("score cache unavailable (%s: %s): answering uncached, retrying every %.1fs",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "timeout", self.retry)
+        self._retry_at = now + self.retry
+
+    def _ok(self) -> None:
+        if self._down_since is not None:
+            log.warning("score cache back after %.1fs", time.monotonic() - self._down_since)
+            self._down_since = None
+        self.metrics.cache_up.set(1)
+
+
+def _safe_url(url: str) -> str:
+    """The URL without a password, for logs."""
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url

@@ -1,0 +1,141 @@
+"""The model side of the service: loading, versioning, warm-up, request preparation, scoring.
+
+Preparation (template selection, instruction fitting, tokenisation) runs in its own thread
+with its own copy of the tokenizer; scoring runs in the single inference thread (see
+:mod:`service.batcher`). Nothing here runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from instructrec.aspects import UserNeed
+from instructrec.instruction import Instruction, build, count_tokens
+from instructrec.modeling import LoadedModel, load_model
+from instructrec.ranker import Ranker, Scored, target_ids, token_limits
+from instructrec.templates import TEMPLATE_VERSION
+
+from .settings import Settings
+
+log = logging.getLogger("instructrec.service")
+
+def model_version(name: str) -> str:
+    """What the cache keys on: the weights' content hash for a checkpoint directory; for a
+    built-in (deterministically initialised) or hub model its name plus the template table."""
+    from instructrec.checkpoint import checkpoint_version
+
+    if Path(name).is_dir():
+        return checkpoint_version(name)
+    return f"{name}+{TEMPLATE_VERSION}"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    instruction: Instruction
+    source_tokens: int  # instruction tokens the model sees
+    source_cut: int  # instruction tokens cut by the ranker (0 when it fit)
+    target_tokens: dict[str, int]  # per distinct candidate text: tokens scored (with end-of-sequence)
+    target_cut: dict[str, bool]  # per distinct candidate text: cut to max_target_tokens
+
+
+class Engine:
+    """A loaded model + ranker, with the numbers the service reports about it."""
+
+    def __init__(self, loaded: LoadedModel, settings: Settings):
+        self.loaded = loaded
+        self.settings = settings
+        preset_source, preset_target = token_limits(loaded.meta)
+        self.ranker = Ranker(
+            loaded,
+            max_source_tokens=settings.max_source_tokens or preset_source,
+            max_target_tokens=settings.max_target_tokens or preset_target,
+            batch_tokens=settings.batch_tokens,
+            reduction=settings.reduction,
+        )
+        self.name = loaded.name
+        self.version = model_version(loaded.name)
+        self.tuned_template_version = loaded.meta.get("template_version") or ""
+        if self.tuned_template_version and self.tuned_template_version != TEMPLATE_VERSION:
+            log.warning("%s was tuned on template table %s, this service uses %s", self.name,
+                        self.tuned_template_version, TEMPLATE_VERSION)
+        # Preparation runs in another thread than the model: it gets its own tokenizer so the
+        # two never share a (not thread-safe) Rust tokenizer object.
+        self._prep_tokenizer = copy.deepcopy(loaded.tokenizer)
+        self._local = threading.local()
+        self._install_timing_hooks()
+
+    # -- cache key parts ----------------------------------------------------------------
+    def key_parts(self, prepared: Prepared) -> tuple[str, ...]:
+        r = self.ranker
+        return (self.version, TEMPLATE_VERSION, prepared.instruction.template.id, r.reduction,
+                str(r.max_source_tokens), str(r.max_target_tokens), prepared.instruction.source)
+
+    # -- preparation (prep thread) -------------------------------------------------------
+    def prepare(self, need: UserNeed, template_id: str | None, candidates: Sequence[str]) -> Prepared:
+        """Select the template (the core's one selection function), fit the instruction, and
+        count the tokens of the instruction and of each distinct candidate."""
+        tok, r = self._prep_tokenizer, self.ranker
+        inst = build(need, tok, max_tokens=r.max_source_tokens, template_id=template_id)
+        n = count_tokens(tok, inst.source)
+        tokens, cut = {}, {}
+        for text in dict.fromkeys(candidates):
+            ids, was_cut = target_ids(tok, text, r.max_target_tokens, r.eos)
+            tokens[text], cut[text] = len(ids), was_cut
+        return Prepared(inst, min(n, r.max_source_tokens), max(0, n - r.max_source_tokens), tokens, cut)
+
+    # -- scoring (inference thread) ------------------------------------------------------
+    def score(self, source: str, candidates: list[str]) -> tuple[Scored, float, float]:
+        """Score in the calling thread; returns (Scored, encoder seconds, decoder seconds)."""
+        self._local.encoder = 0.0
+        start = time.perf_counter()
+        scored = self.ranker.score(source, candidates)
+        total = time.perf_counter() - start
+        enc = min(getattr(self._local, "encoder", 0.0), total)
+        return scored, enc, total - enc
+
+    def warm_up(self) -> tuple[int, int]:
+        """One batch at the largest budget: a full-length instruction and as many full-length
+        candidates as the token budget holds. Returns (instruction tokens, candidates)."""
+        r = self.ranker
+        special = count_tokens(r.tokenizer, "")
+        per_word = max(1, count_tokens(r.tokenizer, "word") - special)
+        source = " ".join(["word"] * max(1, (r.max_source_tokens - special) // per_word))  # fills the budget
+        candidate = " ".join(["item"] * r.max_target_tokens)  # cut to max_target_tokens
+        count = max(1, r.batch_tokens // r.max_target_tokens)
+        scored, _, _ = self.score(source, [candidate] * count)
+        return scored.source_tokens, count
+
+    def _install_timing_hooks(self) -> None:
+        """Time the encoder forward (seq2seq) so decode time = scoring time - encoder time."""
+        model = self.loaded.model
+        if self.loaded.kind != "seq2seq" or not hasattr(model, "get_encoder"):
+            return
+        encoder = model.get_encoder()
+        local = self._local
+
+        def before(_module, _args, _kwargs=None):
+            local.enc_start = time.perf_counter()
+
+        def after(_module, _args, _output):
+            started = getattr(local, "enc_start", None)
+            if started is not None:
+                local.encoder = getattr(local, "encoder", 0.0) + time.perf_counter() - started
+                local.enc_start = None
+
+        encoder.register_forward_pre_hook(before)
+        encoder.register_forward_hook(after)
+
+
+def load_engine(settings: Settings, model_name: str) -> Engine:
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    loaded = load_model(model_name, device=settings.device, dtype=settings.dtype)
+    return Engine(loaded, settings)

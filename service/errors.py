@@ -1,0 +1,110 @@
+"""One error shape for every failure: ``{"error": {"type", "message", "field"}}``, never a stack trace."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+log = logging.getLogger("instructrec.service")
+
+
+class ApiError(Exception):
+    """An error answered to the client. ``reason`` (if any) counts it in requests_rejected_total."""
+
+    def __init__(self, status: int, type: str, message: str, field: str | None = None, *,
+                 headers: dict[str, str] | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.type = type
+        self.message = message
+        self.field = field
+        self.headers = headers or {}
+        self.reason = reason
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+def error_response(status: int, type: str, message: str, field: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"type": type, "message": message, "field": field}}, status_code=status,
+                        headers=headers)
+
+
+_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "json-or-python"}
+
+
+def field_path(loc: tuple) -> str | None:
+    """('candidates', 3, 'title') -> 'candidates[3].title'; union/validator tags are left out."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and part not in _TAGS and "[" not in part and part != "body":
+            out += ("." if out else "") + part
+    return out or None
+
+
+def validation_message(err: dict) -> str:
+    msg = err.get("msg", "invalid value")
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    return msg
+
+
+def from_validation(exc: ValidationError | RequestValidationError) -> ApiError:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    field = field_path(tuple(first.get("loc", ())))
+    message = validation_message(first)
+    if field:
+        message = f"{field}: {message}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    return ApiError(422, "validation_error", message, field, reason="invalid")
+
+
+_HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 413: "payload_too_large",
+               429: "rate_limited", 503: "unavailable"}
+
+
+def install(app: FastAPI, on_reject) -> None:
+    """Register the handlers. ``on_reject(reason)`` counts refused requests."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError):
+        if exc.reason:
+            on_reject(exc.reason)
+        return error_response(exc.status, exc.type, exc.message, exc.field, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(_request: Request, exc: RequestValidationError):
+        err = from_validation(exc)
+        on_reject("invalid")
+        return error_response(err.status, err.type, err.message, err.field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException):
+        detail = exc.detail if isinstance(exc.detail, str) else "HTTP error"
+        return error_response(exc.status_code, _HTTP_TYPES.get(exc.status_code, "http_error"), detail,
+                              headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _disconnect(_request: Request, _exc: ClientDisconnect):
+        return Response(status_code=499)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(_request: Request, _exc: ClientGone):
+        return Response(status_code=499)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception):
+        log.error("unexpected error: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        return error_response(500, "internal_error", "internal server error")

@@ -1,0 +1,58 @@
+"""Every Prometheus metric of the service, in one place, on a registry per app.
+
+A dedicated :class:`CollectorRegistry` per app lets several apps live in one process
+(tests) without duplicate-metric errors; ``/metrics`` exposes exactly this registry.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 10000)
+_TOKENS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+
+REJECT_REASONS = ("unauthorized", "body_too_large", "bad_request", "invalid", "queue_full", "not_ready")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.request_seconds = Histogram(
+            "instructrec_request_duration_seconds", "HTTP request duration", ("route", "status"), buckets=_FAST, registry=r)
+        self.queue_seconds = Histogram(
+            "instructrec_queue_seconds", "time a scoring job waited before its batch started", buckets=_FAST, registry=r)
+        self.encode_seconds = Histogram(
+            "instructrec_encode_seconds", "model encoder time per scoring job (0 for decoder-only models)",
+            buckets=_FAST, registry=r)
+        self.decode_seconds = Histogram(
+            "instructrec_decode_seconds", "candidate scoring (decoder) time per scoring job", buckets=_FAST, registry=r)
+        self.prepare_seconds = Histogram(
+            "instructrec_prepare_seconds", "instruction selection, fitting and tokenisation per request",
+            buckets=_FAST, registry=r)
+        self.batch_size = Histogram(
+            "instructrec_batch_size", "scoring jobs (requests) per batch", buckets=_COUNTS, registry=r)
+        self.batch_tokens = Histogram(
+            "instructrec_batch_tokens", "tokens (instruction + candidates) per batch", buckets=_TOKENS, registry=r)
+        self.candidates_per_request = Histogram(
+            "instructrec_candidates_per_request", "candidates per rerank request", buckets=_COUNTS, registry=r)
+        self.queue_depth = Gauge("instructrec_queue_depth", "scoring jobs waiting for the model", registry=r)
+        self.cache_hits = Counter("instructrec_cache_hits", "candidate scores served from the cache", registry=r)
+        self.cache_misses = Counter("instructrec_cache_misses", "candidate scores not in the cache", registry=r)
+        self.cache_errors = Counter("instructrec_cache_errors", "failed cache operations (Redis down or slow)", registry=r)
+        self.cache_bypassed = Counter(
+            "instructrec_cache_bypassed", "candidate scores computed without the cache during a Redis outage", registry=r)
+        self.cache_up = Gauge("instructrec_cache_up", "1 when the score cache (Redis) is usable", registry=r)
+        self.rejected = Counter(
+            "instructrec_requests_rejected", "requests refused, by reason", ("reason",), registry=r)
+        self.dropped_jobs = Counter(
+            "instructrec_dropped_jobs", "scoring jobs skipped because the client went away", registry=r)
+        self.model_info = Gauge(
+            "instructrec_model_info", "the served model (value 1)",
+            ("model", "checkpoint_version", "template_version", "tuned_template_version"), registry=r)
+        self.ready = Gauge("instructrec_ready", "1 once the model is loaded and warmed up", registry=r)
+        for reason in REJECT_REASONS:  # export zeros so rates work from the first scrape
+            self.rejected.labels(reason)
+
+    def expose(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,319 @@
+"""The endpoints: POST /rerank (native), POST /v1/rerank (Cohere/Jina-compatible), /health,
+/ready, /metrics.
+
+A rerank request goes: auth -> body (size-limited, UTF-8, JSON) -> strict validation with
+the configured limits -> preparation in the prep thread (the core's template selection and
+instruction fitting) -> cache lookup (one key per candidate) -> the misses go to the
+batcher -> the scores of the misses are written back -> ranking (:func:`rank_order`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from instructrec.aspects import Intention, UserNeed
+from instructrec.ranker import rank_order
+from instructrec.templates import TEMPLATE_VERSION, TemplateError, get_template
+
+from .app import ServiceState
+from .batcher import QueueFull, ShuttingDown
+from .engine import Prepared
+from .errors import ApiError, ClientGone, from_validation
+from .schemas import (CompatRerankRequest, CompatResponse, ErrorBody, RerankRequest, RerankResponse)
+
+router = APIRouter()
+
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 413, 422, 429, 503)}
+
+
+def _state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+# --- request intake ------------------------------------------------------------------------
+
+
+def _check_auth(request: Request, state: ServiceState) -> None:
+    key = state.settings.api_key
+    if key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.get_secret_value().encode()):
+        raise ApiError(401, "unauthorized", "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                       headers={"WWW-Authenticate": "Bearer"}, reason="unauthorized")
+
+
+def _check_ready(state: ServiceState) -> None:
+    if not state.ready:
+        message = state.load_error or "the model is still loading"
+        raise ApiError(503, "unavailable", message, headers={"Retry-After": "5"}, reason="not_ready")
+
+
+async def _read_json(request: Request, state: ServiceState) -> dict:
+    limit = state.settings.max_body_bytes
+    too_large = ApiError(413, "payload_too_large", f"request body exceeds {limit} bytes", reason="body_too_large")
+    length = request.headers.get("content-length")
+    if length is not None:
+        try:
+            if int(length) > limit:
+                raise too_large
+        except ValueError:
+            raise ApiError(400, "invalid_request", "invalid Content-Length header", reason="bad_request") from None
+    body = bytearray()
+    async for chunk in request.stream():  # also guards chunked bodies without Content-Length
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    if not body.strip():
+        raise ApiError(400, "invalid_request", "missing request body (send a JSON object)", reason="bad_request")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, "invalid_encoding", f"request body is not valid UTF-8 (byte {exc.start})",
+                       reason="bad_request") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc.msg} at line {exc.lineno} "
+                       f"column {exc.colno}", reason="bad_request") from None
+    except (ValueError, RecursionError) as exc:  # e.g. a 5,000-digit integer, or absurd nesting
+        raise ApiError(400, "invalid_json", f"request body is not acceptable JSON: {str(exc)[:200]}",
+                       reason="bad_request") from None
+    if not isinstance(data, dict):
+        raise ApiError(422, "validation_error", f"request body must be a JSON object, not {type(data).__name__}",
+                       reason="invalid")
+    return data
+
+
+def _validate(model, data: dict, state: ServiceState):
+    s = state.settings
+    context = {"max_text_chars": s.max_text_chars, "max_candidates": s.max_candidates, "max_history": s.max_history}
+    try:
+        return model.model_validate(data, context=context)
+    except ValidationError as exc:
+        raise from_validation(exc) from None
+
+
+# --- the shared rerank path ----------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    prepared: Prepared
+    scores: list[float]  # per request candidate
+    cached: list[bool]  # per request candidate
+    hits: int
+    misses: int
+    cache_used: bool
+    scored_tokens: int
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Returns when the client disconnects (the request body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _await_scores(request: Request, future: asyncio.Future):
+    watch = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({future, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if future in done:
+            return future.result()
+        raise ClientGone()
+    finally:
+        watch.cancel()
+        if not future.done():
+            future.cancel()  # the batcher skips it
+
+
+def _prepare(state: ServiceState, need: UserNeed, template_id: str | None,
+             texts: list[str]) -> tuple[Prepared, dict[str, str]]:
+    """In the prep thread: the instruction, token counts, and one cache key per distinct candidate."""
+    engine, cache = state.engine, state.cache
+    prepared = engine.prepare(need, template_id, texts)
+    keys: dict[str, str] = {}
+    if cache.enabled:
+        parts = engine.key_parts(prepared)
+        keys = {t: cache.key(*parts, t) for t in prepared.target_tokens}
+    return prepared, keys
+
+
+async def _rerank(request: Request, state: ServiceState, need: UserNeed, template_id: str | None,
+                  texts: list[str]) -> Outcome:
+    cache, metrics = state.cache, state.metrics
+    metrics.candidates_per_request.observe(len(texts))
+    loop = asyncio.get_running_loop()
+    start = time.perf_counter()
+    try:
+        prepared, keys = await loop.run_in_executor(state.prep_executor, _prepare, state, need, template_id, texts)
+    except TemplateError as exc:
+        field = "template" if template_id else None
+        raise ApiError(422, "template_error", str(exc), field, reason="invalid") from None
+    metrics.prepare_seconds.observe(time.perf_counter() - start)
+
+    unique = list(prepared.target_tokens)  # distinct candidate texts, in request order
+    scores: dict[str, float] = {}
+    from_cache: set[str] = set()
+    cached_values = None
+    if cache.enabled:
+        cached_values = await cache.get_many([keys[t] for t in unique])
+        if cached_values is None:
+            metrics.cache_bypassed.inc(len(unique))
+        else:
+            for t, value in zip(unique, cached_values):
+                if value is not None:
+                    scores[t] = value
+                    from_cache.add(t)
+            metrics.cache_hits.inc(len(from_cache))
+            metrics.cache_misses.inc(len(unique) - len(from_cache))
+    misses = [t for t in unique if t not in scores]
+    scored_tokens = 0
+    if misses:
+        tokens = prepared.source_tokens + sum(prepared.target_tokens[t] for t in misses)
+        try:
+            future = state.batcher.submit(prepared.instruction.source, misses, tokens)
+        except QueueFull as exc:
+            raise ApiError(429, "rate_limited", "too many requests are waiting for the model; retry later",
+                           headers={"Retry-After": str(exc.retry_after)}, reason="queue_full") from None
+        except ShuttingDown:
+            raise ApiError(503, "unavailable", "the service is shutting down", headers={"Retry-After": "5"}) from None
+        try:
+            result = await _await_scores(request, future)
+        except ShuttingDown:
+            raise ApiError(503, "unavailable", "the service is shutting down", headers={"Retry-After": "5"}) from None
+        for t, value in zip(misses, result.scores):
+            scores[t] = value
+        scored_tokens = tokens
+        if cache.enabled:
+            await cache.set_many({keys[t]: scores[t] for t in misses})
+    return Outcome(prepared, [scores[t] for t in texts], [t in from_cache for t in texts], len(from_cache),
+                   len(misses) if cached_values is not None else 0, cached_values is not None, scored_tokens)
+
+
+def _need(req: RerankRequest) -> UserNeed:
+    history = tuple(h.title for h in req.history if h.title)
+    intention, kind, context = None, None, None
+    if req.intention is not None:
+        intention = req.intention.text
+        kind = Intention.VAGUE if req.intention.kind == "vague" else Intention.SPECIFIC
+        context = req.instruction
+    elif req.instruction:
+        intention, kind = req.instruction, Intention.VAGUE
+    return UserNeed(history=history, preference=req.preference, intention=intention, intention_kind=kind,
+                    context=context)
+
+
+def _begin(request: Request) -> ServiceState:
+    state = _state(request)
+    _check_auth(request, state)
+    _check_ready(state)
+    return state
+
+
+# --- endpoints -----------------------------------------------------------------------------
+
+
+@router.post("/rerank", response_model=RerankResponse, responses=_ERRORS,
+             summary="Rank candidates for a user's need (history, preference, intention)")
+async def rerank(request: Request):
+    state = _begin(request)
+    req = _validate(RerankRequest, await _read_json(request, state), state)
+    if req.template is not None:
+        try:
+            get_template(req.template)
+        except TemplateError as exc:
+            raise ApiError(422, "template_error", str(exc), "template", reason="invalid") from None
+    texts = [c.title for c in req.candidates]
+    out = await _rerank(request, state, _need(req), req.template, texts)
+    order = rank_order(out.scores)[: req.top_n]
+    inst = out.prepared.instruction
+    engine = state.engine
+    candidate_tokens = sum(out.prepared.target_tokens[t] for t in texts)
+    body = {
+        "id": f"rr-{uuid.uuid4().hex}",
+        "results": [{"index": i, "id": req.candidates[i].id, "title": texts[i],
+                     "score": out.scores[i] if req.return_scores else None, "cached": out.cached[i]} for i in order],
+        "template": {"id": inst.template.id, "label": inst.template.label,
+                     "instantiation": inst.rendered.instantiation.label(), "table_version": TEMPLATE_VERSION},
+        "model": {"name": engine.name, "checkpoint_version": engine.version},
+        "usage": {"source_tokens": out.prepared.source_tokens, "candidate_tokens": candidate_tokens,
+                  "scored_tokens": out.scored_tokens, "total_tokens": out.prepared.source_tokens + candidate_tokens},
+        "cache": {"enabled": out.cache_used, "hits": out.hits, "misses": out.misses},
+        "truncated": {"history_dropped": inst.history_dropped, "source_tokens_cut": out.prepared.source_cut,
+                      "candidates_cut": [i for i, t in enumerate(texts) if out.prepared.target_cut[t]]},
+    }
+    return JSONResponse(body)
+
+
+@router.post("/v1/rerank", response_model=CompatResponse, responses=_ERRORS,
+             summary="Cohere/Jina-compatible rerank: query + documents")
+async def rerank_v1(request: Request):
+    """``query`` is taken as a specific intention (I2), with no history; ``relevance_score``
+    is the raw score (mean token log-likelihood of the document text, <= 0, higher is
+    better), not squashed into [0, 1]."""
+    state = _begin(request)
+    req = _validate(CompatRerankRequest, await _read_json(request, state), state)
+    texts = [d.text for d in req.documents]
+    need = UserNeed(intention=req.query, intention_kind=Intention.SPECIFIC)
+    out = await _rerank(request, state, need, None, texts)
+    order = rank_order(out.scores)[: req.top_n]
+    results = []
+    for i in order:
+        item: dict[str, Any] = {"index": i, "relevance_score": out.scores[i]}
+        if req.return_documents:
+            item["document"] = {"text": texts[i]}
+        results.append(item)
+    tokens = out.prepared.source_tokens + sum(out.prepared.target_tokens[t] for t in texts)
+    return JSONResponse({
+        "id": str(uuid.uuid4()),
+        "results": results,
+        "model": state.engine.name,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        "meta": {"billed_units": {"search_units": 1}},
+    })
+
+
+@router.get("/health", summary="Liveness")
+async def health(request: Request):
+    state = _state(request)
+    if state.load_error:
+        return JSONResponse({"status": "failed", "error": state.load_error}, status_code=503)
+    return {"status": "ok"}
+
+
+@router.get("/ready", summary="Readiness: the model is loaded and warmed up")
+async def ready(request: Request):
+    state = _state(request)
+    if not state.ready:
+        status = "failed" if state.load_error else "loading"
+        body = {"status": status, "model": state.model_name}
+        if state.load_error:
+            body["error"] = state.load_error
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+    engine, cache = state.engine, state.cache
+    return {
+        "status": "ready",
+        "model": {"name": engine.name, "checkpoint_version": engine.version},
+        "template_version": TEMPLATE_VERSION,
+        "cache": "disabled" if not cache.enabled else ("up" if cache.up else "down"),
+        "queue": state.batcher.depth,
+    }
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def metrics(request: Request):
+    content, content_type = _state(request).metrics.expose()
+    return Response(content, media_type=content_type)

@@ -1,0 +1,67 @@
+"""All service configuration in one object, read from ``INSTRUCTREC_*`` environment variables.
+
+``Settings(**overrides)`` gives keyword arguments priority over the environment, which is
+how ``instructrec serve --model/--host/--port`` override it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INSTRUCTREC_", extra="ignore", validate_default=True)
+
+    # -- model ------------------------------------------------------------------------
+    model: str | None = Field(
+        default=None,
+        description="checkpoint directory or built-in model name; default artifacts/quickstart/model if it exists",
+    )
+    device: str = Field(default="auto", description="cpu, cuda, cuda:N or auto")
+    dtype: str = Field(default="auto", description="float32, bfloat16, float16 or auto")
+    reduction: Literal["mean", "sum"] = Field(default="mean", description="score = mean or sum of title token log-probs")
+    max_source_tokens: int | None = Field(default=None, ge=8, description="instruction token limit (default: checkpoint preset)")
+    max_target_tokens: int | None = Field(default=None, ge=2, description="candidate token limit (default: checkpoint preset, else 48)")
+    torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads (default: torch's choice)")
+    warmup: bool = Field(default=True, description="run a warm-up batch at the largest budget before /ready turns green")
+
+    # -- micro-batching -----------------------------------------------------------------
+    batch_tokens: int = Field(default=4096, ge=64, description="token budget of one batch (and of one forward pass)")
+    max_wait_ms: float = Field(default=5.0, ge=0, description="longest wait for more requests to join a batch")
+    max_queue: int = Field(default=64, ge=1, description="requests waiting for the model before new ones get 429")
+
+    # -- cache ------------------------------------------------------------------------
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis for the score cache; empty disables it")
+    cache_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=1)
+    cache_namespace: str = Field(default="instructrec:score", min_length=1)
+    cache_timeout_ms: float = Field(default=100.0, gt=0, description="Redis socket / operation timeout")
+    cache_retry_seconds: float = Field(default=5.0, ge=0, description="back-off before trying Redis again after an error")
+
+    # -- security and limits --------------------------------------------------------------
+    api_key: SecretStr | None = Field(default=None, description="if set, rerank routes need 'Authorization: Bearer <key>'")
+    max_candidates: int = Field(default=1000, ge=1)
+    max_history: int = Field(default=1000, ge=0, description="history items per request")
+    max_text_chars: int = Field(default=2000, ge=1, description="characters per text (title, query, preference, ...)")
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+
+    # -- server ---------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    log_level: str = "info"
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value):
+        return None if value in ("", None) else value
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _empty_model_is_none(cls, value):
+        return None if value in ("",) else value
+
+    @property
+    def cache_enabled(self) -> bool:
+        return bool(self.redis_url.strip())

@@ -1,0 +1,104 @@
+"""Instruction tuning end to end on the smoke preset: checkpoints, metadata, resume after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from instructrec.checkpoint import read_meta
+from instructrec.templates import TEMPLATE_VERSION
+from training.presets import PRESETS
+from training.tune import _last_good_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train_cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "instructrec.cli", "train", "--preset", "smoke", "--out", str(out), "--no-progress", *extra]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    proc = subprocess.run(_train_cmd(out), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_smoke_writes_model_and_metadata(smoke_run):
+    out, proc = smoke_run
+    summary = json.loads(proc.stdout[proc.stdout.rindex("{\n  \"model\""):])  # the summary follows the step logs
+    assert summary["steps"] == PRESETS["smoke"].max_steps
+    model_dir = out / "model"
+    assert (model_dir / "config.json").is_file() and any(model_dir.glob("*.safetensors"))
+    meta = read_meta(model_dir)
+    assert meta["template_version"] == TEMPLATE_VERSION
+    assert meta["base_model"] == PRESETS["smoke"].base
+    assert meta["data"]["examples"] > 0 and meta["data"]["users"] == PRESETS["smoke"].users
+    assert meta["examples_per_second"] > 0
+    assert 0.0 <= meta["validation"]["hr@1"] <= 1.0 and meta["validation"]["cases"] == PRESETS["smoke"].eval_users
+    # every instruction example records its template, <P,I,T>, teacher field and user
+    rows = [json.loads(l) for l in (out / "instructions.jsonl").read_text().splitlines()]
+    assert len(rows) == meta["data"]["examples"]
+    assert all(r["template_id"] and r["instantiation"].startswith("<") and r["user_id"] and "teacher" in r for r in rows)
+    assert any(r["teacher"] == "offline-v1" for r in rows) and any(r["teacher"] is None for r in rows)
+
+
+def test_trained_model_ranks_through_the_cli(smoke_run):
+    out, _ = smoke_run
+    proc = subprocess.run([sys.executable, "-m", "instructrec.cli", "rank", "--model", str(out / "model"),
+                           "--history", "Halo 3 - Xbox 360", "--candidate", "Gears of War - Xbox 360",
+                           "--candidate", "Mario Kart Wii", "--json"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    answer = json.loads(proc.stdout)
+    assert sorted(r["index"] for r in answer["ranked"]) == [0, 1]
+
+
+def test_resume_after_kill_loses_no_steps(tmp_path):
+    """kill -9 mid-run, rerun the same command: it resumes from the last checkpoint and ends at max_steps."""
+    out = tmp_path / "run"
+    preset = PRESETS["smoke"]
+    proc = subprocess.Popen(_train_cmd(out, "--max-steps", "40"), cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            ckpt = _last_good_checkpoint(out / "checkpoints")
+            if ckpt and int(ckpt.rsplit("-", 1)[1]) >= 2 * preset.save_steps:
+                break
+            assert proc.poll() is None, "training ended before it could be killed"
+            time.sleep(0.2)
+        else:
+            pytest.fail("no checkpoint appeared in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = int(_last_good_checkpoint(out / "checkpoints").rsplit("-", 1)[1])
+    assert killed_at < 40
+    assert not (out / "model").exists()
+    again = subprocess.run(_train_cmd(out, "--max-steps", "40"), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    meta = read_meta(out / "model")
+    assert meta["steps"] == 40
+    # it resumed from the last complete checkpoint written before the kill: no step before it is redone
+    assert meta["resumed_from"] and Path(meta["resumed_from"]).name == f"checkpoint-{killed_at}"
+    state = json.loads((Path(_last_good_checkpoint(out / "checkpoints")) / "trainer_state.json").read_text())
+    assert state["global_step"] == 40
+
+
+def test_bad_data_path_is_a_clear_error(tmp_path):
+    proc = subprocess.run(_train_cmd(tmp_path / "o", "--data", str(tmp_path / "missing")), cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "missing" in proc.stderr and "Traceback" not in proc.stderr
