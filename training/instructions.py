@@ -20,12 +20,13 @@ from instructrec.aspects import Intention, UserNeed
 from instructrec.instruction import fit
 from instructrec.templates import Target, compatible
 
+from .annotate.teachers import Kind
 from .data.types import Case, InteractionData
 
 # (user_id, target item id, kind) -> annotation with .text and .teacher (see training.annotate.pipeline)
 Annotations = Mapping[tuple[str, str, str], object]
 
-PREFERENCE, VAGUE, SPECIFIC = "preference", "vague_intention", "specific_intention"
+PREFERENCE, VAGUE, SPECIFIC = Kind.PREFERENCE, Kind.VAGUE, Kind.SPECIFIC
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class Mixture:
     other_weight: float = 1.0
 
 
-def _text(annotations: Annotations, case: Case, kind: str) -> tuple[str | None, str | None]:
+def _text(annotations: Annotations, case: Case, kind: Kind) -> tuple[str | None, str | None]:
     ann = annotations.get((case.user_id, case.target, kind))
     text = getattr(ann, "text", None) if ann is not None else None
     return (text, getattr(ann, "teacher", None)) if text else (None, None)

@@ -22,6 +22,7 @@ class Preset:
     max_source_tokens: int = 256
     max_target_tokens: int = 48
     per_case: int = 2  # instruction examples generated per training case
+    history_share: float = 0.5  # share of examples on the history-only need (sequential recommendation)
     batch_size: int = 16
     grad_accum: int = 1
     max_steps: int = 1000
@@ -42,9 +43,10 @@ PRESETS: dict[str, Preset] = {
     "smoke": Preset("smoke", base=TINY, users=60, max_history=5, max_source_tokens=128, max_target_tokens=32,
                     per_case=1, batch_size=8, max_steps=24, learning_rate=1e-3, warmup_steps=0, eval_steps=12,
                     save_steps=6, eval_users=20, logging_steps=4),
-    "quick": Preset("quick", base=MINILM, max_history=10, max_source_tokens=192, per_case=2, batch_size=16,
-                    max_steps=700, learning_rate=1e-4, warmup_steps=30, eval_steps=350, save_steps=50,
-                    eval_users=300),
+    # ~9 examples/s on 2 cores (bf16 autocast): 360 steps x 16 is about 11 minutes of training.
+    "quick": Preset("quick", base=MINILM, max_history=10, max_source_tokens=192, per_case=2, history_share=0.6,
+                    batch_size=16, max_steps=360, learning_rate=2e-4, warmup_steps=20, eval_steps=360,
+                    save_steps=40, eval_users=200),
     "full": Preset("full", base=MINILM, max_history=20, max_source_tokens=320, per_case=3, batch_size=32,
                    max_steps=30000, learning_rate=1e-4, warmup_steps=500, eval_steps=1000, save_steps=250,
                    eval_users=1000, logging_steps=50),

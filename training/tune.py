@@ -185,7 +185,7 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
         else:
             annotations = annotate_offline(data, split.train, out / "annotations.jsonl", progress)
         examples = build_examples(data, split.train, annotations, tokenizer, preset.max_source_tokens,
-                                  seed=preset.seed, mixture=Mixture(per_case=preset.per_case))
+                                  seed=preset.seed, mixture=Mixture(per_case=preset.per_case, history_share=preset.history_share))
         write_examples(examples_path, examples)
     if not examples:
         raise TrainingError(f"no training examples could be built from {data.source or data.name}")
