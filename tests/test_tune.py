@@ -102,3 +102,24 @@ def test_bad_data_path_is_a_clear_error(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "missing" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_generic_seq2seq_with_lora_trains_and_merges(tmp_path):
+    """The path Flan-T5-XL takes on a GPU (any HF seq2seq, LoRA adapters, merged on save), on a tiny T5."""
+    pytest.importorskip("peft")
+    out = tmp_path / "t5"
+    proc = subprocess.run(_train_cmd(out, "--base", "tiny-random-t5", "--lora", "--max-steps", "6", "--eval-steps", "6",
+                                     "--no-bf16"), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = read_meta(out / "model")
+    assert meta["lora"] is True and meta["base_model"] == "tiny-random-t5" and meta["steps"] == 6
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["model_type"] == "t5"
+    # merged weights: a plain HF model directory that loads and ranks without peft
+    from instructrec.modeling import load_model
+    from instructrec.ranker import Ranker
+
+    loaded = load_model(str(out / "model"), device="cpu", dtype="float32")
+    assert not any("lora" in name for name, _ in loaded.model.named_parameters())
+    scores = Ranker(loaded).score("a user who likes racing games", ["Forza Motorsport 4", "Tetris"]).scores
+    assert len(scores) == 2 and all(s < 0 for s in scores)
