@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.tune_cli", "instruction-tune a seq2seq model"),
     "rank": ("instructrec.rank_cli", "rerank candidates for one instruction with a checkpoint"),
     "serve": ("service.cli", "run the /rerank HTTP service (micro-batching, Redis cache, metrics)"),
+    "bench": ("bench.cli", "benchmark the ranker variants and the /rerank service"),
 }
 
 

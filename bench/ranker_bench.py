@@ -1,0 +1,393 @@
+"""``instructrec bench ranker``: one request through every scoring variant, same model, same inputs.
+
+The input is a real Games user: the 20 most recent titles of the sample user whose
+rendered instruction (``instructrec.instruction.build``, the serving entry point) is
+closest to 200 tokens; the candidates are real Games titles (a seeded sample of the
+catalogue without the history). For each candidate count every variant is warmed up,
+then timed ``repeats`` times, the variants interleaved within each repeat so that a
+change of machine load hits them alike.
+
+Variants (all on the same weights):
+
+* ``naive`` -- one full forward pass per candidate (``Ranker.score(naive=True)``).
+* ``encoder_once`` -- encoder once, candidates batched in length buckets, but each chunk's
+  decoder projects the encoder output to cross-attention K/V for every row itself
+  (:class:`NoSharedKVRanker`, defined here).
+* ``shared_kv`` -- the default fast path (``Ranker.score``): encoder once, cross-attention
+  K/V computed once and shared across rows via ``expand``, head only at real positions.
+* ``bf16`` -- ``shared_kv`` on the model loaded with ``dtype="bfloat16"``.
+* ``int8`` -- ``shared_kv`` on ``torch.ao.quantization.quantize_dynamic`` (``nn.Linear`` ->
+  int8 weights, dynamically quantised activations) of the fp32 model.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import random
+import sys
+import time
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+
+from instructrec.ranker import Ranker, token_limits
+
+from . import report
+
+VARIANTS: dict[str, str] = {
+    "naive": "one full forward pass (encoder + decoder + vocabulary head over all positions) per candidate: "
+             "Ranker.score(..., naive=True), fp32",
+    "encoder_once": "encoder once per request; candidates in length buckets under the ranker's token budget, head "
+                    "only at real positions; but no shared K/V: each chunk's decoder projects the encoder output "
+                    "(expanded to every row) to cross-attention K/V itself, i.e. once per candidate "
+                    "(bench.ranker_bench.NoSharedKVRanker), fp32",
+    "shared_kv": "the default fast path Ranker.score(...): encoder once, cross-attention K/V computed once (one "
+                 "probe decoder step) and shared by all rows via expand, length buckets, head only at real "
+                 "positions, fp32",
+    "bf16": "shared_kv with the model loaded by load_model(..., dtype='bfloat16') (weights and activations bf16; "
+            "log-softmax in fp32)",
+    "int8": "shared_kv on torch.ao.quantization.quantize_dynamic(fp32 model, {nn.Linear}, dtype=torch.qint8): "
+            "int8 weights, activations quantised per call; embeddings and attention matmuls stay fp32",
+}
+DEFAULT_CANDIDATES = (1, 10, 100, 1000)
+TARGET_SOURCE_TOKENS = 200
+HISTORY_TITLES = 20
+PRECISION_VARIANTS = ("bf16", "int8")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --- the encoder-once variant without shared K/V ----------------------------------------------
+
+
+class NoSharedKVRanker(Ranker):
+    """The fast path minus K/V sharing: the encoder still runs once per request, but every
+    chunk's decoder gets an empty cross-attention cache, so each cross-attention layer
+    projects the encoder output (expanded to the chunk's rows) to keys and values for every
+    row, as a batched implementation without the cache trick does. Scores equal the fast
+    path's; only the seq2seq path differs (decoder-only models have no cross-attention)."""
+
+    def _seq2seq_fast(self, src: list[int], ids: list[list[int]]) -> list[float]:
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        from instructrec.ranker import _decoder_parts
+
+        model = self.model
+        start = self._start_id()
+        inp = torch.tensor([src], device=self.device)
+        mask = torch.ones_like(inp)
+        enc = model.get_encoder()(input_ids=inp, attention_mask=mask).last_hidden_state
+        body, head = _decoder_parts(model)
+        sums = [0.0] * len(ids)
+        for chunk in self._chunks(ids):
+            rows = [ids[i] for i in chunk]
+            labels = self._pad(rows)
+            dec = torch.cat([torch.full((len(rows), 1), start, device=self.device), labels[:, :-1]], dim=1)
+            b = len(rows)
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())  # empty: K/V computed per row here
+            hidden = body(dec, enc.expand(b, -1, -1), mask.expand(b, -1), cache)
+            for i, s in zip(chunk, self._sum_by_row(hidden, labels, [len(r) for r in rows], head)):
+                sums[i] = s
+        return sums
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+
+def load_games(dataset: str = "games-sample"):
+    from training.data.load import load_dataset
+
+    return load_dataset(dataset)
+
+
+def pick_instruction(data, tokenizer, max_source_tokens: int, history: int = HISTORY_TITLES,
+                     target_tokens: int = TARGET_SOURCE_TOKENS) -> dict[str, Any]:
+    """The user whose last ``history`` titles render (via ``instruction.build``) closest to
+    ``target_tokens`` instruction tokens, without dropping history; ties by user id."""
+    from instructrec.aspects import UserNeed
+    from instructrec.instruction import build, count_tokens
+
+    best = None
+    users = sorted(u for u, s in data.sequences.items() if len(s) >= history)
+    if not users:  # a dataset without long histories: the longest one
+        users = [max(sorted(data.sequences), key=lambda u: len(data.sequences[u]))]
+    for user in users:
+        titles = tuple(data.items[x.item_id].title for x in data.sequences[user][-history:])
+        inst = build(UserNeed(history=titles), tokenizer, max_tokens=max_source_tokens)
+        n = count_tokens(tokenizer, inst.source)
+        key = (inst.history_dropped > 0, abs(n - target_tokens), user)
+        if best is None or key < best[0]:
+            best = (key, user, titles, inst, n)
+    _, user, titles, inst, n = best
+    return {"user": user, "history": list(titles), "history_titles": len(titles) - inst.history_dropped,
+            "history_dropped": inst.history_dropped, "template": inst.template.id, "source": inst.source,
+            "source_tokens": n}
+
+
+def candidate_pool(data, exclude: Sequence[str], n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct real titles from the catalogue, not in ``exclude``, in a seeded order."""
+    skip = set(exclude)
+    titles = sorted({it.title for it in data.items.values() if it.title and it.title.strip() and it.title not in skip})
+    if n > len(titles):
+        raise ValueError(f"asked for {n} candidates but the catalogue has {len(titles)} usable titles")
+    return random.Random(seed).sample(titles, n)
+
+
+# --- FLOPs -------------------------------------------------------------------------------------
+
+FLOPS_FORMULA = """\
+S = instruction tokens, T_c = target tokens of candidate c (title + end-of-sequence), N = candidates
+H = hidden size, A = heads x head dim (= H for BERT), F = FFN size, m = FFN matrices (2; 3 if gated),
+V = vocabulary, L_enc / L_dec = layers
+encoder     = L_enc * S * (8*H*A + 2*m*H*F + 4*S*A)        # Q,K,V,O projections + FFN + QK^T and AV
+cross_kv    = L_dec * S * 4*H_enc*A                         # cross-attention K and V of the instruction
+decoder(c)  = T_c * L_dec * (12*H*A + 4*T_c*A + 4*S*A + 2*m*H*F)
+              # self Q,K,V,O (8HA) + cross Q,O (4HA) + self scores over T_c + cross scores over S + FFN
+head(c)     = T_c * (2*H*H [BERT LM-head transform; 0 for T5] + 2*H*V)
+one request = encoder + cross_kv + sum_c (decoder(c) + head(c))        (= shared_kv, bf16, int8 executed)
+executed by encoder_once = encoder + N*cross_kv + sum_c (...)
+executed by naive        = N*(encoder + cross_kv) + sum_c (...)
+Not counted: embeddings, layer norms, softmax, activations, biases, the one-token probe step of the fast
+path, and padding inside length buckets."""
+
+
+def model_dims(model) -> dict[str, Any] | None:
+    """Layer sizes for the FLOPs formula: BERT2BERT (EncoderDecoderModel of BERT configs) or T5."""
+    cfg = model.config
+    if getattr(cfg, "model_type", "") == "encoder-decoder":
+        enc, dec = cfg.encoder, cfg.decoder
+        if not all(hasattr(c, "intermediate_size") for c in (enc, dec)):
+            return None
+
+        def bert(c):
+            return {"H": c.hidden_size, "A": c.hidden_size, "F": c.intermediate_size, "m": 2,
+                    "L": c.num_hidden_layers}
+
+        return {"arch": "bert2bert", "enc": bert(enc), "dec": bert(dec), "V": dec.vocab_size, "head_transform": True}
+    if getattr(cfg, "model_type", "") in ("t5", "mt5", "umt5"):
+        gated = str(getattr(cfg, "feed_forward_proj", "")).startswith("gated")
+        a = cfg.num_heads * cfg.d_kv
+
+        def t5(layers):
+            return {"H": cfg.d_model, "A": a, "F": cfg.d_ff, "m": 3 if gated else 2, "L": layers}
+
+        return {"arch": "t5", "enc": t5(cfg.num_layers), "dec": t5(cfg.num_decoder_layers or cfg.num_layers),
+                "V": cfg.vocab_size, "head_transform": False}
+    return None
+
+
+def request_flops(dims: dict, source_tokens: int, target_lengths: Sequence[int]) -> dict[str, float]:
+    """FLOPs of one request by part, and executed per variant (see FLOPS_FORMULA)."""
+    e, d, V, S = dims["enc"], dims["dec"], dims["V"], source_tokens
+    encoder = e["L"] * S * (8 * e["H"] * e["A"] + 2 * e["m"] * e["H"] * e["F"] + 4 * S * e["A"])
+    cross_kv = d["L"] * S * 4 * e["H"] * d["A"]
+    decoder = sum(t * d["L"] * (12 * d["H"] * d["A"] + 4 * t * d["A"] + 4 * S * d["A"] + 2 * d["m"] * d["H"] * d["F"])
+                  for t in target_lengths)
+    head = sum(t * ((2 * d["H"] * d["H"] if dims["head_transform"] else 0) + 2 * d["H"] * V) for t in target_lengths)
+    n = len(target_lengths)
+    useful = encoder + cross_kv + decoder + head
+    return {
+        "encoder": float(encoder), "cross_kv": float(cross_kv), "decoder": float(decoder), "head": float(head),
+        "request": float(useful),
+        "executed": {"naive": float(n * (encoder + cross_kv) + decoder + head),
+                     "encoder_once": float(encoder + n * cross_kv + decoder + head),
+                     "shared_kv": float(useful), "bf16": float(useful), "int8": float(useful)},
+    }
+
+
+# --- matmul peak -----------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def matmul_peak(dtype: torch.dtype, size: int, min_seconds: float = 0.3, min_calls: int = 3,
+                max_calls: int = 200) -> dict[str, Any]:
+    """GFLOP/s of a square fp32/bf16 matmul at the current thread count (best and median call)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(dtype)
+    b = torch.randn(size, size, generator=gen).to(dtype)
+    for _ in range(2):
+        a @ b
+    times: list[float] = []
+    end = time.perf_counter() + min_seconds
+    while len(times) < min_calls or (time.perf_counter() < end and len(times) < max_calls):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    flop = 2.0 * size ** 3
+    return {"dtype": str(dtype).replace("torch.", ""), "size": size, "calls": len(times),
+            "gflops_best": flop / min(times) / 1e9, "gflops_median": flop / report.median(times) / 1e9}
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def quantize_int8(model):
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization deprecation notices
+        return quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def _make_rankers(model_name: str, variants: Sequence[str], batch_tokens: int, loaded32):
+    """{variant: ranker or an exception}. The fp32 model is shared by naive/encoder_once/shared_kv."""
+    from instructrec.modeling import load_model
+
+    src_limit, tgt_limit = token_limits(loaded32.meta)
+    kw = dict(max_source_tokens=src_limit, max_target_tokens=tgt_limit, batch_tokens=batch_tokens)
+    rankers: dict[str, Any] = {}
+    for v in variants:
+        try:
+            if v in ("naive", "shared_kv"):
+                rankers[v] = Ranker(loaded32, **kw)
+            elif v == "encoder_once":
+                if loaded32.kind != "seq2seq":
+                    raise NotImplementedError("decoder-only model: no cross-attention to share or not")
+                rankers[v] = NoSharedKVRanker(loaded32, **kw)
+            elif v == "bf16":
+                rankers[v] = Ranker(load_model(model_name, device="cpu", dtype="bfloat16"), **kw)
+            elif v == "int8":
+                rankers[v] = Ranker(dataclasses.replace(loaded32, model=quantize_int8(loaded32.model)), **kw)
+            else:
+                raise ValueError(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+        except ValueError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported as the variant's status
+            rankers[v] = exc
+    return rankers
+
+
+def run_bench(model: str = "minilm-bert2bert", candidates: Sequence[int] = DEFAULT_CANDIDATES, repeats: int = 5,
+              warmup: int = 1, threads: int | None = None, naive_max: int = 100,
+              variants: Sequence[str] = tuple(VARIANTS), batch_tokens: int = 4096, seed: int = 0,
+              peak_size: int = 1024, dataset: str = "games-sample", progress: Callable[[str], None] = log
+              ) -> dict[str, Any]:
+    """Run the ranker bench; returns the ``ranker`` section of results.json."""
+    from instructrec.modeling import load_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    sizes = sorted(set(int(n) for n in candidates))
+    if not sizes or sizes[0] < 1:
+        raise ValueError("candidate counts must be positive integers")
+    if repeats < 1 or warmup < 0:
+        raise ValueError("repeats must be >= 1 and warmup >= 0")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    variants = [v for v in VARIANTS if v in variants]  # canonical order
+    machine = report.machine_info()
+
+    progress(f"loading {model} (fp32) ...")
+    loaded32 = load_model(model, device="cpu", dtype="float32")
+    rankers = _make_rankers(model, variants, batch_tokens, loaded32)
+    reference = next(r for r in rankers.values() if isinstance(r, Ranker))  # same limits for all
+    data = load_games(dataset)
+    inp = pick_instruction(data, loaded32.tokenizer, reference.max_source_tokens)
+    pool = candidate_pool(data, inp["history"], sizes[-1], seed=seed)
+    source = inp["source"]
+    progress(f"instruction: user {inp['user']}, {inp['history_titles']} titles, template {inp['template']}, "
+             f"{inp['source_tokens']} tokens; candidates up to {sizes[-1]} real titles")
+
+    from instructrec.ranker import target_ids
+
+    tgt_len = [len(target_ids(loaded32.tokenizer, c, reference.max_target_tokens, reference.eos)[0]) for c in pool]
+    dims = model_dims(loaded32.model)
+
+    progress(f"matmul peak at {torch.get_num_threads()} threads ({peak_size}x{peak_size}) ...")
+    peak = {"size": peak_size, "threads": torch.get_num_threads(),
+            "float32": matmul_peak(torch.float32, peak_size), "bfloat16": matmul_peak(torch.bfloat16, peak_size)}
+
+    status = {v: ("ok", "") if isinstance(r, Ranker) else
+              ("n/a", str(r)) if isinstance(r, NotImplementedError) else ("failed", f"{type(r).__name__}: {r}")
+              for v, r in rankers.items()}
+    rows: list[dict[str, Any]] = []
+    for n in sizes:
+        cands = pool[:n]
+        active = [v for v in variants if status[v][0] == "ok" and not (v == "naive" and n > naive_max)]
+        times: dict[str, list[float]] = {v: [] for v in active}
+        scores: dict[str, list[float]] = {}
+
+        def call(v: str) -> list[float] | None:
+            try:
+                return rankers[v].score(source, cands, naive=(v == "naive")).scores
+            except Exception as exc:  # noqa: BLE001 - e.g. int8 kernels missing: reported, the run goes on
+                status[v] = ("failed", f"{type(exc).__name__}: {exc}")
+                progress(f"  {v} failed at {n} candidates: {status[v][1]}")
+                return None
+
+        for v in active:
+            for _ in range(warmup):
+                if status[v][0] == "ok":
+                    call(v)
+        for r in range(repeats):
+            for v in active:
+                if status[v][0] != "ok":
+                    continue
+                t0 = time.perf_counter()
+                s = call(v)
+                dt = (time.perf_counter() - t0) * 1000
+                if s is not None:
+                    times[v].append(dt)
+                    scores.setdefault(v, s)
+        flops = request_flops(dims, inp["source_tokens"], tgt_len[:n]) if dims else None
+        naive_ms = report.median(times["naive"]) if "naive" in times and times["naive"] else None
+        for v in variants:
+            row: dict[str, Any] = {"variant": v, "candidates": n}
+            if status[v][0] != "ok" or (v in times and not times[v]):
+                row.update(status=status[v][0] if status[v][0] != "ok" else "failed", reason=status[v][1])
+            elif v not in active:
+                row.update(status="skipped", reason=f"naive runs only up to --naive-max {naive_max} candidates")
+            else:
+                med = report.median(times[v])
+                row.update(status="ok", times_ms=times[v], median_ms=med, min_ms=min(times[v]), max_ms=max(times[v]),
+                           candidates_per_s=n / (med / 1000))
+                row["ratio_to_naive"] = naive_ms / med if naive_ms else None
+                if flops:
+                    executed = flops["executed"][v]
+                    peak_key = "bfloat16" if v == "bf16" else "float32"
+                    row.update(gflop_executed=executed / 1e9, gflop_request=flops["request"] / 1e9,
+                               gflops_per_s=executed / 1e9 / (med / 1000))
+                    row["peak_fraction"] = row["gflops_per_s"] / peak[peak_key]["gflops_best"]
+                    row["peak_dtype"] = peak_key
+                ref = scores.get("shared_kv")
+                if ref is not None and v in scores:
+                    row["spearman_vs_fp32"] = report.spearman(scores[v], ref) if v != "shared_kv" else (
+                        1.0 if n > 1 else None)
+                    row["max_abs_diff_vs_fp32"] = max(abs(a - b) for a, b in zip(scores[v], ref))
+                if "naive" in scores and v in scores:
+                    row["max_abs_diff_vs_naive"] = max(abs(a - b) for a, b in zip(scores[v], scores["naive"]))
+                progress(f"  {n:>5} candidates  {v:<13} median {med:9.2f} ms  min {row['min_ms']:9.2f}  "
+                         f"max {row['max_ms']:9.2f}" + (f"  {row['ratio_to_naive']:.1f}x naive"
+                                                        if row["ratio_to_naive"] else ""))
+            rows.append(row)
+
+    def params(m) -> float:
+        return sum(p.numel() for p in m.parameters()) / 1e6
+
+    return {
+        "kind": "ranker",
+        "machine": machine,
+        "bf16_support": report.bf16_support(),
+        "quantized_engine": torch.backends.quantized.engine,
+        "config": {"model": model, "kind": loaded32.kind, "parameters_m": params(loaded32.model),
+                   "candidates": sizes, "repeats": repeats, "warmup": warmup, "threads": torch.get_num_threads(),
+                   "naive_max": naive_max, "batch_tokens": batch_tokens, "seed": seed, "dataset": dataset,
+                   "max_source_tokens": reference.max_source_tokens, "max_target_tokens": reference.max_target_tokens,
+                   "reduction": reference.reduction},
+        "input": {"user": inp["user"], "history_titles": inp["history_titles"], "history": inp["history"],
+                  "template": inp["template"], "source_tokens": inp["source_tokens"], "source": source,
+                  "mean_target_tokens": sum(tgt_len) / len(tgt_len), "candidates": pool},
+        "variants": {v: {"description": VARIANTS[v], "status": status[v][0], "reason": status[v][1] or None}
+                     for v in variants},
+        "peak": peak,
+        "flops": {"formula": FLOPS_FORMULA, "dims": dims} if dims else
+                 {"reason": f"no FLOPs formula for {type(loaded32.model).__name__}"},
+        "rows": rows,
+        "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }

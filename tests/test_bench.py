@@ -1,0 +1,208 @@
+"""`instructrec bench ranker|service` end to end on the tiny-random model at tiny sizes.
+
+Both benches write into one directory (the report merges their sections); the service
+bench starts real servers (child processes, as by default) on loopback and uses the
+machine's Redis when there is one.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench import report
+from bench.ranker_bench import VARIANTS, NoSharedKVRanker
+from bench.service_bench import Sample, histogram_quantile, loopback_error, summarize
+from instructrec.cli import main
+from instructrec.modeling import TINY, load_model
+from instructrec.ranker import Ranker, target_ids
+
+torch.set_num_threads(1)
+
+SIZES = (1, 5, 7)
+NAIVE_MAX = 5
+CONCURRENCY = (1, 4)
+REQUESTS = 12
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench")
+
+
+def _results(out) -> dict:
+    return json.loads((out / report.RESULTS_JSON).read_text())
+
+
+def _png(path) -> None:
+    assert path.is_file() and path.read_bytes()[:8] == PNG, path
+
+
+# --- ranker ------------------------------------------------------------------------------------
+
+
+def test_ranker_bench_end_to_end(out):
+    rc = main(["bench", "ranker", "--model", TINY, "--candidates", ",".join(map(str, SIZES)), "--repeats", "2",
+               "--warmup", "1", "--threads", "1", "--naive-max", str(NAIVE_MAX), "--peak-size", "64",
+               "--out", str(out)])
+    assert rc == 0
+    r = _results(out)["ranker"]
+    assert r["command"].startswith("instructrec bench ranker --model tiny-random --candidates 1,5,7")
+    assert r["machine"]["cpu_model"] and r["machine"]["torch"] == torch.__version__
+    assert r["input"]["history_titles"] == 20 and r["input"]["source_tokens"] > 50
+    assert r["peak"]["float32"]["gflops_best"] > 0 and r["peak"]["bfloat16"]["gflops_best"] > 0
+
+    rows = {(x["variant"], x["candidates"]): x for x in r["rows"]}
+    assert set(rows) == {(v, n) for v in VARIANTS for n in SIZES}  # every variant x size, in one run
+    for (v, n), row in rows.items():
+        if v == "naive" and n > NAIVE_MAX:
+            assert row["status"] == "skipped" and "naive-max" in row["reason"]
+            continue
+        if v == "int8" and row["status"] == "failed":  # allowed where quantised kernels are missing
+            assert row["reason"]
+            continue
+        assert row["status"] == "ok", row
+        assert len(row["times_ms"]) == 2 and all(t > 0 for t in row["times_ms"])
+        assert 0 < row["min_ms"] <= row["median_ms"] <= row["max_ms"]
+        assert row["candidates_per_s"] == pytest.approx(n / (row["median_ms"] / 1000))
+        assert row["gflop_executed"] > 0 and row["gflops_per_s"] > 0 and row["peak_fraction"] > 0
+        naive = rows["naive", n]
+        if naive["status"] == "ok":  # the ratio is against naive of this run at this size
+            assert row["ratio_to_naive"] == pytest.approx(naive["median_ms"] / row["median_ms"])
+            assert row["max_abs_diff_vs_naive"] is not None
+        else:
+            assert row["ratio_to_naive"] is None  # nothing extrapolated
+    assert rows["naive", 1]["ratio_to_naive"] == pytest.approx(1.0)
+    for v in ("encoder_once", "shared_kv"):  # the fp32 variants give the naive scores
+        for n in (1, 5):
+            assert rows[v, n]["max_abs_diff_vs_naive"] < 1e-4
+    for v in ("bf16", "int8"):
+        if rows[v, 5]["status"] == "ok":
+            assert -1 <= rows[v, 5]["spearman_vs_fp32"] <= 1
+            assert rows[v, 1]["spearman_vs_fp32"] is None  # undefined for one candidate
+    # executed work: naive repeats encoder + cross K/V per candidate, encoder_once the K/V only
+    assert rows["naive", 5]["gflop_executed"] > rows["encoder_once", 5]["gflop_executed"] > rows["shared_kv", 5][
+        "gflop_executed"] == pytest.approx(rows["shared_kv", 5]["gflop_request"])
+
+    md = (out / report.RESULTS_MD).read_text()
+    assert "| candidates | variant | median ms |" in md and "L_enc * S * (8*H*A" in md
+    for v in VARIANTS:
+        assert f"| {v} |" in md
+    _png(out / report.RANKER_PLOT)
+
+
+def test_encoder_once_variant_recomputes_cross_kv_per_chunk():
+    loaded = load_model(TINY, device="cpu", dtype="float32")
+    layers = loaded.model.decoder.bert.encoder.layer
+    calls: list[int] = []
+    hooks = [layer.crossattention.self.key.register_forward_hook(lambda *_, k=k: calls.append(k))
+             for k, layer in enumerate(layers)]
+    try:
+        source = "A user played: 1. Halo; 2. Doom. Pick the best candidate."
+        cands = [f"game {i} " + "deluxe " * (i % 5) for i in range(30)]
+        slow = NoSharedKVRanker(loaded, batch_tokens=32)
+        chunks = slow._chunks([target_ids(slow.tokenizer, c, slow.max_target_tokens, slow.eos)[0] for c in cands])
+        assert len(chunks) > 3
+        scores = slow.score(source, cands).scores
+        assert len(calls) == len(chunks) * len(layers)  # K/V per chunk (and per row inside it), not once
+        fast = Ranker(loaded, batch_tokens=32).score(source, cands).scores
+        assert scores == pytest.approx(fast, abs=1e-5)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+# --- service -----------------------------------------------------------------------------------
+
+
+def _cache() -> bool:
+    from bench.service_bench import DEFAULT_REDIS, _redis_ok
+
+    return _redis_ok(DEFAULT_REDIS)
+
+
+def test_service_bench_end_to_end(out):
+    """Both batching modes, cold and warm cache, the default server: the service in child
+    processes on free loopback ports."""
+    from bench.service_bench import DEFAULT_REDIS
+
+    cache = _cache()
+    rc = main(["bench", "service", "--model", TINY, "--concurrency", ",".join(map(str, CONCURRENCY)),
+               "--requests", str(REQUESTS), "--candidates", "5", "--duration", "60", "--set", "warmup=false",
+               "--redis-url", DEFAULT_REDIS if cache else "", "--out", str(out)])
+    assert rc == 0
+    results = _results(out)
+    assert "ranker" in results  # both benches' sections in one report
+    s = results["service"]
+    assert s["command"].startswith("instructrec bench service --model tiny-random --concurrency 1,4")
+    assert s["server"]["kind"] == "subprocess" and s["machine"]["cpu_model"]
+    assert "Batcher.budget forced to 1" in s["modes"]["off"]["description"]
+    cells = {(c["batching"], c["phase"], c["candidates"], c["concurrency"]): c for c in s["cells"]}
+    assert set(cells) == {(m, p, 5, c) for m in ("on", "off") for p in ("cold", "warm") for c in CONCURRENCY}
+    for (mode, phase, _, conc), c in cells.items():
+        if phase == "warm" and not cache:
+            assert c["status"] == "skipped"
+            continue
+        assert c["status"] == "ok" and c["sent"] == c["ok"] == REQUESTS and c["errors"] == {}, c
+        assert 0 < c["p50_ms"] <= c["p95_ms"] <= c["p99_ms"] and c["requests_per_s"] > 0
+        assert c["server_p50_ms"] > 0 and c["server_ms_source"] == "header"
+        if cache:
+            assert c["cache_hit_fraction"] == (0.0 if phase == "cold" else 1.0)
+        if phase == "cold":
+            assert c["batches"] > 0 and c["server_mean_ms"]["decode"] > 0 and c["server_mean_ms"]["prepare"] > 0
+            if mode == "off":
+                assert c["mean_batch_size"] == 1.0 and c["batches"] == REQUESTS  # every request its own batch
+    if cache:
+        cached = {(c["batching"], c["candidates"]): c for c in s["cached_request"]}
+        assert set(cached) == {("on", 5), ("off", 5)}
+        for c in cached.values():
+            assert c["concurrency"] == 1 and c["requests"] == REQUESTS and c["server_p50_ms"] > 0
+
+    md = (out / report.RESULTS_MD).read_text()
+    assert "## Ranker" in md and "## Service" in md and "| batching | cache | candidates |" in md
+    assert "## Issue 5 targets" in md
+    _png(out / report.SERVICE_LATENCY_PLOT)
+    _png(out / report.SERVICE_THROUGHPUT_PLOT)
+
+
+def test_service_bench_thread_server(tmp_path):
+    """--server thread: uvicorn in a thread of this process, batching on, no cache."""
+    rc = main(["bench", "service", "--model", TINY, "--concurrency", "2", "--requests", "4", "--candidates", "3",
+               "--batching", "on", "--redis-url", "", "--server", "thread", "--set", "warmup=false",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    s = _results(tmp_path)["service"]
+    assert s["server"]["kind"] == "thread" and list(s["modes"]) == ["on"] and not s["cache"]["enabled"]
+    cold, warm = s["cells"]
+    assert cold["phase"] == "cold" and cold["status"] == "ok" and cold["ok"] == 4 and cold["batches"] >= 1
+    assert cold["cache_hit_fraction"] is None  # no cache
+    assert warm["phase"] == "warm" and warm["status"] == "skipped"
+
+
+@pytest.mark.parametrize("url", ["http://10.1.2.3:8000", "http://example.com:8000", "http://192.168.0.1",
+                                 "ftp://127.0.0.1:21/"])
+def test_service_bench_refuses_non_loopback_url(tmp_path, capsys, url):
+    rc = main(["bench", "service", "--url", url, "--requests", "1", "--out", str(tmp_path)])
+    assert rc == 2
+    assert "loopback" in capsys.readouterr().err or url.startswith("ftp")
+    assert not (tmp_path / report.RESULTS_JSON).exists()
+
+
+def test_loopback_and_statistics_helpers():
+    for ok in ("http://127.0.0.1:8000", "http://localhost:1", "http://[::1]:8000/", "https://127.5.6.7"):
+        assert loopback_error(ok) is None, ok
+    for bad in ("http://0.0.0.0:8000", "http://10.0.0.1", "http://localhost.example.com", "http://[2001:db8::1]"):
+        assert loopback_error(bad), bad
+    assert report.percentile([1, 2, 3, 4], 50) == 2.5 and report.percentile([5], 99) == 5
+    assert report.spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert report.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert report.spearman([1, 1], [1, 2]) is None and report.spearman([1], [1]) is None
+    # server-side time from the service's histogram when the response has no timing header
+    cell = summarize([Sample(0, 5.0, "200")], 1.0, {"request_buckets": {0.001: 0, 0.0025: 1, float("inf"): 1}})
+    assert cell["server_ms_source"] == "histogram" and 1.0 <= cell["server_p50_ms"] <= 2.5
+    # cumulative buckets: 10 requests <= 1 ms, 10 more <= 2 ms
+    assert histogram_quantile(0.5, {0.001: 10, 0.002: 20, float("inf"): 20}) == pytest.approx(0.001)
+    assert histogram_quantile(0.75, {0.001: 10, 0.002: 20, float("inf"): 20}) == pytest.approx(0.0015)
