@@ -12,7 +12,7 @@ Variants (all on the same weights):
 * ``naive`` -- one full forward pass per candidate (``Ranker.score(naive=True)``).
 * ``encoder_once`` -- encoder once, candidates batched in length buckets, but each chunk's
   decoder projects the encoder output to cross-attention K/V for every row itself
-  (:class:`NoSharedKVRanker`, defined here).
+  (:func:`no_shared_kv_ranker`, defined here).
 * ``shared_kv`` -- the default fast path (``Ranker.score``): encoder once, cross-attention
   K/V computed once and shared across rows via ``expand``, head only at real positions.
 * ``bf16`` -- ``shared_kv`` on the model loaded with ``dtype="bfloat16"``.
@@ -43,7 +43,7 @@ VARIANTS: dict[str, str] = {
     "encoder_once": "encoder once per request; candidates in length buckets under the ranker's token budget, head "
                     "only at real positions; but no shared K/V: each chunk's decoder projects the encoder output "
                     "(expanded to every row) to cross-attention K/V itself, i.e. once per candidate "
-                    "(bench.ranker_bench.NoSharedKVRanker), fp32",
+                    "(bench.ranker_bench.no_shared_kv_ranker), fp32",
     "shared_kv": "the default fast path Ranker.score(...): encoder once, cross-attention K/V computed once (one "
                  "probe decoder step) and shared by all rows via expand, length buckets, head only at real "
                  "positions, fp32",
@@ -65,35 +65,12 @@ def log(message: str) -> None:
 # --- the encoder-once variant without shared K/V ----------------------------------------------
 
 
-class NoSharedKVRanker(Ranker):
+def no_shared_kv_ranker(loaded, **kw) -> Ranker:
     """The fast path minus K/V sharing: the encoder still runs once per request, but every
     chunk's decoder gets an empty cross-attention cache, so each cross-attention layer
-    projects the encoder output (expanded to the chunk's rows) to keys and values for every
-    row, as a batched implementation without the cache trick does. Scores equal the fast
-    path's; only the seq2seq path differs (decoder-only models have no cross-attention)."""
-
-    def _seq2seq_fast(self, src: list[int], ids: list[list[int]]) -> list[float]:
-        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-
-        from instructrec.ranker import _decoder_parts
-
-        model = self.model
-        start = self._start_id()
-        inp = torch.tensor([src], device=self.device)
-        mask = torch.ones_like(inp)
-        enc = model.get_encoder()(input_ids=inp, attention_mask=mask).last_hidden_state
-        body, head = _decoder_parts(model)
-        sums = [0.0] * len(ids)
-        for chunk in self._chunks(ids):
-            rows = [ids[i] for i in chunk]
-            labels = self._pad(rows)
-            dec = torch.cat([torch.full((len(rows), 1), start, device=self.device), labels[:, :-1]], dim=1)
-            b = len(rows)
-            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())  # empty: K/V computed per row here
-            hidden = body(dec, enc.expand(b, -1, -1), mask.expand(b, -1), cache)
-            for i, s in zip(chunk, self._sum_by_row(hidden, labels, [len(r) for r in rows], head)):
-                sums[i] = s
-        return sums
+    projects the encoder output to keys and values for every candidate row, as a batched
+    implementation without the cache trick does. Scores equal the fast path's."""
+    return Ranker(loaded, share_cross_kv=False, **kw)
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -248,7 +225,7 @@ def _make_rankers(model_name: str, variants: Sequence[str], batch_tokens: int, l
             elif v == "encoder_once":
                 if loaded32.kind != "seq2seq":
                     raise NotImplementedError("decoder-only model: no cross-attention to share or not")
-                rankers[v] = NoSharedKVRanker(loaded32, **kw)
+                rankers[v] = no_shared_kv_ranker(loaded32, **kw)
             elif v == "bf16":
                 rankers[v] = Ranker(load_model(model_name, device="cpu", dtype="bfloat16"), **kw)
             elif v == "int8":

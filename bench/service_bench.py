@@ -18,9 +18,8 @@ p50/p95/p99, requests/s, errors by status, server-side time (a timing header the
 server adds; the service's request histogram for an external --url), cache hits from the
 responses, and the mean batch size from the service's ``instructrec_batch_size`` metric.
 
-Batching **off** = ``max_wait_ms=0`` plus, inside the bench's server process, the batcher's
-token budget forced to 1 token (``Batcher.budget = 1``), so every batch holds exactly one
-request; the ranker's own per-forward budget (``Settings.batch_tokens``) is unchanged, so
+Batching **off** = ``max_batch_requests=1`` and ``max_wait_ms=0`` (service settings), so every
+batch holds exactly one request; the ranker's own per-forward budget (``Settings.batch_tokens``) is unchanged, so
 each request is scored exactly as with batching on. (``batch_tokens`` alone cannot turn
 batching off without also shrinking the ranker's forward passes: the service uses one
 setting for both.)
@@ -190,20 +189,9 @@ def bench_app(overrides: dict[str, Any], unbatched: bool):
     from service.app import create_app
     from service.settings import Settings
 
+    if unbatched:  # the "off" mode's settings already say so; this keeps a direct call honest too
+        overrides = {**overrides, "max_batch_requests": 1, "max_wait_ms": 0}
     app = create_app(Settings(**overrides))
-    state = app.state.service
-    if unbatched:
-        original = state.start
-
-        async def start_unbatched() -> None:
-            await original()
-            batcher = state.batcher
-            if batcher is None or not hasattr(batcher, "budget") or not hasattr(batcher, "max_wait"):
-                raise RuntimeError("service.batcher.Batcher has no 'budget'/'max_wait': cannot turn batching off")
-            batcher.budget = 1  # a batch is closed as soon as it holds one job
-            batcher.max_wait = 0.0
-
-        state.start = start_unbatched
     return ServerTiming(app)
 
 
@@ -636,9 +624,9 @@ def run_bench(model: str = "minilm-bert2bert", url: str | None = None, api_key: 
                 mode = Mode(name, overrides, False, desc, overrides.get("cache_namespace"))
             else:
                 overrides["max_wait_ms"] = 0
-                desc = (f"max_wait_ms=0 and, in the bench's server process, Batcher.budget forced to 1 token, so "
-                        f"every batch holds exactly one request (the batcher takes a job only while the batch is "
-                        f"under budget); the ranker's forward-pass budget stays batch_tokens={on.batch_tokens}, "
+                overrides["max_batch_requests"] = 1
+                desc = (f"max_batch_requests=1 and max_wait_ms=0, so every batch holds exactly one request; "
+                        f"the ranker's forward-pass budget stays batch_tokens={on.batch_tokens}, "
                         f"so each request is scored exactly as with batching on")
                 mode = Mode(name, overrides, True, desc, overrides.get("cache_namespace"))
             mode.settings = _public(_settings(overrides))

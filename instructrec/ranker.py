@@ -76,7 +76,7 @@ class Ranker:
     """Scores candidates for an instruction with a loaded model (seq2seq or causal)."""
 
     def __init__(self, loaded: LoadedModel, *, max_source_tokens: int | None = None, max_target_tokens: int = DEFAULT_TARGET_TOKENS,
-                 batch_tokens: int = 4096, reduction: str = "mean"):
+                 batch_tokens: int = 4096, reduction: str = "mean", share_cross_kv: bool = True):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, not {reduction!r}")
         self.loaded = loaded
@@ -91,6 +91,8 @@ class Ranker:
         self.max_target_tokens = max_target_tokens
         self.batch_tokens = batch_tokens
         self.reduction = reduction
+        # False recomputes cross-attention K/V for every candidate row (the benchmark's baseline)
+        self.share_cross_kv = share_cross_kv
         self.eos = eos_id(self.tokenizer, self.model)
 
     # -- public API -----------------------------------------------------------------
@@ -102,20 +104,43 @@ class Ranker:
     @torch.inference_mode()
     def score(self, source: str, candidates: Sequence[str], *, reduction: str | None = None,
               naive: bool = False) -> Scored:
-        if not candidates:
-            raise ValueError("no candidates to score")
+        return self.score_many([(source, candidates)], reduction=reduction, naive=naive)[0]
+
+    @torch.inference_mode()
+    def score_many(self, requests: Sequence[tuple[str, Sequence[str]]], *, reduction: str | None = None,
+                   naive: bool = False) -> list[Scored]:
+        """Score several instructions' candidates; with a seq2seq model they share forward passes.
+
+        All instructions go through the encoder as one padded batch; candidates of every
+        request are bucketed by length together, so small requests fill one decoder pass.
+        A bucket whose rows all belong to one request shares that request's cross-attention
+        keys/values without copying them; a mixed bucket gathers them per row.
+        """
         reduction = reduction or self.reduction
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, not {reduction!r}")
-        src, src_cut = self._source_ids(source)
-        tgts = [target_ids(self.tokenizer, c, self.max_target_tokens, self.eos) for c in candidates]
-        ids = [t for t, _ in tgts]
+        if not requests:
+            return []
+        prepared = []
+        for source, candidates in requests:
+            if not candidates:
+                raise ValueError("no candidates to score")
+            src, src_cut = self._source_ids(source)
+            tgts = [target_ids(self.tokenizer, c, self.max_target_tokens, self.eos) for c in candidates]
+            prepared.append((src, src_cut, tgts))
+        srcs = [p[0] for p in prepared]
+        ids = [[t for t, _ in p[2]] for p in prepared]
         if self.kind == "causal":
-            sums = self._causal_naive(src, ids) if naive else self._causal_fast(src, ids)
+            sums = [(self._causal_naive if naive else self._causal_fast)(s, i) for s, i in zip(srcs, ids)]
+        elif naive:
+            sums = [self._seq2seq_naive(s, i) for s, i in zip(srcs, ids)]
         else:
-            sums = self._seq2seq_naive(src, ids) if naive else self._seq2seq_fast(src, ids)
-        scores = [s / len(t) if reduction == "mean" else s for s, t in zip(sums, ids)]
-        return Scored(scores, len(src), src_cut, sum(len(t) for t in ids), sum(cut for _, cut in tgts))
+            sums = self._seq2seq_fast(srcs, ids)
+        out = []
+        for (src, src_cut, tgts), req_ids, req_sums in zip(prepared, ids, sums):
+            scores = [x / len(t) if reduction == "mean" else x for x, t in zip(req_sums, req_ids)]
+            out.append(Scored(scores, len(src), src_cut, sum(len(t) for t in req_ids), sum(cut for _, cut in tgts)))
+        return out
 
     # -- shared pieces --------------------------------------------------------------
     def _source_ids(self, source: str) -> tuple[list[int], int]:
@@ -181,33 +206,42 @@ class Ranker:
             out.append(float(torch.log_softmax(logits.float(), -1).gather(-1, labels.unsqueeze(-1)).sum()))
         return out
 
-    def _seq2seq_fast(self, src: list[int], ids: list[list[int]]) -> list[float]:
+    def _seq2seq_fast(self, srcs: list[list[int]], ids: list[list[list[int]]]) -> list[list[float]]:
         from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
         model = self.model
         start = self._start_id()
-        inp = torch.tensor([src], device=self.device)
-        mask = torch.ones_like(inp)
+        lengths = torch.tensor([len(s) for s in srcs], device=self.device)
+        inp = self._pad(srcs)
+        mask = (torch.arange(inp.shape[1], device=self.device)[None, :] < lengths[:, None]).long()
         enc = model.get_encoder()(input_ids=inp, attention_mask=mask).last_hidden_state
-        # One decoder step on one row fills the cross-attention cache: K/V of every layer.
-        probe = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        model(encoder_outputs=(enc,), attention_mask=mask, decoder_input_ids=torch.tensor([[start]], device=self.device),
-              past_key_values=probe, use_cache=True)
-        cross = [(layer.keys, layer.values) for layer in probe.cross_attention_cache.layers]
+        cross = []
+        if self.share_cross_kv:
+            # One decoder step per instruction fills the cross-attention cache: K/V of every layer.
+            probe = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            model(encoder_outputs=(enc,), attention_mask=mask, past_key_values=probe, use_cache=True,
+                  decoder_input_ids=torch.full((len(srcs), 1), start, device=self.device))
+            cross = [(layer.keys, layer.values) for layer in probe.cross_attention_cache.layers]
         body, head = _decoder_parts(model)
-        sums = [0.0] * len(ids)
-        for chunk in self._chunks(ids):
-            rows = [ids[i] for i in chunk]
-            labels = self._pad(rows)
-            dec = torch.cat([torch.full((len(rows), 1), start, device=self.device), labels[:, :-1]], dim=1)
+        flat = [(r, j) for r, req in enumerate(ids) for j in range(len(req))]
+        sums = [[0.0] * len(req) for req in ids]
+        for chunk in self._chunks([ids[r][j] for r, j in flat]):
+            rows = [ids[flat[i][0]][flat[i][1]] for i in chunk]
+            owners = [flat[i][0] for i in chunk]
             b = len(rows)
-            cache = EncoderDecoderCache(
-                DynamicCache(),
-                DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in cross]),
-            )
-            hidden = body(dec, enc.expand(b, -1, -1), mask.expand(b, -1), cache)
-            for i, s in zip(chunk, self._sum_by_row(hidden, labels, [len(r) for r in rows], head)):
-                sums[i] = s
+            if len(set(owners)) == 1:  # one request: share its K/V and encoder states as views
+                r = owners[0]
+                pick = lambda x: x[r : r + 1].expand(b, *x.shape[1:])  # noqa: E731
+            else:  # several requests in one pass: gather each row's own
+                index = torch.tensor(owners, device=self.device)
+                pick = lambda x: x.index_select(0, index)  # noqa: E731
+            labels = self._pad(rows)
+            dec = torch.cat([torch.full((b, 1), start, device=self.device), labels[:, :-1]], dim=1)
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache(ddp_cache_data=[(pick(k), pick(v)) for k, v in cross]))
+            hidden = body(dec, pick(enc), pick(mask), cache)
+            for i, value in zip(chunk, self._sum_by_row(hidden, labels, [len(r) for r in rows], head)):
+                r, j = flat[i]
+                sums[r][j] = value
         return sums
 
     # -- decoder-only ---------------------------------------------------------------

@@ -63,13 +63,14 @@ class ServiceState:
         self.cache = ScoreCache(s.redis_url.strip(), namespace=s.cache_namespace, ttl_seconds=s.cache_ttl_seconds,
                                 timeout_s=s.cache_timeout_ms / 1000, retry_s=s.cache_retry_seconds, metrics=self.metrics)
         await self.cache.connect()
-        self.batcher = Batcher(self._score, budget_tokens=s.batch_tokens, max_wait_s=s.max_wait_ms / 1000,
-                               max_queue=s.max_queue, executor=self.infer_executor, metrics=self.metrics)
+        self.batcher = Batcher(self._score_many, budget_tokens=s.batch_tokens, max_wait_s=s.max_wait_ms / 1000,
+                               max_queue=s.max_queue, executor=self.infer_executor, metrics=self.metrics,
+                               max_jobs=s.max_batch_requests)
         self.batcher.start()
         self._load_task = asyncio.get_running_loop().create_task(self._load(), name="instructrec-load")
 
-    def _score(self, source: str, candidates: list[str]):
-        return self.engine.score(source, candidates)
+    def _score_many(self, requests: list[tuple[str, list[str]]]):
+        return self.engine.score_many(requests)
 
     async def _load(self) -> None:
         loop = asyncio.get_running_loop()

@@ -12,11 +12,9 @@ Back-pressure: at most ``max_queue`` jobs wait; :meth:`Batcher.submit` raises
 future was cancelled (client disconnected) is skipped, before its batch starts and again
 just before its scoring in the inference thread.
 
-For now the jobs of one batch are scored one after another inside one thread call: the
-ranker scores one instruction at a time (it shares the encoder pass and cross-attention
-keys/values across that instruction's candidates). Sharing forward passes *across*
-instructions is a later performance step; the queue/budget/back-pressure/cancellation
-semantics here do not change with it.
+The jobs of a batch are scored by one ``score_many`` call: their instructions share one
+encoder pass and their candidates share decoder passes (``Ranker.score_many``). If that
+call fails, each job is scored alone so one bad job cannot fail the others.
 """
 
 from __future__ import annotations
@@ -54,15 +52,17 @@ class Job:
     enqueued: float = field(default_factory=time.monotonic)
 
 
-# score(source, candidates) -> (result, encode_seconds, decode_seconds), run in the inference thread
-ScoreFn = Callable[[str, list[str]], tuple[Any, float, float]]
+# score_many([(source, candidates), ...]) -> ([result, ...], encode_seconds, decode_seconds), run in
+# the inference thread; the seconds are the batch's, attributed to each of its jobs
+ScoreFn = Callable[[list[tuple[str, list[str]]]], tuple[list[Any], float, float]]
 
 
 class Batcher:
     def __init__(self, score: ScoreFn, *, budget_tokens: int, max_wait_s: float, max_queue: int, executor: Executor,
-                 metrics: Metrics):
+                 metrics: Metrics, max_jobs: int = 32):
         self._score = score
         self.budget = budget_tokens
+        self.max_jobs = max_jobs
         self.max_wait = max_wait_s
         self.max_queue = max_queue
         self._executor = executor
@@ -143,7 +143,7 @@ class Batcher:
             await self._wake.wait()
         batch, tokens = [first], first.tokens
         deadline = loop.time() + self.max_wait
-        while tokens < self.budget:
+        while tokens < self.budget and len(batch) < self.max_jobs:
             if self._pending:
                 nxt = self._pending[0]
                 if nxt.future.cancelled():
@@ -167,17 +167,22 @@ class Batcher:
         return batch
 
     def _score_batch(self, jobs: list[Job]) -> list[tuple[str, Any, float, float]]:
-        """In the inference thread: score each live job; ('skip'|'ok'|'error', value, enc, dec)."""
-        out = []
-        for job in jobs:
-            if job.future.cancelled():  # the client left while the batch waited for the thread
-                out.append(("skip", None, 0.0, 0.0))
-                continue
-            try:
-                result, enc, dec = self._score(job.source, job.candidates)
-                out.append(("ok", result, enc, dec))
-            except Exception as exc:  # noqa: BLE001 - reported to the job's request
-                out.append(("error", exc, 0.0, 0.0))
+        """In the inference thread: score the live jobs together; ('skip'|'ok'|'error', value, enc, dec)."""
+        live = [i for i, job in enumerate(jobs) if not job.future.cancelled()]  # the client may have left meanwhile
+        out: list[tuple[str, Any, float, float]] = [("skip", None, 0.0, 0.0)] * len(jobs)
+        if not live:
+            return out
+        try:
+            results, enc, dec = self._score([(jobs[i].source, jobs[i].candidates) for i in live])
+            for i, result in zip(live, results):
+                out[i] = ("ok", result, enc, dec)
+        except Exception:  # noqa: BLE001 - isolate the failing job: score each alone
+            for i in live:
+                try:
+                    (result,), enc, dec = self._score([(jobs[i].source, jobs[i].candidates)])
+                    out[i] = ("ok", result, enc, dec)
+                except Exception as exc:  # noqa: BLE001 - reported to the job's request
+                    out[i] = ("error", exc, 0.0, 0.0)
         return out
 
     async def _run(self) -> None:

@@ -90,11 +90,12 @@ class Engine:
         return Prepared(inst, min(n, r.max_source_tokens), max(0, n - r.max_source_tokens), tokens, cut)
 
     # -- scoring (inference thread) ------------------------------------------------------
-    def score(self, source: str, candidates: list[str]) -> tuple[Scored, float, float]:
-        """Score in the calling thread; returns (Scored, encoder seconds, decoder seconds)."""
+    def score_many(self, requests: list[tuple[str, list[str]]]) -> tuple[list[Scored], float, float]:
+        """Score requests together in the calling thread; returns (Scored per request, encoder
+        seconds, decoder seconds) of the whole batch."""
         self._local.encoder = 0.0
         start = time.perf_counter()
-        scored = self.ranker.score(source, candidates)
+        scored = self.ranker.score_many(requests)
         total = time.perf_counter() - start
         enc = min(getattr(self._local, "encoder", 0.0), total)
         return scored, enc, total - enc
@@ -108,7 +109,7 @@ class Engine:
         source = " ".join(["word"] * max(1, (r.max_source_tokens - special) // per_word))  # fills the budget
         candidate = " ".join(["item"] * r.max_target_tokens)  # cut to max_target_tokens
         count = max(1, r.batch_tokens // r.max_target_tokens)
-        scored, _, _ = self.score(source, [candidate] * count)
+        (scored,), _, _ = self.score_many([(source, [candidate] * count)])
         return scored.source_tokens, count
 
     def _install_timing_hooks(self) -> None:

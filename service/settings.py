@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     batch_tokens: int = Field(default=4096, ge=64, description="token budget of one batch (and of one forward pass)")
     max_wait_ms: float = Field(default=5.0, ge=0, description="longest wait for more requests to join a batch")
     max_queue: int = Field(default=64, ge=1, description="requests waiting for the model before new ones get 429")
+    max_batch_requests: int = Field(default=32, ge=1, description="requests sharing one batch at most (1 turns micro-batching off)")
 
     # -- cache ------------------------------------------------------------------------
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis for the score cache; empty disables it")

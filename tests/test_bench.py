@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bench import report
-from bench.ranker_bench import VARIANTS, NoSharedKVRanker
+from bench.ranker_bench import VARIANTS, no_shared_kv_ranker
 from bench.service_bench import Sample, histogram_quantile, loopback_error, summarize
 from instructrec.cli import main
 from instructrec.modeling import TINY, load_model
@@ -103,7 +103,7 @@ def test_encoder_once_variant_recomputes_cross_kv_per_chunk():
     try:
         source = "A user played: 1. Halo; 2. Doom. Pick the best candidate."
         cands = [f"game {i} " + "deluxe " * (i % 5) for i in range(30)]
-        slow = NoSharedKVRanker(loaded, batch_tokens=32)
+        slow = no_shared_kv_ranker(loaded, batch_tokens=32)
         chunks = slow._chunks([target_ids(slow.tokenizer, c, slow.max_target_tokens, slow.eos)[0] for c in cands])
         assert len(chunks) > 3
         scores = slow.score(source, cands).scores
@@ -139,7 +139,8 @@ def test_service_bench_end_to_end(out):
     s = results["service"]
     assert s["command"].startswith("instructrec bench service --model tiny-random --concurrency 1,4")
     assert s["server"]["kind"] == "subprocess" and s["machine"]["cpu_model"]
-    assert "Batcher.budget forced to 1" in s["modes"]["off"]["description"]
+    assert "max_batch_requests=1" in s["modes"]["off"]["description"]
+    assert s["modes"]["off"]["settings"]["max_batch_requests"] == 1
     cells = {(c["batching"], c["phase"], c["candidates"], c["concurrency"]): c for c in s["cells"]}
     assert set(cells) == {(m, p, 5, c) for m in ("on", "off") for p in ("cold", "warm") for c in CONCURRENCY}
     for (mode, phase, _, conc), c in cells.items():

@@ -237,3 +237,43 @@ def test_rank_cli_missing_model(capsys, tmp_path, monkeypatch):
     assert "instructrec train --preset quick --out artifacts/quickstart" in capsys.readouterr().err
     assert main(["rank", "--model", str(tmp_path / "no-such-dir"), "--history", "Halo", "--candidate", "Doom"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", [TINY, TINY_T5, TINY_CAUSAL])
+def test_score_many_equals_one_request_at_a_time(models, name):
+    """Several instructions of different lengths scored together (one padded encoder batch,
+    candidates of different requests mixed in decoder passes) equal separate naive scoring."""
+    ranker = Ranker(models(name), batch_tokens=40)
+    requests = [(SOURCE, CANDS[:7]), ("short one", CANDS[7:9]), (SOURCE + " and more words " * 5, CANDS[9:21]),
+                ("x", ["only candidate"])]
+    together = ranker.score_many(requests)
+    assert len(together) == len(requests)
+    for (source, cands), got in zip(requests, together):
+        alone = ranker.score(source, cands, naive=True)
+        _close(got.scores, alone.scores)
+        assert (got.source_tokens, got.target_tokens, got.targets_truncated) == (
+            alone.source_tokens, alone.target_tokens, alone.targets_truncated)
+
+
+def test_score_many_shares_passes_across_requests(models):
+    """Ten small requests go through fewer decoder passes than ten separate calls."""
+    loaded = models(TINY)
+    ranker = Ranker(loaded, batch_tokens=4096)
+    passes: list[int] = []
+    hook = loaded.model.decoder.bert.register_forward_hook(lambda *_: passes.append(1))
+    try:
+        requests = [(f"{SOURCE} user {i}", CANDS[i : i + 3]) for i in range(10)]
+        ranker.score_many(requests)
+        together = len(passes)
+        passes.clear()
+        for source, cands in requests:
+            ranker.score(source, cands)
+        assert together == 2 and len(passes) == 20  # one probe + one shared pass, vs 2 per request
+    finally:
+        hook.remove()
+
+
+def test_cross_kv_not_shared_gives_the_same_scores(models):
+    loaded = models(TINY)
+    shared = Ranker(loaded, batch_tokens=16).score(SOURCE, CANDS).scores
+    _close(Ranker(loaded, batch_tokens=16, share_cross_kv=False).score(SOURCE, CANDS).scores, shared)

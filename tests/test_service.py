@@ -338,3 +338,34 @@ def test_rejections_and_histograms_counted(service):
     assert metric(client, "instructrec_queue_seconds_count") > 0
     assert metric(client, "instructrec_encode_seconds_sum") > 0 and metric(client, "instructrec_decode_seconds_sum") > 0
     assert metric(client, "instructrec_cache_misses_total") > 0
+
+
+def test_concurrent_requests_share_batches_and_match_the_ranker():
+    """Requests arriving together are scored in shared forward passes (one batch), and each
+    answer still equals the ranker called on that request alone (within 1e-4, same order)."""
+    import asyncio
+
+    settings = Settings(model="tiny-random", device="cpu", dtype="float32", batch_tokens=4096, max_wait_ms=300,
+                        redis_url="")
+    app = create_app(settings)
+    requests = [{"history": HISTORY[: 1 + i % 3], "instruction": f"something like {WORDS[i]}",
+                 "candidates": titles(3 + i, seed=40 + i)} for i in range(8)]
+    with ServerThread(app) as srv:
+        srv.wait_ready()
+
+        async def fire():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
+                return await asyncio.gather(*(client.post("/rerank", json=body) for body in requests))
+
+        answers = asyncio.run(fire())
+        with httpx.Client(base_url=srv.url) as client:
+            batches = metric(client, "instructrec_batch_size_count")
+            jobs = metric(client, "instructrec_batch_size_sum")
+    assert [a.status_code for a in answers] == [200] * 8
+    assert jobs == 8 and batches < 8  # several requests shared a batch
+    for body, answer in zip(requests, answers):
+        need = UserNeed(history=tuple(body["history"]), intention=body["instruction"], intention_kind=Intention.VAGUE)
+        _, scored = direct(app, need, body["candidates"])
+        got = answer.json()["results"]
+        assert [x["index"] for x in got] == rank_order(scored.scores)
+        assert [x["score"] for x in got] == pytest.approx([scored.scores[x["index"]] for x in got], abs=1e-4)
