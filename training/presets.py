@@ -43,11 +43,12 @@ PRESETS: dict[str, Preset] = {
     "smoke": Preset("smoke", base=TINY, users=60, max_history=5, max_source_tokens=128, max_target_tokens=32,
                     per_case=1, batch_size=8, max_steps=24, learning_rate=1e-3, warmup_steps=0, eval_steps=12,
                     save_steps=6, eval_users=20, logging_steps=4),
-    # ~10 examples/s on 2 cores (bf16 autocast): 360 steps x 16 is about 10 minutes of training.
+    # 7-10 examples/s on 2 cores (bf16 autocast; history-only examples are the longest):
+    # 300 steps x 16 is 8-12 minutes of training, the whole command within 15 minutes.
     # A short run: a higher learning rate and most examples on the history-only scenario
-    # (measured on the same 200 validation users: HR@1 0.21 vs 0.185 at lr 2e-4, share 0.6).
+    # (measured at 360 steps on the same 200 validation users: HR@1 0.21 vs 0.185 at lr 2e-4, share 0.6).
     "quick": Preset("quick", base=MINILM, max_history=10, max_source_tokens=192, per_case=2, history_share=0.8,
-                    batch_size=16, max_steps=360, learning_rate=4e-4, warmup_steps=20, eval_steps=360,
+                    batch_size=16, max_steps=300, learning_rate=4e-4, warmup_steps=20, eval_steps=300,
                     save_steps=40, eval_users=200),
     "full": Preset("full", base=MINILM, max_history=20, max_source_tokens=320, per_case=3, batch_size=32,
                    max_steps=30000, learning_rate=1e-4, warmup_steps=500, eval_steps=1000, save_steps=250,
