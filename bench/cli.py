@@ -53,6 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=str(report.DEFAULT_OUT), help=f"output directory (default {report.DEFAULT_OUT})")
     p.set_defaults(_bench_parser=p, _bench_run=_run_ranker)
 
+    r = sub.add_parser("readme", help="regenerate the README's performance section from results.json")
+    r.add_argument("--out", default=str(report.DEFAULT_OUT), help=f"results directory (default {report.DEFAULT_OUT})")
+    r.add_argument("--readme", default="README.md", help="the README to update (default README.md)")
+    r.set_defaults(_bench_parser=r, _bench_run=_run_readme)
+
     s = sub.add_parser("service", help="load-test the /rerank service with real Games requests",
                        description="Starts the service on loopback (or uses --url, loopback only) and replays real "
                                    "Games requests: latency percentiles, requests/s, errors; cache cold and warm; "
@@ -157,6 +162,21 @@ def _run_service(args: argparse.Namespace) -> int:
     paths = report.write(args.out, "service", section)
     print(report.service_table(section))
     print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _run_readme(args: argparse.Namespace) -> int:
+    results = report.load(args.out)
+    if not results:
+        print(f"instructrec bench readme: error: no results in {args.out}; run `instructrec bench ranker` first",
+              file=sys.stderr)
+        return 2
+    try:
+        path = report.update_readme(args.readme, results)
+    except (OSError, ValueError) as exc:
+        print(f"instructrec bench readme: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"updated the performance section of {path} from {args.out}/results.json")
     return 0
 
 

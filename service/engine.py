@@ -73,7 +73,8 @@ class Engine:
     # -- cache key parts ----------------------------------------------------------------
     def key_parts(self, prepared: Prepared) -> tuple[str, ...]:
         r = self.ranker
-        return (self.version, TEMPLATE_VERSION, prepared.instruction.template.id, r.reduction,
+        # dtype is part of the key: a bf16 replica's scores differ slightly from a float32 one's
+        return (self.version, str(self.loaded.dtype), TEMPLATE_VERSION, prepared.instruction.template.id, r.reduction,
                 str(r.max_source_tokens), str(r.max_target_tokens), prepared.instruction.source)
 
     # -- preparation (prep thread) -------------------------------------------------------

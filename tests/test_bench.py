@@ -207,3 +207,23 @@ def test_loopback_and_statistics_helpers():
     # cumulative buckets: 10 requests <= 1 ms, 10 more <= 2 ms
     assert histogram_quantile(0.5, {0.001: 10, 0.002: 20, float("inf"): 20}) == pytest.approx(0.001)
     assert histogram_quantile(0.75, {0.001: 10, 0.002: 20, float("inf"): 20}) == pytest.approx(0.0015)
+
+
+def test_readme_section_is_regenerated_between_markers(tmp_path):
+    from bench import report
+
+    results = {"ranker": {"command": "instructrec bench ranker --x", "rows": [
+        {"variant": "naive", "candidates": 10, "status": "ok", "median_ms": 700.0, "ratio_to_naive": 1.0},
+        {"variant": "shared_kv", "candidates": 10, "status": "ok", "median_ms": 100.0, "ratio_to_naive": 7.0},
+        {"variant": "naive", "candidates": 100, "status": "ok", "median_ms": 7000.0, "ratio_to_naive": 1.0},
+        {"variant": "shared_kv", "candidates": 100, "status": "ok", "median_ms": 400.0, "ratio_to_naive": 17.5}]}}
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{report.README_START}\nstale\n{report.README_END}\nafter\n", encoding="utf-8")
+    report.update_readme(readme, results)
+    text = readme.read_text(encoding="utf-8")
+    assert "stale" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
+    assert "| `shared_kv` | 100.0 (7.0×) | 400.0 (17.5×) |" in text
+    assert "| encoder-once path >= 15x naive at 100 candidates (same run) | 17.5× | met |" in text
+    readme.write_text("no markers\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no bench markers"):
+        report.update_readme(readme, results)

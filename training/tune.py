@@ -32,7 +32,7 @@ import torch
 from instructrec.aspects import UserNeed
 from instructrec.checkpoint import read_meta, write_meta
 from instructrec.instruction import build as build_instruction
-from instructrec.modeling import LoadedModel, build_base, resolve_device
+from instructrec.modeling import LoadedModel, build_base, cpu_has_bf16, resolve_device
 from instructrec.ranker import Ranker, target_ids, eos_id
 from instructrec.templates import TEMPLATE_VERSION
 
@@ -51,14 +51,6 @@ EVAL_SEED = 2023  # candidate sets for validation are fixed by this seed
 
 class TrainingError(RuntimeError):
     pass
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def validation_metrics(model, tokenizer, data: InteractionData, cases: list[Case], preset: Preset,
