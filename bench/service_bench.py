@@ -51,7 +51,6 @@ from typing import Any, Callable, Sequence
 
 from . import report
 
-TIMING_HEADER = "x-bench-server-ms"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 READY_TIMEOUT_S = 600.0
 PHASES = ("cold", "warm")
@@ -161,38 +160,13 @@ class Workload:
 # --- the bench's server ------------------------------------------------------------------------
 
 
-class ServerTiming:
-    """ASGI wrapper adding ``x-bench-server-ms``: time from the request reaching the app to
-    its response headers (what ``instructrec_request_duration_seconds`` measures, exactly)."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-
-        async def send_timed(message):
-            if message["type"] == "http.response.start":
-                ms = (time.perf_counter() - start) * 1000
-                message = {**message, "headers": [*message.get("headers", []), (TIMING_HEADER.encode(), f"{ms:.4f}".encode())]}
-            await send(message)
-
-        await self.app(scope, receive, send_timed)
-
-
-def bench_app(overrides: dict[str, Any], unbatched: bool):
-    """The service's own app (``create_app``) with the bench's timing header; ``unbatched``
-    forces one request per batch (see the module docstring)."""
+def bench_app(overrides: dict[str, Any]):
+    """The service's own app (``create_app``) with the mode's settings; it reports its time to
+    the response headers in ``Server-Timing``."""
     from service.app import create_app
     from service.settings import Settings
 
-    if unbatched:  # the "off" mode's settings already say so; this keeps a direct call honest too
-        overrides = {**overrides, "max_batch_requests": 1, "max_wait_ms": 0}
-    app = create_app(Settings(**overrides))
-    return ServerTiming(app)
+    return create_app(Settings(**overrides))
 
 
 def _child_main(argv: Sequence[str]) -> int:
@@ -200,12 +174,11 @@ def _child_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="bench.service_bench serve-child")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--settings", required=True, help="JSON object of Settings overrides")
-    parser.add_argument("--unbatched", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 
-    app = bench_app(json.loads(args.settings), args.unbatched)
+    app = bench_app(json.loads(args.settings))
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False, lifespan="on")
     return 0
 
@@ -243,7 +216,7 @@ class _Server:
 class ChildServer(_Server):
     """The service in a child process (``python -m bench.service_bench serve-child``)."""
 
-    def __init__(self, overrides: dict[str, Any], unbatched: bool, log_path: Path):
+    def __init__(self, overrides: dict[str, Any], log_path: Path):
         self.port = free_port()
         super().__init__(f"http://127.0.0.1:{self.port}")
         self.log_path = log_path
@@ -251,7 +224,7 @@ class ChildServer(_Server):
         root = str(Path(__file__).resolve().parents[1])  # this checkout's bench, service, instructrec
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         cmd = [sys.executable, "-m", "bench.service_bench", "serve-child", "--port", str(self.port),
-               "--settings", json.dumps(overrides)] + (["--unbatched"] if unbatched else [])
+               "--settings", json.dumps(overrides)]
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=root)
@@ -275,12 +248,12 @@ class ChildServer(_Server):
 class ThreadServer(_Server):
     """The service under uvicorn in a thread of this process (shares the GIL with the clients)."""
 
-    def __init__(self, overrides: dict[str, Any], unbatched: bool, log_path: Path):
+    def __init__(self, overrides: dict[str, Any], log_path: Path):
         import uvicorn
 
         self.port = free_port()
         super().__init__(f"http://127.0.0.1:{self.port}")
-        config = uvicorn.Config(bench_app(overrides, unbatched), host="127.0.0.1", port=self.port,
+        config = uvicorn.Config(bench_app(overrides), host="127.0.0.1", port=self.port,
                                 log_level="warning", lifespan="on", access_log=False)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name=f"bench-uvicorn-{self.port}", daemon=True)
@@ -393,12 +366,6 @@ class Sample:
 
 
 def _server_ms(headers) -> float | None:
-    value = headers.get(TIMING_HEADER)
-    if value:
-        try:
-            return float(value)
-        except ValueError:
-            return None
     timing = headers.get("server-timing")
     if timing:
         m = re.search(r"dur=([0-9.]+)", timing)
@@ -487,7 +454,6 @@ def summarize(samples: list[Sample], wall: float, delta: dict[str, Any]) -> dict
 class Mode:
     name: str
     overrides: dict[str, Any]
-    unbatched: bool
     description: str
     namespace: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
@@ -591,7 +557,7 @@ def run_bench(model: str = "minilm-bert2bert", url: str | None = None, api_key: 
     if url is not None:
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        mode = Mode("external", {}, False, f"as configured by the service at {url} (the bench changes nothing)")
+        mode = Mode("external", {}, f"as configured by the service at {url} (the bench changes nothing)")
         modes[mode.name] = mode
         info = _Server(url).wait_ready(timeout=30)
         server_info = {"description": f"already running at {url} (--url)", "url": url,
@@ -621,14 +587,14 @@ def run_bench(model: str = "minilm-bert2bert", url: str | None = None, api_key: 
             if name == "on":
                 desc = (f"the service as configured: a batch collects requests until {on.batch_tokens} tokens "
                         f"(instruction + candidates) or {on.max_wait_ms:g} ms after its first request")
-                mode = Mode(name, overrides, False, desc, overrides.get("cache_namespace"))
+                mode = Mode(name, overrides, desc, overrides.get("cache_namespace"))
             else:
                 overrides["max_wait_ms"] = 0
                 overrides["max_batch_requests"] = 1
                 desc = (f"max_batch_requests=1 and max_wait_ms=0, so every batch holds exactly one request; "
                         f"the ranker's forward-pass budget stays batch_tokens={on.batch_tokens}, "
                         f"so each request is scored exactly as with batching on")
-                mode = Mode(name, overrides, True, desc, overrides.get("cache_namespace"))
+                mode = Mode(name, overrides, desc, overrides.get("cache_namespace"))
             mode.settings = _public(_settings(overrides))
             modes[name] = mode
         cache_info = {"enabled": cache_enabled,
@@ -646,7 +612,7 @@ def run_bench(model: str = "minilm-bert2bert", url: str | None = None, api_key: 
         try:
             progress(f"starting the service ({', '.join(f'batching {n}' for n in modes)}) ...")
             for name, mode in modes.items():
-                servers[name] = server_cls(mode.overrides, mode.unbatched, Path(log_dir) / f"service-server-{name}.log")
+                servers[name] = server_cls(mode.overrides, Path(log_dir) / f"service-server-{name}.log")
             for name, srv in servers.items():
                 info = srv.wait_ready()
                 server_info["checkpoint_version"] = (info.get("model") or {}).get("checkpoint_version")
@@ -745,6 +711,6 @@ def _cached_summary(cells: list[dict]) -> list[dict]:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "serve-child":
         sys.exit(_child_main(sys.argv[2:]))
-    print("usage: python -m bench.service_bench serve-child --port P --settings JSON [--unbatched]  "
+    print("usage: python -m bench.service_bench serve-child --port P --settings JSON  "
           "(started by `instructrec bench service`)", file=sys.stderr)
     sys.exit(2)

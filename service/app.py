@@ -131,6 +131,9 @@ class _MetricsMiddleware:
         async def send_status(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                # the app's own time to the response headers, for clients and load generators
+                ms = (time.perf_counter() - start) * 1000
+                message = {**message, "headers": [*message.get("headers", []), (b"server-timing", f"app;dur={ms:.3f}".encode())]}
             await send(message)
 
         try:

@@ -87,6 +87,9 @@ def test_health_ready_metrics_open(service):
         assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
         assert metric(anon, "instructrec_model_info", {"model": "tiny-random", "template_version": TEMPLATE_VERSION}) == 1
         assert metric(anon, "instructrec_ready") == 1
+        # every response says how long the app took to its headers (what load generators read)
+        timing = anon.get("/health").headers["server-timing"]
+        assert timing.startswith("app;dur=") and float(timing.split("=", 1)[1]) >= 0
 
 
 def test_native_rerank_equals_ranker(service):
