@@ -12,6 +12,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "templates": ("instructrec.templates_cli", "list the instruction templates"),
     "annotate": ("training.annotate.cli", "generate fine-grained instruction annotations with a teacher"),
     "train": ("training.tune_cli", "instruction-tune a seq2seq model"),
+    "evaluate": ("training.evaluate.cli", "evaluate models and baselines with the paper's protocol, write the report"),
+    "eval-client": ("training.evaluate.client_cli", "evaluate a live /rerank service on a candidate file"),
     "rank": ("instructrec.rank_cli", "rerank candidates for one instruction with a checkpoint"),
     "serve": ("service.cli", "run the /rerank HTTP service (micro-batching, Redis cache, metrics)"),
     "bench": ("bench.cli", "benchmark the ranker variants and the /rerank service"),

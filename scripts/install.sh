@@ -8,4 +8,4 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
   "$PY" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 fi
-"$PY" -m pip install --quiet --disable-pip-version-check -e ".[service,lora,bench,test]"
+"$PY" -m pip install --quiet --disable-pip-version-check -e ".[service,lora,bench,eval,test]"

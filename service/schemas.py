@@ -3,20 +3,17 @@
 Requests are validated strictly (no "3" for 3, no "yes" for true) with the service's
 limits passed as validation context (``max_text_chars``, ``max_candidates``,
 ``max_history``), so every error names the offending field. Texts are normalised the
-same way everywhere (Unicode NFC, whitespace runs collapsed to one space, trimmed):
-the model and the cache key both see the normalised text.
+same way everywhere (Unicode NFC, whitespace runs collapsed to one space, trimmed, by
+:func:`instructrec.text.normalise`): the model and the cache key both see the normalised text.
 """
 
 from __future__ import annotations
 
-import unicodedata
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
-
-def normalise(text: str) -> str:
-    return " ".join(unicodedata.normalize("NFC", text).split())
+from instructrec.text import normalise  # the core's normaliser: the offline evaluation applies the same one
 
 
 def _check_text(value: str, info: ValidationInfo) -> str:

@@ -64,3 +64,23 @@ def metrics_from_ranks(ranks: Iterable[int], ks: Sequence[int] = KS) -> dict[str
     out["mrr"] = sum(1 / (r + 1) for r in ranks) / len(ranks)
     out["cases"] = len(ranks)
     return out
+
+
+def bootstrap_intervals(ranks: Sequence[int], ks: Sequence[int] = KS, *, resamples: int = 1000, seed: int = 0,
+                        level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of every metric of :func:`metrics_from_ranks`, resampling cases."""
+    import numpy as np
+
+    r = np.asarray(list(ranks), dtype=np.int64)
+    if r.size == 0:
+        return {}
+    idx = np.random.default_rng(seed).integers(0, r.size, size=(resamples, r.size))
+    per_case = {f"hr@{k}": (r < k).astype(float) for k in ks}
+    per_case |= {f"ndcg@{k}": np.where(r < k, 1 / np.log2(r + 2), 0.0) for k in ks if k > 1}
+    per_case["mrr"] = 1 / (r + 1)
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    out = {}
+    for name, values in per_case.items():
+        means = values[idx].mean(axis=1)
+        out[name] = (float(np.percentile(means, lo)), float(np.percentile(means, hi)))
+    return out

@@ -1,0 +1,152 @@
+"""The RecBole baselines end to end: SASRec trained for real (2 epochs, 300 users of the
+shipped Games sample, one thread) in RecBole's own environment, scoring candidate files
+written here. Skipped only when that environment is not installed."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+
+import pytest
+
+from training.baselines.recbole import INTER_HEADER, RecBoleError, recbole_python, run_recbole, write_inter
+from training.data.load import load_dataset
+from training.data.types import Interaction, InteractionData, Item
+
+UNKNOWN_ITEM = "no-such-item"
+
+
+def _env_or_skip():
+    try:
+        return recbole_python()
+    except RecBoleError:
+        pytest.skip("RecBole environment not installed: run `bash scripts/install_recbole.sh`")
+
+
+def _candidates(data: InteractionData, user: str, target: str, rng: random.Random) -> list[str]:
+    """The target and 9 items the user never interacted with, shuffled."""
+    seen = {x.item_id for x in data.sequences[user]}
+    pool = sorted(set(data.items) - seen)
+    cands = [target, *rng.sample(pool, 9)]
+    rng.shuffle(cands)
+    return cands
+
+
+def _write(path, cases, **header):
+    with path.open("w", encoding="utf-8") as f:
+        f.write(json.dumps({"format": "instructrec-candidates", "version": 1, **header}) + "\n")
+        for c in cases:
+            f.write(json.dumps(c) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def games_300():
+    return load_dataset("games-sample").sample_users(300, seed=0)
+
+
+@pytest.fixture(scope="module")
+def sasrec_run(games_300, tmp_path_factory):
+    _env_or_skip()
+    tmp = tmp_path_factory.mktemp("recbole")
+    data = games_300
+    # the test split: each user's last interaction, its full history, 9 never-seen negatives
+    rng = random.Random(0)
+    cases = [
+        {"user_id": c.user_id, "history": list(c.history), "target": c.target, "candidates": _candidates(data, c.user_id, c.target, rng)}
+        for c in data.split(max_history=10**6).test
+    ]
+    base = _write(tmp / "base.jsonl", cases, dataset="games-300", split="test")
+    rev = _write(tmp / "reversed.jsonl", [{**c, "candidates": c["candidates"][::-1]} for c in cases])
+    # unknown history items are dropped, an unknown candidate scores -inf
+    pert = _write(
+        tmp / "perturbed.jsonl",
+        [
+            {
+                **c,
+                "history": [UNKNOWN_ITEM + "-h1", *c["history"][:1], UNKNOWN_ITEM + "-h2", *c["history"][1:]],
+                "candidates": [*c["candidates"], UNKNOWN_ITEM],
+            }
+            for c in cases
+        ],
+    )
+    t0 = time.perf_counter()
+    result = run_recbole(data, "SASRec", [base, rev, pert], tmp / "out", epochs=2, patience=2, seed=0, threads=1, max_seq_len=20)
+    return {"cases": cases, "files": (base, rev, pert), "result": result, "out": tmp / "out", "seconds": time.perf_counter() - t0}
+
+
+def test_scores_one_finite_score_per_candidate_in_order(sasrec_run):
+    cases, (base, rev, pert) = sasrec_run["cases"], sasrec_run["files"]
+    scores = sasrec_run["result"]["scores"]
+    assert set(scores) == {str(base), str(rev), str(pert)}
+    b, r, p = scores[str(base)], scores[str(rev)], scores[str(pert)]
+    assert set(b) == {c["user_id"] for c in cases}
+    distinct = 0
+    for c in cases:
+        s = b[c["user_id"]]
+        assert len(s) == len(c["candidates"]) == 10
+        assert all(math.isfinite(x) for x in s)
+        distinct += len(set(s)) > 1
+        # candidate order is preserved: the reversed file gets the reversed scores
+        assert r[c["user_id"]] == pytest.approx(s[::-1], abs=1e-5)
+        # dropped unknown history items change nothing; the unknown candidate gets -inf
+        assert p[c["user_id"]][:-1] == pytest.approx(s, abs=1e-5)
+        assert p[c["user_id"]][-1] == -math.inf
+    assert distinct == len(cases)  # a trained model, not a constant
+
+    # the files on disk: one line per case, in the file's order
+    lines = [json.loads(x) for x in (sasrec_run["out"] / "base.scores.jsonl").read_text().splitlines()]
+    assert [x["user_id"] for x in lines] == [c["user_id"] for c in cases]
+
+
+def test_summary(sasrec_run, games_300):
+    summary = sasrec_run["result"]["summary"]
+    n = len(sasrec_run["cases"])
+    assert summary["model"] == "SASRec"
+    assert summary["recbole_version"] == "1.2.1"
+    assert summary["epochs_run"] == 2 and 1 <= summary["best_epoch"] <= 2
+    assert summary["train_seconds"] > 0 and summary["score_seconds"] >= 0
+    assert summary["n_users"] == 300
+    assert summary["n_items"] == len({x.item_id for s in games_300.sequences.values() for x in s})
+    assert summary["n_interactions"] == sum(len(s) for s in games_300.sequences.values())
+    assert summary["config"]["valid_metric"] == "NDCG@10" and summary["config"]["MAX_ITEM_LIST_LENGTH"] == 20
+    assert summary["config"]["eval_args"]["split"] == {"LS": "valid_and_test"} and summary["config"]["eval_args"]["order"] == "TO"
+    assert set(summary["recbole_test"]) >= {"hit@10", "ndcg@10"}
+    counts = {name.rsplit("/", 1)[-1]: v for name, v in summary["files"].items()}
+    assert counts["base.jsonl"]["cases"] == n and counts["base.jsonl"]["unknown_candidates"] == 0
+    assert counts["perturbed.jsonl"]["unknown_candidates"] == n
+    assert counts["perturbed.jsonl"]["unknown_history_items"] == 2 * n
+    # RecBole's own files stay in the output directory
+    assert (sasrec_run["out"] / "recbole" / "saved").is_dir()
+    assert sasrec_run["seconds"] < 120
+
+
+def test_bad_candidates_file_names_file_and_line(tmp_path, games_300):
+    _env_or_skip()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"format": "instructrec-candidates", "version": 1}\n'
+        '{"user_id": "u1", "history": [], "target": "1", "candidates": ["1", "2"]}\n'
+        '{"user_id": "u2", "history": [], "candidates": ["1", "2"]}\n'
+    )
+    with pytest.raises(RecBoleError) as e:
+        run_recbole(games_300, "SASRec", [bad], tmp_path / "out", epochs=1, patience=1, seed=0)
+    assert f"{bad}:3: missing field 'target'" in str(e.value)
+    assert "Traceback" not in str(e.value)
+
+
+def test_missing_environment_says_how_to_install(tmp_path):
+    with pytest.raises(RecBoleError, match=r"RecBole environment not found at .*: run `bash scripts/install_recbole.sh`"):
+        recbole_python(tmp_path / "nowhere")
+
+
+def test_write_inter_timestamps_or_positions(tmp_path):
+    items = {i: Item(i, i) for i in ("a", "b", "c")}
+    timed = InteractionData("t", items, {"u2": [Interaction("a", 5.0), Interaction("b", 5.0)], "u1": [Interaction("c", 1.5)]})
+    lines = write_inter(timed, tmp_path / "t.inter").read_text().splitlines()
+    assert lines == [INTER_HEADER, "u1\tc\t1.5", "u2\ta\t5", "u2\tb\t5"]
+    untimed = InteractionData("p", items, {"u1": [Interaction("a", 3.0), Interaction("b")]})
+    lines = write_inter(untimed, tmp_path / "p.inter").read_text().splitlines()
+    assert lines == [INTER_HEADER, "u1\ta\t0", "u1\tb\t1"]

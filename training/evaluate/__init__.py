@@ -1,0 +1,1 @@
+"""Offline evaluation with the paper's protocol: candidate files, scenarios, methods, report."""

@@ -1,0 +1,342 @@
+"""``instructrec evaluate``: the paper's protocol, every method on the same candidate files.
+
+Steps: pick the users (a seeded subsample, the same users for validation and test);
+annotate their targets with the teacher (the scenarios' preferences and queries); write
+the candidate files once per setting; score every (setting, scenario, method, template)
+unit; pick each instruction model's template per scenario on validation; write the
+report. Every unit's ranks are saved under ``OUT/units/`` as soon as it finishes, keyed by
+what determines them (method version, candidate file digest, scenario, template, needs),
+so an interrupted run resumes where it stopped and a rerun with one more method only
+computes that method.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from ..data.load import load_dataset
+from ..data.types import MAX_HISTORY, Case, InteractionData
+from ..metrics import bootstrap_intervals, metrics_from_ranks, rank_of
+from . import candidates as cand
+from .methods import BiEncoder, InstructionModel, Method, Popularity, Precomputed, timed_score
+from .scenarios import Scenario, get_scenarios
+from instructrec.aspects import UserNeed
+
+log = logging.getLogger(__name__)
+
+# setting name -> (negative sampler, negatives per case)
+SETTINGS = {"uniform-10": ("uniform", 9), "hard-10": ("hard", 9), "uniform-100": ("uniform", 99)}
+SELECTION_SETTING = "uniform-10"  # templates are chosen on its validation split
+SCHEMA = "instructrec-eval/1"
+
+
+@dataclass
+class EvalConfig:
+    data: str | InteractionData  # a dataset directory, a shipped sample name, or loaded data
+    out: Path
+    users: int | None = 500
+    seed: int = 0
+    settings: tuple[str, ...] = ("uniform-10", "hard-10", "uniform-100")
+    scenarios: tuple[str, ...] | None = None  # None: all
+    extra_scenarios: tuple[str, ...] = ("sequential", "personalized_search")  # scenarios of the non-default settings
+    models: tuple[str, ...] = ()  # "label=path" or a path / built-in name
+    base: str | None = "minilm-bert2bert"  # the untuned base row (None: none)
+    baselines: tuple[str, ...] = ("popularity", "bi-encoder", "sasrec", "bert4rec")
+    annotations: str | None = None  # a teacher's annotations.jsonl; default: the offline teacher
+    recbole_epochs: int = 10
+    recbole_patience: int = 3
+    recbole_threads: int = 2
+    recbole_env: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    resamples: int = 1000
+    progress: bool = True
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        unknown = [s for s in self.settings if s not in SETTINGS]
+        if unknown:
+            raise ValueError(f"unknown setting {unknown[0]!r}; choose from {', '.join(SETTINGS)}")
+        if SELECTION_SETTING not in self.settings:
+            self.settings = (SELECTION_SETTING, *self.settings)
+        bad = [b for b in self.baselines if b not in ("popularity", "bi-encoder", "sasrec", "bert4rec")]
+        if bad:
+            raise ValueError(f"unknown baseline {bad[0]!r}; choose from popularity, bi-encoder, sasrec, bert4rec")
+
+
+@dataclass
+class Unit:
+    """The ranks of one method on one scenario's cases of one candidate file, with one template."""
+
+    setting: str
+    split: str
+    scenario: str
+    method: str
+    template: str | None
+    user_ids: list[str]
+    ranks: list[int]
+    scores: list[list[float]]
+    seconds: float
+    candidates: int
+    skipped: int = 0  # cases of the file the scenario could not use (no annotation)
+
+    def metrics(self) -> dict[str, float]:
+        return metrics_from_ranks(self.ranks)
+
+
+@dataclass
+class Evaluation:
+    config: EvalConfig
+    data: InteractionData
+    files: dict[tuple[str, str], cand.CandidateFile] = field(default_factory=dict)  # (setting, split) -> file
+    methods: list[Method] = field(default_factory=list)
+    units: list[Unit] = field(default_factory=list)
+    selected: dict[tuple[str, str], str | None] = field(default_factory=dict)  # (method, scenario) -> template
+
+
+# --- cases, annotations, candidate files --------------------------------------------------
+
+
+def _cases(data: InteractionData, cfg: EvalConfig) -> dict[str, list[Case]]:
+    test = cand.pick_users(cand.full_cases(data, "test"), cfg.users, cfg.seed)
+    users = {c.user_id for c in test}
+    valid = [c for c in cand.full_cases(data, "valid") if c.user_id in users]
+    return {"valid": sorted(valid, key=lambda c: c.user_id), "test": test}
+
+
+def annotate(data: InteractionData, cases: Sequence[Case], scenarios: Sequence[Scenario], cfg: EvalConfig) -> dict:
+    from ..annotate.pipeline import annotate_cases, load_annotations
+
+    if cfg.annotations:
+        return load_annotations(cfg.annotations)
+    from ..annotate.offline import OfflineTeacher
+
+    kinds = sorted({k for s in scenarios for k in s.kinds()}, key=str)
+    path = cfg.out / "annotations.jsonl"
+    if kinds:
+        short = [Case(c.user_id, c.history[-MAX_HISTORY:], c.target, c.review) for c in cases]
+        asyncio.run(annotate_cases(data, short, OfflineTeacher(), kinds, path, progress=cfg.progress))
+    return load_annotations(path) if path.exists() else {}
+
+
+def candidate_files(data: InteractionData, cases: dict[str, list[Case]], cfg: EvalConfig,
+                    retriever: BiEncoder | None) -> dict[tuple[str, str], cand.CandidateFile]:
+    """Write (or reuse, when written by the same configuration) one file per setting and split."""
+    files = {}
+    for setting in cfg.settings:
+        sampler, n_neg = SETTINGS[setting]
+        for split in ("valid", "test") if setting == SELECTION_SETTING else ("test",):
+            header = {"dataset": data.name, "source": data.source, "split": split, "setting": setting,
+                      "negatives": sampler, "n_negatives": n_neg, "seed": cfg.seed, "users": cfg.users,
+                      "retriever": retriever.version() if sampler == "hard" and retriever else None}
+            path = cfg.out / "candidates" / f"{split}-{setting}.jsonl"
+            if path.exists():
+                existing = cand.read(path, data)
+                if all(existing.header.get(k) == v for k, v in header.items()):
+                    files[(setting, split)] = existing
+                    continue
+                log.info("%s was written by another configuration: rewriting it", path)
+            if sampler == "uniform":
+                rows = cand.uniform_candidates(data, cases[split], n_neg, cfg.seed)
+            else:
+                if retriever is None:
+                    raise ValueError("hard negatives need the bi-encoder (sentence-transformers) as the matching model")
+                rows = cand.hard_candidates(data, cases[split], n_neg, cfg.seed, retriever.retrieve)
+            files[(setting, split)] = cand.write(path, header, rows)
+            log.info("wrote %s (%d cases)", path, len(rows))
+    return files
+
+
+# --- methods -------------------------------------------------------------------------------
+
+
+def _model_specs(cfg: EvalConfig) -> list[tuple[str | None, str]]:
+    specs = []
+    for spec in cfg.models:
+        label, _, path = spec.partition("=") if "=" in spec else (None, "", spec)
+        specs.append((label or None, path))
+    if cfg.base:
+        specs.append((f"{cfg.base} (untuned)", cfg.base))
+    return specs
+
+
+def _recbole(data: InteractionData, model: str, files: list[cand.CandidateFile], cfg: EvalConfig) -> dict:
+    """Train and score with RecBole, or reuse the result of an earlier run with the same
+    budget on the same candidate files (the digests are stamped beside RecBole's output)."""
+    from ..baselines.recbole import _read_scores, run_recbole
+
+    out = cfg.out / "recbole" / model
+    stamp_path = out / "instructrec-stamp.json"
+    stamp = {"epochs": cfg.recbole_epochs, "patience": cfg.recbole_patience, "seed": cfg.seed,
+             "dataset": data.name, "users": len(data.sequences),
+             "files": {str(f.path.resolve()): f.digest for f in files}}
+    if stamp_path.exists() and (out / "summary.json").exists() and json.loads(stamp_path.read_text()) == stamp:
+        summary = json.loads((out / "summary.json").read_text())
+        try:
+            scores = {str(f.path): _read_scores(Path(summary["files"][str(f.path.resolve())]["scores_file"])) for f in files}
+        except (KeyError, OSError):
+            scores = None
+        if scores is not None:
+            log.info("%s: reusing the RecBole run in %s", model, out)
+            return {"summary": summary, "scores": scores}
+    result = run_recbole(data, model, [f.path for f in files], out, epochs=cfg.recbole_epochs,
+                         patience=cfg.recbole_patience, seed=cfg.seed, threads=cfg.recbole_threads, env=cfg.recbole_env)
+    stamp_path.write_text(json.dumps(stamp, indent=1))
+    return result
+
+
+def recbole_methods(data: InteractionData, files: dict, cfg: EvalConfig) -> list[Method]:
+    out = []
+    test_files = [f for (setting, split), f in files.items() if split == "test"]
+    for name, model in (("sasrec", "SASRec"), ("bert4rec", "BERT4Rec")):
+        if name not in cfg.baselines:
+            continue
+        result = _recbole(data, model, test_files, cfg)
+        summary = result["summary"]
+        version = hashlib.sha256(json.dumps(summary, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        out.append(Precomputed(model, result["scores"], version, train_seconds=summary.get("train_seconds"),
+                               notes=f"RecBole {summary.get('recbole_version', '')}, trained on the training part of all "
+                                     f"{summary.get('n_users', '?')} users, {summary.get('epochs_run')} epochs "
+                                     f"(max {summary.get('max_epochs')}, patience {summary.get('patience')}), "
+                                     f"best epoch {summary.get('best_epoch')}, {summary.get('threads')} thread(s)"))
+    return out
+
+
+# --- units ---------------------------------------------------------------------------------
+
+
+def _unit_path(cfg: EvalConfig, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return cfg.out / "units" / f"{digest}.json"
+
+
+def scenario_needs(data: InteractionData, file: cand.CandidateFile, scenario: Scenario, annotations: dict,
+                   max_history: int = MAX_HISTORY) -> list[tuple[cand.CandidateCase, UserNeed]]:
+    """The cases of ``file`` this scenario can use, each with the need a user would bring
+    (the batch client sends exactly these needs to a live service)."""
+    pairs = [(c, scenario.need(data, c.user_id, c.history, c.target, annotations, max_history)) for c in file.cases]
+    return [(c, n) for c, n in pairs if n is not None]
+
+
+def run_unit(ev: Evaluation, method: Method, scenario: Scenario, setting: str, split: str, template: str | None,
+             annotations: dict) -> Unit:
+    cfg, data = ev.config, ev.data
+    file = ev.files[(setting, split)]
+    used = scenario_needs(data, file, scenario, annotations, getattr(method, "max_history", MAX_HISTORY))
+    key = {"method": method.version(), "file": file.digest, "scenario": scenario.name, "label": scenario.label,
+           "template": template, "needs": hashlib.sha256(repr([n for _, n in used]).encode()).hexdigest()[:16]}
+    path = _unit_path(cfg, key)
+    if path.exists():
+        saved = json.loads(path.read_text())
+        return Unit(**saved["unit"])
+    cases = [c for c, _ in used]
+    scores, seconds = timed_score(method, cases, [n for _, n in used], template, str(file.path), progress=cfg.progress)
+    unit = Unit(setting, split, scenario.name, method.name, template, [c.user_id for c in cases],
+                [rank_of(s, c.positive) for s, c in zip(scores, cases)], scores, round(seconds, 3),
+                len(file.cases[0].candidates), len(file.cases) - len(used))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "unit": asdict(unit)}))
+    tmp.replace(path)
+    m = unit.metrics()
+    log.info("%-12s %-20s %-28s %-8s %s: HR@1 %.3f NDCG@5 %.3f (%d cases, %.1f s)", setting, scenario.name, method.name,
+             template or "-", split, m.get("hr@1", 0), m.get("ndcg@5", 0), len(cases), seconds)
+    return unit
+
+
+def _best(units: list[Unit]) -> Unit:
+    return max(units, key=lambda u: (u.metrics().get("hr@1", 0), u.metrics().get("ndcg@5", 0)))
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Run the whole evaluation and write the report; returns the results dict."""
+    from . import report
+
+    started = time.perf_counter()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    data = cfg.data if isinstance(cfg.data, InteractionData) else load_dataset(cfg.data)
+    scenarios = get_scenarios(cfg.scenarios)
+    cases = _cases(data, cfg)
+    log.info("%s: %d users (%s), %d scenarios, settings %s", data.name, len(cases["test"]),
+             f"seeded subsample of {cfg.users}" if cfg.users else "all", len(scenarios), ", ".join(cfg.settings))
+    annotations = annotate(data, [*cases["valid"], *cases["test"]], scenarios, cfg)
+
+    ev = Evaluation(cfg, data)
+    bi = BiEncoder(data, cache_dir=cfg.out / "embeddings", progress=cfg.progress) if ("bi-encoder" in cfg.baselines or "hard-10" in cfg.settings) else None
+    ev.files = candidate_files(data, cases, cfg, bi)
+    if "popularity" in cfg.baselines:
+        ev.methods.append(Popularity(data))
+    if bi is not None and "bi-encoder" in cfg.baselines:
+        ev.methods.append(bi)
+    ev.methods += recbole_methods(data, ev.files, cfg)
+    for label, path in _model_specs(cfg):
+        ev.methods.append(InstructionModel(data, path, label, device=cfg.device, dtype=cfg.dtype))
+
+    for method in ev.methods:
+        for scenario in scenarios:
+            templates = method.templates(scenario)
+            if not templates:
+                log.warning("%s: no template has the instantiation %s; skipped", scenario.name, scenario.label)
+                continue
+            if len(templates) > 1:
+                valid = [run_unit(ev, method, scenario, SELECTION_SETTING, "valid", t, annotations) for t in templates]
+                ev.units += valid
+                chosen = _best(valid).template
+            else:
+                chosen = templates[0]
+            ev.selected[(method.name, scenario.name)] = chosen
+            for setting in cfg.settings:
+                if setting != SELECTION_SETTING and scenario.name not in cfg.extra_scenarios:
+                    continue
+                ev.units.append(run_unit(ev, method, scenario, setting, "test", chosen, annotations))
+
+    results = summarise(ev, scenarios, time.perf_counter() - started)
+    report.write(cfg.out, results)
+    return results
+
+
+def summarise(ev: Evaluation, scenarios: Sequence[Scenario], seconds: float) -> dict:
+    cfg = ev.config
+    rows, spread = [], []
+    for u in ev.units:
+        m = u.metrics()
+        entry = {"setting": u.setting, "split": u.split, "scenario": u.scenario, "method": u.method, "template": u.template,
+                 "cases": len(u.ranks), "skipped": u.skipped, "candidates": u.candidates, "metrics": m,
+                 "seconds": u.seconds, "cases_per_second": round(len(u.ranks) / u.seconds, 2) if u.seconds else None}
+        if u.split == "test":
+            entry["ci95"] = bootstrap_intervals(u.ranks, resamples=cfg.resamples, seed=cfg.seed)
+            entry["hr_curve"] = [sum(r < k for r in u.ranks) / len(u.ranks) if u.ranks else 0.0
+                                 for k in range(1, u.candidates + 1)]
+            rows.append(entry)
+        else:
+            entry["selected"] = ev.selected.get((u.method, u.scenario)) == u.template
+            spread.append(entry)
+    files = {f"{s}/{sp}": {"path": str(f.path), "digest": f.digest, "cases": len(f.cases), **f.header}
+             for (s, sp), f in ev.files.items()}
+    from . import report
+
+    return {
+        "schema": SCHEMA,
+        "command": cfg.command,
+        "dataset": {"name": ev.data.name, "source": ev.data.source, "users": len(ev.data.sequences),
+                    "items": len(ev.data.items)},
+        "config": {k: (v.name if isinstance(v, InteractionData) else str(v) if isinstance(v, Path) else v)
+                   for k, v in vars(cfg).items()},
+        "scenarios": [{"name": s.name, "label": s.label, "title": s.title,
+                       "templates": [t.id for t in s.templates()]} for s in scenarios],
+        "methods": [{"name": m.name, "family": m.family, "reads_need": m.reads_need, "train_seconds": m.train_seconds,
+                     "notes": m.notes, "version": m.version()} for m in ev.methods],
+        "candidate_files": files,
+        "rows": rows,
+        "template_spread": spread,
+        "seconds": round(seconds, 1),
+        "machine": report.machine(),
+    }
