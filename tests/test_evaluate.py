@@ -87,8 +87,8 @@ def test_scenarios_use_only_templates_with_their_instantiation():
         assert s.templates(), s.name
 
 
-def test_whole_evaluation_on_a_tiny_slice(tmp_path, slice_data):
-    cfg = EvalConfig(data=slice_data, out=tmp_path / "report", users=12, seed=0,
+def test_whole_evaluation_on_a_tiny_slice(tmp_path, slice_data, capsys):
+    cfg = EvalConfig(data=slice_data, out=tmp_path / "report", users=12, select_users=8, seed=0,
                      settings=("uniform-10", "hard-10"), scenarios=("sequential", "product_search"),
                      extra_scenarios=("sequential",), base="tiny-random", baselines=("popularity", "bi-encoder"),
                      resamples=200, progress=False, command="test")
@@ -102,8 +102,9 @@ def test_whole_evaluation_on_a_tiny_slice(tmp_path, slice_data):
     methods = ["popularity", "minilm-bi-encoder", "tiny-random (untuned)"]
     for m in methods:
         assert ("uniform-10", "sequential", m) in rows and ("uniform-10", "product_search", m) in rows
-        assert ("hard-10", "sequential", m) in rows
         assert ("hard-10", "product_search", m) not in rows  # not an extra scenario
+    assert ("hard-10", "sequential", "popularity") in rows and ("hard-10", "sequential", "minilm-bi-encoder") in rows
+    assert ("hard-10", "sequential", "tiny-random (untuned)") not in rows  # the zero-shot row: the paper's protocol only
     seq = rows[("uniform-10", "sequential", "popularity")]
     assert seq["cases"] == 12 and seq["candidates"] == 10
 
@@ -116,6 +117,11 @@ def test_whole_evaluation_on_a_tiny_slice(tmp_path, slice_data):
         p = counts[c.target]
         ranks.append(sum(1 for x in c.candidates if x != c.target and counts[x] >= p))
     assert seq["metrics"] == pytest.approx(metrics_from_ranks(ranks))
+
+    # Templates are chosen on a seeded 8 of the 12 users' validation cases.
+    valid_file = cand.read(out / "candidates" / "valid-uniform-10.jsonl", slice_data)
+    assert len(valid_file.cases) == 8 and {c.user_id for c in valid_file.cases} <= {c.user_id for c in test_file.cases}
+    assert "second-to-last item of a seeded 8 of these users" in (out / "results.md").read_text()
 
     # The instruction model's template was chosen on validation among the scenario's three.
     spread = [r for r in results["template_spread"] if r["method"] == "tiny-random (untuned)" and r["scenario"] == "sequential"]
@@ -150,6 +156,22 @@ def test_whole_evaluation_on_a_tiny_slice(tmp_path, slice_data):
         run_mod.timed_score = original
     assert sorted(p.name for p in (out / "units").iterdir()) == units
     assert [r["metrics"] for r in again["rows"]] == [r["metrics"] for r in results["rows"]]
+    assert results["units"]["reused"] == 0
+    assert again["units"]["reused"] == again["units"]["total"] == len(units)
+    assert f"reused {len(units)} of its {len(units)} scoring units" in (out / "results.md").read_text()
+
+    # The diagnosis reads the same validation file: with alpha 0 it reproduces the unit's metrics.
+    from training.evaluate import diagnose
+
+    capsys.readouterr()
+    assert diagnose.main(["--model", "tiny-random", "--report", str(out), "--data", "games-sample",
+                          "--template", "pref-06", "--alphas", "0,1"]) == 0
+    diag = json.loads(capsys.readouterr().out)
+    unit = next(r for r in spread if r["template"] == "pref-06")
+    assert diag["cases"] == unit["cases"] == 8
+    assert diag["prior"][0]["hr@1"] == round(unit["metrics"]["hr@1"], 4)
+    assert diag["prior"][0]["ndcg@5"] == round(unit["metrics"]["ndcg@5"], 4)
+    assert -1.0 <= diag["encoder_cosine"] <= 1.0
 
     readme = tmp_path / "README.md"
     readme.write_text("# x\n<!-- eval:Games:start -->\nold\n<!-- eval:Games:end -->\ntail\n")

@@ -123,3 +123,24 @@ def test_generic_seq2seq_with_lora_trains_and_merges(tmp_path):
     assert not any("lora" in name for name, _ in loaded.model.named_parameters())
     scores = Ranker(loaded).score("a user who likes racing games", ["Forza Motorsport 4", "Tetris"]).scores
     assert len(scores) == 2 and all(s < 0 for s in scores)
+
+
+def test_freeze_encoder_trains_only_the_decoder(tmp_path):
+    """--freeze-encoder: the saved encoder is the base's, bit for bit; the decoder moved."""
+    import torch
+
+    from instructrec.modeling import build_base, load_model
+
+    out = tmp_path / "frozen"
+    proc = subprocess.run(_train_cmd(out, "--freeze-encoder", "--max-steps", "6", "--eval-steps", "6", "--no-bf16"),
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_meta(out / "model")["preset"]["freeze_encoder"] is True
+    trained = load_model(str(out / "model"), device="cpu", dtype="float32").model
+    base, _, _ = build_base(PRESETS["smoke"].base)
+    base_params = dict(base.named_parameters())
+    encoder = {n: p for n, p in trained.named_parameters() if n.startswith("encoder.")}
+    decoder = {n: p for n, p in trained.named_parameters() if n.startswith("decoder.")}
+    assert encoder and decoder
+    assert all(torch.equal(p, base_params[n]) for n, p in encoder.items())
+    assert any(not torch.equal(p, base_params[n]) for n, p in decoder.items())

@@ -198,6 +198,9 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
             raise TrainingError("--lora needs peft: pip install 'instructrec[lora]'") from exc
         model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=16, lora_alpha=32,
                                                  lora_dropout=0.05, target_modules="all-linear"))
+    if preset.freeze_encoder:
+        for param in model.get_encoder().parameters():
+            param.requires_grad_(False)
     base_meta = {
         "base_model": preset.base,
         "template_version": TEMPLATE_VERSION,

@@ -30,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-case", type=int, help="instruction examples per training case")
     parser.add_argument("--history-share", type=float, help="share of examples on the history-only need (0..1)")
     parser.add_argument("--seed", type=int)
+    freeze = parser.add_mutually_exclusive_group()
+    freeze.add_argument("--freeze-encoder", dest="freeze_encoder", action="store_true", default=None,
+                        help="train the decoder and its cross-attention only (default: the preset's)")
+    freeze.add_argument("--no-freeze-encoder", dest="freeze_encoder", action="store_false")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     bf16 = parser.add_mutually_exclusive_group()
     bf16.add_argument("--bf16", dest="bf16", action="store_true", default=None, help="bf16 autocast (default: on where the hardware supports it)")
@@ -48,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
         base=args.base, users=args.users, max_steps=args.max_steps, batch_size=args.batch_size,
         grad_accum=args.grad_accum, learning_rate=args.learning_rate, max_history=args.max_history,
         max_source_tokens=args.max_source_tokens, eval_steps=args.eval_steps, save_steps=args.save_steps,
-        eval_users=args.eval_users, per_case=args.per_case, history_share=args.history_share, seed=args.seed)
+        eval_users=args.eval_users, per_case=args.per_case, history_share=args.history_share, seed=args.seed,
+        freeze_encoder=args.freeze_encoder)
     try:
         meta = train(preset, args.out, data_path=args.data, annotations_path=args.annotations, device=args.device,
                      bf16=args.bf16, lora=args.lora, resume=args.resume, progress=args.progress)

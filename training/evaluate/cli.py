@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baselines", type=_csv, default=("popularity", "bi-encoder", "sasrec", "bert4rec"),
                         help="comma-separated: popularity, bi-encoder, sasrec, bert4rec ('' for none)")
     parser.add_argument("--users", type=int, default=500, help="seeded subsample of test users (0 = all)")
+    parser.add_argument("--select-users", type=int, default=200,
+                        help="validation users (a seeded subset of --users) on which each model's template is chosen (0 = all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--settings", type=_csv, default=("uniform-10", "hard-10", "uniform-100"),
                         help="uniform-10 (1+9 uniform, the paper's), hard-10 (1+9 from a matching model), uniform-100 (1+99)")
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = EvalConfig(
-            data=args.data, out=args.out, users=args.users or None, seed=args.seed, settings=args.settings,
+            data=args.data, out=args.out, users=args.users or None, select_users=args.select_users or None, seed=args.seed, settings=args.settings,
             scenarios=args.scenarios, extra_scenarios=args.extra_scenarios, models=tuple(args.model),
             base=None if args.base.lower() == "none" else args.base, baselines=args.baselines,
             annotations=args.annotations, recbole_epochs=args.recbole_epochs, recbole_patience=args.recbole_patience,

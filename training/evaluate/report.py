@@ -105,8 +105,22 @@ def header_lines(results: dict) -> list[str]:
     users = f"a seeded subsample of {c['users']} users (seed {c['seed']})" if c.get("users") else "all users"
     m = results["machine"]
     return [f"Dataset: {d['name']} ({d['users']:,} users, {d['items']:,} items), test split, {users}; "
-            f"validation (the same users' second-to-last item) picks each model's template.",
-            f"Command: `{results['command']}` ({results['seconds'] / 60:.1f} min on {m['cpu_model']}, {m['usable_cpus']} CPUs)."]
+            f"validation (the second-to-last item of {_select(c)}) picks each model's template.",
+            f"Command: `{results['command']}` on {m['cpu_model']}, {m['usable_cpus']} CPUs: {_run_time(results)}."]
+
+
+def _select(c: dict) -> str:
+    n = c.get("select_users")
+    return f"a seeded {n} of these users" if n and (not c.get("users") or n < c["users"]) else "the same users"
+
+
+def _run_time(results: dict) -> str:
+    units = results.get("units")
+    took = f"{results['seconds'] / 60:.1f} min"
+    if not units or not units["reused"]:
+        return took
+    return (f"{took} for this run, which reused {units['reused']} of its {units['total']} scoring units from earlier "
+            f"runs into the same folder (scoring all units took {units['compute_seconds'] / 60:.1f} min)")
 
 
 def render(results: dict, plots: dict[str, str] | None = None, note: str | None = None) -> str:

@@ -42,6 +42,7 @@ class EvalConfig:
     data: str | InteractionData  # a dataset directory, a shipped sample name, or loaded data
     out: Path
     users: int | None = 500
+    select_users: int | None = 200  # validation users for template selection (a seeded subset of ``users``; None: all)
     seed: int = 0
     settings: tuple[str, ...] = ("uniform-10", "hard-10", "uniform-100")
     scenarios: tuple[str, ...] | None = None  # None: all
@@ -100,6 +101,7 @@ class Evaluation:
     methods: list[Method] = field(default_factory=list)
     units: list[Unit] = field(default_factory=list)
     selected: dict[tuple[str, str], str | None] = field(default_factory=dict)  # (method, scenario) -> template
+    reused: int = 0  # units read back from OUT/units (computed by an earlier run)
 
 
 # --- cases, annotations, candidate files --------------------------------------------------
@@ -109,7 +111,7 @@ def _cases(data: InteractionData, cfg: EvalConfig) -> dict[str, list[Case]]:
     test = cand.pick_users(cand.full_cases(data, "test"), cfg.users, cfg.seed)
     users = {c.user_id for c in test}
     valid = [c for c in cand.full_cases(data, "valid") if c.user_id in users]
-    return {"valid": sorted(valid, key=lambda c: c.user_id), "test": test}
+    return {"valid": cand.pick_users(valid, cfg.select_users, cfg.seed), "test": test}
 
 
 def annotate(data: InteractionData, cases: Sequence[Case], scenarios: Sequence[Scenario], cfg: EvalConfig) -> dict:
@@ -136,6 +138,7 @@ def candidate_files(data: InteractionData, cases: dict[str, list[Case]], cfg: Ev
         for split in ("valid", "test") if setting == SELECTION_SETTING else ("test",):
             header = {"dataset": data.name, "source": data.source, "split": split, "setting": setting,
                       "negatives": sampler, "n_negatives": n_neg, "seed": cfg.seed, "users": cfg.users,
+                      **({"select_users": cfg.select_users} if split == "valid" else {}),
                       "retriever": retriever.version() if sampler == "hard" and retriever else None}
             path = cfg.out / "candidates" / f"{split}-{setting}.jsonl"
             if path.exists():
@@ -236,6 +239,7 @@ def run_unit(ev: Evaluation, method: Method, scenario: Scenario, setting: str, s
     path = _unit_path(cfg, key)
     if path.exists():
         saved = json.loads(path.read_text())
+        ev.reused += 1
         return Unit(**saved["unit"])
     cases = [c for c, _ in used]
     scores, seconds = timed_score(method, cases, [n for _, n in used], template, str(file.path), progress=cfg.progress)
@@ -277,8 +281,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     if bi is not None and "bi-encoder" in cfg.baselines:
         ev.methods.append(bi)
     ev.methods += recbole_methods(data, ev.files, cfg)
+    untuned = set()
     for label, path in _model_specs(cfg):
         ev.methods.append(InstructionModel(data, path, label, device=cfg.device, dtype=cfg.dtype))
+        if cfg.base and path == cfg.base and label == f"{cfg.base} (untuned)":
+            untuned.add(ev.methods[-1].name)
 
     for method in ev.methods:
         for scenario in scenarios:
@@ -294,7 +301,8 @@ def evaluate(cfg: EvalConfig) -> dict:
                 chosen = templates[0]
             ev.selected[(method.name, scenario.name)] = chosen
             for setting in cfg.settings:
-                if setting != SELECTION_SETTING and scenario.name not in cfg.extra_scenarios:
+                # The untuned base is the zero-shot reference on the paper's protocol only.
+                if setting != SELECTION_SETTING and (scenario.name not in cfg.extra_scenarios or method.name in untuned):
                     continue
                 ev.units.append(run_unit(ev, method, scenario, setting, "test", chosen, annotations))
 
@@ -338,5 +346,7 @@ def summarise(ev: Evaluation, scenarios: Sequence[Scenario], seconds: float) -> 
         "rows": rows,
         "template_spread": spread,
         "seconds": round(seconds, 1),
+        "units": {"total": len(ev.units), "reused": ev.reused,
+                  "compute_seconds": round(sum(u.seconds for u in ev.units), 1)},
         "machine": report.machine(),
     }
