@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..annotate.pipeline import load_annotations
     from ..data.load import load_dataset
+    from ..data.types import DataError
     from ..metrics import metrics_from_ranks, rank_of
     from . import candidates as cand
     from .methods import InstructionModel
@@ -53,9 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alphas", default="0,0.5,0.75,1")
     args = parser.parse_args(argv)
 
-    data = load_dataset(args.data)
     report = Path(args.report)
-    file = cand.read(report / "candidates" / "valid-uniform-10.jsonl", data)
+    try:
+        data = load_dataset(args.data)
+        file = cand.read(report / "candidates" / "valid-uniform-10.jsonl", data)
+    except (DataError, FileNotFoundError) as exc:
+        print(f"diagnose: {exc}", file=sys.stderr)
+        return 2
     annotations_path = report / "annotations.jsonl"
     annotations = load_annotations(annotations_path) if annotations_path.exists() else {}
     scenario = get_scenarios([args.scenario])[0]
