@@ -36,10 +36,8 @@ import math
 import os
 import random
 import re
-import socket
 import subprocess
 import sys
-import threading
 import time
 import unicodedata
 import urllib.parse
@@ -48,6 +46,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from service.loopback import ThreadedServer, free_port
 
 from . import report
 
@@ -90,12 +90,6 @@ def loopback_error(url: str) -> str | None:
     if not address.is_loopback:
         return f"refusing to benchmark {host}: not a loopback address (only localhost, 127.0.0.0/8, ::1)"
     return None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- requests ------------------------------------------------------------------------------
@@ -249,28 +243,19 @@ class ThreadServer(_Server):
     """The service under uvicorn in a thread of this process (shares the GIL with the clients)."""
 
     def __init__(self, overrides: dict[str, Any], log_path: Path):
-        import uvicorn
-
-        self.port = free_port()
-        super().__init__(f"http://127.0.0.1:{self.port}")
-        config = uvicorn.Config(bench_app(overrides), host="127.0.0.1", port=self.port,
-                                log_level="warning", lifespan="on", access_log=False)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name=f"bench-uvicorn-{self.port}", daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise BenchError("uvicorn did not start in a thread")
-            time.sleep(0.02)
+        self.threaded = ThreadedServer(bench_app(overrides), name="bench-uvicorn")
+        super().__init__(self.threaded.url)
+        try:
+            self.threaded.start()
+        except RuntimeError as exc:
+            raise BenchError(str(exc)) from None
 
     def check_alive(self) -> None:
-        if not self.thread.is_alive():
+        if not self.threaded.alive:
             raise BenchError("the in-thread service stopped")
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
+        self.threaded.stop()
 
 
 # --- metrics ---------------------------------------------------------------------------------

@@ -12,47 +12,30 @@ import re
 import shutil
 import socket
 import subprocess
-import threading
 import time
 import uuid
 
 import httpx
-import uvicorn
+
+from service.loopback import ThreadedServer, free_port  # noqa: F401  (re-exported for the tests)
 
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def unique_namespace() -> str:
     return f"instructrec-test:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-class ServerThread:
+class ServerThread(ThreadedServer):
     """``with ServerThread(app) as srv:`` runs uvicorn on 127.0.0.1:<free port> until the block ends."""
 
     def __init__(self, app, ready_timeout: float = 90.0):
+        super().__init__(app, start_timeout=30.0)
         self.app = app
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on",
-                                access_log=False)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
         self.ready_timeout = ready_timeout
 
     def __enter__(self) -> "ServerThread":
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
+        return self.start()
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout
@@ -67,8 +50,7 @@ class ServerThread:
         raise RuntimeError("service did not become ready")
 
     def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
+        self.stop(timeout=15)
 
 
 def metric(client: httpx.Client, name: str, labels: dict[str, str] | None = None) -> float:

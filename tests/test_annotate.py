@@ -10,13 +10,13 @@ import asyncio
 import hashlib
 import json
 import logging
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from service.loopback import free_port
 from training.annotate.offline import OfflineTeacher
 from training.annotate.openai_teacher import OpenAITeacher
 from training.annotate.pipeline import (
@@ -130,12 +130,6 @@ def llm():
     finally:
         server.shutdown()
         server.server_close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def req(kind=Kind.VAGUE, title="Halo 3 - Xbox 360", history=("Gears of War - Xbox 360",), user="u", target="t", **kw):
