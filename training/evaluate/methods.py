@@ -179,7 +179,9 @@ class InstructionModel(Method):
         self._version = checkpoint_version(path) if path.is_dir() else str(model)
         self.train_seconds = meta.get("train_seconds_this_run") if meta else 0.0  # untuned: no training
         self.max_history = (meta.get("preset") or {}).get("max_history", MAX_HISTORY) if meta else MAX_HISTORY
-        self.notes = (f"{meta.get('base_model')} tuned {meta.get('steps')} steps on {meta.get('data', {}).get('name')}"
+        data_meta = meta.get("data", {}) if meta else {}
+        self.notes = (f"{meta.get('base_model')} tuned {meta.get('steps')} steps on {data_meta.get('name')} "
+                      f"({data_meta.get('users', '?'):,} users, {data_meta.get('examples', '?'):,} generated instructions)"
                       if meta else f"{model}, untuned")
 
     def version(self) -> str:
