@@ -11,11 +11,10 @@ cannot help.
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import time
 
 import httpx
 
+from training.retry_after import retry_after_seconds
 from training.annotate.teachers import AnnotationRequest, Kind, TeacherError, facets
 
 SYSTEM_PROMPT = (
@@ -73,23 +72,6 @@ def user_prompt(request: AnnotationRequest) -> str | None:
         "Acting as this user, write the request you would type into a shop's search box, in one short "
         "sentence. Mention those attributes, but no particular item title."
     )
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 class OpenAITeacher:
@@ -197,7 +179,7 @@ class OpenAITeacher:
                 body = response.text[:300]
                 if status == 429 or status >= 500:
                     last_error, last_status, last_body = f"HTTP {status}: {body}", status, body
-                    delay = _retry_after(response.headers.get("retry-after"))
+                    delay = retry_after_seconds(response.headers.get("retry-after"))
                 else:
                     raise TeacherError(f"{self.endpoint} answered HTTP {status}: {body}", status, body)
             if attempt == self.retries:

@@ -19,7 +19,6 @@ nothing here imports ``service``.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import hashlib
 import json
 import logging
@@ -36,6 +35,7 @@ from instructrec.aspects import Intention, UserNeed
 
 from ..data.types import MAX_HISTORY, Case, DataError, InteractionData
 from ..metrics import bootstrap_intervals, metrics_from_ranks, rank_of
+from ..retry_after import retry_after_seconds
 from . import candidates as cand
 
 log = logging.getLogger(__name__)
@@ -157,21 +157,9 @@ def needs_digest(needs: Sequence[UserNeed]) -> str:
 
 
 def retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None if absent or unreadable."""
-    if value is None or not value.strip():
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when is None:
-            return None
-        seconds = when.timestamp() - time.time()
-    return min(max(0.0, seconds), MAX_RETRY_AFTER)
+    """Seconds from a Retry-After header, capped at MAX_RETRY_AFTER; None if absent or unreadable."""
+    seconds = retry_after_seconds(value)
+    return None if seconds is None else min(seconds, MAX_RETRY_AFTER)
 
 
 _JITTER = random.Random()
