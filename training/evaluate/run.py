@@ -281,11 +281,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     if bi is not None and "bi-encoder" in cfg.baselines:
         ev.methods.append(bi)
     ev.methods += recbole_methods(data, ev.files, cfg)
-    untuned = set()
     for label, path in _model_specs(cfg):
         ev.methods.append(InstructionModel(data, path, label, device=cfg.device, dtype=cfg.dtype))
-        if cfg.base and path == cfg.base and label == f"{cfg.base} (untuned)":
-            untuned.add(ev.methods[-1].name)
+    untuned = _model_specs(cfg)[-1][0] if cfg.base else None  # the base row's label is its method name
 
     for method in ev.methods:
         for scenario in scenarios:
@@ -302,7 +300,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             ev.selected[(method.name, scenario.name)] = chosen
             for setting in cfg.settings:
                 # The untuned base is the zero-shot reference on the paper's protocol only.
-                if setting != SELECTION_SETTING and (scenario.name not in cfg.extra_scenarios or method.name in untuned):
+                if setting != SELECTION_SETTING and (scenario.name not in cfg.extra_scenarios or method.name == untuned):
                     continue
                 ev.units.append(run_unit(ev, method, scenario, setting, "test", chosen, annotations))
 
