@@ -281,9 +281,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     if bi is not None and "bi-encoder" in cfg.baselines:
         ev.methods.append(bi)
     ev.methods += recbole_methods(data, ev.files, cfg)
-    for label, path in _model_specs(cfg):
+    specs = _model_specs(cfg)
+    for label, path in specs:
         ev.methods.append(InstructionModel(data, path, label, device=cfg.device, dtype=cfg.dtype))
-    untuned = _model_specs(cfg)[-1][0] if cfg.base else None  # the base row's label is its method name
+    untuned = specs[-1][0] if cfg.base else None  # the base row (last spec); its label is its method name
 
     for method in ev.methods:
         for scenario in scenarios:
