@@ -62,9 +62,31 @@ def target_ids(tokenizer, text: str, max_tokens: int, eos: int) -> tuple[list[in
     Training and ranking both use this, so a candidate is scored exactly as targets were
     learned. Returns the ids and whether the text was cut.
     """
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    cut = len(ids) > max_tokens - 1
-    return ids[: max_tokens - 1] + [eos], cut
+    return targets_ids(tokenizer, [text], max_tokens, eos)[0]
+
+
+def targets_ids(tokenizer, texts: Sequence[str], max_tokens: int, eos: int) -> list[tuple[list[int], bool]]:
+    """:func:`target_ids` of many texts in one tokenizer call (one call per text costs
+    several times more on short titles)."""
+    if not texts:
+        return []
+    out = []
+    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        out.append((ids[: max_tokens - 1] + [eos], len(ids) > max_tokens - 1))
+    return out
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One instruction and its candidates as the token ids the model consumes, already cut
+    to the ranker's limits (:meth:`Ranker.encode`). ``score_many`` takes it in place of
+    text, so a caller that tokenised once (the service's preparation thread) is not made
+    to tokenise again where the model runs."""
+
+    source: list[int]
+    source_cut: int  # instruction tokens cut
+    targets: list[list[int]]  # per candidate, ending with end-of-sequence
+    targets_cut: int  # candidates whose text was cut
 
 
 def rank_order(scores: Sequence[float]) -> list[int]:
@@ -107,9 +129,10 @@ class Ranker:
         return self.score_many([(source, candidates)], reduction=reduction, naive=naive)[0]
 
     @torch.inference_mode()
-    def score_many(self, requests: Sequence[tuple[str, Sequence[str]]], *, reduction: str | None = None,
+    def score_many(self, requests: Sequence[tuple[str, Sequence[str]] | Encoded], *, reduction: str | None = None,
                    naive: bool = False) -> list[Scored]:
-        """Score several instructions' candidates; with a seq2seq model they share forward passes.
+        """Score several instructions' candidates (each as ``(source, candidates)`` or
+        :class:`Encoded`); with a seq2seq model they share forward passes.
 
         All instructions go through the encoder as one padded batch; candidates of every
         request are bucketed by length together, so small requests fill one decoder pass.
@@ -121,15 +144,11 @@ class Ranker:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, not {reduction!r}")
         if not requests:
             return []
-        prepared = []
-        for source, candidates in requests:
-            if not candidates:
-                raise ValueError("no candidates to score")
-            src, src_cut = self._source_ids(source)
-            tgts = [target_ids(self.tokenizer, c, self.max_target_tokens, self.eos) for c in candidates]
-            prepared.append((src, src_cut, tgts))
-        srcs = [p[0] for p in prepared]
-        ids = [[t for t, _ in p[2]] for p in prepared]
+        encoded = [r if isinstance(r, Encoded) else self.encode(*r) for r in requests]
+        if any(not e.targets for e in encoded):
+            raise ValueError("no candidates to score")
+        srcs = [e.source for e in encoded]
+        ids = [e.targets for e in encoded]
         if self.kind == "causal":
             sums = [(self._causal_naive if naive else self._causal_fast)(s, i) for s, i in zip(srcs, ids)]
         elif naive:
@@ -137,14 +156,26 @@ class Ranker:
         else:
             sums = self._seq2seq_fast(srcs, ids)
         out = []
-        for (src, src_cut, tgts), req_ids, req_sums in zip(prepared, ids, sums):
-            scores = [x / len(t) if reduction == "mean" else x for x, t in zip(req_sums, req_ids)]
-            out.append(Scored(scores, len(src), src_cut, sum(len(t) for t in req_ids), sum(cut for _, cut in tgts)))
+        for e, req_sums in zip(encoded, sums):
+            scores = [x / len(t) if reduction == "mean" else x for x, t in zip(req_sums, e.targets)]
+            out.append(Scored(scores, len(e.source), e.source_cut, sum(len(t) for t in e.targets), e.targets_cut))
         return out
 
+    def encode(self, source: str, candidates: Sequence[str], *, tokenizer=None) -> Encoded:
+        """Tokenise an instruction and its candidates within this ranker's limits. ``tokenizer``
+        replaces the ranker's own (a copy for another thread: Rust tokenizers are not
+        thread-safe)."""
+        if not candidates:
+            raise ValueError("no candidates to score")
+        tok = tokenizer or self.tokenizer
+        src, src_cut = self.source_ids(source, tokenizer=tok)
+        tgts = targets_ids(tok, candidates, self.max_target_tokens, self.eos)
+        return Encoded(src, src_cut, [t for t, _ in tgts], sum(cut for _, cut in tgts))
+
     # -- shared pieces --------------------------------------------------------------
-    def _source_ids(self, source: str) -> tuple[list[int], int]:
-        ids = self.tokenizer(source)["input_ids"]
+    def source_ids(self, source: str, *, tokenizer=None) -> tuple[list[int], int]:
+        """The instruction's token ids within ``max_source_tokens``, and how many were cut."""
+        ids = (tokenizer or self.tokenizer)(source)["input_ids"]
         limit = self.max_source_tokens
         if len(ids) <= limit:
             return ids, 0
@@ -327,4 +358,4 @@ def _generic_parts(model):
     return body, lambda logits: logits
 
 
-__all__ = ["Ranker", "Ranked", "Scored", "rank_order", "target_ids", "eos_id", "token_limits", "REDUCTIONS"]
+__all__ = ["Ranker", "Ranked", "Scored", "Encoded", "rank_order", "target_ids", "targets_ids", "eos_id", "token_limits", "REDUCTIONS"]

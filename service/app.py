@@ -16,6 +16,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from instructrec.ranker import Encoded
+
 from .batcher import Batcher
 from .cache import ScoreCache
 from .engine import Engine, load_engine
@@ -69,7 +71,7 @@ class ServiceState:
         self.batcher.start()
         self._load_task = asyncio.get_running_loop().create_task(self._load(), name="instructrec-load")
 
-    def _score_many(self, requests: list[tuple[str, list[str]]]):
+    def _score_many(self, requests: list[Encoded]):
         return self.engine.score_many(requests)
 
     async def _load(self) -> None:

@@ -1,6 +1,7 @@
 """Micro-batching between the HTTP layer and the ranker (router -> batcher -> ranker -> model).
 
-Requests submit *jobs* (one instruction and the candidates still to score). One worker
+Requests submit *jobs* (one instruction and the candidates still to score, as the token
+ids preparation made: the ranker's ``Encoded``; the batcher does not look inside). One worker
 task collects jobs until the batch's token budget is reached or ``max_wait`` has passed
 since the first job of the batch, then scores the batch in the single inference thread,
 so the event loop never runs the model. Jobs are taken in arrival order; a job that would
@@ -45,16 +46,15 @@ class ShuttingDown(Exception):
 
 @dataclass
 class Job:
-    source: str
-    candidates: list[str]
+    request: Any  # what the score function takes for one job (the service: an ``Encoded``)
     tokens: int  # instruction tokens + candidate target tokens: the job's share of a budget
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
 
 
-# score_many([(source, candidates), ...]) -> ([result, ...], encode_seconds, decode_seconds), run in
-# the inference thread; the seconds are the batch's, attributed to each of its jobs
-ScoreFn = Callable[[list[tuple[str, list[str]]]], tuple[list[Any], float, float]]
+# score_many([request, ...]) -> ([result, ...], encode_seconds, decode_seconds), run in the
+# inference thread; the seconds are the batch's, attributed to each of its jobs
+ScoreFn = Callable[[list[Any]], tuple[list[Any], float, float]]
 
 
 class Batcher:
@@ -78,14 +78,14 @@ class Batcher:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="instructrec-batcher")
 
-    def submit(self, source: str, candidates: list[str], tokens: int) -> asyncio.Future:
+    def submit(self, request: Any, tokens: int) -> asyncio.Future:
         if self._closed:
             raise ShuttingDown("the service is shutting down")
         if len(self._pending) >= self.max_queue:
             self._purge_cancelled()
         if len(self._pending) >= self.max_queue:
             raise QueueFull(self.retry_after())
-        job = Job(source, list(candidates), max(1, int(tokens)), asyncio.get_running_loop().create_future())
+        job = Job(request, max(1, int(tokens)), asyncio.get_running_loop().create_future())
         self._pending.append(job)
         self.metrics.queue_depth.set(len(self._pending))
         self._wake.set()
@@ -173,13 +173,13 @@ class Batcher:
         if not live:
             return out
         try:
-            results, enc, dec = self._score([(jobs[i].source, jobs[i].candidates) for i in live])
+            results, enc, dec = self._score([jobs[i].request for i in live])
             for i, result in zip(live, results):
                 out[i] = ("ok", result, enc, dec)
         except Exception:  # noqa: BLE001 - isolate the failing job: score each alone
             for i in live:
                 try:
-                    (result,), enc, dec = self._score([(jobs[i].source, jobs[i].candidates)])
+                    (result,), enc, dec = self._score([jobs[i].request])
                     out[i] = ("ok", result, enc, dec)
                 except Exception as exc:  # noqa: BLE001 - reported to the job's request
                     out[i] = ("error", exc, 0.0, 0.0)

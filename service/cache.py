@@ -27,9 +27,20 @@ log = logging.getLogger("instructrec.service.cache")
 _SEP = "\x1f"  # unit separator: cannot be confused with text inside the parts
 
 
-def score_key(namespace: str, *parts: str) -> str:
-    digest = hashlib.sha256(_SEP.join(parts).encode("utf-8", "surrogatepass")).hexdigest()
-    return f"{namespace}:{digest}"
+def _encode(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+def score_keys(namespace: str, parts: Sequence[str], candidates: Sequence[str]) -> list[str]:
+    """One key per candidate: the SHA-256 of the parts and the candidate joined by ``_SEP``.
+    The shared prefix (which holds the whole instruction) is hashed once and copied."""
+    prefix = hashlib.sha256(_encode(_SEP.join((*parts, ""))))
+    keys = []
+    for text in candidates:
+        h = prefix.copy()
+        h.update(_encode(text))
+        keys.append(f"{namespace}:{h.hexdigest()}")
+    return keys
 
 
 class ScoreCache:
@@ -68,8 +79,8 @@ class ScoreCache:
         """Configured and not in an outage (as far as the last operation knows)."""
         return self._client is not None and self._down_since is None
 
-    def key(self, *parts: str) -> str:
-        return score_key(self.namespace, *parts)
+    def keys(self, parts: Sequence[str], candidates: Sequence[str]) -> list[str]:
+        return score_keys(self.namespace, parts, candidates)
 
     async def connect(self) -> bool:
         """Ping once at start-up, only to say in the log whether the cache is in use."""

@@ -8,6 +8,7 @@ with its own copy of the tokenizer; scoring runs in the single inference thread 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import threading
 import time
@@ -16,9 +17,11 @@ from pathlib import Path
 from typing import Sequence
 
 from instructrec.aspects import UserNeed
+from cachetools import LRUCache
+
 from instructrec.instruction import Instruction, build, count_tokens
 from instructrec.modeling import LoadedModel, load_model
-from instructrec.ranker import Ranker, Scored, target_ids, token_limits
+from instructrec.ranker import Encoded, Ranker, Scored, targets_ids, token_limits
 from instructrec.templates import TEMPLATE_VERSION
 
 from .settings import Settings
@@ -37,11 +40,28 @@ def model_version(name: str) -> str:
 
 @dataclass(frozen=True)
 class Prepared:
+    """A request after preparation: the fitted instruction and the token ids of it and of
+    each distinct candidate text, so the model thread never tokenises."""
+
     instruction: Instruction
-    source_tokens: int  # instruction tokens the model sees
+    source_ids: list[int]  # instruction tokens the model sees
     source_cut: int  # instruction tokens cut by the ranker (0 when it fit)
-    target_tokens: dict[str, int]  # per distinct candidate text: tokens scored (with end-of-sequence)
-    target_cut: dict[str, bool]  # per distinct candidate text: cut to max_target_tokens
+    targets: dict[str, tuple[list[int], bool]]  # per distinct candidate text: (ids with end-of-sequence, was cut)
+
+    @property
+    def source_tokens(self) -> int:
+        return len(self.source_ids)
+
+    def target_tokens(self, texts: Sequence[str]) -> int:
+        return sum(len(self.targets[t][0]) for t in texts)
+
+    def cut(self, text: str) -> bool:
+        return self.targets[text][1]
+
+    def encoded(self, texts: Sequence[str]) -> Encoded:
+        """What the ranker scores for these candidate texts (a subset, e.g. the cache misses)."""
+        return Encoded(self.source_ids, self.source_cut, [self.targets[t][0] for t in texts],
+                       sum(self.targets[t][1] for t in texts))
 
 
 class Engine:
@@ -67,6 +87,12 @@ class Engine:
         # Preparation runs in another thread than the model: it gets its own tokenizer so the
         # two never share a (not thread-safe) Rust tokenizer object.
         self._prep_tokenizer = copy.deepcopy(loaded.tokenizer)
+        # Catalogue titles and returning users repeat: the preparation thread keeps the token
+        # ids of recent candidate texts and fitted instructions (a fully cached request then
+        # tokenises nothing). Only the preparation thread touches these.
+        size = settings.prep_cache_size
+        self._target_ids: LRUCache | None = LRUCache(size) if size else None
+        self._instruction = functools.lru_cache(maxsize=size)(self._fit) if size else self._fit
         self._local = threading.local()
         self._install_timing_hooks()
 
@@ -80,18 +106,26 @@ class Engine:
     # -- preparation (prep thread) -------------------------------------------------------
     def prepare(self, need: UserNeed, template_id: str | None, candidates: Sequence[str]) -> Prepared:
         """Select the template (the core's one selection function), fit the instruction, and
-        count the tokens of the instruction and of each distinct candidate."""
-        tok, r = self._prep_tokenizer, self.ranker
-        inst = build(need, tok, max_tokens=r.max_source_tokens, template_id=template_id)
-        n = count_tokens(tok, inst.source)
-        tokens, cut = {}, {}
-        for text in dict.fromkeys(candidates):
-            ids, was_cut = target_ids(tok, text, r.max_target_tokens, r.eos)
-            tokens[text], cut[text] = len(ids), was_cut
-        return Prepared(inst, min(n, r.max_source_tokens), max(0, n - r.max_source_tokens), tokens, cut)
+        tokenise it and each distinct candidate."""
+        inst, source_ids, source_cut = self._instruction(need, template_id)
+        return Prepared(inst, source_ids, source_cut, self._targets(list(dict.fromkeys(candidates))))
+
+    def _fit(self, need: UserNeed, template_id: str | None) -> tuple[Instruction, list[int], int]:
+        inst = build(need, self._prep_tokenizer, max_tokens=self.ranker.max_source_tokens, template_id=template_id)
+        return (inst, *self.ranker.source_ids(inst.source, tokenizer=self._prep_tokenizer))
+
+    def _targets(self, texts: list[str]) -> dict[str, tuple[list[int], bool]]:
+        r, known = self.ranker, self._target_ids
+        if known is None:
+            return dict(zip(texts, targets_ids(self._prep_tokenizer, texts, r.max_target_tokens, r.eos)))
+        found = {t: known[t] for t in texts if t in known}
+        new = [t for t in texts if t not in found]
+        for t, value in zip(new, targets_ids(self._prep_tokenizer, new, r.max_target_tokens, r.eos)):
+            known[t] = found[t] = value
+        return {t: found[t] for t in texts}
 
     # -- scoring (inference thread) ------------------------------------------------------
-    def score_many(self, requests: list[tuple[str, list[str]]]) -> tuple[list[Scored], float, float]:
+    def score_many(self, requests: list[Encoded | tuple[str, list[str]]]) -> tuple[list[Scored], float, float]:
         """Score requests together in the calling thread; returns (Scored per request, encoder
         seconds, decoder seconds) of the whole batch."""
         self._local.encoder = 0.0

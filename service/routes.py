@@ -147,7 +147,7 @@ def _prepare(state: ServiceState, need: UserNeed, template_id: str | None,
     keys: dict[str, str] = {}
     if cache.enabled:
         parts = engine.key_parts(prepared)
-        keys = {t: cache.key(*parts, t) for t in prepared.target_tokens}
+        keys = dict(zip(prepared.targets, cache.keys(parts, prepared.targets)))
     return prepared, keys
 
 
@@ -164,7 +164,7 @@ async def _rerank(request: Request, state: ServiceState, need: UserNeed, templat
         raise ApiError(422, "template_error", str(exc), field, reason="invalid") from None
     metrics.prepare_seconds.observe(time.perf_counter() - start)
 
-    unique = list(prepared.target_tokens)  # distinct candidate texts, in request order
+    unique = list(prepared.targets)  # distinct candidate texts, in request order
     scores: dict[str, float] = {}
     from_cache: set[str] = set()
     cached_values = None
@@ -182,9 +182,9 @@ async def _rerank(request: Request, state: ServiceState, need: UserNeed, templat
     misses = [t for t in unique if t not in scores]
     scored_tokens = 0
     if misses:
-        tokens = prepared.source_tokens + sum(prepared.target_tokens[t] for t in misses)
+        tokens = prepared.source_tokens + prepared.target_tokens(misses)
         try:
-            future = state.batcher.submit(prepared.instruction.source, misses, tokens)
+            future = state.batcher.submit(prepared.encoded(misses), tokens)
         except QueueFull as exc:
             raise ApiError(429, "rate_limited", "too many requests are waiting for the model; retry later",
                            headers={"Retry-After": str(exc.retry_after)}, reason="queue_full") from None
@@ -241,7 +241,7 @@ async def rerank(request: Request):
     order = rank_order(out.scores)[: req.top_n]
     inst = out.prepared.instruction
     engine = state.engine
-    candidate_tokens = sum(out.prepared.target_tokens[t] for t in texts)
+    candidate_tokens = out.prepared.target_tokens(texts)
     body = {
         "id": f"rr-{uuid.uuid4().hex}",
         "results": [{"index": i, "id": req.candidates[i].id, "title": texts[i],
@@ -253,7 +253,7 @@ async def rerank(request: Request):
                   "scored_tokens": out.scored_tokens, "total_tokens": out.prepared.source_tokens + candidate_tokens},
         "cache": {"enabled": out.cache_used, "hits": out.hits, "misses": out.misses},
         "truncated": {"history_dropped": inst.history_dropped, "source_tokens_cut": out.prepared.source_cut,
-                      "candidates_cut": [i for i, t in enumerate(texts) if out.prepared.target_cut[t]]},
+                      "candidates_cut": [i for i, t in enumerate(texts) if out.prepared.cut(t)]},
     }
     return JSONResponse(body)
 
@@ -276,7 +276,7 @@ async def rerank_v1(request: Request):
         if req.return_documents:
             item["document"] = {"text": texts[i]}
         results.append(item)
-    tokens = out.prepared.source_tokens + sum(out.prepared.target_tokens[t] for t in texts)
+    tokens = out.prepared.source_tokens + out.prepared.target_tokens(texts)
     return JSONResponse({
         "id": str(uuid.uuid4()),
         "results": results,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from instructrec.modeling import TINY, TINY_CAUSAL, TINY_T5, load_model
-from instructrec.ranker import Ranker, rank_order, target_ids
+from instructrec.ranker import Encoded, Ranker, rank_order, target_ids, targets_ids
 
 torch.set_num_threads(1)
 
@@ -277,3 +277,33 @@ def test_cross_kv_not_shared_gives_the_same_scores(models):
     loaded = models(TINY)
     shared = Ranker(loaded, batch_tokens=16).score(SOURCE, CANDS).scores
     _close(Ranker(loaded, batch_tokens=16, share_cross_kv=False).score(SOURCE, CANDS).scores, shared)
+
+
+@pytest.mark.parametrize("name", [TINY, TINY_T5, TINY_CAUSAL])
+def test_encoded_requests_score_as_text_requests(models, name):
+    """Token ids made once (``encode``, as the service's preparation thread does) score exactly
+    as the text they came from, alone and mixed with text requests in one call."""
+    ranker = Ranker(models(name), batch_tokens=40)
+    long_source = SOURCE + " and more words" * 200  # cut to the ranker's source limit
+    encoded = ranker.encode(long_source, CANDS)
+    assert encoded.source_cut > 0 and len(encoded.source) == ranker.max_source_tokens
+    assert encoded.targets_cut == sum(len(c.split()) == 60 for c in CANDS) > 0
+    from_text = ranker.score(long_source, CANDS)
+    from_ids, mixed_text = ranker.score_many([encoded, ("short one", CANDS[:3])])
+    _close(from_ids.scores, from_text.scores)
+    assert (from_ids.source_tokens, from_ids.source_truncated, from_ids.target_tokens, from_ids.targets_truncated) == (
+        from_text.source_tokens, from_text.source_truncated, from_text.target_tokens, from_text.targets_truncated)
+    _close(mixed_text.scores, ranker.score("short one", CANDS[:3]).scores)
+    with pytest.raises(ValueError, match="no candidates"):
+        ranker.score_many([Encoded(encoded.source, 0, [], 0)])
+
+
+@pytest.mark.parametrize("name", [TINY, TINY_T5])
+def test_batched_target_ids_equal_one_at_a_time(models, name):
+    tok = models(name).tokenizer
+    ranker = Ranker(models(name))
+    texts = [*CANDS, "Ünïcödé — title", "  spaced   out  "]
+    one = [target_ids(tok, t, ranker.max_target_tokens, ranker.eos) for t in texts]
+    assert targets_ids(tok, texts, ranker.max_target_tokens, ranker.eos) == one
+    assert any(cut for _, cut in one) and all(ids[-1] == ranker.eos for ids, _ in one)
+    assert targets_ids(tok, [], 8, ranker.eos) == []

@@ -1,0 +1,85 @@
+"""Request preparation in the service: tokens made once in the preparation thread (and kept
+for repeated titles and instructions), and the per-candidate cache keys."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from instructrec.aspects import Intention, UserNeed
+from instructrec.modeling import TINY
+from service.cache import score_keys
+from service.engine import load_engine
+from service.settings import Settings
+
+torch.set_num_threads(1)
+
+NEED = UserNeed(history=("Halo 3", "Doom Eternal"), intention="co-op shooter", intention_kind=Intention.SPECIFIC)
+CANDS = ["Gears of War 4 - Xbox One", "Stardew Valley", "Halo 5 " + "guardians " * 60, "Stardew Valley"]
+
+
+class CountingTokenizer:
+    """The real tokenizer, recording what it was asked to tokenise."""
+
+    def __init__(self, real):
+        self.real = real
+        self.calls: list = []
+
+    def __call__(self, text, *args, **kwargs):
+        self.calls.append(text)
+        return self.real(text, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def _engine(**overrides):
+    settings = Settings(model=TINY, device="cpu", dtype="float32", redis_url="", warmup=False, **overrides)
+    engine = load_engine(settings, TINY)
+    engine._prep_tokenizer = CountingTokenizer(engine._prep_tokenizer)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return _engine()
+
+
+def test_prepared_ids_are_what_the_ranker_makes(engine):
+    prepared = engine.prepare(NEED, None, CANDS)
+    assert list(prepared.targets) == CANDS[:3]  # distinct texts, in request order
+    expected = engine.ranker.encode(prepared.instruction.source, CANDS[:3])
+    assert prepared.encoded(CANDS[:3]) == expected
+    assert prepared.encoded([CANDS[1]]).targets == [expected.targets[1]]
+    assert prepared.cut(CANDS[2]) and not prepared.cut(CANDS[0]) and expected.targets_cut == 1
+    assert prepared.target_tokens(CANDS) == sum(len(t) for t in expected.targets) + len(expected.targets[1])
+
+
+def test_repeated_request_tokenises_nothing(engine):
+    tok = engine._prep_tokenizer
+    first = engine.prepare(NEED, "comb-11", CANDS)
+    seen = len(tok.calls)
+    assert engine.prepare(NEED, "comb-11", CANDS) == first and len(tok.calls) == seen
+    # a new title: only it is tokenised, in one call; the instruction is remembered
+    more = engine.prepare(NEED, "comb-11", [*CANDS, "Portal 2"])
+    assert tok.calls[seen:] == [["Portal 2"]]
+    assert more.targets[CANDS[0]] == first.targets[CANDS[0]]
+    # without the preparation caches: the same result, tokenised again every time
+    plain = _engine(prep_cache_size=0)
+    assert plain.prepare(NEED, "comb-11", CANDS) == first
+    calls = len(plain._prep_tokenizer.calls)
+    plain.prepare(NEED, "comb-11", CANDS)
+    assert len(plain._prep_tokenizer.calls) == 2 * calls
+
+
+def test_score_keys_hash_the_whole_joined_key():
+    parts = ("ckpt-1", "torch.float32", "comb-11", "the rendered instruction")
+    keys = score_keys("ns", parts, ["a", "b", "a"])
+    joined = "\x1f".join((*parts, "a")).encode()
+    assert keys[0] == "ns:" + hashlib.sha256(joined).hexdigest()
+    assert keys[0] == keys[2] != keys[1]
+    # text moved between the instruction and the candidate is another key
+    assert score_keys("ns", ("x", "ab"), ["c"]) != score_keys("ns", ("x", "a"), ["bc"])
+    assert score_keys("ns", parts, []) == []
