@@ -329,7 +329,9 @@ def run_bench(model: str = "minilm-bert2bert", candidates: Sequence[int] = DEFAU
                     executed = flops["executed"][v]
                     peak_key = "bfloat16" if v == "bf16" else "float32"
                     row.update(gflop_executed=executed / 1e9, gflop_request=flops["request"] / 1e9,
-                               gflops_per_s=executed / 1e9 / (med / 1000))
+                               gflops_per_s=executed / 1e9 / (med / 1000),
+                               # the speed-up over naive that FLOPs alone allow this variant
+                               naive_flop_ratio=flops["executed"]["naive"] / executed)
                     row["peak_fraction"] = row["gflops_per_s"] / peak[peak_key]["gflops_best"]
                     row["peak_dtype"] = peak_key
                 ref = scores.get("shared_kv")

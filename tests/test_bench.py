@@ -69,6 +69,8 @@ def test_ranker_bench_end_to_end(out):
         assert 0 < row["min_ms"] <= row["median_ms"] <= row["max_ms"]
         assert row["candidates_per_s"] == pytest.approx(n / (row["median_ms"] / 1000))
         assert row["gflop_executed"] > 0 and row["gflops_per_s"] > 0 and row["peak_fraction"] > 0
+        # naive's executed FLOPs over this variant's: 1 for naive, above 1 once the encoder is shared
+        assert (row["naive_flop_ratio"] == pytest.approx(1.0)) == (v == "naive" or n == 1), row
         naive = rows["naive", n]
         if naive["status"] == "ok":  # the ratio is against naive of this run at this size
             assert row["ratio_to_naive"] == pytest.approx(naive["median_ms"] / row["median_ms"])
@@ -216,14 +218,17 @@ def test_readme_section_is_regenerated_between_markers(tmp_path):
         {"variant": "naive", "candidates": 10, "status": "ok", "median_ms": 700.0, "ratio_to_naive": 1.0},
         {"variant": "shared_kv", "candidates": 10, "status": "ok", "median_ms": 100.0, "ratio_to_naive": 7.0},
         {"variant": "naive", "candidates": 100, "status": "ok", "median_ms": 7000.0, "ratio_to_naive": 1.0},
-        {"variant": "shared_kv", "candidates": 100, "status": "ok", "median_ms": 400.0, "ratio_to_naive": 17.5}]}}
+        {"variant": "shared_kv", "candidates": 100, "status": "ok", "median_ms": 400.0, "ratio_to_naive": 17.5,
+         "naive_flop_ratio": 6.7},
+        {"variant": "int8", "candidates": 100, "status": "ok", "median_ms": 350.0, "ratio_to_naive": 20.0}]}}
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\nbefore\n{report.README_START}\nstale\n{report.README_END}\nafter\n", encoding="utf-8")
     report.update_readme(readme, results)
     text = readme.read_text(encoding="utf-8")
     assert "stale" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
     assert "| `shared_kv` | 100.0 (7.0×) | 400.0 (17.5×) |" in text
-    assert "| encoder-once path >= 15x naive at 100 candidates (same run) | 17.5× | met |" in text
+    assert ("| encoder-once path >= 15x naive at 100 candidates (same run) | 17.5× (FLOP bound of exact scoring on "
+            "this request: 6.7×); int8 20.0× | met |") in text
     readme.write_text("no markers\n", encoding="utf-8")
     with pytest.raises(ValueError, match="no bench markers"):
         report.update_readme(readme, results)
