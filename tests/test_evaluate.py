@@ -186,3 +186,18 @@ def test_evaluate_cli_names_a_bad_dataset(tmp_path, capsys):
     assert main(["evaluate", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "instructrec evaluate:" in err and "nope" in err and "Traceback" not in err
+
+
+def test_recbole_epochs_one_budget_or_per_model(tmp_path, capsys):
+    from instructrec.cli import main
+    from training.evaluate.run import recbole_epochs
+
+    assert recbole_epochs(EvalConfig(data="x", out=tmp_path, recbole_epochs=4), "BERT4Rec") == 4
+    cfg = EvalConfig(data="x", out=tmp_path, recbole_epochs={"sasrec": 3, "bert4rec": 1})
+    assert (recbole_epochs(cfg, "SASRec"), recbole_epochs(cfg, "BERT4Rec")) == (3, 1)
+    with pytest.raises(ValueError, match="no budget for BERT4Rec"):
+        recbole_epochs(EvalConfig(data="x", out=tmp_path, recbole_epochs={"sasrec": 3}), "BERT4Rec")
+    for bad, message in (("gru4rec=2", "unknown RecBole model 'gru4rec'"), ("0", "at least 1"), ("sasrec=x", "invalid")):
+        with pytest.raises(SystemExit):
+            main(["evaluate", "--out", str(tmp_path / "o"), "--recbole-epochs", bad])
+        assert message in capsys.readouterr().err

@@ -12,6 +12,28 @@ def _csv(value: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in value.split(",") if x.strip())
 
 
+def _epochs(value: str) -> int | dict[str, int]:
+    """``3`` or ``sasrec=3,bert4rec=1``."""
+    try:
+        if "=" not in value:
+            return _positive(int(value))
+        budget = {}
+        for part in _csv(value):
+            name, _, n = part.partition("=")
+            if name.strip().lower() not in ("sasrec", "bert4rec"):
+                raise ValueError(f"unknown RecBole model {name.strip()!r} (sasrec, bert4rec)")
+            budget[name.strip().lower()] = _positive(int(n))
+        return budget
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r}: {exc}") from None
+
+
+def _positive(n: int) -> int:
+    if n < 1:
+        raise ValueError("epochs must be at least 1")
+    return n
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="games-sample", help="dataset directory or a shipped sample ('games-sample')")
     parser.add_argument("--out", required=True, help="report folder (results.json, results.md, plots, candidate files)")
@@ -32,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--extra-scenarios", type=_csv, default=("sequential", "personalized_search"),
                         help="scenarios also run in the hard-10 and uniform-100 settings")
     parser.add_argument("--annotations", help="annotations.jsonl from `instructrec annotate` (default: the offline teacher)")
-    parser.add_argument("--recbole-epochs", type=int, default=10)
+    parser.add_argument("--recbole-epochs", type=_epochs, default=10, metavar="N|MODEL=N,...",
+                        help="RecBole training epochs at most: one number, or per model, e.g. sasrec=3,bert4rec=1")
     parser.add_argument("--recbole-patience", type=int, default=3)
     parser.add_argument("--recbole-threads", type=int, default=2)
     parser.add_argument("--recbole-env", help="RecBole virtualenv (default: artifacts/envs/recbole, see scripts/install_recbole.sh)")

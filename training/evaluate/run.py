@@ -51,7 +51,7 @@ class EvalConfig:
     base: str | None = "minilm-bert2bert"  # the untuned base row (None: none)
     baselines: tuple[str, ...] = ("popularity", "bi-encoder", "sasrec", "bert4rec")
     annotations: str | None = None  # a teacher's annotations.jsonl; default: the offline teacher
-    recbole_epochs: int = 10
+    recbole_epochs: int | dict[str, int] = 10  # one budget, or per model: {"sasrec": 3, "bert4rec": 1}
     recbole_patience: int = 3
     recbole_threads: int = 2
     recbole_env: str | None = None
@@ -171,6 +171,16 @@ def _model_specs(cfg: EvalConfig) -> list[tuple[str | None, str]]:
     return specs
 
 
+def recbole_epochs(cfg: EvalConfig, model: str) -> int:
+    """The epoch budget of one RecBole model (``cfg.recbole_epochs`` may name models)."""
+    if isinstance(cfg.recbole_epochs, int):
+        return cfg.recbole_epochs
+    try:
+        return cfg.recbole_epochs[model.lower()]
+    except KeyError:
+        raise ValueError(f"--recbole-epochs names no budget for {model} (give e.g. 'sasrec=3,bert4rec=1' or one number)") from None
+
+
 def _recbole(data: InteractionData, model: str, files: list[cand.CandidateFile], cfg: EvalConfig) -> dict:
     """Train and score with RecBole, or reuse the result of an earlier run with the same
     budget on the same candidate files (the digests are stamped beside RecBole's output)."""
@@ -178,7 +188,8 @@ def _recbole(data: InteractionData, model: str, files: list[cand.CandidateFile],
 
     out = cfg.out / "recbole" / model
     stamp_path = out / "instructrec-stamp.json"
-    stamp = {"epochs": cfg.recbole_epochs, "patience": cfg.recbole_patience, "seed": cfg.seed,
+    epochs = recbole_epochs(cfg, model)
+    stamp = {"epochs": epochs, "patience": cfg.recbole_patience, "seed": cfg.seed,
              "dataset": data.name, "users": len(data.sequences),
              "files": {str(f.path.resolve()): f.digest for f in files}}
     if stamp_path.exists() and (out / "summary.json").exists() and json.loads(stamp_path.read_text()) == stamp:
@@ -190,7 +201,7 @@ def _recbole(data: InteractionData, model: str, files: list[cand.CandidateFile],
         if scores is not None:
             log.info("%s: reusing the RecBole run in %s", model, out)
             return {"summary": summary, "scores": scores}
-    result = run_recbole(data, model, [f.path for f in files], out, epochs=cfg.recbole_epochs,
+    result = run_recbole(data, model, [f.path for f in files], out, epochs=epochs,
                          patience=cfg.recbole_patience, seed=cfg.seed, threads=cfg.recbole_threads, env=cfg.recbole_env)
     stamp_path.write_text(json.dumps(stamp, indent=1))
     return result
