@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from instructrec.aspects import UserNeed
 from cachetools import LRUCache
 
+from instructrec.aspects import UserNeed
 from instructrec.instruction import Instruction, build, count_tokens
 from instructrec.modeling import LoadedModel, load_model
 from instructrec.ranker import Encoded, Ranker, Scored, targets_ids, token_limits
@@ -89,10 +89,11 @@ class Engine:
         self._prep_tokenizer = copy.deepcopy(loaded.tokenizer)
         # Catalogue titles and returning users repeat: the preparation thread keeps the token
         # ids of recent candidate texts and fitted instructions (a fully cached request then
-        # tokenises nothing). Only the preparation thread touches these.
+        # tokenises nothing). Only the preparation thread touches these. An instruction entry
+        # (rendered text and ~200 ids) weighs about as much as 16 titles' ids.
         size = settings.prep_cache_size
         self._target_ids: LRUCache | None = LRUCache(size) if size else None
-        self._instruction = functools.lru_cache(maxsize=size)(self._fit) if size else self._fit
+        self._instruction = functools.lru_cache(maxsize=max(1, size // 16))(self._fit) if size else self._fit
         self._local = threading.local()
         self._install_timing_hooks()
 

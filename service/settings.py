@@ -27,8 +27,8 @@ class Settings(BaseSettings):
     max_target_tokens: int | None = Field(default=None, ge=2, description="candidate token limit (default: checkpoint preset, else 48)")
     torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads (default: torch's choice)")
     warmup: bool = Field(default=True, description="run a warm-up batch at the largest budget before /ready turns green")
-    prep_cache_size: int = Field(default=65536, ge=0, description="candidate texts and instructions whose tokens "
-                                 "preparation keeps (least recently used out; 0 keeps none)")
+    prep_cache_size: int = Field(default=65536, ge=0, description="candidate texts whose token ids preparation "
+                                 "keeps, and a 16th as many fitted instructions (least recently used out; 0 keeps none)")
 
     # -- micro-batching -----------------------------------------------------------------
     batch_tokens: int = Field(default=4096, ge=64, description="token budget of one batch (and of one forward pass)")
