@@ -227,8 +227,8 @@ def test_readme_section_is_regenerated_between_markers(tmp_path):
     text = readme.read_text(encoding="utf-8")
     assert "stale" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
     assert "| `shared_kv` | 100.0 (7.0×) | 400.0 (17.5×) |" in text
-    assert ("| encoder-once path >= 15x naive at 100 candidates (same run) | 17.5× (FLOP bound of exact scoring on "
-            "this request: 6.7×); int8 20.0× | met |") in text
+    assert ("| encoder-once path >= 15x naive at 100 candidates (same run) | 17.5× (naive/fast FLOP ratio on this "
+            "request: 6.7×); int8 20.0× | met |") in text
     readme.write_text("no markers\n", encoding="utf-8")
     with pytest.raises(ValueError, match="no bench markers"):
         report.update_readme(readme, results)
