@@ -180,8 +180,9 @@ class InstructionModel(Method):
         self.train_seconds = meta.get("train_seconds_this_run") if meta else 0.0  # untuned: no training
         self.max_history = (meta.get("preset") or {}).get("max_history", MAX_HISTORY) if meta else MAX_HISTORY
         data_meta = meta.get("data", {}) if meta else {}
+        count = lambda key: f"{data_meta[key]:,}" if isinstance(data_meta.get(key), int) else "?"  # noqa: E731
         self.notes = (f"{meta.get('base_model')} tuned {meta.get('steps')} steps on {data_meta.get('name')} "
-                      f"({data_meta.get('users', '?'):,} users, {data_meta.get('examples', '?'):,} generated instructions)"
+                      f"({count('users')} users, {count('examples')} generated instructions)"
                       if meta else f"{model}, untuned")
 
     def version(self) -> str:
