@@ -256,7 +256,8 @@ def test_score_many_equals_one_request_at_a_time(models, name):
 
 
 def test_score_many_shares_passes_across_requests(models):
-    """Ten small requests go through fewer decoder passes than ten separate calls."""
+    """Ten small requests go through fewer decoder passes than ten separate calls: one probe
+    step for all instructions, then the candidates of every request bucketed together."""
     loaded = models(TINY)
     ranker = Ranker(loaded, batch_tokens=4096)
     passes: list[int] = []
@@ -268,7 +269,14 @@ def test_score_many_shares_passes_across_requests(models):
         passes.clear()
         for source, cands in requests:
             ranker.score(source, cands)
-        assert together == 2 and len(passes) == 20  # one probe + one shared pass, vs 2 per request
+
+        def tails(cands):  # what the decoder runs after the shared first step
+            return [t[1:] for t in (target_ids(ranker.tokenizer, c, ranker.max_target_tokens, ranker.eos)[0]
+                                    for c in cands) if len(t) > 1]
+
+        assert together == 1 + len(ranker._chunks([t for _, c in requests for t in tails(c)]))
+        assert len(passes) == sum(1 + len(ranker._chunks(tails(c))) for _, c in requests)
+        assert together <= len(passes) / 2
     finally:
         hook.remove()
 
@@ -307,3 +315,40 @@ def test_batched_target_ids_equal_one_at_a_time(models, name):
     assert targets_ids(tok, texts, ranker.max_target_tokens, ranker.eos) == one
     assert any(cut for _, cut in one) and all(ids[-1] == ranker.eos for ids, _ in one)
     assert targets_ids(tok, [], 8, ranker.eos) == []
+
+
+def test_chunks_cover_every_row_within_budget_with_little_padding(models):
+    """Length buckets: every row once, each pass within the token budget, and padding far below
+    one bucket padded to the longest row (what made a 100-title request 2.3x its real tokens)."""
+    ranker = Ranker(models(TINY), batch_tokens=256)
+    rnd = random.Random(3)
+    ids = [[7] * rnd.choice([2, 3, 3, 4, 5, 6, 8, 9, 12, 22]) for _ in range(100)]
+    chunks = ranker._chunks(ids)
+    assert sorted(i for c in chunks for i in c) == list(range(100))
+    for c in chunks:
+        assert len(c) * max(len(ids[i]) for i in c) <= 256
+    padded = sum(len(c) * max(len(ids[i]) for i in c) for c in chunks)
+    real = sum(map(len, ids))
+    one_bucket = 100 * max(map(len, ids))
+    assert padded - real <= 0.1 * real < one_bucket - real
+    # a pass costs PASS_COST_TOKENS: padding 5 rows by a token is cheaper, 25 rows is not
+    assert len(Ranker(models(TINY))._chunks([[7] * (4 if i < 5 else 5) for i in range(50)])) == 1
+    assert len(Ranker(models(TINY))._chunks([[7] * (4 if i < 25 else 5) for i in range(50)])) == 2
+    assert ranker._chunks([]) == []
+    # one row longer than the budget still gets a pass of its own
+    assert Ranker(models(TINY), batch_tokens=4)._chunks([[7] * 9, [7] * 2]) == [[1], [0]]
+
+
+@pytest.mark.parametrize("name", [TINY, TINY_T5])
+def test_single_token_targets_score_from_the_shared_first_step(models, name):
+    """A target of only end-of-sequence is scored by the first decoder step, which the fast path
+    shares across candidates (no pass of its own); mixed with longer ones it equals naive."""
+    ranker = Ranker(models(name), reduction="sum")
+    src = ranker.encode(SOURCE, ["x"]).source
+    eos, other = ranker.eos, ranker.encode(SOURCE, ["mario kart"]).targets[0]
+    for targets in ([[eos]], [[eos], other, [eos], other[1:]]):
+        request = Encoded(src, 0, targets, 0)
+        fast = ranker.score_many([request, Encoded(src[:5], 0, targets[::-1], 0)])
+        with torch.inference_mode():
+            for got, (s, t) in zip(fast, [(src, targets), (src[:5], targets[::-1])]):
+                _close(got.scores, ranker._seq2seq_naive(s, t))
