@@ -17,6 +17,8 @@ from .aspects import Intention, UserNeed
 
 def normalise(text: str) -> str:
     """Unicode NFC, whitespace runs (any Unicode whitespace) collapsed to one space, trimmed."""
+    if text.isascii():  # NFC leaves ASCII as it is; most titles are ASCII
+        return " ".join(text.split())
     return " ".join(unicodedata.normalize("NFC", text).split())
 
 

@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
@@ -34,6 +35,16 @@ from .schemas import (CompatRerankRequest, CompatResponse, ErrorBody, RerankRequ
 router = APIRouter()
 
 _ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 413, 422, 429, 503)}
+
+
+def _json(body: dict) -> Response:
+    """A rerank answer as JSON, encoded by orjson (a fifth of the time ``json.dumps`` takes on
+    100 results); the standard encoder takes what orjson refuses (an id beyond 64 bits)."""
+    try:
+        content = orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        return JSONResponse(body)
+    return Response(content, media_type="application/json")
 
 
 def _state(request: Request) -> ServiceState:
@@ -255,7 +266,7 @@ async def rerank(request: Request):
         "truncated": {"history_dropped": inst.history_dropped, "source_tokens_cut": out.prepared.source_cut,
                       "candidates_cut": [i for i, t in enumerate(texts) if out.prepared.cut(t)]},
     }
-    return JSONResponse(body)
+    return _json(body)
 
 
 @router.post("/v1/rerank", response_model=CompatResponse, responses=_ERRORS,
@@ -277,7 +288,7 @@ async def rerank_v1(request: Request):
             item["document"] = {"text": texts[i]}
         results.append(item)
     tokens = out.prepared.source_tokens + out.prepared.target_tokens(texts)
-    return JSONResponse({
+    return _json({
         "id": str(uuid.uuid4()),
         "results": results,
         "model": state.engine.name,

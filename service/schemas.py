@@ -17,10 +17,11 @@ from instructrec.text import normalise  # the core's normaliser: the offline eva
 
 
 def _check_text(value: str, info: ValidationInfo) -> str:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("contains invalid Unicode (a lone surrogate)") from None
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("contains invalid Unicode (a lone surrogate)") from None
     limit = (info.context or {}).get("max_text_chars")
     if limit is not None and len(value) > limit:
         raise ValueError(f"is {len(value)} characters long; the limit is {limit}")

@@ -95,3 +95,14 @@ def test_build_rejects_bad_template_ids(tok):
         build(NEED, tok, 512, template_id="comb-12")
     with pytest.raises(TemplateError):  # needs an intention the need lacks
         build(UserNeed(history=TITLES), tok, 512, template_id="int-07")
+
+
+@pytest.mark.parametrize("text", ["  Halo\\t3 \\n- Xbox\\x1f360 ", "Pok\u0065\u0301mon\u00a0Red", "plain", "", " \\r\\n "])
+def test_normalise_is_nfc_then_collapsed_whitespace(text):
+    import unicodedata
+
+    from instructrec.text import normalise
+
+    text = text.encode().decode("unicode_escape") if "\\" in text else text
+    assert normalise(text) == " ".join(unicodedata.normalize("NFC", text).split())
+    assert normalise(normalise(text)) == normalise(text)

@@ -98,6 +98,7 @@ def test_native_rerank_equals_ranker(service):
     body = {"history": HISTORY, "preference": "fast and loud", "intention": {"text": "an arena shooter", "kind": "specific"},
             "candidates": [cands[0], {"id": 7, "title": cands[1], "price": 9.99}, *cands[2:]]}
     r = client.post("/rerank", json=body)
+    assert r.headers["content-type"] == "application/json"
     assert r.status_code == 200, r.text
     out = r.json()
     need = UserNeed(history=tuple(HISTORY), preference="fast and loud", intention="an arena shooter",
@@ -119,6 +120,11 @@ def test_native_rerank_equals_ranker(service):
     assert u["scored_tokens"] == u["total_tokens"] == u["source_tokens"] + u["candidate_tokens"]
     assert out["cache"] == {"enabled": True, "hits": 0, "misses": 12}
     assert out["truncated"] == {"history_dropped": 0, "source_tokens_cut": 0, "candidates_cut": []}
+
+    # an id beyond 64 bits (which orjson refuses) is echoed back all the same
+    body["candidates"][2] = {"id": 2**70, "title": cands[2]}
+    r = client.post("/rerank", json=body)
+    assert r.status_code == 200 and {x["index"]: x["id"] for x in r.json()["results"]}[2] == 2**70
 
     # top_n, return_scores=false, the instruction alone as a vague intention
     r = client.post("/rerank", json={"instruction": "something calm", "candidates": cands, "top_n": 3,
