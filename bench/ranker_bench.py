@@ -22,13 +22,11 @@ Variants (all on the same weights):
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import random
 import sys
 import time
-import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -49,8 +47,9 @@ VARIANTS: dict[str, str] = {
                  "positions, fp32",
     "bf16": "shared_kv with the model loaded by load_model(..., dtype='bfloat16') (weights and activations bf16; "
             "log-softmax in fp32)",
-    "int8": "shared_kv on torch.ao.quantization.quantize_dynamic(fp32 model, {nn.Linear}, dtype=torch.qint8): "
-            "int8 weights, activations quantised per call; embeddings and attention matmuls stay fp32",
+    "int8": "shared_kv on instructrec.modeling.quantize_int8 (what --dtype int8 / INSTRUCTREC_DTYPE=int8 load): "
+            "torch.ao.quantization.quantize_dynamic(fp32 model, {nn.Linear}, dtype=torch.qint8), int8 weights, "
+            "activations quantised per call; embeddings and attention matmuls stay fp32",
 }
 DEFAULT_CANDIDATES = (1, 10, 100, 1000)
 TARGET_SOURCE_TOKENS = 200
@@ -208,17 +207,9 @@ def matmul_peak(dtype: torch.dtype, size: int, min_seconds: float = 0.3, min_cal
 # --- the run -----------------------------------------------------------------------------------
 
 
-def quantize_int8(model):
-    from torch.ao.quantization import quantize_dynamic
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization deprecation notices
-        return quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
-
-
 def _make_rankers(model_name: str, variants: Sequence[str], batch_tokens: int, loaded32):
     """{variant: ranker or an exception}. The fp32 model is shared by naive/encoder_once/shared_kv."""
-    from instructrec.modeling import load_model
+    from instructrec.modeling import INT8, load_model, quantize_int8
 
     src_limit, tgt_limit = token_limits(loaded32.meta)
     kw = dict(max_source_tokens=src_limit, max_target_tokens=tgt_limit, batch_tokens=batch_tokens)
@@ -234,7 +225,7 @@ def _make_rankers(model_name: str, variants: Sequence[str], batch_tokens: int, l
             elif v == "bf16":
                 rankers[v] = Ranker(load_model(model_name, device="cpu", dtype="bfloat16"), **kw)
             elif v == "int8":
-                rankers[v] = Ranker(dataclasses.replace(loaded32, model=quantize_int8(loaded32.model)), **kw)
+                rankers[v] = Ranker(dataclasses.replace(loaded32, model=quantize_int8(loaded32.model), quantized=INT8), **kw)
             else:
                 raise ValueError(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
         except ValueError:

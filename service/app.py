@@ -100,7 +100,7 @@ class ServiceState:
         self.ready = True
         r = engine.ranker
         log.info("ready in %.1fs: model %s (version %s, %s on %s), %d/%d source/target tokens, template table %s",
-                 time.monotonic() - t0, engine.name, engine.version, engine.loaded.dtype, engine.loaded.device,
+                 time.monotonic() - t0, engine.name, engine.version, engine.loaded.precision, engine.loaded.device,
                  r.max_source_tokens, r.max_target_tokens, TEMPLATE_VERSION)
 
     async def stop(self) -> None:

@@ -100,8 +100,8 @@ class Engine:
     # -- cache key parts ----------------------------------------------------------------
     def key_parts(self, prepared: Prepared) -> tuple[str, ...]:
         r = self.ranker
-        # dtype is part of the key: a bf16 replica's scores differ slightly from a float32 one's
-        return (self.version, str(self.loaded.dtype), TEMPLATE_VERSION, prepared.instruction.template.id, r.reduction,
+        # precision is part of the key: a bf16 or int8 replica's scores differ slightly from float32's
+        return (self.version, self.loaded.precision, TEMPLATE_VERSION, prepared.instruction.template.id, r.reduction,
                 str(r.max_source_tokens), str(r.max_target_tokens), prepared.instruction.source)
 
     # -- preparation (prep thread) -------------------------------------------------------

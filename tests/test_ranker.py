@@ -352,3 +352,20 @@ def test_single_token_targets_score_from_the_shared_first_step(models, name):
         with torch.inference_mode():
             for got, (s, t) in zip(fast, [(src, targets), (src[:5], targets[::-1])]):
                 _close(got.scores, ranker._seq2seq_naive(s, t))
+
+
+def test_int8_load_quantises_linear_layers_on_cpu_only(models, monkeypatch):
+    import instructrec.modeling as modeling
+
+    q = load_model(TINY, device="cpu", dtype="int8")
+    assert q.quantized == "int8" and q.precision == "int8" and q.dtype == torch.float32
+    linears = [m for m in q.model.modules() if type(m).__name__ == "Linear"]
+    assert linears and all("quantized" in type(m).__module__ for m in linears)
+    fp32 = Ranker(models(TINY)).score(SOURCE, CANDS).scores
+    int8 = Ranker(q).score(SOURCE, CANDS).scores
+    assert max(abs(a - b) for a, b in zip(fp32, int8)) < 0.2
+    monkeypatch.setattr(modeling, "resolve_device", lambda _d: torch.device("cuda"))
+    with pytest.raises(ValueError, match="int8 .* CPU only"):
+        load_model(TINY, device="cuda", dtype="int8")
+    with pytest.raises(ValueError, match="int8"):  # listed among the choices
+        load_model(TINY, device="cpu", dtype="int4")

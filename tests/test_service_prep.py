@@ -83,3 +83,16 @@ def test_score_keys_hash_the_whole_joined_key():
     # text moved between the instruction and the candidate is another key
     assert score_keys("ns", ("x", "ab"), ["c"]) != score_keys("ns", ("x", "a"), ["bc"])
     assert score_keys("ns", parts, []) == []
+
+
+def test_int8_engine_scores_close_to_float32_under_its_own_cache_keys(engine):
+    """INSTRUCTREC_DTYPE=int8 serves the dynamically quantised model: its scores are close to
+    float32's but not equal, so its cache keys must differ from a float32 replica's."""
+    int8 = load_engine(Settings(model=TINY, device="cpu", dtype="int8", redis_url="", warmup=False), TINY)
+    assert int8.loaded.precision == "int8" and engine.loaded.precision == "torch.float32"
+    a, b = engine.prepare(NEED, None, CANDS), int8.prepare(NEED, None, CANDS)
+    assert a.instruction.source == b.instruction.source
+    assert engine.key_parts(a) != int8.key_parts(b)
+    fp32 = engine.ranker.score_many([a.encoded(CANDS[:3])])[0].scores
+    q8 = int8.ranker.score_many([b.encoded(CANDS[:3])])[0].scores
+    assert fp32 != q8 and max(abs(x - y) for x, y in zip(fp32, q8)) < 0.2

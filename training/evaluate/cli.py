@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recbole-threads", type=int, default=2)
     parser.add_argument("--recbole-env", help="RecBole virtualenv (default: artifacts/envs/recbole, see scripts/install_recbole.sh)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware has it), float32 or bfloat16")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware has it), float32, bfloat16 or int8 (CPU: dynamically quantised linear layers)")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     parser.add_argument("--readme", help="also regenerate this README's results section (between the eval markers)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")

@@ -187,7 +187,7 @@ class InstructionModel(Method):
 
     def version(self) -> str:
         r = self.ranker
-        return (f"{self.name}:{self._version}:{self.loaded.dtype}:{r.reduction}:{r.max_source_tokens}:"
+        return (f"{self.name}:{self._version}:{self.loaded.precision}:{r.reduction}:{r.max_source_tokens}:"
                 f"{r.max_target_tokens}:{self.TEXT}")
 
     def templates(self, scenario) -> list[str | None]:
