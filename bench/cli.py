@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--peak-size", type=int, default=1024, help="side of the square matmul of the peak measurement")
     p.add_argument("--seed", type=int, default=0, help="seed of the candidate sample (default 0)")
     p.add_argument("--dataset", default="games-sample", help="data set for the request (default games-sample)")
+    p.add_argument("--profile-candidates", type=int, default=100,
+                   help="after timing, profile shared_kv and int8 once at this many candidates with the torch "
+                        "profiler (time by group of ops); 0 skips (default 100)")
     p.add_argument("--out", default=str(report.DEFAULT_OUT), help=f"output directory (default {report.DEFAULT_OUT})")
     p.set_defaults(_bench_parser=p, _bench_run=_run_ranker)
 
@@ -120,14 +123,16 @@ def _run_ranker(args: argparse.Namespace) -> int:
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown:
             raise argparse.ArgumentTypeError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-        if args.repeats < 1 or args.warmup < 0 or args.naive_max < 0 or args.peak_size < 8:
-            raise argparse.ArgumentTypeError("--repeats >= 1, --warmup >= 0, --naive-max >= 0, --peak-size >= 8")
+        if args.repeats < 1 or args.warmup < 0 or args.naive_max < 0 or args.peak_size < 8 or args.profile_candidates < 0:
+            raise argparse.ArgumentTypeError("--repeats >= 1, --warmup >= 0, --naive-max >= 0, --peak-size >= 8, "
+                                             "--profile-candidates >= 0")
     except argparse.ArgumentTypeError as exc:
         print(f"instructrec bench ranker: error: {exc}", file=sys.stderr)
         return 2
     section = run_bench(model=args.model, candidates=sizes, repeats=args.repeats, warmup=args.warmup,
                         threads=args.threads, naive_max=args.naive_max, variants=variants,
-                        batch_tokens=args.batch_tokens, seed=args.seed, peak_size=args.peak_size, dataset=args.dataset)
+                        batch_tokens=args.batch_tokens, seed=args.seed, peak_size=args.peak_size, dataset=args.dataset,
+                        profile_candidates=args.profile_candidates)
     section["command"] = canonical_command(args._bench_parser, args)
     section["invoked_as"] = report.invoked_as()
     paths = report.write(args.out, "ranker", section)

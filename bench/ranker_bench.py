@@ -204,6 +204,97 @@ def matmul_peak(dtype: torch.dtype, size: int, min_seconds: float = 0.3, min_cal
             "gflops_best": flop / min(times) / 1e9, "gflops_median": flop / report.median(times) / 1e9}
 
 
+# --- where the time goes ------------------------------------------------------------------------
+
+PROFILE_VARIANTS = ("shared_kv", "int8")
+_MATMULS = {"aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+            "quantized::linear_dynamic"}
+_COPIES = {"aten::copy_", "aten::cat", "aten::index_select", "aten::index", "aten::gather", "aten::clone",
+           "aten::contiguous", "aten::_to_copy", "aten::to", "aten::empty", "aten::empty_strided", "aten::zeros",
+           "aten::zero_", "aten::fill_", "aten::index_add_", "aten::masked_select", "aten::repeat", "aten::expand"}
+_ELEMENTWISE = {"aten::gelu", "aten::native_layer_norm", "aten::layer_norm", "aten::add", "aten::add_",
+                "aten::mul", "aten::mul_", "aten::sub", "aten::div", "aten::where", "aten::tanh", "aten::relu",
+                "aten::dropout", "aten::rsub", "aten::masked_fill", "aten::embedding", "aten::lt", "aten::le",
+                "aten::arange"}
+PROFILE_GROUPS = ("layer matmuls (encoder, decoder)", "vocabulary head matmul", "log-softmax over the vocabulary",
+                  "attention (scaled dot product)", "copies, gathers, allocation",
+                  "element-wise (GELU, layer norm, adds, embeddings)", "other ops")
+
+
+HEAD_LABEL = "instructrec: vocabulary head"
+
+
+def profile_group(op: str, in_head: bool) -> str:
+    """Which part of the work an aten op is, for the profile summary; ``in_head``: it ran inside
+    the model's output-embedding module (the vocabulary projection)."""
+    if op in _MATMULS:
+        return PROFILE_GROUPS[1] if in_head else PROFILE_GROUPS[0]
+    if "log_softmax" in op:
+        return PROFILE_GROUPS[2]
+    if "scaled_dot_product" in op or op in ("aten::_softmax", "aten::softmax"):
+        return PROFILE_GROUPS[3]
+    if op in _COPIES:
+        return PROFILE_GROUPS[4]
+    if op in _ELEMENTWISE:
+        return PROFILE_GROUPS[5]
+    return PROFILE_GROUPS[6]
+
+
+def _label_module(module, label: str):
+    """Hooks that wrap every call of ``module`` in a profiler range named ``label``."""
+    from torch.autograd.profiler import record_function
+
+    open_ranges: list = []
+
+    def enter(*_):
+        open_ranges.append(record_function(label).__enter__())
+
+    def leave(*_):
+        if open_ranges:
+            open_ranges.pop().__exit__(None, None, None)
+
+    return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+
+
+@torch.inference_mode()
+def profile_request(call: Callable[[], Any], model, top: int = 8) -> dict[str, Any]:
+    """One call under the torch profiler: self CPU time by group of ops and the costliest ops.
+
+    Self times of ops on the calling thread, intra-op threads included in each op's span; what
+    is not inside any op (Python, the transformers code between ops) is the wall time minus
+    their sum. The profiler itself adds a little to every op. Ops inside the model's output
+    embeddings (``get_output_embeddings()``) count as the vocabulary head.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    hooks = _label_module(head, HEAD_LABEL) if isinstance(head, torch.nn.Module) else []
+    try:
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            call()
+        wall_ms = (time.perf_counter() - t0) * 1000
+    finally:
+        for h in hooks:
+            h.remove()
+    groups = {g: 0.0 for g in PROFILE_GROUPS}
+    for evt in prof.events():
+        if evt.name == HEAD_LABEL:
+            continue
+        parent, in_head = evt.cpu_parent, False
+        while parent is not None and not in_head:
+            in_head, parent = parent.name == HEAD_LABEL, parent.cpu_parent
+        groups[profile_group(evt.name, in_head)] += evt.self_cpu_time_total / 1000
+    ops = [{"op": e.key, "shapes": [list(x) for x in (e.input_shapes or []) if x], "calls": e.count,
+            "self_ms": e.self_cpu_time_total / 1000}
+           for e in prof.key_averages(group_by_input_shape=True) if e.key != HEAD_LABEL]
+    in_ops = sum(groups.values())
+    ops.sort(key=lambda o: -o["self_ms"])
+    return {"wall_ms": wall_ms, "in_ops_ms": in_ops, "outside_ops_ms": max(0.0, wall_ms - in_ops),
+            "groups": [{"group": g, "ms": ms, "share": ms / wall_ms if wall_ms else None} for g, ms in groups.items()],
+            "top_ops": ops[:top]}
+
+
 # --- the run -----------------------------------------------------------------------------------
 
 
@@ -238,8 +329,8 @@ def _make_rankers(model_name: str, variants: Sequence[str], batch_tokens: int, l
 def run_bench(model: str = "minilm-bert2bert", candidates: Sequence[int] = DEFAULT_CANDIDATES, repeats: int = 5,
               warmup: int = 1, threads: int | None = None, naive_max: int = 100,
               variants: Sequence[str] = tuple(VARIANTS), batch_tokens: int = 4096, seed: int = 0,
-              peak_size: int = 1024, dataset: str = "games-sample", progress: Callable[[str], None] = log
-              ) -> dict[str, Any]:
+              peak_size: int = 1024, dataset: str = "games-sample", profile_candidates: int = 100,
+              progress: Callable[[str], None] = log) -> dict[str, Any]:
     """Run the ranker bench; returns the ``ranker`` section of results.json."""
     from instructrec.modeling import load_model
 
@@ -342,6 +433,15 @@ def run_bench(model: str = "minilm-bert2bert", candidates: Sequence[int] = DEFAU
                                                         if row["ratio_to_naive"] else ""))
             rows.append(row)
 
+    profiles: dict[str, Any] = {}
+    if profile_candidates:
+        n = min(profile_candidates, len(pool))
+        for v in PROFILE_VARIANTS:
+            if v in rankers and status[v][0] == "ok":
+                progress(f"profiling {v} at {n} candidates ...")
+                profiles[v] = profile_request(lambda: rankers[v].score(source, pool[:n]), rankers[v].model)
+        profiles = {"candidates": n, "variants": profiles} if profiles else {}
+
     def params(m) -> float:
         return sum(p.numel() for p in m.parameters()) / 1e6
 
@@ -364,5 +464,6 @@ def run_bench(model: str = "minilm-bert2bert", candidates: Sequence[int] = DEFAU
         "flops": {"formula": FLOPS_FORMULA, "dims": dims} if dims else
                  {"reason": f"no FLOPs formula for {type(loaded32.model).__name__}"},
         "rows": rows,
+        "profile": profiles,
         "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }

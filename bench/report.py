@@ -337,6 +337,16 @@ def render_ranker(s: dict, plot: str | None) -> str:
     out += ["", ranker_table(s), ""]
     if plot:
         out += [f"![ms per request vs candidates]({plot})", ""]
+    prof = profile_table(s)
+    if prof:
+        out += [f"Where the time of one {s['profile']['candidates']}-candidate request goes (torch profiler, one "
+                f"call per variant after the timed runs; self CPU time of the ops by group, share of the profiled "
+                f"wall time):", "", prof, ""]
+        for v, p in s["profile"]["variants"].items():
+            out += [f"Costliest ops of `{v}`:", "",
+                    _table(["op", "input shapes", "calls", "self ms"],
+                           [[f"`{o['op']}`", " ".join(str(tuple(x)) for x in o["shapes"][:3]), str(o["calls"]),
+                             _f(o["self_ms"], 1)] for o in p["top_ops"]]), ""]
     out += ["Variants:", ""]
     for name, v in s.get("variants", {}).items():
         state = "" if v.get("status") == "ok" else f" — **{v.get('status')}**: {v.get('reason')}"
@@ -357,6 +367,27 @@ def render_ranker(s: dict, plot: str | None) -> str:
                 "(e.g. minilm-bert2bert) the scores of different titles are nearly equal, so rank correlations "
                 "mostly measure noise: judge bf16/int8 accuracy on a tuned checkpoint."]
     return "\n".join(out)
+
+
+def profile_table(section: dict) -> str:
+    """Time by group of ops per profiled variant (empty when the run profiled nothing)."""
+    variants = (section.get("profile") or {}).get("variants") or {}
+    if not variants:
+        return ""
+    names = list(variants)
+    groups = [g["group"] for g in next(iter(variants.values()))["groups"]]
+    rows = []
+    for i, group in enumerate(groups):
+        line = [group]
+        for v in names:
+            g = variants[v]["groups"][i]
+            line.append(f"{_f(g['ms'], 1)} ({g['share'] * 100:.0f}%)" if g.get("share") is not None else _f(g["ms"], 1))
+        rows.append(line)
+    rows.append(["outside aten ops (Python, framework)"] + [
+        f"{_f(variants[v]['outside_ops_ms'], 1)} ({variants[v]['outside_ops_ms'] / variants[v]['wall_ms'] * 100:.0f}%)"
+        for v in names])
+    rows.append(["wall time of the profiled call"] + [_f(variants[v]["wall_ms"], 1) for v in names])
+    return _table(["ms (share)"] + [f"`{v}`" for v in names], rows)
 
 
 def service_table(section: dict) -> str:
@@ -531,6 +562,10 @@ def readme_section(results: dict) -> str:
         parts += [f"Command: `{r.get('command', '')}`", "",
                   "Median ms per request (× naive in the same run):", "",
                   _table(["variant"] + [f"{n} candidates" for n in sizes], rows), ""]
+        prof = profile_table(r)
+        if prof:
+            parts += [f"Where the time of one {r['profile']['candidates']}-candidate request goes (torch profiler, "
+                      "self time of the ops by group):", "", prof, ""]
     s = results.get("service")
     if s:
         header = ["batching", "cache", "candidates", "clients", "req/s", "p50 ms", "p99 ms", "errors", "mean batch"]

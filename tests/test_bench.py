@@ -47,7 +47,7 @@ def _png(path) -> None:
 def test_ranker_bench_end_to_end(out):
     rc = main(["bench", "ranker", "--model", TINY, "--candidates", ",".join(map(str, SIZES)), "--repeats", "2",
                "--warmup", "1", "--threads", "1", "--naive-max", str(NAIVE_MAX), "--peak-size", "64",
-               "--out", str(out)])
+               "--profile-candidates", "5", "--out", str(out)])
     assert rc == 0
     r = _results(out)["ranker"]
     assert r["command"].startswith("instructrec bench ranker --model tiny-random --candidates 1,5,7")
@@ -93,8 +93,18 @@ def test_ranker_bench_end_to_end(out):
         "gflop_executed"]
     assert rows["shared_kv", 1]["gflop_executed"] == pytest.approx(rows["shared_kv", 1]["gflop_request"])
 
+    # the profile: every op's self time in one group, the groups within the profiled wall time
+    assert r["profile"]["candidates"] == 5 and "shared_kv" in r["profile"]["variants"]
+    for p in r["profile"]["variants"].values():
+        groups = {g["group"]: g["ms"] for g in p["groups"]}
+        assert sum(groups.values()) == pytest.approx(p["in_ops_ms"]) and p["in_ops_ms"] <= p["wall_ms"]
+        assert groups["layer matmuls (encoder, decoder)"] > 0 and groups["vocabulary head matmul"] > 0
+        assert groups["log-softmax over the vocabulary"] > 0 and groups["attention (scaled dot product)"] > 0
+        assert p["top_ops"] and p["top_ops"][0]["self_ms"] >= p["top_ops"][-1]["self_ms"]
+
     md = (out / report.RESULTS_MD).read_text()
     assert "| candidates | variant | median ms |" in md and "L_enc * S * (8*H*A" in md
+    assert "Where the time of one 5-candidate request goes" in md and "| vocabulary head matmul |" in md
     for v in VARIANTS:
         assert f"| {v} |" in md
     _png(out / report.RANKER_PLOT)
@@ -236,6 +246,19 @@ def test_readme_section_is_regenerated_between_markers(tmp_path):
     readme.write_text("no markers\n", encoding="utf-8")
     with pytest.raises(ValueError, match="no bench markers"):
         report.update_readme(readme, results)
+
+
+def test_profile_groups():
+    from bench.ranker_bench import PROFILE_GROUPS, profile_group
+
+    assert profile_group("aten::addmm", True) == "vocabulary head matmul"
+    assert profile_group("aten::addmm", False) == profile_group("quantized::linear_dynamic", False) == PROFILE_GROUPS[0]
+    assert profile_group("quantized::linear_dynamic", True) == "vocabulary head matmul"
+    assert profile_group("aten::_log_softmax", False) == "log-softmax over the vocabulary"
+    assert profile_group("aten::_scaled_dot_product_flash_attention_for_cpu", False) == PROFILE_GROUPS[3]
+    assert profile_group("aten::cat", False) == PROFILE_GROUPS[4]
+    assert profile_group("aten::gelu", True) == PROFILE_GROUPS[5]  # the BERT head's transform: not a matmul
+    assert profile_group("aten::something_new", False) == "other ops"
 
 
 def test_flops_formula_matches_torch_flop_counter():
