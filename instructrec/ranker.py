@@ -298,7 +298,8 @@ class Ranker:
         inp = self._pad(srcs)
         mask = (torch.arange(inp.shape[1], device=self.device)[None, :] < lengths[:, None]).long()
         enc = model.get_encoder()(input_ids=inp, attention_mask=mask).last_hidden_state
-        if not self.share_cross_kv:
+        if not self.share_cross_kv or all(len(req) == 1 for req in ids):
+            # one candidate per instruction: a shared first step would only add a decoder pass
             return self._seq2seq_unshared(enc, mask, ids)
         # One decoder step per instruction, from the start token, is the same first step for
         # all of its candidates: it fills the cross-attention cache (K/V of every layer), the

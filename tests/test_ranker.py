@@ -369,3 +369,22 @@ def test_int8_load_quantises_linear_layers_on_cpu_only(models, monkeypatch):
         load_model(TINY, device="cuda", dtype="int8")
     with pytest.raises(ValueError, match="int8"):  # listed among the choices
         load_model(TINY, device="cpu", dtype="int4")
+
+
+def test_one_candidate_per_instruction_runs_one_decoder_pass(models):
+    """Sharing the start-token step pays off from two candidates; with one per instruction the
+    fast path runs a single decoder pass, as naive does, and still equals naive."""
+    loaded = models(TINY)
+    ranker = Ranker(loaded)
+    passes: list[int] = []
+    hook = loaded.model.decoder.bert.register_forward_hook(lambda *_: passes.append(1))
+    try:
+        single = ranker.score_many([(SOURCE, ["Mario Kart"]), (OTHER_SOURCE, ["Stardew Valley"])])
+        assert len(passes) == 1
+        passes.clear()
+        ranker.score(SOURCE, ["Mario Kart", "Stardew Valley"])
+        assert len(passes) == 2  # the shared step, then the rest of both titles
+    finally:
+        hook.remove()
+    _close([s.scores[0] for s in single], [ranker.score(SOURCE, ["Mario Kart"], naive=True).scores[0],
+                                           ranker.score(OTHER_SOURCE, ["Stardew Valley"], naive=True).scores[0]])
