@@ -9,7 +9,10 @@ Requests: a real Games user's history (a window of ``--history`` consecutive tit
 default) and ``N`` real catalogue titles as candidates, none from the history. Every
 (instruction, candidate) pair is used once in the whole run, so with a fresh namespace the
 *cold* phase has no cache hits; the *warm* phase replays the cold phase's successful
-requests unchanged, so every candidate is a hit. Both batching modes get the same requests.
+requests unchanged, so every candidate is a hit, cycling through them up to the cell's
+request count when the cold phase ran out of time first (a 100-candidate cold cell may get
+through only a dozen requests in ``--duration``, too few for a steady p50 of cached requests).
+Both batching modes get the same requests.
 
 Load: for every (candidates, concurrency) cell, ``concurrency`` clients (one
 ``httpx.AsyncClient``, one connection each) send requests back to back until the cell's
@@ -648,7 +651,7 @@ def _run_mode(mode: Mode, url: str, headers: dict[str, str], bodies: dict, warmu
             if not cache_enabled:
                 cells.append({**base, "phase": "warm", "status": "skipped", "reason": "the cache is disabled"})
                 continue
-            replay = [cold[s.index] for s in sorted(samples, key=lambda s: s.index) if s.status == "200"]
+            replay = warm_replay(cold, samples)
             if not replay:
                 cells.append({**base, "phase": "warm", "status": "skipped", "reason": "no cold request succeeded"})
                 continue
@@ -661,6 +664,13 @@ def _run_mode(mode: Mode, url: str, headers: dict[str, str], bodies: dict, warmu
                                                and s.misses == 0 and s.hits > 0]
             cells.append(cell)
             _progress_cell(cell, progress)
+
+
+def warm_replay(cold: Sequence[bytes], samples: Sequence[Sample]) -> list[bytes]:
+    """The warm phase's requests: the cold phase's successful ones, in their order, repeated to
+    as many as the cold phase had to send (none if none succeeded)."""
+    ok = [cold[s.index] for s in sorted(samples, key=lambda s: s.index) if s.status == "200"]
+    return [ok[i % len(ok)] for i in range(len(cold))] if ok else []
 
 
 def _progress_cell(c: dict, progress) -> None:

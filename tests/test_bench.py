@@ -14,7 +14,7 @@ import torch
 
 from bench import report
 from bench.ranker_bench import VARIANTS, no_shared_kv_ranker
-from bench.service_bench import Sample, histogram_quantile, loopback_error, summarize
+from bench.service_bench import Sample, histogram_quantile, loopback_error, summarize, warm_replay
 from instructrec.cli import main
 from instructrec.modeling import TINY, load_model
 from instructrec.ranker import Ranker, target_ids
@@ -278,3 +278,12 @@ def test_flops_formula_matches_torch_flop_counter():
         with FlopCounterMode(display=False) as counter:
             ranker.score_many([Encoded(source, 0, targets, 0)], naive=naive)
         assert counter.get_total_flops() == pytest.approx(formula[variant], rel=0.05), variant
+
+
+def test_warm_replay_cycles_the_successful_cold_requests():
+    cold = [b"r0", b"r1", b"r2", b"r3", b"r4", b"r5"]
+    # the cold phase ran out of time after four, one of which failed
+    samples = [Sample(2, 5.0, "200"), Sample(0, 5.0, "200"), Sample(1, 5.0, "429"), Sample(3, 5.0, "200")]
+    assert warm_replay(cold, samples) == [b"r0", b"r2", b"r3", b"r0", b"r2", b"r3"]
+    assert warm_replay(cold, [Sample(i, 1.0, "200") for i in range(6)]) == cold
+    assert warm_replay(cold, [Sample(0, 1.0, "ReadTimeout")]) == []
