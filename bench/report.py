@@ -383,10 +383,15 @@ def profile_table(section: dict) -> str:
             g = variants[v]["groups"][i]
             line.append(f"{_f(g['ms'], 1)} ({g['share'] * 100:.0f}%)" if g.get("share") is not None else _f(g["ms"], 1))
         rows.append(line)
-    rows.append(["outside aten ops (Python, framework)"] + [
+    rows.append(["outside aten ops (Python, framework, the profiler)"] + [
         f"{_f(variants[v]['outside_ops_ms'], 1)} ({variants[v]['outside_ops_ms'] / variants[v]['wall_ms'] * 100:.0f}%)"
         for v in names])
     rows.append(["wall time of the profiled call"] + [_f(variants[v]["wall_ms"], 1) for v in names])
+    n = section["profile"].get("candidates")
+    timed = {x["variant"]: x.get("median_ms") for x in section.get("rows", [])
+             if x.get("candidates") == n and x.get("status") == "ok"}
+    # the profiler's own cost: mostly in the "outside" row, a little in every op
+    rows.append(["median of the timed calls, unprofiled"] + [_f(timed.get(v), 1) for v in names])
     return _table(["ms (share)"] + [f"`{v}`" for v in names], rows)
 
 
