@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from instructrec.modeling import TINY, TINY_CAUSAL, TINY_T5, load_model
-from instructrec.ranker import Encoded, Ranker, rank_order, target_ids, targets_ids
+from instructrec.ranker import PASS_COST_TOKENS, Encoded, Ranker, rank_order, target_ids, targets_ids
 
 torch.set_num_threads(1)
 
@@ -331,9 +331,10 @@ def test_chunks_cover_every_row_within_budget_with_little_padding(models):
     real = sum(map(len, ids))
     one_bucket = 100 * max(map(len, ids))
     assert padded - real <= 0.1 * real < one_bucket - real
-    # a pass costs PASS_COST_TOKENS: padding 5 rows by a token is cheaper, 25 rows is not
-    assert len(Ranker(models(TINY))._chunks([[7] * (4 if i < 5 else 5) for i in range(50)])) == 1
-    assert len(Ranker(models(TINY))._chunks([[7] * (4 if i < 25 else 5) for i in range(50)])) == 2
+    # a pass costs PASS_COST_TOKENS: padding fewer rows than that by a token is cheaper, more is not
+    few, many = PASS_COST_TOKENS // 2, PASS_COST_TOKENS * 2
+    assert len(Ranker(models(TINY))._chunks([[7] * 4] * few + [[7] * 5] * 100)) == 1
+    assert len(Ranker(models(TINY))._chunks([[7] * 4] * many + [[7] * 5] * 100)) == 2
     assert ranker._chunks([]) == []
     # one row longer than the budget still gets a pass of its own
     assert Ranker(models(TINY), batch_tokens=4)._chunks([[7] * 9, [7] * 2]) == [[1], [0]]
@@ -388,3 +389,23 @@ def test_one_candidate_per_instruction_runs_one_decoder_pass(models):
         hook.remove()
     _close([s.scores[0] for s in single], [ranker.score(SOURCE, ["Mario Kart"], naive=True).scores[0],
                                            ranker.score(OTHER_SOURCE, ["Stardew Valley"], naive=True).scores[0]])
+
+
+@pytest.mark.parametrize("name", [TINY, TINY_T5])
+def test_vocabulary_blocks_give_the_full_log_softmax(models, name):
+    """log p(label) by blocks of the vocabulary (BERT's head with a bias, T5's without, 30,522
+    entries: not a multiple of the block) equals log_softmax over the full logits."""
+    from instructrec.ranker import VOCAB_BLOCK_COLUMNS, _blocked_logprobs, _decoder_parts, _Head
+
+    loaded = models(name)
+    _, head = _decoder_parts(loaded.model)
+    assert isinstance(head, _Head) and (head.final.bias is not None) == (name == TINY)
+    assert head.final.weight.shape[0] % VOCAB_BLOCK_COLUMNS != 0
+    torch.manual_seed(0)
+    hidden = torch.randn(70, head.final.weight.shape[1]) * 3
+    labels = torch.randint(0, head.final.weight.shape[0], (70,))
+    with torch.inference_mode():
+        full = torch.log_softmax(head(hidden), -1).gather(-1, labels[:, None]).squeeze(-1)
+        blocked = _blocked_logprobs(head, hidden, labels)
+        via_ranker = Ranker(loaded)._head_logprobs(hidden, labels, head)
+    assert torch.allclose(blocked, full, atol=1e-4) and torch.allclose(via_ranker, full, atol=1e-4)
