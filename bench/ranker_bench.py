@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from instructrec.ranker import Ranker, token_limits
+from instructrec.ranker import HEAD_PROFILE_LABEL, Ranker, token_limits
 
 from . import report
 
@@ -216,20 +216,21 @@ _ELEMENTWISE = {"aten::gelu", "aten::native_layer_norm", "aten::layer_norm", "at
                 "aten::mul", "aten::mul_", "aten::sub", "aten::div", "aten::where", "aten::tanh", "aten::relu",
                 "aten::dropout", "aten::rsub", "aten::masked_fill", "aten::embedding", "aten::lt", "aten::le",
                 "aten::arange"}
-PROFILE_GROUPS = ("layer matmuls (encoder, decoder)", "vocabulary head matmul", "log-softmax over the vocabulary",
+PROFILE_GROUPS = ("layer matmuls (encoder, decoder)", "vocabulary head matmul",
+                  "normalising over the vocabulary (log-softmax, logsumexp)",
                   "attention (scaled dot product)", "copies, gathers, allocation",
                   "element-wise (GELU, layer norm, adds, embeddings)", "other ops")
 
 
-HEAD_LABEL = "instructrec: vocabulary head"
+HEAD_LABEL = HEAD_PROFILE_LABEL
 
 
 def profile_group(op: str, in_head: bool) -> str:
     """Which part of the work an aten op is, for the profile summary; ``in_head``: it ran inside
-    the model's output-embedding module (the vocabulary projection)."""
+    the vocabulary projection (the ranker's blocked head, or the model's output embeddings)."""
     if op in _MATMULS:
         return PROFILE_GROUPS[1] if in_head else PROFILE_GROUPS[0]
-    if "log_softmax" in op:
+    if in_head or "log_softmax" in op:
         return PROFILE_GROUPS[2]
     if "scaled_dot_product" in op or op in ("aten::_softmax", "aten::softmax"):
         return PROFILE_GROUPS[3]
@@ -262,8 +263,9 @@ def profile_request(call: Callable[[], Any], model, top: int = 8) -> dict[str, A
 
     Self times of ops on the calling thread, intra-op threads included in each op's span; what
     is not inside any op (Python, the transformers code between ops) is the wall time minus
-    their sum. The profiler itself adds a little to every op. Ops inside the model's output
-    embeddings (``get_output_embeddings()``) count as the vocabulary head.
+    their sum. The profiler itself adds a little to every op. Ops inside the ranker's labelled
+    vocabulary range or the model's output embeddings (``get_output_embeddings()``) count as
+    the vocabulary head.
     """
     from torch.profiler import ProfilerActivity, profile
 
