@@ -7,7 +7,7 @@ from the start token, shared by all of its candidates, fills the cross-attention
 keys/values and scores every candidate's first token; the rest of each candidate runs
 in length buckets chosen to waste little padding, reading the shared keys/values as
 views (no copy), and the vocabulary projection runs only at real target positions, in
-blocks of rows. ``naive=True`` runs one full forward per candidate: the reference the
+blocks (of the vocabulary on CPU, of rows elsewhere). ``naive=True`` runs one full forward per candidate: the reference the
 fast path must equal.
 
 A decoder-only backend (GenRec-style) does the same with the instruction as a shared
