@@ -222,9 +222,6 @@ PROFILE_GROUPS = ("layer matmuls (encoder, decoder)", "vocabulary head matmul",
                   "element-wise (GELU, layer norm, adds, embeddings)", "other ops")
 
 
-HEAD_LABEL = HEAD_PROFILE_LABEL
-
-
 def profile_group(op: str, in_head: bool) -> str:
     """Which part of the work an aten op is, for the profile summary; ``in_head``: it ran inside
     the vocabulary projection (the ranker's blocked head, or the model's output embeddings)."""
@@ -270,7 +267,7 @@ def profile_request(call: Callable[[], Any], model, top: int = 8) -> dict[str, A
     from torch.profiler import ProfilerActivity, profile
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    hooks = _label_module(head, HEAD_LABEL) if isinstance(head, torch.nn.Module) else []
+    hooks = _label_module(head, HEAD_PROFILE_LABEL) if isinstance(head, torch.nn.Module) else []
     try:
         t0 = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -281,15 +278,15 @@ def profile_request(call: Callable[[], Any], model, top: int = 8) -> dict[str, A
             h.remove()
     groups = {g: 0.0 for g in PROFILE_GROUPS}
     for evt in prof.events():
-        if evt.name == HEAD_LABEL:
+        if evt.name == HEAD_PROFILE_LABEL:
             continue
         parent, in_head = evt.cpu_parent, False
         while parent is not None and not in_head:
-            in_head, parent = parent.name == HEAD_LABEL, parent.cpu_parent
+            in_head, parent = parent.name == HEAD_PROFILE_LABEL, parent.cpu_parent
         groups[profile_group(evt.name, in_head)] += evt.self_cpu_time_total / 1000
     ops = [{"op": e.key, "shapes": [list(x) for x in (e.input_shapes or []) if x], "calls": e.count,
             "self_ms": e.self_cpu_time_total / 1000}
-           for e in prof.key_averages(group_by_input_shape=True) if e.key != HEAD_LABEL]
+           for e in prof.key_averages(group_by_input_shape=True) if e.key != HEAD_PROFILE_LABEL]
     in_ops = sum(groups.values())
     ops.sort(key=lambda o: -o["self_ms"])
     return {"wall_ms": wall_ms, "in_ops_ms": in_ops, "outside_ops_ms": max(0.0, wall_ms - in_ops),

@@ -306,47 +306,65 @@ class Ranker:
         from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
         model = self.model
-        start = self._start_id()
         lengths = torch.tensor([len(s) for s in srcs], device=self.device)
         inp = self._pad(srcs)
         mask = (torch.arange(inp.shape[1], device=self.device)[None, :] < lengths[:, None]).long()
         enc = model.get_encoder()(input_ids=inp, attention_mask=mask).last_hidden_state
         if not self.share_cross_kv or all(len(req) == 1 for req in ids):
             # one candidate per instruction: a shared first step would only add a decoder pass
-            return self._seq2seq_unshared(enc, mask, ids)
-        # One decoder step per instruction, from the start token, is the same first step for
-        # all of its candidates: it fills the cross-attention cache (K/V of every layer), the
-        # start position's self-attention K/V, and its logits score every candidate's first token.
-        probe = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        first = model(encoder_outputs=(enc,), attention_mask=mask, past_key_values=probe, use_cache=True,
-                      decoder_input_ids=torch.full((len(srcs), 1), start, device=self.device)).logits[:, 0]
-        first = torch.log_softmax(first.float(), dim=-1)
-        cross = [(layer.keys, layer.values) for layer in probe.cross_attention_cache.layers]
-        step0 = [(layer.keys, layer.values) for layer in probe.self_attention_cache.layers]
-        sums = [first[r, [t[0] for t in req]].tolist() for r, req in enumerate(ids)]
-        body, head = _decoder_parts(model)
-        # the rest of each candidate: its tokens but the last as input, predicting tokens 2..end;
-        # hidden states of every pass are collected so the head runs on full blocks at the end
-        flat = [(r, j) for r, req in enumerate(ids) for j in range(len(req)) if len(req[j]) > 1]
-        states, targets, owners = [], [], []
-        for chunk in self._chunks([ids[r][j][1:] for r, j in flat]):
-            rows = [ids[flat[i][0]][flat[i][1]] for i in chunk]
-            pick = self._picker([flat[i][0] for i in chunk])
-            inputs = self._pad([t[:-1] for t in rows])
-            labels = self._pad([t[1:] for t in rows])
-            cache = EncoderDecoderCache(_view_cache([(pick(k), pick(v)) for k, v in step0]),
-                                        _view_cache([(pick(k), pick(v)) for k, v in cross]))
-            h, lab, row = self._real_positions(body(inputs, pick(enc), pick(mask), cache), labels,
-                                               [len(r) - 1 for r in rows])
-            states.append(h)
-            targets.append(lab)
-            owners.append(torch.tensor(chunk, device=self.device)[row])
-        if states:
-            lp = self._head_logprobs(torch.cat(states), torch.cat(targets), head)
-            per_row = torch.zeros(len(flat), device=self.device).index_add_(0, torch.cat(owners), lp).tolist()
-            for (r, j), value in zip(flat, per_row):
-                sums[r][j] += value
+            flat = [(r, j) for r, req in enumerate(ids) for j in range(len(req))]
+            sums = [[0.0] * len(req) for req in ids]
+            shared = None
+        else:
+            # One decoder step per instruction, from the start token, is the same first step for
+            # all of its candidates: it fills the cross-attention cache (K/V of every layer), the
+            # start position's self-attention K/V, and its logits score every candidate's first token.
+            probe = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            first = model(encoder_outputs=(enc,), attention_mask=mask, past_key_values=probe, use_cache=True,
+                          decoder_input_ids=torch.full((len(srcs), 1), self._start_id(), device=self.device)).logits
+            first = torch.log_softmax(first[:, 0].float(), dim=-1)
+            sums = [first[r, [t[0] for t in req]].tolist() for r, req in enumerate(ids)]
+            flat = [(r, j) for r, req in enumerate(ids) for j in range(len(req)) if len(req[j]) > 1]
+            shared = ([(layer.keys, layer.values) for layer in probe.self_attention_cache.layers],
+                      [(layer.keys, layer.values) for layer in probe.cross_attention_cache.layers])
+        for (r, j), value in zip(flat, self._decode(enc, mask, [ids[r][j] for r, j in flat],
+                                                     [r for r, _ in flat], shared)):
+            sums[r][j] += value
         return sums
+
+    def _decode(self, enc: torch.Tensor, mask: torch.Tensor, targets: list[list[int]], owners: list[int],
+                shared) -> list[float]:
+        """Summed log-probs of ``targets`` (rows of the requests ``owners``), run through the
+        decoder in length buckets. With ``shared`` = (start-step self-attention K/V, cross-
+        attention K/V) per request, rows continue after the shared start step and read those
+        as views; with ``None`` every row starts from the start token and its decoder projects
+        the encoder output to cross-attention K/V itself (the benchmark's ``encoder_once``).
+        Hidden states of every pass are collected so the head runs on full blocks at the end."""
+        from transformers.cache_utils import EncoderDecoderCache
+
+        body, head = _decoder_parts(self.model)
+        skip = 1 if shared else 0  # tokens already scored by the shared start step
+        start = self._start_id()
+        states, labels_at, rows_at = [], [], []
+        for chunk in self._chunks([t[skip:] for t in targets]):
+            rows = [targets[i] for i in chunk]
+            pick = self._picker([owners[i] for i in chunk])
+            labels = self._pad([t[skip:] for t in rows])
+            if shared:
+                inputs = self._pad([t[:-1] for t in rows])
+                cache = EncoderDecoderCache(*(_view_cache([(pick(k), pick(v)) for k, v in kv]) for kv in shared))
+            else:
+                inputs = torch.cat([torch.full((len(rows), 1), start, device=self.device), labels[:, :-1]], dim=1)
+                cache = None
+            h, lab, row = self._real_positions(body(inputs, pick(enc), pick(mask), cache), labels,
+                                               [len(t) - skip for t in rows])
+            states.append(h)
+            labels_at.append(lab)
+            rows_at.append(torch.tensor(chunk, device=self.device)[row])
+        if not states:
+            return []
+        lp = self._head_logprobs(torch.cat(states), torch.cat(labels_at), head)
+        return torch.zeros(len(targets), device=self.device).index_add_(0, torch.cat(rows_at), lp).tolist()
 
     def _picker(self, owners: list[int]):
         """Selects each row's own per-request tensor (encoder states, K/V, mask). Rows of one
@@ -357,25 +375,6 @@ class Ranker:
             return lambda x: x[r : r + 1].expand(b, *x.shape[1:])
         index = torch.tensor(owners, device=self.device)
         return lambda x: x.index_select(0, index)
-
-    def _seq2seq_unshared(self, enc: torch.Tensor, mask: torch.Tensor, ids: list[list[list[int]]]) -> list[list[float]]:
-        """The fast path without the probe step: every row starts from the start token and its
-        decoder projects the encoder output to cross-attention K/V itself (the benchmark's
-        ``encoder_once`` baseline)."""
-        start = self._start_id()
-        body, head = _decoder_parts(self.model)
-        flat = [(r, j) for r, req in enumerate(ids) for j in range(len(req))]
-        sums = [[0.0] * len(req) for req in ids]
-        for chunk in self._chunks([ids[r][j] for r, j in flat]):
-            rows = [ids[flat[i][0]][flat[i][1]] for i in chunk]
-            pick = self._picker([flat[i][0] for i in chunk])
-            labels = self._pad(rows)
-            dec = torch.cat([torch.full((len(rows), 1), start, device=self.device), labels[:, :-1]], dim=1)
-            hidden = body(dec, pick(enc), pick(mask), None)
-            for i, value in zip(chunk, self._sum_by_row(hidden, labels, [len(r) for r in rows], head)):
-                r, j = flat[i]
-                sums[r][j] = value
-        return sums
 
     # -- decoder-only ---------------------------------------------------------------
     def _causal_naive(self, src: list[int], ids: list[list[int]]) -> list[float]:
