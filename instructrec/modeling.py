@@ -184,6 +184,37 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+def cut_decoder(model, layers: int) -> None:
+    """Keep only the decoder's first ``layers`` layers (BERT2BERT or T5), in place.
+
+    The default's decoder is a copy of the 6-layer MiniLM; its first 2 layers keep the
+    pretrained self-attention and feed-forward weights and cost a third of the decoder's
+    time, so a CPU run sees about 1.7x the examples (FINDINGS: listwise, 10 min, HR@1 0.296
+    with 2 layers vs 0.288 with 6). The saved config records the new depth, so the
+    checkpoint loads as it was trained.
+    """
+    from transformers import EncoderDecoderModel, T5ForConditionalGeneration
+
+    if layers < 1:
+        raise ValueError(f"decoder layers must be at least 1, not {layers}")
+    if isinstance(model, EncoderDecoderModel) and hasattr(model.decoder, "bert"):
+        stack, config = model.decoder.bert.encoder.layer, model.config.decoder
+        attr = "num_hidden_layers"
+        configs = [config, model.decoder.config]
+    elif isinstance(model, T5ForConditionalGeneration):
+        stack, attr = model.decoder.block, "num_decoder_layers"
+        configs = [model.config]
+    else:
+        raise ValueError(f"--decoder-layers works on BERT2BERT and T5 models, not {type(model).__name__}")
+    if layers > len(stack):
+        raise ValueError(f"the decoder has {len(stack)} layers; cannot keep {layers}")
+    del stack[layers:]
+    for cfg in configs:
+        setattr(cfg, attr, layers)
+    if isinstance(model, T5ForConditionalGeneration):
+        model.decoder.config.num_layers = layers
+
+
 def build_base(name: str):
     """(model, tokenizer, kind) for a base model: a built-in name or an HF model directory / hub id."""
     if name in BUILDERS:

@@ -74,6 +74,16 @@ def eos_id(tokenizer, model=None) -> int:
     raise ValueError("the tokenizer has no end-of-sequence token")
 
 
+def decoder_start_id(model) -> int:
+    """The token a seq2seq decoder starts from (BERT2BERT keeps it in its decoder config)."""
+    start = model.config.decoder_start_token_id
+    if start is None:
+        start = getattr(getattr(model.config, "decoder", None), "decoder_start_token_id", None)
+    if start is None:
+        raise ValueError("model config has no decoder_start_token_id")
+    return start
+
+
 def target_ids(tokenizer, text: str, max_tokens: int, eos: int) -> tuple[list[int], bool]:
     """Token ids a model is trained to emit for ``text``: its tokens then end-of-sequence.
 
@@ -284,12 +294,7 @@ class Ranker:
 
     # -- seq2seq --------------------------------------------------------------------
     def _start_id(self) -> int:
-        start = self.model.config.decoder_start_token_id
-        if start is None:
-            start = getattr(getattr(self.model.config, "decoder", None), "decoder_start_token_id", None)
-        if start is None:
-            raise ValueError("model config has no decoder_start_token_id")
-        return start
+        return decoder_start_id(self.model)
 
     def _seq2seq_naive(self, src: list[int], ids: list[list[int]]) -> list[float]:
         start = self._start_id()

@@ -378,3 +378,18 @@ def test_unrecognised_directory(tmp_path):
     assert "meta_" in str(err)
     write(tmp_path / "Games.json", jsonl([{"reviewerID": "u", "asin": "a"}]))
     raises_at(lambda: load_dataset(tmp_path), tmp_path.name, None, "meta_")
+
+
+def test_full_games_is_shipped_and_splits_as_the_source():
+    """The whole Games data ships in the package (the quick start trains on it); its derived
+    validation cases are the sample's verbatim validation rows for the same users."""
+    full = load_dataset("games")
+    assert (len(full.sequences), len(full.items)) == (50546, 16859)
+    assert (Path(full.source) / "LICENSE").is_file() and (Path(full.source) / "SOURCE.md").is_file()
+    split = full.split()
+    assert len(split.train) == 288626 and len(split.valid) == len(split.test) == 50546
+    sample = load_dataset("games-sample")
+    valid = {c.user_id: c for c in split.valid}
+    for case in sample.split().valid:
+        assert valid[case.user_id] == case
+    assert all(full.title(i) == sample.title(i) for i in sample.items)

@@ -144,3 +144,30 @@ def test_freeze_encoder_trains_only_the_decoder(tmp_path):
     assert encoder and decoder
     assert all(torch.equal(p, base_params[n]) for n, p in encoder.items())
     assert any(not torch.equal(p, base_params[n]) for n, p in decoder.items())
+
+
+@pytest.mark.parametrize("base", ["tiny-random", "tiny-random-t5"])
+def test_listwise_objective_with_a_cut_decoder_trains_and_resumes(tmp_path, base):
+    """--objective listwise on BERT2BERT and the generic seq2seq path (T5), with --decoder-layers:
+    the listwise terms are logged, the saved model has the cut decoder, and a rerun resumes."""
+    out = tmp_path / "lw"
+    args = ("--base", base, "--objective", "listwise", "--decoder-layers", "1", "--max-steps", "8", "--eval-steps", "8",
+            "--save-steps", "4", "--no-bf16")
+    proc = subprocess.run(_train_cmd(out, *args), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "'listwise':" in proc.stdout + proc.stderr and "'target_first':" in proc.stdout + proc.stderr
+    meta = read_meta(out / "model")
+    assert meta["preset"]["objective"] == "listwise" and meta["preset"]["decoder_layers"] == 1
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert (config["decoder"]["num_hidden_layers"] if base == "tiny-random" else config["num_decoder_layers"]) == 1
+    again = subprocess.run(_train_cmd(out, *args[:-7], "--max-steps", "12", "--eval-steps", "12", "--save-steps", "4",
+                                      "--no-bf16"), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    meta = read_meta(out / "model")
+    assert meta["steps"] == 12 and Path(meta["resumed_from"]).name == "checkpoint-8"
+
+
+def test_unknown_objective_is_refused(tmp_path):
+    proc = subprocess.run(_train_cmd(tmp_path / "o", "--objective", "pairwise"), cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "invalid choice: 'pairwise'" in proc.stderr

@@ -32,6 +32,14 @@ class Preset:
     # Train only the decoder (with its cross-attention): the encoder keeps its pretrained
     # representations and costs no backward pass.
     freeze_encoder: bool = False
+    # What training minimises: "mle" (the target's likelihood, paper Eq. 1) or "listwise"
+    # (softmax over the target and sampled negatives + mle_weight x mle; training/objectives.py).
+    objective: str = "mle"
+    popular_negatives: int = 1  # listwise: negatives drawn by training popularity ...
+    uniform_negatives: int = 2  # ... and uniformly (never items the user touched)
+    mle_weight: float = 0.5
+    decoder_layers: int | None = None  # keep only the decoder's first N layers (None = all)
+    max_cases: int | None = None  # seeded subsample of training cases (None = all)
     eval_steps: int = 250
     save_steps: int = 50  # resumable checkpoints: at most this many steps are redone after a crash
     eval_users: int = 200  # validation cases ranked (1 positive + 9 negatives) at each evaluation

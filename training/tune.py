@@ -32,14 +32,15 @@ import torch
 from instructrec.aspects import UserNeed
 from instructrec.checkpoint import read_meta, write_meta
 from instructrec.instruction import build as build_instruction
-from instructrec.modeling import LoadedModel, build_base, cpu_has_bf16, resolve_device
-from instructrec.ranker import Ranker, target_ids, eos_id
+from instructrec.modeling import LoadedModel, build_base, cpu_has_bf16, cut_decoder, resolve_device
+from instructrec.ranker import Ranker, decoder_start_id, eos_id, target_ids
 from instructrec.templates import TEMPLATE_VERSION
 
 from .data.load import load_dataset
 from .data.types import Case, InteractionData
 from .instructions import Example, Mixture, build_examples, read_examples, summary, write_examples
 from .metrics import candidate_set, metrics_from_ranks, rank_of
+from .objectives import OBJECTIVES, ListwiseCollator, NegativeSampler, attach_negatives, listwise_loss
 from .presets import Preset
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,16 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
     model, tokenizer, kind = build_base(preset.base)
     if kind != "seq2seq":
         raise TrainingError(f"base model {preset.base!r} is not a seq2seq model; instruction tuning here trains encoder-decoders")
+    if preset.objective not in OBJECTIVES:
+        raise TrainingError(f"unknown objective {preset.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if preset.decoder_layers:
+        cut_decoder(model, preset.decoder_layers)
     eos = eos_id(tokenizer, model)
+    train_cases = split.train
+    if preset.max_cases and len(train_cases) > preset.max_cases:
+        import random
+
+        train_cases = random.Random(preset.seed).sample(train_cases, preset.max_cases)
 
     examples_path = out / "instructions.jsonl"
     if examples_path.exists() and resume:
@@ -175,8 +185,8 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
 
             annotations = load_annotations(Path(annotations_path))
         else:
-            annotations = annotate_offline(data, split.train, out / "annotations.jsonl", progress)
-        examples = build_examples(data, split.train, annotations, tokenizer, preset.max_source_tokens,
+            annotations = annotate_offline(data, train_cases, out / "annotations.jsonl", progress)
+        examples = build_examples(data, train_cases, annotations, tokenizer, preset.max_source_tokens,
                                   seed=preset.seed, mixture=Mixture(per_case=preset.per_case, history_share=preset.history_share))
         write_examples(examples_path, examples)
     if not examples:
@@ -184,6 +194,12 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
     stats = summary(examples)
     (out / "instructions_summary.json").write_text(json.dumps(stats, indent=2) + "\n")
     features = tokenize_examples(examples, tokenizer, preset, eos)
+    if preset.objective == "listwise":
+        # popularity over every training case of the data, not only the sampled ones
+        sampler = NegativeSampler(data, split.train, popular=preset.popular_negatives, uniform=preset.uniform_negatives)
+        listed = attach_negatives(features, examples, data, sampler, tokenizer, preset.max_target_tokens, eos, preset.seed)
+        log.info("listwise: %d of %d examples contrast their target with %d negatives", listed, len(features),
+                 preset.popular_negatives + preset.uniform_negatives)
     valid_cases = split.valid
     if len(valid_cases) > preset.eval_users:
         import random
@@ -206,7 +222,7 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
         "template_version": TEMPLATE_VERSION,
         "preset": asdict(preset),
         "data": {"name": data.name, "source": data.source, "users": len(data.sequences), "items": len(data.items),
-                 "train_cases": len(split.train), "examples": len(examples), "validation_cases": len(valid_cases)},
+                 "train_cases": len(split.train), "cases_used": len(train_cases), "examples": len(examples), "validation_cases": len(valid_cases)},
         "instructions": stats,
         "lora": lora,
         "bf16": use_bf16,
@@ -217,7 +233,24 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
     best = read_meta(best_dir).get("validation", {}).get("hr@1", -1.0) if best_dir.exists() else -1.0
     timing = {"train_seconds": 0.0, "examples": 0}
 
+    start_id, pad_id = decoder_start_id(model), tokenizer.pad_token_id or 0
+    loss_parts: dict[str, list[float]] = {}
+
     class RecTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if "cand_labels" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss, parts = listwise_loss(model, inputs, start_id=start_id, pad_id=pad_id, mle_weight=preset.mle_weight)
+            for k, v in parts.items():
+                loss_parts.setdefault(k, []).append(v)
+            return (loss, None) if return_outputs else loss
+
+        def log(self, logs, *args, **kwargs):
+            if "loss" in logs and loss_parts:  # the listwise terms, averaged since the last log
+                logs.update({k: round(sum(v) / len(v), 4) for k, v in loss_parts.items()})
+                loss_parts.clear()
+            super().log(logs, *args, **kwargs)
+
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
             nonlocal best
             start = time.perf_counter()
@@ -274,15 +307,24 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
         remove_unused_columns=False,
     )
     train_set = _Examples(features)
+    collator = (ListwiseCollator(pad_id) if preset.objective == "listwise"
+                else DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100))
     trainer = RecTrainer(
         model=model,
         args=args,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100),
+        data_collator=collator,
         train_dataset=train_set,
         eval_dataset=train_set,  # unused: evaluate() ranks validation cases instead
         processing_class=tokenizer,
         callbacks=[Throughput()],
     )
+    if preset.objective == "listwise":
+        if args.world_size > 1:
+            # the loss calls the encoder and decoder directly, outside DDP's forward, so
+            # gradients would not be synchronised across processes
+            raise TrainingError("--objective listwise runs in one process (one GPU or the CPU); "
+                                "use --objective mle for multi-process (DDP) runs")
+        trainer.loss_is_scaled_for_ga = False  # listwise_loss is a batch mean: divide by accumulation
     ckpt = _last_good_checkpoint(out / "checkpoints") if resume else None
     if ckpt:
         log.info("resuming from %s", ckpt)

@@ -30,6 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-case", type=int, help="instruction examples per training case")
     parser.add_argument("--history-share", type=float, help="share of examples on the history-only need (0..1)")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--objective", choices=["mle", "listwise"],
+                        help="mle: the target's likelihood (paper Eq. 1); listwise: softmax over the target and sampled "
+                             "negatives + --mle-weight x mle (default: the preset's)")
+    parser.add_argument("--popular-negatives", type=int, help="listwise: negatives drawn by training popularity")
+    parser.add_argument("--uniform-negatives", type=int, help="listwise: negatives drawn uniformly")
+    parser.add_argument("--mle-weight", type=float, help="listwise: weight of the target's likelihood loss")
+    parser.add_argument("--decoder-layers", type=int, help="keep only the decoder's first N layers (BERT2BERT, T5)")
+    parser.add_argument("--max-cases", type=int, help="build instructions from a seeded subsample of this many training cases")
     freeze = parser.add_mutually_exclusive_group()
     freeze.add_argument("--freeze-encoder", dest="freeze_encoder", action="store_true", default=None,
                         help="train the decoder and its cross-attention only (default: the preset's)")
@@ -53,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
         grad_accum=args.grad_accum, learning_rate=args.learning_rate, max_history=args.max_history,
         max_source_tokens=args.max_source_tokens, eval_steps=args.eval_steps, save_steps=args.save_steps,
         eval_users=args.eval_users, per_case=args.per_case, history_share=args.history_share, seed=args.seed,
-        freeze_encoder=args.freeze_encoder)
+        freeze_encoder=args.freeze_encoder, objective=args.objective, popular_negatives=args.popular_negatives,
+        uniform_negatives=args.uniform_negatives, mle_weight=args.mle_weight, decoder_layers=args.decoder_layers,
+        max_cases=args.max_cases)
     try:
         meta = train(preset, args.out, data_path=args.data, annotations_path=args.annotations, device=args.device,
                      bf16=args.bf16, lora=args.lora, resume=args.resume, progress=args.progress)

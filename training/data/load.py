@@ -1,6 +1,7 @@
 """One entry point for every supported data layout: :func:`load_dataset`.
 
->>> data = load_dataset("games-sample")          # the sample shipped with the package
+>>> data = load_dataset("games")                 # the full Games data shipped with the package
+>>> data = load_dataset("games-sample")          # its 3,000-user sample (tests)
 >>> data = load_dataset("../shared/data/games")  # RecBole sequence files
 >>> split = data.split()
 """
@@ -15,11 +16,12 @@ from training.data.recbole import contents, load_recbole_atomic, load_recbole_se
 from training.data.types import DataError, InteractionData
 
 SAMPLES_DIR = Path(__file__).resolve().parent / "sample"
+FULL_DIR = Path(__file__).resolve().parent / "full"  # whole datasets shipped with the package: "games"
 JSON_SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz")
 EXPECTED = (
     "expected one of: RecBole sequence files (<Name>.item + <Name>.test.inter [+ .valid.inter]); "
     "RecBole atomic files (<Name>.inter + <Name>.item); Amazon 2018 JSON lines "
-    "(<reviews>.json[.gz] + meta_<Category>.json[.gz]); or a shipped sample name ({samples})"
+    "(<reviews>.json[.gz] + meta_<Category>.json[.gz]); or a shipped dataset name ({samples})"
 )
 
 
@@ -29,8 +31,16 @@ def available_samples() -> list[str]:
     return sorted(p.name for p in SAMPLES_DIR.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
 
 
+def shipped_datasets() -> list[str]:
+    """Whole datasets inside the package (``games``: the paper's Games data, see ``full/games/SOURCE.md``)."""
+    if not FULL_DIR.is_dir():
+        return []
+    return sorted(p.name for p in FULL_DIR.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+
+
 def _expected() -> str:
-    return EXPECTED.format(samples=", ".join(f"{n}-sample" for n in available_samples()) or "none installed")
+    names = [*shipped_datasets(), *(f"{n}-sample" for n in available_samples())]
+    return EXPECTED.format(samples=", ".join(names) or "none installed")
 
 
 def sample_path(name: str = "games") -> Path:
@@ -83,6 +93,8 @@ def load_dataset(path: str | Path, *, min_core: int | None = None) -> Interactio
         m = re.fullmatch(r"([\w.]+)-sample", str(path))
         if m and m.group(1) in available_samples():
             p = sample_path(m.group(1))
+        elif str(path) in shipped_datasets():
+            p = FULL_DIR / str(path)
         else:
             raise DataError(p, None, f"no such file or directory; {_expected()}")
     if not p.is_dir():
