@@ -18,10 +18,13 @@ import torch
 
 log = logging.getLogger(__name__)
 
-MINILM = "minilm-bert2bert"  # name of the embedded default base model
+MINILM = "minilm-bert2bert"  # the embedded BERT2BERT base model
+MINILM_PREFIX = "minilm-prefixlm"  # the embedded prefix-LM base model (instructrec/prefixlm.py)
 TINY = "tiny-random"  # a tiny randomly initialised BERT2BERT for tests and the smoke preset
 TINY_T5 = "tiny-random-t5"  # a tiny randomly initialised T5, for tests of the generic path
 TINY_CAUSAL = "tiny-random-causal"  # a tiny randomly initialised GPT-2-style decoder-only model
+TINY_PREFIX = "tiny-random-prefixlm"  # a tiny randomly initialised prefix-LM
+PREFIX_LM = "prefix-lm"  # LoadedModel.kind of the prefix-LM shape
 
 DEFAULT_MODEL_DIR = Path("artifacts") / "quickstart" / "model"  # where the quick start puts its model
 TRAIN_HINT = "instructrec train --preset quick --out artifacts/quickstart"
@@ -41,7 +44,7 @@ class LoadedModel:
     model: Any  # a transformers PreTrainedModel, in eval mode
     tokenizer: Any
     name: str  # base model or checkpoint path, for reports
-    kind: str  # "seq2seq" or "causal"
+    kind: str  # "seq2seq", "causal" or "prefix-lm"
     device: torch.device
     dtype: torch.dtype
     meta: dict = field(default_factory=dict)  # instructrec.json of a checkpoint, if any
@@ -135,8 +138,44 @@ def build_tiny_causal(seed: int = 0):
     return GPT2LMHeadModel(config), tokenizer
 
 
-BUILDERS = {MINILM: build_minilm_bert2bert, TINY: build_tiny_bert2bert, TINY_T5: build_tiny_t5,
-            TINY_CAUSAL: build_tiny_causal}
+def _configure_prefix_lm(model, tokenizer) -> None:
+    # a candidate starts from [CLS] and ends with [SEP], as BERT2BERT's targets do
+    model.config.decoder_start_token_id = tokenizer.cls_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.sep_token_id
+
+
+def build_minilm_prefix_lm():
+    """The prefix-LM warm-started from all-MiniLM-L6-v2 (23 M parameters): every attention
+    weight is pretrained; only the head's transform starts random, its output layer is the
+    word embeddings."""
+    from .prefixlm import build_from_bert
+
+    model = build_from_bert(str(minilm_path()))
+    tokenizer = minilm_tokenizer()
+    _configure_prefix_lm(model, tokenizer)
+    return model, tokenizer
+
+
+def build_tiny_prefix_lm(seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4):
+    """A tiny randomly initialised prefix-LM on the MiniLM tokenizer (tests)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from .prefixlm import mark
+
+    tokenizer = minilm_tokenizer()
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=hidden * 2, max_position_embeddings=512)
+    torch.manual_seed(seed)
+    model = BertForMaskedLM(config)
+    mark(model)
+    _configure_prefix_lm(model, tokenizer)
+    return model, tokenizer
+
+
+BUILDERS = {MINILM: build_minilm_bert2bert, MINILM_PREFIX: build_minilm_prefix_lm, TINY: build_tiny_bert2bert,
+            TINY_T5: build_tiny_t5, TINY_CAUSAL: build_tiny_causal, TINY_PREFIX: build_tiny_prefix_lm}
+KINDS = {TINY_CAUSAL: "causal", MINILM_PREFIX: PREFIX_LM, TINY_PREFIX: PREFIX_LM}
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -219,8 +258,7 @@ def build_base(name: str):
     """(model, tokenizer, kind) for a base model: a built-in name or an HF model directory / hub id."""
     if name in BUILDERS:
         model, tokenizer = BUILDERS[name]()
-        kind = "causal" if name == TINY_CAUSAL else "seq2seq"
-        return model, tokenizer, kind
+        return model, tokenizer, KINDS.get(name, "seq2seq")
     return _from_pretrained(name)
 
 
@@ -229,8 +267,14 @@ def _from_pretrained(path: str):
 
     if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
         raise FileNotFoundError(f"model {path!r} is neither a built-in ({', '.join(BUILDERS)}) nor a local directory, and HF_HUB_OFFLINE is set")
+    from .prefixlm import is_prefix_lm
+
     config = AutoConfig.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if is_prefix_lm(config):
+        from transformers import BertForMaskedLM
+
+        return BertForMaskedLM.from_pretrained(path), tokenizer, PREFIX_LM
     if config.is_encoder_decoder:
         model = AutoModelForSeq2SeqLM.from_pretrained(path)
         kind = "seq2seq"

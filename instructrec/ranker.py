@@ -21,7 +21,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .modeling import LoadedModel
+from . import prefixlm
+from .modeling import PREFIX_LM, LoadedModel
 
 REDUCTIONS = ("mean", "sum")
 DEFAULT_TARGET_TOKENS = 48
@@ -135,8 +136,8 @@ class Ranker:
         self.device = loaded.device
         self.kind = loaded.kind
         limit = _position_limit(self.model)
-        if loaded.kind == "causal":
-            limit -= max_target_tokens  # the prefix and the candidate share the positions
+        if loaded.kind in ("causal", PREFIX_LM):
+            limit -= max_target_tokens  # the instruction and the candidate share the positions
         self.max_source_tokens = min(max_source_tokens or limit, limit)  # instruction tokens actually kept
         self.max_target_tokens = max_target_tokens
         self.batch_tokens = batch_tokens
@@ -179,6 +180,8 @@ class Ranker:
         ids = [e.targets for e in encoded]
         if self.kind == "causal":
             sums = [(self._causal_naive if naive else self._causal_fast)(s, i) for s, i in zip(srcs, ids)]
+        elif self.kind == PREFIX_LM:
+            sums = [self._prefix_naive(s, i) for s, i in zip(srcs, ids)] if naive else self._prefix_fast(srcs, ids)
         elif naive:
             sums = [self._seq2seq_naive(s, i) for s, i in zip(srcs, ids)]
         else:
@@ -381,6 +384,47 @@ class Ranker:
         index = torch.tensor(owners, device=self.device)
         return lambda x: x.index_select(0, index)
 
+    # -- prefix-LM ------------------------------------------------------------------
+    def _prefix_naive(self, src: list[int], ids: list[list[int]]) -> list[float]:
+        head = _prefix_head(self.model)
+        start, out = self._start_id(), []
+        for t in ids:
+            hidden = prefixlm.full_forward(self.model.bert, src, [start] + t[:-1])
+            logits = head(hidden)
+            out.append(float(torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(t, device=self.device)[:, None]).sum()))
+        return out
+
+    def _prefix_fast(self, srcs: list[list[int]], ids: list[list[list[int]]]) -> list[list[float]]:
+        """All instructions in one padded pass that keeps every layer's keys/values; then the
+        candidates of all of them in length buckets, each row reading its instruction's
+        keys/values (views when a bucket holds one request's rows), the head only at real
+        positions and once over all buckets."""
+        bert = self.model.bert
+        lengths = torch.tensor([len(s) for s in srcs], device=self.device)
+        inp = self._pad(srcs)
+        mask = (torch.arange(inp.shape[1], device=self.device)[None, :] < lengths[:, None]).long()
+        _, kv = prefixlm.read_instruction(bert, inp, mask)
+        flat = [(r, j) for r, req in enumerate(ids) for j in range(len(req))]
+        targets = [ids[r][j] for r, j in flat]
+        start = self._start_id()
+        states, labels_at, rows_at = [], [], []
+        for chunk in self._chunks(targets):
+            rows = [targets[i] for i in chunk]
+            pick = self._picker([flat[i][0] for i in chunk])
+            labels = self._pad(rows)
+            inputs = torch.cat([torch.full((len(rows), 1), start, device=self.device), labels[:, :-1]], dim=1)
+            hidden = prefixlm.decode_candidates(bert, kv, lengths, inputs, pick)
+            h, lab, row = self._real_positions(hidden, labels, [len(t) for t in rows])
+            states.append(h)
+            labels_at.append(lab)
+            rows_at.append(torch.tensor(chunk, device=self.device)[row])
+        lp = self._head_logprobs(torch.cat(states), torch.cat(labels_at), _prefix_head(self.model))
+        totals = torch.zeros(len(targets), device=self.device).index_add_(0, torch.cat(rows_at), lp).tolist()
+        sums = [[0.0] * len(req) for req in ids]
+        for (r, j), value in zip(flat, totals):
+            sums[r][j] = value
+        return sums
+
     # -- decoder-only ---------------------------------------------------------------
     def _causal_naive(self, src: list[int], ids: list[list[int]]) -> list[float]:
         out = []
@@ -456,6 +500,11 @@ def _view_cache(pairs: list[tuple[torch.Tensor, torch.Tensor]]):
         layer.lazy_initialization(keys, values)
         layer.keys, layer.values = keys, values
     return cache
+
+
+def _prefix_head(model) -> "_Head":
+    predictions = model.cls.predictions
+    return _Head(predictions.transform, predictions.decoder)
 
 
 def _position_limit(model) -> int:

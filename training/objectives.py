@@ -26,7 +26,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from instructrec.ranker import _decoder_parts, targets_ids
+from instructrec import prefixlm
+from instructrec.ranker import _decoder_parts, _prefix_head, targets_ids
 from instructrec.templates import Target
 
 from .data.types import Case, InteractionData
@@ -72,6 +73,18 @@ class NegativeSampler:
                 else:
                     raise ValueError(f"could not draw a negative for user {user_id}: too few unseen items")
         return out
+
+
+def freeze_bottom(model, layers: int) -> None:
+    """Freeze a prefix-LM's embeddings and its first ``layers`` layers: they keep their
+    pretrained weights, cost no backward pass, and run without dropout."""
+    bert = model.bert
+    if not 0 <= layers <= len(bert.encoder.layer):
+        raise ValueError(f"the model has {len(bert.encoder.layer)} layers; cannot freeze {layers}")
+    for part in (bert.embeddings, *bert.encoder.layer[:layers]):
+        for p in part.parameters():
+            p.requires_grad_(False)
+    # the output layer is tied to the (frozen) word embeddings; its bias and the transform still learn
 
 
 def rankable(example, data: InteractionData) -> bool:
@@ -128,12 +141,23 @@ class ListwiseCollator:
 def candidate_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cand_labels: torch.Tensor,
                        cand_owner: torch.Tensor, start_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log p of each candidate row given its instruction, tokens per row), with
-    gradients. The encoder runs once per instruction (under ``no_grad`` and in eval mode when
-    it is frozen); rows read their instruction's states; the vocabulary head runs only at
-    real target positions. The same arithmetic as the ranker's, so the scores trained are
-    the scores served."""
+    gradients. The instruction is read once (a seq2seq encoder under ``no_grad`` and in eval
+    mode when it is frozen; a prefix-LM's keys/values per layer); rows read their
+    instruction's states; the vocabulary head runs only at real target positions. The same
+    arithmetic as the ranker's, so the scores trained are the scores served."""
     if hasattr(model, "get_base_model"):  # peft: the LoRA layers live inside the base model
         model = model.get_base_model()
+    real = cand_labels != -100
+    labels = cand_labels.masked_fill(~real, pad_id)
+    dec = torch.cat([torch.full_like(labels[:, :1], start_id), labels[:, :-1]], dim=1)
+    if prefixlm.is_prefix_lm(model.config):
+        for part in (model.bert.embeddings, *model.bert.encoder.layer):
+            if not any(p.requires_grad for p in part.parameters()):
+                part.eval()  # no dropout in a part that does not learn
+        _, kv = prefixlm.read_instruction(model.bert, input_ids, attention_mask)
+        hidden = prefixlm.decode_candidates(model.bert, kv, attention_mask.sum(dim=1), dec,
+                                            lambda t: t.index_select(0, cand_owner))
+        return _summed(_prefix_head(model)(hidden[real]), labels, real)
     encoder = model.get_encoder()
     frozen = not any(p.requires_grad for p in encoder.parameters())
     if frozen:
@@ -143,11 +167,12 @@ def candidate_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     else:
         enc = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     body, head = _decoder_parts(model)
-    real = cand_labels != -100
-    labels = cand_labels.masked_fill(~real, pad_id)
-    dec = torch.cat([torch.full_like(labels[:, :1], start_id), labels[:, :-1]], dim=1)
     hidden = body(dec, enc.index_select(0, cand_owner), attention_mask.index_select(0, cand_owner), None)
-    logits = head(hidden[real])
+    return _summed(head(hidden[real]), labels, real)
+
+
+def _summed(logits: torch.Tensor, labels: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed log p(label) from the logits at the real positions, and tokens per row."""
     token_lp = -F.cross_entropy(logits.float(), labels[real], reduction="none")
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)[real]
     sums = torch.zeros(labels.shape[0], device=labels.device, dtype=token_lp.dtype).index_add(0, rows, token_lp)

@@ -39,6 +39,7 @@ class Preset:
     uniform_negatives: int = 2  # ... and uniformly (never items the user touched)
     mle_weight: float = 0.5
     decoder_layers: int | None = None  # keep only the decoder's first N layers (None = all)
+    frozen_layers: int | None = None  # prefix-LM: freeze the embeddings and the first N layers
     max_cases: int | None = None  # seeded subsample of training cases (None = all)
     eval_steps: int = 250
     save_steps: int = 50  # resumable checkpoints: at most this many steps are redone after a crash

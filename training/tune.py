@@ -32,7 +32,7 @@ import torch
 from instructrec.aspects import UserNeed
 from instructrec.checkpoint import read_meta, write_meta
 from instructrec.instruction import build as build_instruction
-from instructrec.modeling import LoadedModel, build_base, cpu_has_bf16, cut_decoder, resolve_device
+from instructrec.modeling import PREFIX_LM, LoadedModel, build_base, cpu_has_bf16, cut_decoder, resolve_device
 from instructrec.ranker import Ranker, decoder_start_id, eos_id, target_ids
 from instructrec.templates import TEMPLATE_VERSION
 
@@ -40,7 +40,7 @@ from .data.load import load_dataset
 from .data.types import Case, InteractionData
 from .instructions import Example, Mixture, build_examples, read_examples, summary, write_examples
 from .metrics import candidate_set, metrics_from_ranks, rank_of
-from .objectives import OBJECTIVES, ListwiseCollator, NegativeSampler, attach_negatives, listwise_loss
+from .objectives import OBJECTIVES, ListwiseCollator, NegativeSampler, attach_negatives, freeze_bottom, listwise_loss
 from .presets import Preset
 
 log = logging.getLogger(__name__)
@@ -55,11 +55,11 @@ class TrainingError(RuntimeError):
 
 
 def validation_metrics(model, tokenizer, data: InteractionData, cases: list[Case], preset: Preset,
-                       device: torch.device, n_negatives: int = 9) -> dict[str, float]:
+                       device: torch.device, n_negatives: int = 9, kind: str = "seq2seq") -> dict[str, float]:
     """HR/NDCG of the likelihood ranker on ``cases`` (1 positive + ``n_negatives``), serving path."""
     was_training = model.training
     model.eval()
-    loaded = LoadedModel(model=model, tokenizer=tokenizer, name="training", kind="seq2seq", device=device,
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, name="training", kind=kind, device=device,
                          dtype=next(model.parameters()).dtype)
     ranker = Ranker(loaded, max_source_tokens=preset.max_source_tokens, max_target_tokens=preset.max_target_tokens)
     ranks = []
@@ -162,8 +162,11 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
         data = data.sample_users(preset.users, seed=preset.seed)
     split = data.split(preset.max_history)
     model, tokenizer, kind = build_base(preset.base)
-    if kind != "seq2seq":
-        raise TrainingError(f"base model {preset.base!r} is not a seq2seq model; instruction tuning here trains encoder-decoders")
+    if kind not in ("seq2seq", PREFIX_LM):
+        raise TrainingError(f"base model {preset.base!r} is a {kind} model; instruction tuning here trains "
+                            "encoder-decoders and the prefix-LM")
+    if kind == PREFIX_LM and preset.freeze_encoder:
+        raise TrainingError("a prefix-LM has no separate encoder: use --frozen-layers N instead of --freeze-encoder")
     if preset.objective not in OBJECTIVES:
         raise TrainingError(f"unknown objective {preset.objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if preset.decoder_layers:
@@ -207,6 +210,8 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
         valid_cases = sorted(random.Random(preset.seed).sample(valid_cases, preset.eval_users), key=lambda c: c.user_id)
 
     # -- model and trainer ---------------------------------------------------------
+    if lora and kind != "seq2seq":
+        raise TrainingError("--lora trains adapters of a seq2seq model (e.g. Flan-T5); the prefix-LM trains in full")
     if lora:
         try:
             from peft import LoraConfig, TaskType, get_peft_model
@@ -217,6 +222,10 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
     if preset.freeze_encoder:
         for param in model.get_encoder().parameters():
             param.requires_grad_(False)
+    if preset.frozen_layers:
+        if kind != PREFIX_LM:
+            raise TrainingError("--frozen-layers applies to a prefix-LM; use --freeze-encoder for an encoder-decoder")
+        freeze_bottom(model, preset.frozen_layers)
     base_meta = {
         "base_model": preset.base,
         "template_version": TEMPLATE_VERSION,
@@ -257,7 +266,7 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
             # Under Trainer the model's forward autocasts when bf16 is on; rank under the same
             # autocast so every part of the fast path computes in one dtype.
             with torch.autocast(self.args.device.type, dtype=torch.bfloat16, enabled=bool(self.args.bf16)):
-                metrics = validation_metrics(self.model, tokenizer, data, valid_cases, preset, self.args.device)
+                metrics = validation_metrics(self.model, tokenizer, data, valid_cases, preset, self.args.device, kind=kind)
             metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
             metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - start, 2)
             self.log(dict(metrics))
@@ -307,7 +316,8 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
         remove_unused_columns=False,
     )
     train_set = _Examples(features)
-    collator = (ListwiseCollator(pad_id) if preset.objective == "listwise"
+    # the listwise path scores candidates itself; a prefix-LM trains through it for mle too (no negatives)
+    collator = (ListwiseCollator(pad_id) if preset.objective == "listwise" or kind == PREFIX_LM
                 else DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100))
     trainer = RecTrainer(
         model=model,

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="smoke: tiny model, <1 min (tests); quick: the quick-start default, <=15 min on 2 cores; full: the quality run")
     parser.add_argument("--out", required=True, help="output directory (the model lands in OUT/model)")
     parser.add_argument("--data", help="dataset directory or 'games-sample' (default: the preset's)")
-    parser.add_argument("--base", help="base model: a built-in name (minilm-bert2bert, tiny-random), an HF model directory, or a hub id such as google/flan-t5-xl")
+    parser.add_argument("--base", help="base model: a built-in name (minilm-prefixlm, minilm-bert2bert, tiny-random, tiny-random-prefixlm), an HF model directory, or a hub id such as google/flan-t5-xl")
     parser.add_argument("--annotations", help="annotations.jsonl from `instructrec annotate` (default: run the offline teacher)")
     parser.add_argument("--users", type=int, help="train on a seeded subsample of this many users")
     parser.add_argument("--max-steps", type=int)
@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--uniform-negatives", type=int, help="listwise: negatives drawn uniformly")
     parser.add_argument("--mle-weight", type=float, help="listwise: weight of the target's likelihood loss")
     parser.add_argument("--decoder-layers", type=int, help="keep only the decoder's first N layers (BERT2BERT, T5)")
+    parser.add_argument("--frozen-layers", type=int, help="prefix-LM: freeze the embeddings and the first N layers")
     parser.add_argument("--max-cases", type=int, help="build instructions from a seeded subsample of this many training cases")
     freeze = parser.add_mutually_exclusive_group()
     freeze.add_argument("--freeze-encoder", dest="freeze_encoder", action="store_true", default=None,
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         max_source_tokens=args.max_source_tokens, eval_steps=args.eval_steps, save_steps=args.save_steps,
         eval_users=args.eval_users, per_case=args.per_case, history_share=args.history_share, seed=args.seed,
         freeze_encoder=args.freeze_encoder, objective=args.objective, popular_negatives=args.popular_negatives,
-        uniform_negatives=args.uniform_negatives, mle_weight=args.mle_weight, decoder_layers=args.decoder_layers,
+        uniform_negatives=args.uniform_negatives, mle_weight=args.mle_weight, decoder_layers=args.decoder_layers, frozen_layers=args.frozen_layers,
         max_cases=args.max_cases)
     try:
         meta = train(preset, args.out, data_path=args.data, annotations_path=args.annotations, device=args.device,
