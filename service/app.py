@@ -27,7 +27,8 @@ from .settings import Settings
 
 log = logging.getLogger("instructrec.service")
 
-ROUTES = ("/rerank", "/v1/rerank", "/health", "/ready", "/metrics")
+ROUTES = ("/rerank", "/v1/rerank", "/v2/rerank", "/health", "/ready", "/metrics")
+COMPAT_ROUTES = ("/v1/rerank", "/v2/rerank")  # errors in Cohere's shape there
 
 
 class ConfigError(ValueError):
@@ -161,7 +162,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="instructrec", version="0.1.0", lifespan=lifespan,
                   description="Rerank candidates by the likelihood of each title given the user's instruction.")
     app.state.service = state
-    install_errors(app, lambda reason: state.metrics.rejected.labels(reason).inc())
+    install_errors(app, lambda reason: state.metrics.rejected.labels(reason).inc(), compat_paths=COMPAT_ROUTES)
     from .routes import router
 
     app.include_router(router)

@@ -47,6 +47,7 @@ class Prepared:
     source_ids: list[int]  # instruction tokens the model sees
     source_cut: int  # instruction tokens cut by the ranker (0 when it fit)
     targets: dict[str, tuple[list[int], bool]]  # per distinct candidate text: (ids with end-of-sequence, was cut)
+    max_target_tokens: int | None = None  # a request's own (lower) candidate limit; None: the ranker's
 
     @property
     def source_tokens(self) -> int:
@@ -62,6 +63,13 @@ class Prepared:
         """What the ranker scores for these candidate texts (a subset, e.g. the cache misses)."""
         return Encoded(self.source_ids, self.source_cut, [self.targets[t][0] for t in texts],
                        sum(self.targets[t][1] for t in texts))
+
+
+def _cap(ids: list[int], cut: bool, limit: int) -> tuple[list[int], bool]:
+    """Candidate ids (ending with end-of-sequence) cut to ``limit`` ids, end-of-sequence kept."""
+    if len(ids) <= limit:
+        return ids, cut
+    return ids[: limit - 1] + ids[-1:], True
 
 
 class Engine:
@@ -101,15 +109,24 @@ class Engine:
     def key_parts(self, prepared: Prepared) -> tuple[str, ...]:
         r = self.ranker
         # precision is part of the key: a bf16 or int8 replica's scores differ slightly from float32's
+        limit = prepared.max_target_tokens or r.max_target_tokens
         return (self.version, self.loaded.precision, TEMPLATE_VERSION, prepared.instruction.template.id, r.reduction,
-                str(r.max_source_tokens), str(r.max_target_tokens), prepared.instruction.source)
+                str(r.max_source_tokens), str(limit), prepared.instruction.source)
 
     # -- preparation (prep thread) -------------------------------------------------------
-    def prepare(self, need: UserNeed, template_id: str | None, candidates: Sequence[str]) -> Prepared:
+    def prepare(self, need: UserNeed, template_id: str | None, candidates: Sequence[str],
+                max_text_tokens: int | None = None) -> Prepared:
         """Select the template (the core's one selection function), fit the instruction, and
-        tokenise it and each distinct candidate."""
+        tokenise it and each distinct candidate. ``max_text_tokens`` (a request's
+        ``max_tokens_per_doc``) cuts each candidate to that many of its own tokens, plus
+        end-of-sequence, when that is below the ranker's limit."""
         inst, source_ids, source_cut = self._instruction(need, template_id)
-        return Prepared(inst, source_ids, source_cut, self._targets(list(dict.fromkeys(candidates))))
+        targets = self._targets(list(dict.fromkeys(candidates)))
+        limit = None
+        if max_text_tokens is not None and max_text_tokens + 1 < self.ranker.max_target_tokens:
+            limit = max_text_tokens + 1
+            targets = {t: _cap(ids, cut, limit) for t, (ids, cut) in targets.items()}
+        return Prepared(inst, source_ids, source_cut, targets, limit)
 
     def _fit(self, need: UserNeed, template_id: str | None) -> tuple[Instruction, list[int], int]:
         inst = build(need, self._prep_tokenizer, max_tokens=self.ranker.max_source_tokens, template_id=template_id)

@@ -1,5 +1,5 @@
-"""The endpoints: POST /rerank (native), POST /v1/rerank (Cohere/Jina-compatible), /health,
-/ready, /metrics.
+"""The endpoints: POST /rerank (native), POST /v1/rerank and /v2/rerank (Cohere v1/v2 and
+Jina compatible: one handler), /health, /ready, /metrics.
 
 A rerank request goes: auth -> body (size-limited, UTF-8, JSON) -> strict validation with
 the configured limits -> preparation in the prep thread (the core's template selection and
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -30,11 +31,14 @@ from .app import ServiceState
 from .batcher import QueueFull, ShuttingDown
 from .engine import Prepared
 from .errors import ApiError, ClientGone, from_validation
-from .schemas import (CompatRerankRequest, CompatResponse, ErrorBody, RerankRequest, RerankResponse)
+from .schemas import (CompatError, CompatRerankRequest, CompatResponse, ErrorBody, FieldError, RerankRequest,
+                      RerankResponse)
 
 router = APIRouter()
 
-_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 413, 422, 429, 503)}
+_CODES = (400, 401, 413, 422, 429, 503)
+_ERRORS = {code: {"model": ErrorBody} for code in _CODES}
+_COMPAT_ERRORS = {code: {"model": CompatError} for code in _CODES}
 
 
 def _json(body: dict) -> Response:
@@ -150,11 +154,11 @@ async def _await_scores(request: Request, future: asyncio.Future):
             future.cancel()  # the batcher skips it
 
 
-def _prepare(state: ServiceState, need: UserNeed, template_id: str | None,
-             texts: list[str]) -> tuple[Prepared, dict[str, str]]:
+def _prepare(state: ServiceState, need: UserNeed, template_id: str | None, texts: list[str],
+             max_text_tokens: int | None) -> tuple[Prepared, dict[str, str]]:
     """In the prep thread: the instruction, token counts, and one cache key per distinct candidate."""
     engine, cache = state.engine, state.cache
-    prepared = engine.prepare(need, template_id, texts)
+    prepared = engine.prepare(need, template_id, texts, max_text_tokens)
     keys: dict[str, str] = {}
     if cache.enabled:
         parts = engine.key_parts(prepared)
@@ -163,13 +167,14 @@ def _prepare(state: ServiceState, need: UserNeed, template_id: str | None,
 
 
 async def _rerank(request: Request, state: ServiceState, need: UserNeed, template_id: str | None,
-                  texts: list[str]) -> Outcome:
+                  texts: list[str], max_text_tokens: int | None = None) -> Outcome:
     cache, metrics = state.cache, state.metrics
     metrics.candidates_per_request.observe(len(texts))
     loop = asyncio.get_running_loop()
     start = time.perf_counter()
     try:
-        prepared, keys = await loop.run_in_executor(state.prep_executor, _prepare, state, need, template_id, texts)
+        prepared, keys = await loop.run_in_executor(state.prep_executor, _prepare, state, need, template_id, texts,
+                                                    max_text_tokens)
     except TemplateError as exc:
         field = "template" if template_id else None
         raise ApiError(422, "template_error", str(exc), field, reason="invalid") from None
@@ -269,31 +274,46 @@ async def rerank(request: Request):
     return _json(body)
 
 
-@router.post("/v1/rerank", response_model=CompatResponse, responses=_ERRORS,
-             summary="Cohere/Jina-compatible rerank: query + documents")
-async def rerank_v1(request: Request):
-    """``query`` is taken as a specific intention (I2), with no history; ``relevance_score``
-    is the raw score (mean token log-likelihood of the document text, <= 0, higher is
-    better), not squashed into [0, 1]."""
+def relevance(score: float) -> float:
+    """The compatible routes' ``relevance_score``: exp(score), in [0, 1] and in the same order as
+    the score. With the mean reduction it is the geometric-mean probability per token of the
+    document text (exp of the mean log-likelihood); with the sum reduction, the probability of
+    the whole text (which may underflow to 0 for long texts)."""
+    return min(1.0, math.exp(score))
+
+
+@router.post("/v2/rerank", response_model=CompatResponse, responses=_COMPAT_ERRORS,
+             summary="Cohere v2-compatible rerank: query + documents (same handler as /v1/rerank)")
+@router.post("/v1/rerank", response_model=CompatResponse, responses=_COMPAT_ERRORS,
+             summary="Cohere v1/Jina-compatible rerank: query + documents")
+async def rerank_compat(request: Request):
+    """``query`` is taken as a specific intention (I2), with no history. ``relevance_score`` is
+    :func:`relevance` of the raw score, which ``log_likelihood`` carries. Errors are Cohere's
+    ``{"message": ...}``."""
     state = _begin(request)
     req = _validate(CompatRerankRequest, await _read_json(request, state), state)
-    texts = [d.text for d in req.documents]
+    try:
+        texts = req.candidate_texts(state.settings.max_text_chars)
+    except FieldError as exc:
+        raise ApiError(422, "validation_error", str(exc), exc.field, reason="invalid") from None
     need = UserNeed(intention=req.query, intention_kind=Intention.SPECIFIC)
-    out = await _rerank(request, state, need, None, texts)
+    out = await _rerank(request, state, need, None, texts, req.max_tokens_per_doc)
     order = rank_order(out.scores)[: req.top_n]
     results = []
     for i in order:
-        item: dict[str, Any] = {"index": i, "relevance_score": out.scores[i]}
+        item: dict[str, Any] = {"index": i, "relevance_score": relevance(out.scores[i]),
+                                "log_likelihood": out.scores[i]}
         if req.return_documents:
-            item["document"] = {"text": texts[i]}
+            item["document"] = req.document(i)
         results.append(item)
     tokens = out.prepared.source_tokens + out.prepared.target_tokens(texts)
+    version = "2" if request.url.path.startswith("/v2/") else "1"
     return _json({
         "id": str(uuid.uuid4()),
         "results": results,
         "model": state.engine.name,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        "meta": {"billed_units": {"search_units": 1}},
+        "meta": {"api_version": {"version": version}, "billed_units": {"search_units": 1}},
     })
 
 

@@ -17,12 +17,16 @@ from instructrec.text import normalise  # the core's normaliser: the offline eva
 
 
 def _check_text(value: str, info: ValidationInfo) -> str:
+    return clean_text(value, (info.context or {}).get("max_text_chars"))
+
+
+def clean_text(value: str, limit: int | None) -> str:
+    """A text checked (valid Unicode, at most ``limit`` characters) and normalised."""
     if not value.isascii():
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
             raise ValueError("contains invalid Unicode (a lone surrogate)") from None
-    limit = (info.context or {}).get("max_text_chars")
     if limit is not None and len(value) > limit:
         raise ValueError(f"is {len(value)} characters long; the limit is {limit}")
     return normalise(value)
@@ -40,10 +44,6 @@ NonEmptyText = Annotated[str, AfterValidator(_check_text), AfterValidator(_non_e
 
 def _as_title(value: Any) -> Any:
     return {"title": value} if isinstance(value, str) else value
-
-
-def _as_text(value: Any) -> Any:
-    return {"text": value} if isinstance(value, str) else value
 
 
 def _limit(name: str, what: str):
@@ -150,35 +150,74 @@ class RerankResponse(BaseModel):
     truncated: Truncation
 
 
-# --- Cohere/Jina-compatible /v1/rerank ---------------------------------------------------
-
-
-class Document(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    text: NonEmptyText
+# --- Cohere/Jina-compatible /v1/rerank and /v2/rerank -----------------------------------
 
 
 class CompatRerankRequest(BaseModel):
-    """Cohere/Jina rerank request. ``query`` becomes a specific intention (I2) with no history."""
+    """A Cohere (v1 or v2) or Jina rerank request. ``query`` becomes a specific intention (I2)
+    with no history. A document is a string or an object; of an object, the ``rank_fields``
+    (default ``["text"]``) make the text the model scores (:meth:`candidate_texts`), and every
+    field comes back unchanged with ``return_documents``."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)  # clients send rank_fields, max_chunks_per_doc, ...
+    model_config = ConfigDict(extra="ignore", strict=True)  # clients send max_chunks_per_doc, priority, ...
     model: str | None = Field(None, description="accepted and ignored: the served model answers")
     query: NonEmptyText
-    documents: list[Annotated[Document, BeforeValidator(_as_text)]] = Field(min_length=1)
+    documents: list[str | dict[str, Any]] = Field(min_length=1, description="strings or objects")
     top_n: int | None = Field(None, ge=1)
     return_documents: bool = False
+    rank_fields: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, min_length=1, description="fields of a document object that make its text (default: text)")
+    max_tokens_per_doc: int | None = Field(None, ge=1, description="cut each document to this many tokens "
+                                           "(at most the model's own limit)")
 
     _max_documents = field_validator("documents", mode="before")(_limit("max_candidates", "documents"))
 
+    def candidate_texts(self, max_text_chars: int | None) -> list[str]:
+        """The text scored for each document: a string as it is; of an object, the one rank
+        field's value, or ``"name: value"`` of each rank field joined by ``"; "`` when there are
+        several. Raises :class:`FieldError` naming the document field that is missing or bad."""
+        fields = self.rank_fields or ["text"]
+        texts = []
+        for i, doc in enumerate(self.documents):
+            item = {"text": doc} if isinstance(doc, str) else doc
+            parts = []
+            for name in fields:
+                where = f"documents[{i}].{name}"
+                if name not in item:
+                    raise FieldError(where, "Field required")
+                value = item[name]
+                if not isinstance(value, str):
+                    raise FieldError(where, f"Input should be a valid string, not {type(value).__name__}")
+                try:
+                    value = _non_empty(clean_text(value, max_text_chars))
+                except ValueError as exc:
+                    raise FieldError(where, str(exc)) from None
+                parts.append(value)
+            texts.append(parts[0] if len(parts) == 1 else "; ".join(f"{n}: {v}" for n, v in zip(fields, parts)))
+        return texts
 
-class CompatDocument(BaseModel):
-    text: str
+    def document(self, index: int) -> dict[str, Any]:
+        """A document as the client sent it (a string as ``{"text": ...}``)."""
+        doc = self.documents[index]
+        return {"text": doc} if isinstance(doc, str) else doc
+
+
+class FieldError(ValueError):
+    """A bad value at ``field`` (a path such as ``documents[3].title``)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
 
 
 class CompatResult(BaseModel):
     index: int
-    relevance_score: float = Field(description="the raw score: mean token log-likelihood of the document text (sum if INSTRUCTREC_REDUCTION=sum), <= 0, higher is better; not squashed into [0, 1]")
-    document: CompatDocument | None = None
+    relevance_score: float = Field(
+        ge=0, le=1, description="exp(score): with the default mean reduction the geometric-mean probability "
+        "per token of the document text given the query (with INSTRUCTREC_REDUCTION=sum, the probability of "
+        "the whole text); in [0, 1], in the same order as log_likelihood")
+    log_likelihood: float = Field(description="the raw score: mean (or sum) token log-likelihood, <= 0")
+    document: dict[str, Any] | None = Field(None, description="the document as sent, every field (return_documents)")
 
 
 class CompatUsage(BaseModel):
@@ -192,6 +231,12 @@ class CompatResponse(BaseModel):
     model: str
     usage: CompatUsage
     meta: dict = Field(default_factory=dict)
+
+
+class CompatError(BaseModel):
+    """Cohere's error shape: what its SDKs put in their exceptions."""
+
+    message: str
 
 
 # --- errors --------------------------------------------------------------------------------

@@ -210,8 +210,8 @@ def test_dashboard_uses_exported_metrics(exported):
     names = set().union(*(promql_usage(e)[0] for _, e in exprs))
     assert {"instructrec_request_duration_seconds_count", "instructrec_request_duration_seconds_bucket",
             "instructrec_requests_rejected_total", "instructrec_cache_hits_total", "instructrec_cache_misses_total",
-            "instructrec_batch_size_bucket", "instructrec_queue_seconds_bucket",
-            "instructrec_candidates_per_request_bucket", "instructrec_model_info"} <= names
+            "instructrec_batch_size_sum", "instructrec_batch_size_count", "instructrec_queue_seconds_bucket",
+            "instructrec_candidates_per_request_sum", "instructrec_model_info"} <= names
     _check_expressions(exprs, exported)
 
 

@@ -9,6 +9,7 @@ more than twenty bad inputs answered with the JSON error shape.
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import httpx
@@ -63,11 +64,13 @@ def service():
         delete_namespace(SHARED_REDIS, namespace)
 
 
-def direct(app, need: UserNeed, candidates: list[str], template_id: str | None = None):
+def direct(app, need: UserNeed, candidates: list[str], template_id: str | None = None,
+           max_target_tokens: int | None = None):
     """The ranker called directly, configured like the service, on the same loaded model."""
     engine = app.state.service.engine
     r = engine.ranker
-    ranker = Ranker(engine.loaded, max_source_tokens=r.max_source_tokens, max_target_tokens=r.max_target_tokens,
+    ranker = Ranker(engine.loaded, max_source_tokens=r.max_source_tokens,
+                    max_target_tokens=max_target_tokens or r.max_target_tokens,
                     batch_tokens=r.batch_tokens, reduction=r.reduction)
     inst = build(need, engine.loaded.tokenizer, max_tokens=ranker.max_source_tokens, template_id=template_id)
     return inst, ranker.score(inst.source, candidates)
@@ -153,24 +156,72 @@ def test_template_override_and_truncation(service):
     assert [x["score"] for x in out["results"]] == [scored.scores[i] for i in rank_order(scored.scores)]
 
 
-def test_compat_endpoint(service):
+@pytest.mark.parametrize("path", ["/v1/rerank", "/v2/rerank"])
+def test_compat_endpoint(service, path):
     app, client = service
     docs = titles(6, seed=3)
-    r = client.post("/v1/rerank", json={"model": "rerank-english-v3.0", "query": "a farming game",
-                                        "documents": [docs[0], *({"text": d} for d in docs[1:])], "top_n": 4,
-                                        "return_documents": True, "rank_fields": ["text"]})
+    r = client.post(path, json={"model": "rerank-english-v3.0", "query": "a farming game",
+                                "documents": [docs[0], *({"text": d} for d in docs[1:])], "top_n": 4,
+                                "return_documents": True, "rank_fields": ["text"]})
     assert r.status_code == 200, r.text
     out = r.json()
-    assert set(out) >= {"id", "results", "model", "usage"} and out["model"] == "tiny-random"
+    assert set(out) >= {"id", "results", "model", "usage", "meta"} and out["model"] == "tiny-random"
+    assert out["meta"]["api_version"]["version"] == path[2] and out["meta"]["billed_units"] == {"search_units": 1}
     _, scored = direct(app, UserNeed(intention="a farming game", intention_kind=Intention.SPECIFIC), docs)
     order = rank_order(scored.scores)[:4]
     assert [x["index"] for x in out["results"]] == order
-    assert [x["relevance_score"] for x in out["results"]] == [scored.scores[i] for i in order]
-    assert [x["document"]["text"] for x in out["results"]] == [docs[i] for i in order]
+    # the raw score is kept; relevance_score = exp(mean log-likelihood), in [0, 1], same order
+    assert [x["log_likelihood"] for x in out["results"]] == [scored.scores[i] for i in order]
+    assert [x["relevance_score"] for x in out["results"]] == [math.exp(scored.scores[i]) for i in order]
+    rel = [x["relevance_score"] for x in out["results"]]
+    assert all(0 < v <= 1 for v in rel) and rel == sorted(rel, reverse=True)
+    assert [x["document"] for x in out["results"]] == [{"text": docs[i]} for i in order]
     assert out["usage"]["total_tokens"] == scored.source_tokens + scored.target_tokens
     # without documents; all results
-    out = client.post("/v1/rerank", json={"query": "a farming game", "documents": docs}).json()
+    out = client.post(path, json={"query": "a farming game", "documents": docs}).json()
     assert len(out["results"]) == 6 and "document" not in out["results"][0]
+
+
+def test_compat_documents_keep_their_fields_and_rank_fields(service):
+    app, client = service
+    docs = [{"text": "Harvest Moon", "id": "hm", "year": 1996, "tags": ["farm"]}, "Halo 3",
+            {"text": "Stardew Valley", "meta": {"price": 14.99}}]
+    out = client.post("/v1/rerank", json={"query": "a farming game", "documents": docs,
+                                          "return_documents": True}).json()
+    by_index = {x["index"]: x["document"] for x in out["results"]}
+    assert by_index == {0: docs[0], 1: {"text": "Halo 3"}, 2: docs[2]}  # every field, as sent
+
+    # rank_fields: the named fields make the text; one field -> its value
+    games = [{"title": "Harvest Moon", "genre": "farming sim"}, {"title": "Halo 3", "genre": "shooter"},
+             {"title": "Stardew Valley", "genre": "farming sim"}]
+    need = UserNeed(intention="a farming game", intention_kind=Intention.SPECIFIC)
+    out = client.post("/v1/rerank", json={"query": "a farming game", "documents": games, "rank_fields": ["title"],
+                                          "return_documents": True}).json()
+    _, scored = direct(app, need, [g["title"] for g in games])
+    assert [x["index"] for x in out["results"]] == rank_order(scored.scores)
+    assert [x["log_likelihood"] for x in out["results"]] == [scored.scores[i] for i in rank_order(scored.scores)]
+    assert [x["document"] for x in out["results"]] == [games[i] for i in rank_order(scored.scores)]
+    # several fields -> "name: value" joined by "; "
+    out = client.post("/v2/rerank", json={"query": "a farming game", "documents": games,
+                                          "rank_fields": ["title", "genre"]}).json()
+    texts = [f"title: {g['title']}; genre: {g['genre']}" for g in games]
+    _, scored = direct(app, need, texts)
+    assert [x["log_likelihood"] for x in out["results"]] == [scored.scores[i] for i in rank_order(scored.scores)]
+
+
+def test_compat_max_tokens_per_doc(service):
+    app, client = service
+    docs = [" ".join(["racing"] * 20) + " deluxe", " ".join(["puzzle"] * 20), "Halo"]
+    need = UserNeed(intention="a racing game", intention_kind=Intention.SPECIFIC)
+    out = client.post("/v2/rerank", json={"query": "a racing game", "documents": docs, "max_tokens_per_doc": 4}).json()
+    _, scored = direct(app, need, docs, max_target_tokens=5)  # 4 tokens of text + end-of-sequence
+    assert scored.targets_truncated == 2
+    assert [x["log_likelihood"] for x in out["results"]] == [scored.scores[i] for i in rank_order(scored.scores)]
+    # a limit above the model's own changes nothing
+    out = client.post("/v2/rerank", json={"query": "a racing game", "documents": docs,
+                                          "max_tokens_per_doc": 4096}).json()
+    _, scored = direct(app, need, docs)
+    assert [x["log_likelihood"] for x in out["results"]] == [scored.scores[i] for i in rank_order(scored.scores)]
 
 
 # --- cache -----------------------------------------------------------------------------------
@@ -232,13 +283,17 @@ def test_auth(service):
     before = metric(client, "instructrec_requests_rejected_total", {"reason": "unauthorized"})
     with httpx.Client(base_url=url) as anon:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"}):
-            for path, payload in (("/rerank", body), ("/v1/rerank", {"query": "x", "documents": ["a"]})):
+            for path, payload in (("/rerank", body), ("/v1/rerank", {"query": "x", "documents": ["a"]}),
+                                  ("/v2/rerank", {"query": "x", "documents": ["a"]})):
                 r = anon.post(path, json=payload, headers=headers)
                 assert r.status_code == 401, (headers, r.text)
                 assert r.headers["www-authenticate"] == "Bearer"
-                assert r.json()["error"]["type"] == "unauthorized"
+                if path == "/rerank":
+                    assert r.json()["error"]["type"] == "unauthorized"
+                else:  # Cohere's shape on the compatible routes
+                    assert r.json() == {"message": "missing or invalid API key (send 'Authorization: Bearer <key>')"}
         assert anon.post("/rerank", json=body, headers={"Authorization": f"bearer {KEY}"}).status_code == 200
-    assert metric(client, "instructrec_requests_rejected_total", {"reason": "unauthorized"}) - before == 8
+    assert metric(client, "instructrec_requests_rejected_total", {"reason": "unauthorized"}) - before == 12
 
 
 # --- bad inputs ------------------------------------------------------------------------------
@@ -289,14 +344,6 @@ BAD = [
     ("history item is a list", "/rerank", _with(history=[["Halo"]]), 422, "validation_error", "history[0]"),
     ("unknown field", "/rerank", _with(candidate=["typo"]), 422, "validation_error", "candidate"),
     ("body over the limit", "/rerank", _with(candidates=["z" * 400] * 2600), 413, "payload_too_large", None),
-    ("v1: missing query", "/v1/rerank", json.dumps({"documents": ["a"]}).encode(), 422, "validation_error", "query"),
-    ("v1: empty documents", "/v1/rerank", json.dumps({"query": "q", "documents": []}).encode(), 422, "validation_error", "documents"),
-    ("v1: document without text", "/v1/rerank", json.dumps({"query": "q", "documents": [{"title": "a"}]}).encode(), 422,
-     "validation_error", "documents[0].text"),
-    ("v1: negative top_n", "/v1/rerank", json.dumps({"query": "q", "documents": ["a"], "top_n": -3}).encode(), 422,
-     "validation_error", "top_n"),
-    ("v1: 10,001 documents", "/v1/rerank", json.dumps({"query": "q", "documents": ["d"] * 10_001}).encode(), 422,
-     "validation_error", "documents"),
 ]
 
 
@@ -310,6 +357,51 @@ def test_bad_input(service, name, path, raw, status, etype, field):
     assert set(err) == {"type", "message", "field"}
     assert err["type"] == etype and err["field"] == field, err
     assert err["message"] and "Traceback" not in err["message"] and len(err["message"]) < 600
+
+
+def _q(**kw):
+    return json.dumps({"query": "q", "documents": ["a"], **kw}).encode()
+
+
+COMPAT_BAD = [
+    # (name, raw body, status, the field the message names; None: no field)
+    ("missing body", b"", 400, None),
+    ("not json", b"{query: ", 400, None),
+    ("missing query", json.dumps({"documents": ["a"]}).encode(), 422, "query"),
+    ("blank query", _q(query="  "), 422, "query"),
+    ("empty documents", _q(documents=[]), 422, "documents"),
+    ("documents not a list", _q(documents="a, b"), 422, "documents"),
+    ("document is a number", _q(documents=["a", 5]), 422, "documents[1]"),
+    ("document without text", _q(documents=[{"title": "a"}]), 422, "documents[0].text"),
+    ("document text is a number", _q(documents=[{"text": 3}]), 422, "documents[0].text"),
+    ("blank document", _q(documents=["a", {"text": " "}]), 422, "documents[1].text"),
+    ("huge document", _q(documents=["x" * 501]), 422, "documents[0].text"),
+    ("rank field missing", _q(documents=[{"title": "a"}, {"name": "b"}], rank_fields=["title"]), 422,
+     "documents[1].title"),
+    ("empty rank_fields", _q(rank_fields=[]), 422, "rank_fields"),
+    ("negative top_n", _q(top_n=-3), 422, "top_n"),
+    ("string top_n", _q(top_n="3"), 422, "top_n"),
+    ("zero max_tokens_per_doc", _q(max_tokens_per_doc=0), 422, "max_tokens_per_doc"),
+    ("string return_documents", _q(return_documents="yes"), 422, "return_documents"),
+    ("10,001 documents", _q(documents=["d"] * 10_001), 422, "documents"),
+    ("body over the limit", _q(documents=["z" * 400] * 2600), 413, None),
+]
+
+
+@pytest.mark.parametrize("path", ["/v1/rerank", "/v2/rerank"])
+@pytest.mark.parametrize("name,raw,status,field", COMPAT_BAD, ids=[b[0] for b in COMPAT_BAD])
+def test_compat_bad_input(service, path, name, raw, status, field):
+    """Cohere's error shape on the compatible routes: {"message": ...}, the message naming the field."""
+    app, client = service
+    r = client.post(path, content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert set(body) == {"message"}, body
+    message = body["message"]
+    assert message and "Traceback" not in message and len(message) < 600
+    if field:
+        assert message.startswith(f"{field}: "), message
 
 
 def test_body_limit_without_content_length(service):
@@ -332,6 +424,8 @@ def test_other_http_errors_use_the_error_shape(service):
     assert r.status_code == 405 and r.json()["error"]["type"] == "method_not_allowed"
     r = client.get("/nope")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
+    r = client.get("/v2/rerank")
+    assert r.status_code == 405 and r.json() == {"message": "Method Not Allowed"}
 
 
 def test_rejections_and_histograms_counted(service):
