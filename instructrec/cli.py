@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "templates": ("instructrec.templates_cli", "list the instruction templates"),
     "annotate": ("training.annotate.cli", "generate fine-grained instruction annotations with a teacher"),
     "train": ("training.tune_cli", "instruction-tune a seq2seq model"),
+    "curve": ("training.curve", "the learning curve of a training run (table, PNG, README block)"),
     "evaluate": ("training.evaluate.cli", "evaluate models and baselines with the paper's protocol, write the report"),
     "eval-client": ("training.evaluate.client_cli", "evaluate a live /rerank service on a candidate file"),
     "rank": ("instructrec.rank_cli", "rerank candidates for one instruction with a checkpoint"),

@@ -187,3 +187,28 @@ def test_prefix_lm_trains_with_frozen_bottom_and_ranks(tmp_path):
     wrong = subprocess.run(_train_cmd(tmp_path / "w", "--base", "tiny-random-prefixlm", "--freeze-encoder"),
                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert wrong.returncode == 2 and "--frozen-layers" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_learning_curve_from_the_checkpoints(smoke_run, tmp_path):
+    """`instructrec curve` reads every validation of the run from its Trainer state: steps,
+    examples seen, cumulative training time; writes the table, the PNG and the README block."""
+    out, _ = smoke_run
+    preset = PRESETS["smoke"]
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- curve:smoke:start -->\nold\n<!-- curve:smoke:end -->\ntail\n")
+    proc = subprocess.run([sys.executable, "-m", "instructrec.cli", "curve", "--run", str(out), "--name", "smoke",
+                           "--baseline", "popularity=0.45", "--readme", str(readme)],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((out / "curve.json").read_text())
+    steps = list(range(preset.eval_steps, preset.max_steps + 1, preset.eval_steps))
+    assert [r["step"] for r in rows] == steps
+    assert [r["examples"] for r in rows] == [s * preset.batch_size for s in steps]
+    assert all(0 <= r["hr@1"] <= 1 for r in rows) and rows[-1]["train_minutes"] >= rows[0]["train_minutes"]
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("tail\n")
+    assert f"| {steps[-1]} | {steps[-1] * preset.batch_size:,} |" in text
+    assert (tmp_path / "docs" / "curves" / "smoke.png").stat().st_size > 1000
+    missing = subprocess.run([sys.executable, "-m", "instructrec.cli", "curve", "--run", str(tmp_path / "none")],
+                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "no complete checkpoint" in missing.stderr

@@ -258,6 +258,13 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
             if "loss" in logs and loss_parts:  # the listwise terms, averaged since the last log
                 logs.update({k: round(sum(v) / len(v), 4) for k, v in loss_parts.items()})
                 loss_parts.clear()
+            # training seconds and examples so far, over every resumed run (the learning curve's x axes)
+            if "prior" not in timing:
+                timing["prior"] = next((h["train_seconds_total"] for h in reversed(self.state.log_history)
+                                        if "train_seconds_total" in h), 0.0)
+            logs["train_seconds_total"] = round(timing["prior"] + timing["train_seconds"], 1)
+            logs["examples_seen"] = self.state.global_step * self.args.per_device_train_batch_size \
+                * self.args.gradient_accumulation_steps * max(1, self.args.world_size)
             super().log(logs, *args, **kwargs)
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
