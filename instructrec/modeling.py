@@ -22,6 +22,7 @@ MINILM = "minilm-bert2bert"  # name of the embedded default base model
 TINY = "tiny-random"  # a tiny randomly initialised BERT2BERT for tests and the smoke preset
 TINY_T5 = "tiny-random-t5"  # a tiny randomly initialised T5, for tests of the generic path
 TINY_CAUSAL = "tiny-random-causal"  # a tiny randomly initialised GPT-2-style decoder-only model
+TINY_FLAN_T5 = "tiny-random-flan-t5"  # a tiny random T5 in Flan-T5's layout (untied head, gated-gelu, no output scaling)
 
 DEFAULT_MODEL_DIR = Path("artifacts") / "quickstart" / "model"  # where the quick start puts its model
 TRAIN_HINT = "instructrec train --preset quick --out artifacts/quickstart"
@@ -123,6 +124,47 @@ def build_tiny_t5(seed: int = 0):
     return T5ForConditionalGeneration(config), tokenizer
 
 
+def build_tiny_flan_t5(seed: int = 0):
+    """A tiny randomly initialised T5 in Flan-T5-XL's layout: ``tie_word_embeddings: false`` (so
+    no ``d_model ** -0.5`` scaling of the decoder output), gated-gelu feed-forward, a separate
+    ``lm_head``, ``n_positions: 512``. The default-config tiny T5 cannot show what differs."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tokenizer = minilm_tokenizer()
+    config = T5Config(vocab_size=tokenizer.vocab_size, d_model=64, d_kv=16, d_ff=96, num_layers=2,
+                      num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu", n_positions=512,
+                      tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.sep_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(config)
+    # transformers ties lm_head to the embeddings for every T5; a Flan-T5 checkpoint loads its own
+    # head (both tensors present and different). Give the tiny one its own head the same way.
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(config.vocab_size, config.d_model) * config.d_model ** -0.5)
+    keep_untied_head(model)
+    return model, tokenizer
+
+
+def keep_untied_head(model) -> None:
+    """Keep a separately loaded ``lm_head`` (Flan-T5, T5 v1.1) separate.
+
+    transformers 5.x lists ``lm_head.weight`` among T5's tied weights and forces
+    ``tie_word_embeddings`` to true; loading keeps a checkpoint's own head, but any later
+    ``tie_weights()`` replaces it with the input embeddings (accelerate's FSDP2 preparation
+    calls it; so do ``resize_token_embeddings`` and the Trainer on some checkpoint loads), and
+    the Flan-T5 then trains and scores with the wrong head. Dropping the head from this model's
+    tie list (the embeddings stay tied) prevents that."""
+    head, embed = getattr(model, "lm_head", None), getattr(model, "shared", None)
+    keys = getattr(type(model), "_tied_weights_keys", None)
+    if head is None or embed is None or not isinstance(keys, dict) or "lm_head.weight" not in keys:
+        return
+    if head.weight is embed.weight:
+        return
+    model._tied_weights_keys = {k: v for k, v in keys.items() if k != "lm_head.weight"}
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if isinstance(tied, dict):
+        tied.pop("lm_head.weight", None)
+
+
 def build_tiny_causal(seed: int = 0):
     """A tiny randomly initialised GPT-2-style decoder-only model on the MiniLM tokenizer."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -137,6 +179,7 @@ def build_tiny_causal(seed: int = 0):
 
 BUILDERS = {MINILM: build_minilm_bert2bert, TINY: build_tiny_bert2bert, TINY_T5: build_tiny_t5,
             TINY_CAUSAL: build_tiny_causal}
+BUILDERS[TINY_FLAN_T5] = build_tiny_flan_t5
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -202,6 +245,7 @@ def _from_pretrained(path: str):
     tokenizer = AutoTokenizer.from_pretrained(path)
     if config.is_encoder_decoder:
         model = AutoModelForSeq2SeqLM.from_pretrained(path)
+        keep_untied_head(model)
         kind = "seq2seq"
     else:
         model = AutoModelForCausalLM.from_pretrained(path)

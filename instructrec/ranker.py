@@ -487,9 +487,18 @@ def _decoder_parts(model):
             return model.decoder(input_ids=dec, encoder_hidden_states=enc, encoder_attention_mask=mask,
                                  past_key_values=cache, use_cache=True).last_hidden_state
 
-        scale = model.config.d_model ** -0.5 if model.config.tie_word_embeddings else 1.0
+        scale = model.config.d_model ** -0.5 if t5_scales_decoder_output(model.config) else 1.0
         return body, _Head(lambda h: h * scale, model.lm_head)
     return _generic_parts(model)
+
+
+def t5_scales_decoder_output(config) -> bool:
+    """Whether T5's forward multiplies the decoder output by ``d_model ** -0.5`` before the head:
+    what the model itself reads. transformers 5.x keeps it in ``scale_decoder_outputs`` (false for
+    Flan-T5 and T5 v1.1, whose configs say ``tie_word_embeddings: false``) and reports
+    ``tie_word_embeddings`` true for every T5; older versions read ``tie_word_embeddings``."""
+    flag = getattr(config, "scale_decoder_outputs", None)
+    return bool(config.tie_word_embeddings if flag is None else flag)
 
 
 def _generic_parts(model):
