@@ -214,13 +214,37 @@ def quantize_int8(model, inplace: bool = False):
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=inplace)
 
 
+# Model types whose activations overflow float16 (T5's feed-forward outputs exceed 65,504 in
+# pretrained checkpoints, Flan-T5 included): inf/NaN scores and losses, not merely lower precision.
+FP16_UNSAFE = frozenset({"t5", "mt5", "umt5", "longt5", "switch_transformers"})
+
+
+def native_bf16(capability: tuple[int, int]) -> bool:
+    """Whether a CUDA GPU of this compute capability computes bfloat16 natively (Ampere, 8.0, and
+    later). ``torch.cuda.is_bf16_supported()`` also counts emulation (V100, T4), slower than float32."""
+    return tuple(capability) >= (8, 0)
+
+
+def cuda_has_bf16(device: torch.device | None = None) -> bool:
+    return torch.cuda.is_available() and native_bf16(torch.cuda.get_device_capability(device))
+
+
+def check_dtype(model, dtype: torch.dtype) -> None:
+    """Refuse float16 for model types that overflow in it (the T5 family); bfloat16 has float32's range."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if dtype == torch.float16 and model_type in FP16_UNSAFE:
+        raise ValueError(f"float16 is refused for {model_type} models: their activations overflow float16 "
+                         "(inf/NaN scores); use bfloat16 (GPUs of compute capability 8.0 or later) or float32")
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 where the hardware has it (a CUDA GPU with bf16, a CPU with AVX512-BF16/AMX), else float32."""
+    """``auto``: bfloat16 where the hardware computes it natively (a CUDA GPU of compute capability
+    8.0 or later, a CPU with AVX512-BF16/AMX), else float32."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+            return torch.bfloat16 if cuda_has_bf16(device) else torch.float32
         return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted([*DTYPES, INT8])}")
@@ -264,9 +288,10 @@ def load_model(name_or_path: str | Path, device: str | None = "auto", dtype: str
     quantized = dtype == INT8
     if quantized and dev.type != "cpu":
         raise ValueError(f"dtype int8 (dynamic quantisation) runs on the CPU only, not on {dev}; "
-                         "use bfloat16 or float16 on a GPU")
+                         "use bfloat16 (or float32) on a GPU")
     dt = torch.float32 if quantized else resolve_dtype(dtype, dev)
     model, tokenizer, kind = build_base(name)
+    check_dtype(model, dt)
     meta = read_meta(name) if Path(name).is_dir() else {}
     model.to(device=dev, dtype=dt)
     model.eval()

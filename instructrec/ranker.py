@@ -427,9 +427,9 @@ def _blocked_logprobs(head: _Head, hidden: torch.Tensor, labels: torch.Tensor) -
     x = head.pre(hidden)
     weight, bias = head.final.weight, head.final.bias
     with torch.profiler.record_function(HEAD_PROFILE_LABEL):
-        picked = (x * weight[labels]).sum(-1)
+        picked = (x.float() * weight[labels].float()).sum(-1)  # float32 like the log-softmax below
         if bias is not None:
-            picked = picked + bias[labels]
+            picked = picked + bias[labels].float()
         blocks = []
         for a in range(0, weight.shape[0], VOCAB_BLOCK_COLUMNS):
             w = weight[a : a + VOCAB_BLOCK_COLUMNS].t()

@@ -21,7 +21,7 @@ class Settings(BaseSettings):
         description="checkpoint directory or built-in model name; default artifacts/quickstart/model if it exists",
     )
     device: str = Field(default="auto", description="cpu, cuda, cuda:N or auto")
-    dtype: str = Field(default="auto", description="float32, bfloat16, float16, int8 (CPU: dynamically quantised "
+    dtype: str = Field(default="auto", description="float32, bfloat16, float16 (refused for T5 models), int8 (CPU: dynamically quantised "
                        "linear layers, the fastest on CPUs without bf16) or auto")
     reduction: Literal["mean", "sum"] = Field(default="mean", description="score = mean or sum of title token log-probs")
     max_source_tokens: int | None = Field(default=None, ge=8, description="instruction token limit (default: checkpoint preset)")

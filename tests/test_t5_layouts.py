@@ -90,3 +90,60 @@ def test_flan_head_survives_save_load_and_lora_merge(tmp_path, models):
     again = load_model(str(tmp_path / "merged"), device="cpu", dtype="float32")
     base_scores = Ranker(loaded).score(SOURCE, CANDS[:5]).scores
     assert Ranker(again).score(SOURCE, CANDS[:5]).scores == pytest.approx(base_scores, abs=1e-5)
+
+
+# -- precision guards ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [TINY_T5, TINY_FLAN_T5])
+def test_float16_is_refused_for_t5(name):
+    with pytest.raises(ValueError, match="float16 is refused for t5.*bfloat16"):
+        load_model(name, device="cpu", dtype="float16")
+
+
+def test_float16_refusal_is_a_clear_cli_error():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-m", "instructrec.cli", "rank", "--model", TINY_FLAN_T5, "--device", "cpu",
+                           "--dtype", "float16", "--history", "Halo 3", "--candidate", "Doom", "--candidate", "Tetris"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "float16 is refused" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_auto_bf16_only_with_native_bf16():
+    from instructrec.modeling import native_bf16, resolve_dtype
+
+    assert not native_bf16((7, 0)) and not native_bf16((7, 5))  # V100, T4: bf16 only emulated
+    assert native_bf16((8, 0)) and native_bf16((8, 6)) and native_bf16((9, 0))  # A100, A10/RTX 30, H100
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("half-ish", torch.device("cpu"))
+
+
+def test_head_log_probs_are_float32_and_close_in_bf16(models):
+    """In bfloat16 the head's log-softmax still runs in float32 (scores within bf16 rounding of float32)."""
+    from instructrec.ranker import _Head, _blocked_logprobs
+
+    fp32 = models(TINY_FLAN_T5)
+    ranker = Ranker(fp32)
+    src = torch.tensor([ranker.source_ids(SOURCE)[0]])
+    labels = torch.tensor(target_ids(ranker.tokenizer, CANDS[4], 48, ranker.eos)[0])
+    dec = torch.cat([torch.tensor([ranker._start_id()]), labels[:-1]])[None]
+    with torch.inference_mode():
+        hidden = fp32.model(input_ids=src, decoder_input_ids=dec, output_hidden_states=True).decoder_hidden_states[-1][0]
+        head = _Head(lambda h: h, fp32.model.lm_head)
+        exact = torch.log_softmax(head(hidden).double(), -1).gather(-1, labels[:, None]).squeeze(-1)
+        blocked = _blocked_logprobs(head, hidden, labels)
+        rows = ranker._token_logprobs(head(hidden), labels)
+        assert blocked.dtype == rows.dtype == torch.float32
+        assert torch.allclose(blocked.double(), exact, atol=1e-4) and torch.allclose(rows.double(), exact, atol=1e-4)
+        bf16_head = _Head(lambda h: h, torch.nn.Linear(64, fp32.model.lm_head.out_features, bias=False).to(torch.bfloat16))
+        bf16_head.final.weight.copy_(fp32.model.lm_head.weight)
+        low = _blocked_logprobs(bf16_head, hidden.to(torch.bfloat16), labels)
+        # measured 0.0035 nats (bf16 weights and hidden states; logits rounded to bf16 per block)
+        assert low.dtype == torch.float32 and (low.double() - exact).abs().max() < 0.05

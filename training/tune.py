@@ -32,7 +32,7 @@ import torch
 from instructrec.aspects import UserNeed
 from instructrec.checkpoint import read_meta, write_meta
 from instructrec.instruction import build as build_instruction
-from instructrec.modeling import LoadedModel, build_base, cpu_has_bf16, resolve_device
+from instructrec.modeling import LoadedModel, build_base, cpu_has_bf16, cuda_has_bf16, resolve_device
 from instructrec.ranker import Ranker, target_ids, eos_id
 from instructrec.templates import TEMPLATE_VERSION
 
@@ -153,7 +153,7 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
         (out / "instructions.jsonl").unlink(missing_ok=True)
     dev = resolve_device(device)
     use_bf16 = bf16 if bf16 is not None else (
-        (dev.type == "cuda" and torch.cuda.is_bf16_supported()) or (dev.type == "cpu" and cpu_has_bf16()))
+        (dev.type == "cuda" and cuda_has_bf16(dev)) or (dev.type == "cpu" and cpu_has_bf16()))
 
     # -- data and instructions -------------------------------------------------------
     data = load_dataset(data_path or preset.data)
