@@ -57,9 +57,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         meta = train(preset, args.out, data_path=args.data, annotations_path=args.annotations, device=args.device,
                      bf16=args.bf16, lora=args.lora, resume=args.resume, progress=args.progress)
-    except (DataError, TrainingError, FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (DataError, TrainingError, FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
         print(f"instructrec train: {exc}", file=sys.stderr)
         return 2
+    from . import distributed
+
     summary = {k: meta.get(k) for k in ("steps", "best_step", "examples_per_second", "validation", "template_version")}
-    print(json.dumps({"model": f"{args.out}/model", **summary}, indent=2))
+    if distributed.is_main():  # one summary per run, not one per process
+        print(json.dumps({"model": f"{args.out}/model", **summary}, indent=2))
     return 0
