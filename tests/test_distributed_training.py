@@ -26,7 +26,7 @@ from training.presets import PRESETS
 from training.tune import tokenize_examples
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["train", "--preset", "smoke", "--base", TINY_T5, "--no-progress", "--max-steps", "8", "--eval-steps", "4",
+COMMON = ["train", "--preset", "smoke", "--no-progress", "--max-steps", "8", "--eval-steps", "4",
           "--save-steps", "4", "--no-bf16", "--device", "cpu", "--learning-rate", "0"]
 
 
@@ -42,7 +42,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(out: Path, *extra: str, procs: int = 1) -> subprocess.CompletedProcess:
+def _run(out: Path, *extra: str, procs: int = 1, base: str = TINY_T5) -> subprocess.CompletedProcess:
+    extra = ("--base", base, *extra)  # a later --base wins
     if procs == 1:
         cmd = [sys.executable, "-m", "instructrec.cli", *COMMON, "--out", str(out), *extra]
     else:
@@ -118,3 +119,33 @@ def test_main_process_failure_stops_every_process_with_a_clear_error(tmp_path):
     assert "instructrec train: [Errno 21] Is a directory" in proc.stderr
     assert "instructrec train: the main process failed: IsADirectoryError" in proc.stderr
     assert "training/tune.py" not in proc.stderr and "training/distributed.py" not in proc.stderr
+
+
+def test_gradient_checkpointing_same_loss_and_gradients(tmp_path):
+    """--gradient-checkpointing recomputes activations (T5 reports turning its cache off for it)
+    and yields the loss and gradient norm of the run without it, on the Flan-T5 layout."""
+    logged = {}
+    for name, extra in [("plain", ()), ("ckpt", ("--gradient-checkpointing",))]:
+        proc = _run(tmp_path / name, "--batch-size", "8", *extra, base="tiny-random-flan-t5")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ("incompatible with gradient checkpointing" in proc.stderr) == bool(extra)
+        logged[name] = _logged(tmp_path / name)
+        assert read_meta(tmp_path / name / "model")["preset"]["gradient_checkpointing"] == bool(extra)
+    for a, b in zip(logged["plain"], logged["ckpt"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_sharded_model_validates_and_saves(tmp_path):
+    """FSDP2 on CPU: the encoder cannot run alone on the sharded model; validation by full
+    forwards on both processes equals the unsharded fast path, and the gathered state saves a
+    model that scores the same."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(ROOT / "tests" / "fsdp_worker.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    for r in results:
+        assert r["sharded"] is True and r["encoder_alone"] == "RuntimeError"
+        assert r["max_diff"] < 1e-4
+    assert [r["saved_max_diff"] for r in results if r["rank"] == 0][0] < 1e-4

@@ -103,3 +103,14 @@ def sharded(model: torch.nn.Module) -> bool:
             return True
         break
     return any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules())
+
+
+def freeze_unused(model: torch.nn.Module) -> None:
+    """Freeze parameters the training loss never reaches, so DDP can run without
+    ``find_unused_parameters`` (an extra graph traversal every step): the pooler of a BERT
+    encoder (BERT2BERT computes it, the decoder reads only the hidden states)."""
+    encoder = getattr(model, "encoder", None)
+    pooler = getattr(encoder, "pooler", None)
+    if isinstance(pooler, torch.nn.Module):
+        for param in pooler.parameters():
+            param.requires_grad_(False)

@@ -121,7 +121,8 @@ def _last_good_checkpoint(directory: Path) -> str | None:
             step = int(d.name.split("-")[-1])
         except ValueError:
             continue
-        if (d / "trainer_state.json").is_file() and any(d.glob("*.safetensors")) and (d / "optimizer.pt").is_file():
+        optimizer = (d / "optimizer.pt").is_file() or (d / "optimizer.bin").is_file()  # .bin: FSDP's
+        if (d / "trainer_state.json").is_file() and any(d.glob("*.safetensors")) and optimizer:
             found.append((step, d))
     return str(max(found)[1]) if found else None
 
@@ -168,6 +169,7 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    lora = lora or preset.lora
     dev = resolve_device(device)
     distributed.init(cpu=dev.type == "cpu")  # under torchrun: shared files are the main process's
 
@@ -231,6 +233,7 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
             raise TrainingError("--lora needs peft: pip install 'instructrec[lora]'") from exc
         model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=16, lora_alpha=32,
                                                  lora_dropout=0.05, target_modules="all-linear"))
+    distributed.freeze_unused(model)
     if preset.freeze_encoder:
         for param in model.get_encoder().parameters():
             param.requires_grad_(False)
@@ -301,7 +304,11 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
         eval_steps=preset.eval_steps,
         save_strategy="steps",
         save_steps=preset.save_steps,
-        save_total_limit=2,
+        save_total_limit=preset.save_total_limit,
+        activation_checkpointing=preset.gradient_checkpointing,  # --gradient-checkpointing
+        # non-reentrant: works with frozen inputs (LoRA, a frozen encoder) and under FSDP
+        activation_checkpointing_kwargs={"use_reentrant": False} if preset.gradient_checkpointing else None,
+        ddp_find_unused_parameters=False,  # every trainable parameter is used (the encoder pooler is frozen)
         logging_steps=preset.logging_steps,
         train_sampling_strategy="group_by_length",
         report_to="none",
