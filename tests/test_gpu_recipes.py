@@ -120,3 +120,15 @@ def test_eight_gpu_full_recipe_runs_on_two_cpu_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = read_meta(out / "model")
     assert meta["lora"] is False and meta["preset"]["name"] == "flan-t5-xl-full" and meta["steps"] == 2
+
+
+def test_readme_memory_table_is_the_arithmetic(capsys):
+    """The README's per-GPU table is what `python -m training.memory` prints now."""
+    from training.memory import main
+
+    main()
+    printed = capsys.readouterr().out.strip().splitlines()
+    readme = (ROOT / "README.md").read_text()
+    for line in printed[1:]:
+        assert line in readme, line
+    assert "computed, not measured" in readme
