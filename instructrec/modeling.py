@@ -25,6 +25,7 @@ TINY_T5 = "tiny-random-t5"  # a tiny randomly initialised T5, for tests of the g
 TINY_CAUSAL = "tiny-random-causal"  # a tiny randomly initialised GPT-2-style decoder-only model
 TINY_PREFIX = "tiny-random-prefixlm"  # a tiny randomly initialised prefix-LM
 PREFIX_LM = "prefix-lm"  # LoadedModel.kind of the prefix-LM shape
+TINY_FLAN_T5 = "tiny-random-flan-t5"  # a tiny random T5 in Flan-T5's layout (untied head, gated-gelu, no output scaling)
 
 DEFAULT_MODEL_DIR = Path("artifacts") / "quickstart" / "model"  # where the quick start puts its model
 TRAIN_HINT = "instructrec train --preset quick --out artifacts/quickstart"
@@ -126,6 +127,47 @@ def build_tiny_t5(seed: int = 0):
     return T5ForConditionalGeneration(config), tokenizer
 
 
+def build_tiny_flan_t5(seed: int = 0):
+    """A tiny randomly initialised T5 in Flan-T5-XL's layout: ``tie_word_embeddings: false`` (so
+    no ``d_model ** -0.5`` scaling of the decoder output), gated-gelu feed-forward, a separate
+    ``lm_head``, ``n_positions: 512``. The default-config tiny T5 cannot show what differs."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tokenizer = minilm_tokenizer()
+    config = T5Config(vocab_size=tokenizer.vocab_size, d_model=64, d_kv=16, d_ff=96, num_layers=2,
+                      num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu", n_positions=512,
+                      tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.sep_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(config)
+    # transformers ties lm_head to the embeddings for every T5; a Flan-T5 checkpoint loads its own
+    # head (both tensors present and different). Give the tiny one its own head the same way.
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(config.vocab_size, config.d_model) * config.d_model ** -0.5)
+    keep_untied_head(model)
+    return model, tokenizer
+
+
+def keep_untied_head(model) -> None:
+    """Keep a separately loaded ``lm_head`` (Flan-T5, T5 v1.1) separate.
+
+    transformers 5.x lists ``lm_head.weight`` among T5's tied weights and forces
+    ``tie_word_embeddings`` to true; loading keeps a checkpoint's own head, but any later
+    ``tie_weights()`` replaces it with the input embeddings (accelerate's FSDP2 preparation
+    calls it; so do ``resize_token_embeddings`` and the Trainer on some checkpoint loads), and
+    the Flan-T5 then trains and scores with the wrong head. Dropping the head from this model's
+    tie list (the embeddings stay tied) prevents that."""
+    head, embed = getattr(model, "lm_head", None), getattr(model, "shared", None)
+    keys = getattr(type(model), "_tied_weights_keys", None)
+    if head is None or embed is None or not isinstance(keys, dict) or "lm_head.weight" not in keys:
+        return
+    if head.weight is embed.weight:
+        return
+    model._tied_weights_keys = {k: v for k, v in keys.items() if k != "lm_head.weight"}
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if isinstance(tied, dict):
+        tied.pop("lm_head.weight", None)
+
+
 def build_tiny_causal(seed: int = 0):
     """A tiny randomly initialised GPT-2-style decoder-only model on the MiniLM tokenizer."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -176,6 +218,7 @@ def build_tiny_prefix_lm(seed: int = 0, hidden: int = 64, layers: int = 2, heads
 BUILDERS = {MINILM: build_minilm_bert2bert, MINILM_PREFIX: build_minilm_prefix_lm, TINY: build_tiny_bert2bert,
             TINY_T5: build_tiny_t5, TINY_CAUSAL: build_tiny_causal, TINY_PREFIX: build_tiny_prefix_lm}
 KINDS = {TINY_CAUSAL: "causal", MINILM_PREFIX: PREFIX_LM, TINY_PREFIX: PREFIX_LM}
+BUILDERS[TINY_FLAN_T5] = build_tiny_flan_t5
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -210,13 +253,37 @@ def quantize_int8(model, inplace: bool = False):
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=inplace)
 
 
+# Model types whose activations overflow float16 (T5's feed-forward outputs exceed 65,504 in
+# pretrained checkpoints, Flan-T5 included): inf/NaN scores and losses, not merely lower precision.
+FP16_UNSAFE = frozenset({"t5", "mt5", "umt5", "longt5", "switch_transformers"})
+
+
+def native_bf16(capability: tuple[int, int]) -> bool:
+    """Whether a CUDA GPU of this compute capability computes bfloat16 natively (Ampere, 8.0, and
+    later). ``torch.cuda.is_bf16_supported()`` also counts emulation (V100, T4), slower than float32."""
+    return tuple(capability) >= (8, 0)
+
+
+def cuda_has_bf16(device: torch.device | None = None) -> bool:
+    return torch.cuda.is_available() and native_bf16(torch.cuda.get_device_capability(device))
+
+
+def check_dtype(model, dtype: torch.dtype) -> None:
+    """Refuse float16 for model types that overflow in it (the T5 family); bfloat16 has float32's range."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if dtype == torch.float16 and model_type in FP16_UNSAFE:
+        raise ValueError(f"float16 is refused for {model_type} models: their activations overflow float16 "
+                         "(inf/NaN scores); use bfloat16 (GPUs of compute capability 8.0 or later) or float32")
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 where the hardware has it (a CUDA GPU with bf16, a CPU with AVX512-BF16/AMX), else float32."""
+    """``auto``: bfloat16 where the hardware computes it natively (a CUDA GPU of compute capability
+    8.0 or later, a CPU with AVX512-BF16/AMX), else float32."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+            return torch.bfloat16 if cuda_has_bf16(device) else torch.float32
         return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted([*DTYPES, INT8])}")
@@ -277,6 +344,7 @@ def _from_pretrained(path: str):
         return BertForMaskedLM.from_pretrained(path), tokenizer, PREFIX_LM
     if config.is_encoder_decoder:
         model = AutoModelForSeq2SeqLM.from_pretrained(path)
+        keep_untied_head(model)
         kind = "seq2seq"
     else:
         model = AutoModelForCausalLM.from_pretrained(path)
@@ -295,9 +363,10 @@ def load_model(name_or_path: str | Path, device: str | None = "auto", dtype: str
     quantized = dtype == INT8
     if quantized and dev.type != "cpu":
         raise ValueError(f"dtype int8 (dynamic quantisation) runs on the CPU only, not on {dev}; "
-                         "use bfloat16 or float16 on a GPU")
+                         "use bfloat16 (or float32) on a GPU")
     dt = torch.float32 if quantized else resolve_dtype(dtype, dev)
     model, tokenizer, kind = build_base(name)
+    check_dtype(model, dt)
     meta = read_meta(name) if Path(name).is_dir() else {}
     model.to(device=dev, dtype=dt)
     model.eval()

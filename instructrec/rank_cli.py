@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reduction", choices=("mean", "sum"), default="mean",
                         help="score = mean (default) or sum of the title's token log-probabilities")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, int8 (CPU only) or auto (default)")
+    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (refused for T5-family models: they overflow), int8 (CPU only) or auto (default: bf16 where native)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -42,6 +42,13 @@ VOCAB_BLOCK_ROWS, VOCAB_BLOCK_COLUMNS = 1024, 2048
 # Profiler range around the blocked vocabulary work, so `instructrec bench ranker` can tell it
 # from the decoder's own matmuls (costs about a microsecond when nothing profiles).
 HEAD_PROFILE_LABEL = "instructrec: vocabulary head"
+# A decoder pass whose rows belong to several requests gives each row its own copy of its
+# request's cross-attention keys/values (every decoder layer, the whole instruction): 63 MB a
+# row for Flan-T5-XL at 320 instruction tokens in bf16. Such a pass mixes requests only while
+# those copies stay within this many bytes; beyond it the rows go in per-request passes that
+# share the keys/values as views. Peak memory of a pass: its batch_tokens activations plus this.
+MIXED_KV_BYTES = 256 * 2**20
+GATHER_PROFILE_LABEL = "instructrec: per-row gather"  # profiler range around those copies
 
 
 def token_limits(meta: dict) -> tuple[int | None, int]:
@@ -127,7 +134,8 @@ class Ranker:
     """Scores candidates for an instruction with a loaded model (seq2seq or causal)."""
 
     def __init__(self, loaded: LoadedModel, *, max_source_tokens: int | None = None, max_target_tokens: int = DEFAULT_TARGET_TOKENS,
-                 batch_tokens: int = 4096, reduction: str = "mean", share_cross_kv: bool = True):
+                 batch_tokens: int = 4096, reduction: str = "mean", share_cross_kv: bool = True,
+                 mixed_kv_bytes: int = MIXED_KV_BYTES):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, not {reduction!r}")
         self.loaded = loaded
@@ -144,6 +152,9 @@ class Ranker:
         self.reduction = reduction
         # False recomputes cross-attention K/V for every candidate row (the benchmark's baseline)
         self.share_cross_kv = share_cross_kv
+        if mixed_kv_bytes < 0:
+            raise ValueError(f"mixed_kv_bytes must be >= 0, not {mixed_kv_bytes}")
+        self.mixed_kv_bytes = mixed_kv_bytes  # per-row key/value copies a mixed-request pass may make
         self.eos = eos_id(self.tokenizer, self.model)
 
     # -- public API -----------------------------------------------------------------
@@ -166,7 +177,8 @@ class Ranker:
         All instructions go through the encoder as one padded batch; candidates of every
         request are bucketed by length together, so small requests fill one decoder pass.
         A bucket whose rows all belong to one request shares that request's cross-attention
-        keys/values without copying them; a mixed bucket gathers them per row.
+        keys/values without copying them; a mixed bucket gathers them per row while those copies
+        fit ``mixed_kv_bytes``, else it is split into per-request passes.
         """
         reduction = reduction or self.reduction
         if reduction not in REDUCTIONS:
@@ -354,7 +366,10 @@ class Ranker:
         skip = 1 if shared else 0  # tokens already scored by the shared start step
         start = self._start_id()
         states, labels_at, rows_at = [], [], []
-        for chunk in self._chunks([t[skip:] for t in targets]):
+        row_bytes = _row_bytes(enc, mask, shared) if shared else 0
+        passes = [part for chunk in self._chunks([t[skip:] for t in targets])
+                  for part in self._split_mixed(chunk, owners, row_bytes)]
+        for chunk in passes:
             rows = [targets[i] for i in chunk]
             pick = self._picker([owners[i] for i in chunk])
             labels = self._pad([t[skip:] for t in rows])
@@ -374,6 +389,48 @@ class Ranker:
         lp = self._head_logprobs(torch.cat(states), torch.cat(labels_at), head)
         return torch.zeros(len(targets), device=self.device).index_add_(0, torch.cat(rows_at), lp).tolist()
 
+    def _split_mixed(self, chunk: list[int], owners: list[int], row_bytes: int) -> list[list[int]]:
+        """``chunk`` as passes whose per-row copies of keys/values (``row_bytes`` a row) stay within
+        ``mixed_kv_bytes``: a request's rows are kept together, a pass holds either one request's rows
+        (shared as views, no copy, however many) or several requests' rows within the allowance."""
+        if not row_bytes or len({owners[i] for i in chunk}) == 1 or len(chunk) * row_bytes <= self.mixed_kv_bytes:
+            return [chunk]
+        by_owner: dict[int, list[int]] = {}
+        for i in chunk:
+            by_owner.setdefault(owners[i], []).append(i)
+        parts, current = [], []
+        for rows in by_owner.values():
+            if current and (len(current) + len(rows)) * row_bytes > self.mixed_kv_bytes:
+                parts.append(current)
+                current = []
+            current = current + rows
+        parts.append(current)
+        return parts
+
+    def kv_row_bytes(self, source_tokens: int) -> int:
+        """Bytes one row of a mixed-request pass copies (every layer's cross-attention keys/values,
+        the encoder states and mask; a prefix-LM's per-layer instruction keys/values) for an
+        instruction of ``source_tokens``, measured on the model."""
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        if self.kind == PREFIX_LM:
+            with torch.inference_mode():
+                inp = torch.full((1, max(1, source_tokens)), self.eos, device=self.device)
+                _, kv = prefixlm.read_instruction(self.model.bert, inp, torch.ones_like(inp))
+            return sum(t.numel() * t.element_size() for pair in kv for t in pair)
+        if self.kind != "seq2seq":
+            return 0
+        with torch.inference_mode():
+            inp = torch.full((1, max(1, source_tokens)), self.eos, device=self.device)
+            mask = torch.ones_like(inp)
+            enc = self.model.get_encoder()(input_ids=inp, attention_mask=mask).last_hidden_state
+            probe = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            self.model(encoder_outputs=(enc,), attention_mask=mask, past_key_values=probe, use_cache=True,
+                       decoder_input_ids=torch.full((1, 1), self._start_id(), device=self.device))
+            shared = ([(layer.keys, layer.values) for layer in probe.self_attention_cache.layers],
+                      [(layer.keys, layer.values) for layer in probe.cross_attention_cache.layers])
+            return _row_bytes(enc, mask, shared)
+
     def _picker(self, owners: list[int]):
         """Selects each row's own per-request tensor (encoder states, K/V, mask). Rows of one
         request share it as a view (``expand``, no copy); rows of several requests gather theirs."""
@@ -382,7 +439,12 @@ class Ranker:
             r = owners[0]
             return lambda x: x[r : r + 1].expand(b, *x.shape[1:])
         index = torch.tensor(owners, device=self.device)
-        return lambda x: x.index_select(0, index)
+
+        def gather(x):
+            with torch.profiler.record_function(GATHER_PROFILE_LABEL):
+                return x.index_select(0, index)
+
+        return gather
 
     # -- prefix-LM ------------------------------------------------------------------
     def _prefix_naive(self, src: list[int], ids: list[list[int]]) -> list[float]:
@@ -408,9 +470,11 @@ class Ranker:
         targets = [ids[r][j] for r, j in flat]
         start = self._start_id()
         states, labels_at, rows_at = [], [], []
-        for chunk in self._chunks(targets):
+        owners = [r for r, _ in flat]
+        row_bytes = sum(t[:1].numel() * t.element_size() for pair in kv for t in pair)
+        for chunk in [part for chunk in self._chunks(targets) for part in self._split_mixed(chunk, owners, row_bytes)]:
             rows = [targets[i] for i in chunk]
-            pick = self._picker([flat[i][0] for i in chunk])
+            pick = self._picker([owners[i] for i in chunk])
             labels = self._pad(rows)
             inputs = torch.cat([torch.full((len(rows), 1), start, device=self.device), labels[:, :-1]], dim=1)
             hidden = prefixlm.decode_candidates(bert, kv, lengths, inputs, pick)
@@ -476,9 +540,9 @@ def _blocked_logprobs(head: _Head, hidden: torch.Tensor, labels: torch.Tensor) -
     x = head.pre(hidden)
     weight, bias = head.final.weight, head.final.bias
     with torch.profiler.record_function(HEAD_PROFILE_LABEL):
-        picked = (x * weight[labels]).sum(-1)
+        picked = (x.float() * weight[labels].float()).sum(-1)  # float32 like the log-softmax below
         if bias is not None:
-            picked = picked + bias[labels]
+            picked = picked + bias[labels].float()
         blocks = []
         for a in range(0, weight.shape[0], VOCAB_BLOCK_COLUMNS):
             w = weight[a : a + VOCAB_BLOCK_COLUMNS].t()
@@ -487,6 +551,12 @@ def _blocked_logprobs(head: _Head, hidden: torch.Tensor, labels: torch.Tensor) -
             top = logits.amax(dim=-1, keepdim=True)
             blocks.append(logits.sub_(top).exp_().sum(dim=-1).log_() + top.squeeze(-1))
         return picked.float() - torch.logsumexp(torch.stack(blocks, dim=-1), dim=-1)
+
+
+def _row_bytes(enc: torch.Tensor, mask: torch.Tensor, shared) -> int:
+    """Bytes a row's own copy of its request's encoder states, mask and cached keys/values takes."""
+    tensors = [enc, mask] + [t for kv in shared for pair in kv for t in pair]
+    return sum(t[:1].numel() * t.element_size() for t in tensors)
 
 
 def _view_cache(pairs: list[tuple[torch.Tensor, torch.Tensor]]):
@@ -541,9 +611,18 @@ def _decoder_parts(model):
             return model.decoder(input_ids=dec, encoder_hidden_states=enc, encoder_attention_mask=mask,
                                  past_key_values=cache, use_cache=True).last_hidden_state
 
-        scale = model.config.d_model ** -0.5 if model.config.tie_word_embeddings else 1.0
+        scale = model.config.d_model ** -0.5 if t5_scales_decoder_output(model.config) else 1.0
         return body, _Head(lambda h: h * scale, model.lm_head)
     return _generic_parts(model)
+
+
+def t5_scales_decoder_output(config) -> bool:
+    """Whether T5's forward multiplies the decoder output by ``d_model ** -0.5`` before the head:
+    what the model itself reads. transformers 5.x keeps it in ``scale_decoder_outputs`` (false for
+    Flan-T5 and T5 v1.1, whose configs say ``tie_word_embeddings: false``) and reports
+    ``tie_word_embeddings`` true for every T5; older versions read ``tie_word_embeddings``."""
+    flag = getattr(config, "scale_decoder_outputs", None)
+    return bool(config.tie_word_embeddings if flag is None else flag)
 
 
 def _generic_parts(model):

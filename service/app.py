@@ -85,6 +85,11 @@ class ServiceState:
                 src, n = await loop.run_in_executor(self.infer_executor, engine.warm_up)
                 log.info("warm-up batch: %d instruction tokens, %d candidates x %d tokens (%d-token budget)",
                          src, n, engine.ranker.max_target_tokens, engine.ranker.batch_tokens)
+                if "mixed" in engine.warmup_report:
+                    mixed = engine.warmup_report["mixed"]
+                    log.info("warm-up mixed batch: %d requests, %d candidates x %d tokens, %.1f MB of per-row "
+                             "key/value copies (mixed_kv_mb=%s)", mixed["requests"], sum(mixed["candidates"]),
+                             mixed["row_tokens"], mixed["mixed_copy_bytes"] / 2**20, engine.settings.mixed_kv_mb)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - reported by /health and /ready

@@ -85,7 +85,9 @@ class Engine:
             max_target_tokens=settings.max_target_tokens or preset_target,
             batch_tokens=settings.batch_tokens,
             reduction=settings.reduction,
+            mixed_kv_bytes=int(settings.mixed_kv_mb * 2**20),
         )
+        self.warmup_report: dict = {}
         self.name = loaded.name
         self.version = model_version(loaded.name)
         self.tuned_template_version = loaded.meta.get("template_version") or ""
@@ -154,8 +156,13 @@ class Engine:
         return scored, enc, total - enc
 
     def warm_up(self) -> tuple[int, int]:
-        """One batch at the largest budget: a full-length instruction and as many full-length
-        candidates as the token budget holds. Returns (instruction tokens, candidates)."""
+        """The worst batches the settings allow, so a budget that does not fit fails at start-up:
+        one full-length instruction with as many full-length candidates as the token budget holds
+        (the largest decoder activations), then, for a seq2seq model, the largest mixed batch:
+        ``max_batch_requests`` full-length instructions (as many as the budget holds) whose
+        candidates share decoder passes with as many per-row key/value copies as ``mixed_kv_mb``
+        allows, each row as long as the token budget then permits. Returns (instruction tokens,
+        candidates) of the first; ``warmup_report`` describes both."""
         r = self.ranker
         special = count_tokens(r.tokenizer, "")
         per_word = max(1, count_tokens(r.tokenizer, "word") - special)
@@ -163,7 +170,31 @@ class Engine:
         candidate = " ".join(["item"] * r.max_target_tokens)  # cut to max_target_tokens
         count = max(1, r.batch_tokens // r.max_target_tokens)
         (scored,), _, _ = self.score_many([(source, [candidate] * count)])
+        self.warmup_report = {"single": {"source_tokens": scored.source_tokens, "candidates": count}}
+        if self.loaded.kind == "seq2seq" and r.share_cross_kv:
+            self.warmup_report["mixed"] = self._warm_up_mixed(source, scored.source_tokens)
         return scored.source_tokens, count
+
+    def _warm_up_mixed(self, source: str, source_tokens: int) -> dict:
+        r = self.ranker
+        row_bytes = r.kv_row_bytes(source_tokens)
+        requests = max(2, min(self.settings.max_batch_requests, r.batch_tokens // max(1, source_tokens)))
+        copy_rows = r.mixed_kv_bytes // row_bytes if row_bytes else 0  # rows a mixed pass may copy for
+        rows = max(requests + 1, copy_rows)  # one request has 2 or more candidates: the shared path
+        # decoder tokens per row after the shared start step: the rows fill the token budget
+        width = max(1, min(r.max_target_tokens - 1, r.batch_tokens // rows))
+        rows = max(3, min(rows, r.batch_tokens // width))
+        requests = min(requests, rows - 1)
+        counts = [rows // requests] * requests
+        counts[0] += rows % requests
+        special = count_tokens(r.tokenizer, "")
+        per_word = max(1, count_tokens(r.tokenizer, "item") - special)
+        text = " ".join(["item"] * max(1, width // per_word))  # width tokens, then end-of-sequence
+        self.score_many([(source, [text] * n) for n in counts])
+        owners = [k for k, n in enumerate(counts) for _ in range(n)]
+        mixed = [p for p in r._split_mixed(list(range(rows)), owners, row_bytes) if len({owners[i] for i in p}) > 1]
+        return {"requests": requests, "candidates": counts, "row_tokens": width + 1, "row_bytes": row_bytes,
+                "mixed_copy_bytes": max((len(p) * row_bytes for p in mixed), default=0)}
 
     def _install_timing_hooks(self) -> None:
         """Time the encoder forward (seq2seq) so decode time = scoring time - encoder time."""
@@ -172,11 +203,22 @@ class Engine:
             return
         encoder = model.get_encoder()
         local = self._local
+        # CUDA runs asynchronously: without a synchronisation the clock would stop when the
+        # encoder's kernels were queued, not when they finished (decode time would absorb them)
+        cuda = self.loaded.device.type == "cuda"
 
         def before(_module, _args, _kwargs=None):
+            if cuda:
+                import torch
+
+                torch.cuda.synchronize(self.loaded.device)
             local.enc_start = time.perf_counter()
 
         def after(_module, _args, _output):
+            if cuda:
+                import torch
+
+                torch.cuda.synchronize(self.loaded.device)
             started = getattr(local, "enc_start", None)
             if started is not None:
                 local.encoder = getattr(local, "encoder", 0.0) + time.perf_counter() - started

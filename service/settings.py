@@ -21,7 +21,7 @@ class Settings(BaseSettings):
         description="checkpoint directory or built-in model name; default artifacts/quickstart/model if it exists",
     )
     device: str = Field(default="auto", description="cpu, cuda, cuda:N or auto")
-    dtype: str = Field(default="auto", description="float32, bfloat16, float16, int8 (CPU: dynamically quantised "
+    dtype: str = Field(default="auto", description="float32, bfloat16, float16 (refused for T5 models), int8 (CPU: dynamically quantised "
                        "linear layers, the fastest on CPUs without bf16) or auto")
     reduction: Literal["mean", "sum"] = Field(default="mean", description="score = mean or sum of title token log-probs")
     max_source_tokens: int | None = Field(default=None, ge=8, description="instruction token limit (default: checkpoint preset)")
@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(default=5.0, ge=0, description="longest wait for more requests to join a batch")
     max_queue: int = Field(default=64, ge=1, description="requests waiting for the model before new ones get 429")
     max_batch_requests: int = Field(default=32, ge=1, description="requests sharing one batch at most (1 turns micro-batching off)")
+    mixed_kv_mb: float = Field(default=256.0, ge=0, description="per-row copies of cross-attention keys/values one "
+                               "decoder pass mixing several requests may make (MB); beyond it each request's rows get "
+                               "their own passes, sharing them without copies (0: never copy)")
 
     # -- cache ------------------------------------------------------------------------
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis for the score cache; empty disables it")

@@ -78,3 +78,16 @@ def test_minilm_prefix_lm_is_warm_started():
 
     plain = AutoModel.from_pretrained(str(minilm_path()))
     assert torch.equal(plain.encoder.layer[3].attention.self.key.weight, model.bert.encoder.layer[3].attention.self.key.weight)
+
+
+def test_mixed_passes_respect_the_copy_allowance():
+    """Rows of several requests copy their instruction's keys/values only within the ranker's
+    allowance; beyond it they go in per-request passes. Scores are the same either way."""
+    loaded = load_model(TINY_PREFIX, device="cpu", dtype="float32")
+    requests = [(SOURCE, CANDS[:3]), ("a calm farming game", CANDS[1:4]), ("racing", CANDS[:2])]
+    roomy = Ranker(loaded).score_many(requests)
+    tight_ranker = Ranker(loaded, mixed_kv_bytes=0)
+    assert tight_ranker.kv_row_bytes(len(SOURCE.split())) > 0
+    tight = tight_ranker.score_many(requests)
+    for a, b in zip(roomy, tight):
+        assert a.scores == pytest.approx(b.scores, abs=1e-5)

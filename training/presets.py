@@ -46,6 +46,12 @@ class Preset:
     eval_users: int = 200  # validation cases ranked (1 positive + 9 negatives) at each evaluation
     logging_steps: int = 10
     seed: int = 0
+    # GPU-scale knobs: recompute activations in the backward pass (memory for compute), train
+    # LoRA adapters instead of every weight, and how many resumable checkpoints (each with the
+    # optimizer state resuming needs) are kept.
+    gradient_checkpointing: bool = False
+    lora: bool = False
+    save_total_limit: int = 2
 
     def override(self, **changes) -> "Preset":
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -65,7 +71,18 @@ PRESETS: dict[str, Preset] = {
     "quick": Preset("quick", base=MINILM, max_history=10, max_source_tokens=192, per_case=2, history_share=0.8,
                     batch_size=16, max_steps=300, learning_rate=4e-4, warmup_steps=20, eval_steps=300,
                     save_steps=40, eval_users=200, freeze_encoder=True),
+    # Checkpoints (weights + optimizer state, for resuming) every 1,000 steps, the last one kept:
+    # at most 1,000 steps are redone after a crash; best/ and model/ hold weights only.
     "full": Preset("full", base=MINILM, max_history=20, max_source_tokens=320, per_case=3, batch_size=32,
-                   max_steps=30000, learning_rate=1e-4, warmup_steps=500, eval_steps=1000, save_steps=250,
-                   eval_users=1000, logging_steps=50),
+                   max_steps=30000, learning_rate=1e-4, warmup_steps=500, eval_steps=1000, save_steps=1000,
+                   eval_users=1000, logging_steps=50, save_total_limit=1),
 }
+
+# Flan-T5-XL (the paper's model) on GPUs: the `full` data and schedule, 32 examples per optimizer
+# step, sized by the arithmetic in training/memory.py (README "GPUs"; computed, not measured).
+#   one 80 GB GPU, LoRA: 16 per step x 2 accumulated, bf16 autocast, gradient checkpointing
+#   eight GPUs, every weight, FSDP (deploy/accelerate/fsdp-8gpu.yaml): 4 per GPU x 8
+PRESETS["flan-t5-xl-lora"] = replace(PRESETS["full"], name="flan-t5-xl-lora", base="google/flan-t5-xl", lora=True,
+                                     batch_size=16, grad_accum=2, learning_rate=3e-4, gradient_checkpointing=True)
+PRESETS["flan-t5-xl-full"] = replace(PRESETS["full"], name="flan-t5-xl-full", base="google/flan-t5-xl", batch_size=4,
+                                     grad_accum=1, learning_rate=1e-4, gradient_checkpointing=True)

@@ -32,10 +32,11 @@ import torch
 from instructrec.aspects import UserNeed
 from instructrec.checkpoint import read_meta, write_meta
 from instructrec.instruction import build as build_instruction
-from instructrec.modeling import PREFIX_LM, LoadedModel, build_base, cpu_has_bf16, cut_decoder, resolve_device
+from instructrec.modeling import PREFIX_LM, LoadedModel, build_base, cpu_has_bf16, cuda_has_bf16, cut_decoder, resolve_device
 from instructrec.ranker import Ranker, decoder_start_id, eos_id, target_ids
 from instructrec.templates import TEMPLATE_VERSION
 
+from . import distributed
 from .data.load import load_dataset
 from .data.types import Case, InteractionData
 from .instructions import Example, Mixture, build_examples, read_examples, summary, write_examples
@@ -56,23 +57,29 @@ class TrainingError(RuntimeError):
 
 def validation_metrics(model, tokenizer, data: InteractionData, cases: list[Case], preset: Preset,
                        device: torch.device, n_negatives: int = 9, kind: str = "seq2seq") -> dict[str, float]:
-    """HR/NDCG of the likelihood ranker on ``cases`` (1 positive + ``n_negatives``), serving path."""
+    """HR/NDCG of the likelihood ranker on ``cases`` (1 positive + ``n_negatives``), serving path,
+    several cases per call (:mod:`training.validation`; full forwards on every process for a
+    sharded model)."""
+    from .validation import score_cases
+
     was_training = model.training
     model.eval()
     loaded = LoadedModel(model=model, tokenizer=tokenizer, name="training", kind=kind, device=device,
                          dtype=next(model.parameters()).dtype)
     ranker = Ranker(loaded, max_source_tokens=preset.max_source_tokens, max_target_tokens=preset.max_target_tokens)
-    ranks = []
+    encoded, positives = [], []
+    for case in cases:
+        need = UserNeed(history=tuple(data.title(i) for i in case.history))
+        inst = build_instruction(need, tokenizer, ranker.max_source_tokens)
+        cands = candidate_set(data, case, n_negatives, EVAL_SEED)
+        encoded.append(ranker.encode(inst.source, [data.title(c) for c in cands]))
+        positives.append(cands.index(case.target))
     try:
-        for case in cases:
-            need = UserNeed(history=tuple(data.title(i) for i in case.history))
-            inst = build_instruction(need, tokenizer, ranker.max_source_tokens)
-            cands = candidate_set(data, case, n_negatives, EVAL_SEED)
-            scores = ranker.score(inst.source, [data.title(c) for c in cands]).scores
-            ranks.append(rank_of(scores, cands.index(case.target)))
+        with torch.inference_mode():
+            scores = score_cases(ranker, encoded)
     finally:
         model.train(was_training)
-    return metrics_from_ranks(ranks)
+    return metrics_from_ranks([rank_of(s, p) for s, p in zip(scores, positives)])
 
 
 class _Examples(torch.utils.data.Dataset):
@@ -115,13 +122,15 @@ def _last_good_checkpoint(directory: Path) -> str | None:
             step = int(d.name.split("-")[-1])
         except ValueError:
             continue
-        if (d / "trainer_state.json").is_file() and any(d.glob("*.safetensors")) and (d / "optimizer.pt").is_file():
+        optimizer = (d / "optimizer.pt").is_file() or (d / "optimizer.bin").is_file()  # .bin: FSDP's
+        if (d / "trainer_state.json").is_file() and any(d.glob("*.safetensors")) and optimizer:
             found.append((step, d))
     return str(max(found)[1]) if found else None
 
 
-def _save_model_dir(model, tokenizer, target: Path, meta: dict) -> None:
-    """Write an HF model directory atomically (a temp dir renamed into place)."""
+def _save_model_dir(model, tokenizer, target: Path, meta: dict, state_dict: dict | None = None) -> None:
+    """Write an HF model directory atomically (a temp dir renamed into place); ``state_dict``: the
+    full weights gathered from a sharded model."""
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     to_save = model
@@ -129,7 +138,7 @@ def _save_model_dir(model, tokenizer, target: Path, meta: dict) -> None:
         import copy
 
         to_save = copy.deepcopy(model).merge_and_unload()
-    to_save.save_pretrained(tmp)
+    to_save.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     write_meta(tmp, meta)
     old = target.with_name(target.name + ".old")
@@ -140,6 +149,19 @@ def _save_model_dir(model, tokenizer, target: Path, meta: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _save_final(trainer, tokenizer, target: Path, meta: dict) -> None:
+    """Save the trained model from every process's call: a sharded model's full state is gathered
+    first (a collective), then the main process writes the directory while the others wait."""
+    model = trainer.model
+    state = None
+    if distributed.sharded(model):
+        if hasattr(model, "merge_and_unload"):
+            raise TrainingError("LoRA adapters with a sharded model (FSDP/ZeRO-3) are not supported; "
+                                "train LoRA on one GPU or without sharding")
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    distributed.on_main(lambda: _save_model_dir(model, tokenizer, target, meta, state_dict=state))
+
+
 def train(preset: Preset, out: str | Path, *, data_path: str | None = None, annotations_path: str | None = None,
           device: str | None = None, bf16: bool | None = None, lora: bool = False, resume: bool = True,
           progress: bool = True) -> dict:
@@ -148,13 +170,19 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if not resume:  # start over; the annotation cache stays valid (it is keyed by request)
+    lora = lora or preset.lora
+    dev = resolve_device(device)
+    distributed.init(cpu=dev.type == "cpu")  # under torchrun: shared files are the main process's
+
+    def start_over():  # the annotation cache stays valid (it is keyed by request)
         for stale in ("checkpoints", "best", "model"):
             shutil.rmtree(out / stale, ignore_errors=True)
         (out / "instructions.jsonl").unlink(missing_ok=True)
-    dev = resolve_device(device)
+
+    if not resume:
+        distributed.on_main(start_over)
     use_bf16 = bf16 if bf16 is not None else (
-        (dev.type == "cuda" and torch.cuda.is_bf16_supported()) or (dev.type == "cpu" and cpu_has_bf16()))
+        (dev.type == "cuda" and cuda_has_bf16(dev)) or (dev.type == "cpu" and cpu_has_bf16()))
 
     # -- data and instructions -------------------------------------------------------
     data = load_dataset(data_path or preset.data)
@@ -179,23 +207,30 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
         train_cases = random.Random(preset.seed).sample(train_cases, preset.max_cases)
 
     examples_path = out / "instructions.jsonl"
-    if examples_path.exists() and resume:
+    if distributed.from_main(examples_path.exists() and resume):
         examples = read_examples(examples_path)
         log.info("reusing %d instruction examples from %s", len(examples), examples_path)
     else:
-        if annotations_path:
-            from .annotate.pipeline import load_annotations
+        def build_and_write():  # the main process annotates and writes; the others read its file
+            if annotations_path:
+                from .annotate.pipeline import load_annotations
 
-            annotations = load_annotations(Path(annotations_path))
-        else:
-            annotations = annotate_offline(data, train_cases, out / "annotations.jsonl", progress)
-        examples = build_examples(data, train_cases, annotations, tokenizer, preset.max_source_tokens,
-                                  seed=preset.seed, mixture=Mixture(per_case=preset.per_case, history_share=preset.history_share))
-        write_examples(examples_path, examples)
+                annotations = load_annotations(Path(annotations_path))
+            else:
+                annotations = annotate_offline(data, train_cases, out / "annotations.jsonl", progress)
+            built = build_examples(data, train_cases, annotations, tokenizer, preset.max_source_tokens,
+                                   seed=preset.seed, mixture=Mixture(per_case=preset.per_case, history_share=preset.history_share))
+            write_examples(examples_path, built)
+            return built
+
+        examples = distributed.on_main(build_and_write)
+        if examples is None:
+            examples = read_examples(examples_path)
     if not examples:
         raise TrainingError(f"no training examples could be built from {data.source or data.name}")
     stats = summary(examples)
-    (out / "instructions_summary.json").write_text(json.dumps(stats, indent=2) + "\n")
+    if distributed.is_main():
+        (out / "instructions_summary.json").write_text(json.dumps(stats, indent=2) + "\n")
     features = tokenize_examples(examples, tokenizer, preset, eos)
     if preset.objective == "listwise":
         # popularity over every training case of the data, not only the sampled ones
@@ -219,6 +254,7 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
             raise TrainingError("--lora needs peft: pip install 'instructrec[lora]'") from exc
         model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=16, lora_alpha=32,
                                                  lora_dropout=0.05, target_modules="all-linear"))
+    distributed.freeze_unused(model)
     if preset.freeze_encoder:
         for param in model.get_encoder().parameters():
             param.requires_grad_(False)
@@ -272,17 +308,22 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
             start = time.perf_counter()
             # Under Trainer the model's forward autocasts when bf16 is on; rank under the same
             # autocast so every part of the fast path computes in one dtype.
-            with torch.autocast(self.args.device.type, dtype=torch.bfloat16, enabled=bool(self.args.bf16)):
-                metrics = validation_metrics(self.model, tokenizer, data, valid_cases, preset, self.args.device, kind=kind)
+            def validate():
+                with torch.autocast(self.args.device.type, dtype=torch.bfloat16, enabled=bool(self.args.bf16)):
+                    return validation_metrics(self.model, tokenizer, data, valid_cases, preset, self.args.device, kind=kind)
+
+            # a sharded model validates on every process; otherwise the main one does, the others wait
+            sharded = distributed.sharded(self.model)
+            metrics = validate() if sharded else distributed.from_main(distributed.on_main(validate))
             metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
             metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - start, 2)
             self.log(dict(metrics))
             hr1 = metrics[f"{metric_key_prefix}_hr@1"]
-            if self.args.should_save and hr1 > best:
+            if hr1 > best:  # the same metrics on every process
                 best = hr1
                 meta = {**base_meta, "steps": self.state.global_step,
                         "validation": {k.removeprefix(f"{metric_key_prefix}_"): v for k, v in metrics.items()}}
-                _save_model_dir(self.model, tokenizer, best_dir, meta)
+                _save_final(self, tokenizer, best_dir, meta)
             self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
             return metrics
 
@@ -312,7 +353,11 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
         eval_steps=preset.eval_steps,
         save_strategy="steps",
         save_steps=preset.save_steps,
-        save_total_limit=2,
+        save_total_limit=preset.save_total_limit,
+        activation_checkpointing=preset.gradient_checkpointing,  # --gradient-checkpointing
+        # non-reentrant: works with frozen inputs (LoRA, a frozen encoder) and under FSDP
+        activation_checkpointing_kwargs={"use_reentrant": False} if preset.gradient_checkpointing else None,
+        ddp_find_unused_parameters=False,  # every trainable parameter is used (the encoder pooler is frozen)
         logging_steps=preset.logging_steps,
         train_sampling_strategy="group_by_length",
         report_to="none",
@@ -335,14 +380,18 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
         processing_class=tokenizer,
         callbacks=[Throughput()],
     )
-    if preset.objective == "listwise":
-        if args.world_size > 1:
-            # the loss calls the encoder and decoder directly, outside DDP's forward, so
-            # gradients would not be synchronised across processes
-            raise TrainingError("--objective listwise runs in one process (one GPU or the CPU); "
-                                "use --objective mle for multi-process (DDP) runs")
-        trainer.loss_is_scaled_for_ga = False  # listwise_loss is a batch mean: divide by accumulation
-    ckpt = _last_good_checkpoint(out / "checkpoints") if resume else None
+    # T5's forward takes **kwargs, so the Trainer would take its loss for one already divided by the
+    # target tokens of the whole accumulated batch across processes (it is a plain per-batch mean),
+    # skip the division by the accumulation steps and multiply by the number of processes: the loss
+    # and gradients would be scaled by both. Declared as it is, the Trainer divides the mean by the
+    # accumulation steps and DDP averages across processes.
+    trainer.model_accepts_loss_kwargs = False
+    if preset.objective == "listwise" and args.world_size > 1:
+        # the loss calls the encoder and decoder directly, outside DDP's forward, so
+        # gradients would not be synchronised across processes
+        raise TrainingError("--objective listwise runs in one process (one GPU or the CPU); "
+                            "use --objective mle for multi-process (DDP) runs")
+    ckpt = distributed.from_main(_last_good_checkpoint(out / "checkpoints") if resume else None)
     if ckpt:
         log.info("resuming from %s", ckpt)
     started = time.perf_counter()
@@ -354,14 +403,21 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
                   "examples_per_second": round(timing["examples"] / timing["train_seconds"], 2) if timing["train_seconds"] else None,
                   "train_seconds_this_run": round(wall, 1), "train_loss": result.training_loss,
                   "resumed_from": ckpt}
-    if best_dir.exists():
+    if distributed.from_main(best_dir.exists()):
         best_meta = read_meta(best_dir)
         final_meta["validation"] = best_meta.get("validation", {})
         final_meta["best_step"] = best_meta.get("steps")
-        if (out / "model").exists():
-            shutil.rmtree(out / "model")
-        shutil.copytree(best_dir, out / "model")
-        write_meta(out / "model", final_meta)
+
+        def publish_best():  # copied beside, then renamed into place: never a half-copied model/
+            tmp = out / "model.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(best_dir, tmp)
+            write_meta(tmp, final_meta)
+            if (out / "model").exists():
+                shutil.rmtree(out / "model")
+            tmp.rename(out / "model")
+
+        distributed.on_main(publish_best)
     else:
-        _save_model_dir(trainer.model, tokenizer, out / "model", final_meta)
+        _save_final(trainer, tokenizer, out / "model", final_meta)
     return final_meta

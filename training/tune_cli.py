@@ -19,8 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--annotations", help="annotations.jsonl from `instructrec annotate` (default: run the offline teacher)")
     parser.add_argument("--users", type=int, help="train on a seeded subsample of this many users")
     parser.add_argument("--max-steps", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--grad-accum", type=int)
+    parser.add_argument("--batch-size", type=int, help="examples per device per micro-batch (the global batch is this x --grad-accum x processes)")
+    parser.add_argument("--grad-accum", type=int, help="micro-batches accumulated per optimizer step")
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--max-history", type=int)
     parser.add_argument("--max-source-tokens", type=int)
@@ -47,7 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bf16 = parser.add_mutually_exclusive_group()
     bf16.add_argument("--bf16", dest="bf16", action="store_true", default=None, help="bf16 autocast (default: on where the hardware supports it)")
     bf16.add_argument("--no-bf16", dest="bf16", action="store_false")
-    parser.add_argument("--lora", action="store_true", help="train LoRA adapters (needs the 'lora' extra); the saved model is merged")
+    parser.add_argument("--lora", action="store_true", default=None,
+                        help="train LoRA adapters (needs the 'lora' extra); the saved model is merged (default: the preset's)")
+    ckpt = parser.add_mutually_exclusive_group()
+    ckpt.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None,
+                      help="recompute activations in the backward pass: far less memory, about a third more compute (default: the preset's)")
+    ckpt.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    parser.add_argument("--save-total-limit", type=int, help="resumable checkpoints kept (each with optimizer state)")
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="start over instead of resuming from OUT")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -63,14 +69,18 @@ def run(args: argparse.Namespace) -> int:
         max_source_tokens=args.max_source_tokens, eval_steps=args.eval_steps, save_steps=args.save_steps,
         eval_users=args.eval_users, per_case=args.per_case, history_share=args.history_share, seed=args.seed,
         freeze_encoder=args.freeze_encoder, objective=args.objective, popular_negatives=args.popular_negatives,
-        uniform_negatives=args.uniform_negatives, mle_weight=args.mle_weight, decoder_layers=args.decoder_layers, frozen_layers=args.frozen_layers,
-        max_cases=args.max_cases)
+        uniform_negatives=args.uniform_negatives, mle_weight=args.mle_weight, decoder_layers=args.decoder_layers,
+        frozen_layers=args.frozen_layers, max_cases=args.max_cases, lora=args.lora,
+        gradient_checkpointing=args.gradient_checkpointing, save_total_limit=args.save_total_limit)
     try:
         meta = train(preset, args.out, data_path=args.data, annotations_path=args.annotations, device=args.device,
-                     bf16=args.bf16, lora=args.lora, resume=args.resume, progress=args.progress)
-    except (DataError, TrainingError, FileNotFoundError, ValueError, RuntimeError) as exc:
+                     bf16=args.bf16, lora=preset.lora, resume=args.resume, progress=args.progress)
+    except (DataError, TrainingError, FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
         print(f"instructrec train: {exc}", file=sys.stderr)
         return 2
+    from . import distributed
+
     summary = {k: meta.get(k) for k in ("steps", "best_step", "examples_per_second", "validation", "template_version")}
-    print(json.dumps({"model": f"{args.out}/model", **summary}, indent=2))
+    if distributed.is_main():  # one summary per run, not one per process
+        print(json.dumps({"model": f"{args.out}/model", **summary}, indent=2))
     return 0

@@ -1,0 +1,134 @@
+"""The README's GPU recipes, as far as a CPU can check them: the Flan-T5-XL presets run end to end
+on a tiny model in Flan-T5's layout (one process with LoRA; two processes, every weight), the
+FSDP config is what accelerate turns into an FSDP2 plugin wrapping T5 blocks, and the memory
+arithmetic behind the presets counts the real model class."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from instructrec.checkpoint import read_meta
+from training.memory import FLAN_T5_XL, count_parameters, estimate, preset_table
+from training.presets import PRESETS
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--base", "tiny-random-flan-t5", "--users", "60", "--eval-users", "20", "--max-steps", "2", "--eval-steps", "2",
+         "--save-steps", "2", "--device", "cpu", "--no-bf16", "--no-progress"]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def test_xl_presets():
+    lora, full = PRESETS["flan-t5-xl-lora"], PRESETS["flan-t5-xl-full"]
+    assert lora.base == full.base == "google/flan-t5-xl"
+    assert lora.lora and not full.lora and lora.gradient_checkpointing and full.gradient_checkpointing
+    assert lora.batch_size * lora.grad_accum == full.batch_size * 8 == 32  # the same global batch
+    for p in (PRESETS["full"], lora, full):  # checkpoints with optimizer state at evaluations only, one kept
+        assert p.save_steps == p.eval_steps == 1000 and p.save_total_limit == 1
+
+
+def test_parameter_count_is_the_models():
+    """count_parameters against T5's shape by hand, and against a built model's own count."""
+    total, lora = count_parameters(FLAN_T5_XL)
+    c = FLAN_T5_XL
+    d, ff, inner, v, n = c["d_model"], c["d_ff"], c["num_heads"] * c["d_kv"], c["vocab_size"], c["num_layers"]
+    attention, gated_ff = 4 * d * inner, 3 * d * ff
+    by_hand = (2 * v * d  # shared embeddings, separate head
+               + n * (attention + gated_ff + 2 * d) + 32 * c["num_heads"] + d  # encoder blocks, position bias, final norm
+               + n * (2 * attention + gated_ff + 3 * d) + 32 * c["num_heads"] + d)  # decoder
+    assert total == by_hand
+    # rank 16 x (in + out) per linear layer: q, k, v, o per attention, wi_0, wi_1, wo per feed-forward
+    assert lora == 16 * (n * (4 * (d + inner) + 3 * (d + ff)) + n * (8 * (d + inner) + 3 * (d + ff)))
+    from instructrec.modeling import build_tiny_flan_t5
+
+    model, _ = build_tiny_flan_t5()
+    cfg = model.config
+    tiny = dict(vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv, d_ff=cfg.d_ff, num_layers=cfg.num_layers,
+                num_decoder_layers=cfg.num_decoder_layers, num_heads=cfg.num_heads, feed_forward_proj="gated-gelu",
+                tie_word_embeddings=False)
+    assert count_parameters(tiny)[0] == sum(p.numel() for p in model.parameters())  # separate head counted once
+
+
+def test_memory_arithmetic_fits_80gb_and_shows_the_old_preset_did_not():
+    rows = dict(preset_table())
+    for name, e in rows.items():
+        assert e.total > 0
+    lora = next(e for n, e in rows.items() if n.startswith("flan-t5-xl-lora"))
+    fsdp = next(e for n, e in rows.items() if n.startswith("flan-t5-xl-full (8"))
+    old = next(e for n, e in rows.items() if "old" in n)
+    assert lora.total < 40e9 and fsdp.total < 20e9 and old.total >= 80e9
+    # sharding divides weights, gradients and optimizer state by the processes
+    ddp = estimate(lora=False, processes=8, sharded=False, batch=4, source_tokens=320, target_tokens=48, checkpointing=True)
+    assert fsdp.optimizer == pytest.approx(ddp.optimizer / 8) and fsdp.gradients == pytest.approx(ddp.gradients / 8)
+    # checkpointing keeps block inputs only
+    assert estimate(lora=False, processes=1, sharded=False, batch=4, source_tokens=320, target_tokens=48,
+                    checkpointing=False).activations > 5 * ddp.activations
+
+
+def test_fsdp_config_is_an_fsdp2_plugin_wrapping_t5_blocks(monkeypatch):
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    config = ROOT / "deploy" / "accelerate" / "fsdp-8gpu.yaml"
+    args = launch_command_parser().parse_args(["--config_file", str(config), "-m", "instructrec.cli", "train"])
+    args, _, _ = _validate_launch_command(args)
+    assert args.num_processes == 8 and args.use_fsdp
+    env = prepare_multi_gpu_env(args)
+    for key, value in env.items():
+        if key.startswith(("FSDP_", "ACCELERATE_USE_FSDP")):
+            monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.transformer_cls_names_to_wrap == ["T5Block"]
+    assert "FULL_STATE_DICT" in str(plugin.state_dict_type) and not plugin.activation_checkpointing
+    from transformers.models.t5.modeling_t5 import T5Block  # the class named there exists
+
+    assert T5Block.__name__ in plugin.transformer_cls_names_to_wrap
+
+
+def test_one_gpu_lora_recipe_runs_on_cpu(tmp_path):
+    out = tmp_path / "lora"
+    proc = subprocess.run([sys.executable, "-m", "instructrec.cli", "train", "--preset", "flan-t5-xl-lora", "--out", str(out), *SMALL],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = read_meta(out / "model")
+    assert meta["lora"] is True and meta["preset"]["gradient_checkpointing"] and meta["steps"] == 2
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["model_type"] == "t5" and config.get("scale_decoder_outputs") is False
+
+
+def test_eight_gpu_full_recipe_runs_on_two_cpu_processes(tmp_path):
+    """The same command under torchrun (DDP on gloo: accelerate's FSDP needs GPUs)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "full"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                           "--master_port", str(port), "-m", "instructrec.cli", "train", "--preset", "flan-t5-xl-full",
+                           "--out", str(out), *SMALL], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = read_meta(out / "model")
+    assert meta["lora"] is False and meta["preset"]["name"] == "flan-t5-xl-full" and meta["steps"] == 2
+
+
+def test_readme_memory_table_is_the_arithmetic(capsys):
+    """The README's per-GPU table is what `python -m training.memory` prints now."""
+    from training.memory import main
+
+    main()
+    printed = capsys.readouterr().out.strip().splitlines()
+    readme = (ROOT / "README.md").read_text()
+    for line in printed[1:]:
+        assert line in readme, line
+    assert "computed, not measured" in readme
