@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="report folder (results.json, results.md, plots, candidate files)")
     parser.add_argument("--model", action="append", default=[], metavar="[LABEL=]PATH",
                         help="an instruction-tuned checkpoint to evaluate (repeatable)")
-    parser.add_argument("--base", default="minilm-bert2bert",
+    parser.add_argument("--base", default="minilm-prefixlm",
                         help="the untuned base model row (a built-in name, a directory or a hub id; 'none' for no row)")
     parser.add_argument("--baselines", type=_csv, default=("popularity", "bi-encoder", "sasrec", "bert4rec"),
                         help="comma-separated: popularity, bi-encoder, sasrec, bert4rec ('' for none)")
