@@ -100,15 +100,20 @@ def build_minilm_bert2bert():
     return model, tokenizer
 
 
+def _tiny_bert_config(tokenizer, hidden: int, layers: int, heads: int, **extra):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, intermediate_size=hidden * 2, max_position_embeddings=512, **extra)
+
+
 def build_tiny_bert2bert(seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4):
     """A tiny randomly initialised BERT2BERT on the MiniLM tokenizer (for tests and smoke runs)."""
-    from transformers import BertConfig, EncoderDecoderConfig, EncoderDecoderModel
+    from transformers import EncoderDecoderConfig, EncoderDecoderModel
 
     tokenizer = minilm_tokenizer()
-    common = dict(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-                  num_attention_heads=heads, intermediate_size=hidden * 2, max_position_embeddings=512)
-    enc = BertConfig(**common)
-    dec = BertConfig(**common, is_decoder=True, add_cross_attention=True)
+    enc = _tiny_bert_config(tokenizer, hidden, layers, heads)
+    dec = _tiny_bert_config(tokenizer, hidden, layers, heads, is_decoder=True, add_cross_attention=True)
     torch.manual_seed(seed)
     model = EncoderDecoderModel(config=EncoderDecoderConfig.from_encoder_decoder_configs(enc, dec))
     _configure_bert2bert(model, tokenizer)
@@ -201,15 +206,13 @@ def build_minilm_prefix_lm():
 
 def build_tiny_prefix_lm(seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4):
     """A tiny randomly initialised prefix-LM on the MiniLM tokenizer (tests)."""
-    from transformers import BertConfig, BertForMaskedLM
+    from transformers import BertForMaskedLM
 
     from .prefixlm import mark
 
     tokenizer = minilm_tokenizer()
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=heads, intermediate_size=hidden * 2, max_position_embeddings=512)
     torch.manual_seed(seed)
-    model = BertForMaskedLM(config)
+    model = BertForMaskedLM(_tiny_bert_config(tokenizer, hidden, layers, heads))
     mark(model)
     _configure_prefix_lm(model, tokenizer)
     return model, tokenizer

@@ -93,22 +93,28 @@ def test_trained_scores_are_the_rankers_scores(name):
     assert trained == pytest.approx(served, abs=1e-4)
 
 
-def test_listwise_loss_falls_and_puts_the_target_first():
-    model, tok, _ = build_base(TINY)
-    loaded = load_model(TINY, device="cpu", dtype="float32")
+def _fit(loaded, steps: int = 30):
+    """Train on one fixed batch with the listwise loss; (first loss, its parts, last loss, its parts)."""
     model = loaded.model
     model.train()
-    for p in model.get_encoder().parameters():  # the frozen-encoder path: no_grad, eval mode
-        p.requires_grad_(False)
     batch = _batch(loaded)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    kw = dict(start_id=decoder_start_id(model), pad_id=tok.pad_token_id, mle_weight=0.5)
+    kw = dict(start_id=decoder_start_id(model), pad_id=loaded.tokenizer.pad_token_id, mle_weight=0.5)
     first, parts0 = listwise_loss(model, batch, **kw)
-    for _ in range(30):
+    for _ in range(steps):
         loss, parts = listwise_loss(model, batch, **kw)
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return first, parts0, loss, parts
+
+
+def test_listwise_loss_falls_and_puts_the_target_first():
+    loaded = load_model(TINY, device="cpu", dtype="float32")
+    model = loaded.model
+    for p in model.get_encoder().parameters():  # the frozen-encoder path: no_grad, eval mode
+        p.requires_grad_(False)
+    first, parts0, loss, parts = _fit(loaded)
     assert not model.get_encoder().training and model.decoder.training
     assert loss.item() < 0.5 * first.item()
     assert parts["listwise"] < parts0["listwise"] and parts["target_first"] == 1.0
@@ -147,21 +153,12 @@ def test_cut_decoder_ranks_fast_as_naive_and_reloads(tmp_path, name):
 
 def test_prefix_lm_with_frozen_bottom_learns_above_it_only():
     loaded = load_model(TINY_PREFIX, device="cpu", dtype="float32")
-    model, tok = loaded.model, loaded.tokenizer
+    model = loaded.model
     freeze_bottom(model, 1)
-    model.train()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     assert any(n.startswith("bert.encoder.layer.0.") for n in frozen) and any("embeddings" in n for n in frozen)
     assert not any(n.startswith("bert.encoder.layer.1.") for n in frozen)
-    batch = _batch(loaded)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    kw = dict(start_id=decoder_start_id(model), pad_id=tok.pad_token_id, mle_weight=0.5)
-    first, parts0 = listwise_loss(model, batch, **kw)
-    for _ in range(30):
-        loss, parts = listwise_loss(model, batch, **kw)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    first, parts0, loss, parts = _fit(loaded)
     # the output layer is the frozen word embeddings, so the likelihood falls slowly; the contrast does not
     assert loss.item() < first.item() and parts["listwise"] < 0.5 * parts0["listwise"] and parts["target_first"] == 1.0
     assert not model.bert.encoder.layer[0].training and model.bert.encoder.layer[1].training
