@@ -32,8 +32,11 @@ def test_xl_presets():
     assert lora.base == full.base == "google/flan-t5-xl"
     assert lora.lora and not full.lora and lora.gradient_checkpointing and full.gradient_checkpointing
     assert lora.batch_size * lora.grad_accum == full.batch_size * 8 == 32  # the same global batch
-    for p in (PRESETS["full"], lora, full):  # checkpoints with optimizer state at evaluations only, one kept
+    for p in (lora, full):  # checkpoints with optimizer state at evaluations only, one kept
         assert p.save_steps == p.eval_steps == 1000 and p.save_total_limit == 1
+        assert p.objective == "mle" and p.per_case == 3 and p.max_source_tokens == 320  # the paper's recipe
+    cpu = PRESETS["full"]  # the CPU default's long run: the same cadence, more often (steps are small)
+    assert cpu.save_steps == cpu.eval_steps and cpu.save_total_limit == 1
 
 
 def test_parameter_count_is_the_models():

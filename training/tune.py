@@ -197,6 +197,11 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
         raise TrainingError("a prefix-LM has no separate encoder: use --frozen-layers N instead of --freeze-encoder")
     if preset.objective not in OBJECTIVES:
         raise TrainingError(f"unknown objective {preset.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if preset.objective == "listwise" and distributed.world_size() > 1:
+        # the loss calls the encoder and decoder directly, outside DDP's forward, so
+        # gradients would not be synchronised across processes
+        raise TrainingError("--objective listwise runs in one process (one GPU or the CPU); "
+                            "use --objective mle for multi-process (DDP) runs")
     if preset.decoder_layers:
         cut_decoder(model, preset.decoder_layers)
     eos = eos_id(tokenizer, model)
@@ -386,11 +391,6 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
     # and gradients would be scaled by both. Declared as it is, the Trainer divides the mean by the
     # accumulation steps and DDP averages across processes.
     trainer.model_accepts_loss_kwargs = False
-    if preset.objective == "listwise" and args.world_size > 1:
-        # the loss calls the encoder and decoder directly, outside DDP's forward, so
-        # gradients would not be synchronised across processes
-        raise TrainingError("--objective listwise runs in one process (one GPU or the CPU); "
-                            "use --objective mle for multi-process (DDP) runs")
     ckpt = distributed.from_main(_last_good_checkpoint(out / "checkpoints") if resume else None)
     if ckpt:
         log.info("resuming from %s", ckpt)
