@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Quick start on the embedded default: install, train the `quick` preset once on the Games
-# sample shipped in the repo (<= 15 minutes on 2 CPU cores; reused afterwards; resumes if
+# Quick start on the embedded default: install, train the `quick` preset once on the full Games
+# data shipped in the repo (<= 15 minutes on 2 CPU cores; reused afterwards; resumes if
 # interrupted), then serve it on http://127.0.0.1:${INSTRUCTREC_PORT:-8000}.
 # Redis at 127.0.0.1:6379 is used as the score cache when it answers; otherwise the
 # service runs uncached and says so in its log.

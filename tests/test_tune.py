@@ -212,3 +212,26 @@ def test_learning_curve_from_the_checkpoints(smoke_run, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "instructrec.cli", "curve", "--run", str(tmp_path / "none")],
                              cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "no complete checkpoint" in missing.stderr
+
+
+def test_listwise_trains_lora_adapters_of_a_seq2seq_model(tmp_path):
+    """The path a Flan-T5 takes on one GPU with --objective listwise: LoRA adapters learn through
+    the listwise loss (the base weights stay), and the merged model ranks."""
+    pytest.importorskip("peft")
+    out = tmp_path / "lora-lw"
+    proc = subprocess.run(_train_cmd(out, "--base", "tiny-random-t5", "--lora", "--objective", "listwise", "--max-steps", "6",
+                                     "--eval-steps", "6", "--no-bf16"), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "'listwise':" in proc.stdout + proc.stderr
+    meta = read_meta(out / "model")
+    assert meta["lora"] is True and meta["preset"]["objective"] == "listwise" and meta["steps"] == 6
+    import torch
+
+    from instructrec.modeling import build_base, load_model
+
+    merged = load_model(str(out / "model"), device="cpu", dtype="float32").model
+    base = dict(build_base("tiny-random-t5")[0].named_parameters())
+    # LoRA on all linear layers, merged: the attention projections moved, the embeddings did not
+    assert any(not torch.equal(p, base[n]) for n, p in merged.named_parameters() if n.endswith("SelfAttention.q.weight"))
+    assert torch.equal(merged.get_input_embeddings().weight, base["shared.weight"])
