@@ -310,7 +310,7 @@ def _make_rankers(model_name: str, variants: Sequence[str], batch_tokens: int, l
                 rankers[v] = Ranker(loaded32, **kw)
             elif v == "encoder_once":
                 if loaded32.kind != "seq2seq":
-                    raise NotImplementedError("decoder-only model: no cross-attention to share or not")
+                    raise NotImplementedError(f"{loaded32.kind} model: no cross-attention to share or not")
                 rankers[v] = no_shared_kv_ranker(loaded32, **kw)
             elif v == "bf16":
                 rankers[v] = Ranker(load_model(model_name, device="cpu", dtype="bfloat16"), **kw)
