@@ -235,3 +235,11 @@ def test_listwise_trains_lora_adapters_of_a_seq2seq_model(tmp_path):
     # LoRA on all linear layers, merged: the attention projections moved, the embeddings did not
     assert any(not torch.equal(p, base[n]) for n, p in merged.named_parameters() if n.endswith("SelfAttention.q.weight"))
     assert torch.equal(merged.get_input_embeddings().weight, base["shared.weight"])
+
+
+def test_missing_annotations_file_is_a_clear_error(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    proc = subprocess.run(_train_cmd(tmp_path / "o", "--annotations", str(missing)), cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and f"{missing}: no such annotations file" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -218,9 +218,9 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
     else:
         def build_and_write():  # the main process annotates and writes; the others read its file
             if annotations_path:
-                from .annotate.pipeline import load_annotations
+                from .annotate.pipeline import read_annotations_file
 
-                annotations = load_annotations(Path(annotations_path))
+                annotations = read_annotations_file(annotations_path)
             else:
                 annotations = annotate_offline(data, train_cases, out / "annotations.jsonl", progress)
             built = build_examples(data, train_cases, annotations, tokenizer, preset.max_source_tokens,

@@ -119,6 +119,16 @@ def _repair_tail(path: Path) -> None:
             f.truncate(cut)
 
 
+def read_annotations_file(path: str | Path) -> dict[tuple[str, str, Kind], Annotation]:
+    """:func:`load_annotations` of a file the user named (``--annotations``): a missing file is
+    an error, not an empty cache."""
+    if not Path(path).is_file():
+        from ..data.types import DataError
+
+        raise DataError(path, None, "no such annotations file (make one with `instructrec annotate`)")
+    return load_annotations(path)
+
+
 def load_annotations(path: str | Path, teacher: str | None = None, include_none: bool = False) -> dict[tuple[str, str, Kind], Annotation]:
     """The cache as ``{(user_id, target, kind): Annotation}`` (the last line wins), for
     the instruction builder. Only answers with text unless ``include_none``; only

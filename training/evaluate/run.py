@@ -115,10 +115,10 @@ def _cases(data: InteractionData, cfg: EvalConfig) -> dict[str, list[Case]]:
 
 
 def annotate(data: InteractionData, cases: Sequence[Case], scenarios: Sequence[Scenario], cfg: EvalConfig) -> dict:
-    from ..annotate.pipeline import annotate_cases, load_annotations
+    from ..annotate.pipeline import annotate_cases, load_annotations, read_annotations_file
 
     if cfg.annotations:
-        return load_annotations(cfg.annotations)
+        return read_annotations_file(cfg.annotations)
     from ..annotate.offline import OfflineTeacher
 
     kinds = sorted({k for s in scenarios for k in s.kinds()}, key=str)
