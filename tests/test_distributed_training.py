@@ -116,8 +116,9 @@ def test_main_process_failure_stops_every_process_with_a_clear_error(tmp_path):
     proc = _run(tmp_path / "bad", "--annotations", str(tmp_path / "annotations-dir"), procs=2)
     assert proc.returncode != 0
     # each process ends with a one-line error (the Traceback torchrun's agent prints is its own)
-    assert "instructrec train: [Errno 21] Is a directory" in proc.stderr
-    assert "instructrec train: the main process failed: IsADirectoryError" in proc.stderr
+    bad = f"{tmp_path / 'annotations-dir'}: is a directory, not an annotations file"
+    assert f"instructrec train: {bad}" in proc.stderr  # the main process
+    assert f"instructrec train: the main process failed: DataError: {bad}" in proc.stderr  # the other
     assert "training/tune.py" not in proc.stderr and "training/distributed.py" not in proc.stderr
 
 

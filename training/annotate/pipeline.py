@@ -125,7 +125,8 @@ def read_annotations_file(path: str | Path) -> dict[tuple[str, str, Kind], Annot
     if not Path(path).is_file():
         from ..data.types import DataError
 
-        raise DataError(path, None, "no such annotations file (make one with `instructrec annotate`)")
+        what = "is a directory, not an annotations file" if Path(path).is_dir() else "no such annotations file"
+        raise DataError(path, None, f"{what} (make one with `instructrec annotate`)")
     return load_annotations(path)
 
 
