@@ -57,13 +57,22 @@ def test_a_candidate_never_sees_another(loaded):
 
 
 def test_checkpoint_round_trip_keeps_the_shape(tmp_path):
-    model, tok, kind = build_base(TINY_PREFIX)
-    assert kind == PREFIX_LM
+    """Saved and loaded, a trained prefix-LM scores the same: the head's bias (tied to the output
+    layer's) and the output layer (tied to the word embeddings) come back tied and trained."""
+    loaded = load_model(TINY_PREFIX, device="cpu", dtype="float32")
+    model, tok = loaded.model, loaded.tokenizer
+    assert loaded.kind == PREFIX_LM
+    with torch.no_grad():  # stand-in for training: move the head bias and the embeddings
+        model.cls.predictions.bias.add_(torch.linspace(-1, 1, model.cls.predictions.bias.numel()))
+        model.bert.embeddings.word_embeddings.weight.mul_(1.5)
+    before = Ranker(loaded).score(SOURCE, CANDS).scores
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     again = load_model(str(tmp_path), device="cpu", dtype="float32")
     assert again.kind == PREFIX_LM and prefixlm.is_prefix_lm(again.model.config)
-    before = Ranker(load_model(TINY_PREFIX, device="cpu", dtype="float32")).score(SOURCE, CANDS).scores
+    head = again.model.cls.predictions
+    assert head.decoder.bias.data_ptr() == head.bias.data_ptr()
+    assert head.decoder.weight.data_ptr() == again.model.bert.embeddings.word_embeddings.weight.data_ptr()
     assert Ranker(again).score(SOURCE, CANDS).scores == pytest.approx(before, abs=1e-5)
 
 
