@@ -20,7 +20,7 @@ from cachetools import LRUCache
 
 from instructrec.aspects import UserNeed
 from instructrec.instruction import Instruction, build, count_tokens
-from instructrec.modeling import LoadedModel, load_model
+from instructrec.modeling import PREFIX_LM, LoadedModel, load_model
 from instructrec.ranker import Encoded, Ranker, Scored, targets_ids, token_limits
 from instructrec.templates import TEMPLATE_VERSION
 
@@ -158,7 +158,7 @@ class Engine:
     def warm_up(self) -> tuple[int, int]:
         """The worst batches the settings allow, so a budget that does not fit fails at start-up:
         one full-length instruction with as many full-length candidates as the token budget holds
-        (the largest decoder activations), then, for a seq2seq model, the largest mixed batch:
+        (the largest decoder activations), then, for a seq2seq model or a prefix-LM, the largest mixed batch:
         ``max_batch_requests`` full-length instructions (as many as the budget holds) whose
         candidates share decoder passes with as many per-row key/value copies as ``mixed_kv_mb``
         allows, each row as long as the token budget then permits. Returns (instruction tokens,
@@ -171,7 +171,7 @@ class Engine:
         count = max(1, r.batch_tokens // r.max_target_tokens)
         (scored,), _, _ = self.score_many([(source, [candidate] * count)])
         self.warmup_report = {"single": {"source_tokens": scored.source_tokens, "candidates": count}}
-        if self.loaded.kind == "seq2seq" and r.share_cross_kv:
+        if (self.loaded.kind == "seq2seq" and r.share_cross_kv) or self.loaded.kind == PREFIX_LM:
             self.warmup_report["mixed"] = self._warm_up_mixed(source, scored.source_tokens)
         return scored.source_tokens, count
 

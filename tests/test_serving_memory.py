@@ -97,3 +97,20 @@ def test_warm_up_runs_the_largest_mixed_batch(loaded):
         text = " ".join(["item"] * (mixed["row_tokens"] - 1))
         _, gathers = _gathers(engine.ranker, [(source, [text] * n) for n in counts])
         assert max(gathers, default=0) == pytest.approx(mixed["mixed_copy_bytes"], rel=0.02)
+
+
+def test_warm_up_runs_the_mixed_batch_for_the_prefix_lm():
+    """The default's shape warms up its worst mixed batch too, within the copy allowance."""
+    from instructrec.modeling import TINY_PREFIX
+    from service.engine import Engine
+    from service.settings import Settings
+
+    loaded = load_model(TINY_PREFIX, device="cpu", dtype="float32")
+    settings = Settings(model="x", device="cpu", dtype="float32", redis_url="", batch_tokens=512, max_batch_requests=8,
+                        mixed_kv_mb=0.25, max_source_tokens=64, max_target_tokens=16)
+    engine = Engine(loaded, settings)
+    src, _ = engine.warm_up()
+    mixed = engine.warmup_report["mixed"]
+    assert mixed["row_bytes"] == engine.ranker.kv_row_bytes(src) > 0
+    assert len(mixed["candidates"]) == mixed["requests"] >= 2
+    assert 0 < mixed["mixed_copy_bytes"] <= int(0.25 * 2**20)
