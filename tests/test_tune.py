@@ -47,6 +47,7 @@ def test_smoke_writes_model_and_metadata(smoke_run):
     assert meta["base_model"] == PRESETS["smoke"].base
     assert meta["data"]["examples"] > 0 and meta["data"]["users"] == PRESETS["smoke"].users
     assert meta["examples_per_second"] > 0
+    assert 0 < meta["train_seconds_total"] <= meta["train_seconds_this_run"]  # steps only, against the wall
     assert 0.0 <= meta["validation"]["hr@1"] <= 1.0 and meta["validation"]["cases"] == PRESETS["smoke"].eval_users
     # every instruction example records its template, <P,I,T>, teacher field and user
     rows = [json.loads(l) for l in (out / "instructions.jsonl").read_text().splitlines()]

@@ -283,6 +283,13 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
     best = read_meta(best_dir).get("validation", {}).get("hr@1", -1.0) if best_dir.exists() else -1.0
     timing = {"train_seconds": 0.0, "examples": 0}
 
+    def _seconds_total(state=None) -> float:
+        """Seconds of training steps over every run of this output folder (resumes included)."""
+        if "prior" not in timing and state is not None:
+            timing["prior"] = next((h["train_seconds_total"] for h in reversed(state.log_history)
+                                    if "train_seconds_total" in h), 0.0)
+        return round(timing.get("prior", 0.0) + timing["train_seconds"], 1)
+
     start_id, pad_id = decoder_start_id(model), tokenizer.pad_token_id or 0
     loss_parts: dict[str, list[float]] = {}
 
@@ -300,10 +307,7 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
                 logs.update({k: round(sum(v) / len(v), 4) for k, v in loss_parts.items()})
                 loss_parts.clear()
             # training seconds and examples so far, over every resumed run (the learning curve's x axes)
-            if "prior" not in timing:
-                timing["prior"] = next((h["train_seconds_total"] for h in reversed(self.state.log_history)
-                                        if "train_seconds_total" in h), 0.0)
-            logs["train_seconds_total"] = round(timing["prior"] + timing["train_seconds"], 1)
+            logs["train_seconds_total"] = _seconds_total(self.state)
             logs["examples_seen"] = self.state.global_step * self.args.per_device_train_batch_size \
                 * self.args.gradient_accumulation_steps * max(1, self.args.world_size)
             super().log(logs, *args, **kwargs)
@@ -326,7 +330,7 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
             hr1 = metrics[f"{metric_key_prefix}_hr@1"]
             if hr1 > best:  # the same metrics on every process
                 best = hr1
-                meta = {**base_meta, "steps": self.state.global_step,
+                meta = {**base_meta, "steps": self.state.global_step, "train_seconds_total": _seconds_total(self.state),
                         "validation": {k.removeprefix(f"{metric_key_prefix}_"): v for k, v in metrics.items()}}
                 _save_final(self, tokenizer, best_dir, meta)
             self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
@@ -401,7 +405,8 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
     # -- final model -----------------------------------------------------------------
     final_meta = {**base_meta, "steps": trainer.state.global_step,
                   "examples_per_second": round(timing["examples"] / timing["train_seconds"], 2) if timing["train_seconds"] else None,
-                  "train_seconds_this_run": round(wall, 1), "train_loss": result.training_loss,
+                  "train_seconds_this_run": round(wall, 1), "train_seconds_total": _seconds_total(trainer.state),
+                  "train_loss": result.training_loss,
                   "resumed_from": ckpt}
     if distributed.from_main(best_dir.exists()):
         best_meta = read_meta(best_dir)

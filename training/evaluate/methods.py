@@ -177,7 +177,8 @@ class InstructionModel(Method):
         self.group = group
         path = Path(str(model))
         self._version = checkpoint_version(path) if path.is_dir() else str(model)
-        self.train_seconds = meta.get("train_seconds_this_run") if meta else 0.0  # untuned: no training
+        # training steps over every resumed run when the checkpoint records them, else the last run's wall time
+        self.train_seconds = (meta.get("train_seconds_total") or meta.get("train_seconds_this_run")) if meta else 0.0
         self.max_history = (meta.get("preset") or {}).get("max_history", MAX_HISTORY) if meta else MAX_HISTORY
         data_meta = meta.get("data", {}) if meta else {}
         count = lambda key: f"{data_meta[key]:,}" if isinstance(data_meta.get(key), int) else "?"  # noqa: E731
