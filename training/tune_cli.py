@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                         help="smoke: tiny model, <1 min (tests); quick: the quick-start default, <=15 min on 2 cores; full: the quality run")
     parser.add_argument("--out", required=True, help="output directory (the model lands in OUT/model)")
-    parser.add_argument("--data", help="dataset directory or 'games-sample' (default: the preset's)")
+    parser.add_argument("--data", help="dataset directory, 'games' (the full Games data shipped) or 'games-sample' (default: the preset's)")
     parser.add_argument("--base", help="base model: a built-in name (minilm-prefixlm, minilm-bert2bert, tiny-random, tiny-random-prefixlm), an HF model directory, or a hub id such as google/flan-t5-xl")
     parser.add_argument("--annotations", help="annotations.jsonl from `instructrec annotate` (default: run the offline teacher)")
     parser.add_argument("--users", type=int, help="train on a seeded subsample of this many users")
