@@ -354,33 +354,45 @@ class Ranker:
 
     def _decode(self, enc: torch.Tensor, mask: torch.Tensor, targets: list[list[int]], owners: list[int],
                 shared) -> list[float]:
-        """Summed log-probs of ``targets`` (rows of the requests ``owners``), run through the
-        decoder in length buckets. With ``shared`` = (start-step self-attention K/V, cross-
-        attention K/V) per request, rows continue after the shared start step and read those
-        as views; with ``None`` every row starts from the start token and its decoder projects
-        the encoder output to cross-attention K/V itself (the benchmark's ``encoder_once``).
-        Hidden states of every pass are collected so the head runs on full blocks at the end."""
+        """Summed log-probs of ``targets`` (rows of the requests ``owners``) through the decoder.
+        With ``shared`` = (start-step self-attention K/V, cross-attention K/V) per request, rows
+        continue after the shared start step and read those as views; with ``None`` every row
+        starts from the start token and its decoder projects the encoder output to cross-attention
+        K/V itself (the benchmark's ``encoder_once``)."""
         from transformers.cache_utils import EncoderDecoderCache
 
         body, head = _decoder_parts(self.model)
         skip = 1 if shared else 0  # tokens already scored by the shared start step
-        start = self._start_id()
-        states, labels_at, rows_at = [], [], []
-        row_bytes = _row_bytes(enc, mask, shared) if shared else 0
-        passes = [part for chunk in self._chunks([t[skip:] for t in targets])
-                  for part in self._split_mixed(chunk, owners, row_bytes)]
-        for chunk in passes:
-            rows = [targets[i] for i in chunk]
-            pick = self._picker([owners[i] for i in chunk])
-            labels = self._pad([t[skip:] for t in rows])
+
+        def run(rows, pick, labels):
             if shared:
                 inputs = self._pad([t[:-1] for t in rows])
                 cache = EncoderDecoderCache(*(_view_cache([(pick(k), pick(v)) for k, v in kv]) for kv in shared))
             else:
-                inputs = torch.cat([torch.full((len(rows), 1), start, device=self.device), labels[:, :-1]], dim=1)
-                cache = None
-            h, lab, row = self._real_positions(body(inputs, pick(enc), pick(mask), cache), labels,
-                                               [len(t) - skip for t in rows])
+                inputs, cache = self._with_start(labels), None
+            return body(inputs, pick(enc), pick(mask), cache)
+
+        row_bytes = _row_bytes([enc, mask, *_cached(shared)]) if shared else 0
+        return self._bucketed(targets, owners, row_bytes, skip, run, head)
+
+    def _with_start(self, labels: torch.Tensor) -> torch.Tensor:
+        """Decoder inputs of padded target rows: the start token, then each target but its last token."""
+        return torch.cat([torch.full((labels.shape[0], 1), self._start_id(), device=self.device), labels[:, :-1]], dim=1)
+
+    def _bucketed(self, targets: list[list[int]], owners: list[int], row_bytes: int, skip: int, run, head) -> list[float]:
+        """Summed log-probs of ``targets`` (rows of the requests ``owners``), ``skip`` leading
+        tokens already scored: rows go in length buckets (split where mixed requests' key/value
+        copies of ``row_bytes`` a row would pass the allowance); ``run(rows, pick, labels)`` gives a
+        pass's hidden states; the hidden states at real positions of every pass are collected so
+        the head runs on full blocks at the end."""
+        states, labels_at, rows_at = [], [], []
+        passes = [part for chunk in self._chunks([t[skip:] for t in targets])
+                  for part in self._split_mixed(chunk, owners, row_bytes)]
+        for chunk in passes:
+            rows = [targets[i] for i in chunk]
+            labels = self._pad([t[skip:] for t in rows])
+            hidden = run(rows, self._picker([owners[i] for i in chunk]), labels)
+            h, lab, row = self._real_positions(hidden, labels, [len(t) - skip for t in rows])
             states.append(h)
             labels_at.append(lab)
             rows_at.append(torch.tensor(chunk, device=self.device)[row])
@@ -417,7 +429,7 @@ class Ranker:
             with torch.inference_mode():
                 inp = torch.full((1, max(1, source_tokens)), self.eos, device=self.device)
                 _, kv = prefixlm.read_instruction(self.model.bert, inp, torch.ones_like(inp))
-            return sum(t.numel() * t.element_size() for pair in kv for t in pair)
+            return _row_bytes(_cached([kv]))
         if self.kind != "seq2seq":
             return 0
         with torch.inference_mode():
@@ -429,7 +441,7 @@ class Ranker:
                        decoder_input_ids=torch.full((1, 1), self._start_id(), device=self.device))
             shared = ([(layer.keys, layer.values) for layer in probe.self_attention_cache.layers],
                       [(layer.keys, layer.values) for layer in probe.cross_attention_cache.layers])
-            return _row_bytes(enc, mask, shared)
+            return _row_bytes([enc, mask, *_cached(shared)])
 
     def _picker(self, owners: list[int]):
         """Selects each row's own per-request tensor (encoder states, K/V, mask). Rows of one
@@ -467,23 +479,12 @@ class Ranker:
         mask = (torch.arange(inp.shape[1], device=self.device)[None, :] < lengths[:, None]).long()
         _, kv = prefixlm.read_instruction(bert, inp, mask)
         flat = [(r, j) for r, req in enumerate(ids) for j in range(len(req))]
-        targets = [ids[r][j] for r, j in flat]
-        start = self._start_id()
-        states, labels_at, rows_at = [], [], []
-        owners = [r for r, _ in flat]
-        row_bytes = sum(t[:1].numel() * t.element_size() for pair in kv for t in pair)
-        for chunk in [part for chunk in self._chunks(targets) for part in self._split_mixed(chunk, owners, row_bytes)]:
-            rows = [targets[i] for i in chunk]
-            pick = self._picker([owners[i] for i in chunk])
-            labels = self._pad(rows)
-            inputs = torch.cat([torch.full((len(rows), 1), start, device=self.device), labels[:, :-1]], dim=1)
-            hidden = prefixlm.decode_candidates(bert, kv, lengths, inputs, pick)
-            h, lab, row = self._real_positions(hidden, labels, [len(t) for t in rows])
-            states.append(h)
-            labels_at.append(lab)
-            rows_at.append(torch.tensor(chunk, device=self.device)[row])
-        lp = self._head_logprobs(torch.cat(states), torch.cat(labels_at), _prefix_head(self.model))
-        totals = torch.zeros(len(targets), device=self.device).index_add_(0, torch.cat(rows_at), lp).tolist()
+
+        def run(rows, pick, labels):
+            return prefixlm.decode_candidates(bert, kv, lengths, self._with_start(labels), pick)
+
+        totals = self._bucketed([ids[r][j] for r, j in flat], [r for r, _ in flat],
+                                _row_bytes(_cached([kv])), 0, run, _prefix_head(self.model))
         sums = [[0.0] * len(req) for req in ids]
         for (r, j), value in zip(flat, totals):
             sums[r][j] = value
@@ -553,9 +554,14 @@ def _blocked_logprobs(head: _Head, hidden: torch.Tensor, labels: torch.Tensor) -
         return picked.float() - torch.logsumexp(torch.stack(blocks, dim=-1), dim=-1)
 
 
-def _row_bytes(enc: torch.Tensor, mask: torch.Tensor, shared) -> int:
-    """Bytes a row's own copy of its request's encoder states, mask and cached keys/values takes."""
-    tensors = [enc, mask] + [t for kv in shared for pair in kv for t in pair]
+def _cached(groups) -> list[torch.Tensor]:
+    """Every key and value tensor of groups of per-layer (keys, values) pairs."""
+    return [t for kv in groups for pair in kv for t in pair]
+
+
+def _row_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes a row's own copy of its request's slice of these per-request tensors takes (encoder
+    states, mask, cached keys/values)."""
     return sum(t[:1].numel() * t.element_size() for t in tensors)
 
 
