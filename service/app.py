@@ -68,7 +68,7 @@ class ServiceState:
         await self.cache.connect()
         self.batcher = Batcher(self._score_many, budget_tokens=s.batch_tokens, max_wait_s=s.max_wait_ms / 1000,
                                max_queue=s.max_queue, executor=self.infer_executor, metrics=self.metrics,
-                               max_jobs=s.max_batch_requests)
+                               max_jobs=s.max_batch_requests, max_queue_wait_s=s.max_queue_wait_ms / 1000)
         self.batcher.start()
         self._load_task = asyncio.get_running_loop().create_task(self._load(), name="instructrec-load")
 

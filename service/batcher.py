@@ -9,8 +9,11 @@ overflow the budget starts the next batch (a job bigger than the whole budget fo
 batch of its own, which the ranker splits into forward passes within the budget).
 
 Back-pressure: at most ``max_queue`` jobs wait; :meth:`Batcher.submit` raises
-:class:`QueueFull` (the route answers 429 with ``Retry-After``) beyond that. A job whose
-future was cancelled (client disconnected) is skipped, before its batch starts and again
+:class:`QueueFull` (the route answers 429 with ``Retry-After``) beyond that, and also when the
+work queued ahead of a job (its tokens, at the measured seconds per token) would not let it
+start within ``max_queue_wait``. A job still waiting at that deadline gets :class:`Expired`
+(503 with ``Retry-After``) instead of being scored for a client that has likely given up. A job
+whose future was cancelled (client disconnected) is skipped, before its batch starts and again
 just before its scoring in the inference thread.
 
 The jobs of a batch are scored by one ``score_many`` call: their instructions share one
@@ -44,12 +47,21 @@ class ShuttingDown(Exception):
     pass
 
 
+class Expired(Exception):
+    """The job waited ``max_queue_wait`` without its batch starting."""
+
+    def __init__(self, waited: float, retry_after: int):
+        super().__init__(f"waited {waited:.2f}s for the model without starting; retry after {retry_after}s")
+        self.retry_after = retry_after
+
+
 @dataclass
 class Job:
     request: Any  # what the score function takes for one job (the service: an ``Encoded``)
     tokens: int  # instruction tokens + candidate target tokens: the job's share of a budget
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
+    deadline: float = math.inf  # monotonic time by which its batch must start
 
 
 # score_many([request, ...]) -> ([result, ...], encode_seconds, decode_seconds), run in the
@@ -59,19 +71,22 @@ ScoreFn = Callable[[list[Any]], tuple[list[Any], float, float]]
 
 class Batcher:
     def __init__(self, score: ScoreFn, *, budget_tokens: int, max_wait_s: float, max_queue: int, executor: Executor,
-                 metrics: Metrics, max_jobs: int = 32):
+                 metrics: Metrics, max_jobs: int = 32, max_queue_wait_s: float = math.inf):
         self._score = score
         self.budget = budget_tokens
         self.max_jobs = max_jobs
         self.max_wait = max_wait_s
         self.max_queue = max_queue
+        self.max_queue_wait = max_queue_wait_s
         self._executor = executor
         self.metrics = metrics
         self._pending: deque[Job] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closed = False
-        self._batch_seconds = 0.05  # running estimate of one batch's duration, for Retry-After
+        self._queued_tokens = 0  # tokens of the jobs in _pending
+        self._busy_until = 0.0  # monotonic time the running batch should end (estimate)
+        self._token_seconds = 0.0  # running estimate of scoring seconds per token (0: not measured yet)
 
     # -- router side --------------------------------------------------------------------
     def start(self) -> None:
@@ -85,15 +100,25 @@ class Batcher:
             self._purge_cancelled()
         if len(self._pending) >= self.max_queue:
             raise QueueFull(self.retry_after())
-        job = Job(request, max(1, int(tokens)), asyncio.get_running_loop().create_future())
+        if self.expected_wait() > self.max_queue_wait:
+            raise QueueFull(self.retry_after())
+        now = time.monotonic()
+        job = Job(request, max(1, int(tokens)), asyncio.get_running_loop().create_future(), now,
+                  now + self.max_queue_wait)
         self._pending.append(job)
+        self._queued_tokens += job.tokens
         self.metrics.queue_depth.set(len(self._pending))
         self._wake.set()
         return job.future
 
+    def expected_wait(self) -> float:
+        """Seconds before a job submitted now would start: the running batch's rest, then the
+        queued tokens at the measured seconds per token (0 until a batch has been timed)."""
+        return max(0.0, self._busy_until - time.monotonic()) + self._queued_tokens * self._token_seconds
+
     def retry_after(self) -> int:
-        """Seconds until the queue has likely drained: one batch per waiting job, at least 1."""
-        return max(1, math.ceil(self._batch_seconds * (len(self._pending) + 1)))
+        """Whole seconds until the queue has likely drained, at least 1."""
+        return max(1, math.ceil(self.expected_wait()))
 
     @property
     def depth(self) -> int:
@@ -108,7 +133,7 @@ class Batcher:
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
                 pass
         while self._pending:
-            job = self._pending.popleft()
+            job = self._popleft()
             if not job.future.done():
                 job.future.set_exception(ShuttingDown("the service is shutting down"))
         self.metrics.queue_depth.set(0)
@@ -120,15 +145,30 @@ class Batcher:
         if dropped:
             self.metrics.dropped_jobs.inc(dropped)
             self._pending = deque(live)
+            self._queued_tokens = sum(j.tokens for j in live)
             self.metrics.queue_depth.set(len(self._pending))
+
+    def _popleft(self) -> Job:
+        job = self._pending.popleft()
+        self._queued_tokens -= job.tokens
+        return job
+
+    def _gone(self, job: Job, now: float) -> bool:
+        """Whether ``job`` is not to be scored: its client left, or its deadline passed (then it
+        gets :class:`Expired`)."""
+        if job.future.cancelled():
+            self.metrics.dropped_jobs.inc()
+            return True
+        if now > job.deadline:
+            job.future.set_exception(Expired(now - job.enqueued, self.retry_after()))
+            return True
+        return False
 
     def _pop_live(self) -> Job | None:
         while self._pending:
-            job = self._pending.popleft()
-            if job.future.cancelled():
-                self.metrics.dropped_jobs.inc()
-                continue
-            return job
+            job = self._popleft()
+            if not self._gone(job, time.monotonic()):
+                return job
         return None
 
     async def _collect(self) -> list[Job]:
@@ -146,13 +186,12 @@ class Batcher:
         while tokens < self.budget and len(batch) < self.max_jobs:
             if self._pending:
                 nxt = self._pending[0]
-                if nxt.future.cancelled():
-                    self._pending.popleft()
-                    self.metrics.dropped_jobs.inc()
+                if nxt.future.cancelled() or time.monotonic() > nxt.deadline:
+                    self._gone(self._popleft(), time.monotonic())
                     continue
                 if tokens + nxt.tokens > self.budget:
                     break  # it starts the next batch
-                batch.append(self._pending.popleft())
+                batch.append(self._popleft())
                 tokens += nxt.tokens
                 continue
             remaining = deadline - loop.time()
@@ -190,10 +229,12 @@ class Batcher:
         while True:
             batch = await self._collect()
             start = time.monotonic()
+            batch_tokens = sum(j.tokens for j in batch)
+            self._busy_until = start + batch_tokens * self._token_seconds
             for job in batch:
                 self.metrics.queue_seconds.observe(start - job.enqueued)
             self.metrics.batch_size.observe(len(batch))
-            self.metrics.batch_tokens.observe(sum(j.tokens for j in batch))
+            self.metrics.batch_tokens.observe(batch_tokens)
             try:
                 results = await loop.run_in_executor(self._executor, self._score_batch, batch)
             except asyncio.CancelledError:
@@ -205,7 +246,9 @@ class Batcher:
                 log.exception("scoring batch failed")
                 results = [("error", exc, 0.0, 0.0)] * len(batch)
             elapsed = time.monotonic() - start
-            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+            self._busy_until = 0.0
+            measured = elapsed / max(1, batch_tokens)
+            self._token_seconds = measured if not self._token_seconds else 0.8 * self._token_seconds + 0.2 * measured
             for job, (status, value, enc, dec) in zip(batch, results):
                 if status == "skip" or job.future.cancelled():
                     self.metrics.dropped_jobs.inc()

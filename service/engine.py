@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import logging
 import threading
 import time
@@ -65,6 +66,14 @@ class Prepared:
                        sum(self.targets[t][1] for t in texts))
 
 
+def _candidate_set(targets: dict) -> str:
+    """A digest of a request's distinct candidate texts in request order."""
+    h = hashlib.sha256()
+    for text in targets:
+        h.update(text.encode("utf-8", "surrogatepass") + b"\x1f")
+    return h.hexdigest()
+
+
 def _cap(ids: list[int], cut: bool, limit: int) -> tuple[list[int], bool]:
     """Candidate ids (ending with end-of-sequence) cut to ``limit`` ids, end-of-sequence kept."""
     if len(ids) <= limit:
@@ -86,6 +95,7 @@ class Engine:
             batch_tokens=settings.batch_tokens,
             reduction=settings.reduction,
             mixed_kv_bytes=int(settings.mixed_kv_mb * 2**20),
+            batch_invariant=settings.batch_invariant,
         )
         self.warmup_report: dict = {}
         self.name = loaded.name
@@ -108,12 +118,26 @@ class Engine:
         self._install_timing_hooks()
 
     # -- cache key parts ----------------------------------------------------------------
+    @property
+    def shares_scores_across_requests(self) -> bool:
+        """Whether a candidate's cached score may serve another request with other candidates.
+        In float32 a candidate's score moves by ~1e-6 with the candidates it is bucketed with; in
+        bf16, fp16 or int8 by up to ~1e-2, enough to reorder near-ties, so there a score is cached
+        for its whole request (same candidates, same order) and an answer is always the one the
+        request gets alone."""
+        import torch
+
+        return self.loaded.dtype == torch.float32 and not self.loaded.quantized
+
     def key_parts(self, prepared: Prepared) -> tuple[str, ...]:
         r = self.ranker
         # precision is part of the key: a bf16 or int8 replica's scores differ slightly from float32's
         limit = prepared.max_target_tokens or r.max_target_tokens
-        return (self.version, self.loaded.precision, TEMPLATE_VERSION, prepared.instruction.template.id, r.reduction,
-                str(r.max_source_tokens), str(limit), prepared.instruction.source)
+        parts = (self.version, self.loaded.precision, TEMPLATE_VERSION, prepared.instruction.template.id, r.reduction,
+                 str(r.max_source_tokens), str(limit), prepared.instruction.source)
+        if not self.shares_scores_across_requests:
+            parts += (_candidate_set(prepared.targets),)
+        return parts
 
     # -- preparation (prep thread) -------------------------------------------------------
     def prepare(self, need: UserNeed, template_id: str | None, candidates: Sequence[str],
@@ -158,7 +182,8 @@ class Engine:
     def warm_up(self) -> tuple[int, int]:
         """The worst batches the settings allow, so a budget that does not fit fails at start-up:
         one full-length instruction with as many full-length candidates as the token budget holds
-        (the largest decoder activations), then, for a seq2seq model or a prefix-LM, the largest mixed batch:
+        (the largest decoder activations), then, when requests share passes (``batch_invariant``
+        off) of a seq2seq model or a prefix-LM, the largest mixed batch:
         ``max_batch_requests`` full-length instructions (as many as the budget holds) whose
         candidates share decoder passes with as many per-row key/value copies as ``mixed_kv_mb``
         allows, each row as long as the token budget then permits. Returns (instruction tokens,
@@ -171,7 +196,9 @@ class Engine:
         count = max(1, r.batch_tokens // r.max_target_tokens)
         (scored,), _, _ = self.score_many([(source, [candidate] * count)])
         self.warmup_report = {"single": {"source_tokens": scored.source_tokens, "candidates": count}}
-        if (self.loaded.kind == "seq2seq" and r.share_cross_kv) or self.loaded.kind == PREFIX_LM:
+        shares_passes = not r.batch_invariant and (
+            (self.loaded.kind == "seq2seq" and r.share_cross_kv) or self.loaded.kind == PREFIX_LM)
+        if shares_passes:
             self.warmup_report["mixed"] = self._warm_up_mixed(source, scored.source_tokens)
         return scored.source_tokens, count
 

@@ -12,7 +12,7 @@ _FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 _COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 10000)
 _TOKENS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
-REJECT_REASONS = ("unauthorized", "body_too_large", "bad_request", "invalid", "queue_full", "not_ready")
+REJECT_REASONS = ("unauthorized", "body_too_large", "bad_request", "invalid", "queue_full", "expired", "not_ready")
 
 
 class Metrics:

@@ -28,7 +28,7 @@ from instructrec.ranker import rank_order
 from instructrec.templates import TEMPLATE_VERSION, TemplateError, get_template
 
 from .app import ServiceState
-from .batcher import QueueFull, ShuttingDown
+from .batcher import Expired, QueueFull, ShuttingDown
 from .engine import Prepared
 from .errors import ApiError, ClientGone, from_validation
 from .schemas import (CompatError, CompatRerankRequest, CompatResponse, ErrorBody, FieldError, RerankRequest,
@@ -210,6 +210,9 @@ async def _rerank(request: Request, state: ServiceState, need: UserNeed, templat
             result = await _await_scores(request, future)
         except ShuttingDown:
             raise ApiError(503, "unavailable", "the service is shutting down", headers={"Retry-After": "5"}) from None
+        except Expired as exc:
+            raise ApiError(503, "overloaded", f"the request waited longer than max_queue_wait_ms for the model ({exc})",
+                           headers={"Retry-After": str(exc.retry_after)}, reason="expired") from None
         for t, value in zip(misses, result.scores):
             scores[t] = value
         scored_tokens = tokens

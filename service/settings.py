@@ -35,8 +35,14 @@ class Settings(BaseSettings):
     batch_tokens: int = Field(default=4096, ge=64, description="token budget of one batch (and of one forward pass)")
     max_wait_ms: float = Field(default=5.0, ge=0, description="longest wait for more requests to join a batch")
     max_queue: int = Field(default=64, ge=1, description="requests waiting for the model before new ones get 429")
+    max_queue_wait_ms: float = Field(default=1000.0, gt=0, description="longest a request waits for the model: one "
+                                     "the queued work would keep waiting longer is refused at once (429), one still "
+                                     "waiting then is dropped (503), both with Retry-After")
     max_batch_requests: int = Field(default=32, ge=1, description="requests sharing one batch at most (1 turns micro-batching off)")
-    mixed_kv_mb: float = Field(default=256.0, ge=0, description="per-row copies of cross-attention keys/values one "
+    batch_invariant: bool = Field(default=True, description="score each request of a batch in forward passes of its "
+                                  "own, so its answer is bit for bit the one it gets alone (false: requests share "
+                                  "passes, faster on GPUs, but in bf16/fp16/int8 near-ties may reorder with the load)")
+    mixed_kv_mb: float = Field(default=256.0, ge=0, description="(batch_invariant=false) per-row copies of cross-attention keys/values one "
                                "decoder pass mixing several requests may make (MB); beyond it each request's rows get "
                                "their own passes, sharing them without copies (0: never copy)")
 

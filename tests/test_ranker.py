@@ -239,11 +239,13 @@ def test_rank_cli_missing_model(capsys, tmp_path, monkeypatch):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("invariant", [True, False])
 @pytest.mark.parametrize("name", [TINY, TINY_T5, TINY_CAUSAL])
-def test_score_many_equals_one_request_at_a_time(models, name):
-    """Several instructions of different lengths scored together (one padded encoder batch,
-    candidates of different requests mixed in decoder passes) equal separate naive scoring."""
-    ranker = Ranker(models(name), batch_tokens=40)
+def test_score_many_equals_one_request_at_a_time(models, name, invariant):
+    """Several instructions of different lengths scored together (per request, or sharing passes:
+    one padded encoder batch, candidates of different requests mixed in decoder passes) equal
+    separate naive scoring."""
+    ranker = Ranker(models(name), batch_tokens=40, batch_invariant=invariant)
     requests = [(SOURCE, CANDS[:7]), ("short one", CANDS[7:9]), (SOURCE + " and more words " * 5, CANDS[9:21]),
                 ("x", ["only candidate"])]
     together = ranker.score_many(requests)
@@ -259,7 +261,7 @@ def test_score_many_shares_passes_across_requests(models):
     """Ten small requests go through fewer decoder passes than ten separate calls: one probe
     step for all instructions, then the candidates of every request bucketed together."""
     loaded = models(TINY)
-    ranker = Ranker(loaded, batch_tokens=4096)
+    ranker = Ranker(loaded, batch_tokens=4096, batch_invariant=False)
     passes: list[int] = []
     hook = loaded.model.decoder.bert.register_forward_hook(lambda *_: passes.append(1))
     try:
@@ -344,7 +346,7 @@ def test_chunks_cover_every_row_within_budget_with_little_padding(models):
 def test_single_token_targets_score_from_the_shared_first_step(models, name):
     """A target of only end-of-sequence is scored by the first decoder step, which the fast path
     shares across candidates (no pass of its own); mixed with longer ones it equals naive."""
-    ranker = Ranker(models(name), reduction="sum")
+    ranker = Ranker(models(name), reduction="sum", batch_invariant=False)
     src = ranker.encode(SOURCE, ["x"]).source
     eos, other = ranker.eos, ranker.encode(SOURCE, ["mario kart"]).targets[0]
     for targets in ([[eos]], [[eos], other, [eos], other[1:]]):
@@ -376,7 +378,7 @@ def test_one_candidate_per_instruction_runs_one_decoder_pass(models):
     """Sharing the start-token step pays off from two candidates; with one per instruction the
     fast path runs a single decoder pass, as naive does, and still equals naive."""
     loaded = models(TINY)
-    ranker = Ranker(loaded)
+    ranker = Ranker(loaded, batch_invariant=False)
     passes: list[int] = []
     hook = loaded.model.decoder.bert.register_forward_hook(lambda *_: passes.append(1))
     try:

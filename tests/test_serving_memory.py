@@ -46,7 +46,7 @@ def test_mixed_passes_copy_within_the_allowance_and_score_the_same(loaded):
     assert row_bytes > 0
     for allowance_rows in (None, 0, 7):
         allowance = 2**40 if allowance_rows is None else allowance_rows * row_bytes
-        ranker = Ranker(loaded, batch_tokens=256, mixed_kv_bytes=allowance)
+        ranker = Ranker(loaded, batch_tokens=256, mixed_kv_bytes=allowance, batch_invariant=False)
         scores, gathers = _gathers(ranker, requests)
         for got, want in zip(scores, reference):
             assert got == pytest.approx(want, abs=1e-4)
@@ -80,7 +80,8 @@ def test_warm_up_runs_the_largest_mixed_batch(loaded):
 
     for mb in (0.25, 1.0, 0.0):
         settings = Settings(model="x", device="cpu", dtype="float32", redis_url="", batch_tokens=512, max_batch_requests=8,
-                            mixed_kv_mb=mb, max_source_tokens=64, max_target_tokens=16)
+                            mixed_kv_mb=mb, max_source_tokens=64, max_target_tokens=16,
+                            batch_invariant=False)
         engine = Engine(loaded, settings)
         src, _ = engine.warm_up()
         mixed = engine.warmup_report["mixed"]
@@ -107,7 +108,7 @@ def test_warm_up_runs_the_mixed_batch_for_the_prefix_lm():
 
     loaded = load_model(TINY_PREFIX, device="cpu", dtype="float32")
     settings = Settings(model="x", device="cpu", dtype="float32", redis_url="", batch_tokens=512, max_batch_requests=8,
-                        mixed_kv_mb=0.25, max_source_tokens=64, max_target_tokens=16)
+                        mixed_kv_mb=0.25, max_source_tokens=64, max_target_tokens=16, batch_invariant=False)
     engine = Engine(loaded, settings)
     src, _ = engine.warm_up()
     mixed = engine.warmup_report["mixed"]

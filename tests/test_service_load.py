@@ -1,0 +1,173 @@
+"""The same answer under any load: a request's scores do not depend on what it is batched with
+(bf16 and float32 alike), the cache never mixes scores of different candidate sets in low
+precision, and the queue gives up on work it cannot start in time instead of serving it late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from service.app import create_app
+from service.batcher import Batcher, Expired, QueueFull
+from service.metrics import Metrics
+from service.settings import Settings
+from tests.service_fixtures import ServerThread, metric, unique_namespace
+
+torch.set_num_threads(1)
+
+WORDS = "legend zelda mario kart halo doom quest star wars edition remastered deluxe racing puzzle farm".split()
+
+
+def _request(k: int, n: int = 12) -> dict:
+    """Requests with different instruction and candidate lengths, so batched passes would pad."""
+    history = [f"{WORDS[(k + i) % 15]} {WORDS[(k * 3 + i) % 15]} {i}" for i in range(2 + k % 5)]
+    candidates = [" ".join(WORDS[(k + j + m) % 15] for m in range(1 + (j * k) % 6)) + f" {j}" for j in range(n)]
+    return {"history": history, "instruction": f"something like {WORDS[k % 15]} " * (1 + k % 4),
+            "candidates": candidates}
+
+
+# --- one request alone and inside a full batch -------------------------------------------------
+
+
+@pytest.mark.parametrize("model,dtype", [("tiny-random-prefixlm", "bfloat16"), ("tiny-random-prefixlm", "float32"),
+                                         ("tiny-random", "bfloat16"), ("tiny-random-t5", "bfloat16")])
+def test_a_request_scores_the_same_alone_and_in_a_full_batch(model, dtype):
+    """The default (batch_invariant) service: the same request alone, then among 7 different
+    requests that the batcher gathers into one batch, gets the same scores bit for bit."""
+    settings = Settings(model=model, device="cpu", dtype=dtype, redis_url="", max_wait_ms=300, max_batch_requests=8,
+                        torch_threads=1)
+    probe = _request(0)
+    others = [_request(k) for k in range(1, 8)]
+    with ServerThread(create_app(settings)) as srv:
+        srv.wait_ready()
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            alone = client.post("/rerank", json=probe).json()
+            batches_before = metric(client, "instructrec_batch_size_count")
+
+        async def together():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as ac:
+                return await asyncio.gather(*(ac.post("/rerank", json=b) for b in [*others[:3], probe, *others[3:]]))
+
+        answers = asyncio.run(together())
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            batches = metric(client, "instructrec_batch_size_count") - batches_before
+    assert all(r.status_code == 200 for r in answers)
+    assert batches < len(answers)  # requests did share batches
+    batched = answers[3].json()
+    assert [(x["index"], x["score"]) for x in batched["results"]] == [(x["index"], x["score"]) for x in alone["results"]]
+
+
+# --- the cache in low precision ------------------------------------------------------------------
+
+
+def test_low_precision_cache_serves_a_score_only_to_its_own_candidate_set():
+    """In bf16 a candidate's score depends (slightly) on the candidates scored with it, so the
+    cache keys on the whole candidate set: the same request hits fully and equals its uncached
+    answer; another request sharing half the candidates gets no partial hit."""
+    settings = Settings(model="tiny-random-prefixlm", device="cpu", dtype="bfloat16",
+                        cache_namespace=unique_namespace(), torch_threads=1)
+    req = _request(3, n=10)
+    half = {**req, "candidates": req["candidates"][:5] + [f"new title {j}" for j in range(5)]}
+    with ServerThread(create_app(settings)) as srv:
+        srv.wait_ready()
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            first = client.post("/rerank", json=req).json()
+            again = client.post("/rerank", json=req).json()
+            other = client.post("/rerank", json=half).json()
+    assert first["cache"] == {"enabled": True, "hits": 0, "misses": 10}
+    assert again["cache"] == {"enabled": True, "hits": 10, "misses": 0}
+    assert [(x["index"], x["score"]) for x in again["results"]] == [(x["index"], x["score"]) for x in first["results"]]
+    assert other["cache"] == {"enabled": True, "hits": 0, "misses": 10}
+
+
+# --- deadlines -----------------------------------------------------------------------------------
+
+
+def _slow_score(seconds: float):
+    def score(requests):
+        time.sleep(seconds)
+        return [f"scored {r}" for r in requests], 0.0, seconds
+
+    return score
+
+
+def test_batcher_drops_a_job_whose_batch_could_not_start_in_time():
+    """One job per batch, each batch 0.3 s, deadline 0.2 s: the first job is scored, the second
+    starts 0.3 s late and gets Expired with a Retry-After, instead of being scored."""
+
+    async def scenario():
+        executor = ThreadPoolExecutor(1)
+        metrics = Metrics()
+        batcher = Batcher(_slow_score(0.3), budget_tokens=10, max_wait_s=0, max_queue=10, executor=executor,
+                          metrics=metrics, max_jobs=1, max_queue_wait_s=0.2)
+        batcher.start()
+        first = batcher.submit("a", 5)
+        await asyncio.sleep(0.01)  # the first batch is running
+        second = batcher.submit("b", 5)  # no batch timed yet: accepted
+        results = await asyncio.gather(first, second, return_exceptions=True)
+        await batcher.close()
+        executor.shutdown()
+        return results
+
+    first, second = asyncio.run(scenario())
+    assert first == "scored a"
+    assert isinstance(second, Expired) and second.retry_after >= 1
+
+
+def test_batcher_refuses_at_once_what_it_cannot_start_in_time():
+    """Once a batch has been timed, a job behind more queued work than the deadline allows is
+    refused on submission (429 with Retry-After), before it waits at all."""
+
+    async def scenario():
+        executor = ThreadPoolExecutor(1)
+        batcher = Batcher(_slow_score(0.2), budget_tokens=10, max_wait_s=0, max_queue=100, executor=executor,
+                          metrics=Metrics(), max_jobs=1, max_queue_wait_s=0.5)
+        batcher.start()
+        assert await batcher.submit("warm", 10) == "scored warm"  # 0.2 s for 10 tokens: 0.02 s a token
+        accepted, refused = [], []
+        for k in range(6):
+            try:
+                accepted.append(batcher.submit(k, 10))
+            except QueueFull as exc:
+                refused.append(exc.retry_after)
+        results = await asyncio.gather(*accepted, return_exceptions=True)
+        await batcher.close()
+        executor.shutdown()
+        return results, refused
+
+    results, refused = asyncio.run(scenario())
+    # 0.2 s a job: the running one plus two queued fit in 0.5 s; the rest are refused
+    assert 2 <= len(results) <= 4 and refused and all(r >= 1 for r in refused)
+    assert all(r == f"scored {k}" for k, r in enumerate(results))
+
+
+def test_expired_requests_answer_503_with_retry_after():
+    """A flood the model cannot start in time: every answer is a 200, or a 429/503 with
+    Retry-After; the 503s are counted as reason="expired"."""
+    settings = Settings(model="tiny-random", device="cpu", dtype="float32", redis_url="", max_queue=64,
+                        max_queue_wait_ms=50, max_wait_ms=0, max_batch_requests=1, torch_threads=1)
+    with ServerThread(create_app(settings)) as srv:
+        srv.wait_ready()
+
+        async def flood():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=120) as ac:
+                return await asyncio.gather(*(ac.post("/rerank", json=_request(k, n=60)) for k in range(24)))
+
+        responses = asyncio.run(flood())
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            expired = metric(client, "instructrec_requests_rejected_total", {"reason": "expired"})
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 429, 503} and 200 in codes and set(codes) != {200}, codes
+    for r in responses:
+        if r.status_code != 200:
+            assert int(r.headers["retry-after"]) >= 1
+    assert expired == codes.count(503)
+    for r in responses:
+        if r.status_code == 503:
+            assert r.json()["error"]["type"] == "overloaded"
