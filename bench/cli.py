@@ -1,4 +1,5 @@
-"""``instructrec bench ranker|service``: benchmark the ranker variants or the running service.
+"""``instructrec bench ranker|service|soak``: benchmark the ranker variants or the running service,
+or soak the service with a fault mid-run.
 
 Results go to ``--out`` (default ``artifacts/bench``): ``results.json``, ``results.md`` and
 PNG plots; see :mod:`bench.report`.
@@ -89,6 +90,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--out", default=str(report.DEFAULT_OUT), help=f"output directory (default {report.DEFAULT_OUT})")
     s.set_defaults(_bench_parser=s, _bench_run=_run_service)
 
+    from .soak import FAULTS
+
+    k = sub.add_parser("soak", help="many clients for a long run with Redis stopped and restarted mid-run; every "
+                                    "answer checked against the same request answered alone",
+                       description="Starts a private Redis and the service (or uses --url, loopback only), answers "
+                                   "each distinct real Games request alone (the references), then sends the load "
+                                   "with the fault plan and checks every answer.")
+    k.add_argument("--model", default=None, help="model the started service serves (default: the service's own "
+                   "default, artifacts/quickstart/model; ignored with --url)")
+    k.add_argument("--url", help="soak this already-running loopback service instead (no redis fault then)")
+    k.add_argument("--clients", type=int, default=200, help="concurrent clients (default 200)")
+    k.add_argument("--requests", type=int, default=4000, help="requests of the load phase (default 4000)")
+    k.add_argument("--distinct", type=int, default=400, help="distinct requests they are drawn from (default 400)")
+    k.add_argument("--candidates", type=int, default=10, help="candidates per request (default 10)")
+    k.add_argument("--history", type=int, default=20, help="history titles per request, at most (default 20)")
+    k.add_argument("--faults", default=",".join(FAULTS), help=f"subset of {','.join(FAULTS)}, or none "
+                   f"(default {','.join(FAULTS)})")
+    k.add_argument("--burst", type=int, default=128, help="requests of the burst at 80%% (default 128)")
+    k.add_argument("--timeout", type=float, default=60.0, help="client timeout per request, seconds (default 60); "
+                   "a request without an answer by then counts as lost")
+    k.add_argument("--max-seconds", type=float, default=1200.0, help="stop sending after this long (default 1200)")
+    k.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra service setting for the started service (repeatable)")
+    k.add_argument("--threads", type=int, help="torch threads of the started service (setting torch_threads)")
+    k.add_argument("--seed", type=int, default=0, help="seed of the requests and their order (default 0)")
+    k.add_argument("--dataset", default="games", help="data set of the requests (default games)")
+    k.add_argument("--out", default=str(report.DEFAULT_OUT), help=f"output directory (default {report.DEFAULT_OUT})")
+    k.set_defaults(_bench_parser=k, _bench_run=_run_soak)
+
 
 def canonical_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
     """``instructrec bench <name>`` with every option spelled out as resolved (defaults included)."""
@@ -168,6 +198,29 @@ def _run_service(args: argparse.Namespace) -> int:
     print(report.service_table(section))
     print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
     return 0
+
+
+def _run_soak(args: argparse.Namespace) -> int:
+    from .service_bench import BenchError
+    from .soak import run_soak
+    from .report import soak_table
+
+    faults = [] if args.faults.strip() in ("", "none") else _name_list(args.faults)
+    try:
+        section = run_soak(model=args.model, url=args.url, clients=args.clients, requests=args.requests,
+                           distinct=args.distinct, candidates=args.candidates, history=args.history, faults=faults,
+                           burst=args.burst, timeout=args.timeout, max_seconds=args.max_seconds,
+                           settings=args.settings, threads=args.threads, seed=args.seed, dataset=args.dataset,
+                           log_dir=args.out)
+    except BenchError as exc:
+        print(f"instructrec bench soak: error: {exc}", file=sys.stderr)
+        return 2
+    section["command"] = canonical_command(args._bench_parser, args)
+    section["invoked_as"] = report.invoked_as()
+    paths = report.write(args.out, "soak", section)
+    print(soak_table(section))
+    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+    return 0 if section["passed"] else 1
 
 
 def _run_readme(args: argparse.Namespace) -> int:

@@ -90,7 +90,7 @@ class ScoreCache:
         try:
             await asyncio.wait_for(self._client.ping(), self.timeout * 2)
         except Exception as exc:  # noqa: BLE001 - any failure means "no cache for now"
-            self._failed(exc)
+            await self._failed(exc)
             return False
         self._ok()
         log.info("score cache: Redis at %s (namespace %s, ttl %ss)", _safe_url(self.url), self.namespace, self.ttl)
@@ -103,7 +103,7 @@ class ScoreCache:
         try:
             values = await asyncio.wait_for(self._client.mget(list(keys)), self.timeout * 2)
         except Exception as exc:  # noqa: BLE001
-            self._failed(exc)
+            await self._failed(exc)
             return None
         self._ok()
         return [None if v is None else float(v) for v in values]
@@ -117,7 +117,7 @@ class ScoreCache:
                 pipe.set(key, repr(float(score)), ex=self.ttl)
             await asyncio.wait_for(pipe.execute(), self.timeout * 2 + 0.001 * len(items))
         except Exception as exc:  # noqa: BLE001
-            self._failed(exc)
+            await self._failed(exc)
             return False
         self._ok()
         return True
@@ -130,7 +130,7 @@ class ScoreCache:
                 pass
 
     # -- outage bookkeeping ---------------------------------------------------------
-    def _failed(self, exc: BaseException) -> None:
+    async def _failed(self, exc: BaseException) -> None:
         self.metrics.cache_errors.inc()
         self.metrics.cache_up.set(0)
         now = time.monotonic()
@@ -138,6 +138,12 @@ class ScoreCache:
             self._down_since = now
             log.warning("score cache unavailable (%s: %s): answering uncached, retrying every %.1fs",
                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "timeout", self.retry)
+            # The pooled connections of before the outage are dead if Redis restarted: without this,
+            # each of them fails once more after Redis is back (seen: 7 errors on a healthy Redis).
+            try:
+                await self._client.connection_pool.disconnect(inuse_connections=True)
+            except Exception:  # noqa: BLE001 - closing dead connections
+                pass
         self._retry_at = now + self.retry
 
     def _ok(self) -> None:

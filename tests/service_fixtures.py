@@ -17,7 +17,7 @@ import uuid
 
 import httpx
 
-from service.loopback import ThreadedServer, free_port  # noqa: F401  (re-exported for the tests)
+from service.loopback import RedisServer, ThreadedServer, free_port  # noqa: F401  (re-exported for the tests)
 
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
 
@@ -69,50 +69,8 @@ def metric(client: httpx.Client, name: str, labels: dict[str, str] | None = None
     return 0.0
 
 
-class RedisProcess:
-    """A private redis-server (no persistence) on a fixed port, which tests can stop and start."""
-
-    binary = shutil.which("redis-server")
-
-    def __init__(self, port: int | None = None):
-        self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--daemonize", "no", "--enable-debug-command", "yes", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server on port {self.port} did not start")
-
-    def command(self, *args: str) -> bytes:
-        """Send one inline command; returns the raw reply (does not wait for slow commands' replies)."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-            s.sendall((" ".join(args) + "\r\n").encode())
-            return s.recv(256)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-            self.proc = None
-
-    def __enter__(self) -> "RedisProcess":
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+class RedisProcess(RedisServer):
+    """A private redis-server the tests may stop and start (see ``service.loopback.RedisServer``)."""
 
 
 def delete_namespace(url: str, namespace: str) -> None:

@@ -1,0 +1,61 @@
+"""``instructrec bench soak`` end to end on a tiny model: a private Redis and the service in a
+child process, a short load with Redis stopped and restarted and a burst, every answer checked;
+and the checker itself catches a reordered or drifted answer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import report
+from bench.soak import compare, passed
+from instructrec.cli import main
+from service.loopback import RedisServer
+
+
+def test_compare_catches_order_and_score_drift():
+    ref = [(2, -1.0), (0, -1.5), (1, -3.0)]
+    assert compare(ref, [(2, -1.0 + 5e-5), (0, -1.5), (1, -3.0)]) is None
+    assert "order" in compare(ref, [(0, -1.5), (2, -1.0), (1, -3.0)])
+    assert "differs by" in compare(ref, [(2, -1.0), (0, -1.5), (1, -3.01)])
+
+
+def test_verdict_needs_every_check():
+    good = {"lost": 0, "wrong": 0, "refused_without_retry_after": 0, "unexpected_status": 0,
+            "cache_errors_while_redis_up": 0}
+    assert passed(good)
+    for key in good:
+        assert not passed({**good, key: 1}), key
+
+
+@pytest.mark.skipif(RedisServer.binary is None, reason="redis-server binary not installed")
+def test_soak_end_to_end(tmp_path):
+    rc = main(["bench", "soak", "--model", "tiny-random-prefixlm", "--clients", "8", "--requests", "80",
+               "--distinct", "12", "--candidates", "6", "--burst", "12", "--threads", "1",
+               "--set", "max_queue_wait_ms=30000", "--dataset", "games-sample", "--out", str(tmp_path)])
+    s = json.loads((tmp_path / report.RESULTS_JSON).read_text())["soak"]
+    assert rc == 0 and s["passed"], s
+    assert s["planned"] == 80 + 12 and s["sent"] == 92 and s["lost"] == 0 and s["wrong"] == 0
+    assert sum(s["outcomes"].values()) == 92 and s["answered"] > 0
+    assert [e["event"] for e in s["fault_events"]] == ["before_stop", "redis_stopped", "before_start",
+                                                        "redis_started", "burst"]
+    assert s["cache_errors_while_redis_up"] == 0
+    hits = [w["hit_ratio"] for w in s["hit_ratio_windows"] if w["hit_ratio"] is not None]
+    assert hits and max(hits) > 0  # repeated requests were served from the cache
+    assert s["config"]["settings"]["redis_url"].startswith("redis://127.0.0.1:")  # its own Redis
+    md = (tmp_path / report.RESULTS_MD).read_text()
+    assert "## Soak" in md and "| wrong answers | 0 |" in md
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{report.README_START}\n{report.README_END}\nb\n{report.SOAK_START}\nold\n{report.SOAK_END}\nc\n")
+    report.update_readme(readme, {"soak": s})
+    text = readme.read_text()
+    soak_block = text.split(report.SOAK_START)[1].split(report.SOAK_END)[0]
+    assert "old" not in soak_block and "| wrong answers | 0 |" in soak_block and "instructrec bench soak" in soak_block
+    assert text.endswith("\nc\n")
+
+
+def test_soak_refuses_the_redis_fault_on_a_service_it_did_not_start(tmp_path, capsys):
+    rc = main(["bench", "soak", "--url", "http://127.0.0.1:9", "--faults", "redis", "--out", str(tmp_path)])
+    assert rc == 2
+    assert "does not own" in capsys.readouterr().err
