@@ -457,20 +457,8 @@ class Ranker:
                       [(layer.keys, layer.values) for layer in probe.cross_attention_cache.layers])
             return _row_bytes([enc, mask, *_cached(shared)])
 
-    def _picker(self, owners: list[int]):
-        """Selects each row's own per-request tensor (encoder states, K/V, mask). Rows of one
-        request share it as a view (``expand``, no copy); rows of several requests gather theirs."""
-        b = len(owners)
-        if len(set(owners)) == 1:
-            r = owners[0]
-            return lambda x: x[r : r + 1].expand(b, *x.shape[1:])
-        index = torch.tensor(owners, device=self.device)
-
-        def gather(x):
-            with torch.profiler.record_function(GATHER_PROFILE_LABEL):
-                return x.index_select(0, index)
-
-        return gather
+    def _picker(self, owners: list[int]) -> "_Pick":
+        return _Pick(owners, self.device)
 
     # -- prefix-LM ------------------------------------------------------------------
     def _prefix_naive(self, src: list[int], ids: list[list[int]]) -> list[float]:
@@ -495,7 +483,7 @@ class Ranker:
         flat = [(r, j) for r, req in enumerate(ids) for j in range(len(req))]
 
         def run(rows, pick, labels):
-            return prefixlm.decode_candidates(bert, kv, lengths, self._with_start(labels), pick)
+            return prefixlm.decode_candidates(bert, kv, lengths, self._with_start(labels), pick, shared=pick.shared)
 
         totals = self._bucketed([ids[r][j] for r, j in flat], [r for r, _ in flat],
                                 _row_bytes(_cached([kv])), 0, run, _prefix_head(self.model))
@@ -535,6 +523,24 @@ class Ranker:
             for i, s in zip(chunk, totals.tolist()):
                 sums[i] = s
         return sums
+
+
+class _Pick:
+    """Selects each row's own per-request tensor (encoder states, K/V, mask). Rows of one
+    request share it as a view (``expand``, no copy; ``shared`` is then that request); rows of
+    several requests gather theirs."""
+
+    def __init__(self, owners: list[int], device):
+        self.rows = len(owners)
+        self.shared = owners[0] if len(set(owners)) == 1 else None
+        self._index = None if self.shared is not None else torch.tensor(owners, device=device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared is not None:
+            r = self.shared
+            return x[r : r + 1].expand(self.rows, *x.shape[1:])
+        with torch.profiler.record_function(GATHER_PROFILE_LABEL):
+            return x.index_select(0, self._index)
 
 
 @dataclass(frozen=True)
