@@ -129,6 +129,9 @@ first_step  = decoder and head of one token at position 0 (T_c = 1 in the formul
 one request = encoder + cross_kv + sum_c (decoder(c) + head(c))
 executed by shared_kv, bf16, int8 = one request - (N-1)*first_step
               # the start-token step is the same for every candidate: run once, shared
+prefix-LM (one BERT, L layers): instruction = L * S * (8*H*A + 2*m*H*F + 4*S*A);
+candidate(c) = T_c * L * (8*H*A + 2*m*H*F + 4*(S + T_c)*A) + head(c); no cross_kv, no shared
+first step; naive runs S + T_c tokens per candidate: L * (S+T_c) * (8*H*A + 2*m*H*F + 4*(S+T_c)*A) + head(c)
 executed by encoder_once = encoder + N*cross_kv + sum_c (...)
 executed by naive        = N*(encoder + cross_kv) + sum_c (...)
 Not counted: embeddings, layer norms, softmax, activations, biases, and padding inside length buckets."""
@@ -156,11 +159,32 @@ def model_dims(model) -> dict[str, Any] | None:
 
         return {"arch": "t5", "enc": t5(cfg.num_layers), "dec": t5(cfg.num_decoder_layers or cfg.num_layers),
                 "V": cfg.vocab_size, "head_transform": False}
+    from instructrec.prefixlm import is_prefix_lm
+
+    if is_prefix_lm(cfg):
+        one = {"H": cfg.hidden_size, "A": cfg.hidden_size, "F": cfg.intermediate_size, "m": 2, "L": cfg.num_hidden_layers}
+        return {"arch": "prefix-lm", "enc": one, "dec": one, "V": cfg.vocab_size, "head_transform": True}
     return None
+
+
+def _prefix_lm_flops(dims: dict, source_tokens: int, target_lengths: Sequence[int]) -> dict[str, float]:
+    b, V, S = dims["enc"], dims["V"], source_tokens
+    per_token = 8 * b["H"] * b["A"] + 2 * b["m"] * b["H"] * b["F"]
+    instruction = b["L"] * S * (per_token + 4 * S * b["A"])
+    candidates = sum(t * b["L"] * (per_token + 4 * (S + t) * b["A"]) for t in target_lengths)
+    head = sum(t * (2 * b["H"] * b["H"] + 2 * b["H"] * V) for t in target_lengths)
+    naive = sum(b["L"] * (S + t) * (per_token + 4 * (S + t) * b["A"]) for t in target_lengths) + head
+    fast = instruction + candidates + head
+    return {"encoder": float(instruction), "cross_kv": 0.0, "decoder": float(candidates), "head": float(head),
+            "first_step": 0.0, "request": float(fast),
+            "executed": {"naive": float(naive), "encoder_once": None, "shared_kv": float(fast), "bf16": float(fast),
+                         "int8": float(fast)}}
 
 
 def request_flops(dims: dict, source_tokens: int, target_lengths: Sequence[int]) -> dict[str, float]:
     """FLOPs of one request by part, and executed per variant (see FLOPS_FORMULA)."""
+    if dims["arch"] == "prefix-lm":
+        return _prefix_lm_flops(dims, source_tokens, target_lengths)
     e, d, V, S = dims["enc"], dims["dec"], dims["V"], source_tokens
     encoder = e["L"] * S * (8 * e["H"] * e["A"] + 2 * e["m"] * e["H"] * e["F"] + 4 * S * e["A"])
     cross_kv = d["L"] * S * 4 * e["H"] * d["A"]
