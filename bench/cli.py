@@ -102,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     k.add_argument("--url", help="soak this already-running loopback service instead (no redis fault then)")
     k.add_argument("--clients", type=int, default=200, help="concurrent clients (default 200)")
     k.add_argument("--requests", type=int, default=4000, help="requests of the load phase (default 4000)")
-    k.add_argument("--distinct", type=int, default=400, help="distinct requests they are drawn from (default 400)")
+    k.add_argument("--distinct", type=int, default=40, help="distinct requests they are drawn from (default 40)")
     k.add_argument("--candidates", type=int, default=10, help="candidates per request (default 10)")
     k.add_argument("--history", type=int, default=20, help="history titles per request, at most (default 20)")
     k.add_argument("--faults", default=",".join(FAULTS), help=f"subset of {','.join(FAULTS)}, or none "

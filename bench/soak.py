@@ -294,7 +294,7 @@ def passed(s: dict[str, Any]) -> bool:
 
 
 def run_soak(*, model: str | None = None, url: str | None = None, clients: int = 200, requests: int = 4000,
-             distinct: int = 400, candidates: int = 10, history: int = 20, faults: Sequence[str] = FAULTS,
+             distinct: int = 40, candidates: int = 10, history: int = 20, faults: Sequence[str] = FAULTS,
              burst: int = 128, timeout: float = 60.0, max_seconds: float = 1200.0, settings: Sequence[str] = (),
              threads: int | None = None, seed: int = 0, dataset: str = "games", log_dir: Path = report.DEFAULT_OUT
              ) -> dict[str, Any]:

@@ -64,7 +64,8 @@ class ServiceState:
     async def start(self) -> None:
         s = self.settings
         self.cache = ScoreCache(s.redis_url.strip(), namespace=s.cache_namespace, ttl_seconds=s.cache_ttl_seconds,
-                                timeout_s=s.cache_timeout_ms / 1000, retry_s=s.cache_retry_seconds, metrics=self.metrics)
+                                timeout_s=s.cache_timeout_ms / 1000, retry_s=s.cache_retry_seconds, metrics=self.metrics,
+                                io_threads=s.cache_connections)
         await self.cache.connect()
         self.batcher = Batcher(self._score_many, budget_tokens=s.batch_tokens, max_wait_s=s.max_wait_ms / 1000,
                                max_queue=s.max_queue, executor=self.infer_executor, metrics=self.metrics,

@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     cache_namespace: str = Field(default="instructrec:score", min_length=1)
     cache_timeout_ms: float = Field(default=100.0, gt=0, description="Redis socket / operation timeout")
     cache_retry_seconds: float = Field(default=5.0, ge=0, description="back-off before trying Redis again after an error")
+    cache_connections: int = Field(default=8, ge=1, description="Redis connections, each used by its own I/O thread "
+                                   "(cache I/O stays off the event loop); requests beyond them wait for one")
 
     # -- security and limits --------------------------------------------------------------
     api_key: SecretStr | None = Field(default=None, description="if set, rerank routes need 'Authorization: Bearer <key>'")
