@@ -1,21 +1,18 @@
 """The endpoints: POST /rerank (native), POST /v1/rerank and /v2/rerank (Cohere v1/v2 and
 Jina compatible: one handler), /health, /ready, /metrics.
 
-A rerank request goes: auth -> body (size-limited, UTF-8, JSON) -> strict validation with
-the configured limits -> preparation in the prep thread (the core's template selection and
-instruction fitting) -> cache lookup (one key per candidate) -> the misses go to the
-batcher -> the scores of the misses are written back -> ranking (:func:`rank_order`).
+A handler only parses, authorises, calls and serialises: auth -> body (size-limited, UTF-8,
+JSON) -> strict validation with the configured limits -> :func:`service.pipeline.rerank`
+(preparation, cache, batcher) -> ranking (:func:`rank_order`) -> the answer in the shape of
+the route's response model.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import math
-import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -25,14 +22,13 @@ from pydantic import ValidationError
 
 from instructrec.aspects import Intention, UserNeed
 from instructrec.ranker import rank_order
-from instructrec.templates import TEMPLATE_VERSION, TemplateError, get_template
+from instructrec.templates import TEMPLATE_VERSION
 
-from .app import ServiceState
-from .batcher import QueueFull, ShuttingDown
-from .engine import Prepared
-from .errors import ApiError, ClientGone, from_validation
-from .schemas import (CompatError, CompatRerankRequest, CompatResponse, ErrorBody, FieldError, RerankRequest,
-                      RerankResponse)
+from . import pipeline
+from .errors import ApiError, from_validation
+from .schemas import (CompatError, CompatRerankRequest, CompatResponse, ErrorBody, FieldError, Health, HealthFailed,
+                      NotReady, Ready, RerankRequest, RerankResponse)
+from .state import ServiceState
 
 router = APIRouter()
 
@@ -119,106 +115,6 @@ def _validate(model, data: dict, state: ServiceState):
         raise from_validation(exc) from None
 
 
-# --- the shared rerank path ----------------------------------------------------------------
-
-
-@dataclass
-class Outcome:
-    prepared: Prepared
-    scores: list[float]  # per request candidate
-    cached: list[bool]  # per request candidate
-    hits: int
-    misses: int
-    cache_used: bool
-    scored_tokens: int
-
-
-async def _wait_disconnect(request: Request) -> None:
-    """Returns when the client disconnects (the request body has been read already)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def _await_scores(request: Request, future: asyncio.Future):
-    watch = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        done, _ = await asyncio.wait({future, watch}, return_when=asyncio.FIRST_COMPLETED)
-        if future in done:
-            return future.result()
-        raise ClientGone()
-    finally:
-        watch.cancel()
-        if not future.done():
-            future.cancel()  # the batcher skips it
-
-
-def _prepare(state: ServiceState, need: UserNeed, template_id: str | None, texts: list[str],
-             max_text_tokens: int | None) -> tuple[Prepared, dict[str, str]]:
-    """In the prep thread: the instruction, token counts, and one cache key per distinct candidate."""
-    engine, cache = state.engine, state.cache
-    prepared = engine.prepare(need, template_id, texts, max_text_tokens)
-    keys: dict[str, str] = {}
-    if cache.enabled:
-        parts = engine.key_parts(prepared)
-        keys = dict(zip(prepared.targets, cache.keys(parts, prepared.targets)))
-    return prepared, keys
-
-
-async def _rerank(request: Request, state: ServiceState, need: UserNeed, template_id: str | None,
-                  texts: list[str], max_text_tokens: int | None = None) -> Outcome:
-    cache, metrics = state.cache, state.metrics
-    metrics.candidates_per_request.observe(len(texts))
-    loop = asyncio.get_running_loop()
-    start = time.perf_counter()
-    try:
-        prepared, keys = await loop.run_in_executor(state.prep_executor, _prepare, state, need, template_id, texts,
-                                                    max_text_tokens)
-    except TemplateError as exc:
-        field = "template" if template_id else None
-        raise ApiError(422, "template_error", str(exc), field, reason="invalid") from None
-    metrics.prepare_seconds.observe(time.perf_counter() - start)
-
-    unique = list(prepared.targets)  # distinct candidate texts, in request order
-    scores: dict[str, float] = {}
-    from_cache: set[str] = set()
-    cached_values = None
-    if cache.enabled:
-        cached_values = await cache.get_many([keys[t] for t in unique])
-        if cached_values is None:
-            metrics.cache_bypassed.inc(len(unique))
-        else:
-            for t, value in zip(unique, cached_values):
-                if value is not None:
-                    scores[t] = value
-                    from_cache.add(t)
-            metrics.cache_hits.inc(len(from_cache))
-            metrics.cache_misses.inc(len(unique) - len(from_cache))
-    misses = [t for t in unique if t not in scores]
-    scored_tokens = 0
-    if misses:
-        tokens = prepared.source_tokens + prepared.target_tokens(misses)
-        try:
-            future = state.batcher.submit(prepared.encoded(misses), tokens)
-        except QueueFull as exc:
-            raise ApiError(429, "rate_limited", "too many requests are waiting for the model; retry later",
-                           headers={"Retry-After": str(exc.retry_after)}, reason="queue_full") from None
-        except ShuttingDown:
-            raise ApiError(503, "unavailable", "the service is shutting down", headers={"Retry-After": "5"}) from None
-        try:
-            result = await _await_scores(request, future)
-        except ShuttingDown:
-            raise ApiError(503, "unavailable", "the service is shutting down", headers={"Retry-After": "5"}) from None
-        for t, value in zip(misses, result.scores):
-            scores[t] = value
-        scored_tokens = tokens
-        if cache.enabled:
-            await cache.set_many({keys[t]: scores[t] for t in misses})
-    return Outcome(prepared, [scores[t] for t in texts], [t in from_cache for t in texts], len(from_cache),
-                   len(misses) if cached_values is not None else 0, cached_values is not None, scored_tokens)
-
-
 def _need(req: RerankRequest) -> UserNeed:
     history = tuple(h.title for h in req.history if h.title)
     intention, kind, context = None, None, None
@@ -247,18 +143,19 @@ def _begin(request: Request) -> ServiceState:
 async def rerank(request: Request):
     state = _begin(request)
     req = _validate(RerankRequest, await _read_json(request, state), state)
-    if req.template is not None:
-        try:
-            get_template(req.template)
-        except TemplateError as exc:
-            raise ApiError(422, "template_error", str(exc), "template", reason="invalid") from None
+    pipeline.check_template(req.template)
     texts = [c.title for c in req.candidates]
-    out = await _rerank(request, state, _need(req), req.template, texts)
+    out = await pipeline.rerank(request, state, _need(req), req.template, texts)
+    return _json(_native_body(req, texts, out, state))
+
+
+def _native_body(req: RerankRequest, texts: list[str], out: pipeline.Outcome, state: ServiceState) -> dict:
+    """The /rerank answer, shaped as :class:`RerankResponse`."""
     order = rank_order(out.scores)[: req.top_n]
     inst = out.prepared.instruction
     engine = state.engine
     candidate_tokens = out.prepared.target_tokens(texts)
-    body = {
+    return {
         "id": f"rr-{uuid.uuid4().hex}",
         "results": [{"index": i, "id": req.candidates[i].id, "title": texts[i],
                      "score": out.scores[i] if req.return_scores else None, "cached": out.cached[i]} for i in order],
@@ -271,7 +168,6 @@ async def rerank(request: Request):
         "truncated": {"history_dropped": inst.history_dropped, "source_tokens_cut": out.prepared.source_cut,
                       "candidates_cut": [i for i, t in enumerate(texts) if out.prepared.cut(t)]},
     }
-    return _json(body)
 
 
 def relevance(score: float) -> float:
@@ -297,27 +193,32 @@ async def rerank_compat(request: Request):
     except FieldError as exc:
         raise ApiError(422, "validation_error", str(exc), exc.field, reason="invalid") from None
     need = UserNeed(intention=req.query, intention_kind=Intention.SPECIFIC)
-    out = await _rerank(request, state, need, None, texts, req.max_tokens_per_doc)
-    order = rank_order(out.scores)[: req.top_n]
+    out = await pipeline.rerank(request, state, need, None, texts, req.max_tokens_per_doc)
+    version = "2" if request.url.path.startswith("/v2/") else "1"
+    return _json(_compat_body(req, texts, out, state, version))
+
+
+def _compat_body(req: CompatRerankRequest, texts: list[str], out: pipeline.Outcome, state: ServiceState,
+                 version: str) -> dict:
+    """The /v1 and /v2 answer, shaped as :class:`CompatResponse` (``document`` only when asked for)."""
     results = []
-    for i in order:
+    for i in rank_order(out.scores)[: req.top_n]:
         item: dict[str, Any] = {"index": i, "relevance_score": relevance(out.scores[i]),
                                 "log_likelihood": out.scores[i]}
         if req.return_documents:
             item["document"] = req.document(i)
         results.append(item)
     tokens = out.prepared.source_tokens + out.prepared.target_tokens(texts)
-    version = "2" if request.url.path.startswith("/v2/") else "1"
-    return _json({
+    return {
         "id": str(uuid.uuid4()),
         "results": results,
         "model": state.engine.name,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         "meta": {"api_version": {"version": version}, "billed_units": {"search_units": 1}},
-    })
+    }
 
 
-@router.get("/health", summary="Liveness")
+@router.get("/health", response_model=Health, responses={503: {"model": HealthFailed}}, summary="Liveness")
 async def health(request: Request):
     state = _state(request)
     if state.load_error:
@@ -325,7 +226,8 @@ async def health(request: Request):
     return {"status": "ok"}
 
 
-@router.get("/ready", summary="Readiness: the model is loaded and warmed up")
+@router.get("/ready", response_model=Ready, responses={503: {"model": NotReady}},
+            summary="Readiness: the model is loaded and warmed up")
 async def ready(request: Request):
     state = _state(request)
     if not state.ready:

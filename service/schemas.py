@@ -239,6 +239,32 @@ class CompatError(BaseModel):
     message: str
 
 
+# --- probes --------------------------------------------------------------------------------
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class HealthFailed(BaseModel):
+    status: Literal["failed"]
+    error: str = Field(description="why the model could not be loaded")
+
+
+class Ready(BaseModel):
+    status: Literal["ready"]
+    model: ModelInfo
+    template_version: str
+    cache: Literal["disabled", "up", "down"]
+    queue: int = Field(description="requests waiting for the model")
+
+
+class NotReady(BaseModel):
+    status: Literal["loading", "failed"]
+    model: str
+    error: str | None = Field(None, description="why the model could not be loaded (status failed)")
+
+
 # --- errors --------------------------------------------------------------------------------
 
 
