@@ -19,8 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import platform
 import shutil
 import time
 import warnings
@@ -34,6 +32,7 @@ from instructrec.checkpoint import read_meta, write_meta
 from instructrec.instruction import build as build_instruction
 from instructrec.modeling import PREFIX_LM, LoadedModel, build_base, cpu_has_bf16, cuda_has_bf16, cut_decoder, resolve_device
 from instructrec.ranker import Ranker, decoder_start_id, eos_id, target_ids
+from instructrec.records import platform_brief
 from instructrec.templates import TEMPLATE_VERSION
 
 from . import distributed
@@ -277,7 +276,7 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
         "lora": lora,
         "bf16": use_bf16,
         "device": str(dev),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "machine": platform_brief(),
     }
     best_dir = out / "best"
     best = read_meta(best_dir).get("validation", {}).get("hr@1", -1.0) if best_dir.exists() else -1.0

@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bench.report import invoked_as
+    from instructrec.records import invoked_as
 
     from ..data.types import DataError
     from . import report

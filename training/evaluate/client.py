@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit
 
 from instructrec.aspects import Intention, UserNeed
+from instructrec.records import percentile
 
 from ..data.types import MAX_HISTORY, Case, DataError, InteractionData
 from ..metrics import bootstrap_intervals, metrics_from_ranks, rank_of
@@ -356,14 +357,6 @@ def read_responses(path: Path) -> tuple[dict | None, list[dict]]:
 # --- the run ---------------------------------------------------------------------------------
 
 
-def _percentile(values: Sequence[float], q: float) -> float | None:
-    if not values:
-        return None
-    import numpy as np
-
-    return float(np.percentile(np.asarray(values, dtype=float), q))
-
-
 def evaluate_service(cfg: ClientConfig) -> dict:
     """Run (or resume) the evaluation of the service at ``cfg.url``; writes and returns results.json's dict."""
     from instructrec.templates import TEMPLATE_VERSION
@@ -538,7 +531,7 @@ def _summarise(cfg: ClientConfig, url: str, file: cand.CandidateFile, scenario, 
                    "resumed": resumed},
         "metrics": metrics_from_ranks(ranks),
         "ci95": bootstrap_intervals(ranks, resamples=cfg.resamples, seed=seed),
-        "latency": {"p50": _percentile(latencies, 50), "p95": _percentile(latencies, 95),
+        "latency": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
                     "mean": sum(latencies) / len(latencies) if latencies else None,
                     "max": max(latencies) if latencies else None},
         "errors": [{"user_id": e.get("user_id"), **e.get("error", {})} for e in errors[:20]],

@@ -14,7 +14,7 @@ METRICS = ("hr@1", "hr@3", "hr@5", "ndcg@3", "ndcg@5")
 
 
 def machine() -> dict[str, Any]:
-    from bench.report import machine_info
+    from instructrec.records import machine_info
 
     m = machine_info()
     return {k: m[k] for k in ("cpu_model", "usable_cpus", "torch", "transformers", "python", "time")}
