@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from instructrec.ranker import HEAD_PROFILE_LABEL, Ranker, token_limits
+from instructrec.ranker import HEAD_PROFILE_LABEL, Ranker
 
 from . import report
 
@@ -301,8 +301,7 @@ def _make_rankers(model_name: str, variants: Sequence[str], batch_tokens: int, l
     """{variant: ranker or an exception}. The fp32 model is shared by naive/encoder_once/shared_kv."""
     from instructrec.modeling import INT8, load_model, quantize_int8
 
-    src_limit, tgt_limit = token_limits(loaded32.meta)
-    kw = dict(max_source_tokens=src_limit, max_target_tokens=tgt_limit, batch_tokens=batch_tokens)
+    kw = dict(batch_tokens=batch_tokens)  # token limits: the checkpoint's own (Ranker's default)
     rankers: dict[str, Any] = {}
     for v in variants:
         try:

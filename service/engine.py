@@ -21,7 +21,7 @@ from cachetools import LRUCache
 from instructrec.aspects import UserNeed
 from instructrec.instruction import Instruction, build, count_tokens
 from instructrec.modeling import PREFIX_LM, LoadedModel, load_model
-from instructrec.ranker import Encoded, Ranker, Scored, targets_ids, token_limits
+from instructrec.ranker import Encoded, Ranker, Scored, targets_ids
 from instructrec.templates import TEMPLATE_VERSION
 
 from .settings import Settings
@@ -78,11 +78,10 @@ class Engine:
     def __init__(self, loaded: LoadedModel, settings: Settings):
         self.loaded = loaded
         self.settings = settings
-        preset_source, preset_target = token_limits(loaded.meta)
         self.ranker = Ranker(
-            loaded,
-            max_source_tokens=settings.max_source_tokens or preset_source,
-            max_target_tokens=settings.max_target_tokens or preset_target,
+            loaded,  # token limits not set: the ones the checkpoint was tuned with
+            max_source_tokens=settings.max_source_tokens,
+            max_target_tokens=settings.max_target_tokens,
             batch_tokens=settings.batch_tokens,
             reduction=settings.reduction,
             mixed_kv_bytes=int(settings.mixed_kv_mb * 2**20),

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from instructrec.aspects import UserNeed
 from instructrec.instruction import build as build_instruction
 from instructrec.modeling import load_model, minilm_path
-from instructrec.ranker import Ranker, token_limits
+from instructrec.ranker import Ranker
 from instructrec.text import normalise, normalise_need
 
 from ..data.types import MAX_HISTORY, InteractionData
@@ -170,9 +170,7 @@ class InstructionModel(Method):
         self.data = data
         self.loaded = load_model(model, device=device, dtype=dtype)
         meta = self.loaded.meta
-        src, tgt = token_limits(meta)
-        self.ranker = Ranker(self.loaded, max_source_tokens=src, max_target_tokens=tgt, reduction=reduction,
-                             batch_tokens=batch_tokens)
+        self.ranker = Ranker(self.loaded, reduction=reduction, batch_tokens=batch_tokens)  # the tuned token limits
         self.name = name or (Path(str(model)).parent.name if Path(str(model)).name == "model" else Path(str(model)).name)
         self.group = group
         path = Path(str(model))
