@@ -64,13 +64,16 @@ RUN url="$TORCH_INDEX_URL"; \
     pip install ${url:+--index-url "$url"} "torch==$TORCH_VERSION"
 WORKDIR /src
 COPY pyproject.toml README.md ./
+# The core and the service only: no training or bench code in the serving image (their
+# `instructrec` subcommands are simply not registered here).
 COPY instructrec ./instructrec
-COPY training ./training
 COPY service ./service
 # The package pins its dependencies in pyproject.toml.
 # hadolint ignore=DL3013
 RUN pip install ".[service]" \
- && python -c "import torch, instructrec, service.app; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+ && python -c "import torch, instructrec, service.app; print('torch', torch.__version__, 'cuda', torch.version.cuda)" \
+ && python -c "import importlib.util as u; assert u.find_spec('training') is None and u.find_spec('bench') is None" \
+ && instructrec serve --help >/dev/null
 
 # --- runtime ------------------------------------------------------------------------------
 # hadolint ignore=DL3006
