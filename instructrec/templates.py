@@ -49,6 +49,7 @@ import re
 import string
 from dataclasses import dataclass
 from enum import Enum
+from typing import Callable
 
 from instructrec.aspects import Instantiation, Intention, Preference, TaskForm, UserNeed
 
@@ -481,6 +482,7 @@ def select(
     template_id: str | None = None,
     rng: random.Random | None = None,
     rankable: bool = True,
+    weight: Callable[[Template], float] | None = None,
 ) -> Template:
     """The one template-selection function shared by training and serving.
 
@@ -488,7 +490,8 @@ def select(
     ``rankable=False`` imposes no rankability requirement (training mixtures).
 
     * ``template_id``: that template if compatible, else :class:`TemplateError` saying why.
-    * ``rng``: uniform choice among the compatible templates (training mixture).
+    * ``rng``: a random choice among the compatible templates (training mixture), uniform
+      or by ``weight(template)``.
     * otherwise (serving default): the compatible template that uses the most of what the
       need carries (P1, P2, intention), ties broken by table order.
     """
@@ -507,5 +510,7 @@ def select(
             f"({what}{', rankable' if rankable else ''})"
         )
     if rng is not None:
+        if weight is not None:
+            return rng.choices(pool, weights=[weight(t) for t in pool])[0]
         return rng.choice(pool)
     return max(pool, key=lambda t: _uses(t, need))  # max keeps the first of equal scores

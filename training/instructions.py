@@ -2,8 +2,9 @@
 
 For every case the builder lists the needs the case can express (the history alone, the
 history with the teacher's explicit preference, a vague or specific intention alone or
-with the history, ...), pairs them with every compatible template of the table, and
-samples a mixture of them. Each example records its template, its <P,I,T>, the teacher
+with the history, ...), samples a need, and draws its template with the core's one
+selection function (:func:`instructrec.templates.select`, with an RNG and the mixture's
+weights), the same one serving uses. Each example records its template, its <P,I,T>, the teacher
 whose annotation it used and the user it came from.
 """
 
@@ -18,7 +19,7 @@ from typing import Iterable, Mapping
 
 from instructrec.aspects import Intention, UserNeed
 from instructrec.instruction import fit
-from instructrec.templates import Target, compatible
+from instructrec.templates import Target, Template, compatible, select
 
 from .annotate.teachers import Kind
 from .data.types import Case, InteractionData
@@ -54,6 +55,10 @@ class Mixture:
     history_share: float = 0.5  # share of examples on the history-only need (sequential recommendation)
     item_weight: float = 3.0  # rankable item targets (what the ranker scores) vs the other forms
     other_weight: float = 1.0
+
+    def weight(self, template: Template) -> float:
+        """A template's chance in the mixture, relative to the other compatible ones."""
+        return self.item_weight if template.target is Target.ITEM else self.other_weight
 
 
 def _text(annotations: Annotations, case: Case, kind: Kind) -> tuple[str | None, str | None]:
@@ -99,16 +104,14 @@ def build_examples(data: InteractionData, cases: Iterable[Case], annotations: An
     for case in cases:
         # Sample the need first (the scenario), then a template for it: needs that carry more
         # aspects have more compatible templates and would otherwise crowd out the rest.
-        variants = [(need, teacher, compatible(need)) for need, teacher in needs_for_case(data, case, annotations)]
-        variants = [v for v in variants if v[2]]
+        variants = [(need, teacher) for need, teacher in needs_for_case(data, case, annotations) if compatible(need)]
         if not variants:
             continue
         rest = (1 - mixture.history_share) / (len(variants) - 1) if len(variants) > 1 else 0.0
-        need_weights = [mixture.history_share if not (n.preference or n.intention) else rest for n, _, _ in variants]
+        need_weights = [mixture.history_share if not (n.preference or n.intention) else rest for n, _ in variants]
         for _ in range(mixture.per_case):
-            need, teacher, templates = rng.choices(variants, weights=need_weights)[0]
-            weights = [mixture.item_weight if t.target is Target.ITEM else mixture.other_weight for t in templates]
-            template = rng.choices(templates, weights=weights)[0]
+            need, teacher = rng.choices(variants, weights=need_weights)[0]
+            template = select(need, task=None, rankable=False, rng=rng, weight=mixture.weight)
             examples.append(_example(data, case, template, need, teacher, tokenizer, max_source_tokens, rng, item_ids))
     return examples
 
