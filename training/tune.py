@@ -17,12 +17,13 @@ on held-out cases, the metric that picks the best checkpoint) and the output lay
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import shutil
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -165,25 +166,62 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
           device: str | None = None, bf16: bool | None = None, lora: bool = False, resume: bool = True,
           progress: bool = True) -> dict:
     """Run (or resume) one instruction-tuning job; returns the final model's metadata."""
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lora = lora or preset.lora
     dev = resolve_device(device)
     distributed.init(cpu=dev.type == "cpu")  # under torchrun: shared files are the main process's
-
-    def start_over():  # the annotation cache stays valid (it is keyed by request)
-        for stale in ("checkpoints", "best", "model"):
-            shutil.rmtree(out / stale, ignore_errors=True)
-        (out / "instructions.jsonl").unlink(missing_ok=True)
-
     if not resume:
-        distributed.on_main(start_over)
+        distributed.on_main(lambda: _start_over(out))
     use_bf16 = bf16 if bf16 is not None else (
         (dev.type == "cuda" and cuda_has_bf16(dev)) or (dev.type == "cpu" and cpu_has_bf16()))
 
-    # -- data and instructions -------------------------------------------------------
+    data, split, model, tokenizer, kind = _data_and_base(preset, data_path)
+    eos = eos_id(tokenizer, model)
+    train_cases = _seeded_subset(split.train, preset.max_cases, preset.seed) if preset.max_cases else split.train
+    examples = _instruction_examples(data, train_cases, tokenizer, preset, out, annotations_path, resume, progress)
+    stats = summary(examples)
+    if distributed.is_main():
+        (out / "instructions_summary.json").write_text(json.dumps(stats, indent=2) + "\n")
+    features = _features(examples, data, split, tokenizer, preset, eos)
+    valid_cases = _seeded_subset(split.valid, preset.eval_users, preset.seed, key=lambda c: c.user_id)
+
+    model = _trainable(model, kind, preset, lora)
+    base_meta = {
+        "base_model": preset.base,
+        "template_version": TEMPLATE_VERSION,
+        "preset": asdict(preset),
+        "data": {"name": data.name, "source": data.source, "users": len(data.sequences), "items": len(data.items),
+                 "train_cases": len(split.train), "cases_used": len(train_cases), "examples": len(examples), "validation_cases": len(valid_cases)},
+        "instructions": stats,
+        "lora": lora,
+        "bf16": use_bf16,
+        "device": str(dev),
+        "machine": platform_brief(),
+    }
+    run = _Run(preset=preset, data=data, valid_cases=valid_cases, tokenizer=tokenizer, kind=kind,
+               base_meta=base_meta, best_dir=out / "best", start_id=decoder_start_id(model),
+               pad_id=tokenizer.pad_token_id or 0)
+    run.best = read_meta(run.best_dir).get("validation", {}).get("hr@1", -1.0) if run.best_dir.exists() else -1.0
+    trainer = _trainer(run, model, features, out, dev, use_bf16, progress)
+    ckpt = distributed.from_main(_last_good_checkpoint(out / "checkpoints") if resume else None)
+    if ckpt:
+        log.info("resuming from %s", ckpt)
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=ckpt)
+    wall = time.perf_counter() - started
+    return _publish(run, trainer, out, result, wall, ckpt)
+
+
+def _start_over(out: Path) -> None:
+    """Drop a previous run's outputs (the annotation cache stays valid: it is keyed by request)."""
+    for stale in ("checkpoints", "best", "model"):
+        shutil.rmtree(out / stale, ignore_errors=True)
+    (out / "instructions.jsonl").unlink(missing_ok=True)
+
+
+def _data_and_base(preset: Preset, data_path: str | None):
+    """The data (and its split) and the base model, after checking the preset can train it."""
     data = load_dataset(data_path or preset.data)
     if preset.users:
         data = data.sample_users(preset.users, seed=preset.seed)
@@ -203,13 +241,23 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
                             "use --objective mle for multi-process (DDP) runs")
     if preset.decoder_layers:
         cut_decoder(model, preset.decoder_layers)
-    eos = eos_id(tokenizer, model)
-    train_cases = split.train
-    if preset.max_cases and len(train_cases) > preset.max_cases:
-        import random
+    return data, split, model, tokenizer, kind
 
-        train_cases = random.Random(preset.seed).sample(train_cases, preset.max_cases)
 
+def _seeded_subset(cases: list[Case], limit: int, seed: int, key=None) -> list[Case]:
+    """At most ``limit`` of ``cases``, a seeded sample (sorted by ``key`` if given) when there are more."""
+    if len(cases) <= limit:
+        return cases
+    import random
+
+    picked = random.Random(seed).sample(cases, limit)
+    return sorted(picked, key=key) if key else picked
+
+
+def _instruction_examples(data: InteractionData, cases: list[Case], tokenizer, preset: Preset, out: Path,
+                          annotations_path: str | None, resume: bool, progress: bool) -> list[Example]:
+    """The run's instruction examples: reused from OUT when resuming, else built by the main
+    process (annotating first unless annotations are given) and read back by the others."""
     examples_path = out / "instructions.jsonl"
     if distributed.from_main(examples_path.exists() and resume):
         examples = read_examples(examples_path)
@@ -221,8 +269,8 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
 
                 annotations = read_annotations_file(annotations_path)
             else:
-                annotations = annotate_offline(data, train_cases, out / "annotations.jsonl", progress)
-            built = build_examples(data, train_cases, annotations, tokenizer, preset.max_source_tokens,
+                annotations = annotate_offline(data, cases, out / "annotations.jsonl", progress)
+            built = build_examples(data, cases, annotations, tokenizer, preset.max_source_tokens,
                                    seed=preset.seed, mixture=Mixture(per_case=preset.per_case, history_share=preset.history_share))
             write_examples(examples_path, built)
             return built
@@ -232,9 +280,11 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
             examples = read_examples(examples_path)
     if not examples:
         raise TrainingError(f"no training examples could be built from {data.source or data.name}")
-    stats = summary(examples)
-    if distributed.is_main():
-        (out / "instructions_summary.json").write_text(json.dumps(stats, indent=2) + "\n")
+    return examples
+
+
+def _features(examples: list[Example], data: InteractionData, split, tokenizer, preset: Preset, eos: int) -> list[dict]:
+    """Token ids per example, with sampled negatives for the listwise objective."""
     features = tokenize_examples(examples, tokenizer, preset, eos)
     if preset.objective == "listwise":
         # popularity over every training case of the data, not only the sampled ones
@@ -242,13 +292,11 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
         listed = attach_negatives(features, examples, data, sampler, tokenizer, preset.max_target_tokens, eos, preset.seed)
         log.info("listwise: %d of %d examples contrast their target with %d negatives", listed, len(features),
                  preset.popular_negatives + preset.uniform_negatives)
-    valid_cases = split.valid
-    if len(valid_cases) > preset.eval_users:
-        import random
+    return features
 
-        valid_cases = sorted(random.Random(preset.seed).sample(valid_cases, preset.eval_users), key=lambda c: c.user_id)
 
-    # -- model and trainer ---------------------------------------------------------
+def _trainable(model, kind: str, preset: Preset, lora: bool):
+    """The model with what this run trains: LoRA adapters, or the weights left unfrozen."""
     if lora and kind != "seq2seq":
         raise TrainingError("--lora trains adapters of a seq2seq model (e.g. Flan-T5); the prefix-LM trains in full")
     if lora:
@@ -266,86 +314,121 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
         if kind != PREFIX_LM:
             raise TrainingError("--frozen-layers applies to a prefix-LM; use --freeze-encoder for an encoder-decoder")
         freeze_bottom(model, preset.frozen_layers)
-    base_meta = {
-        "base_model": preset.base,
-        "template_version": TEMPLATE_VERSION,
-        "preset": asdict(preset),
-        "data": {"name": data.name, "source": data.source, "users": len(data.sequences), "items": len(data.items),
-                 "train_cases": len(split.train), "cases_used": len(train_cases), "examples": len(examples), "validation_cases": len(valid_cases)},
-        "instructions": stats,
-        "lora": lora,
-        "bf16": use_bf16,
-        "device": str(dev),
-        "machine": platform_brief(),
-    }
-    best_dir = out / "best"
-    best = read_meta(best_dir).get("validation", {}).get("hr@1", -1.0) if best_dir.exists() else -1.0
-    timing = {"train_seconds": 0.0, "examples": 0}
+    return model
 
-    def _seconds_total(state=None) -> float:
+
+@dataclass
+class _Run:
+    """What the trainer's hooks share over one run: validation inputs, the metadata written with
+    each saved model, the best validation HR@1 so far, training-step time, listwise loss terms."""
+
+    preset: Preset
+    data: InteractionData
+    valid_cases: list[Case]
+    tokenizer: object
+    kind: str
+    base_meta: dict
+    best_dir: Path
+    start_id: int
+    pad_id: int
+    best: float = -1.0
+    train_seconds: float = 0.0
+    examples: int = 0
+    prior_seconds: float | None = None
+    loss_parts: dict[str, list[float]] = field(default_factory=dict)
+
+    def seconds_total(self, state=None) -> float:
         """Seconds of training steps over every run of this output folder (resumes included)."""
-        if "prior" not in timing and state is not None:
-            timing["prior"] = next((h["train_seconds_total"] for h in reversed(state.log_history)
-                                    if "train_seconds_total" in h), 0.0)
-        return round(timing.get("prior", 0.0) + timing["train_seconds"], 1)
+        if self.prior_seconds is None and state is not None:
+            self.prior_seconds = next((h["train_seconds_total"] for h in reversed(state.log_history)
+                                       if "train_seconds_total" in h), 0.0)
+        return round((self.prior_seconds or 0.0) + self.train_seconds, 1)
 
-    start_id, pad_id = decoder_start_id(model), tokenizer.pad_token_id or 0
-    loss_parts: dict[str, list[float]] = {}
+
+@functools.cache
+def _trainer_classes():
+    """The Trainer subclass and callback (defined on first use: transformers loads lazily)."""
+    from transformers import Trainer, TrainerCallback
 
     class RecTrainer(Trainer):
+        """The Trainer with the listwise loss, training-time logs, and validation by ranking
+        that saves the best model so far."""
+
+        def __init__(self, *args, run: _Run, **kwargs):
+            self.run = run
+            super().__init__(*args, **kwargs)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if "cand_labels" not in inputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss, parts = listwise_loss(model, inputs, start_id=start_id, pad_id=pad_id, mle_weight=preset.mle_weight)
+            run = self.run
+            loss, parts = listwise_loss(model, inputs, start_id=run.start_id, pad_id=run.pad_id,
+                                        mle_weight=run.preset.mle_weight)
             for k, v in parts.items():
-                loss_parts.setdefault(k, []).append(v)
+                run.loss_parts.setdefault(k, []).append(v)
             return (loss, None) if return_outputs else loss
 
         def log(self, logs, *args, **kwargs):
-            if "loss" in logs and loss_parts:  # the listwise terms, averaged since the last log
-                logs.update({k: round(sum(v) / len(v), 4) for k, v in loss_parts.items()})
-                loss_parts.clear()
+            parts = self.run.loss_parts
+            if "loss" in logs and parts:  # the listwise terms, averaged since the last log
+                logs.update({k: round(sum(v) / len(v), 4) for k, v in parts.items()})
+                parts.clear()
             # training seconds and examples so far, over every resumed run (the learning curve's x axes)
-            logs["train_seconds_total"] = _seconds_total(self.state)
+            logs["train_seconds_total"] = self.run.seconds_total(self.state)
             logs["examples_seen"] = self.state.global_step * self.args.per_device_train_batch_size \
                 * self.args.gradient_accumulation_steps * max(1, self.args.world_size)
             super().log(logs, *args, **kwargs)
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-            nonlocal best
             start = time.perf_counter()
+            metrics = {f"{metric_key_prefix}_{k}": v for k, v in self._validate().items()}
+            metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - start, 2)
+            self.log(dict(metrics))
+            run = self.run
+            hr1 = metrics[f"{metric_key_prefix}_hr@1"]
+            if hr1 > run.best:  # the same metrics on every process
+                run.best = hr1
+                meta = {**run.base_meta, "steps": self.state.global_step, "train_seconds_total": run.seconds_total(self.state),
+                        "validation": {k.removeprefix(f"{metric_key_prefix}_"): v for k, v in metrics.items()}}
+                _save_final(self, run.tokenizer, run.best_dir, meta)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
+
+        def _validate(self) -> dict[str, float]:
+            run = self.run
+
             # Under Trainer the model's forward autocasts when bf16 is on; rank under the same
             # autocast so every part of the fast path computes in one dtype.
             def validate():
                 with torch.autocast(self.args.device.type, dtype=torch.bfloat16, enabled=bool(self.args.bf16)):
-                    return validation_metrics(self.model, tokenizer, data, valid_cases, preset, self.args.device, kind=kind)
+                    return validation_metrics(self.model, run.tokenizer, run.data, run.valid_cases, run.preset,
+                                              self.args.device, kind=run.kind)
 
             # a sharded model validates on every process; otherwise the main one does, the others wait
-            sharded = distributed.sharded(self.model)
-            metrics = validate() if sharded else distributed.from_main(distributed.on_main(validate))
-            metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
-            metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - start, 2)
-            self.log(dict(metrics))
-            hr1 = metrics[f"{metric_key_prefix}_hr@1"]
-            if hr1 > best:  # the same metrics on every process
-                best = hr1
-                meta = {**base_meta, "steps": self.state.global_step, "train_seconds_total": _seconds_total(self.state),
-                        "validation": {k.removeprefix(f"{metric_key_prefix}_"): v for k, v in metrics.items()}}
-                _save_final(self, tokenizer, best_dir, meta)
-            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-            return metrics
+            if distributed.sharded(self.model):
+                return validate()
+            return distributed.from_main(distributed.on_main(validate))
 
     class Throughput(TrainerCallback):
         """Examples per second over training steps only (evaluation excluded)."""
+
+        def __init__(self, run: _Run):
+            self.run = run
 
         def on_step_begin(self, args, state, control, **kw):
             self._t = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
-            timing["train_seconds"] += time.perf_counter() - self._t
-            timing["examples"] += args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+            self.run.train_seconds += time.perf_counter() - self._t
+            self.run.examples += args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
 
-    args = TrainingArguments(
+    return RecTrainer, Throughput
+
+
+def _training_arguments(preset: Preset, out: Path, dev: torch.device, use_bf16: bool, progress: bool):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=preset.batch_size,
         gradient_accumulation_steps=preset.grad_accum,
@@ -375,18 +458,25 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
         dataloader_num_workers=0,
         remove_unused_columns=False,
     )
+
+
+def _trainer(run: _Run, model, features: list[dict], out: Path, dev: torch.device, use_bf16: bool, progress: bool):
+    from transformers import DataCollatorForSeq2Seq
+
+    RecTrainer, Throughput = _trainer_classes()
     train_set = _Examples(features)
     # the listwise path scores candidates itself; a prefix-LM trains through it for mle too (no negatives)
-    collator = (ListwiseCollator(pad_id) if preset.objective == "listwise" or kind == PREFIX_LM
-                else DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100))
+    collator = (ListwiseCollator(run.pad_id) if run.preset.objective == "listwise" or run.kind == PREFIX_LM
+                else DataCollatorForSeq2Seq(run.tokenizer, model=model, label_pad_token_id=-100))
     trainer = RecTrainer(
         model=model,
-        args=args,
+        args=_training_arguments(run.preset, out, dev, use_bf16, progress),
         data_collator=collator,
         train_dataset=train_set,
         eval_dataset=train_set,  # unused: evaluate() ranks validation cases instead
-        processing_class=tokenizer,
-        callbacks=[Throughput()],
+        processing_class=run.tokenizer,
+        callbacks=[Throughput(run)],
+        run=run,
     )
     # T5's forward takes **kwargs, so the Trainer would take its loss for one already divided by the
     # target tokens of the whole accumulated batch across processes (it is a plain per-batch mean),
@@ -394,19 +484,17 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
     # and gradients would be scaled by both. Declared as it is, the Trainer divides the mean by the
     # accumulation steps and DDP averages across processes.
     trainer.model_accepts_loss_kwargs = False
-    ckpt = distributed.from_main(_last_good_checkpoint(out / "checkpoints") if resume else None)
-    if ckpt:
-        log.info("resuming from %s", ckpt)
-    started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=ckpt)
-    wall = time.perf_counter() - started
+    return trainer
 
-    # -- final model -----------------------------------------------------------------
-    final_meta = {**base_meta, "steps": trainer.state.global_step,
-                  "examples_per_second": round(timing["examples"] / timing["train_seconds"], 2) if timing["train_seconds"] else None,
-                  "train_seconds_this_run": round(wall, 1), "train_seconds_total": _seconds_total(trainer.state),
+
+def _publish(run: _Run, trainer, out: Path, result, wall: float, ckpt: str | None) -> dict:
+    """The final model in OUT/model: the best validated one (with this run's numbers), else the last."""
+    final_meta = {**run.base_meta, "steps": trainer.state.global_step,
+                  "examples_per_second": round(run.examples / run.train_seconds, 2) if run.train_seconds else None,
+                  "train_seconds_this_run": round(wall, 1), "train_seconds_total": run.seconds_total(trainer.state),
                   "train_loss": result.training_loss,
                   "resumed_from": ckpt}
+    best_dir = run.best_dir
     if distributed.from_main(best_dir.exists()):
         best_meta = read_meta(best_dir)
         final_meta["validation"] = best_meta.get("validation", {})
@@ -423,5 +511,5 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
 
         distributed.on_main(publish_best)
     else:
-        _save_final(trainer, tokenizer, out / "model", final_meta)
+        _save_final(trainer, run.tokenizer, out / "model", final_meta)
     return final_meta
