@@ -276,58 +276,28 @@ class OfflineTeacher:
         key = r.key()
         recent_first = titles[::-1]
         cores = [_core(t) for t in recent_first]
-
-        # platforms
-        plats = Counter(p for p in (platform_of(t) for t in titles) if p)
-        platform_phrase = ""
-        if plats:
-            total = sum(plats.values())
-            top = [p for p, c in plats.most_common(3) if c >= 2 or (c == total and len(titles) <= 2)]
-            top = [p for p in top if plats[p] / total >= 0.25][:2]
-            platform_phrase = _join(top)
-
-        # franchise: the longest leading word sequence (1-3 words) shared by two distinct titles
-        franchise = ""
-        seqs: Counter[str] = Counter()
-        display: dict[str, str] = {}
-        for core in dict.fromkeys(cores):
-            ws = [w.strip(":,!.") for w in core.split()]
-            for n in (1, 2, 3):
-                if len(ws) < n:
-                    break
-                head = ws[:n]
-                if any(re.fullmatch(r"\d+|[ivx]+", w.lower()) for w in head):
-                    break
-                low = " ".join(head).lower()
-                seqs[low] += 1
-                display.setdefault(low, " ".join(head))
-        best = [(len(s.split()), c, s) for s, c in seqs.items() if c >= 2
-                and not all(w in _STOP or w in _PLATFORM_WORDS for w in s.split())
-                and not (len(s.split()) == 1 and len(s) < 4) and platform_of("x - " + s) is None]
-        if best:
-            best.sort(key=lambda x: (x[0], x[1]), reverse=True)
-            franchise = display[best[0][2]]
-
-        # genres: lexicon over titles, or the history's categories
-        genres = Counter(g for g in (_genre(t) for t in titles) if g)
-        genre_phrase = ""
-        if genres:
-            top = [g for g, c in genres.most_common(2) if c >= 2 or c / len(titles) >= 0.4]
-            genre_phrase = _join(top)
-        cat_phrase = ""
-        cat_lists = [tuple(c for c in cs if c) for cs in r.history_categories]
-        if any(cat_lists):
-            non_empty = [cs for cs in cat_lists if cs]
-            roots = {cs[0] for cs in non_empty}
-            skip = roots if len(roots) == 1 and all(len(cs) > 1 for cs in non_empty) else set()
-            cats = Counter(c for cs in non_empty for c in dict.fromkeys(cs) if c not in skip and c not in plats)
-            if cats:
-                cat_phrase = _join([c.lower() if c[:1].isupper() and not c.isupper() else c for c, _ in cats.most_common(2)])
-
+        platform_phrase, plats = _platform_phrase(titles)
+        franchise = _franchise(cores)
+        genre_phrase, genres = _genre_phrase(titles)
+        cat_phrase = _category_phrase(r.history_categories, plats)
         accessories = Counter(a for a in (_accessory(t) for t in titles) if a)
         acc_phrase = _join([_plural(a) for a, _ in accessories.most_common(2)]) if sum(accessories.values()) >= 2 else ""
+        example = self._example_phrase(key, cores, recent_first, franchise, genres)
 
-        # examples: prefer titles matching the franchise or the top genre
+        the_franchise = franchise if franchise.lower().startswith("the ") else f"the {franchise}"
+        slots = {"P": platform_phrase, "G": genre_phrase, "F": franchise, "TF": the_franchise, "aP": _an(platform_phrase) if platform_phrase else "", "E": example,
+                 "C": cat_phrase, "A": acc_phrase}
+        # Category phrases describe the data better than the games lexicon when both exist.
+        if cat_phrase:
+            slots["G"] = ""
+        text = self._choose(key, "preference", list(_PREFERENCE_PATTERNS), slots)
+        if text and acc_phrase and "{A}" not in text and "gear" not in text and self._h(key, "acc", 2):
+            text += f" I also pick up gear like {acc_phrase}."
+        return _upper_first(text) if text else None
+
+    def _example_phrase(self, key: str, cores: list[str], recent_first: list[str], franchise: str,
+                        genres: Counter) -> str:
+        """One to three example titles, preferring those of the franchise or the top genre."""
         def matches(core: str, title: str) -> bool:
             if franchise and core.lower().startswith(franchise.lower()):
                 return True
@@ -336,49 +306,7 @@ class OfflineTeacher:
         pool = [c for c, t in zip(cores, recent_first) if matches(c, t)] or cores
         pool = list(dict.fromkeys(_short(c) for c in pool))
         n_ex = 1 + self._h(key, "n_examples", 2) if len(pool) > 1 else 1
-        example = _join(pool[:n_ex])
-
-        the_franchise = franchise if franchise.lower().startswith("the ") else f"the {franchise}"
-        slots = {"P": platform_phrase, "G": genre_phrase, "F": franchise, "TF": the_franchise, "aP": _an(platform_phrase) if platform_phrase else "", "E": example,
-                 "C": cat_phrase, "A": acc_phrase}
-        patterns: list[tuple[tuple[str, ...], str]] = [
-            (("P", "G", "E"), "I mostly play on {P} and like {G} games such as {E}."),
-            (("P", "G", "E"), "Most of my gaming is on {P}, usually {G} games like {E}."),
-            (("P", "aP", "G"), "I'm {aP} player who enjoys {G} games."),
-            (("P", "G"), "Give me {G} games on {P} and I'm happy."),
-            (("G", "E"), "I tend to go for {G} games; {E} is the kind of thing I like."),
-            (("G", "E"), "I really enjoy {G} games, for example {E}."),
-            (("F", "TF", "P"), "I'm a big fan of {TF} series, mostly on {P}."),
-            (("F", "P"), "I play on {P} and always pick up the next {F}."),
-            (("F", "P", "G"), "I follow {F} closely and generally like {G} games on {P}."),
-            (("F", "P", "G"), "On {P} I go for {G} games, {F} above all."),
-            (("F", "G"), "I love {F} and {G} games in general."),
-            (("F", "G"), "{G} games are my thing, especially {F}."),
-            (("F", "G"), "I'm drawn to {G} games; {F} is a favourite."),
-            (("F", "E"), "I keep coming back to {F}; I loved {E}."),
-            (("F", "E"), "Anything from {F} catches my eye, like {E}."),
-            (("F",), "Anything from {F} catches my eye."),
-            (("F",), "I keep coming back to {F}."),
-            (("G",), "I'm really into {G} games."),
-            (("G",), "My favourite kind of game is {G}."),
-            (("P",), "I mostly play on {P} and like to keep up with what's new there."),
-            (("P", "E"), "I play on {P}; lately I liked {E}."),
-            (("P", "E"), "Most of my gaming happens on {P}; I enjoyed {E} a lot."),
-            (("E",), "I've enjoyed things like {E} and want more in that vein."),
-            (("E",), "Recently I liked {E}, so similar picks suit me."),
-            (("C",), "I'm into {C}."),
-            (("C",), "My taste runs to {C}."),
-            (("C", "E"), "I like {C}, for example {E}."),
-            (("C", "E"), "Mostly {C} for me; favourites include {E}."),
-            (("A",), "I buy a lot of gaming gear, like {A}."),
-        ]
-        # Category phrases describe the data better than the games lexicon when both exist.
-        if cat_phrase:
-            slots["G"] = ""
-        text = self._choose(key, "preference", patterns, slots)
-        if text and acc_phrase and "{A}" not in text and "gear" not in text and self._h(key, "acc", 2):
-            text += f" I also pick up gear like {acc_phrase}."
-        return _upper_first(text) if text else None
+        return _join(pool[:n_ex])
 
     # -- I1 -------------------------------------------------------------------------------
     def _cue(self, key: str, text: str) -> str:
@@ -504,3 +432,98 @@ class OfflineTeacher:
                 (("cand",), "I'd like something tagged {cand}."),
             ]
         return self._choose(key, "specific", patterns, slots)
+
+
+# --- P2 phrases (each from the history alone) ----------------------------------------------------
+
+
+def _platform_phrase(titles: list[str]) -> tuple[str, Counter]:
+    """The one or two platforms the history is mostly on, and the count per platform."""
+    plats = Counter(p for p in (platform_of(t) for t in titles) if p)
+    if not plats:
+        return "", plats
+    total = sum(plats.values())
+    top = [p for p, c in plats.most_common(3) if c >= 2 or (c == total and len(titles) <= 2)]
+    top = [p for p in top if plats[p] / total >= 0.25][:2]
+    return _join(top), plats
+
+
+def _franchise(cores: list[str]) -> str:
+    """The longest leading word sequence (1-3 words) shared by two distinct titles, or ""."""
+    seqs: Counter[str] = Counter()
+    display: dict[str, str] = {}
+    for core in dict.fromkeys(cores):
+        ws = [w.strip(":,!.") for w in core.split()]
+        for n in (1, 2, 3):
+            if len(ws) < n:
+                break
+            head = ws[:n]
+            if any(re.fullmatch(r"\d+|[ivx]+", w.lower()) for w in head):
+                break
+            low = " ".join(head).lower()
+            seqs[low] += 1
+            display.setdefault(low, " ".join(head))
+    best = [(len(s.split()), c, s) for s, c in seqs.items() if c >= 2
+            and not all(w in _STOP or w in _PLATFORM_WORDS for w in s.split())
+            and not (len(s.split()) == 1 and len(s) < 4) and platform_of("x - " + s) is None]
+    if not best:
+        return ""
+    best.sort(key=lambda x: (x[0], x[1]), reverse=True)
+    return display[best[0][2]]
+
+
+def _genre_phrase(titles: list[str]) -> tuple[str, Counter]:
+    """The history's one or two main genres from the title lexicon, and the count per genre."""
+    genres = Counter(g for g in (_genre(t) for t in titles) if g)
+    if not genres:
+        return "", genres
+    top = [g for g, c in genres.most_common(2) if c >= 2 or c / len(titles) >= 0.4]
+    return _join(top), genres
+
+
+def _category_phrase(history_categories, plats: Counter) -> str:
+    """The two commonest categories of the history (a shared root category and platforms left out)."""
+    cat_lists = [tuple(c for c in cs if c) for cs in history_categories]
+    if not any(cat_lists):
+        return ""
+    non_empty = [cs for cs in cat_lists if cs]
+    roots = {cs[0] for cs in non_empty}
+    skip = roots if len(roots) == 1 and all(len(cs) > 1 for cs in non_empty) else set()
+    cats = Counter(c for cs in non_empty for c in dict.fromkeys(cs) if c not in skip and c not in plats)
+    if not cats:
+        return ""
+    return _join([c.lower() if c[:1].isupper() and not c.isupper() else c for c, _ in cats.most_common(2)])
+
+
+# P2 sentence patterns: the slots each needs (all non-empty), then the sentence.
+_PREFERENCE_PATTERNS: tuple[tuple[tuple[str, ...], str], ...] = (
+        (("P", "G", "E"), "I mostly play on {P} and like {G} games such as {E}."),
+        (("P", "G", "E"), "Most of my gaming is on {P}, usually {G} games like {E}."),
+        (("P", "aP", "G"), "I'm {aP} player who enjoys {G} games."),
+        (("P", "G"), "Give me {G} games on {P} and I'm happy."),
+        (("G", "E"), "I tend to go for {G} games; {E} is the kind of thing I like."),
+        (("G", "E"), "I really enjoy {G} games, for example {E}."),
+        (("F", "TF", "P"), "I'm a big fan of {TF} series, mostly on {P}."),
+        (("F", "P"), "I play on {P} and always pick up the next {F}."),
+        (("F", "P", "G"), "I follow {F} closely and generally like {G} games on {P}."),
+        (("F", "P", "G"), "On {P} I go for {G} games, {F} above all."),
+        (("F", "G"), "I love {F} and {G} games in general."),
+        (("F", "G"), "{G} games are my thing, especially {F}."),
+        (("F", "G"), "I'm drawn to {G} games; {F} is a favourite."),
+        (("F", "E"), "I keep coming back to {F}; I loved {E}."),
+        (("F", "E"), "Anything from {F} catches my eye, like {E}."),
+        (("F",), "Anything from {F} catches my eye."),
+        (("F",), "I keep coming back to {F}."),
+        (("G",), "I'm really into {G} games."),
+        (("G",), "My favourite kind of game is {G}."),
+        (("P",), "I mostly play on {P} and like to keep up with what's new there."),
+        (("P", "E"), "I play on {P}; lately I liked {E}."),
+        (("P", "E"), "Most of my gaming happens on {P}; I enjoyed {E} a lot."),
+        (("E",), "I've enjoyed things like {E} and want more in that vein."),
+        (("E",), "Recently I liked {E}, so similar picks suit me."),
+        (("C",), "I'm into {C}."),
+        (("C",), "My taste runs to {C}."),
+        (("C", "E"), "I like {C}, for example {E}."),
+        (("C", "E"), "Mostly {C} for me; favourites include {E}."),
+        (("A",), "I buy a lot of gaming gear, like {A}."),
+)
