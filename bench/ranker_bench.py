@@ -324,16 +324,84 @@ def _make_rankers(model_name: str, variants: Sequence[str], batch_tokens: int, l
     return rankers
 
 
+@dataclasses.dataclass
+class _Bench:
+    """One ranker bench run: the rankers, the request they all score, and what is known of them."""
+
+    rankers: dict[str, Any]  # variant -> Ranker, or the exception that prevented it
+    status: dict[str, tuple[str, str]]  # variant -> (ok | n/a | failed, reason)
+    reference: Ranker  # the limits all variants share
+    inp: dict[str, Any]  # the instruction (see pick_instruction)
+    pool: list[str]  # candidate titles; a request of n candidates takes the first n
+    tgt_len: list[int]  # target tokens per pool title
+    dims: Any  # the model's shape for the FLOPs formula, or None
+    peak: dict[str, Any]  # the CPU's measured matmul peak
+
+    @property
+    def source(self) -> str:
+        return self.inp["source"]
+
+
 def run_bench(model: str = "minilm-bert2bert", candidates: Sequence[int] = DEFAULT_CANDIDATES, repeats: int = 5,
               warmup: int = 1, threads: int | None = None, naive_max: int = 100,
               variants: Sequence[str] = tuple(VARIANTS), batch_tokens: int = 4096, seed: int = 0,
               peak_size: int = 1024, dataset: str = "games-sample", profile_candidates: int = 100,
               progress: Callable[[str], None] = log) -> dict[str, Any]:
     """Run the ranker bench; returns the ``ranker`` section of results.json."""
-    from instructrec.modeling import load_model
-
     if threads:
         torch.set_num_threads(threads)
+    sizes, variants = _checked(candidates, repeats, warmup, variants)
+    machine = report.machine_info()
+    bench, loaded32 = _prepare(model, variants, batch_tokens, dataset, sizes[-1], seed, peak_size, progress)
+    rows: list[dict[str, Any]] = []
+    for n in sizes:
+        active = [v for v in variants if bench.status[v][0] == "ok" and not (v == "naive" and n > naive_max)]
+        times, scores = _time_size(bench, n, active, warmup, repeats, progress)
+        flops = request_flops(bench.dims, bench.inp["source_tokens"], bench.tgt_len[:n]) if bench.dims else None
+        naive_ms = report.median(times["naive"]) if "naive" in times and times["naive"] else None
+        for v in variants:
+            row: dict[str, Any] = {"variant": v, "candidates": n}
+            if bench.status[v][0] != "ok" or (v in times and not times[v]):
+                status = bench.status[v]
+                row.update(status=status[0] if status[0] != "ok" else "failed", reason=status[1])
+            elif v not in active:
+                row.update(status="skipped", reason=f"naive runs only up to --naive-max {naive_max} candidates")
+            else:
+                row.update(_timed_row(bench, v, n, times, scores, naive_ms, flops))
+                progress(f"  {n:>5} candidates  {v:<13} median {row['median_ms']:9.2f} ms  min {row['min_ms']:9.2f}  "
+                         f"max {row['max_ms']:9.2f}" + (f"  {row['ratio_to_naive']:.1f}x naive"
+                                                        if row["ratio_to_naive"] else ""))
+            rows.append(row)
+    profiles = _profiles(bench, profile_candidates, progress)
+    ref = bench.reference
+    return {
+        "kind": "ranker",
+        "machine": machine,
+        "bf16_support": report.bf16_support(),
+        "quantized_engine": torch.backends.quantized.engine,
+        "config": {"model": model, "kind": loaded32.kind,
+                   "parameters_m": sum(p.numel() for p in loaded32.model.parameters()) / 1e6,
+                   "candidates": sizes, "repeats": repeats, "warmup": warmup, "threads": torch.get_num_threads(),
+                   "naive_max": naive_max, "batch_tokens": batch_tokens, "seed": seed, "dataset": dataset,
+                   "max_source_tokens": ref.max_source_tokens, "max_target_tokens": ref.max_target_tokens,
+                   "reduction": ref.reduction},
+        "input": {"user": bench.inp["user"], "history_titles": bench.inp["history_titles"],
+                  "history": bench.inp["history"], "template": bench.inp["template"],
+                  "source_tokens": bench.inp["source_tokens"], "source": bench.source,
+                  "mean_target_tokens": sum(bench.tgt_len) / len(bench.tgt_len), "candidates": bench.pool},
+        "variants": {v: {"description": VARIANTS[v], "status": bench.status[v][0], "reason": bench.status[v][1] or None}
+                     for v in variants},
+        "peak": bench.peak,
+        "flops": {"formula": FLOPS_FORMULA, "dims": bench.dims} if bench.dims else
+                 {"reason": f"no FLOPs formula for {type(loaded32.model).__name__}"},
+        "rows": rows,
+        "profile": profiles,
+        "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _checked(candidates: Sequence[int], repeats: int, warmup: int, variants: Sequence[str]) -> tuple[list[int], list[str]]:
+    """The candidate counts, ascending, and the variants in canonical order; ValueError if unusable."""
     sizes = sorted(set(int(n) for n in candidates))
     if not sizes or sizes[0] < 1:
         raise ValueError("candidate counts must be positive integers")
@@ -342,8 +410,14 @@ def run_bench(model: str = "minilm-bert2bert", candidates: Sequence[int] = DEFAU
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    variants = [v for v in VARIANTS if v in variants]  # canonical order
-    machine = report.machine_info()
+    return sizes, [v for v in VARIANTS if v in variants]
+
+
+def _prepare(model: str, variants: list[str], batch_tokens: int, dataset: str, largest: int, seed: int,
+             peak_size: int, progress) -> tuple[_Bench, Any]:
+    """Load the model and its variants, pick the request and its candidates, measure the matmul peak."""
+    from instructrec.modeling import load_model
+    from instructrec.ranker import target_ids
 
     progress(f"loading {model} (fp32) ...")
     loaded32 = load_model(model, device="cpu", dtype="float32")
@@ -351,117 +425,87 @@ def run_bench(model: str = "minilm-bert2bert", candidates: Sequence[int] = DEFAU
     reference = next(r for r in rankers.values() if isinstance(r, Ranker))  # same limits for all
     data = load_games(dataset)
     inp = pick_instruction(data, loaded32.tokenizer, reference.max_source_tokens)
-    pool = candidate_pool(data, inp["history"], sizes[-1], seed=seed)
-    source = inp["source"]
+    pool = candidate_pool(data, inp["history"], largest, seed=seed)
     progress(f"instruction: user {inp['user']}, {inp['history_titles']} titles, template {inp['template']}, "
-             f"{inp['source_tokens']} tokens; candidates up to {sizes[-1]} real titles")
-
-    from instructrec.ranker import target_ids
-
+             f"{inp['source_tokens']} tokens; candidates up to {largest} real titles")
     tgt_len = [len(target_ids(loaded32.tokenizer, c, reference.max_target_tokens, reference.eos)[0]) for c in pool]
     dims = model_dims(loaded32.model)
-
     progress(f"matmul peak at {torch.get_num_threads()} threads ({peak_size}x{peak_size}) ...")
     peak = {"size": peak_size, "threads": torch.get_num_threads(),
             "float32": matmul_peak(torch.float32, peak_size), "bfloat16": matmul_peak(torch.bfloat16, peak_size)}
-
     status = {v: ("ok", "") if isinstance(r, Ranker) else
               ("n/a", str(r)) if isinstance(r, NotImplementedError) else ("failed", f"{type(r).__name__}: {r}")
               for v, r in rankers.items()}
-    rows: list[dict[str, Any]] = []
-    for n in sizes:
-        cands = pool[:n]
-        active = [v for v in variants if status[v][0] == "ok" and not (v == "naive" and n > naive_max)]
-        times: dict[str, list[float]] = {v: [] for v in active}
-        scores: dict[str, list[float]] = {}
+    return _Bench(rankers, status, reference, inp, pool, tgt_len, dims, peak), loaded32
 
-        def call(v: str) -> list[float] | None:
-            try:
-                return rankers[v].score(source, cands, naive=(v == "naive")).scores
-            except Exception as exc:  # noqa: BLE001 - e.g. int8 kernels missing: reported, the run goes on
-                status[v] = ("failed", f"{type(exc).__name__}: {exc}")
-                progress(f"  {v} failed at {n} candidates: {status[v][1]}")
-                return None
 
+def _time_size(bench: _Bench, n: int, active: list[str], warmup: int, repeats: int,
+               progress) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Warm-up calls, then ``repeats`` timed rounds over the active variants at ``n`` candidates:
+    (milliseconds per variant, the first scores per variant). A variant that fails is marked so."""
+    cands = bench.pool[:n]
+    times: dict[str, list[float]] = {v: [] for v in active}
+    scores: dict[str, list[float]] = {}
+
+    def call(v: str) -> list[float] | None:
+        try:
+            return bench.rankers[v].score(bench.source, cands, naive=(v == "naive")).scores
+        except Exception as exc:  # noqa: BLE001 - e.g. int8 kernels missing: reported, the run goes on
+            bench.status[v] = ("failed", f"{type(exc).__name__}: {exc}")
+            progress(f"  {v} failed at {n} candidates: {bench.status[v][1]}")
+            return None
+
+    for v in active:
+        for _ in range(warmup):
+            if bench.status[v][0] == "ok":
+                call(v)
+    for _ in range(repeats):
         for v in active:
-            for _ in range(warmup):
-                if status[v][0] == "ok":
-                    call(v)
-        for r in range(repeats):
-            for v in active:
-                if status[v][0] != "ok":
-                    continue
-                t0 = time.perf_counter()
-                s = call(v)
-                dt = (time.perf_counter() - t0) * 1000
-                if s is not None:
-                    times[v].append(dt)
-                    scores.setdefault(v, s)
-        flops = request_flops(dims, inp["source_tokens"], tgt_len[:n]) if dims else None
-        naive_ms = report.median(times["naive"]) if "naive" in times and times["naive"] else None
-        for v in variants:
-            row: dict[str, Any] = {"variant": v, "candidates": n}
-            if status[v][0] != "ok" or (v in times and not times[v]):
-                row.update(status=status[v][0] if status[v][0] != "ok" else "failed", reason=status[v][1])
-            elif v not in active:
-                row.update(status="skipped", reason=f"naive runs only up to --naive-max {naive_max} candidates")
-            else:
-                med = report.median(times[v])
-                row.update(status="ok", times_ms=times[v], median_ms=med, min_ms=min(times[v]), max_ms=max(times[v]),
-                           candidates_per_s=n / (med / 1000))
-                row["ratio_to_naive"] = naive_ms / med if naive_ms else None
-                if flops:
-                    executed = flops["executed"][v]
-                    peak_key = "bfloat16" if v == "bf16" else "float32"
-                    row.update(gflop_executed=executed / 1e9, gflop_request=flops["request"] / 1e9,
-                               gflops_per_s=executed / 1e9 / (med / 1000),
-                               # the speed-up over naive that FLOPs alone allow this variant
-                               naive_flop_ratio=flops["executed"]["naive"] / executed)
-                    row["peak_fraction"] = row["gflops_per_s"] / peak[peak_key]["gflops_best"]
-                    row["peak_dtype"] = peak_key
-                ref = scores.get("shared_kv")
-                if ref is not None and v in scores:
-                    row["spearman_vs_fp32"] = report.spearman(scores[v], ref) if v != "shared_kv" else (
-                        1.0 if n > 1 else None)
-                    row["max_abs_diff_vs_fp32"] = max(abs(a - b) for a, b in zip(scores[v], ref))
-                if "naive" in scores and v in scores:
-                    row["max_abs_diff_vs_naive"] = max(abs(a - b) for a, b in zip(scores[v], scores["naive"]))
-                progress(f"  {n:>5} candidates  {v:<13} median {med:9.2f} ms  min {row['min_ms']:9.2f}  "
-                         f"max {row['max_ms']:9.2f}" + (f"  {row['ratio_to_naive']:.1f}x naive"
-                                                        if row["ratio_to_naive"] else ""))
-            rows.append(row)
+            if bench.status[v][0] != "ok":
+                continue
+            t0 = time.perf_counter()
+            s = call(v)
+            dt = (time.perf_counter() - t0) * 1000
+            if s is not None:
+                times[v].append(dt)
+                scores.setdefault(v, s)
+    return times, scores
 
+
+def _timed_row(bench: _Bench, v: str, n: int, times: dict, scores: dict, naive_ms: float | None,
+               flops: dict | None) -> dict[str, Any]:
+    """A measured variant's row: times, the speed-up over naive, FLOP rates, agreement of scores."""
+    med = report.median(times[v])
+    row: dict[str, Any] = dict(status="ok", times_ms=times[v], median_ms=med, min_ms=min(times[v]),
+                               max_ms=max(times[v]), candidates_per_s=n / (med / 1000))
+    row["ratio_to_naive"] = naive_ms / med if naive_ms else None
+    if flops:
+        executed = flops["executed"][v]
+        peak_key = "bfloat16" if v == "bf16" else "float32"
+        row.update(gflop_executed=executed / 1e9, gflop_request=flops["request"] / 1e9,
+                   gflops_per_s=executed / 1e9 / (med / 1000),
+                   # the speed-up over naive that FLOPs alone allow this variant
+                   naive_flop_ratio=flops["executed"]["naive"] / executed)
+        row["peak_fraction"] = row["gflops_per_s"] / bench.peak[peak_key]["gflops_best"]
+        row["peak_dtype"] = peak_key
+    ref = scores.get("shared_kv")
+    if ref is not None and v in scores:
+        row["spearman_vs_fp32"] = report.spearman(scores[v], ref) if v != "shared_kv" else (1.0 if n > 1 else None)
+        row["max_abs_diff_vs_fp32"] = max(abs(a - b) for a, b in zip(scores[v], ref))
+    if "naive" in scores and v in scores:
+        row["max_abs_diff_vs_naive"] = max(abs(a - b) for a, b in zip(scores[v], scores["naive"]))
+    return row
+
+
+def _profiles(bench: _Bench, profile_candidates: int, progress) -> dict[str, Any]:
+    """The torch profiler's time by group of ops, once per profiled variant ({} when off)."""
+    if not profile_candidates:
+        return {}
+    n = min(profile_candidates, len(bench.pool))
     profiles: dict[str, Any] = {}
-    if profile_candidates:
-        n = min(profile_candidates, len(pool))
-        for v in PROFILE_VARIANTS:
-            if v in rankers and status[v][0] == "ok":
-                progress(f"profiling {v} at {n} candidates ...")
-                profiles[v] = profile_request(lambda: rankers[v].score(source, pool[:n]), rankers[v].model)
-        profiles = {"candidates": n, "variants": profiles} if profiles else {}
-
-    def params(m) -> float:
-        return sum(p.numel() for p in m.parameters()) / 1e6
-
-    return {
-        "kind": "ranker",
-        "machine": machine,
-        "bf16_support": report.bf16_support(),
-        "quantized_engine": torch.backends.quantized.engine,
-        "config": {"model": model, "kind": loaded32.kind, "parameters_m": params(loaded32.model),
-                   "candidates": sizes, "repeats": repeats, "warmup": warmup, "threads": torch.get_num_threads(),
-                   "naive_max": naive_max, "batch_tokens": batch_tokens, "seed": seed, "dataset": dataset,
-                   "max_source_tokens": reference.max_source_tokens, "max_target_tokens": reference.max_target_tokens,
-                   "reduction": reference.reduction},
-        "input": {"user": inp["user"], "history_titles": inp["history_titles"], "history": inp["history"],
-                  "template": inp["template"], "source_tokens": inp["source_tokens"], "source": source,
-                  "mean_target_tokens": sum(tgt_len) / len(tgt_len), "candidates": pool},
-        "variants": {v: {"description": VARIANTS[v], "status": status[v][0], "reason": status[v][1] or None}
-                     for v in variants},
-        "peak": peak,
-        "flops": {"formula": FLOPS_FORMULA, "dims": dims} if dims else
-                 {"reason": f"no FLOPs formula for {type(loaded32.model).__name__}"},
-        "rows": rows,
-        "profile": profiles,
-        "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
+    for v in PROFILE_VARIANTS:
+        if v in bench.rankers and bench.status[v][0] == "ok":
+            progress(f"profiling {v} at {n} candidates ...")
+            profiles[v] = profile_request(lambda: bench.rankers[v].score(bench.source, bench.pool[:n]),
+                                          bench.rankers[v].model)
+    return {"candidates": n, "variants": profiles} if profiles else {}

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -504,124 +505,102 @@ def _public(settings) -> dict[str, Any]:
     return data
 
 
-def run_bench(model: str = "minilm-bert2bert", url: str | None = None, api_key: str | None = None,
-              concurrency: Sequence[int] = (1, 8, 32, 128), candidates: Sequence[int] = (10, 100),
-              requests: int = 256, duration: float = 30.0, timeout: float = 120.0, history: int = 20,
-              batching: Sequence[str] = MODES, phases: Sequence[str] = PHASES, redis_url: str = DEFAULT_REDIS,
-              server: str = "subprocess", settings: Sequence[str] = (), threads: int | None = None, seed: int = 0,
-              dataset: str = "games-sample", log_dir: str | Path = report.DEFAULT_OUT,
-              progress: Callable[[str], None] = log) -> dict[str, Any]:
-    """Run the service bench; returns the ``service`` section of results.json."""
-    if url is not None:
-        why = loopback_error(url)
-        if why:
-            raise BenchError(why)
-        url = url.rstrip("/")
-    bad = [p for p in phases if p not in PHASES] + [m for m in batching if m not in MODES]
-    if bad:
-        raise BenchError(f"unknown phase/mode {', '.join(bad)} (phases: cold,warm; batching: on,off)")
-    if not phases or (url is None and not batching):
-        raise BenchError("nothing to run: give at least one phase and one batching mode")
-    if requests < 1 or duration <= 0 or timeout <= 0 or history < 1:
-        raise BenchError("--requests, --duration, --timeout and --history must be positive")
-    concurrency, sizes = sorted(set(concurrency)), sorted(set(candidates))
+@dataclass
+class ServiceBenchConfig:
+    """What ``instructrec bench service`` measures (its options, see :mod:`bench.cli`)."""
+
+    model: str = "minilm-bert2bert"
+    url: str | None = None
+    api_key: str | None = None
+    concurrency: Sequence[int] = (1, 8, 32, 128)
+    candidates: Sequence[int] = (10, 100)
+    requests: int = 256
+    duration: float = 30.0
+    timeout: float = 120.0
+    history: int = 20
+    batching: Sequence[str] = MODES
+    phases: Sequence[str] = PHASES
+    redis_url: str = DEFAULT_REDIS
+    server: str = "subprocess"
+    settings: Sequence[str] = ()
+    threads: int | None = None
+    seed: int = 0
+    dataset: str = "games-sample"
+    log_dir: str | Path = report.DEFAULT_OUT
+
+    def checked(self) -> "ServiceBenchConfig":
+        """The config with the URL, concurrency and candidate counts normalised; BenchError if unusable."""
+        url = self.url
+        if url is not None:
+            why = loopback_error(url)
+            if why:
+                raise BenchError(why)
+            url = url.rstrip("/")
+        bad = [p for p in self.phases if p not in PHASES] + [m for m in self.batching if m not in MODES]
+        if bad:
+            raise BenchError(f"unknown phase/mode {', '.join(bad)} (phases: cold,warm; batching: on,off)")
+        if not self.phases or (url is None and not self.batching):
+            raise BenchError("nothing to run: give at least one phase and one batching mode")
+        if self.requests < 1 or self.duration <= 0 or self.timeout <= 0 or self.history < 1:
+            raise BenchError("--requests, --duration, --timeout and --history must be positive")
+        return dataclasses.replace(self, url=url, concurrency=sorted(set(self.concurrency)),
+                                   candidates=sorted(set(self.candidates)))
+
+
+@dataclass
+class _Load:
+    """The requests every mode replays and how: cell (candidates, concurrency) -> bodies."""
+
+    bodies: dict[tuple[int, int], list[bytes]]
+    warmup_bodies: dict[int, list[bytes]]
+    sizes: Sequence[int]
+    concurrency: Sequence[int]
+    phases: Sequence[str]
+    duration: float
+    timeout: float
+    headers: dict[str, str]
+
+
+@dataclass
+class _Setup:
+    """How the measured service was set up: its modes, server and cache, for the report."""
+
+    modes: dict[str, Mode]
+    server: dict[str, Any]
+    cache: dict[str, Any]
+
+
+def run_bench(progress: Callable[[str], None] = log, **options) -> dict[str, Any]:
+    """Run the service bench (``options``: the fields of :class:`ServiceBenchConfig`); returns the
+    ``service`` section of results.json."""
+    cfg = ServiceBenchConfig(**options).checked()
     machine = report.machine_info()
 
     from .ranker_bench import load_games
 
-    headers = {}
-    key = api_key if api_key is not None else (os.environ.get("INSTRUCTREC_API_KEY") or None)
-    workload = Workload(load_games(dataset), history=history, seed=seed)
-    # The same request bodies for every mode: cell (candidates, concurrency) -> bodies.
-    bodies = {(n, c): workload.make(requests, n) for n in sizes for c in concurrency}
-    warmup_bodies = {n: workload.make(2, n) for n in sizes}
-
+    key = cfg.api_key if cfg.api_key is not None else (os.environ.get("INSTRUCTREC_API_KEY") or None)
+    workload = Workload(load_games(cfg.dataset), history=cfg.history, seed=cfg.seed)
+    # The same request bodies for every mode.
+    load = _Load(bodies={(n, c): workload.make(cfg.requests, n) for n in cfg.candidates for c in cfg.concurrency},
+                 warmup_bodies={n: workload.make(2, n) for n in cfg.candidates}, sizes=cfg.candidates,
+                 concurrency=cfg.concurrency, phases=cfg.phases, duration=cfg.duration, timeout=cfg.timeout,
+                 headers={})
     cells: list[dict[str, Any]] = []
-    modes: dict[str, Mode] = {}
-    server_info: dict[str, Any] = {}
-    cache_info: dict[str, Any] = {}
-    run_id = uuid.uuid4().hex[:10]
-
-    if url is not None:
+    if cfg.url is not None:
         if key:
-            headers["Authorization"] = f"Bearer {key}"
-        mode = Mode("external", {}, f"as configured by the service at {url} (the bench changes nothing)")
-        modes[mode.name] = mode
-        info = _Server(url).wait_ready(timeout=30)
-        server_info = {"description": f"already running at {url} (--url)", "url": url,
-                       "model": (info.get("model") or {}).get("name"),
-                       "checkpoint_version": (info.get("model") or {}).get("checkpoint_version"),
-                       "cache": info.get("cache")}
-        cache_enabled = info.get("cache") == "up"
-        cache_info = {"description": f"the service's own (reported {info.get('cache')!r}); cold = requests unique "
-                                     f"within this run, so hits in the cold phase can only come from earlier runs "
-                                     f"(see the cache hits column)", "enabled": cache_enabled}
-        _run_mode(mode, url, headers, bodies, warmup_bodies, sizes, concurrency, phases, duration, timeout,
-                  cache_enabled, cells, progress)
+            load.headers["Authorization"] = f"Bearer {key}"
+        setup = _bench_external(cfg.url, load, cells, progress)
     else:
-        base = {"model": model, "log_level": "warning"}
-        if threads:
-            base["torch_threads"] = threads
-        base.update(_parse_sets(settings))
-        cache_enabled = bool(redis_url.strip()) and _redis_ok(redis_url)
-        if redis_url.strip() and not cache_enabled:
-            progress(f"no Redis at {redis_url}: the service runs without cache, warm phases are skipped")
-        base["redis_url"] = redis_url if cache_enabled else ""
-        on = _settings(base)
-        for name in batching:
-            overrides = dict(base)
-            if cache_enabled:
-                overrides["cache_namespace"] = f"instructrec-bench:{run_id}:{name}"
-            if name == "on":
-                desc = (f"the service as configured: a batch collects requests until {on.batch_tokens} tokens "
-                        f"(instruction + candidates) or {on.max_wait_ms:g} ms after its first request")
-                mode = Mode(name, overrides, desc, overrides.get("cache_namespace"))
-            else:
-                overrides["max_wait_ms"] = 0
-                overrides["max_batch_requests"] = 1
-                desc = (f"max_batch_requests=1 and max_wait_ms=0, so every batch holds exactly one request; "
-                        f"the ranker's forward-pass budget stays batch_tokens={on.batch_tokens}, "
-                        f"so each request is scored exactly as with batching on")
-                mode = Mode(name, overrides, desc, overrides.get("cache_namespace"))
-            mode.settings = _public(_settings(overrides))
-            modes[name] = mode
-        cache_info = {"enabled": cache_enabled,
-                      "description": (f"Redis {redis_url}, a fresh namespace per batching mode (deleted afterwards); "
-                                      f"cold = requests never sent before in that namespace, warm = the same "
-                                      f"requests again" if cache_enabled else
-                                      "disabled (no Redis): every request is scored; warm phases skipped")}
-        server_cls = ChildServer if server == "subprocess" else ThreadServer
-        how = ("a child process (python -m bench.service_bench serve-child) running service.app.create_app under "
-               "uvicorn" if server == "subprocess" else "uvicorn in a thread of the bench process")
-        server_info = {"description": f"started by the bench on 127.0.0.1: {how}, one per batching mode, all "
-                                      f"started (and warmed up) before any measurement, each idle while another "
-                                      f"mode is measured; model {model}", "kind": server, "model": model}
-        servers: dict[str, _Server] = {}
-        try:
-            progress(f"starting the service ({', '.join(f'batching {n}' for n in modes)}) ...")
-            for name, mode in modes.items():
-                servers[name] = server_cls(mode.overrides, Path(log_dir) / f"service-server-{name}.log")
-            for name, srv in servers.items():
-                info = srv.wait_ready()
-                server_info["checkpoint_version"] = (info.get("model") or {}).get("checkpoint_version")
-            for name, mode in modes.items():
-                _run_mode(mode, servers[name].url, headers, bodies, warmup_bodies, sizes, concurrency, phases,
-                          duration, timeout, cache_enabled, cells, progress)
-        finally:
-            for name, srv in servers.items():
-                srv.stop()
-                if cache_enabled and modes[name].namespace:
-                    _delete_namespace(redis_url, modes[name].namespace)
-
+        setup = _bench_started(cfg, load, cells, progress)
     return {
         "kind": "service",
         "machine": machine,
-        "config": {"concurrency": concurrency, "candidates": sizes, "requests": requests, "duration_s": duration,
-                   "timeout_s": timeout, "history": history, "phases": list(phases), "seed": seed,
-                   "dataset": dataset, "url": url},
-        "server": server_info,
-        "modes": {n: {"description": m.description, "settings": m.settings or None} for n, m in modes.items()},
-        "cache": cache_info,
+        "config": {"concurrency": cfg.concurrency, "candidates": cfg.candidates, "requests": cfg.requests,
+                   "duration_s": cfg.duration, "timeout_s": cfg.timeout, "history": cfg.history,
+                   "phases": list(cfg.phases), "seed": cfg.seed, "dataset": cfg.dataset, "url": cfg.url},
+        "server": setup.server,
+        "modes": {n: {"description": m.description, "settings": m.settings or None} for n, m in setup.modes.items()},
+        "cache": setup.cache,
         "workload": {"description": workload.description()},
         "cells": cells,
         "cached_request": _cached_summary(cells),
@@ -629,41 +608,131 @@ def run_bench(model: str = "minilm-bert2bert", url: str | None = None, api_key: 
     }
 
 
-def _run_mode(mode: Mode, url: str, headers: dict[str, str], bodies: dict, warmup_bodies: dict, sizes, concurrency,
-              phases, duration: float, timeout: float, cache_enabled: bool, cells: list, progress) -> None:
-    for n in sizes:  # a few untimed requests first (HTTP path, tokenizer, allocator)
-        asyncio.run(_run_cell(url, warmup_bodies[n], 1, duration, timeout, headers))
-    for n in sizes:
-        for c in concurrency:
-            cold = bodies[(n, c)]
+def _bench_external(url: str, load: _Load, cells: list, progress) -> _Setup:
+    """Measure a service already running at ``url``, as it is configured."""
+    mode = Mode("external", {}, f"as configured by the service at {url} (the bench changes nothing)")
+    info = _Server(url).wait_ready(timeout=30)
+    server_info = {"description": f"already running at {url} (--url)", "url": url,
+                   "model": (info.get("model") or {}).get("name"),
+                   "checkpoint_version": (info.get("model") or {}).get("checkpoint_version"),
+                   "cache": info.get("cache")}
+    cache_enabled = info.get("cache") == "up"
+    cache_info = {"description": f"the service's own (reported {info.get('cache')!r}); cold = requests unique "
+                                 f"within this run, so hits in the cold phase can only come from earlier runs "
+                                 f"(see the cache hits column)", "enabled": cache_enabled}
+    _run_mode(mode, url, load, cache_enabled, cells, progress)
+    return _Setup({mode.name: mode}, server_info, cache_info)
+
+
+def _bench_started(cfg: ServiceBenchConfig, load: _Load, cells: list, progress) -> _Setup:
+    """Start one service per batching mode on loopback (all warmed up first), measure each in turn."""
+    base = {"model": cfg.model, "log_level": "warning"}
+    if cfg.threads:
+        base["torch_threads"] = cfg.threads
+    base.update(_parse_sets(cfg.settings))
+    redis_url = cfg.redis_url
+    cache_enabled = bool(redis_url.strip()) and _redis_ok(redis_url)
+    if redis_url.strip() and not cache_enabled:
+        progress(f"no Redis at {redis_url}: the service runs without cache, warm phases are skipped")
+    base["redis_url"] = redis_url if cache_enabled else ""
+    modes = _modes(base, cfg.batching, cache_enabled, uuid.uuid4().hex[:10])
+    cache_info = {"enabled": cache_enabled,
+                  "description": (f"Redis {redis_url}, a fresh namespace per batching mode (deleted afterwards); "
+                                  f"cold = requests never sent before in that namespace, warm = the same "
+                                  f"requests again" if cache_enabled else
+                                  "disabled (no Redis): every request is scored; warm phases skipped")}
+    server_cls = ChildServer if cfg.server == "subprocess" else ThreadServer
+    how = ("a child process (python -m bench.service_bench serve-child) running service.app.create_app under "
+           "uvicorn" if cfg.server == "subprocess" else "uvicorn in a thread of the bench process")
+    server_info = {"description": f"started by the bench on 127.0.0.1: {how}, one per batching mode, all "
+                                  f"started (and warmed up) before any measurement, each idle while another "
+                                  f"mode is measured; model {cfg.model}", "kind": cfg.server, "model": cfg.model}
+    servers: dict[str, _Server] = {}
+    try:
+        progress(f"starting the service ({', '.join(f'batching {n}' for n in modes)}) ...")
+        for name, mode in modes.items():
+            servers[name] = server_cls(mode.overrides, Path(cfg.log_dir) / f"service-server-{name}.log")
+        for name, srv in servers.items():
+            info = srv.wait_ready()
+            server_info["checkpoint_version"] = (info.get("model") or {}).get("checkpoint_version")
+        for name, mode in modes.items():
+            _run_mode(mode, servers[name].url, load, cache_enabled, cells, progress)
+    finally:
+        for name, srv in servers.items():
+            srv.stop()
+            if cache_enabled and modes[name].namespace:
+                _delete_namespace(redis_url, modes[name].namespace)
+    return _Setup(modes, server_info, cache_info)
+
+
+def _modes(base: dict[str, Any], batching: Sequence[str], cache_enabled: bool, run_id: str) -> dict[str, Mode]:
+    """The service settings of each batching mode (on: as configured; off: one request per batch)."""
+    on = _settings(base)
+    modes: dict[str, Mode] = {}
+    for name in batching:
+        overrides = dict(base)
+        if cache_enabled:
+            overrides["cache_namespace"] = f"instructrec-bench:{run_id}:{name}"
+        if name == "on":
+            desc = (f"the service as configured: a batch collects requests until {on.batch_tokens} tokens "
+                    f"(instruction + candidates) or {on.max_wait_ms:g} ms after its first request")
+        else:
+            overrides["max_wait_ms"] = 0
+            overrides["max_batch_requests"] = 1
+            desc = (f"max_batch_requests=1 and max_wait_ms=0, so every batch holds exactly one request; "
+                    f"the ranker's forward-pass budget stays batch_tokens={on.batch_tokens}, "
+                    f"so each request is scored exactly as with batching on")
+        mode = Mode(name, overrides, desc, overrides.get("cache_namespace"))
+        mode.settings = _public(_settings(overrides))
+        modes[name] = mode
+    return modes
+
+
+def _run_mode(mode: Mode, url: str, load: _Load, cache_enabled: bool, cells: list, progress) -> None:
+    """Every cell of one mode: a cold phase (new requests) and a warm one (the same again, cached)."""
+    for n in load.sizes:  # a few untimed requests first (HTTP path, tokenizer, allocator)
+        asyncio.run(_run_cell(url, load.warmup_bodies[n], 1, load.duration, load.timeout, load.headers))
+    for n in load.sizes:
+        for c in load.concurrency:
             base = {"batching": mode.name, "candidates": n, "concurrency": c}
             samples = None
-            if "cold" in phases or ("warm" in phases and cache_enabled):
-                before = scrape(url, headers)
-                samples, wall = asyncio.run(_run_cell(url, cold, c, duration, timeout, headers))
-                delta = metric_delta(before, scrape(url, headers))
-                if "cold" in phases:
-                    cell = {**base, "phase": "cold", **summarize(samples, wall, delta)}
-                    cells.append(cell)
-                    _progress_cell(cell, progress)
-            if "warm" not in phases:
-                continue
-            if not cache_enabled:
-                cells.append({**base, "phase": "warm", "status": "skipped", "reason": "the cache is disabled"})
-                continue
-            replay = warm_replay(cold, samples)
-            if not replay:
-                cells.append({**base, "phase": "warm", "status": "skipped", "reason": "no cold request succeeded"})
-                continue
-            before = scrape(url, headers)
-            samples_w, wall = asyncio.run(_run_cell(url, replay, c, duration, timeout, headers))
-            cell = {**base, "phase": "warm", **summarize(samples_w, wall, metric_delta(before, scrape(url, headers)))}
-            cell["_fully_cached_server_ms"] = [s.server_ms for s in samples_w if s.status == "200" and s.cache_enabled
-                                               and s.misses == 0 and s.hits > 0 and s.server_ms is not None]
-            cell["_fully_cached_client_ms"] = [s.latency_ms for s in samples_w if s.status == "200" and s.cache_enabled
-                                               and s.misses == 0 and s.hits > 0]
-            cells.append(cell)
-            _progress_cell(cell, progress)
+            if "cold" in load.phases or ("warm" in load.phases and cache_enabled):
+                samples = _cold_cell(url, load, base, cells, progress)
+            if "warm" in load.phases:
+                _warm_cell(url, load, base, samples, cache_enabled, cells, progress)
+
+
+def _cold_cell(url: str, load: _Load, base: dict, cells: list, progress) -> list[Sample]:
+    """New requests (also the warm phase's source); a cell is recorded when the cold phase was asked for."""
+    before = scrape(url, load.headers)
+    cold = load.bodies[(base["candidates"], base["concurrency"])]
+    samples, wall = asyncio.run(_run_cell(url, cold, base["concurrency"], load.duration, load.timeout, load.headers))
+    delta = metric_delta(before, scrape(url, load.headers))
+    if "cold" in load.phases:
+        cell = {**base, "phase": "cold", **summarize(samples, wall, delta)}
+        cells.append(cell)
+        _progress_cell(cell, progress)
+    return samples
+
+
+def _warm_cell(url: str, load: _Load, base: dict, samples, cache_enabled: bool, cells: list, progress) -> None:
+    """The cold phase's successful requests again: every candidate a cache hit."""
+    if not cache_enabled:
+        cells.append({**base, "phase": "warm", "status": "skipped", "reason": "the cache is disabled"})
+        return
+    replay = warm_replay(load.bodies[(base["candidates"], base["concurrency"])], samples)
+    if not replay:
+        cells.append({**base, "phase": "warm", "status": "skipped", "reason": "no cold request succeeded"})
+        return
+    before = scrape(url, load.headers)
+    samples_w, wall = asyncio.run(_run_cell(url, replay, base["concurrency"], load.duration, load.timeout, load.headers))
+    cell = {**base, "phase": "warm", **summarize(samples_w, wall, metric_delta(before, scrape(url, load.headers)))}
+    cell["_fully_cached_server_ms"] = [s.server_ms for s in samples_w if s.status == "200" and s.cache_enabled
+                                       and s.misses == 0 and s.hits > 0 and s.server_ms is not None]
+    cell["_fully_cached_client_ms"] = [s.latency_ms for s in samples_w if s.status == "200" and s.cache_enabled
+                                       and s.misses == 0 and s.hits > 0]
+    cells.append(cell)
+    _progress_cell(cell, progress)
 
 
 def warm_replay(cold: Sequence[bytes], samples: Sequence[Sample]) -> list[bytes]:
