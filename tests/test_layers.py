@@ -16,8 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # layer -> (package directory, dotted prefix); the core is instructrec minus the layers above it
-LAYERS = {"core": ("instructrec", "instructrec"), "service": ("service", "service"),
-          "training": ("training", "training"), "bench": ("bench", "bench")}
+LAYERS = {"core": ("instructrec", "instructrec"), "service": ("instructrec/service", "instructrec.service"),
+          "training": ("instructrec/training", "instructrec.training"), "bench": ("instructrec/bench", "instructrec.bench")}
 ALLOWED = {"core": set(), "service": {"core"}, "training": {"core"}, "bench": {"core", "service", "training"}}
 
 

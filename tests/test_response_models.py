@@ -9,9 +9,9 @@ import httpx
 import pytest
 from fastapi.routing import APIRoute
 
-from service.app import create_app
-from service.routes import router
-from service.settings import Settings
+from instructrec.service.app import create_app
+from instructrec.service.routes import router
+from instructrec.service.settings import Settings
 from tests.service_fixtures import ServerThread
 
 # a good and a bad request per route: (method, path, body)
