@@ -22,7 +22,7 @@
 #                    the model at /models instead (docker run -v /path/to/checkpoint:/models/model:ro).
 #
 # Runtime: `instructrec serve --host 0.0.0.0`, configured by INSTRUCTREC_* variables
-# (service/settings.py); INSTRUCTREC_MODEL=/models/model and INSTRUCTREC_PORT=8000 are set here.
+# (instructrec/service/settings.py); INSTRUCTREC_MODEL=/models/model and INSTRUCTREC_PORT=8000 are set here.
 
 ARG VARIANT=gpu
 ARG CUDA_BASE=nvidia/cuda:13.0.0-runtime-ubuntu22.04
@@ -64,13 +64,16 @@ RUN url="$TORCH_INDEX_URL"; \
     pip install ${url:+--index-url "$url"} "torch==$TORCH_VERSION"
 WORKDIR /src
 COPY pyproject.toml README.md ./
+# The core and the service only: no training or bench code in the serving image (their
+# `instructrec` subcommands are simply not registered here; .dockerignore leaves out
+# instructrec/training and instructrec/bench).
 COPY instructrec ./instructrec
-COPY training ./training
-COPY service ./service
 # The package pins its dependencies in pyproject.toml.
 # hadolint ignore=DL3013
 RUN pip install ".[service]" \
- && python -c "import torch, instructrec, service.app; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+ && python -c "import torch, instructrec, instructrec.service.app; print('torch', torch.__version__, 'cuda', torch.version.cuda)" \
+ && python -c "import importlib.util as u; assert u.find_spec('instructrec.training') is None and u.find_spec('instructrec.bench') is None" \
+ && instructrec serve --help >/dev/null
 
 # --- runtime ------------------------------------------------------------------------------
 # hadolint ignore=DL3006

@@ -95,7 +95,7 @@ def _rank(args: argparse.Namespace) -> dict:
     name = _model_name(args.model)
 
     from .modeling import load_model
-    from .ranker import Ranker, token_limits
+    from .ranker import Ranker
 
     try:
         loaded = load_model(name, device=args.device, dtype=args.dtype)
@@ -104,8 +104,7 @@ def _rank(args: argparse.Namespace) -> dict:
     tuned = loaded.meta.get("template_version")
     if tuned and tuned != TEMPLATE_VERSION:
         print(f"warning: {name} was tuned on template table {tuned}, this is {TEMPLATE_VERSION}", file=sys.stderr)
-    max_source, max_target = token_limits(loaded.meta)
-    ranker = Ranker(loaded, max_source_tokens=max_source, max_target_tokens=max_target, reduction=args.reduction)
+    ranker = Ranker(loaded, reduction=args.reduction)  # the token limits it was tuned with
     try:
         inst = build(need, loaded.tokenizer, max_tokens=ranker.max_source_tokens, template_id=args.template)
     except TemplateError as exc:

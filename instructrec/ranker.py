@@ -133,11 +133,16 @@ def rank_order(scores: Sequence[float]) -> list[int]:
 class Ranker:
     """Scores candidates for an instruction with a loaded model (seq2seq or causal)."""
 
-    def __init__(self, loaded: LoadedModel, *, max_source_tokens: int | None = None, max_target_tokens: int = DEFAULT_TARGET_TOKENS,
+    def __init__(self, loaded: LoadedModel, *, max_source_tokens: int | None = None, max_target_tokens: int | None = None,
                  batch_tokens: int = 4096, reduction: str = "mean", share_cross_kv: bool = True,
                  mixed_kv_bytes: int = MIXED_KV_BYTES, batch_invariant: bool = True):
+        """Token limits not given are the ones the checkpoint was tuned with (:func:`token_limits`
+        of its metadata), so every caller scores a checkpoint the way it was trained."""
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, not {reduction!r}")
+        tuned_source, tuned_target = token_limits(loaded.meta or {})
+        max_source_tokens = max_source_tokens or tuned_source
+        max_target_tokens = max_target_tokens or tuned_target
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer

@@ -49,6 +49,7 @@ import re
 import string
 from dataclasses import dataclass
 from enum import Enum
+from typing import Callable
 
 from instructrec.aspects import Instantiation, Intention, Preference, TaskForm, UserNeed
 
@@ -374,6 +375,33 @@ def _instantiation(template: Template, need: UserNeed) -> Instantiation:
     return Instantiation(preferences=frozenset(prefs) or frozenset({P0}), intention=intention, task=template.task)
 
 
+def _example_inputs(template: Template, text_fields: set[str], item: str | None, candidate: str | None,
+                    pair: tuple[str, str] | None, label: bool | None) -> dict[str, str]:
+    """The per-example slot values (item, candidate(s), label), checked against what the
+    instruction text asks for."""
+    values: dict[str, str] = {}
+    if "item" in text_fields:
+        if not item:
+            raise TemplateError(f"template {template.id} needs {{item}} (the target item title) in its instruction")
+        values["item"] = item
+    elif item:
+        values["item"] = item
+    if "candidate" in text_fields:
+        if not candidate:
+            raise TemplateError(f"template {template.id} is pointwise (T0) and needs candidate=")
+        values["candidate"] = candidate
+    if {"candidate_a", "candidate_b"} & text_fields:
+        if not pair or len(pair) != 2 or not all(pair):
+            raise TemplateError(f"template {template.id} is pairwise (T1) and needs pair=(title_a, title_b)")
+        values["candidate_a"], values["candidate_b"] = pair
+        if item is not None and item not in pair:
+            raise TemplateError(f"template {template.id}: item {item!r} (the better candidate) is not one of pair={pair!r}")
+    if label is not None:
+        values["label"] = "yes" if label else "no"
+
+    return values
+
+
 def render(
     template: Template,
     need: UserNeed,
@@ -405,26 +433,7 @@ def render(
         "preference": (need.preference or "").strip().rstrip("."),
         "intention": (need.intention or "").strip().rstrip("."),
     }
-    text_fields = _fields(text)
-    if "item" in text_fields:
-        if not item:
-            raise TemplateError(f"template {template.id} needs {{item}} (the target item title) in its instruction")
-        values["item"] = item
-    elif item:
-        values["item"] = item
-    if "candidate" in text_fields:
-        if not candidate:
-            raise TemplateError(f"template {template.id} is pointwise (T0) and needs candidate=")
-        values["candidate"] = candidate
-    if {"candidate_a", "candidate_b"} & text_fields:
-        if not pair or len(pair) != 2 or not all(pair):
-            raise TemplateError(f"template {template.id} is pairwise (T1) and needs pair=(title_a, title_b)")
-        values["candidate_a"], values["candidate_b"] = pair
-        if item is not None and item not in pair:
-            raise TemplateError(f"template {template.id}: item {item!r} (the better candidate) is not one of pair={pair!r}")
-    if label is not None:
-        values["label"] = "yes" if label else "no"
-
+    values.update(_example_inputs(template, _fields(text), item, candidate, pair, label))
     source = text.format(**values)
     if need.context:
         ctx = need.context.strip()
@@ -481,6 +490,7 @@ def select(
     template_id: str | None = None,
     rng: random.Random | None = None,
     rankable: bool = True,
+    weight: Callable[[Template], float] | None = None,
 ) -> Template:
     """The one template-selection function shared by training and serving.
 
@@ -488,7 +498,8 @@ def select(
     ``rankable=False`` imposes no rankability requirement (training mixtures).
 
     * ``template_id``: that template if compatible, else :class:`TemplateError` saying why.
-    * ``rng``: uniform choice among the compatible templates (training mixture).
+    * ``rng``: a random choice among the compatible templates (training mixture), uniform
+      or by ``weight(template)``.
     * otherwise (serving default): the compatible template that uses the most of what the
       need carries (P1, P2, intention), ties broken by table order.
     """
@@ -507,5 +518,7 @@ def select(
             f"({what}{', rankable' if rankable else ''})"
         )
     if rng is not None:
+        if weight is not None:
+            return rng.choices(pool, weights=[weight(t) for t in pool])[0]
         return rng.choice(pool)
     return max(pool, key=lambda t: _uses(t, need))  # max keeps the first of equal scores

@@ -3,7 +3,7 @@
 #
 # RecBole 1.2.1 cannot share the main environment: it uses np.float_ (numpy < 2) and
 # needs pandas 2.2 / scipy 1.13. The baselines run as a subprocess of the main
-# environment (training/baselines/recbole.py), with this environment's python.
+# environment (instructrec/training/baselines/recbole.py), with this environment's python.
 #
 #   bash scripts/install_recbole.sh            # -> artifacts/envs/recbole
 #   INSTRUCTREC_RECBOLE_ENV=/some/dir bash scripts/install_recbole.sh

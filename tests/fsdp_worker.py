@@ -21,9 +21,9 @@ def main(out: Path) -> None:
 
     from instructrec.modeling import TINY_FLAN_T5, LoadedModel, build_base, load_model
     from instructrec.ranker import Ranker
-    from training import distributed
-    from training.tune import _save_model_dir
-    from training.validation import score_cases
+    from instructrec.training import distributed
+    from instructrec.training.tune import _save_model_dir
+    from instructrec.training.validation import score_cases
 
     dist.init_process_group("gloo")
     model, tokenizer, _ = build_base(TINY_FLAN_T5)  # the same seeded weights on every process

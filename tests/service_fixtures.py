@@ -17,7 +17,7 @@ import uuid
 
 import httpx
 
-from service.loopback import RedisServer, ThreadedServer, free_port  # noqa: F401  (re-exported for the tests)
+from instructrec.service.loopback import RedisServer, ThreadedServer, free_port  # noqa: F401  (re-exported for the tests)
 
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
 

@@ -16,17 +16,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from service.loopback import free_port
-from training.annotate.offline import OfflineTeacher
-from training.annotate.openai_teacher import OpenAITeacher
-from training.annotate.pipeline import (
+from instructrec.service.loopback import free_port
+from instructrec.training.annotate.offline import OfflineTeacher
+from instructrec.training.annotate.openai_teacher import OpenAITeacher
+from instructrec.training.annotate.pipeline import (
     Annotation,
     annotate_cases,
     annotation_stats,
     format_stats_table,
     load_annotations,
 )
-from training.annotate.teachers import (
+from instructrec.training.annotate.teachers import (
     AnnotationRequest,
     Kind,
     Teacher,
@@ -34,7 +34,7 @@ from training.annotate.teachers import (
     platform_of,
     specific_facets,
 )
-from training.data.types import DataError, Interaction, InteractionData, Item
+from instructrec.training.data.types import DataError, Interaction, InteractionData, Item
 
 # ---------------------------------------------------------------------------- fake LLM server
 
@@ -555,7 +555,7 @@ def write_recbole(directory):
 
 
 def test_cli_end_to_end(tmp_path, capsys):
-    pytest.importorskip("training.data.load")
+    pytest.importorskip("instructrec.training.data.load")
     from instructrec.cli import main
 
     write_recbole(tmp_path / "tiny")
@@ -598,7 +598,7 @@ def test_cli_errors_exit_2(tmp_path, capsys):
 
 
 def test_cli_openai_teacher_error_exit_2(tmp_path, capsys, llm):
-    pytest.importorskip("training.data.load")
+    pytest.importorskip("instructrec.training.data.load")
     from instructrec.cli import main
 
     write_recbole(tmp_path / "tiny")

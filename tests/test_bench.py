@@ -12,9 +12,9 @@ import json
 import pytest
 import torch
 
-from bench import report
-from bench.ranker_bench import VARIANTS, no_shared_kv_ranker
-from bench.service_bench import Sample, histogram_quantile, loopback_error, summarize, warm_replay
+from instructrec.bench import report
+from instructrec.bench.ranker_bench import VARIANTS, no_shared_kv_ranker
+from instructrec.bench.service_bench import Sample, histogram_quantile, loopback_error, summarize, warm_replay
 from instructrec.cli import main
 from instructrec.modeling import TINY, load_model
 from instructrec.ranker import Ranker, target_ids
@@ -94,7 +94,7 @@ def test_ranker_bench_end_to_end(out):
     assert rows["shared_kv", 1]["gflop_executed"] == pytest.approx(rows["shared_kv", 1]["gflop_request"])
 
     # the profile: every op's self time in one group, the groups within the profiled wall time
-    from bench.ranker_bench import PROFILE_GROUPS
+    from instructrec.bench.ranker_bench import PROFILE_GROUPS
 
     assert r["profile"]["candidates"] == 5 and "shared_kv" in r["profile"]["variants"]
     for p in r["profile"]["variants"].values():
@@ -137,7 +137,7 @@ def test_encoder_once_variant_recomputes_cross_kv_per_chunk():
 
 
 def _cache() -> bool:
-    from bench.service_bench import DEFAULT_REDIS, _redis_ok
+    from instructrec.bench.service_bench import DEFAULT_REDIS, _redis_ok
 
     return _redis_ok(DEFAULT_REDIS)
 
@@ -145,7 +145,7 @@ def _cache() -> bool:
 def test_service_bench_end_to_end(out):
     """Both batching modes, cold and warm cache, the default server: the service in child
     processes on free loopback ports."""
-    from bench.service_bench import DEFAULT_REDIS
+    from instructrec.bench.service_bench import DEFAULT_REDIS
 
     cache = _cache()
     rc = main(["bench", "service", "--model", TINY, "--concurrency", ",".join(map(str, CONCURRENCY)),
@@ -228,7 +228,7 @@ def test_loopback_and_statistics_helpers():
 
 
 def test_readme_section_is_regenerated_between_markers(tmp_path):
-    from bench import report
+    from instructrec.bench import report
 
     results = {"ranker": {"command": "instructrec bench ranker --x", "rows": [
         {"variant": "naive", "candidates": 10, "status": "ok", "median_ms": 700.0, "ratio_to_naive": 1.0},
@@ -251,7 +251,7 @@ def test_readme_section_is_regenerated_between_markers(tmp_path):
 
 
 def test_profile_groups():
-    from bench.ranker_bench import PROFILE_GROUPS, profile_group
+    from instructrec.bench.ranker_bench import PROFILE_GROUPS, profile_group
 
     assert profile_group("aten::addmm", True) == "vocabulary head matmul"
     assert profile_group("aten::addmm", False) == profile_group("quantized::linear_dynamic", False) == PROFILE_GROUPS[0]
@@ -269,7 +269,7 @@ def test_flops_formula_matches_torch_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
     from instructrec.ranker import Encoded
-    from bench.ranker_bench import model_dims, request_flops
+    from instructrec.bench.ranker_bench import model_dims, request_flops
 
     loaded = load_model(TINY, device="cpu", dtype="float32")
     ranker = Ranker(loaded)

@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from bench import report
-from bench.soak import compare, passed
+from instructrec.bench import report
+from instructrec.bench.soak import compare, passed
 from instructrec.cli import main
-from service.loopback import RedisServer
+from instructrec.service.loopback import RedisServer
 
 
 def test_compare_catches_order_and_score_drift():

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from training.data.amazon import load_amazon
-from training.data.filters import k_core
-from training.data.load import load_dataset, sample_path
-from training.data.make_sample import make_sample
-from training.data.recbole import load_recbole_atomic, load_recbole_sequences
-from training.data.types import MAX_HISTORY, DataError, Interaction
+from instructrec.training.data.amazon import load_amazon
+from instructrec.training.data.filters import k_core
+from instructrec.training.data.load import load_dataset, sample_path
+from instructrec.training.data.make_sample import make_sample
+from instructrec.training.data.recbole import load_recbole_atomic, load_recbole_sequences
+from instructrec.training.data.types import MAX_HISTORY, DataError, Interaction
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

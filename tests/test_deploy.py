@@ -30,7 +30,7 @@ import httpx
 import pytest
 import yaml
 
-from service.settings import Settings
+from instructrec.service.settings import Settings
 from tests.service_fixtures import ServerThread, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def live():
     /rerank request, so the labelled series exist too. Yields (url, /metrics text)."""
     import torch
 
-    from service.app import create_app
+    from instructrec.service.app import create_app
 
     torch.set_num_threads(1)
     settings = Settings(model="tiny-random", device="cpu", dtype="float32", redis_url="", warmup=False,
@@ -417,7 +417,7 @@ def test_k8s_env_references_and_settings(k8s, monkeypatch):
     cm = _one(docs, "ConfigMap", "instructrec-config")
     secret = _one(docs, "Secret", "instructrec-api-key")
     names = set(cm["data"]) | {e["name"] for e in container.get("env", [])}
-    assert names <= SETTING_ENV, f"not settings of service/settings.py: {sorted(names - SETTING_ENV)}"
+    assert names <= SETTING_ENV, f"not settings of instructrec/service/settings.py: {sorted(names - SETTING_ENV)}"
     assert "INSTRUCTREC_API_KEY" not in cm["data"], "the API key belongs in the Secret"
     for src in container["envFrom"]:
         ref = src.get("configMapRef") or src.get("secretRef")
@@ -565,7 +565,7 @@ def test_dockerfile_stages_user_port_entrypoint():
     assert entry[:2] == ["instructrec", "serve"]
     # the entry point's flags parse with `instructrec serve`'s own parser
     from instructrec.cli import build_parser
-    from service.cli import add_arguments
+    from instructrec.service.cli import add_arguments
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
@@ -638,7 +638,7 @@ def test_dockerfile_copies_are_in_the_build_context():
             continue
         words = [x for x in shlex.split(rest) if not x.startswith("--")]
         sources += [re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], s) for s in words[:-1]]
-    assert "pyproject.toml" in sources and "service" in sources
+    assert "pyproject.toml" in sources and "instructrec" in sources
     for src in sources:
         assert (ROOT / src).exists(), src
         assert not _dockerignored(src, patterns), f"{src} is excluded by .dockerignore"

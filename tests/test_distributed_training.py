@@ -21,9 +21,9 @@ import torch
 from instructrec.checkpoint import read_meta
 from instructrec.modeling import TINY_T5, build_base
 from instructrec.ranker import eos_id
-from training.instructions import read_examples
-from training.presets import PRESETS
-from training.tune import tokenize_examples
+from instructrec.training.instructions import read_examples
+from instructrec.training.presets import PRESETS
+from instructrec.training.tune import tokenize_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["train", "--preset", "smoke", "--no-progress", "--max-steps", "8", "--eval-steps", "4",
@@ -119,7 +119,7 @@ def test_main_process_failure_stops_every_process_with_a_clear_error(tmp_path):
     bad = f"{tmp_path / 'annotations-dir'}: is a directory, not an annotations file"
     assert f"instructrec train: {bad}" in proc.stderr  # the main process
     assert f"instructrec train: the main process failed: DataError: {bad}" in proc.stderr  # the other
-    assert "training/tune.py" not in proc.stderr and "training/distributed.py" not in proc.stderr
+    assert "instructrec/training/tune.py" not in proc.stderr and "instructrec/training/distributed.py" not in proc.stderr
 
 
 def test_gradient_checkpointing_same_loss_and_gradients(tmp_path):

@@ -23,14 +23,14 @@ import torch
 
 from instructrec.instruction import build
 from instructrec.text import normalise
-from service.app import create_app
-from service.settings import Settings
+from instructrec.service.app import create_app
+from instructrec.service.settings import Settings
 from tests.service_fixtures import ServerThread
-from training.data.load import load_dataset
-from training.evaluate import candidates as cand
-from training.evaluate.client import ClientConfig, ClientError, evaluate_service, rerank_case, request_body
-from training.evaluate.run import EvalConfig, annotate, evaluate, scenario_needs
-from training.evaluate.scenarios import SCENARIOS
+from instructrec.training.data.load import load_dataset
+from instructrec.training.evaluate import candidates as cand
+from instructrec.training.evaluate.client import ClientConfig, ClientError, evaluate_service, rerank_case, request_body
+from instructrec.training.evaluate.run import EvalConfig, annotate, evaluate, scenario_needs
+from instructrec.training.evaluate.scenarios import SCENARIOS
 
 torch.set_num_threads(1)
 
@@ -173,7 +173,7 @@ def test_client_ranks_and_metrics_equal_the_offline_evaluation(tmp_path, data, o
 
 
 def test_users_mode_writes_the_offline_candidate_file(tmp_path, data, offline):
-    from training.evaluate.client import uniform_test_file
+    from instructrec.training.evaluate.client import uniform_test_file
 
     mine = uniform_test_file(data, 12, 0, tmp_path)
     assert mine.path == tmp_path / "candidates" / "test-uniform-10.jsonl"
@@ -182,9 +182,9 @@ def test_users_mode_writes_the_offline_candidate_file(tmp_path, data, offline):
 
 def test_offline_instructions_equal_the_service_ones_for_unnormalised_texts(tmp_path, data, offline, service):
     """The service normalises request texts (NFC, whitespace); the offline path now does too."""
-    from service.routes import _need
-    from service.schemas import RerankRequest
-    from training.evaluate.methods import InstructionModel
+    from instructrec.service.routes import _need
+    from instructrec.service.schemas import RerankRequest
+    from instructrec.training.evaluate.methods import InstructionModel
 
     file = cand.read(offline["file"], data)
     scenario = SCENARIOS["sequential"]

@@ -8,13 +8,13 @@ from collections import Counter
 
 import pytest
 
-from training.data.load import load_dataset
-from training.data.types import DataError
-from training.evaluate import candidates as cand
-from training.evaluate.report import update_readme
-from training.evaluate.run import EvalConfig, evaluate
-from training.evaluate.scenarios import SCENARIOS
-from training.metrics import bootstrap_intervals, metrics_from_ranks, rank_of
+from instructrec.training.data.load import load_dataset
+from instructrec.training.data.types import DataError
+from instructrec.training.evaluate import candidates as cand
+from instructrec.training.evaluate.report import update_readme
+from instructrec.training.evaluate.run import EvalConfig, evaluate
+from instructrec.training.evaluate.scenarios import SCENARIOS
+from instructrec.training.metrics import bootstrap_intervals, metrics_from_ranks, rank_of
 
 
 def test_metrics_on_a_known_ranking():
@@ -141,14 +141,14 @@ def test_whole_evaluation_on_a_tiny_slice(tmp_path, slice_data, capsys):
 
     # A rerun computes nothing again: every unit is read back from OUT/units.
     units = sorted(p.name for p in (out / "units").iterdir())
-    import training.evaluate.methods as methods_mod
+    import instructrec.training.evaluate.methods as methods_mod
 
     def boom(*a, **k):
         raise AssertionError("a unit was recomputed")
 
     original = methods_mod.timed_score
     try:
-        import training.evaluate.run as run_mod
+        import instructrec.training.evaluate.run as run_mod
 
         run_mod.timed_score = boom
         again = evaluate(cfg)
@@ -161,7 +161,7 @@ def test_whole_evaluation_on_a_tiny_slice(tmp_path, slice_data, capsys):
     assert f"reused {len(units)} of its {len(units)} scoring units" in (out / "results.md").read_text()
 
     # The diagnosis reads the same validation file: with alpha 0 it reproduces the unit's metrics.
-    from training.evaluate import diagnose
+    from instructrec.training.evaluate import diagnose
 
     capsys.readouterr()
     assert diagnose.main(["--model", "tiny-random", "--report", str(out), "--data", "games-sample",
@@ -190,7 +190,7 @@ def test_evaluate_cli_names_a_bad_dataset(tmp_path, capsys):
 
 def test_recbole_epochs_one_budget_or_per_model(tmp_path, capsys):
     from instructrec.cli import main
-    from training.evaluate.run import recbole_epochs
+    from instructrec.training.evaluate.run import recbole_epochs
 
     assert recbole_epochs(EvalConfig(data="x", out=tmp_path, recbole_epochs=4), "BERT4Rec") == 4
     cfg = EvalConfig(data="x", out=tmp_path, recbole_epochs={"sasrec": 3, "bert4rec": 1})

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from instructrec.checkpoint import read_meta
-from training.memory import FLAN_T5_XL, count_parameters, estimate, preset_table
-from training.presets import PRESETS
+from instructrec.training.memory import FLAN_T5_XL, count_parameters, estimate, preset_table
+from instructrec.training.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--base", "tiny-random-flan-t5", "--users", "60", "--eval-users", "20", "--max-steps", "2", "--eval-steps", "2",
@@ -126,8 +126,8 @@ def test_eight_gpu_full_recipe_runs_on_two_cpu_processes(tmp_path):
 
 
 def test_readme_memory_table_is_the_arithmetic(capsys):
-    """The README's per-GPU table is what `python -m training.memory` prints now."""
-    from training.memory import main
+    """The README's per-GPU table is what `python -m instructrec.training.memory` prints now."""
+    from instructrec.training.memory import main
 
     main()
     printed = capsys.readouterr().out.strip().splitlines()

@@ -9,11 +9,11 @@ import pytest
 
 from instructrec.modeling import minilm_tokenizer
 from instructrec.templates import get_template
-from training.annotate.pipeline import Annotation
-from training.annotate.teachers import Kind
-from training.data.types import Case, Interaction, InteractionData, Item
-from training.instructions import Mixture, build_examples, needs_for_case, read_examples, write_examples
-from training.metrics import candidate_set, metrics_from_ranks, rank_of, sample_negatives
+from instructrec.training.annotate.pipeline import Annotation
+from instructrec.training.annotate.teachers import Kind
+from instructrec.training.data.types import Case, Interaction, InteractionData, Item
+from instructrec.training.instructions import Mixture, build_examples, needs_for_case, read_examples, write_examples
+from instructrec.training.metrics import candidate_set, metrics_from_ranks, rank_of, sample_negatives
 
 
 @pytest.fixture(scope="module")

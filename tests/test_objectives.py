@@ -10,9 +10,9 @@ import torch
 
 from instructrec.modeling import TINY, TINY_PREFIX, TINY_T5, build_base, cut_decoder, load_model
 from instructrec.ranker import Ranker, decoder_start_id, eos_id, targets_ids
-from training.data.load import load_dataset
-from training.instructions import Example
-from training.objectives import (ListwiseCollator, NegativeSampler, attach_negatives, candidate_logprobs,
+from instructrec.training.data.load import load_dataset
+from instructrec.training.instructions import Example
+from instructrec.training.objectives import (ListwiseCollator, NegativeSampler, attach_negatives, candidate_logprobs,
                                  freeze_bottom, listwise_loss, rankable)
 
 torch.set_num_threads(1)

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from training.baselines.recbole import INTER_HEADER, RecBoleError, recbole_python, run_recbole, write_inter
-from training.data.load import load_dataset
-from training.data.types import Interaction, InteractionData, Item
+from instructrec.training.baselines.recbole import INTER_HEADER, RecBoleError, recbole_python, run_recbole, write_inter
+from instructrec.training.data.load import load_dataset
+from instructrec.training.data.types import Interaction, InteractionData, Item
 
 UNKNOWN_ITEM = "no-such-item"
 

@@ -20,8 +20,8 @@ from instructrec.aspects import Intention, UserNeed
 from instructrec.instruction import build
 from instructrec.ranker import Ranker, rank_order
 from instructrec.templates import TEMPLATE_VERSION, get_template
-from service.app import create_app
-from service.settings import Settings
+from instructrec.service.app import create_app
+from instructrec.service.settings import Settings
 from tests.service_fixtures import SHARED_REDIS, ServerThread, delete_namespace, metric, unique_namespace
 
 torch.set_num_threads(1)

@@ -20,8 +20,8 @@ import torch
 from instructrec.aspects import Intention, UserNeed
 from instructrec.instruction import build
 from instructrec.ranker import rank_order
-from service.app import create_app
-from service.settings import Settings
+from instructrec.service.app import create_app
+from instructrec.service.settings import Settings
 from tests.service_fixtures import ServerThread
 
 cohere = pytest.importorskip("cohere", reason="the test extra is not installed (pip install -e '.[test]')")

@@ -13,10 +13,10 @@ import httpx
 import pytest
 import torch
 
-from service.app import create_app
-from service.batcher import Batcher, Expired, QueueFull
-from service.metrics import Metrics
-from service.settings import Settings
+from instructrec.service.app import create_app
+from instructrec.service.batcher import Batcher, Expired, QueueFull
+from instructrec.service.metrics import Metrics
+from instructrec.service.settings import Settings
 from tests.service_fixtures import ServerThread, metric, unique_namespace
 
 torch.set_num_threads(1)

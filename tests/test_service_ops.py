@@ -16,8 +16,8 @@ import httpx
 import pytest
 import torch
 
-from service.app import create_app
-from service.settings import Settings
+from instructrec.service.app import create_app
+from instructrec.service.settings import Settings
 from tests.service_fixtures import RedisProcess, ServerThread, free_port, metric, unique_namespace
 
 torch.set_num_threads(1)
@@ -202,7 +202,7 @@ def test_model_that_fails_to_load(tmp_path):
 
 
 def test_settings_from_env_and_flags(monkeypatch):
-    from service.cli import add_arguments, run, settings_from_args
+    from instructrec.service.cli import add_arguments, run, settings_from_args
 
     monkeypatch.setenv("INSTRUCTREC_MODEL", "tiny-random-t5")
     monkeypatch.setenv("INSTRUCTREC_PORT", "9001")

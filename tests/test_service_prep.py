@@ -10,9 +10,9 @@ import torch
 
 from instructrec.aspects import Intention, UserNeed
 from instructrec.modeling import TINY
-from service.cache import score_keys
-from service.engine import load_engine
-from service.settings import Settings
+from instructrec.service.cache import score_keys
+from instructrec.service.engine import load_engine
+from instructrec.service.settings import Settings
 
 torch.set_num_threads(1)
 

@@ -24,8 +24,8 @@ import pytest
 import torch
 import yaml
 
-from service.app import create_app
-from service.settings import Settings
+from instructrec.service.app import create_app
+from instructrec.service.settings import Settings
 from tests.service_fixtures import SHARED_REDIS, ServerThread, delete_namespace, free_port, unique_namespace
 from tests.test_deploy import ALERTS, alert_expressions, dashboard_expressions
 

@@ -75,8 +75,8 @@ def test_split_keeps_requests_together_and_bounds_mixed_rows(loaded):
 
 
 def test_warm_up_runs_the_largest_mixed_batch(loaded):
-    from service.engine import Engine
-    from service.settings import Settings
+    from instructrec.service.engine import Engine
+    from instructrec.service.settings import Settings
 
     for mb in (0.25, 1.0, 0.0):
         settings = Settings(model="x", device="cpu", dtype="float32", redis_url="", batch_tokens=512, max_batch_requests=8,
@@ -103,8 +103,8 @@ def test_warm_up_runs_the_largest_mixed_batch(loaded):
 def test_warm_up_runs_the_mixed_batch_for_the_prefix_lm():
     """The default's shape warms up its worst mixed batch too, within the copy allowance."""
     from instructrec.modeling import TINY_PREFIX
-    from service.engine import Engine
-    from service.settings import Settings
+    from instructrec.service.engine import Engine
+    from instructrec.service.settings import Settings
 
     loaded = load_model(TINY_PREFIX, device="cpu", dtype="float32")
     settings = Settings(model="x", device="cpu", dtype="float32", redis_url="", batch_tokens=512, max_batch_requests=8,

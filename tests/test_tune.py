@@ -14,8 +14,8 @@ import pytest
 
 from instructrec.checkpoint import read_meta
 from instructrec.templates import TEMPLATE_VERSION
-from training.presets import PRESETS
-from training.tune import _last_good_checkpoint
+from instructrec.training.presets import PRESETS
+from instructrec.training.tune import _last_good_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,54 @@
+"""``instructrec serve``: run the /rerank service with uvicorn.
+
+Configuration comes from ``INSTRUCTREC_*`` environment variables (see
+:class:`instructrec.service.settings.Settings`); the flags given here override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="checkpoint directory or built-in model name "
+                        "(env INSTRUCTREC_MODEL; default artifacts/quickstart/model if it exists)")
+    parser.add_argument("--host", help="address to listen on (env INSTRUCTREC_HOST; default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (env INSTRUCTREC_PORT; default 8000)")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                        help="log level (env INSTRUCTREC_LOG_LEVEL; default info)")
+
+
+def settings_from_args(args: argparse.Namespace):
+    """Settings from the environment, with the given flags taking priority."""
+    from .settings import Settings
+
+    overrides = {name: getattr(args, name, None) for name in ("model", "host", "port", "log_level")}
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        print(f"instructrec serve: error: setting {field}: {err['msg']}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import uvicorn
+
+    from .app import ConfigError, create_app
+
+    try:
+        app = create_app(settings)
+    except ConfigError as exc:
+        print(f"instructrec serve: error: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger("instructrec.service").info("serving on http://%s:%d", settings.host, settings.port)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    return 0

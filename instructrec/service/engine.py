@@ -1,0 +1,263 @@
+"""The model side of the service: loading, versioning, warm-up, request preparation, scoring.
+
+Preparation (template selection, instruction fitting, tokenisation) runs in its own thread
+with its own copy of the tokenizer; scoring runs in the single inference thread (see
+:mod:`instructrec.service.batcher`). Nothing here runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from cachetools import LRUCache
+
+from instructrec.aspects import UserNeed
+from instructrec.instruction import Instruction, build, count_tokens
+from instructrec.modeling import PREFIX_LM, LoadedModel, load_model
+from instructrec.ranker import Encoded, Ranker, Scored, targets_ids
+from instructrec.templates import TEMPLATE_VERSION
+
+from .settings import Settings
+
+log = logging.getLogger("instructrec.service")
+
+def model_version(name: str) -> str:
+    """What the cache keys on: the weights' content hash for a checkpoint directory; for a
+    built-in (deterministically initialised) or hub model its name plus the template table."""
+    from instructrec.checkpoint import checkpoint_version
+
+    if Path(name).is_dir():
+        return checkpoint_version(name)
+    return f"{name}+{TEMPLATE_VERSION}"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request after preparation: the fitted instruction and the token ids of it and of
+    each distinct candidate text, so the model thread never tokenises."""
+
+    instruction: Instruction
+    source_ids: list[int]  # instruction tokens the model sees
+    source_cut: int  # instruction tokens cut by the ranker (0 when it fit)
+    targets: dict[str, tuple[list[int], bool]]  # per distinct candidate text: (ids with end-of-sequence, was cut)
+    max_target_tokens: int | None = None  # a request's own (lower) candidate limit; None: the ranker's
+
+    @property
+    def source_tokens(self) -> int:
+        return len(self.source_ids)
+
+    def target_tokens(self, texts: Sequence[str]) -> int:
+        return sum(len(self.targets[t][0]) for t in texts)
+
+    def cut(self, text: str) -> bool:
+        return self.targets[text][1]
+
+    def encoded(self, texts: Sequence[str]) -> Encoded:
+        """What the ranker scores for these candidate texts (a subset, e.g. the cache misses)."""
+        return Encoded(self.source_ids, self.source_cut, [self.targets[t][0] for t in texts],
+                       sum(self.targets[t][1] for t in texts))
+
+
+def _candidate_set(targets: dict) -> str:
+    """A digest of a request's distinct candidate texts in request order."""
+    h = hashlib.sha256()
+    for text in targets:
+        h.update(text.encode("utf-8", "surrogatepass") + b"\x1f")
+    return h.hexdigest()
+
+
+def _cap(ids: list[int], cut: bool, limit: int) -> tuple[list[int], bool]:
+    """Candidate ids (ending with end-of-sequence) cut to ``limit`` ids, end-of-sequence kept."""
+    if len(ids) <= limit:
+        return ids, cut
+    return ids[: limit - 1] + ids[-1:], True
+
+
+class Engine:
+    """A loaded model + ranker, with the numbers the service reports about it."""
+
+    def __init__(self, loaded: LoadedModel, settings: Settings):
+        self.loaded = loaded
+        self.settings = settings
+        self.ranker = Ranker(
+            loaded,  # token limits not set: the ones the checkpoint was tuned with
+            max_source_tokens=settings.max_source_tokens,
+            max_target_tokens=settings.max_target_tokens,
+            batch_tokens=settings.batch_tokens,
+            reduction=settings.reduction,
+            mixed_kv_bytes=int(settings.mixed_kv_mb * 2**20),
+            batch_invariant=settings.batch_invariant,
+        )
+        self.warmup_report: dict = {}
+        self.name = loaded.name
+        self.version = model_version(loaded.name)
+        self.tuned_template_version = loaded.meta.get("template_version") or ""
+        if self.tuned_template_version and self.tuned_template_version != TEMPLATE_VERSION:
+            log.warning("%s was tuned on template table %s, this service uses %s", self.name,
+                        self.tuned_template_version, TEMPLATE_VERSION)
+        # Preparation runs in another thread than the model: it gets its own tokenizer so the
+        # two never share a (not thread-safe) Rust tokenizer object.
+        self._prep_tokenizer = copy.deepcopy(loaded.tokenizer)
+        # Catalogue titles and returning users repeat: the preparation thread keeps the token
+        # ids of recent candidate texts and fitted instructions (a fully cached request then
+        # tokenises nothing). Only the preparation thread touches these. An instruction entry
+        # (rendered text and ~200 ids) weighs about as much as 16 titles' ids.
+        size = settings.prep_cache_size
+        self._target_ids: LRUCache | None = LRUCache(size) if size else None
+        self._instruction = functools.lru_cache(maxsize=max(1, size // 16))(self._fit) if size else self._fit
+        self._local = threading.local()
+        self._install_timing_hooks()
+
+    # -- cache key parts ----------------------------------------------------------------
+    @property
+    def shares_scores_across_requests(self) -> bool:
+        """Whether a candidate's cached score may serve another request with other candidates.
+        In float32 a candidate's score moves by ~1e-6 with the candidates it is bucketed with; in
+        bf16, fp16 or int8 by up to ~1e-2, enough to reorder near-ties, so there a score is cached
+        for its whole request (same candidates, same order) and an answer is always the one the
+        request gets alone."""
+        import torch
+
+        return self.loaded.dtype == torch.float32 and not self.loaded.quantized
+
+    def key_parts(self, prepared: Prepared) -> tuple[str, ...]:
+        r = self.ranker
+        # precision is part of the key: a bf16 or int8 replica's scores differ slightly from float32's
+        limit = prepared.max_target_tokens or r.max_target_tokens
+        parts = (self.version, self.loaded.precision, TEMPLATE_VERSION, prepared.instruction.template.id, r.reduction,
+                 str(r.max_source_tokens), str(limit), prepared.instruction.source)
+        if not self.shares_scores_across_requests:
+            parts += (_candidate_set(prepared.targets),)
+        return parts
+
+    # -- preparation (prep thread) -------------------------------------------------------
+    def prepare(self, need: UserNeed, template_id: str | None, candidates: Sequence[str],
+                max_text_tokens: int | None = None) -> Prepared:
+        """Select the template (the core's one selection function), fit the instruction, and
+        tokenise it and each distinct candidate. ``max_text_tokens`` (a request's
+        ``max_tokens_per_doc``) cuts each candidate to that many of its own tokens, plus
+        end-of-sequence, when that is below the ranker's limit."""
+        inst, source_ids, source_cut = self._instruction(need, template_id)
+        targets = self._targets(list(dict.fromkeys(candidates)))
+        limit = None
+        if max_text_tokens is not None and max_text_tokens + 1 < self.ranker.max_target_tokens:
+            limit = max_text_tokens + 1
+            targets = {t: _cap(ids, cut, limit) for t, (ids, cut) in targets.items()}
+        return Prepared(inst, source_ids, source_cut, targets, limit)
+
+    def _fit(self, need: UserNeed, template_id: str | None) -> tuple[Instruction, list[int], int]:
+        inst = build(need, self._prep_tokenizer, max_tokens=self.ranker.max_source_tokens, template_id=template_id)
+        return (inst, *self.ranker.source_ids(inst.source, tokenizer=self._prep_tokenizer))
+
+    def _targets(self, texts: list[str]) -> dict[str, tuple[list[int], bool]]:
+        r, known = self.ranker, self._target_ids
+        if known is None:
+            return dict(zip(texts, targets_ids(self._prep_tokenizer, texts, r.max_target_tokens, r.eos)))
+        found = {t: known[t] for t in texts if t in known}
+        new = [t for t in texts if t not in found]
+        for t, value in zip(new, targets_ids(self._prep_tokenizer, new, r.max_target_tokens, r.eos)):
+            known[t] = found[t] = value
+        return {t: found[t] for t in texts}
+
+    # -- scoring (inference thread) ------------------------------------------------------
+    def score_many(self, requests: list[Encoded | tuple[str, list[str]]]) -> tuple[list[Scored], float, float]:
+        """Score requests together in the calling thread; returns (Scored per request, encoder
+        seconds, decoder seconds) of the whole batch."""
+        self._local.encoder = 0.0
+        start = time.perf_counter()
+        scored = self.ranker.score_many(requests)
+        total = time.perf_counter() - start
+        enc = min(getattr(self._local, "encoder", 0.0), total)
+        return scored, enc, total - enc
+
+    def warm_up(self) -> tuple[int, int]:
+        """The worst batches the settings allow, so a budget that does not fit fails at start-up:
+        one full-length instruction with as many full-length candidates as the token budget holds
+        (the largest decoder activations), then, when requests share passes (``batch_invariant``
+        off) of a seq2seq model or a prefix-LM, the largest mixed batch:
+        ``max_batch_requests`` full-length instructions (as many as the budget holds) whose
+        candidates share decoder passes with as many per-row key/value copies as ``mixed_kv_mb``
+        allows, each row as long as the token budget then permits. Returns (instruction tokens,
+        candidates) of the first; ``warmup_report`` describes both."""
+        r = self.ranker
+        special = count_tokens(r.tokenizer, "")
+        per_word = max(1, count_tokens(r.tokenizer, "word") - special)
+        source = " ".join(["word"] * max(1, (r.max_source_tokens - special) // per_word))  # fills the budget
+        candidate = " ".join(["item"] * r.max_target_tokens)  # cut to max_target_tokens
+        count = max(1, r.batch_tokens // r.max_target_tokens)
+        (scored,), _, _ = self.score_many([(source, [candidate] * count)])
+        self.warmup_report = {"single": {"source_tokens": scored.source_tokens, "candidates": count}}
+        shares_passes = not r.batch_invariant and (
+            (self.loaded.kind == "seq2seq" and r.share_cross_kv) or self.loaded.kind == PREFIX_LM)
+        if shares_passes:
+            self.warmup_report["mixed"] = self._warm_up_mixed(source, scored.source_tokens)
+        return scored.source_tokens, count
+
+    def _warm_up_mixed(self, source: str, source_tokens: int) -> dict:
+        r = self.ranker
+        row_bytes = r.kv_row_bytes(source_tokens)
+        requests = max(2, min(self.settings.max_batch_requests, r.batch_tokens // max(1, source_tokens)))
+        copy_rows = r.mixed_kv_bytes // row_bytes if row_bytes else 0  # rows a mixed pass may copy for
+        rows = max(requests + 1, copy_rows)  # one request has 2 or more candidates: the shared path
+        # decoder tokens per row after the shared start step: the rows fill the token budget
+        width = max(1, min(r.max_target_tokens - 1, r.batch_tokens // rows))
+        rows = max(3, min(rows, r.batch_tokens // width))
+        requests = min(requests, rows - 1)
+        counts = [rows // requests] * requests
+        counts[0] += rows % requests
+        special = count_tokens(r.tokenizer, "")
+        per_word = max(1, count_tokens(r.tokenizer, "item") - special)
+        text = " ".join(["item"] * max(1, width // per_word))  # width tokens, then end-of-sequence
+        self.score_many([(source, [text] * n) for n in counts])
+        owners = [k for k, n in enumerate(counts) for _ in range(n)]
+        mixed = [p for p in r._split_mixed(list(range(rows)), owners, row_bytes) if len({owners[i] for i in p}) > 1]
+        return {"requests": requests, "candidates": counts, "row_tokens": width + 1, "row_bytes": row_bytes,
+                "mixed_copy_bytes": max((len(p) * row_bytes for p in mixed), default=0)}
+
+    def _install_timing_hooks(self) -> None:
+        """Time the encoder forward (seq2seq) so decode time = scoring time - encoder time."""
+        model = self.loaded.model
+        if self.loaded.kind != "seq2seq" or not hasattr(model, "get_encoder"):
+            return
+        encoder = model.get_encoder()
+        local = self._local
+        # CUDA runs asynchronously: without a synchronisation the clock would stop when the
+        # encoder's kernels were queued, not when they finished (decode time would absorb them)
+        cuda = self.loaded.device.type == "cuda"
+
+        def before(_module, _args, _kwargs=None):
+            if cuda:
+                import torch
+
+                torch.cuda.synchronize(self.loaded.device)
+            local.enc_start = time.perf_counter()
+
+        def after(_module, _args, _output):
+            if cuda:
+                import torch
+
+                torch.cuda.synchronize(self.loaded.device)
+            started = getattr(local, "enc_start", None)
+            if started is not None:
+                local.encoder = getattr(local, "encoder", 0.0) + time.perf_counter() - started
+                local.enc_start = None
+
+        encoder.register_forward_pre_hook(before)
+        encoder.register_forward_hook(after)
+
+
+def load_engine(settings: Settings, model_name: str) -> Engine:
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    loaded = load_model(model_name, device=settings.device, dtype=settings.dtype)
+    return Engine(loaded, settings)

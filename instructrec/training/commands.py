@@ -1,0 +1,13 @@
+"""The ``instructrec`` subcommands training owns, registered through the ``instructrec.commands``
+entry point (see :mod:`instructrec.cli`). Light on purpose: names and help only."""
+
+from instructrec.cli import Command
+
+COMMANDS = (
+    Command("annotate", "instructrec.training.annotate.cli", "generate fine-grained instruction annotations with a teacher"),
+    Command("train", "instructrec.training.tune_cli", "instruction-tune a seq2seq model"),
+    Command("curve", "instructrec.training.curve", "the learning curve of a training run (table, PNG, README block)"),
+    Command("evaluate", "instructrec.training.evaluate.cli",
+            "evaluate models and baselines with the paper's protocol, write the report"),
+    Command("eval-client", "instructrec.training.evaluate.client_cli", "evaluate a live /rerank service on a candidate file"),
+)

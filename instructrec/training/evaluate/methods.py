@@ -1,0 +1,248 @@
+"""The rows of an evaluation: every method scores the same candidate files.
+
+* :class:`Popularity` — item frequency in the training part of every user's sequence.
+* :class:`BiEncoder` — zero-shot all-MiniLM-L6-v2 (sentence-transformers): the paper's
+  DSSM-style matching baseline; it reads the need's text (history titles, preference,
+  query) but was never trained on interactions.
+* :class:`InstructionModel` — a checkpoint (tuned, or an untuned base) scored by the
+  likelihood ranker through the same instruction path as the service.
+* :class:`Precomputed` — scores another process wrote for the same candidate file
+  (SASRec and BERT4Rec from RecBole, in their own environment).
+
+A method returns one list of scores per case, in the order of the case's candidates;
+higher is better.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from instructrec.aspects import UserNeed
+from instructrec.instruction import build as build_instruction
+from instructrec.modeling import load_model, minilm_path
+from instructrec.ranker import Ranker
+from instructrec.text import normalise, normalise_need
+
+from ..data.types import MAX_HISTORY, InteractionData
+from .candidates import CandidateCase
+
+SENTENCE_TRANSFORMERS_PIN = "sentence-transformers==6.2.0"
+
+
+class Method:
+    name: str = ""
+    family: str = ""  # "interaction" (reads ids only), "text" (reads text, untrained) or "instruction"
+    reads_need = False  # False: the scenario's instruction is invisible to it (one score per case)
+    train_seconds: float | None = None  # CPU training time of this method, when it was trained here
+    notes: str = ""
+
+    def version(self) -> str:
+        """Changes whenever the method would score differently (the result cache's key)."""
+        return self.name
+
+    def templates(self, scenario) -> list[str | None]:
+        return [None]
+
+    def score(self, cases: Sequence[CandidateCase], needs: Sequence[UserNeed], template: str | None,
+              candidate_file: str, progress: bool = False) -> list[list[float]]:
+        raise NotImplementedError
+
+
+class Popularity(Method):
+    family = "interaction"
+
+    def __init__(self, data: InteractionData, name: str = "popularity"):
+        self.name = name
+        # Training part only: every user's sequence without its validation and test items.
+        self.counts = Counter(x.item_id for seq in data.sequences.values() for x in seq[:-2])
+        self.train_seconds = 0.0
+        self.notes = "item frequency in the training part (all users, last two interactions excluded)"
+
+    def version(self) -> str:
+        return f"{self.name}:{len(self.counts)}:{sum(self.counts.values())}"
+
+    def score(self, cases, needs, template, candidate_file, progress=False):
+        return [[float(self.counts.get(c, 0)) for c in case.candidates] for case in cases]
+
+
+class BiEncoder(Method):
+    family = "text"
+    reads_need = True
+
+    def __init__(self, data: InteractionData, model_path: str | Path | None = None, name: str = "minilm-bi-encoder",
+                 device: str = "cpu", batch_size: int = 128, cache_dir: str | Path | None = None, progress: bool = False):
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError as exc:
+            raise RuntimeError(f"the bi-encoder baseline needs sentence-transformers: pip install '{SENTENCE_TRANSFORMERS_PIN}' "
+                               "(or the 'eval' extra)") from exc
+        self.name = name
+        self.data = data
+        self.model_path = str(model_path or minilm_path())
+        self.model = SentenceTransformer(self.model_path, device=device)
+        self.batch_size = batch_size
+        self._cache: dict[str, np.ndarray] = {}
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.progress = progress
+        self.train_seconds = 0.0
+        self.notes = "all-MiniLM-L6-v2, zero-shot; query = mean of history title embeddings + preference + query text"
+
+    def version(self) -> str:
+        return f"{self.name}:{Path(self.model_path).name}:v1"
+
+    def embed(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        if missing:
+            vecs = self.model.encode(missing, batch_size=self.batch_size, normalize_embeddings=True,
+                                     convert_to_numpy=True, show_progress_bar=progress)
+            self._cache.update(zip(missing, vecs))
+        return np.stack([self._cache[t] for t in texts]) if texts else np.zeros((0, 384), dtype=np.float32)
+
+    def query(self, need: UserNeed) -> np.ndarray:
+        parts = []
+        if need.history:
+            h = self.embed(list(need.history)).mean(axis=0)
+            parts.append(h / (np.linalg.norm(h) or 1.0))
+        parts += [self.embed([t])[0] for t in (need.preference, need.intention) if t]
+        q = np.sum(parts, axis=0)
+        return q / (np.linalg.norm(q) or 1.0)
+
+    def score(self, cases, needs, template, candidate_file, progress=False):
+        titles = [self.data.title(c) for case in cases for c in case.candidates]
+        self.embed(titles, progress=progress)
+        out = []
+        for case, need in zip(cases, needs):
+            cand = self.embed([self.data.title(c) for c in case.candidates])
+            out.append([float(x) for x in cand @ self.query(need)])
+        return out
+
+    def catalogue(self, ids: list[str]) -> np.ndarray:
+        """Embeddings of every item title, kept on disk (the catalogue takes minutes on a CPU)."""
+        titles = [self.data.title(i) for i in ids]
+        path = None
+        if self.cache_dir is not None:
+            digest = hashlib.sha256("\n".join([self.version(), *titles]).encode()).hexdigest()[:16]
+            path = self.cache_dir / f"titles-{digest}.npy"
+            if path.exists():
+                matrix = np.load(path)
+                self._cache.update(zip(titles, matrix))
+                return matrix
+        matrix = self.embed(titles, progress=self.progress)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, matrix)
+        return matrix
+
+    def retrieve(self, cases, k: int) -> list[list[str]]:
+        """The matching stage for hard negatives: items nearest to the user's recent history."""
+        ids = sorted(self.data.items)
+        matrix = self.catalogue(ids)
+        out = []
+        for case in cases:
+            q = self.query(UserNeed(history=tuple(self.data.title(i) for i in case.history[-MAX_HISTORY:])))
+            sims = matrix @ q
+            top = np.argpartition(-sims, min(k, len(ids) - 1))[:k]
+            out.append([ids[i] for i in top[np.argsort(-sims[top], kind="stable")]])
+        return out
+
+
+class InstructionModel(Method):
+    """Scores exactly what the /rerank service scores for the same need: need texts and
+    candidate titles are normalised like the service's request texts
+    (:func:`instructrec.text.normalise`), and identical titles in one case are scored once
+    (equal titles get equal scores, as the service's per-text scoring gives them)."""
+
+    family = "instruction"
+    reads_need = True
+    TEXT = "svc-text-1"  # the text path above; part of version(), so units scored before it are recomputed
+
+    def __init__(self, data: InteractionData, model: str | Path, name: str | None = None, *, device: str = "auto",
+                 dtype: str = "auto", reduction: str = "mean", group: int = 8, batch_tokens: int = 4096):
+        from instructrec.checkpoint import checkpoint_version
+
+        self.data = data
+        self.loaded = load_model(model, device=device, dtype=dtype)
+        meta = self.loaded.meta
+        self.ranker = Ranker(self.loaded, reduction=reduction, batch_tokens=batch_tokens)  # the tuned token limits
+        self.name = name or (Path(str(model)).parent.name if Path(str(model)).name == "model" else Path(str(model)).name)
+        self.group = group
+        path = Path(str(model))
+        self._version = checkpoint_version(path) if path.is_dir() else str(model)
+        # training steps over every resumed run when the checkpoint records them, else the last run's wall time
+        self.train_seconds = (meta.get("train_seconds_total") or meta.get("train_seconds_this_run")) if meta else 0.0
+        self.max_history = (meta.get("preset") or {}).get("max_history", MAX_HISTORY) if meta else MAX_HISTORY
+        data_meta = meta.get("data", {}) if meta else {}
+        count = lambda key: f"{data_meta[key]:,}" if isinstance(data_meta.get(key), int) else "?"  # noqa: E731
+        self.notes = (f"{meta.get('base_model')} tuned {meta.get('steps')} steps on {data_meta.get('name')} "
+                      f"({count('users')} users, {count('examples')} generated instructions)"
+                      if meta else f"{model}, untuned")
+
+    def version(self) -> str:
+        r = self.ranker
+        return (f"{self.name}:{self._version}:{self.loaded.precision}:{r.reduction}:{r.max_source_tokens}:"
+                f"{r.max_target_tokens}:{self.TEXT}")
+
+    def templates(self, scenario) -> list[str | None]:
+        return [t.id for t in scenario.templates()]
+
+    def sources(self, needs: Sequence[UserNeed], template: str | None) -> list[str]:
+        tok = self.loaded.tokenizer
+        return [build_instruction(normalise_need(n), tok, self.ranker.max_source_tokens, template_id=template).source
+                for n in needs]
+
+    def score(self, cases, needs, template, candidate_file, progress=False):
+        sources = self.sources(needs, template)
+        out: list[list[float]] = []
+        bar = tqdm(total=len(cases), desc=f"{self.name} {template}", unit="case", disable=not progress, leave=False)
+        for i in range(0, len(cases), self.group):
+            titles = [[normalise(self.data.title(c)) for c in case.candidates] for case in cases[i:i + self.group]]
+            distinct = [list(dict.fromkeys(t)) for t in titles]
+            scored = self.ranker.score_many(list(zip(sources[i:i + self.group], distinct)))
+            for t, d, s in zip(titles, distinct, scored):
+                by_title = dict(zip(d, s.scores))
+                out.append([by_title[x] for x in t])
+            bar.update(len(titles))
+        bar.close()
+        return out
+
+
+class Precomputed(Method):
+    """Scores written by another process, per candidate file and user."""
+
+    family = "interaction"
+
+    def __init__(self, name: str, scores: Mapping[str, Mapping[str, Sequence[float]]], version: str,
+                 train_seconds: float | None = None, notes: str = ""):
+        self.name = name
+        self.scores = {str(Path(k).resolve()): v for k, v in scores.items()}
+        self._version = version
+        self.train_seconds = train_seconds
+        self.notes = notes
+
+    def version(self) -> str:
+        return f"{self.name}:{self._version}"
+
+    def score(self, cases, needs, template, candidate_file, progress=False):
+        table = self.scores.get(str(Path(candidate_file).resolve()))
+        if table is None:
+            raise KeyError(f"{self.name} has no scores for {candidate_file}")
+        out = []
+        for case in cases:
+            s = table.get(case.user_id)
+            if s is None or len(s) != len(case.candidates):
+                raise KeyError(f"{self.name}: no scores (or the wrong number) for user {case.user_id} in {candidate_file}")
+            out.append([float(x) for x in s])
+        return out
+
+
+def timed_score(method: Method, *args, **kw) -> tuple[list[list[float]], float]:
+    start = time.perf_counter()
+    scores = method.score(*args, **kw)
+    return scores, time.perf_counter() - start

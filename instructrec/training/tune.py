@@ -1,0 +1,515 @@
+"""Instruction tuning (paper Eq. 1): minimise the negative log-likelihood of the target
+response given the instruction, over a mixture of templates and task forms.
+
+Built on the HF Trainer, which brings what a long CPU or multi-GPU run needs: progress
+bars, bf16 autocast, gradient accumulation, DDP through ``accelerate launch``/``torchrun``,
+and resumable checkpoints (model, optimizer, scheduler, RNG and data position). On top
+of it this module adds the recommender's own validation (HR@1 of the likelihood ranker
+on held-out cases, the metric that picks the best checkpoint) and the output layout:
+
+    OUT/instructions.jsonl    the generated instruction data (reused on resume)
+    OUT/annotations.jsonl     teacher annotations (a resumable cache)
+    OUT/checkpoints/          Trainer checkpoints for resuming after a crash or kill -9
+    OUT/best/                 the best model by validation HR@1 so far
+    OUT/model/                the final model: HF directory + instructrec.json
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from instructrec.aspects import UserNeed
+from instructrec.checkpoint import read_meta, write_meta
+from instructrec.instruction import build as build_instruction
+from instructrec.modeling import PREFIX_LM, LoadedModel, build_base, cpu_has_bf16, cuda_has_bf16, cut_decoder, resolve_device
+from instructrec.ranker import Ranker, decoder_start_id, eos_id, target_ids
+from instructrec.records import platform_brief
+from instructrec.templates import TEMPLATE_VERSION
+
+from . import distributed
+from .data.load import load_dataset
+from .data.types import Case, InteractionData
+from .instructions import Example, Mixture, build_examples, read_examples, summary, write_examples
+from .metrics import candidate_set, metrics_from_ranks, rank_of
+from .objectives import OBJECTIVES, ListwiseCollator, NegativeSampler, attach_negatives, freeze_bottom, listwise_loss
+from .presets import Preset
+
+log = logging.getLogger(__name__)
+# EncoderDecoderModel warns on every step that its loss moved into the framework in v4.12.
+warnings.filterwarnings("ignore", message="Version v4.12.0 introduces a better way", category=FutureWarning)
+
+EVAL_SEED = 2023  # candidate sets for validation are fixed by this seed
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def validation_metrics(model, tokenizer, data: InteractionData, cases: list[Case], preset: Preset,
+                       device: torch.device, n_negatives: int = 9, kind: str = "seq2seq") -> dict[str, float]:
+    """HR/NDCG of the likelihood ranker on ``cases`` (1 positive + ``n_negatives``), serving path,
+    several cases per call (:mod:`instructrec.training.validation`; full forwards on every process for a
+    sharded model)."""
+    from .validation import score_cases
+
+    was_training = model.training
+    model.eval()
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, name="training", kind=kind, device=device,
+                         dtype=next(model.parameters()).dtype)
+    ranker = Ranker(loaded, max_source_tokens=preset.max_source_tokens, max_target_tokens=preset.max_target_tokens)
+    encoded, positives = [], []
+    for case in cases:
+        need = UserNeed(history=tuple(data.title(i) for i in case.history))
+        inst = build_instruction(need, tokenizer, ranker.max_source_tokens)
+        cands = candidate_set(data, case, n_negatives, EVAL_SEED)
+        encoded.append(ranker.encode(inst.source, [data.title(c) for c in cands]))
+        positives.append(cands.index(case.target))
+    try:
+        with torch.inference_mode():
+            scores = score_cases(ranker, encoded)
+    finally:
+        model.train(was_training)
+    return metrics_from_ranks([rank_of(s, p) for s, p in zip(scores, positives)])
+
+
+class _Examples(torch.utils.data.Dataset):
+    def __init__(self, features: list[dict]):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.features[i]
+
+
+def tokenize_examples(examples: list[Example], tokenizer, preset: Preset, eos: int) -> list[dict]:
+    sources = tokenizer([e.source for e in examples], truncation=True, max_length=preset.max_source_tokens)["input_ids"]
+    feats = []
+    for ids, ex in zip(sources, examples):
+        labels, _ = target_ids(tokenizer, ex.target, preset.max_target_tokens, eos)
+        feats.append({"input_ids": ids, "labels": labels})
+    return feats
+
+
+def annotate_offline(data: InteractionData, cases: list[Case], path: Path, progress: bool) -> dict:
+    """Fine-grained annotations from the offline teacher, cached in ``path`` (resumable)."""
+    from .annotate.offline import OfflineTeacher
+    from .annotate.pipeline import annotate_cases, load_annotations
+    from .annotate.teachers import Kind
+
+    asyncio.run(annotate_cases(data, cases, OfflineTeacher(), list(Kind), path, progress=progress))
+    return load_annotations(path)
+
+
+def _last_good_checkpoint(directory: Path) -> str | None:
+    """The newest Trainer checkpoint that was written completely (kill -9 can leave a partial one)."""
+    if not directory.is_dir():
+        return None
+    found = []
+    for d in directory.glob("checkpoint-*"):
+        try:
+            step = int(d.name.split("-")[-1])
+        except ValueError:
+            continue
+        optimizer = (d / "optimizer.pt").is_file() or (d / "optimizer.bin").is_file()  # .bin: FSDP's
+        if (d / "trainer_state.json").is_file() and any(d.glob("*.safetensors")) and optimizer:
+            found.append((step, d))
+    return str(max(found)[1]) if found else None
+
+
+def _save_model_dir(model, tokenizer, target: Path, meta: dict, state_dict: dict | None = None) -> None:
+    """Write an HF model directory atomically (a temp dir renamed into place); ``state_dict``: the
+    full weights gathered from a sharded model."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    to_save = model
+    if hasattr(model, "merge_and_unload"):  # a peft model: save the merged weights, serving needs no peft
+        import copy
+
+        to_save = copy.deepcopy(model).merge_and_unload()
+    to_save.save_pretrained(tmp, state_dict=state_dict)
+    tokenizer.save_pretrained(tmp)
+    write_meta(tmp, meta)
+    old = target.with_name(target.name + ".old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_final(trainer, tokenizer, target: Path, meta: dict) -> None:
+    """Save the trained model from every process's call: a sharded model's full state is gathered
+    first (a collective), then the main process writes the directory while the others wait."""
+    model = trainer.model
+    state = None
+    if distributed.sharded(model):
+        if hasattr(model, "merge_and_unload"):
+            raise TrainingError("LoRA adapters with a sharded model (FSDP/ZeRO-3) are not supported; "
+                                "train LoRA on one GPU or without sharding")
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    distributed.on_main(lambda: _save_model_dir(model, tokenizer, target, meta, state_dict=state))
+
+
+def train(preset: Preset, out: str | Path, *, data_path: str | None = None, annotations_path: str | None = None,
+          device: str | None = None, bf16: bool | None = None, lora: bool = False, resume: bool = True,
+          progress: bool = True) -> dict:
+    """Run (or resume) one instruction-tuning job; returns the final model's metadata."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lora = lora or preset.lora
+    dev = resolve_device(device)
+    distributed.init(cpu=dev.type == "cpu")  # under torchrun: shared files are the main process's
+    if not resume:
+        distributed.on_main(lambda: _start_over(out))
+    use_bf16 = bf16 if bf16 is not None else (
+        (dev.type == "cuda" and cuda_has_bf16(dev)) or (dev.type == "cpu" and cpu_has_bf16()))
+
+    data, split, model, tokenizer, kind = _data_and_base(preset, data_path)
+    eos = eos_id(tokenizer, model)
+    train_cases = _seeded_subset(split.train, preset.max_cases, preset.seed) if preset.max_cases else split.train
+    examples = _instruction_examples(data, train_cases, tokenizer, preset, out, annotations_path, resume, progress)
+    stats = summary(examples)
+    if distributed.is_main():
+        (out / "instructions_summary.json").write_text(json.dumps(stats, indent=2) + "\n")
+    features = _features(examples, data, split, tokenizer, preset, eos)
+    valid_cases = _seeded_subset(split.valid, preset.eval_users, preset.seed, key=lambda c: c.user_id)
+
+    model = _trainable(model, kind, preset, lora)
+    base_meta = {
+        "base_model": preset.base,
+        "template_version": TEMPLATE_VERSION,
+        "preset": asdict(preset),
+        "data": {"name": data.name, "source": data.source, "users": len(data.sequences), "items": len(data.items),
+                 "train_cases": len(split.train), "cases_used": len(train_cases), "examples": len(examples), "validation_cases": len(valid_cases)},
+        "instructions": stats,
+        "lora": lora,
+        "bf16": use_bf16,
+        "device": str(dev),
+        "machine": platform_brief(),
+    }
+    run = _Run(preset=preset, data=data, valid_cases=valid_cases, tokenizer=tokenizer, kind=kind,
+               base_meta=base_meta, best_dir=out / "best", start_id=decoder_start_id(model),
+               pad_id=tokenizer.pad_token_id or 0)
+    run.best = read_meta(run.best_dir).get("validation", {}).get("hr@1", -1.0) if run.best_dir.exists() else -1.0
+    trainer = _trainer(run, model, features, out, dev, use_bf16, progress)
+    ckpt = distributed.from_main(_last_good_checkpoint(out / "checkpoints") if resume else None)
+    if ckpt:
+        log.info("resuming from %s", ckpt)
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=ckpt)
+    wall = time.perf_counter() - started
+    return _publish(run, trainer, out, result, wall, ckpt)
+
+
+def _start_over(out: Path) -> None:
+    """Drop a previous run's outputs (the annotation cache stays valid: it is keyed by request)."""
+    for stale in ("checkpoints", "best", "model"):
+        shutil.rmtree(out / stale, ignore_errors=True)
+    (out / "instructions.jsonl").unlink(missing_ok=True)
+
+
+def _data_and_base(preset: Preset, data_path: str | None):
+    """The data (and its split) and the base model, after checking the preset can train it."""
+    data = load_dataset(data_path or preset.data)
+    if preset.users:
+        data = data.sample_users(preset.users, seed=preset.seed)
+    split = data.split(preset.max_history)
+    model, tokenizer, kind = build_base(preset.base)
+    if kind not in ("seq2seq", PREFIX_LM):
+        raise TrainingError(f"base model {preset.base!r} is a {kind} model; instruction tuning here trains "
+                            "encoder-decoders and the prefix-LM")
+    if kind == PREFIX_LM and preset.freeze_encoder:
+        raise TrainingError("a prefix-LM has no separate encoder: use --frozen-layers N instead of --freeze-encoder")
+    if preset.objective not in OBJECTIVES:
+        raise TrainingError(f"unknown objective {preset.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if preset.objective == "listwise" and distributed.world_size() > 1:
+        # the loss calls the encoder and decoder directly, outside DDP's forward, so
+        # gradients would not be synchronised across processes
+        raise TrainingError("--objective listwise runs in one process (one GPU or the CPU); "
+                            "use --objective mle for multi-process (DDP) runs")
+    if preset.decoder_layers:
+        cut_decoder(model, preset.decoder_layers)
+    return data, split, model, tokenizer, kind
+
+
+def _seeded_subset(cases: list[Case], limit: int, seed: int, key=None) -> list[Case]:
+    """At most ``limit`` of ``cases``, a seeded sample (sorted by ``key`` if given) when there are more."""
+    if len(cases) <= limit:
+        return cases
+    import random
+
+    picked = random.Random(seed).sample(cases, limit)
+    return sorted(picked, key=key) if key else picked
+
+
+def _instruction_examples(data: InteractionData, cases: list[Case], tokenizer, preset: Preset, out: Path,
+                          annotations_path: str | None, resume: bool, progress: bool) -> list[Example]:
+    """The run's instruction examples: reused from OUT when resuming, else built by the main
+    process (annotating first unless annotations are given) and read back by the others."""
+    examples_path = out / "instructions.jsonl"
+    if distributed.from_main(examples_path.exists() and resume):
+        examples = read_examples(examples_path)
+        log.info("reusing %d instruction examples from %s", len(examples), examples_path)
+    else:
+        def build_and_write():  # the main process annotates and writes; the others read its file
+            if annotations_path:
+                from .annotate.pipeline import read_annotations_file
+
+                annotations = read_annotations_file(annotations_path)
+            else:
+                annotations = annotate_offline(data, cases, out / "annotations.jsonl", progress)
+            built = build_examples(data, cases, annotations, tokenizer, preset.max_source_tokens,
+                                   seed=preset.seed, mixture=Mixture(per_case=preset.per_case, history_share=preset.history_share))
+            write_examples(examples_path, built)
+            return built
+
+        examples = distributed.on_main(build_and_write)
+        if examples is None:
+            examples = read_examples(examples_path)
+    if not examples:
+        raise TrainingError(f"no training examples could be built from {data.source or data.name}")
+    return examples
+
+
+def _features(examples: list[Example], data: InteractionData, split, tokenizer, preset: Preset, eos: int) -> list[dict]:
+    """Token ids per example, with sampled negatives for the listwise objective."""
+    features = tokenize_examples(examples, tokenizer, preset, eos)
+    if preset.objective == "listwise":
+        # popularity over every training case of the data, not only the sampled ones
+        sampler = NegativeSampler(data, split.train, popular=preset.popular_negatives, uniform=preset.uniform_negatives)
+        listed = attach_negatives(features, examples, data, sampler, tokenizer, preset.max_target_tokens, eos, preset.seed)
+        log.info("listwise: %d of %d examples contrast their target with %d negatives", listed, len(features),
+                 preset.popular_negatives + preset.uniform_negatives)
+    return features
+
+
+def _trainable(model, kind: str, preset: Preset, lora: bool):
+    """The model with what this run trains: LoRA adapters, or the weights left unfrozen."""
+    if lora and kind != "seq2seq":
+        raise TrainingError("--lora trains adapters of a seq2seq model (e.g. Flan-T5); the prefix-LM trains in full")
+    if lora:
+        try:
+            from peft import LoraConfig, TaskType, get_peft_model
+        except ImportError as exc:
+            raise TrainingError("--lora needs peft: pip install 'instructrec[lora]'") from exc
+        model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=16, lora_alpha=32,
+                                                 lora_dropout=0.05, target_modules="all-linear"))
+    distributed.freeze_unused(model)
+    if preset.freeze_encoder:
+        for param in model.get_encoder().parameters():
+            param.requires_grad_(False)
+    if preset.frozen_layers:
+        if kind != PREFIX_LM:
+            raise TrainingError("--frozen-layers applies to a prefix-LM; use --freeze-encoder for an encoder-decoder")
+        freeze_bottom(model, preset.frozen_layers)
+    return model
+
+
+@dataclass
+class _Run:
+    """What the trainer's hooks share over one run: validation inputs, the metadata written with
+    each saved model, the best validation HR@1 so far, training-step time, listwise loss terms."""
+
+    preset: Preset
+    data: InteractionData
+    valid_cases: list[Case]
+    tokenizer: object
+    kind: str
+    base_meta: dict
+    best_dir: Path
+    start_id: int
+    pad_id: int
+    best: float = -1.0
+    train_seconds: float = 0.0
+    examples: int = 0
+    prior_seconds: float | None = None
+    loss_parts: dict[str, list[float]] = field(default_factory=dict)
+
+    def seconds_total(self, state=None) -> float:
+        """Seconds of training steps over every run of this output folder (resumes included)."""
+        if self.prior_seconds is None and state is not None:
+            self.prior_seconds = next((h["train_seconds_total"] for h in reversed(state.log_history)
+                                       if "train_seconds_total" in h), 0.0)
+        return round((self.prior_seconds or 0.0) + self.train_seconds, 1)
+
+
+@functools.cache
+def _trainer_classes():
+    """The Trainer subclass and callback (defined on first use: transformers loads lazily)."""
+    from transformers import Trainer, TrainerCallback
+
+    class RecTrainer(Trainer):
+        """The Trainer with the listwise loss, training-time logs, and validation by ranking
+        that saves the best model so far."""
+
+        def __init__(self, *args, run: _Run, **kwargs):
+            self.run = run
+            super().__init__(*args, **kwargs)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if "cand_labels" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            run = self.run
+            loss, parts = listwise_loss(model, inputs, start_id=run.start_id, pad_id=run.pad_id,
+                                        mle_weight=run.preset.mle_weight)
+            for k, v in parts.items():
+                run.loss_parts.setdefault(k, []).append(v)
+            return (loss, None) if return_outputs else loss
+
+        def log(self, logs, *args, **kwargs):
+            parts = self.run.loss_parts
+            if "loss" in logs and parts:  # the listwise terms, averaged since the last log
+                logs.update({k: round(sum(v) / len(v), 4) for k, v in parts.items()})
+                parts.clear()
+            # training seconds and examples so far, over every resumed run (the learning curve's x axes)
+            logs["train_seconds_total"] = self.run.seconds_total(self.state)
+            logs["examples_seen"] = self.state.global_step * self.args.per_device_train_batch_size \
+                * self.args.gradient_accumulation_steps * max(1, self.args.world_size)
+            super().log(logs, *args, **kwargs)
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            start = time.perf_counter()
+            metrics = {f"{metric_key_prefix}_{k}": v for k, v in self._validate().items()}
+            metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - start, 2)
+            self.log(dict(metrics))
+            run = self.run
+            hr1 = metrics[f"{metric_key_prefix}_hr@1"]
+            if hr1 > run.best:  # the same metrics on every process
+                run.best = hr1
+                meta = {**run.base_meta, "steps": self.state.global_step, "train_seconds_total": run.seconds_total(self.state),
+                        "validation": {k.removeprefix(f"{metric_key_prefix}_"): v for k, v in metrics.items()}}
+                _save_final(self, run.tokenizer, run.best_dir, meta)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
+
+        def _validate(self) -> dict[str, float]:
+            run = self.run
+
+            # Under Trainer the model's forward autocasts when bf16 is on; rank under the same
+            # autocast so every part of the fast path computes in one dtype.
+            def validate():
+                with torch.autocast(self.args.device.type, dtype=torch.bfloat16, enabled=bool(self.args.bf16)):
+                    return validation_metrics(self.model, run.tokenizer, run.data, run.valid_cases, run.preset,
+                                              self.args.device, kind=run.kind)
+
+            # a sharded model validates on every process; otherwise the main one does, the others wait
+            if distributed.sharded(self.model):
+                return validate()
+            return distributed.from_main(distributed.on_main(validate))
+
+    class Throughput(TrainerCallback):
+        """Examples per second over training steps only (evaluation excluded)."""
+
+        def __init__(self, run: _Run):
+            self.run = run
+
+        def on_step_begin(self, args, state, control, **kw):
+            self._t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.run.train_seconds += time.perf_counter() - self._t
+            self.run.examples += args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+
+    return RecTrainer, Throughput
+
+
+def _training_arguments(preset: Preset, out: Path, dev: torch.device, use_bf16: bool, progress: bool):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=preset.batch_size,
+        gradient_accumulation_steps=preset.grad_accum,
+        max_steps=preset.max_steps,
+        learning_rate=preset.learning_rate,
+        warmup_steps=preset.warmup_steps,
+        weight_decay=preset.weight_decay,
+        lr_scheduler_type="linear",
+        optim="adamw_torch",
+        bf16=use_bf16,
+        use_cpu=dev.type == "cpu",
+        eval_strategy="steps",
+        eval_steps=preset.eval_steps,
+        save_strategy="steps",
+        save_steps=preset.save_steps,
+        save_total_limit=preset.save_total_limit,
+        activation_checkpointing=preset.gradient_checkpointing,  # --gradient-checkpointing
+        # non-reentrant: works with frozen inputs (LoRA, a frozen encoder) and under FSDP
+        activation_checkpointing_kwargs={"use_reentrant": False} if preset.gradient_checkpointing else None,
+        ddp_find_unused_parameters=False,  # every trainable parameter is used (the encoder pooler is frozen)
+        logging_steps=preset.logging_steps,
+        train_sampling_strategy="group_by_length",
+        report_to="none",
+        seed=preset.seed,
+        data_seed=preset.seed,
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+
+
+def _trainer(run: _Run, model, features: list[dict], out: Path, dev: torch.device, use_bf16: bool, progress: bool):
+    from transformers import DataCollatorForSeq2Seq
+
+    RecTrainer, Throughput = _trainer_classes()
+    train_set = _Examples(features)
+    # the listwise path scores candidates itself; a prefix-LM trains through it for mle too (no negatives)
+    collator = (ListwiseCollator(run.pad_id) if run.preset.objective == "listwise" or run.kind == PREFIX_LM
+                else DataCollatorForSeq2Seq(run.tokenizer, model=model, label_pad_token_id=-100))
+    trainer = RecTrainer(
+        model=model,
+        args=_training_arguments(run.preset, out, dev, use_bf16, progress),
+        data_collator=collator,
+        train_dataset=train_set,
+        eval_dataset=train_set,  # unused: evaluate() ranks validation cases instead
+        processing_class=run.tokenizer,
+        callbacks=[Throughput(run)],
+        run=run,
+    )
+    # T5's forward takes **kwargs, so the Trainer would take its loss for one already divided by the
+    # target tokens of the whole accumulated batch across processes (it is a plain per-batch mean),
+    # skip the division by the accumulation steps and multiply by the number of processes: the loss
+    # and gradients would be scaled by both. Declared as it is, the Trainer divides the mean by the
+    # accumulation steps and DDP averages across processes.
+    trainer.model_accepts_loss_kwargs = False
+    return trainer
+
+
+def _publish(run: _Run, trainer, out: Path, result, wall: float, ckpt: str | None) -> dict:
+    """The final model in OUT/model: the best validated one (with this run's numbers), else the last."""
+    final_meta = {**run.base_meta, "steps": trainer.state.global_step,
+                  "examples_per_second": round(run.examples / run.train_seconds, 2) if run.train_seconds else None,
+                  "train_seconds_this_run": round(wall, 1), "train_seconds_total": run.seconds_total(trainer.state),
+                  "train_loss": result.training_loss,
+                  "resumed_from": ckpt}
+    best_dir = run.best_dir
+    if distributed.from_main(best_dir.exists()):
+        best_meta = read_meta(best_dir)
+        final_meta["validation"] = best_meta.get("validation", {})
+        final_meta["best_step"] = best_meta.get("steps")
+
+        def publish_best():  # copied beside, then renamed into place: never a half-copied model/
+            tmp = out / "model.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(best_dir, tmp)
+            write_meta(tmp, final_meta)
+            if (out / "model").exists():
+                shutil.rmtree(out / "model")
+            tmp.rename(out / "model")
+
+        distributed.on_main(publish_best)
+    else:
+        _save_final(trainer, run.tokenizer, out / "model", final_meta)
+    return final_meta

@@ -1,0 +1,113 @@
+"""The project's structure drawn from its own imports: every arrow points down the layers
+
+    bench  ->  training  ->  core (instructrec)
+      \\----->  service  ---/
+
+(bench may import training and the service; nothing imports bench; the service and training
+do not import each other; the core imports none of them), and no package imports itself in a
+circle. Imports are read with ``ast``, lazy ones inside functions included."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# layer -> (package directory, dotted prefix); the core is instructrec minus the layers above it
+LAYERS = {"core": ("instructrec", "instructrec"), "service": ("instructrec/service", "instructrec.service"),
+          "training": ("instructrec/training", "instructrec.training"), "bench": ("instructrec/bench", "instructrec.bench")}
+ALLOWED = {"core": set(), "service": {"core"}, "training": {"core"}, "bench": {"core", "service", "training"}}
+
+
+def _layer(module: str) -> str | None:
+    best = None
+    for layer, (_, prefix) in LAYERS.items():
+        if module == prefix or module.startswith(prefix + "."):
+            if best is None or len(prefix) > len(LAYERS[best][1]):
+                best = layer
+    return best
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for layer, (folder, prefix) in LAYERS.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            rel = path.relative_to(ROOT / folder).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            name = ".".join([prefix, *parts])
+            if _layer(name) == layer:
+                found[name] = path
+    return found
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """Modules ``name`` imports (relative imports resolved against its package)."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            out.add(mod)
+            out |= {f"{mod}.{alias.name}" for alias in node.names}  # `from pkg import module`
+    return out
+
+
+def test_every_arrow_points_down_the_layers():
+    modules = _modules()
+    assert len(modules) > 50
+    wrong = []
+    for name, path in modules.items():
+        here = _layer(name)
+        for target in _imports(name, path):
+            there = _layer(target)
+            if there and there != here and there not in ALLOWED[here]:
+                wrong.append(f"{name} -> {target} ({here} -> {there})")
+    assert not wrong, "\n".join(sorted(wrong))
+
+
+def test_the_core_names_no_outer_module_by_string():
+    """No ``importlib.import_module("training....")`` behind the import statements' back: the core
+    holds no string that is the dotted name of a module above it."""
+    modules = _modules()
+    wrong = []
+    for name, path in modules.items():
+        if _layer(name) != "core":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in modules:
+                if _layer(node.value) != "core":
+                    wrong.append(f"{name}: {node.value!r}")
+    assert not wrong, wrong
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_no_import_circle(layer):
+    modules = _modules()
+    graph = {name: {t for t in _imports(name, path) if t in modules and t != name}
+             for name, path in modules.items() if _layer(name) == layer}
+    # a package's __init__ is run by importing any of its modules: not an edge of a circle
+    graph = {n: {t for t in ts if not n.startswith(t + ".")} for n, ts in graph.items()}
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                pytest.fail("import circle: " + " -> ".join(trail[trail.index(nxt):] + [node, nxt]))
+            if nxt in graph and not state.get(nxt):
+                visit(nxt, trail + [node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if not state.get(node):
+            visit(node, [])

@@ -1,0 +1,94 @@
+"""Every route's answer validates against the model it documents (``response_model`` for a
+success, ``responses[status]["model"]`` for an error), so the OpenAPI schema is the served one."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+from fastapi.routing import APIRoute
+
+from instructrec.service.app import create_app
+from instructrec.service.routes import router
+from instructrec.service.settings import Settings
+from tests.service_fixtures import ServerThread
+
+# a good and a bad request per route: (method, path, body)
+CALLS = [
+    ("GET", "/health", None),
+    ("GET", "/ready", None),
+    ("POST", "/rerank", {"history": ["Halo 3", "Doom"], "instruction": "co-op", "candidates": ["Halo 2", "Portal"]}),
+    ("POST", "/rerank", {"candidates": [{"id": 7, "title": "Halo 2"}, "Portal"], "return_scores": False, "top_n": 1}),
+    ("POST", "/rerank", {"candidates": []}),
+    ("POST", "/rerank", {"candidates": ["a"], "template": "no-such-template"}),
+    ("POST", "/v1/rerank", {"query": "space shooter", "documents": ["Halo 2", {"text": "Portal", "year": 2007}],
+                            "return_documents": True}),
+    ("POST", "/v1/rerank", {"query": "q", "documents": [{"title": "x"}]}),
+    ("POST", "/v2/rerank", {"query": "space shooter", "documents": ["Halo 2", "Portal"], "top_n": 1}),
+    ("POST", "/v2/rerank", {"query": "", "documents": ["Halo 2"]}),
+]
+
+
+def _routes() -> dict[str, APIRoute]:
+    return {r.path: r for r in router.routes if isinstance(r, APIRoute)}
+
+
+def _model_for(route: APIRoute, status: int):
+    if 200 <= status < 300:
+        return route.response_model
+    return route.responses[status]["model"]
+
+
+@pytest.fixture(scope="module")
+def client():
+    settings = Settings(model="tiny-random", device="cpu", dtype="float32", redis_url="", api_key="k",
+                        batch_tokens=1024, max_wait_ms=2)
+    with ServerThread(create_app(settings)) as srv:
+        srv.wait_ready()
+        with httpx.Client(base_url=srv.url, headers={"Authorization": "Bearer k"}, timeout=60) as c:
+            yield c
+
+
+def test_every_json_route_declares_its_models():
+    routes = _routes()
+    assert set(routes) == {"/rerank", "/v1/rerank", "/v2/rerank", "/health", "/ready", "/metrics"}
+    for path, route in routes.items():
+        if path == "/metrics":  # Prometheus text, not JSON
+            continue
+        assert route.response_model is not None, path
+        assert all("model" in spec for spec in route.responses.values()), path
+
+
+def test_every_route_answers_in_its_documented_shape(client):
+    routes = _routes()
+    seen: set[tuple[str, int]] = set()
+    for method, path, body in CALLS:
+        r = client.request(method, path, json=body)
+        model = _model_for(routes[path], r.status_code)
+        model.model_validate(r.json())
+        seen.add((path, r.status_code))
+    # each rerank route answered both a success and an error; the probes answered 200
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        assert (path, 200) in seen and any(p == path and s >= 400 for p, s in seen), path
+    assert ("/health", 200) in seen and ("/ready", 200) in seen
+    unauthorised = client.post("/rerank", json=CALLS[2][2], headers={"Authorization": "Bearer wrong"})
+    assert unauthorised.status_code == 401
+    _model_for(routes["/rerank"], 401).model_validate(unauthorised.json())
+    assert client.get("/metrics").text.startswith("#")
+
+
+def test_probes_after_a_failed_load(tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # a directory that is no model: the load fails
+    app = create_app(Settings(model=str(tmp_path), redis_url=""))
+    routes = _routes()
+    with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        for _ in range(200):
+            if app.state.service.load_error:
+                break
+            time.sleep(0.05)
+        for path in ("/health", "/ready"):
+            r = c.get(path)
+            assert r.status_code == 503
+            body = _model_for(routes[path], 503).model_validate(r.json())
+            assert body.status == "failed"
