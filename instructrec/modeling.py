@@ -192,13 +192,16 @@ def _configure_prefix_lm(model, tokenizer) -> None:
     model.config.eos_token_id = tokenizer.sep_token_id
 
 
-def build_minilm_prefix_lm():
+def build_minilm_prefix_lm(seed: int = 0):
     """The prefix-LM warm-started from all-MiniLM-L6-v2 (23 M parameters): every attention
     weight is pretrained; only the head's transform starts random, its output layer is the
-    word embeddings."""
+    word embeddings. The random part is seeded (without touching the caller's RNG): a
+    built-in is versioned by its name, so every load must give the same weights."""
     from .prefixlm import build_from_bert
 
-    model = build_from_bert(str(minilm_path()))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_from_bert(str(minilm_path()))
     tokenizer = minilm_tokenizer()
     _configure_prefix_lm(model, tokenizer)
     return model, tokenizer

@@ -100,3 +100,18 @@ def test_mixed_passes_respect_the_copy_allowance():
     tight = tight_ranker.score_many(requests)
     for a, b in zip(roomy, tight):
         assert a.scores == pytest.approx(b.scores, abs=1e-5)
+
+
+def test_minilm_prefix_lm_is_the_same_model_at_every_load():
+    """A built-in is versioned (and its scores cached) by its name: its random head transform is
+    seeded, whatever state the caller's RNG is in, and loading it leaves that state alone."""
+    from instructrec.modeling import MINILM_PREFIX
+
+    weights = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        before = torch.random.get_rng_state()
+        model = load_model(MINILM_PREFIX, device="cpu", dtype="float32").model
+        assert torch.equal(torch.random.get_rng_state(), before)
+        weights.append(model.cls.predictions.transform.dense.weight)
+    assert torch.equal(*weights)
