@@ -257,6 +257,17 @@ def test_score_many_equals_one_request_at_a_time(models, name, invariant):
             alone.source_tokens, alone.target_tokens, alone.targets_truncated)
 
 
+@pytest.mark.parametrize("name", [TINY, TINY_T5, TINY_CAUSAL, "tiny-random-prefixlm"])
+def test_batch_invariant_scores_are_those_of_the_request_alone_bit_for_bit(models, name):
+    """In bf16, where sharing passes moves scores, a request scored among others gets exactly
+    the scores it gets alone (the default); sharing passes is opt-in."""
+    ranker = Ranker(models(name, "bfloat16"), batch_tokens=64)
+    probe = (SOURCE, CANDS[:9])
+    others = [(OTHER_SOURCE, CANDS[9:15]), ("short one", CANDS[3:5]), (SOURCE + " and more" * 4, CANDS[12:21])]
+    alone = ranker.score_many([probe])[0].scores
+    assert ranker.score_many([others[0], probe, *others[1:]])[1].scores == alone
+
+
 def test_score_many_shares_passes_across_requests(models):
     """Ten small requests go through fewer decoder passes than ten separate calls: one probe
     step for all instructions, then the candidates of every request bucketed together."""

@@ -424,8 +424,10 @@ def soak_table(s: dict[str, Any]) -> str:
          else f"{s['cache_errors_while_redis_up']:g}"],
         ["cache errors in all", "–" if s["cache_errors_after"] is None
          else f"{s['cache_errors_after'] - (s['cache_errors_before'] or 0):g}"],
-        ["p50 / p95 / p99 of answered", f"{_ms(s['p50_ms'])} / {_ms(s['p95_ms'])} / "
-                                        f"{_ms(s['p99_ms'])} ms"],
+        ["p50 / p95 / p99 of answered, client side", f"{_ms(s['p50_ms'])} / {_ms(s['p95_ms'])} / "
+                                                     f"{_ms(s['p99_ms'])} ms"],
+        ["p50 / p95 / p99 of answered, server side", f"{_ms(s.get('server_p50_ms'))} / {_ms(s.get('server_p95_ms'))} / "
+                                                     f"{_ms(s.get('server_p99_ms'))} ms"],
         ["answered per second", _f(s["requests_per_s"], 1)],
         ["verdict", "passed" if s["passed"] else "**failed**"],
     ]

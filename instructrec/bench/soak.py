@@ -18,7 +18,9 @@ What an operator needs before trusting a deployment, in one run on loopback:
    within 1e-4; every refusal is a 429 or 503 carrying Retry-After; every request gets an answer
    (a timeout or a broken connection is *lost*).
 
-Reported: p50/p95/p99 of the answered requests, requests/s, outcomes by status, the cache hit
+Reported: p50/p95/p99 of the answered requests (as the clients saw them, and the service's own
+time from its ``Server-Timing`` header: with 200 clients on the same two cores, the load
+generator's own event loop adds its share), requests/s, outcomes by status, the cache hit
 ratio in twenty windows of the run, and ``instructrec_cache_errors_total`` at the start, at the
 fault's edges and at the end, so the errors while Redis was up are known.
 """
@@ -38,7 +40,8 @@ from typing import Any, Sequence
 from instructrec.service.loopback import RedisServer
 
 from . import report
-from .service_bench import BenchError, ChildServer, Workload, _parse_sets, _Server, _settings, _value, loopback_error, scrape
+from .service_bench import (BenchError, ChildServer, Workload, _parse_sets, _Server, _server_ms, _settings, _value,
+                            loopback_error, scrape)
 
 SCORE_TOLERANCE = 1e-4
 STOP_AT, START_AT, BURST_AT = 0.3, 0.6, 0.8
@@ -54,7 +57,8 @@ class Outcome:
     seq: int  # send order (the burst's requests come after the others)
     ref: int  # which distinct request
     status: str  # HTTP status, or "lost: <why>"
-    latency_ms: float
+    latency_ms: float  # as the client saw it
+    server_ms: float | None = None  # the service's own time to its response headers (Server-Timing)
     retry_after: bool = False
     hits: int = 0
     misses: int = 0
@@ -175,7 +179,7 @@ async def _load(url: str, bodies: Sequence[bytes], refs, plan: Sequence[int], cl
                 outcomes.append(Outcome(seq, ref, f"lost: {type(exc).__name__}", (time.perf_counter() - t0) * 1000,
                                         burst=is_burst))
                 return 0.0
-            o = Outcome(seq, ref, str(r.status_code), (time.perf_counter() - t0) * 1000,
+            o = Outcome(seq, ref, str(r.status_code), (time.perf_counter() - t0) * 1000, _server_ms(r.headers),
                         retry_after="retry-after" in r.headers, burst=is_burst)
             if r.status_code == 200:
                 body = r.json()
@@ -259,6 +263,7 @@ def summarize(outcomes: list[Outcome], wall: float, log: FaultLog, before: float
               total: int) -> dict[str, Any]:
     ok = [o for o in outcomes if o.status == "200"]
     lat = [o.latency_ms for o in ok]
+    server = [o.server_ms for o in ok if o.server_ms is not None]
     refused = [o for o in outcomes if o.status in ("429", "503")]
     other = [o for o in outcomes if o.status not in ("200", "429", "503") and not o.status.startswith("lost")]
     lost = [o for o in outcomes if o.status.startswith("lost")]
@@ -281,6 +286,8 @@ def summarize(outcomes: list[Outcome], wall: float, log: FaultLog, before: float
         "unexpected_status": len(other),
         "p50_ms": report.percentile(lat, 50), "p95_ms": report.percentile(lat, 95),
         "p99_ms": report.percentile(lat, 99), "max_ms": max(lat) if lat else None,
+        "server_p50_ms": report.percentile(server, 50), "server_p95_ms": report.percentile(server, 95),
+        "server_p99_ms": report.percentile(server, 99),
         "cache_errors_before": before, "cache_errors_after": after, "cache_errors_while_redis_up": up_errors,
         "fault_events": log.events, "hit_ratio_windows": _windows(outcomes, total),
     }
