@@ -431,10 +431,12 @@ def soak_table(s: dict[str, Any]) -> str:
         ["answered per second", _f(s["requests_per_s"], 1)],
         ["verdict", "passed" if s["passed"] else "**failed**"],
     ]
-    ratios = " ".join("–" if w["hit_ratio"] is None else f"{w['hit_ratio']:.2f}" for w in s["hit_ratio_windows"])
-    return _table(["", ""], rows) + f"\n\nCache hit ratio in {len(s['hit_ratio_windows'])} windows of the " \
-                                           f"send order (Redis stopped at 30%, started at 60%): " \
-                                           f"{ratios}\n"
+    windows = s["hit_ratio_windows"]
+    ratios = " ".join("–" if w["hit_ratio"] is None else f"{w['hit_ratio']:.2f}" for w in windows)
+    refused = " ".join(str(sum(v for k, v in w.get("outcomes", {}).items() if k != "200")) for w in windows)
+    return (_table(["", ""], rows) + f"\n\nIn {len(windows)} windows of {windows[0]['to'] - windows[0]['from']} "
+            f"requests in send order (Redis stopped at 30%, started at 60%; the burst after 80% is not in them):\n\n"
+            f"- cache hit ratio of the answered: {ratios}\n- refused (429/503): {refused}\n")
 
 
 def render_targets(results: dict) -> str:

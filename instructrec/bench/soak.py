@@ -247,13 +247,16 @@ class _Faults:
 
 
 def _windows(outcomes: list[Outcome], total: int) -> list[dict[str, Any]]:
-    """Cache hit ratio of the answered requests in ``WINDOWS`` slices of the send order."""
+    """Outcomes, and the cache hit ratio of the answered requests, in ``WINDOWS`` slices of the
+    send order."""
     size = max(1, -(-total // WINDOWS))
     rows = []
     for a in range(0, total, size):
-        part = [o for o in outcomes if not o.burst and a <= o.seq < a + size and o.status == "200"]
+        window = [o for o in outcomes if not o.burst and a <= o.seq < a + size]
+        part = [o for o in window if o.status == "200"]
         hits, misses = sum(o.hits for o in part), sum(o.misses for o in part)
         rows.append({"from": a, "to": min(total, a + size), "answered": len(part),
+                     "outcomes": dict(Counter(o.status for o in window)),
                      "hit_ratio": hits / (hits + misses) if hits + misses else None,
                      "uncached": sum(1 for o in part if not o.cache_enabled)})
     return rows
