@@ -22,7 +22,7 @@ def test_compare_catches_order_and_score_drift():
 
 
 def test_verdict_needs_every_check():
-    good = {"lost": 0, "wrong": 0, "refused_without_retry_after": 0, "unexpected_status": 0,
+    good = {"lost": 0, "not_sent": 0, "wrong": 0, "refused_without_retry_after": 0, "unexpected_status": 0,
             "cache_errors_while_redis_up": 0}
     assert passed(good)
     for key in good:
@@ -36,7 +36,7 @@ def test_soak_end_to_end(tmp_path):
                "--set", "max_queue_wait_ms=30000", "--dataset", "games-sample", "--out", str(tmp_path)])
     s = json.loads((tmp_path / report.RESULTS_JSON).read_text())["soak"]
     assert rc == 0 and s["passed"], s
-    assert s["planned"] == 80 + 12 and s["sent"] == 92 and s["lost"] == 0 and s["wrong"] == 0
+    assert s["planned"] == 80 + 12 and s["sent"] == 92 and s["lost"] == s["not_sent"] == 0 and s["wrong"] == 0
     assert sum(s["outcomes"].values()) == 92 and s["answered"] > 0
     assert [e["event"] for e in s["fault_events"]] == ["before_stop", "redis_stopped", "before_start",
                                                         "redis_started", "burst"]

@@ -172,3 +172,73 @@ def test_expired_requests_answer_503_with_retry_after():
     for r in responses:
         if r.status_code == 503:
             assert r.json()["error"]["type"] == "overloaded"
+
+
+# --- identical requests in flight ----------------------------------------------------------------
+
+
+def test_identical_requests_in_flight_are_scored_once():
+    """Eight copies of one request sent at once: one scoring job, seven requests that join it,
+    eight identical answers; a different request is not joined."""
+    settings = Settings(model="tiny-random-prefixlm", device="cpu", dtype="bfloat16", redis_url="",
+                        torch_threads=1, max_queue_wait_ms=60_000)
+    body = _request(5, n=40)
+    with ServerThread(create_app(settings)) as srv:
+        srv.wait_ready()
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            client.post("/rerank", json=_request(6))  # keeps the model busy while the copies arrive
+            jobs_before = metric(client, "instructrec_batch_size_count")
+
+        async def copies():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as ac:
+                busy = ac.post("/rerank", json=_request(7, n=200))
+                return await asyncio.gather(busy, *(ac.post("/rerank", json=body) for _ in range(8)))
+
+        busy, *answers = asyncio.run(copies())
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            jobs = metric(client, "instructrec_batch_size_count") - jobs_before
+            coalesced = metric(client, "instructrec_coalesced_total")
+    assert busy.status_code == 200 and all(r.status_code == 200 for r in answers)
+    results = [[(x["index"], x["score"]) for x in r.json()["results"]] for r in answers]
+    assert all(r == results[0] for r in results)
+    assert jobs == 2 and coalesced == 7  # the busy request's job and one for the eight copies
+    assert sorted(r.json()["usage"]["scored_tokens"] > 0 for r in answers) == [False] * 7 + [True]
+
+
+def test_a_joined_scoring_survives_its_first_client_leaving():
+    """The request that queued a job disconnects; another waiting for the same job still gets
+    its answer (the job is cancelled only when nobody waits for it)."""
+    import json as _json
+
+    settings = Settings(model="minilm-prefixlm", device="cpu", dtype="float32", redis_url="", torch_threads=1,
+                        max_queue_wait_ms=60_000, warmup=False)  # a real-sized model: the busy request takes seconds
+    body = _request(8, n=30)
+    with ServerThread(create_app(settings)) as srv:
+        srv.wait_ready()
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            dropped = metric(client, "instructrec_dropped_jobs_total")
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as ac:
+                busy = asyncio.ensure_future(ac.post("/rerank", json=_request(9, n=1000)))
+                await asyncio.sleep(0.3)  # the model is busy with it
+                reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+                raw = _json.dumps(body).encode()
+                writer.write(b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             + f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
+                await writer.drain()
+                await asyncio.sleep(0.2)  # queued
+                follower = asyncio.ensure_future(ac.post("/rerank", json=body))
+                await asyncio.sleep(0.2)  # joined
+                writer.close()
+                await writer.wait_closed()
+                return await busy, await follower
+
+        busy, follower = asyncio.run(scenario())
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            alone = client.post("/rerank", json=body).json()
+            assert metric(client, "instructrec_coalesced_total") == 1
+            assert metric(client, "instructrec_dropped_jobs_total") == dropped
+    assert busy.status_code == 200 and follower.status_code == 200
+    assert [(x["index"], x["score"]) for x in follower.json()["results"]] == [
+        (x["index"], x["score"]) for x in alone["results"]]

@@ -417,7 +417,8 @@ def soak_table(s: dict[str, Any]) -> str:
         ["faults", ", ".join(c["faults"]) or "none"],
         ["answered (200)", f"{s['answered']} of {s['planned']}"],
         ["outcomes", ", ".join(f"{k}: {v}" for k, v in sorted(s["outcomes"].items()))],
-        ["lost", str(s["lost"])],
+        ["lost (no answer)", str(s["lost"])],
+        ["not sent (--max-seconds ran out)", str(s.get("not_sent", 0))],
         ["wrong answers", str(s["wrong"])],
         ["refusals without Retry-After", str(s["refused_without_retry_after"])],
         ["cache errors while Redis was up", "–" if s["cache_errors_while_redis_up"] is None

@@ -177,7 +177,9 @@ def _child_main(argv: Sequence[str]) -> int:
     import uvicorn
 
     app = bench_app(json.loads(args.settings))
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False, lifespan="on")
+    keep_alive = app.state.service.settings.keep_alive_seconds  # as `instructrec serve` runs it
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False, lifespan="on",
+                timeout_keep_alive=keep_alive)
     return 0
 
 

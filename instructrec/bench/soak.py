@@ -283,7 +283,7 @@ def summarize(outcomes: list[Outcome], wall: float, log: FaultLog, before: float
         "sent": len(outcomes), "planned": expected, "answered": len(ok), "requests_per_s": len(ok) / wall if wall else None,
         "wall_s": wall, "outcomes": dict(Counter(o.status for o in outcomes)),
         "burst_outcomes": dict(Counter(o.status for o in outcomes if o.burst)),
-        "lost": len(lost) + (expected - len(outcomes)),
+        "lost": len(lost), "not_sent": expected - len(outcomes),  # not sent: --max-seconds ran out first
         "wrong": sum(1 for o in ok if o.wrong), "wrong_examples": [o.wrong for o in ok if o.wrong][:5],
         "refused_without_retry_after": sum(1 for o in refused if not o.retry_after),
         "unexpected_status": len(other),
@@ -297,9 +297,9 @@ def summarize(outcomes: list[Outcome], wall: float, log: FaultLog, before: float
 
 
 def passed(s: dict[str, Any]) -> bool:
-    """The soak's verdict: nothing lost, nothing wrong, every refusal with Retry-After, no other
-    status, and no cache error while Redis was up (when that is known)."""
-    return (s["lost"] == 0 and s["wrong"] == 0 and s["refused_without_retry_after"] == 0
+    """The soak's verdict: every planned request sent and answered, nothing wrong, every refusal
+    with Retry-After, no other status, and no cache error while Redis was up (when known)."""
+    return (s["lost"] == 0 and s.get("not_sent", 0) == 0 and s["wrong"] == 0 and s["refused_without_retry_after"] == 0
             and s["unexpected_status"] == 0 and not s.get("cache_errors_while_redis_up"))
 
 

@@ -50,5 +50,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"instructrec serve: error: {exc}", file=sys.stderr)
         return 2
     logging.getLogger("instructrec.service").info("serving on http://%s:%d", settings.host, settings.port)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
+                timeout_keep_alive=settings.keep_alive_seconds)
     return 0

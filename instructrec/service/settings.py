@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     log_level: str = "info"
+    keep_alive_seconds: float = Field(default=75.0, gt=0, description="how long an idle client connection stays open; "
+                                      "longer than a client's or load balancer's idle pool (often 60 s), so the server "
+                                      "never closes one the instant a client reuses it (uvicorn's 5 s default lost a "
+                                      "request that way in a soak run)")
 
     @field_validator("api_key", mode="before")
     @classmethod
