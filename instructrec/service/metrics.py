@@ -45,9 +45,6 @@ class Metrics:
         self.cache_up = Gauge("instructrec_cache_up", "1 when the score cache (Redis) is usable", registry=r)
         self.rejected = Counter(
             "instructrec_requests_rejected", "requests refused, by reason", ("reason",), registry=r)
-        self.coalesced = Counter(
-            "instructrec_coalesced", "requests that waited for an identical request's scoring instead of queueing "
-            "their own", registry=r)
         self.dropped_jobs = Counter(
             "instructrec_dropped_jobs", "scoring jobs skipped because the client went away", registry=r)
         self.model_info = Gauge(

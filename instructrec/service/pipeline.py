@@ -1,18 +1,11 @@
 """The rerank pipeline the handlers call: preparation in the prep thread (the core's template
 selection and instruction fitting, one cache key per distinct candidate) -> cache lookup ->
 the misses go to the batcher (abandoned if the client disconnects) -> the scores of the
-misses are written back. Ranking and the answer's shape stay with the handlers.
-
-Identical misses in flight are scored once: a request whose misses (same instruction, same
-candidates, same settings) are already queued or being scored for another request waits for
-that scoring instead of queueing the same work again. Scores are a function of the request
-alone, so sharing them is exact. The scoring is abandoned only when every request waiting for
-it has gone."""
+misses are written back. Ranking and the answer's shape stay with the handlers."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from dataclasses import dataclass
 
@@ -66,58 +59,17 @@ async def wait_disconnect(request: Request) -> None:
             return
 
 
-@dataclass
-class Flight:
-    """One scoring job in the batcher and the requests waiting for its result."""
-
-    future: asyncio.Future
-    waiters: int = 0
-
-
-async def await_scores(request: Request, flight: Flight):
-    """The flight's result for this request; ClientGone if its client leaves first. The job is
-    cancelled (the batcher skips it) when its last waiting request has gone."""
-    flight.waiters += 1
+async def await_scores(request: Request, future: asyncio.Future):
     watch = asyncio.ensure_future(wait_disconnect(request))
     try:
-        done, _ = await asyncio.wait({flight.future, watch}, return_when=asyncio.FIRST_COMPLETED)
-        if flight.future in done:
-            return flight.future.result()
+        done, _ = await asyncio.wait({future, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if future in done:
+            return future.result()
         raise ClientGone()
     finally:
         watch.cancel()
-        flight.waiters -= 1
-        if flight.waiters == 0 and not flight.future.done():
-            flight.future.cancel()
-
-
-def flight_key(parts: tuple[str, ...], misses: list[str]) -> str:
-    """What makes two requests' misses the same scoring job: the cache key parts (model, precision,
-    template, settings, the whole instruction, and in low precision the candidate set) and the
-    missing candidates in order."""
-    h = hashlib.sha256()
-    for part in (*parts, "", *misses):
-        h.update(part.encode("utf-8", "surrogatepass") + b"\x1f")
-    return h.hexdigest()
-
-
-def submit_or_join(state: ServiceState, prepared: Prepared, misses: list[str], tokens: int) -> tuple[Flight, bool]:
-    """The flight scoring these misses: the one already in flight (joined: True), or a new job."""
-    key = flight_key(state.engine.key_parts(prepared), misses)
-    flight = state.flights.get(key)
-    if flight is not None and not flight.future.cancelled():
-        state.metrics.coalesced.inc()
-        return flight, True
-    try:
-        future = state.batcher.submit(prepared.encoded(misses), tokens)
-    except QueueFull as exc:
-        raise ApiError(429, "rate_limited", "too many requests are waiting for the model; retry later",
-                       headers={"Retry-After": str(exc.retry_after)}, reason="queue_full") from None
-    except ShuttingDown:
-        raise shutting_down() from None
-    flight = state.flights[key] = Flight(future)
-    future.add_done_callback(lambda _f: state.flights.pop(key, None) if state.flights.get(key) is flight else None)
-    return flight, False
+        if not future.done():
+            future.cancel()  # the batcher skips it
 
 
 def prepare(state: ServiceState, need: UserNeed, template_id: str | None, texts: list[str],
@@ -164,9 +116,15 @@ async def rerank(request: Request, state: ServiceState, need: UserNeed, template
     scored_tokens = 0
     if misses:
         tokens = prepared.source_tokens + prepared.target_tokens(misses)
-        flight, joined = submit_or_join(state, prepared, misses, tokens)
         try:
-            result = await await_scores(request, flight)
+            future = state.batcher.submit(prepared.encoded(misses), tokens)
+        except QueueFull as exc:
+            raise ApiError(429, "rate_limited", "too many requests are waiting for the model; retry later",
+                           headers={"Retry-After": str(exc.retry_after)}, reason="queue_full") from None
+        except ShuttingDown:
+            raise shutting_down() from None
+        try:
+            result = await await_scores(request, future)
         except ShuttingDown:
             raise shutting_down() from None
         except Expired as exc:
@@ -174,8 +132,8 @@ async def rerank(request: Request, state: ServiceState, need: UserNeed, template
                            headers={"Retry-After": str(exc.retry_after)}, reason="expired") from None
         for t, value in zip(misses, result.scores):
             scores[t] = value
-        scored_tokens = 0 if joined else tokens
-        if cache.enabled:  # every waiter writes (the same values): the one that queued the job may have gone
+        scored_tokens = tokens
+        if cache.enabled:
             await cache.set_many({keys[t]: scores[t] for t in misses})
     return Outcome(prepared, [scores[t] for t in texts], [t in from_cache for t in texts], len(from_cache),
                    len(misses) if cached_values is not None else 0, cached_values is not None, scored_tokens)

@@ -38,7 +38,6 @@ class ServiceState:
         self.infer_executor = ThreadPoolExecutor(1, thread_name_prefix="instructrec-infer")
         self.prep_executor = ThreadPoolExecutor(1, thread_name_prefix="instructrec-prep")
         self._load_task: asyncio.Task | None = None
-        self.flights: dict = {}  # scoring jobs in flight by what they score (pipeline.Flight)
 
     async def start(self) -> None:
         s = self.settings
