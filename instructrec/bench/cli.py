@@ -82,12 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="Redis of the started service's cache; '' runs without cache (warm phase skipped)")
     s.add_argument("--server", choices=("subprocess", "thread"), default="subprocess",
                    help="how to start the service: a child process (default) or uvicorn in a thread of this process")
-    s.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra service setting for the started service (repeatable), e.g. --set max_queue=256")
-    s.add_argument("--threads", type=int, help="torch threads of the started service (setting torch_threads)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the request sample (default 0)")
-    s.add_argument("--dataset", default="games-sample", help="data set of the requests (default games-sample)")
-    s.add_argument("--out", default=str(report.DEFAULT_OUT), help=f"output directory (default {report.DEFAULT_OUT})")
+    _started_service_options(s, seed_help="seed of the request sample", dataset="games-sample")
     s.set_defaults(_bench_parser=s, _bench_run=_run_service)
 
     from .soak import FAULTS
@@ -111,13 +106,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     k.add_argument("--timeout", type=float, default=60.0, help="client timeout per request, seconds (default 60); "
                    "a request without an answer by then counts as lost")
     k.add_argument("--max-seconds", type=float, default=1200.0, help="stop sending after this long (default 1200)")
-    k.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra service setting for the started service (repeatable)")
-    k.add_argument("--threads", type=int, help="torch threads of the started service (setting torch_threads)")
-    k.add_argument("--seed", type=int, default=0, help="seed of the requests and their order (default 0)")
-    k.add_argument("--dataset", default="games", help="data set of the requests (default games)")
-    k.add_argument("--out", default=str(report.DEFAULT_OUT), help=f"output directory (default {report.DEFAULT_OUT})")
+    _started_service_options(k, seed_help="seed of the requests and their order", dataset="games")
     k.set_defaults(_bench_parser=k, _bench_run=_run_soak)
+
+
+def _started_service_options(p: argparse.ArgumentParser, *, seed_help: str, dataset: str) -> None:
+    """The options the service and soak benches share: the service they start, the requests, the output."""
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra service setting for the started service (repeatable), e.g. --set max_queue=256")
+    p.add_argument("--threads", type=int, help="torch threads of the started service (setting torch_threads)")
+    p.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default 0)")
+    p.add_argument("--dataset", default=dataset, help=f"data set of the requests (default {dataset})")
+    p.add_argument("--out", default=str(report.DEFAULT_OUT), help=f"output directory (default {report.DEFAULT_OUT})")
 
 
 def canonical_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:

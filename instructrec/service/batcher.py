@@ -16,9 +16,10 @@ start within ``max_queue_wait``. A job still waiting at that deadline gets :clas
 whose future was cancelled (client disconnected) is skipped, before its batch starts and again
 just before its scoring in the inference thread.
 
-The jobs of a batch are scored by one ``score_many`` call: their instructions share one
-encoder pass and their candidates share decoder passes (``Ranker.score_many``). If that
-call fails, each job is scored alone so one bad job cannot fail the others.
+The jobs of a batch are scored by one ``score_many`` call; only when the ranker is not batch
+invariant do they share forward passes (``Ranker.score_many``), so by default the service
+gives each job a batch of its own (``max_jobs=1``). If that call fails, each job is scored
+alone so one bad job cannot fail the others.
 """
 
 from __future__ import annotations
