@@ -575,7 +575,9 @@ def _blocked_logprobs(head: _Head, hidden: torch.Tensor, labels: torch.Tensor) -
         if bias is not None:
             picked = picked + bias[labels].float()
         rows, vocab = x.shape[0], weight.shape[0]
-        reuse = not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))  # out= has no grad
+        # out= has no grad, and autocast (training's bf16) does not cast for it: the buffers are for
+        # inference in the model's own dtype
+        reuse = x.dtype == weight.dtype and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         if reuse:
             size = rows * min(VOCAB_BLOCK_COLUMNS, vocab)
             logits_buffer = torch.empty(size, dtype=x.dtype, device=x.device)

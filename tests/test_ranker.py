@@ -422,3 +422,7 @@ def test_vocabulary_blocks_give_the_full_log_softmax(models, name):
         blocked = _blocked_logprobs(head, hidden, labels)
         via_ranker = Ranker(loaded)._head_logprobs(hidden, labels, head)
     assert torch.allclose(blocked, full, atol=1e-4) and torch.allclose(via_ranker, full, atol=1e-4)
+    # training's validation: float32 weights under bf16 autocast, without grad
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = _blocked_logprobs(head, hidden, labels)
+    assert torch.allclose(autocast, full, atol=0.5)  # bf16 logits; the point is that it runs
