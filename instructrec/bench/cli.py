@@ -144,6 +144,17 @@ def canonical_command(parser: argparse.ArgumentParser, args: argparse.Namespace)
     return shlex.join(words)
 
 
+def _publish(args: argparse.Namespace, name: str, section: dict, table, secret: str | None = None) -> None:
+    """Record how the bench was run, write its section of the report and print its table."""
+    section["command"] = canonical_command(args._bench_parser, args)
+    section["invoked_as"] = report.invoked_as()
+    if secret:
+        section["invoked_as"] = section["invoked_as"].replace(secret, "***")
+    paths = report.write(args.out, name, section)
+    print(table(section))
+    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+
+
 def _run_ranker(args: argparse.Namespace) -> int:
     from .ranker_bench import VARIANTS, run_bench
 
@@ -163,11 +174,7 @@ def _run_ranker(args: argparse.Namespace) -> int:
                         threads=args.threads, naive_max=args.naive_max, variants=variants,
                         batch_tokens=args.batch_tokens, seed=args.seed, peak_size=args.peak_size, dataset=args.dataset,
                         profile_candidates=args.profile_candidates)
-    section["command"] = canonical_command(args._bench_parser, args)
-    section["invoked_as"] = report.invoked_as()
-    paths = report.write(args.out, "ranker", section)
-    print(report.ranker_table(section))
-    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+    _publish(args, "ranker", section, report.ranker_table)
     return 0
 
 
@@ -190,20 +197,13 @@ def _run_service(args: argparse.Namespace) -> int:
     except BenchError as exc:
         print(f"instructrec bench service: error: {exc}", file=sys.stderr)
         return 2
-    section["command"] = canonical_command(args._bench_parser, args)
-    section["invoked_as"] = report.invoked_as()
-    if args.api_key:
-        section["invoked_as"] = section["invoked_as"].replace(args.api_key, "***")
-    paths = report.write(args.out, "service", section)
-    print(report.service_table(section))
-    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+    _publish(args, "service", section, report.service_table, secret=args.api_key)
     return 0
 
 
 def _run_soak(args: argparse.Namespace) -> int:
     from .service_bench import BenchError
     from .soak import run_soak
-    from .report import soak_table
 
     faults = [] if args.faults.strip() in ("", "none") else _name_list(args.faults)
     try:
@@ -215,11 +215,7 @@ def _run_soak(args: argparse.Namespace) -> int:
     except BenchError as exc:
         print(f"instructrec bench soak: error: {exc}", file=sys.stderr)
         return 2
-    section["command"] = canonical_command(args._bench_parser, args)
-    section["invoked_as"] = report.invoked_as()
-    paths = report.write(args.out, "soak", section)
-    print(soak_table(section))
-    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+    _publish(args, "soak", section, report.soak_table)
     return 0 if section["passed"] else 1
 
 
