@@ -115,3 +115,17 @@ def test_minilm_prefix_lm_is_the_same_model_at_every_load():
         assert torch.equal(torch.random.get_rng_state(), before)
         weights.append(model.cls.predictions.transform.dense.weight)
     assert torch.equal(*weights)
+
+
+def test_instruction_lengths_are_warmed_by_bucket():
+    """Instructions are read padded to multiples of SOURCE_BUCKET (padding masked: the scores
+    stay those of the unpadded reference), and the warm-up scores one request per bucket."""
+    from instructrec.ranker import SOURCE_BUCKET
+
+    loaded = load_model(TINY_PREFIX, device="cpu", dtype="float32")
+    ranker = Ranker(loaded, max_source_tokens=40)
+    assert ranker.warm_instruction_lengths() == [SOURCE_BUCKET * k for k in range(1, -(-40 // SOURCE_BUCKET) + 1)]
+    for words in (3, 11, 17):  # lengths on and off the buckets
+        source = " ".join(["quest"] * words)
+        fast = ranker.score(source, CANDS[:4]).scores
+        assert fast == pytest.approx(ranker.score(source, CANDS[:4], naive=True).scores, abs=1e-4)

@@ -185,8 +185,9 @@ class Engine:
         off) of a seq2seq model or a prefix-LM, the largest mixed batch:
         ``max_batch_requests`` full-length instructions (as many as the budget holds) whose
         candidates share decoder passes with as many per-row key/value copies as ``mixed_kv_mb``
-        allows, each row as long as the token budget then permits. Returns (instruction tokens,
-        candidates) of the first; ``warmup_report`` describes both."""
+        allows, each row as long as the token budget then permits; and for a prefix-LM one small
+        request at every padded instruction length (``Ranker.warm_instruction_lengths``). Returns
+        (instruction tokens, candidates) of the first; ``warmup_report`` describes them all."""
         r = self.ranker
         special = count_tokens(r.tokenizer, "")
         per_word = max(1, count_tokens(r.tokenizer, "word") - special)
@@ -199,6 +200,7 @@ class Engine:
             (self.loaded.kind == "seq2seq" and r.share_cross_kv) or self.loaded.kind == PREFIX_LM)
         if shares_passes:
             self.warmup_report["mixed"] = self._warm_up_mixed(source, scored.source_tokens)
+        self.warmup_report["instruction_lengths"] = r.warm_instruction_lengths()
         return scored.source_tokens, count
 
     def _warm_up_mixed(self, source: str, source_tokens: int) -> dict:
