@@ -1,7 +1,8 @@
 """Per-candidate score cache in Redis, shared by every replica.
 
-One key per (model checkpoint version, template-table version, template id, reduction,
-token limits, full rendered instruction, candidate text): the rendered instruction
+One key per (model checkpoint version, precision, template-table version, template id,
+reduction, token limits, full rendered instruction, below float32 the request's candidate set
+(see ``Engine.shares_scores_across_requests``), candidate text): the rendered instruction
 already holds the normalised history, preference and intention, so a different
 template, history or wording is a different key, and a partial hit scores only the
 misses. Values are ``repr(float)``, which ``float()`` reads back bit-identically, so a
@@ -162,8 +163,9 @@ class ScoreCache:
             self._down_since = now
             log.warning("score cache unavailable (%s: %s): answering uncached, retrying every %.1fs",
                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "timeout", self.retry)
-            # The pooled connections of before the outage are dead if Redis restarted: without this,
-            # each of them failed once more after Redis was back (seen: 7 errors on a healthy Redis).
+            # The pooled connections of before the outage are dead if Redis restarted. With the
+            # earlier async client each of them failed once more after Redis was back (7 errors on
+            # a healthy Redis); the client's one retry on a broken connection covers the same case.
             try:
                 await self._call(self._client.connection_pool.disconnect)
             except Exception:  # noqa: BLE001 - closing dead connections
