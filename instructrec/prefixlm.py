@@ -73,7 +73,8 @@ def read_instruction(bert, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 def attend_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
                         prefix_v: torch.Tensor) -> torch.Tensor:
-    """Causal attention of candidate rows (``q``, ``k``, ``v``: [rows, heads, width, d]) over one
+    """Causal attention of candidate rows (``q``: [rows, heads, width, d]; ``k``, ``v``: [rows,
+    heads, own, d], own >= width, the queries being the last ``width`` positions) over one
     shared prefix (``prefix_k``/``prefix_v``: [1, heads, S, d], every position real) and their
     own earlier positions, without copying the prefix per row: the rows' queries are folded into
     one sequence against the prefix, the two parts' softmaxes joined by their maxima and sums.
@@ -85,7 +86,10 @@ def attend_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefi
     qf = q.float()
     folded = qf.transpose(0, 1).reshape(1, heads, rows * width, d)
     to_prefix = (folded @ prefix_k.float().transpose(-1, -2)).mul_(scale)  # [1, heads, rows*width, S]
-    causal = torch.ones(width, width, dtype=torch.bool, device=q.device).tril()
+    # own keys may run ahead of the queries (a decoding step: earlier positions come from a cache);
+    # query i sits at own position i + (own - width) and sees the own positions up to it
+    own = k.shape[2]
+    causal = torch.ones(width, own, dtype=torch.bool, device=q.device).tril(own - width)
     to_own = (qf @ k.float().transpose(-1, -2)).mul_(scale).masked_fill_(~causal, float("-inf"))
     top = torch.maximum(to_prefix.amax(-1).view(heads, rows, width).transpose(0, 1), to_own.amax(-1))
     to_prefix = to_prefix.sub_(top.transpose(0, 1).reshape(1, heads, rows * width, 1)).exp_()
@@ -131,6 +135,32 @@ def decode_candidates(bert, kv, source_lengths: torch.Tensor, inputs: torch.Tens
 
         x, _ = _layer(layer, x, attend, heads)
     return x
+
+
+def decode_step(bert, kv, source_length: int, inputs: torch.Tensor, own=None):
+    """One decoding step of rows that all follow instruction 0 of ``kv`` (``source_length`` real
+    tokens): ``inputs`` [rows, 1] are each row's next input token, ``own`` the rows' keys/values
+    of their earlier candidate positions per layer (None at the start token). Returns the rows'
+    hidden states [rows, hidden] and their keys/values including this position, which a caller
+    reorders (beam search) and passes back. The same attention as :func:`decode_candidates`
+    with ``shared``, one position at a time."""
+    rows = inputs.shape[0]
+    done = 0 if own is None else own[0][0].shape[2]
+    positions = torch.full_like(inputs, source_length + done)
+    x = bert.embeddings(input_ids=inputs, token_type_ids=torch.full_like(inputs, CANDIDATE_TYPE), position_ids=positions)
+    heads = bert.config.num_attention_heads
+    grown = []
+    for i, (layer, (k, v)) in enumerate(zip(bert.encoder.layer, kv)):
+        prefix = (k[:1, :, :source_length], v[:1, :, :source_length])
+
+        def attend(q, k_, v_, i=i, p=prefix):
+            if own is not None:
+                k_, v_ = torch.cat([own[i][0], k_], dim=2), torch.cat([own[i][1], v_], dim=2)
+            grown.append((k_, v_))
+            return attend_after_prefix(q, k_, v_, *p)
+
+        x, _ = _layer(layer, x, attend, heads)
+    return x[:, 0], grown
 
 
 def full_forward(bert, source: list[int], inputs: list[int]) -> torch.Tensor:

@@ -27,6 +27,8 @@ CALLS = [
     ("POST", "/v1/rerank", {"query": "q", "documents": [{"title": "x"}]}),
     ("POST", "/v2/rerank", {"query": "space shooter", "documents": ["Halo 2", "Portal"], "top_n": 1}),
     ("POST", "/v2/rerank", {"query": "", "documents": ["Halo 2"]}),
+    ("POST", "/recommend", {"history": [{"id": "h2", "title": "Halo 2"}], "instruction": "co-op", "k": 2}),
+    ("POST", "/recommend", {"history": ["Halo 2"], "k": 0}),
 ]
 
 
@@ -41,9 +43,18 @@ def _model_for(route: APIRoute, status: int):
 
 
 @pytest.fixture(scope="module")
-def client():
+def client(tmp_path_factory):
+    from instructrec.catalogue import CatalogueItem, build_catalogue
+    from instructrec.modeling import load_model
+    from instructrec.ranker import Ranker
+
+    loaded = load_model("tiny-random", device="cpu", dtype="float32")
+    items = [CatalogueItem(f"h{i}", t) for i, t in enumerate(["Halo", "Halo 2", "Portal", "Portal 2", "Doom"])]
+    ranker = Ranker(loaded)
+    catalogue = build_catalogue(items, loaded.tokenizer, eos=ranker.eos, max_target_tokens=ranker.max_target_tokens)
+    path = catalogue.save(tmp_path_factory.mktemp("catalogue") / "c.npz")
     settings = Settings(model="tiny-random", device="cpu", dtype="float32", redis_url="", api_key="k",
-                        batch_tokens=1024, max_wait_ms=2)
+                        batch_tokens=1024, max_wait_ms=2, catalogue=str(path))
     with ServerThread(create_app(settings)) as srv:
         srv.wait_ready()
         with httpx.Client(base_url=srv.url, headers={"Authorization": "Bearer k"}, timeout=60) as c:
@@ -52,7 +63,7 @@ def client():
 
 def test_every_json_route_declares_its_models():
     routes = _routes()
-    assert set(routes) == {"/rerank", "/v1/rerank", "/v2/rerank", "/health", "/ready", "/metrics"}
+    assert set(routes) == {"/rerank", "/v1/rerank", "/v2/rerank", "/recommend", "/health", "/ready", "/metrics"}
     for path, route in routes.items():
         if path == "/metrics":  # Prometheus text, not JSON
             continue
@@ -69,7 +80,7 @@ def test_every_route_answers_in_its_documented_shape(client):
         model.model_validate(r.json())
         seen.add((path, r.status_code))
     # each rerank route answered both a success and an error; the probes answered 200
-    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank", "/recommend"):
         assert (path, 200) in seen and any(p == path and s >= 400 for p, s in seen), path
     assert ("/health", 200) in seen and ("/ready", 200) in seen
     unauthorised = client.post("/rerank", json=CALLS[2][2], headers={"Authorization": "Bearer wrong"})

@@ -21,7 +21,7 @@ from .state import ServiceState
 
 log = logging.getLogger("instructrec.service")
 
-ROUTES = ("/rerank", "/v1/rerank", "/v2/rerank", "/health", "/ready", "/metrics")
+ROUTES = ("/rerank", "/v1/rerank", "/v2/rerank", "/recommend", "/health", "/ready", "/metrics")
 COMPAT_ROUTES = ("/v1/rerank", "/v2/rerank")  # errors in Cohere's shape there
 
 
@@ -69,8 +69,18 @@ class _MetricsMiddleware:
             self.state.metrics.request_seconds.labels(route, str(status[0])).observe(time.perf_counter() - start)
 
 
+def check_catalogue(settings: Settings) -> None:
+    """A named catalogue file must exist (whether it fits the model is checked at load)."""
+    from pathlib import Path
+
+    if settings.catalogue and not Path(settings.catalogue).is_file():
+        raise ConfigError(f"catalogue {settings.catalogue} does not exist; make it with `instructrec catalogue build "
+                          "--data DIR|--items FILE.jsonl --model <the served model> --out CAT`")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    check_catalogue(settings)
     state = ServiceState(settings, resolve_model(settings))
 
     @asynccontextmanager

@@ -1,4 +1,4 @@
-"""Per-candidate score cache in Redis, shared by every replica.
+"""Per-candidate score cache in Redis, shared by every replica (and /recommend's whole answers).
 
 One key per (model checkpoint version, precision, template-table version, template id,
 reduction, token limits, full rendered instruction, below float32 the request's candidate set
@@ -23,11 +23,13 @@ thread is queued, not failed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Any, Sequence
 
 from .metrics import Metrics
 
@@ -145,6 +147,35 @@ class ScoreCache:
         for key, score in items.items():
             pipe.set(key, repr(float(score)), ex=self.ttl)
         pipe.execute()
+
+    # -- whole answers (/recommend), JSON -----------------------------------------------
+    def answer_key(self, parts: Sequence[str]) -> str:
+        """One key for a whole answer decided by ``parts``."""
+        return f"{self.namespace}:answer:{hashlib.sha256(_encode(_SEP.join(parts))).hexdigest()}"
+
+    async def get_json(self, key: str) -> tuple[bool, Any]:
+        """(whether the cache could be used, the cached value or None)."""
+        if not self.available:
+            return False, None
+        try:
+            value = await self._call(self._client.get, key)
+        except Exception as exc:  # noqa: BLE001
+            await self._failed(exc)
+            return False, None
+        self._ok()
+        return True, None if value is None else json.loads(value)
+
+    async def set_json(self, key: str, value: Any) -> bool:
+        if not self.available:
+            return False
+        try:
+            # repr-exact floats: json writes a float as its shortest repr, read back bit-identically
+            await self._call(functools.partial(self._client.set, key, json.dumps(value), ex=self.ttl))
+        except Exception as exc:  # noqa: BLE001
+            await self._failed(exc)
+            return False
+        self._ok()
+        return True
 
     async def close(self) -> None:
         if self._client is not None:

@@ -1,4 +1,4 @@
-"""``instructrec serve``: run the /rerank service with uvicorn.
+"""``instructrec serve``: run the /rerank (and, with a catalogue, /recommend) service with uvicorn.
 
 Configuration comes from ``INSTRUCTREC_*`` environment variables (see
 :class:`instructrec.service.settings.Settings`); the flags given here override them.
@@ -14,6 +14,8 @@ import sys
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint directory or built-in model name "
                         "(env INSTRUCTREC_MODEL; default artifacts/quickstart/model if it exists)")
+    parser.add_argument("--catalogue", metavar="CAT", help="catalogue file for /recommend, made by `instructrec "
+                        "catalogue build` (env INSTRUCTREC_CATALOGUE; default none: /recommend answers 409)")
     parser.add_argument("--host", help="address to listen on (env INSTRUCTREC_HOST; default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (env INSTRUCTREC_PORT; default 8000)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
@@ -24,7 +26,7 @@ def settings_from_args(args: argparse.Namespace):
     """Settings from the environment, with the given flags taking priority."""
     from .settings import Settings
 
-    overrides = {name: getattr(args, name, None) for name in ("model", "host", "port", "log_level")}
+    overrides = {name: getattr(args, name, None) for name in ("model", "catalogue", "host", "port", "log_level")}
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
 

@@ -17,9 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 from cachetools import LRUCache
 
-from instructrec.aspects import UserNeed
+from instructrec.aspects import TaskForm, UserNeed
+from instructrec.catalogue import load_catalogue
+from instructrec.generation import Generation, Generator
 from instructrec.instruction import Instruction, build, count_tokens
 from instructrec.modeling import PREFIX_LM, LoadedModel, load_model
 from instructrec.ranker import Encoded, Ranker, Scored, targets_ids
@@ -28,6 +31,9 @@ from instructrec.templates import TEMPLATE_VERSION
 from .settings import Settings
 
 log = logging.getLogger("instructrec.service")
+
+# A generation job's cost in the batcher's units (scored candidate tokens) per beam; see Engine.job_tokens.
+GENERATION_TOKENS_PER_BEAM = 100
 
 def model_version(name: str) -> str:
     """What the cache keys on: the weights' content hash for a checkpoint directory; for a
@@ -64,6 +70,39 @@ class Prepared:
         """What the ranker scores for these candidate texts (a subset, e.g. the cache misses)."""
         return Encoded(self.source_ids, self.source_cut, [self.targets[t][0] for t in texts],
                        sum(self.targets[t][1] for t in texts))
+
+
+@dataclass(frozen=True)
+class RecommendJob:
+    """What the inference thread needs to generate one request's items (the batcher's job)."""
+
+    source_ids: list[int]
+    k: int
+    allowed: "np.ndarray | None"  # a bool per catalogue item; None: all
+    beams: int
+
+
+@dataclass(frozen=True)
+class PreparedRecommend:
+    """A /recommend request after preparation (prep thread)."""
+
+    instruction: Instruction
+    source_cut: int
+    job: RecommendJob
+    allowed_items: int
+    filter_digest: str  # of the allowed mask ("" when every item is allowed)
+
+    @property
+    def source_tokens(self) -> int:
+        return len(self.job.source_ids)
+
+
+class UnknownItem(ValueError):
+    """A filter names an id the catalogue does not hold."""
+
+    def __init__(self, field: str, item_id: str):
+        super().__init__(f"{field}: item {item_id!r} is not in the catalogue")
+        self.field = field
 
 
 def _candidate_set(targets: dict) -> str:
@@ -115,6 +154,12 @@ class Engine:
         self._instruction = functools.lru_cache(maxsize=max(1, size // 16))(self._fit) if size else self._fit
         self._local = threading.local()
         self._install_timing_hooks()
+        self.generator: Generator | None = None
+        if settings.catalogue:
+            # a named catalogue that cannot serve this model fails the start: /health says why
+            self.generator = Generator(self.ranker, load_catalogue(settings.catalogue), where=settings.catalogue)
+            self._recommend_fit = functools.lru_cache(maxsize=max(1, size // 16))(self._fit_matching) if size \
+                else self._fit_matching
 
     # -- cache key parts ----------------------------------------------------------------
     @property
@@ -166,6 +211,81 @@ class Engine:
         for t, value in zip(new, targets_ids(self._prep_tokenizer, new, r.max_target_tokens, r.eos)):
             known[t] = found[t] = value
         return {t: found[t] for t in texts}
+
+    # -- /recommend (preparation in the prep thread, generation in the inference thread) ------
+    @property
+    def catalogue(self):
+        return self.generator.catalogue if self.generator else None
+
+    def _fit_matching(self, need: UserNeed, template_id: str | None) -> tuple[Instruction, list[int], int]:
+        inst = build(need, self._prep_tokenizer, max_tokens=self.ranker.max_source_tokens, task=TaskForm.MATCHING,
+                     template_id=template_id)
+        return (inst, *self.ranker.source_ids(inst.source, tokenizer=self._prep_tokenizer))
+
+    def prepare_recommend(self, need: UserNeed, template_id: str | None, k: int, *, history_ids=(),
+                          exclude_history: bool = True, only_ids=None, exclude_ids=()) -> PreparedRecommend:
+        """Select a matching (T2) template, fit the instruction, and make the request's mask of
+        allowed items: ``only_ids`` (all when None), minus ``exclude_ids``, minus the history
+        (its ids where given, else its titles) with ``exclude_history``. Raises
+        :class:`UnknownItem` for an ``only_ids`` id the catalogue lacks."""
+        cat = self.catalogue
+        inst, source_ids, source_cut = self._recommend_fit(need, template_id)
+        allowed = None
+        if only_ids is not None:
+            allowed = np.zeros(len(cat), dtype=bool)
+            for j, item_id in enumerate(only_ids):
+                index = cat.index_of_id(item_id)
+                if index is None:
+                    raise UnknownItem(f"filter.ids[{j}]", item_id)
+                allowed[index] = True
+        out = [i for i in (cat.index_of_id(x) for x in exclude_ids) if i is not None]
+        if exclude_history:
+            ids = history_ids or (None,) * len(need.history)
+            for item_id, title in zip(ids, need.history):  # by id where the catalogue knows it, else by title
+                index = cat.index_of_id(item_id) if item_id is not None else None
+                out.extend([index] if index is not None else cat.indices_of_title(title))
+        if out:
+            allowed = np.ones(len(cat), dtype=bool) if allowed is None else allowed
+            allowed[out] = False
+        digest = "" if allowed is None else hashlib.sha256(np.packbits(allowed).tobytes()).hexdigest()[:32]
+        beams = max(k, self.settings.beams or k)
+        job = RecommendJob(source_ids, k, allowed, beams)
+        return PreparedRecommend(inst, source_cut, job, len(cat) if allowed is None else int(allowed.sum()), digest)
+
+    def recommend_key_parts(self, prepared: PreparedRecommend) -> tuple[str, ...]:
+        """A /recommend answer is cached whole, by everything that decides it. Generation runs
+        each request alone, so in any precision a cached answer is the one it gets uncached."""
+        r, job = self.ranker, prepared.job
+        return ("recommend", self.version, self.loaded.precision, TEMPLATE_VERSION, prepared.instruction.template.id,
+                r.reduction, str(r.max_source_tokens), self.catalogue.version, str(job.k), str(job.beams),
+                prepared.filter_digest, prepared.instruction.source)
+
+    def job_tokens(self, prepared: PreparedRecommend) -> int:
+        """A generation job's weight in the batcher's token units (its queue-wait estimate): each
+        decoding step reads the whole vocabulary head, about what scoring this many candidate
+        tokens costs (measured: k=10 on Games ~ a 100-candidate rerank)."""
+        return prepared.source_tokens + GENERATION_TOKENS_PER_BEAM * prepared.job.beams
+
+    def generate(self, job: RecommendJob) -> Generation:
+        return self.generator.generate(job.source_ids, job.k, allowed=job.allowed, beams=job.beams)
+
+    def run_jobs(self, jobs: list) -> tuple[list, float, float]:
+        """The batcher's score function: rerank jobs (``Encoded``) scored together by
+        :meth:`score_many`, generation jobs each alone; (results in job order, encoder seconds,
+        decoder seconds)."""
+        results: list = [None] * len(jobs)
+        rerank = [i for i, j in enumerate(jobs) if not isinstance(j, RecommendJob)]
+        enc = dec = 0.0
+        if rerank:
+            scored, enc, dec = self.score_many([jobs[i] for i in rerank])
+            for i, value in zip(rerank, scored):
+                results[i] = value
+        for i, job in enumerate(jobs):
+            if isinstance(job, RecommendJob):
+                start = time.perf_counter()
+                results[i] = self.generate(job)
+                dec += time.perf_counter() - start
+        return results, enc, dec
 
     # -- scoring (inference thread) ------------------------------------------------------
     def score_many(self, requests: list[Encoded | tuple[str, list[str]]]) -> tuple[list[Scored], float, float]:

@@ -12,7 +12,9 @@ _FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 _COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 10000)
 _TOKENS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
-REJECT_REASONS = ("unauthorized", "body_too_large", "bad_request", "invalid", "queue_full", "expired", "not_ready")
+REJECT_REASONS = ("unauthorized", "body_too_large", "bad_request", "invalid", "queue_full", "expired", "not_ready",
+                  "no_catalogue")
+_STEPS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 
 
 class Metrics:
@@ -36,6 +38,11 @@ class Metrics:
             "instructrec_batch_tokens", "tokens (instruction + candidates) per batch", buckets=_TOKENS, registry=r)
         self.candidates_per_request = Histogram(
             "instructrec_candidates_per_request", "candidates per rerank request", buckets=_COUNTS, registry=r)
+        self.generate_steps = Histogram(
+            "instructrec_generate_steps", "decoding steps of a /recommend beam search", buckets=_STEPS, registry=r)
+        self.answer_cache = Counter(
+            "instructrec_answer_cache", "/recommend answers by cache outcome (hit, miss, bypassed: Redis down)",
+            ("outcome",), registry=r)
         self.queue_depth = Gauge("instructrec_queue_depth", "scoring jobs waiting for the model", registry=r)
         self.cache_hits = Counter("instructrec_cache_hits", "candidate scores served from the cache", registry=r)
         self.cache_misses = Counter("instructrec_cache_misses", "candidate scores not in the cache", registry=r)
@@ -53,6 +60,8 @@ class Metrics:
         self.ready = Gauge("instructrec_ready", "1 once the model is loaded and warmed up", registry=r)
         for reason in REJECT_REASONS:  # export zeros so rates work from the first scrape
             self.rejected.labels(reason)
+        for outcome in ("hit", "miss", "bypassed"):
+            self.answer_cache.labels(outcome)
 
     def expose(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,11 +1,16 @@
-"""The rerank pipeline the handlers call: preparation in the prep thread (the core's template
-selection and instruction fitting, one cache key per distinct candidate) -> cache lookup ->
-the misses go to the batcher (abandoned if the client disconnects) -> the scores of the
-misses are written back. Ranking and the answer's shape stay with the handlers."""
+"""The pipelines the handlers call.
+
+Rerank: preparation in the prep thread (the core's template selection and instruction
+fitting, one cache key per distinct candidate) -> cache lookup -> the misses go to the
+batcher (abandoned if the client disconnects) -> the scores of the misses are written back.
+Recommend: preparation (a matching template, the mask of allowed items) -> the whole answer
+from the cache, or a generation job through the same batcher -> the answer cached.
+Ranking and the answer's shape stay with the handlers."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from dataclasses import dataclass
 
@@ -15,7 +20,7 @@ from instructrec.aspects import UserNeed
 from instructrec.templates import TemplateError, get_template
 
 from .batcher import Expired, QueueFull, ShuttingDown
-from .engine import Prepared
+from .engine import Prepared, PreparedRecommend, UnknownItem
 from .errors import ApiError, ClientGone
 from .state import ServiceState
 
@@ -84,6 +89,24 @@ def prepare(state: ServiceState, need: UserNeed, template_id: str | None, texts:
     return prepared, keys
 
 
+async def _submit(request: Request, state: ServiceState, job, tokens: int):
+    """A job through the batcher, its result awaited; refusals as the API's errors."""
+    try:
+        future = state.batcher.submit(job, tokens)
+    except QueueFull as exc:
+        raise ApiError(429, "rate_limited", "too many requests are waiting for the model; retry later",
+                       headers={"Retry-After": str(exc.retry_after)}, reason="queue_full") from None
+    except ShuttingDown:
+        raise shutting_down() from None
+    try:
+        return await await_scores(request, future)
+    except ShuttingDown:
+        raise shutting_down() from None
+    except Expired as exc:
+        raise ApiError(503, "overloaded", f"the request waited longer than max_queue_wait_ms for the model ({exc})",
+                       headers={"Retry-After": str(exc.retry_after)}, reason="expired") from None
+
+
 async def rerank(request: Request, state: ServiceState, need: UserNeed, template_id: str | None,
                  texts: list[str], max_text_tokens: int | None = None) -> Outcome:
     cache, metrics = state.cache, state.metrics
@@ -116,20 +139,7 @@ async def rerank(request: Request, state: ServiceState, need: UserNeed, template
     scored_tokens = 0
     if misses:
         tokens = prepared.source_tokens + prepared.target_tokens(misses)
-        try:
-            future = state.batcher.submit(prepared.encoded(misses), tokens)
-        except QueueFull as exc:
-            raise ApiError(429, "rate_limited", "too many requests are waiting for the model; retry later",
-                           headers={"Retry-After": str(exc.retry_after)}, reason="queue_full") from None
-        except ShuttingDown:
-            raise shutting_down() from None
-        try:
-            result = await await_scores(request, future)
-        except ShuttingDown:
-            raise shutting_down() from None
-        except Expired as exc:
-            raise ApiError(503, "overloaded", f"the request waited longer than max_queue_wait_ms for the model ({exc})",
-                           headers={"Retry-After": str(exc.retry_after)}, reason="expired") from None
+        result = await _submit(request, state, prepared.encoded(misses), tokens)
         for t, value in zip(misses, result.scores):
             scores[t] = value
         scored_tokens = tokens
@@ -137,3 +147,51 @@ async def rerank(request: Request, state: ServiceState, need: UserNeed, template
             await cache.set_many({keys[t]: scores[t] for t in misses})
     return Outcome(prepared, [scores[t] for t in texts], [t in from_cache for t in texts], len(from_cache),
                    len(misses) if cached_values is not None else 0, cached_values is not None, scored_tokens)
+
+
+@dataclass
+class Recommendation:
+    """What the recommend pipeline hands back: the items (catalogue index, score) best first."""
+
+    prepared: PreparedRecommend
+    items: list[tuple[int, float]]
+    steps: int
+    cache_used: bool
+    hit: bool
+
+
+def no_catalogue() -> ApiError:
+    return ApiError(409, "no_catalogue", "this service has no catalogue to recommend from: build one with "
+                    "`instructrec catalogue build --model <the served model> --out CAT` and start the service with "
+                    "INSTRUCTREC_CATALOGUE=CAT (/rerank works without one)", reason="no_catalogue")
+
+
+async def recommend(request: Request, state: ServiceState, need: UserNeed, template_id: str | None, k: int,
+                    **mask) -> Recommendation:
+    """``mask``: :meth:`Engine.prepare_recommend`'s history ids, exclusions and filter."""
+    cache, metrics = state.cache, state.metrics
+    loop = asyncio.get_running_loop()
+    start = time.perf_counter()
+    try:
+        prepared = await loop.run_in_executor(state.prep_executor, functools.partial(
+            state.engine.prepare_recommend, need, template_id, k, **mask))
+    except TemplateError as exc:
+        raise template_error(exc, "template" if template_id else None) from None
+    except UnknownItem as exc:
+        raise ApiError(422, "validation_error", str(exc), exc.field, reason="invalid") from None
+    metrics.prepare_seconds.observe(time.perf_counter() - start)
+    if prepared.allowed_items == 0:
+        return Recommendation(prepared, [], 0, False, False)
+    key = cache.answer_key(state.engine.recommend_key_parts(prepared)) if cache.enabled else None
+    usable, cached = await cache.get_json(key) if key else (False, None)
+    if cached is not None:
+        metrics.answer_cache.labels("hit").inc()
+        return Recommendation(prepared, [(int(i), float(s)) for i, s in cached], 0, True, True)
+    if key:
+        metrics.answer_cache.labels("miss" if usable else "bypassed").inc()
+    generated = await _submit(request, state, prepared.job, state.engine.job_tokens(prepared))
+    metrics.generate_steps.observe(generated.steps)
+    items = [(r.item, r.score) for r in generated.items]
+    if usable:
+        await cache.set_json(key, items)
+    return Recommendation(prepared, items, generated.steps, usable, False)

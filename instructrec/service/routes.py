@@ -1,5 +1,6 @@
 """The endpoints: POST /rerank (native), POST /v1/rerank and /v2/rerank (Cohere v1/v2 and
-Jina compatible: one handler), /health, /ready, /metrics.
+Jina compatible: one handler), POST /recommend (generation over the catalogue), /health,
+/ready, /metrics.
 
 A handler only parses, authorises, calls and serialises: auth -> body (size-limited, UTF-8,
 JSON) -> strict validation with the configured limits -> :func:`instructrec.service.pipeline.rerank`
@@ -27,13 +28,14 @@ from instructrec.templates import TEMPLATE_VERSION
 from . import pipeline
 from .errors import ApiError, from_validation
 from .schemas import (CompatError, CompatRerankRequest, CompatResponse, ErrorBody, FieldError, Health, HealthFailed,
-                      NotReady, Ready, RerankRequest, RerankResponse)
+                      NeedRequest, NotReady, Ready, RecommendRequest, RecommendResponse, RerankRequest, RerankResponse)
 from .state import ServiceState
 
 router = APIRouter()
 
 _CODES = (400, 401, 413, 422, 429, 503)
 _ERRORS = {code: {"model": ErrorBody} for code in _CODES}
+_RECOMMEND_ERRORS = {code: {"model": ErrorBody} for code in (*_CODES, 409)}
 _COMPAT_ERRORS = {code: {"model": CompatError} for code in _CODES}
 
 
@@ -115,7 +117,7 @@ def _validate(model, data: dict, state: ServiceState):
         raise from_validation(exc) from None
 
 
-def _need(req: RerankRequest) -> UserNeed:
+def _need(req: NeedRequest) -> UserNeed:
     history = tuple(h.title for h in req.history if h.title)
     intention, kind, context = None, None, None
     if req.intention is not None:
@@ -167,6 +169,43 @@ def _native_body(req: RerankRequest, texts: list[str], out: pipeline.Outcome, st
         "cache": {"enabled": out.cache_used, "hits": out.hits, "misses": out.misses},
         "truncated": {"history_dropped": inst.history_dropped, "source_tokens_cut": out.prepared.source_cut,
                       "candidates_cut": [i for i, t in enumerate(texts) if out.prepared.cut(t)]},
+    }
+
+
+@router.post("/recommend", response_model=RecommendResponse, responses=_RECOMMEND_ERRORS,
+             summary="Generate the best k catalogue items for a user's need (task form T2)")
+async def recommend(request: Request):
+    """The model writes the items: constrained beam search over the catalogue's titles
+    (``INSTRUCTREC_CATALOGUE``), so every result is a catalogue item and its score is what
+    /rerank gives that title. 409 ``no_catalogue`` when the service has none."""
+    state = _begin(request)
+    req = _validate(RecommendRequest, await _read_json(request, state), state)
+    if state.engine.catalogue is None:
+        raise pipeline.no_catalogue()
+    pipeline.check_template(req.template)
+    filt = req.filter
+    history_ids = tuple(h.id if h.id is None else str(h.id) for h in req.history if h.title)
+    out = await pipeline.recommend(request, state, _need(req), req.template, req.k, history_ids=history_ids,
+                                   exclude_history=req.exclude_history, only_ids=filt.ids if filt else None,
+                                   exclude_ids=filt.exclude_ids if filt else ())
+    return _json(_recommend_body(out, state))
+
+
+def _recommend_body(out: pipeline.Recommendation, state: ServiceState) -> dict:
+    """The /recommend answer, shaped as :class:`RecommendResponse`."""
+    engine = state.engine
+    cat = engine.catalogue
+    inst = out.prepared.instruction
+    return {
+        "id": f"rec-{uuid.uuid4().hex}",
+        "results": [{"id": cat.items[i].id, "title": cat.items[i].title, "score": score} for i, score in out.items],
+        "template": {"id": inst.template.id, "label": inst.template.label,
+                     "instantiation": inst.rendered.instantiation.label(), "table_version": TEMPLATE_VERSION},
+        "model": {"name": engine.name, "checkpoint_version": engine.version},
+        "catalogue": {"version": cat.version, "items": len(cat), "allowed": out.prepared.allowed_items},
+        "usage": {"source_tokens": out.prepared.source_tokens, "steps": out.steps},
+        "cache": {"enabled": out.cache_used, "hit": out.hit},
+        "truncated": {"history_dropped": inst.history_dropped, "source_tokens_cut": out.prepared.source_cut},
     }
 
 

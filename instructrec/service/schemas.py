@@ -77,8 +77,8 @@ class Candidate(BaseModel):
     title: NonEmptyText
 
 
-class RerankRequest(BaseModel):
-    """The user's need plus the candidates to rank.
+class NeedRequest(BaseModel):
+    """The user's need, as both /rerank and /recommend take it.
 
     ``instruction`` is the user's own free-text request: it fills the intention slot (as a
     vague intention, I1) when no ``intention`` object is given, and is added to the
@@ -91,14 +91,71 @@ class RerankRequest(BaseModel):
     intention: Intention | None = Field(None, description="current intention (I1 vague / I2 specific)")
     history: list[Annotated[HistoryItem, BeforeValidator(_as_title)]] = Field(
         default_factory=list, description="past item titles or {id, title}, oldest first (P1)")
+    template: str | None = Field(None, min_length=1, max_length=64, description="template id override")
+
+    _max_history = field_validator("history", mode="before")(_limit("max_history", "history items"))
+
+
+class RerankRequest(NeedRequest):
+    """The user's need plus the candidates to rank."""
+
     candidates: list[Annotated[Candidate, BeforeValidator(_as_title)]] = Field(
         min_length=1, description="titles or {id, title, ...} to rank")
     top_n: int | None = Field(None, ge=1, description="return only the best N (default: all)")
-    template: str | None = Field(None, min_length=1, max_length=64, description="template id override")
     return_scores: bool = Field(True, description="include scores (mean log-likelihood of the title)")
 
     _max_candidates = field_validator("candidates", mode="before")(_limit("max_candidates", "candidates"))
-    _max_history = field_validator("history", mode="before")(_limit("max_history", "history items"))
+
+
+ItemId = Annotated[str | int, AfterValidator(lambda v: str(v))]
+
+
+class RecommendFilter(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    ids: list[ItemId] | None = Field(None, min_length=1, description="only these catalogue items may be recommended")
+    exclude_ids: list[ItemId] = Field(default_factory=list, description="these items are never recommended")
+
+
+class RecommendRequest(NeedRequest):
+    """The user's need; the model writes the items itself, from the service's catalogue (T2)."""
+
+    k: int = Field(10, ge=1, le=100, description="how many items to recommend")
+    exclude_history: bool = Field(True, description="never recommend an item of the history (matched by id, "
+                                  "else by title)")
+    filter: RecommendFilter | None = None
+
+
+class RecommendedItem(BaseModel):
+    id: str
+    title: str
+    score: float = Field(description="the title's mean (or sum) token log-likelihood: what /rerank gives it")
+
+
+class CatalogueInfo(BaseModel):
+    version: str = Field(description="content digest of the catalogue file")
+    items: int
+    allowed: int = Field(description="items this request could receive after its filter and exclusions")
+
+
+class RecommendUsage(BaseModel):
+    source_tokens: int = Field(description="instruction tokens the model sees")
+    steps: int = Field(description="decoding steps the beam search ran (0 when answered from the cache)")
+
+
+class AnswerCache(BaseModel):
+    enabled: bool = Field(description="a cache is configured and was usable for this request")
+    hit: bool
+
+
+class RecommendResponse(BaseModel):
+    id: str
+    results: list[RecommendedItem]
+    template: "TemplateInfo"
+    model: "ModelInfo"
+    catalogue: CatalogueInfo
+    usage: RecommendUsage
+    cache: AnswerCache
+    truncated: "InstructionTruncation"
 
 
 class RankedItem(BaseModel):
@@ -134,9 +191,12 @@ class CacheInfo(BaseModel):
     misses: int
 
 
-class Truncation(BaseModel):
+class InstructionTruncation(BaseModel):
     history_dropped: int = Field(description="oldest history items left out so the instruction fits")
     source_tokens_cut: int = Field(description="instruction tokens cut (0 unless the template text alone is too long)")
+
+
+class Truncation(InstructionTruncation):
     candidates_cut: list[int] = Field(description="request indices of candidates cut to the token limit")
 
 
@@ -276,3 +336,6 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+RecommendResponse.model_rebuild()

@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     prep_cache_size: int = Field(default=65536, ge=0, description="candidate texts whose token ids preparation "
                                  "keeps, and a 16th as many fitted instructions (least recently used out; 0 keeps none)")
 
+    # -- generation over a catalogue (/recommend) ------------------------------------------
+    catalogue: str | None = Field(default=None, description="catalogue file for /recommend (`instructrec catalogue "
+                                  "build`); without one /recommend answers 409")
+    beams: int | None = Field(default=None, ge=1, le=1000, description="beam width of /recommend's constrained search "
+                              "(default: the request's k; never below k)")
+
     # -- micro-batching -----------------------------------------------------------------
     batch_tokens: int = Field(default=4096, ge=64, description="token budget of one batch (and of one forward pass)")
     max_wait_ms: float = Field(default=5.0, ge=0, description="longest wait for more requests to join a batch")
@@ -76,7 +82,7 @@ class Settings(BaseSettings):
     def _empty_key_is_none(cls, value):
         return None if value in ("", None) else value
 
-    @field_validator("model", mode="before")
+    @field_validator("model", "catalogue", mode="before")
     @classmethod
     def _empty_model_is_none(cls, value):
         return None if value in ("",) else value

@@ -9,7 +9,6 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from instructrec.ranker import Encoded
 from instructrec.templates import TEMPLATE_VERSION
 
 from .batcher import Batcher
@@ -55,8 +54,9 @@ class ServiceState:
         self.batcher.start()
         self._load_task = asyncio.get_running_loop().create_task(self._load(), name="instructrec-load")
 
-    def _score_many(self, requests: list[Encoded]):
-        return self.engine.score_many(requests)
+    def _score_many(self, requests: list):
+        """A batch of jobs: rerank jobs (``Encoded``) and generation jobs (``RecommendJob``)."""
+        return self.engine.run_jobs(requests)
 
     async def _load(self) -> None:
         loop = asyncio.get_running_loop()
@@ -81,6 +81,10 @@ class ServiceState:
             log.error("%s", self.load_error, exc_info=exc)
             return
         self.engine = engine
+        if engine.catalogue is not None:
+            cat = engine.catalogue
+            log.info("catalogue %s: %d items, %d distinct titles (version %s) for /recommend", self.settings.catalogue,
+                     len(cat), cat.header["leaves"], cat.version)
         self.metrics.model_info.labels(engine.name, engine.version, TEMPLATE_VERSION,
                                        engine.tuned_template_version or "none").set(1)
         self.metrics.ready.set(1)

@@ -9,5 +9,7 @@ COMMANDS = (
     Command("curve", "instructrec.training.curve", "the learning curve of a training run (table, PNG, README block)"),
     Command("evaluate", "instructrec.training.evaluate.cli",
             "evaluate models and baselines with the paper's protocol, write the report"),
+    Command("catalogue", "instructrec.training.catalogue_cli",
+            "build the item catalogue /recommend generates from (titles tokenised for a model)"),
     Command("eval-client", "instructrec.training.evaluate.client_cli", "evaluate a live /rerank service on a candidate file"),
 )

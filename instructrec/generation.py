@@ -1,0 +1,291 @@
+"""Generative recommendation over a catalogue (task form T2, GenRec): the model writes the item.
+
+The paper ranks given candidates because free generation can write an item that does not
+exist. Constrained beam search removes that risk: at every step a beam may only continue
+with a token that the catalogue's prefix tree (:mod:`instructrec.catalogue`) allows after
+its tokens, so every finished beam is a whole catalogue title. A beam's log-likelihood is
+then exactly what the ranker computes for that title as a candidate, so the score reported
+is the ranker's score (the mean or sum of the title's token log-probabilities, end of
+sequence included) and an item recommended here gets the same score from ``/rerank``.
+
+The search keeps ``beams`` unfinished prefixes, all of one length at each step, so ordering
+them by their summed log-probability is also ordering them by their mean. A prefix that
+reaches end-of-sequence is a finished title and leaves the beam (it costs nothing more); the
+answer is the best ``k`` finished titles by the ranker's reduction. With ``beams`` at least
+the number of allowed titles the search is exhaustive, i.e. the ranker's full sort.
+
+Each backend steps one token at a time with its own keys/values cache, reordered to follow
+the surviving beams: the prefix-LM reads the instruction once and decodes after it
+(:func:`instructrec.prefixlm.decode_step`), a seq2seq model encodes once and keeps the
+cross-attention keys/values as views, a decoder-only model keeps the instruction's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import prefixlm
+from .catalogue import Catalogue, Node
+from .modeling import PREFIX_LM
+from .ranker import SOURCE_BUCKET, Ranker, _decoder_parts, _prefix_head, _view_cache
+
+MAX_K = 100
+
+
+@dataclass(frozen=True)
+class Recommended:
+    item: int  # index into the catalogue's items
+    title: str
+    score: float  # as the ranker scores the title: mean (or sum) of its token log-probs
+    total: float  # summed log-prob of the title's tokens, end-of-sequence included
+    tokens: int  # the title's tokens, end-of-sequence included
+
+
+@dataclass(frozen=True)
+class _Beam:
+    node: Node
+    total: float
+
+
+class Generator:
+    """Top-k catalogue items for an instruction, by constrained beam search with a ranker's model."""
+
+    def __init__(self, ranker: Ranker, catalogue: Catalogue, *, beams: int | None = None, where=None):
+        catalogue.check_compatible(ranker.tokenizer, ranker.eos, ranker.max_target_tokens, where=where)
+        self.ranker = ranker
+        self.catalogue = catalogue
+        self.beams = beams  # None: k
+
+    def top_k(self, source: str | Sequence[int], k: int, **kw) -> list[Recommended]:
+        """The ``k`` best catalogue items for the instruction ``source`` (see :meth:`generate`)."""
+        return self.generate(source, k, **kw).items
+
+    @torch.inference_mode()
+    def generate(self, source: str | Sequence[int], k: int, *, allowed: np.ndarray | None = None,
+                 beams: int | None = None, reduction: str | None = None) -> "Generation":
+        """The ``k`` best catalogue items for the instruction ``source`` (text, or token ids as
+        :meth:`Ranker.source_ids` gives them), only items where ``allowed`` (a bool per item) is
+        true, best first; items sharing a title share its score and come in catalogue order.
+        ``beams``: the beam width (at least ``k``; default the generator's, else ``k``)."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, not {k}")
+        reduction = reduction or self.ranker.reduction
+        src = self.ranker.source_ids(source)[0] if isinstance(source, str) else list(source)
+        width = max(k, beams or self.beams or k)
+        steps = _steps(self.ranker, src)
+        leaves = search(steps, self.catalogue, width, k, self.ranker.eos, reduction,
+                        self.catalogue.allowed_counts(allowed))
+        out: list[Recommended] = []
+        for node, total in leaves:
+            length = node.depth  # the leaf's tokens, end-of-sequence included
+            score = total / length if reduction == "mean" else total
+            for item in self.catalogue.leaf_items(node, allowed):
+                if len(out) < k:
+                    out.append(Recommended(item, self.catalogue.items[item].title, score, total, length))
+        return Generation(out, steps.count)
+
+
+@dataclass(frozen=True)
+class Generation:
+    items: list[Recommended]
+    steps: int  # decoding steps the search ran (model passes after the instruction's)
+
+
+def search(steps: "_Steps", catalogue: Catalogue, width: int, k: int, eos: int, reduction: str,
+           counts: np.ndarray | None) -> list[tuple[Node, float]]:
+    """Constrained beam search: the finished leaves (a leaf node, the title's summed log-prob)
+    in the order of the ranker's reduction, best first, at most enough to hold ``k`` items."""
+    beams = [_Beam(catalogue.root(), 0.0)]
+    if counts is not None and counts[-1] == 0:
+        return []
+    logprobs = steps.first()
+    steps.count = 1
+    finished: list[tuple[float, int, Node, float]] = []  # (-score, order found, leaf, total)
+    while beams:
+        lp = logprobs.numpy()
+        grown = []  # (total, beam, token, child) of every allowed continuation
+        for b, beam in enumerate(beams):
+            tokens, los, his = catalogue.children(beam.node, counts)
+            totals = beam.total + lp[b, tokens].astype(np.float64)
+            depth = beam.node.depth + 1
+            ends = np.flatnonzero(tokens == eos)  # at most one: a whole title, finished whatever its rank
+            for j in ends.tolist():
+                total = float(totals[j])
+                score = total / depth if reduction == "mean" else total
+                finished.append((-score, len(finished), Node(int(los[j]), int(his[j]), depth), total))
+            if len(ends):
+                totals[ends] = -np.inf
+            # only a beam's own best `width` continuations can be among the best `width` of all
+            keep = np.flatnonzero(totals > -np.inf)
+            if len(keep) > width:
+                keep = keep[np.argpartition(-totals[keep], width - 1)[:width]]
+            for j in keep.tolist():
+                grown.append((float(totals[j]), b, int(tokens[j]), Node(int(los[j]), int(his[j]), depth)))
+        grown.sort(key=lambda g: (-g[0], g[1], g[2]))
+        grown = grown[:width]
+        if not grown or _settled(finished, grown, k, reduction, catalogue, counts):
+            break
+        beams = [_Beam(child, total) for total, _, _, child in grown]
+        logprobs = steps.advance([b for _, b, _, _ in grown], [t for _, _, t, _ in grown])
+        steps.count += 1
+    finished.sort(key=lambda f: (f[0], f[1]))
+    out, items = [], 0
+    for _, _, leaf, total in finished:
+        out.append((leaf, total))
+        items += _allowed_in(leaf, counts)
+        if items >= k:
+            break
+    return out
+
+
+def _allowed_in(node: Node, counts: np.ndarray | None) -> int:
+    return node.hi - node.lo if counts is None else int(counts[node.hi] - counts[node.lo])
+
+
+def _settled(finished, grown, k: int, reduction: str, catalogue: Catalogue, counts) -> bool:
+    """With summed scores no unfinished beam can beat the k-th finished item any more (a
+    log-prob is never positive, so a sum only falls). A mean can still rise: search on."""
+    if reduction != "sum" or not finished:
+        return False
+    best_open = grown[0][0]
+    items = 0
+    for neg_score, _, leaf, _ in sorted(finished, key=lambda f: (f[0], f[1])):
+        items += _allowed_in(leaf, counts)
+        if items >= k:
+            return -neg_score >= best_open
+    return False
+
+
+# -- stepping each backend one token at a time ------------------------------------------------
+
+
+class _Steps:
+    """``first()`` gives the log-probs [1, vocab] of the first title token; ``advance(parents,
+    tokens)`` continues row ``parents[i]`` of the previous step with ``tokens[i]`` and gives the
+    new rows' log-probs [rows, vocab] (float32, on the CPU)."""
+
+    count = 0  # decoding steps run
+
+    def first(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def advance(self, parents: list[int], tokens: list[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _steps(ranker: Ranker, src: list[int]) -> _Steps:
+    if ranker.kind == PREFIX_LM:
+        return _PrefixSteps(ranker, src)
+    if ranker.kind == "causal":
+        return _CausalSteps(ranker, src)
+    return _Seq2SeqSteps(ranker, src)
+
+
+def _logprobs(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+
+def _rows(parents: list[int], device) -> torch.Tensor:
+    return torch.tensor(parents, device=device)
+
+
+class _PrefixSteps(_Steps):
+    def __init__(self, ranker: Ranker, src: list[int]):
+        self.bert = ranker.model.bert
+        self.device = ranker.device
+        self.head = _prefix_head(ranker.model)
+        self.start = ranker._start_id()
+        inp = ranker._pad([src], SOURCE_BUCKET)  # read as the ranker reads it (same kernels, warmed)
+        mask = (torch.arange(inp.shape[1], device=self.device)[None, :] < len(src)).long()
+        _, self.kv = prefixlm.read_instruction(self.bert, inp, mask)
+        self.length = len(src)
+        self.own = None
+
+    def _step(self, tokens: torch.Tensor, own) -> torch.Tensor:
+        hidden, self.own = prefixlm.decode_step(self.bert, self.kv, self.length, tokens, own)
+        return _logprobs(self.head(hidden))
+
+    def first(self) -> torch.Tensor:
+        return self._step(torch.tensor([[self.start]], device=self.device), None)
+
+    def advance(self, parents: list[int], tokens: list[int]) -> torch.Tensor:
+        idx = _rows(parents, self.device)
+        own = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in self.own]
+        return self._step(torch.tensor(tokens, device=self.device)[:, None], own)
+
+
+class _Seq2SeqSteps(_Steps):
+    def __init__(self, ranker: Ranker, src: list[int]):
+        model = ranker.model
+        self.device = ranker.device
+        self.body, self.head = _decoder_parts(model)
+        inp = torch.tensor([src], device=self.device)
+        self.mask = torch.ones_like(inp)
+        self.enc = model.get_encoder()(input_ids=inp, attention_mask=self.mask).last_hidden_state
+        self.start = ranker._start_id()
+        self.own = None  # decoder self-attention keys/values per layer, one row per beam
+        self.cross = None  # cross-attention keys/values per layer, one row (shared as views)
+
+    def _step(self, tokens: torch.Tensor, own) -> torch.Tensor:
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        rows = tokens.shape[0]
+        if self.cross is None:
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        else:
+            cross = [(k.expand(rows, *k.shape[1:]), v.expand(rows, *v.shape[1:])) for k, v in self.cross]
+            cache = EncoderDecoderCache(_view_cache(own), _view_cache(cross))
+        hidden = self.body(tokens, self.enc.expand(rows, -1, -1), self.mask.expand(rows, -1), cache)
+        self.own = [(layer.keys, layer.values) for layer in cache.self_attention_cache.layers]
+        if self.cross is None:
+            self.cross = [(layer.keys, layer.values) for layer in cache.cross_attention_cache.layers]
+        return _logprobs(self.head(hidden[:, -1]))
+
+    def first(self) -> torch.Tensor:
+        return self._step(torch.tensor([[self.start]], device=self.device), None)
+
+    def advance(self, parents: list[int], tokens: list[int]) -> torch.Tensor:
+        idx = _rows(parents, self.device)
+        own = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in self.own]
+        return self._step(torch.tensor(tokens, device=self.device)[:, None], own)
+
+
+class _CausalSteps(_Steps):
+    def __init__(self, ranker: Ranker, src: list[int]):
+        from transformers.cache_utils import DynamicCache
+
+        self.model = ranker.model
+        self.device = ranker.device
+        cache = DynamicCache()
+        inp = torch.tensor([src], device=self.device)
+        out = self.model(input_ids=inp, attention_mask=torch.ones_like(inp), past_key_values=cache, use_cache=True)
+        self.first_logprobs = _logprobs(out.logits[:, -1])  # the instruction's last position predicts the title
+        self.prefix = [(layer.keys, layer.values) for layer in cache.layers]
+        self.length = len(src)
+        self.own = None
+
+    def first(self) -> torch.Tensor:
+        return self.first_logprobs
+
+    def advance(self, parents: list[int], tokens: list[int]) -> torch.Tensor:
+        rows = len(tokens)
+        idx = _rows(parents, self.device)
+        pairs = []
+        for i, (k, v) in enumerate(self.prefix):
+            k, v = k.expand(rows, *k.shape[1:]), v.expand(rows, *v.shape[1:])
+            if self.own is not None:
+                k = torch.cat([k, self.own[i][0].index_select(0, idx)], dim=2)
+                v = torch.cat([v, self.own[i][1].index_select(0, idx)], dim=2)
+            pairs.append((k, v))
+        cache = _view_cache(pairs)
+        out = self.model(input_ids=torch.tensor(tokens, device=self.device)[:, None], past_key_values=cache,
+                         use_cache=True)
+        self.own = [(layer.keys[:, :, self.length :], layer.values[:, :, self.length :]) for layer in cache.layers]
+        return _logprobs(out.logits[:, -1])
+
+
+__all__ = ["Generator", "Generation", "Recommended", "search", "MAX_K"]
