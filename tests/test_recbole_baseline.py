@@ -73,7 +73,8 @@ def sasrec_run(games_300, tmp_path_factory):
         ],
     )
     t0 = time.perf_counter()
-    result = run_recbole(data, "SASRec", [base, rev, pert], tmp / "out", epochs=2, patience=2, seed=0, threads=1, max_seq_len=20)
+    result = run_recbole(data, "SASRec", [base, rev, pert], tmp / "out", epochs=2, patience=2, seed=0, threads=1, max_seq_len=20,
+                         full_rank=True)
     return {"cases": cases, "files": (base, rev, pert), "result": result, "out": tmp / "out", "seconds": time.perf_counter() - t0}
 
 
@@ -99,6 +100,27 @@ def test_scores_one_finite_score_per_candidate_in_order(sasrec_run):
     # the files on disk: one line per case, in the file's order
     lines = [json.loads(x) for x in (sasrec_run["out"] / "base.scores.jsonl").read_text().splitlines()]
     assert [x["user_id"] for x in lines] == [c["user_id"] for c in cases]
+
+
+def test_full_ranks_agree_with_the_candidate_scores(sasrec_run, games_300):
+    """The target's rank among every item but the history is at least its rank among its 9
+    sampled negatives (a subset of those items), and below the item count."""
+    from instructrec.training.baselines.recbole import read_full_ranks
+
+    cases, (base, _, pert) = sasrec_run["cases"], sasrec_run["files"]
+    out = sasrec_run["out"]
+    ranks = read_full_ranks(out / "base.scores.jsonl")
+    scores = sasrec_run["result"]["scores"][str(base)]
+    n_items = len({x.item_id for s in games_300.sequences.values() for x in s})
+    beaten = 0
+    for c in cases:
+        s = scores[c["user_id"]]
+        target = s[c["candidates"].index(c["target"])]
+        among_ten = sum(1 for i, x in enumerate(s) if c["candidates"][i] != c["target"] and x >= target)
+        assert among_ten <= ranks[c["user_id"]] < n_items - len(set(c["history"])) or c["target"] in c["history"]
+        beaten += ranks[c["user_id"]] > among_ten
+    assert beaten > len(cases) // 2  # the full catalogue holds far more competitors than 9 negatives
+    assert read_full_ranks(out / "perturbed.scores.jsonl") == ranks  # unknown history items change nothing
 
 
 def test_summary(sasrec_run, games_300):

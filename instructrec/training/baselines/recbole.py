@@ -130,6 +130,17 @@ def _pump(stream, sink, tail: deque | None) -> None:
             pass
 
 
+def read_full_ranks(path: Path) -> dict[str, int]:
+    """user id -> the target's full-catalogue rank, from a scores file written with ``--full-rank``."""
+    out: dict[str, int] = {}
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                obj = json.loads(line)
+                out[obj["user_id"]] = int(obj["full_rank"])
+    return out
+
+
 def _read_scores(path: Path) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
     with path.open(encoding="utf-8") as f:
@@ -153,11 +164,13 @@ def run_recbole(
     env: str | os.PathLike | None = None,
     device: str = "cpu",
     max_seq_len: int = 50,
+    full_rank: bool = False,
 ) -> dict:
     """Train ``model`` (SASRec or BERT4Rec) with RecBole on ``data`` and score every
     candidates file. Returns ``{"summary": <OUT/summary.json>, "scores": {str(candidate
     file): {user_id: [score per candidate, in the file's order]}}}``; unknown candidates
-    score ``-inf``. The runner's output is streamed to this process's stderr; on failure
+    score ``-inf``; with ``full_rank`` the scores files also carry each case's full-catalogue rank
+    (:func:`read_full_ranks`). The runner's output is streamed to this process's stderr; on failure
     RecBoleError carries the tail of the runner's stderr."""
     if model not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
@@ -183,6 +196,8 @@ def run_recbole(
     ]  # fmt: skip
     if _isatty(sys.stderr):
         cmd.append("--progress")
+    if full_rank:
+        cmd.append("--full-rank")
     child_env = dict(os.environ)
     child_env["OMP_NUM_THREADS"] = str(threads)
     child_env.pop("PYTHONPATH", None)  # the runner must not see the main environment's packages

@@ -21,7 +21,8 @@ What it does:
    ``OUT/<file name without .jsonl>.scores.jsonl`` (one ``{"user_id", "scores"}`` line per
    case, scores in the order of the case's ``candidates``; a candidate RecBole does not
    know scores ``-Infinity``; a case with no known history item scores 0.0 for every
-   known candidate) and ``OUT/summary.json``.
+   known candidate; with ``--full-rank`` also ``"full_rank"``, the target's rank among every
+   item but the case's history) and ``OUT/summary.json``.
 
 RecBole's own files (the copied data, checkpoints, log, tensorboard events) go to
 ``OUT/recbole/``, which each run replaces; nothing is written to the current directory.
@@ -227,8 +228,10 @@ def setup_logging(log_file: Path, color: bool) -> logging.Logger:
 # ---------------------------------------------------------------- scoring
 
 
-def score_cases(model, dataset, cases: list[dict], max_len: int, device, torch, Interaction) -> tuple[list[list[float]], dict]:
-    """Scores of every case's candidates from the case's own history; see the module doc."""
+def score_cases(model, dataset, cases: list[dict], max_len: int, device, torch, Interaction,
+                full_rank: bool = False) -> tuple[list[list[float]], dict]:
+    """Scores of every case's candidates from the case's own history; see the module doc.
+    With ``full_rank``, ``counts["full_ranks"]`` holds each case's full-catalogue rank."""
     iid = dataset.iid_field
     uid = dataset.uid_field
     item2id = dataset.field2token_id[iid]
@@ -260,6 +263,7 @@ def score_cases(model, dataset, cases: list[dict], max_len: int, device, torch, 
             out[i] = [0.0 if c else -math.inf for c in cand]
         else:
             todo.append((i, known))
+    ranks: list[int] = [dataset.item_num] * len(cases)  # a case without a known history: a miss
 
     model.eval()
     with torch.no_grad():
@@ -277,7 +281,26 @@ def score_cases(model, dataset, cases: list[dict], max_len: int, device, torch, 
                 idx = torch.tensor(cand, dtype=torch.long)
                 vals = full[row].index_select(0, idx).tolist()
                 out[i] = [v if c else -math.inf for v, c in zip(vals, cand)]
+                if full_rank:
+                    ranks[i] = _full_rank(full[row], cases[i], item2id, dataset.item_num, torch)
+    if full_rank:
+        counts["full_ranks"] = ranks
     return out, counts  # type: ignore[return-value]
+
+
+def _full_rank(scores, case: dict, item2id: dict, n_items: int, torch) -> int:
+    """0-based rank of the case's target among every item but its own history (and RecBole's
+    padding id 0), ties counted against it, as RecBole's full sort masks a user's history; an
+    unknown target, or one inside the history, is a miss (``n_items``)."""
+    target = item2id.get(case["target"], 0)
+    history = [item2id[x] for x in case["history"] if x in item2id and item2id[x] != 0]
+    if target == 0 or target in history:
+        return n_items
+    row = scores.clone()
+    row[0] = -math.inf
+    if history:
+        row[torch.tensor(history, dtype=torch.long)] = -math.inf
+    return int((row >= row[target]).sum().item()) - 1
 
 
 # ---------------------------------------------------------------- main
@@ -295,6 +318,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--candidates", type=Path, nargs="+", required=True, metavar="FILE")
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--full-rank", action="store_true",
+                   help="also write each case's \"full_rank\": the target's 0-based rank among all items but the "
+                        "case's history (full-catalogue evaluation)")
     p.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -414,11 +440,16 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     files = {}
     for path, cases in all_cases.items():
-        scores, counts = score_cases(model, dataset, cases, args.max_seq_len, device, torch, Interaction)
+        scores, counts = score_cases(model, dataset, cases, args.max_seq_len, device, torch, Interaction,
+                                     full_rank=args.full_rank)
+        ranks = counts.pop("full_ranks", None)
         dest = out / scores_name(path)
         with dest.open("w", encoding="utf-8") as f:
-            for case, s in zip(cases, scores):
-                f.write(json.dumps({"user_id": case["user_id"], "scores": s}) + "\n")
+            for j, (case, s) in enumerate(zip(cases, scores)):
+                line = {"user_id": case["user_id"], "scores": s}
+                if ranks is not None:
+                    line["full_rank"] = ranks[j]
+                f.write(json.dumps(line) + "\n")
         files[str(path)] = {"scores_file": str(dest), **counts}
         log.info(f"scored {path.name}: {counts}")
     score_seconds = time.perf_counter() - t0

@@ -48,7 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="validation users (a seeded subset of --users) on which each model's template is chosen (0 = all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--settings", type=_csv, default=("uniform-10", "hard-10", "uniform-100"),
-                        help="uniform-10 (1+9 uniform, the paper's), hard-10 (1+9 from a matching model), uniform-100 (1+99)")
+                        help="uniform-10 (1+9 uniform, the paper's), hard-10 (1+9 from a matching model), uniform-100 "
+                             "(1+99), full (T2: the target among every item; instruction models generate over the "
+                             "catalogue; baselines popularity and sasrec)")
+    parser.add_argument("--full-k", type=int, default=20, help="full setting: items each model generates (default 20)")
+    parser.add_argument("--full-beams", type=int, help="full setting: beam width (default: --full-k)")
     parser.add_argument("--scenarios", type=_csv, default=None,
                         help="sequential, product_search, personalized_search, explicit_preference, vague_intention (default: all)")
     parser.add_argument("--extra-scenarios", type=_csv, default=("sequential", "personalized_search"),
@@ -70,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from instructrec.records import invoked_as
 
     from ..data.types import DataError
-    from . import report
+    from . import full_catalogue, report
     from .run import EvalConfig, evaluate
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -81,13 +85,20 @@ def run(args: argparse.Namespace) -> int:
             base=None if args.base.lower() == "none" else args.base, baselines=args.baselines,
             annotations=args.annotations, recbole_epochs=args.recbole_epochs, recbole_patience=args.recbole_patience,
             recbole_threads=args.recbole_threads, recbole_env=args.recbole_env, device=args.device, dtype=args.dtype,
-            resamples=args.resamples, progress=args.progress, command=invoked_as())
+            resamples=args.resamples, progress=args.progress, command=invoked_as(), full_k=args.full_k,
+            full_beams=args.full_beams)
         results = evaluate(cfg)
-        if args.readme:
+        if args.readme and "rows" in results:
             report.update_readme(args.readme, results, args.out)
+        if args.readme and "full" in results:
+            full_catalogue.update_readme(args.readme, results["full"], results["full_dir"])
     except (DataError, FileNotFoundError, ValueError, RuntimeError, KeyError) as exc:
         print(f"instructrec evaluate: {exc}", file=sys.stderr)
         return 2
-    print(report.setting_table(results, "uniform-10"))
-    print(json.dumps({"report": f"{args.out}/results.md", "rows": len(results["rows"]), "seconds": results["seconds"]}))
+    if "rows" in results:
+        print(report.setting_table(results, "uniform-10"))
+        print(json.dumps({"report": f"{args.out}/results.md", "rows": len(results["rows"]), "seconds": results["seconds"]}))
+    if "full" in results:
+        print(full_catalogue.table(results["full"]))
+        print(json.dumps({"report": f"{results['full_dir']}/results.md", "seconds": results["full"]["seconds"]}))
     return 0

@@ -156,14 +156,19 @@ def markers(name: str) -> tuple[str, str]:
 def update_readme(readme: str | Path, results: dict, report_dir: str, name: str | None = None) -> Path:
     """Replace the block between ``<!-- eval:NAME:start -->`` and ``<!-- eval:NAME:end -->``
     (NAME = the dataset's name by default) with :func:`readme_section`."""
+    return replace_block(readme, name or results["dataset"]["name"], readme_section(results, report_dir))
+
+
+def replace_block(readme: str | Path, name: str, section: str) -> Path:
+    """Put ``section`` between the README's ``<!-- eval:NAME:start -->`` and ``<!-- eval:NAME:end -->``."""
     path = Path(readme)
-    start, end = markers(name or results["dataset"]["name"])
+    start, end = markers(name)
     text = path.read_text(encoding="utf-8")
     if start not in text or end not in text:
         raise ValueError(f"{path}: no evaluation markers {start} ... {end}")
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
-    path.write_text(head + start + "\n" + readme_section(results, report_dir) + end + tail, encoding="utf-8")
+    path.write_text(head + start + "\n" + section + end + tail, encoding="utf-8")
     return path
 
 

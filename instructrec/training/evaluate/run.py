@@ -26,6 +26,7 @@ from ..data.types import MAX_HISTORY, Case, InteractionData
 from ..metrics import bootstrap_intervals, metrics_from_ranks, rank_of
 from . import candidates as cand
 from .methods import BiEncoder, InstructionModel, Method, Popularity, Precomputed, timed_score
+from .full_catalogue import FULL
 from .scenarios import Scenario, get_scenarios
 from instructrec.aspects import UserNeed
 
@@ -60,13 +61,19 @@ class EvalConfig:
     resamples: int = 1000
     progress: bool = True
     command: str = ""
+    full_k: int = 20  # full-catalogue setting: items each instruction model generates
+    full_beams: int | None = None  # its beam width (None: full_k)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
-        unknown = [s for s in self.settings if s not in SETTINGS]
+        unknown = [s for s in self.settings if s not in SETTINGS and s != FULL]
         if unknown:
-            raise ValueError(f"unknown setting {unknown[0]!r}; choose from {', '.join(SETTINGS)}")
-        if SELECTION_SETTING not in self.settings:
+            raise ValueError(f"unknown setting {unknown[0]!r}; choose from {', '.join([*SETTINGS, FULL])}")
+        if not 1 <= self.full_k <= 100 or (self.full_beams is not None and self.full_beams < 1):
+            raise ValueError(f"full_k must be 1 to 100 and full_beams at least 1 (got {self.full_k}, {self.full_beams})")
+        self.full = FULL in self.settings
+        self.settings = tuple(s for s in self.settings if s != FULL)
+        if self.settings and SELECTION_SETTING not in self.settings:
             self.settings = (SELECTION_SETTING, *self.settings)
         bad = [b for b in self.baselines if b not in ("popularity", "bi-encoder", "sasrec", "bert4rec")]
         if bad:
@@ -272,12 +279,37 @@ def _best(units: list[Unit]) -> Unit:
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    """Run the whole evaluation and write the report; returns the results dict."""
+    """Run the whole evaluation and write the report; returns the results dict. With the
+    ``full`` setting the full-catalogue (T2) evaluation runs too, into ``OUT/full/`` (or into
+    ``OUT`` when it is the only setting), and its results are under ``"full"``."""
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    data = cfg.data if isinstance(cfg.data, InteractionData) else load_dataset(cfg.data)
+    full = None
+    if cfg.full:
+        from . import full_catalogue
+
+        where = cfg.out if not cfg.settings else cfg.out / "full"
+        full = full_catalogue.evaluate_full(cfg if where == cfg.out else _moved(cfg, where), data)
+        full_catalogue.write(where, full)
+        if not cfg.settings:
+            return {"full": full, "full_dir": str(where)}
+    results = _evaluate_candidates(cfg, data)
+    if full is not None:
+        results["full"], results["full_dir"] = full, str(cfg.out / "full")
+    return results
+
+
+def _moved(cfg: EvalConfig, out: Path) -> EvalConfig:
+    from dataclasses import replace
+
+    return replace(cfg, out=out, settings=(FULL,))
+
+
+def _evaluate_candidates(cfg: EvalConfig, data: InteractionData) -> dict:
+    """The candidate settings (uniform-10, hard-10, uniform-100) and their report."""
     from . import report
 
     started = time.perf_counter()
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    data = cfg.data if isinstance(cfg.data, InteractionData) else load_dataset(cfg.data)
     scenarios = get_scenarios(cfg.scenarios)
     cases = _cases(data, cfg)
     log.info("%s: %d users (%s), %d scenarios, settings %s", data.name, len(cases["test"]),
