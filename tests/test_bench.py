@@ -289,3 +289,33 @@ def test_warm_replay_cycles_the_successful_cold_requests():
     assert warm_replay(cold, samples) == [b"r0", b"r2", b"r3", b"r0", b"r2", b"r3"]
     assert warm_replay(cold, [Sample(i, 1.0, "200") for i in range(6)]) == cold
     assert warm_replay(cold, [Sample(0, 1.0, "ReadTimeout")]) == []
+
+
+def test_recommend_bench_end_to_end(tmp_path):
+    """`instructrec bench recommend` on the tiny prefix-LM: it builds the Games-sample catalogue, starts
+    the service with it, times cold (generated) and cached requests per k, and the README block gets
+    its table."""
+    from instructrec.bench.service_bench import DEFAULT_REDIS
+
+    cache = _cache()
+    out = tmp_path / "bench"
+    rc = main(["bench", "recommend", "--model", "tiny-random-prefixlm", "--dataset", "games-sample", "--k", "2,5",
+               "--requests", "3", "--set", "warmup=false", "--redis-url", DEFAULT_REDIS if cache else "",
+               "--out", str(out)])
+    assert rc == 0
+    r = _results(out)["recommend"]
+    assert r["command"].startswith("instructrec bench recommend --model tiny-random-prefixlm")
+    assert (out / "catalogue-games-sample.npz").is_file() and r["server"]["items"] > 1000
+    rows = {(x["k"], x["phase"]): x for x in r["rows"]}
+    assert set(rows) == {(k, p) for k in (2, 5) for p in (("cold", "cached") if cache else ("cold",))}
+    for (k, phase), x in rows.items():
+        assert x["requests"] == 3 and x["mean_results"] == k and 0 < x["p50_ms"] <= x["p95_ms"]
+        assert x["server_p50_ms"] > 0
+        if phase == "cold":
+            assert x["mean_steps"] > 1 and x["hits"] == 0
+        else:
+            assert x["mean_steps"] == 0 and x["hits"] == 3
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.README_START}\n{report.README_END}\n", encoding="utf-8")
+    report.update_readme(readme, _results(out))
+    assert "| k | phase | requests | p50 ms |" in readme.read_text(encoding="utf-8")

@@ -1,5 +1,5 @@
-"""``instructrec bench ranker|service|soak``: benchmark the ranker variants or the running service,
-or soak the service with a fault mid-run.
+"""``instructrec bench ranker|service|soak|recommend``: benchmark the ranker variants or the running
+service, soak the service with a fault mid-run, or time /recommend over a catalogue.
 
 Results go to ``--out`` (default ``artifacts/bench``): ``results.json``, ``results.md`` and
 PNG plots; see :mod:`instructrec.bench.report`.
@@ -108,6 +108,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     k.add_argument("--max-seconds", type=float, default=1200.0, help="stop sending after this long (default 1200)")
     _started_service_options(k, seed_help="seed of the requests and their order", dataset="games")
     k.set_defaults(_bench_parser=k, _bench_run=_run_soak)
+    _add_recommend(sub)
+
+
+def _add_recommend(sub) -> None:
+    m = sub.add_parser("recommend", help="time POST /recommend (constrained generation over a catalogue) for each k",
+                       description="Builds the data set's catalogue for the model (or takes --catalogue), starts the "
+                                   "service with it, and sends real histories one at a time: cold (generated) and "
+                                   "cached latency, decoding steps.")
+    m.add_argument("--model", default=None, help="model the started service serves (default: the quick-start model)")
+    m.add_argument("--catalogue", help="catalogue file to serve (default: build the data set's for --model)")
+    m.add_argument("--k", dest="ks", default="10,50", type=str, help="k values (default 10,50)")
+    m.add_argument("--requests", type=int, default=20, help="distinct requests per k (default 20)")
+    m.add_argument("--history", type=int, default=20, help="history titles per request, at most (default 20)")
+    m.add_argument("--redis-url", default="redis://127.0.0.1:6379/0",
+                   help="Redis of the started service ('' runs without cache: no cached rows)")
+    _started_service_options(m, seed_help="seed of the requests", dataset="games")
+    m.set_defaults(_bench_parser=m, _bench_run=_run_recommend)
+
+
+def _run_recommend(args: argparse.Namespace) -> int:
+    from .recommend_bench import recommend_table, run_recommend
+    from .service_bench import BenchError
+
+    try:
+        ks = _int_list(args.ks)
+        if any(k > 100 for k in ks) or args.requests < 1:
+            raise argparse.ArgumentTypeError("k must be 1 to 100 and --requests at least 1")
+    except argparse.ArgumentTypeError as exc:
+        print(f"instructrec bench recommend: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        section = run_recommend(model=args.model, catalogue=args.catalogue, ks=ks, requests=args.requests,
+                                history=args.history, dataset=args.dataset, seed=args.seed, settings=args.settings,
+                                threads=args.threads, redis_url=args.redis_url, log_dir=args.out)
+    except BenchError as exc:
+        print(f"instructrec bench recommend: error: {exc}", file=sys.stderr)
+        return 2
+    _publish(args, "recommend", section, recommend_table)
+    return 0
 
 
 def _started_service_options(p: argparse.ArgumentParser, *, seed_help: str, dataset: str) -> None:

@@ -157,6 +157,12 @@ def render_markdown(results: dict, plots: dict[str, str] | None = None, note: st
         parts += [render_service(results["service"], plots.get("service_latency"), plots.get("service_throughput")), ""]
     if "soak" in results:
         parts += ["## Soak", "", f"Command: `{results['soak'].get('command', '')}`", "", soak_table(results["soak"]), ""]
+    if "recommend" in results:
+        from .recommend_bench import recommend_table
+
+        r = results["recommend"]
+        parts += ["## /recommend", "", f"Command: `{r.get('command', '')}`", "", _machine_md(r["machine"]), "",
+                  recommend_table(r), ""]
     parts += [render_targets(results), ""]
     return "\n".join(parts)
 
@@ -495,6 +501,13 @@ def readme_section(results: dict) -> str:
                          _f(c.get("requests_per_s"), 1), _ms(c.get("p50_ms")), _ms(c.get("p99_ms")), str(errors),
                          _f(c.get("mean_batch_size"), 2)])
         parts += [f"Command: `{s.get('command', '')}`", "", _table(header, rows), ""]
+    rec = results.get("recommend")
+    if rec:
+        from .recommend_bench import recommend_table
+
+        m = rec["machine"]
+        parts += [f"Command: `{rec.get('command', '')}` ({m.get('cpu_model')}, {m.get('usable_cpus')} CPUs)", "",
+                  recommend_table(rec), ""]
     t = targets(results)
     if t:
         mark = {True: "met", False: "**not met**", None: "not measured"}
