@@ -177,6 +177,26 @@ class _Steps:
         raise NotImplementedError
 
 
+class _CachedSteps(_Steps):
+    """Backends that feed the start token first and keep each beam's own keys/values per layer
+    (``own``), reordered to follow the beams: ``_step(tokens, own)`` runs one position."""
+
+    start: int
+    device: torch.device
+    own: list | None = None
+
+    def _step(self, tokens: torch.Tensor, own) -> torch.Tensor:
+        raise NotImplementedError
+
+    def first(self) -> torch.Tensor:
+        return self._step(torch.tensor([[self.start]], device=self.device), None)
+
+    def advance(self, parents: list[int], tokens: list[int]) -> torch.Tensor:
+        idx = _rows(parents, self.device)
+        own = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in self.own]
+        return self._step(torch.tensor(tokens, device=self.device)[:, None], own)
+
+
 def _steps(ranker: Ranker, src: list[int]) -> _Steps:
     if ranker.kind == PREFIX_LM:
         return _PrefixSteps(ranker, src)
@@ -193,7 +213,7 @@ def _rows(parents: list[int], device) -> torch.Tensor:
     return torch.tensor(parents, device=device)
 
 
-class _PrefixSteps(_Steps):
+class _PrefixSteps(_CachedSteps):
     def __init__(self, ranker: Ranker, src: list[int]):
         self.bert = ranker.model.bert
         self.device = ranker.device
@@ -209,16 +229,8 @@ class _PrefixSteps(_Steps):
         hidden, self.own = prefixlm.decode_step(self.bert, self.kv, self.length, tokens, own)
         return _logprobs(self.head(hidden))
 
-    def first(self) -> torch.Tensor:
-        return self._step(torch.tensor([[self.start]], device=self.device), None)
 
-    def advance(self, parents: list[int], tokens: list[int]) -> torch.Tensor:
-        idx = _rows(parents, self.device)
-        own = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in self.own]
-        return self._step(torch.tensor(tokens, device=self.device)[:, None], own)
-
-
-class _Seq2SeqSteps(_Steps):
+class _Seq2SeqSteps(_CachedSteps):
     def __init__(self, ranker: Ranker, src: list[int]):
         model = ranker.model
         self.device = ranker.device
@@ -244,14 +256,6 @@ class _Seq2SeqSteps(_Steps):
         if self.cross is None:
             self.cross = [(layer.keys, layer.values) for layer in cache.cross_attention_cache.layers]
         return _logprobs(self.head(hidden[:, -1]))
-
-    def first(self) -> torch.Tensor:
-        return self._step(torch.tensor([[self.start]], device=self.device), None)
-
-    def advance(self, parents: list[int], tokens: list[int]) -> torch.Tensor:
-        idx = _rows(parents, self.device)
-        own = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in self.own]
-        return self._step(torch.tensor(tokens, device=self.device)[:, None], own)
 
 
 class _CausalSteps(_Steps):

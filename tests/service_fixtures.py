@@ -19,6 +19,15 @@ from instructrec.service.loopback import RedisServer, ThreadedServer, free_port 
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
 
 
+def redis_up(url: str = SHARED_REDIS) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
 def unique_namespace() -> str:
     return f"instructrec-test:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 

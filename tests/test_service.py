@@ -22,7 +22,7 @@ from instructrec.ranker import Ranker, rank_order
 from instructrec.templates import TEMPLATE_VERSION, get_template
 from instructrec.service.app import create_app
 from instructrec.service.settings import Settings
-from tests.service_fixtures import SHARED_REDIS, ServerThread, delete_namespace, metric, unique_namespace
+from tests.service_fixtures import SHARED_REDIS, ServerThread, delete_namespace, metric, redis_up, unique_namespace
 
 torch.set_num_threads(1)
 
@@ -37,18 +37,9 @@ def titles(n: int, seed: int) -> list[str]:
     return [" ".join(rnd.choice(WORDS) for _ in range(1 + i % 5)) + f" {seed}-{i}" for i in range(n)]
 
 
-def _redis_up() -> bool:
-    import redis
-
-    try:
-        return bool(redis.Redis.from_url(SHARED_REDIS, socket_timeout=1).ping())
-    except redis.RedisError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def service():
-    if not _redis_up():
+    if not redis_up():
         pytest.skip("no Redis at 127.0.0.1:6379")
     namespace = unique_namespace()
     settings = Settings(model="tiny-random", device="cpu", dtype="float32", batch_tokens=1024, max_wait_ms=2,

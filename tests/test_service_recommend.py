@@ -21,7 +21,7 @@ from instructrec.modeling import load_model
 from instructrec.ranker import Ranker, rank_order
 from instructrec.service.app import ConfigError, create_app
 from instructrec.service.settings import Settings
-from tests.service_fixtures import SHARED_REDIS, ServerThread, delete_namespace, metric, unique_namespace
+from tests.service_fixtures import SHARED_REDIS, ServerThread, delete_namespace, metric, redis_up, unique_namespace
 
 torch.set_num_threads(1)
 
@@ -38,15 +38,6 @@ def _titles() -> list[str]:
 
 TITLES = _titles()
 IDS = [f"g{i}" for i in range(N)]
-
-
-def _redis_up() -> bool:
-    import redis
-
-    try:
-        return bool(redis.Redis.from_url(SHARED_REDIS, socket_timeout=1).ping())
-    except redis.RedisError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +57,7 @@ def _settings(**kw) -> Settings:
 
 @pytest.fixture(scope="module")
 def service(catalogue_file):
-    if not _redis_up():
+    if not redis_up():
         pytest.skip("no Redis at 127.0.0.1:6379")
     namespace = unique_namespace()
     app = create_app(_settings(catalogue=str(catalogue_file), cache_namespace=namespace, beams=N))
@@ -192,3 +183,27 @@ def test_a_missing_or_mismatched_catalogue_fails_the_start(tmp_path):
             srv.wait_ready()
         health = httpx.get(srv.url + "/health")
         assert health.status_code == 503 and "instructrec catalogue build" in health.json()["error"]
+
+
+def test_a_batch_mixing_rerank_and_generation_jobs_answers_each_as_alone(service):
+    """The batcher's score function takes both kinds of job in one batch (batch invariance off
+    lets the service batch several requests): each gets what it gets alone."""
+    import numpy as np
+
+    from instructrec.ranker import Encoded
+    from instructrec.service.engine import RecommendJob
+
+    app, _ = service
+    engine = app.state.service.engine
+    source = engine.ranker.source_ids("The user played Halo. Which game next?")[0]
+    rerank = engine.ranker.encode("The user played Halo. Which game next?", ["Halo 3", "Doom Eternal"])
+    allowed = np.ones(N, dtype=bool)
+    allowed[0] = False
+    job = RecommendJob(source, 4, allowed, N)
+    results, _, decode = engine.run_jobs([rerank, job, rerank])
+    assert decode > 0
+    assert results[0].scores == results[2].scores == engine.ranker.score_many([rerank])[0].scores
+    alone = engine.generate(job)
+    assert [(r.item, r.score) for r in results[1].items] == [(r.item, r.score) for r in alone.items]
+    assert len(alone.items) == 4 and 0 not in {r.item for r in alone.items}
+    assert isinstance(rerank, Encoded)

@@ -321,6 +321,10 @@ class Engine:
         if shares_passes:
             self.warmup_report["mixed"] = self._warm_up_mixed(source, scored.source_tokens)
         self.warmup_report["instruction_lengths"] = r.warm_instruction_lengths()
+        if self.generator is not None:  # the decoding step's kernels, before the first /recommend
+            started = time.perf_counter()
+            steps = self.generator.generate(source, 2).steps
+            self.warmup_report["generation"] = {"steps": steps, "seconds": round(time.perf_counter() - started, 3)}
         return scored.source_tokens, count
 
     def _warm_up_mixed(self, source: str, source_tokens: int) -> dict:
