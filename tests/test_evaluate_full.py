@@ -92,10 +92,11 @@ def test_a_rerun_reuses_the_saved_ranks_and_fills_the_readme(tmp_path, monkeypat
     assert (cfg.out / "results.md").read_text().startswith("# Full-catalogue evaluation")
 
     readme = tmp_path / "README.md"
-    readme.write_text("before\n<!-- eval:tiny-games-full:start -->\nold\n<!-- eval:tiny-games-full:end -->\nafter\n")
+    readme.write_text("before\n<!-- eval:tiny-games-full:start -->\nstale table\n<!-- eval:tiny-games-full:end -->\nafter\n")
     full_catalogue.update_readme(readme, again, "artifacts/eval")
     text = readme.read_text()
-    assert "old" not in text and "| popularity | 9 |" in text and text.endswith("after\n")
+    assert "stale table" not in text and "| popularity | 9 |" in text and text.endswith("after\n")
+    assert "reusing the rankings of popularity" not in text and "reusing the rankings of tiny" in text
     assert "instructrec evaluate --settings full (test)" in text
 
 

@@ -3,7 +3,7 @@
 The ``prometheus`` binary (Debian's package; ``.ci/run`` installs it) runs on a free loopback
 port with a temporary config that scrapes a uvicorn server (tiny-random model, the machine's
 Redis) every second and loads ``deploy/prometheus/alerts.yml``. Two rounds of traffic go
-through every rerank route, with a 422 and a flood that gets 429s, then every PromQL
+through every rerank route and /recommend, with a 422 and a flood that gets 429s, then every PromQL
 expression of the dashboard and of the alert rules is evaluated through Prometheus's HTTP API:
 each parses, each dashboard expression returns data, and the values that the traffic fixes
 are checked (a 5xx ratio of 0 rather than no data, one request per batch on average).
@@ -120,12 +120,15 @@ def served_requests(client: httpx.Client) -> float:
 
 
 def traffic(url: str, client: httpx.Client, tag: str) -> None:
-    """Every rerank route, a cache hit, one 422 and a flood until at least one 429."""
+    """Every rerank route, /recommend, cache hits, one 422 and a flood until at least one 429."""
     body = {"history": ["Halo 3"], "instruction": "a racing game", "candidates": titles(5, "native")}
     for _ in range(2):  # the second time from the cache
         assert client.post("/rerank", json=body).status_code == 200
     for path in ("/v1/rerank", "/v2/rerank"):
         r = client.post(path, json={"query": "a farming game", "documents": titles(4, path), "top_n": 2})
+        assert r.status_code == 200, r.text
+    for _ in range(2):  # generation over the catalogue, then the same answer from the cache
+        r = client.post("/recommend", json={"history": ["Halo 3"], "instruction": f"a racing game {tag}", "k": 3})
         assert r.status_code == 200, r.text
     r = client.post("/v2/rerank", json={"query": "a farming game", "documents": []})
     assert r.status_code == 422 and r.json()["message"].startswith("documents")
@@ -157,10 +160,19 @@ def scraped(tmp_path_factory):
         redis.Redis.from_url(SHARED_REDIS, socket_timeout=1).ping()
     except redis.RedisError:
         pytest.skip("no Redis at 127.0.0.1:6379")
+    from instructrec.catalogue import CatalogueItem, build_catalogue
+    from instructrec.modeling import load_model
+    from instructrec.ranker import Ranker
+
+    loaded = load_model("tiny-random", device="cpu", dtype="float32")
+    ranker = Ranker(loaded)
+    items = [CatalogueItem(f"c{i}", t) for i, t in enumerate(titles(30, "catalogue"))]
+    catalogue = build_catalogue(items, loaded.tokenizer, eos=ranker.eos, max_target_tokens=ranker.max_target_tokens)
+    path = catalogue.save(tmp_path_factory.mktemp("catalogue") / "c.npz")
     namespace = unique_namespace()
     settings = Settings(model="tiny-random", device="cpu", dtype="float32", warmup=False, redis_url=SHARED_REDIS,
                         cache_namespace=namespace, max_queue=1, max_batch_requests=1, batch_tokens=256,
-                        max_wait_ms=0)
+                        max_wait_ms=0, catalogue=str(path))
     try:
         with ServerThread(create_app(settings)) as srv:
             srv.wait_ready()

@@ -128,7 +128,7 @@ def _add_recommend(sub) -> None:
 
 
 def _run_recommend(args: argparse.Namespace) -> int:
-    from .recommend_bench import recommend_table, run_recommend
+    from .recommend_bench import run_recommend
     from .service_bench import BenchError
 
     try:
@@ -145,7 +145,7 @@ def _run_recommend(args: argparse.Namespace) -> int:
     except BenchError as exc:
         print(f"instructrec bench recommend: error: {exc}", file=sys.stderr)
         return 2
-    _publish(args, "recommend", section, recommend_table)
+    _publish(args, "recommend", section, report.recommend_table)
     return 0
 
 

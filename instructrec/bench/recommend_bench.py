@@ -112,14 +112,4 @@ def run_recommend(*, model: str | None, catalogue: str | None, ks: Sequence[int]
             "rows": rows}
 
 
-def recommend_table(section: dict) -> str:
-    s = section["server"]
-    rows = [[str(r["k"]), r["phase"], str(r["requests"]), report._ms(r["p50_ms"]), report._ms(r["p95_ms"]),
-             report._ms(r["server_p50_ms"]), report._ms(r["server_p95_ms"]), report._f(r["mean_steps"], 1)]
-            for r in section["rows"]]
-    return (f"/recommend over {s['items']:,} items ({s['distinct_titles']:,} distinct titles), model {s['model']}:\n\n"
-            + report._table(["k", "phase", "requests", "p50 ms", "p95 ms", "server p50 ms", "server p95 ms",
-                             "decoding steps"], rows))
-
-
-__all__ = ["run_recommend", "recommend_table", "build_bench_catalogue"]
+__all__ = ["run_recommend", "build_bench_catalogue"]

@@ -158,8 +158,6 @@ def render_markdown(results: dict, plots: dict[str, str] | None = None, note: st
     if "soak" in results:
         parts += ["## Soak", "", f"Command: `{results['soak'].get('command', '')}`", "", soak_table(results["soak"]), ""]
     if "recommend" in results:
-        from .recommend_bench import recommend_table
-
         r = results["recommend"]
         parts += ["## /recommend", "", f"Command: `{r.get('command', '')}`", "", _machine_md(r["machine"]), "",
                   recommend_table(r), ""]
@@ -446,6 +444,17 @@ def soak_table(s: dict[str, Any]) -> str:
             f"- cache hit ratio of the answered: {ratios}\n- refused (429/503): {refused}\n")
 
 
+def recommend_table(section: dict) -> str:
+    """The /recommend bench (``instructrec bench recommend``): latency per k, cold and cached."""
+    s = section["server"]
+    rows = [[str(r["k"]), r["phase"], str(r["requests"]), _ms(r["p50_ms"]), _ms(r["p95_ms"]),
+             _ms(r["server_p50_ms"]), _ms(r["server_p95_ms"]), _f(r["mean_steps"], 1)]
+            for r in section["rows"]]
+    return (f"/recommend over {s['items']:,} items ({s['distinct_titles']:,} distinct titles), model {s['model']}:\n\n"
+            + _table(["k", "phase", "requests", "p50 ms", "p95 ms", "server p50 ms", "server p95 ms",
+                             "decoding steps"], rows))
+
+
 def render_targets(results: dict) -> str:
     rows = targets(results)
     if not rows:
@@ -503,8 +512,6 @@ def readme_section(results: dict) -> str:
         parts += [f"Command: `{s.get('command', '')}`", "", _table(header, rows), ""]
     rec = results.get("recommend")
     if rec:
-        from .recommend_bench import recommend_table
-
         m = rec["machine"]
         parts += [f"Command: `{rec.get('command', '')}` ({m.get('cpu_model')}, {m.get('usable_cpus')} CPUs)", "",
                   recommend_table(rec), ""]

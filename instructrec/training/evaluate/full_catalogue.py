@@ -57,6 +57,7 @@ class FullRanks:
     seconds: float
     notes: str = ""
     train_seconds: float | None = None
+    reused: bool = False  # read back from an earlier run into the same folder
 
     def metrics(self) -> dict[str, float]:
         m = metrics_from_ranks(self.ranks, KS)
@@ -150,8 +151,8 @@ def sasrec_ranks(data: InteractionData, cases: Sequence[Case], out: Path, *, epo
     stamp = {"epochs": epochs, "patience": patience, "seed": seed, "file": file.digest}
     stamp_path = work / "instructrec-stamp.json"
     scores = work / "full.scores.jsonl"
-    start = time.perf_counter()
-    if not (stamp_path.exists() and scores.exists() and json.loads(stamp_path.read_text()) == stamp):
+    reused = stamp_path.exists() and scores.exists() and json.loads(stamp_path.read_text()) == stamp
+    if not reused:
         run_recbole(data, "SASRec", [file.path], work, epochs=epochs, patience=patience, seed=seed, threads=threads,
                     env=env, full_rank=True)
         stamp_path.write_text(json.dumps(stamp))
@@ -160,16 +161,16 @@ def sasrec_ranks(data: InteractionData, cases: Sequence[Case], out: Path, *, epo
     n = summary["n_items"] + 1  # RecBole's miss value is its item count with the padding id
     ranks = [min(by_user[c.user_id], n) for c in cases]
     return FullRanks("SASRec", f"sasrec:{hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:12]}",
-                     [c.user_id for c in cases], ranks, n, round(time.perf_counter() - start, 3),
+                     [c.user_id for c in cases], ranks, n, summary.get("score_seconds") or 0.0,  # its ranking time
                      f"RecBole {summary.get('recbole_version')}, {summary.get('epochs_run')} epochs (max {epochs}), "
                      f"best epoch {summary.get('best_epoch')}, full sort of {summary.get('n_items'):,} items",
-                     summary.get("train_seconds"))
+                     summary.get("train_seconds"), reused)
 
 
 def _saved(out: Path, key: dict, compute) -> FullRanks:
     path = out / "units" / f"full-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.json"
     if path.exists():
-        return FullRanks(**json.loads(path.read_text())["ranks"])
+        return FullRanks(**{**json.loads(path.read_text())["ranks"], "reused": True})
     result = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -178,9 +179,10 @@ def _saved(out: Path, key: dict, compute) -> FullRanks:
     return result
 
 
-def evaluate_full(cfg, data: InteractionData) -> dict:
+def evaluate_full(cfg, data: InteractionData, models: Sequence[tuple[str | None, str]], sasrec_epochs: int) -> dict:
     """Every method of ``cfg`` (an :class:`~instructrec.training.evaluate.run.EvalConfig`) on the
-    full catalogue; returns the results (``rows`` with metrics and 95% intervals)."""
+    full catalogue: the baselines it names, and ``models`` as (label, path); returns the results
+    (``rows`` with metrics and 95% intervals)."""
     started = time.perf_counter()
     cases = cand.pick_users(cand.full_cases(data, "test"), cfg.users, cfg.seed)
     users = hashlib.sha256(" ".join(c.user_id for c in cases).encode()).hexdigest()[:16]
@@ -189,14 +191,10 @@ def evaluate_full(cfg, data: InteractionData) -> dict:
     if "popularity" in cfg.baselines:
         methods.append(popularity_ranks(data, cases))
     if "sasrec" in cfg.baselines:
-        from .run import recbole_epochs
-
-        methods.append(sasrec_ranks(data, cases, cfg.out, epochs=recbole_epochs(cfg, "SASRec"),
+        methods.append(sasrec_ranks(data, cases, cfg.out, epochs=sasrec_epochs,
                                     patience=cfg.recbole_patience, seed=cfg.seed, threads=cfg.recbole_threads,
                                     env=cfg.recbole_env))
-    from .run import _model_specs
-
-    for label, path in _model_specs(cfg):
+    for label, path in models:
         gen = Generation(data, path, label, k=cfg.full_k, beams=cfg.full_beams, device=cfg.device, dtype=cfg.dtype)
         methods.append(_saved(cfg.out, {"method": gen.version, "users": users},
                               lambda gen=gen: gen.ranks(cases, cfg.progress)))
@@ -205,7 +203,7 @@ def evaluate_full(cfg, data: InteractionData) -> dict:
         ci = bootstrap_intervals([min(r, max(KS)) for r in m.ranks], KS, resamples=cfg.resamples, seed=cfg.seed)
         rows.append({"method": m.method, "cases": len(m.ranks), "metrics": m.metrics(),
                      "ci95": {k: v for k, v in ci.items() if k != "mrr"}, "seconds": m.seconds, "notes": m.notes,
-                     "train_seconds": m.train_seconds, "version": m.version,
+                     "train_seconds": m.train_seconds, "version": m.version, "reused": m.reused,
                      "targets_in_history": sum(c.target in c.history for c in cases)})
     from .report import machine
 
@@ -226,9 +224,13 @@ def table(results: dict) -> str:
         return f"{_f(row['metrics'][metric])} ({lo:.3f}–{hi:.3f})"
 
     body = [[r["method"], str(r["cases"]), ci(r, "hr@10"), ci(r, "ndcg@10"), _f(r["metrics"]["hr@20"]),
-             _hours(r["train_seconds"]), f"{r['seconds'] / max(1, r['cases']):.2f} s", r["notes"]] for r in results["rows"]]
+             _hours(r["train_seconds"]), _per_user(r["seconds"] / max(1, r["cases"])), r["notes"]] for r in results["rows"]]
     return _table(["method", "users", "HR@10 (95% CI)", "NDCG@10 (95% CI)", "HR@20", "training on this CPU",
                    "ranking time per user", "what it is"], body)
+
+
+def _per_user(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 0.1 else f"{seconds * 1000:.2g} ms"
 
 
 def header(results: dict) -> list[str]:
@@ -237,7 +239,13 @@ def header(results: dict) -> list[str]:
     return [f"Dataset: {d['name']} ({d['users']:,} users, {d['items']:,} items); {users}. Each method ranks every item "
             f"but the user's own history; the target is the user's last item.",
             f"Command: `{results['command']}` on {m['cpu_model']}, {m['usable_cpus']} CPUs: "
-            f"{results['seconds'] / 60:.1f} min."]
+            f"{results['seconds'] / 60:.1f} min{_reused(results)}."]
+
+
+def _reused(results: dict) -> str:
+    names = [r["method"] for r in results["rows"] if r.get("reused")]
+    return (f", reusing the rankings of {', '.join(names)} saved by earlier runs into the same folder (their "
+            f"training and ranking times are in the table)") if names else ""
 
 
 def render(results: dict) -> str:

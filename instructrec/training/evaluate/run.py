@@ -289,7 +289,9 @@ def evaluate(cfg: EvalConfig) -> dict:
         from . import full_catalogue
 
         where = cfg.out if not cfg.settings else cfg.out / "full"
-        full = full_catalogue.evaluate_full(cfg if where == cfg.out else _moved(cfg, where), data)
+        epochs = recbole_epochs(cfg, "SASRec") if "sasrec" in cfg.baselines else 0
+        full = full_catalogue.evaluate_full(cfg if where == cfg.out else _moved(cfg, where), data, _model_specs(cfg),
+                                            epochs)
         full_catalogue.write(where, full)
         if not cfg.settings:
             return {"full": full, "full_dir": str(where)}
