@@ -11,7 +11,7 @@ bash scripts/install.sh
 if [ ! -f artifacts/quickstart/model/instructrec.json ]; then
   instructrec train --preset quick --out artifacts/quickstart
 fi
-# The Games catalogue for /recommend (the titles as this model tokenises them; ~15 s),
+# The Games catalogue for /recommend (the titles as this model tokenises them; seconds),
 # rebuilt whenever the model is newer than it.
 CAT=artifacts/quickstart/catalogue-games.npz
 if [ ! -f "$CAT" ] || [ artifacts/quickstart/model/instructrec.json -nt "$CAT" ]; then

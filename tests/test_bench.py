@@ -316,6 +316,9 @@ def test_recommend_bench_end_to_end(tmp_path):
         else:
             assert x["mean_steps"] == 0 and x["hits"] == 3
     readme = tmp_path / "README.md"
-    readme.write_text(f"{report.README_START}\n{report.README_END}\n", encoding="utf-8")
+    readme.write_text(f"{report.README_START}\nother benches\n{report.README_END}\n{report.RECOMMEND_START}\n"
+                      f"{report.RECOMMEND_END}\n", encoding="utf-8")
     report.update_readme(readme, _results(out))
-    assert "| k | phase | requests | p50 ms |" in readme.read_text(encoding="utf-8")
+    text = readme.read_text(encoding="utf-8")
+    assert "| k | phase | requests | p50 ms |" in text
+    assert "other benches" in text  # without ranker or service results their block is left as it was

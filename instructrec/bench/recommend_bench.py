@@ -22,14 +22,13 @@ from .service_bench import (BenchError, ChildServer, Workload, _delete_namespace
 
 def build_bench_catalogue(model: str, dataset: str, out: Path) -> Path:
     """The data set's catalogue for ``model`` (its titles as the model tokenises them)."""
-    from instructrec.catalogue import CatalogueItem, build_catalogue, load_text_side
+    from instructrec.catalogue import build_catalogue, load_text_side
     from instructrec.ranker import token_limits
-    from instructrec.text import normalise
+    from instructrec.training.catalogue_cli import items_of
 
     from .ranker_bench import load_games
 
-    data = load_games(dataset)
-    items = [CatalogueItem(i, normalise(it.title)) for i, it in sorted(data.items.items()) if normalise(it.title)]
+    items, _ = items_of(load_games(dataset))
     text = load_text_side(model)
     catalogue = build_catalogue(items, text.tokenizer, eos=text.eos, max_target_tokens=token_limits(text.meta)[1],
                                 model=model, source=dataset)

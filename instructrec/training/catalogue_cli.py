@@ -34,18 +34,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     show.add_argument("catalogue", metavar="CAT")
 
 
-def _dataset_items(path: str) -> list[CatalogueItem]:
-    from instructrec.training.data.load import load_dataset
-
-    data = load_dataset(path)
+def items_of(data) -> tuple[list[CatalogueItem], int]:
+    """A dataset's items as catalogue items, in item-id order (the same catalogue whatever order a
+    loader kept), titles normalised as the service normalises candidates, categories as
+    metadata; and how many were left out for having no title."""
     items, untitled = [], 0
-    for item in data.items.values():
+    for item_id in sorted(data.items):
+        item = data.items[item_id]
         title = normalise(item.title)
         if not title:
             untitled += 1
             continue
-        meta = {"categories": list(item.categories)} if item.categories else None
-        items.append(CatalogueItem(str(item.item_id), title, meta))
+        items.append(CatalogueItem(str(item_id), title, {"categories": list(item.categories)} if item.categories else None))
+    return items, untitled
+
+
+def _dataset_items(path: str) -> list[CatalogueItem]:
+    from instructrec.training.data.load import load_dataset
+
+    items, untitled = items_of(load_dataset(path))
     if untitled:
         print(f"{untitled} item(s) of {path} have no title and were left out", file=sys.stderr)
     return items

@@ -29,10 +29,11 @@ import numpy as np
 from tqdm import tqdm
 
 from instructrec.aspects import TaskForm
-from instructrec.catalogue import CatalogueItem, build_catalogue
+from instructrec.catalogue import build_catalogue
 from instructrec.instruction import build as build_instruction
-from instructrec.text import normalise, normalise_need
+from instructrec.text import normalise_need
 
+from ..catalogue_cli import items_of
 from ..data.types import Case, InteractionData
 from ..metrics import bootstrap_intervals, metrics_from_ranks
 from . import candidates as cand
@@ -104,14 +105,13 @@ class Generation:
         self.data = data
         self.loaded = load_model(model, device=device, dtype=dtype)
         self.ranker = Ranker(self.loaded)
-        ids = sorted(data.items)
-        items = [CatalogueItem(i, normalise(data.title(i))) for i in ids]
+        items, _ = items_of(data)
         self.catalogue = build_catalogue(items, self.loaded.tokenizer, eos=self.ranker.eos,
                                          max_target_tokens=self.ranker.max_target_tokens, model=str(model))
-        self.index = {i: j for j, i in enumerate(ids)}
+        self.index = {it.id: j for j, it in enumerate(items)}
         self.generator = Generator(self.ranker, self.catalogue)
         self.k, self.beams = k, max(k, beams or k)
-        self.miss = len(ids)  # a target outside the k generated: somewhere below every one of them
+        self.miss = len(items)  # a target outside the k generated: somewhere below every one of them
         meta = self.loaded.meta or {}
         self.max_history = (meta.get("preset") or {}).get("max_history", 20)
         path = Path(str(model))
@@ -119,7 +119,7 @@ class Generation:
         self.version = (f"{self.name}:{checkpoint_version(path) if path.is_dir() else model}:{self.loaded.precision}:"
                         f"{self.ranker.reduction}:k{self.k}:b{self.beams}:{self.catalogue.version}")
         self.train_seconds = meta.get("train_seconds_total") or meta.get("train_seconds_this_run")
-        self.notes = (f"constrained beam search (beam {self.beams}) over all {len(ids):,} titles, top {self.k}, "
+        self.notes = (f"constrained beam search (beam {self.beams}) over all {len(items):,} titles, top {self.k}, "
                       f"{self.loaded.precision}")
 
     def source(self, case: Case) -> str:
