@@ -4,9 +4,10 @@ The paper ranks given candidates because free generation can write an item that 
 exist. Constrained beam search removes that risk: at every step a beam may only continue
 with a token that the catalogue's prefix tree (:mod:`instructrec.catalogue`) allows after
 its tokens, so every finished beam is a whole catalogue title. A beam's log-likelihood is
-then exactly what the ranker computes for that title as a candidate, so the score reported
-is the ranker's score (the mean or sum of the title's token log-probabilities, end of
-sequence included) and an item recommended here gets the same score from ``/rerank``.
+then what the ranker computes for that title as a candidate of the same instruction, so the
+score reported is the ranker's score (the mean or sum of the title's token log-probabilities,
+end of sequence included): equal within float32 rounding, and within bf16 rounding in bf16,
+where the two run kernels of other shapes.
 
 The search keeps ``beams`` unfinished prefixes, all of one length at each step, so ordering
 them by their summed log-probability is also ordering them by their mean. A prefix that
@@ -33,7 +34,7 @@ from .catalogue import Catalogue, Node
 from .modeling import PREFIX_LM
 from .ranker import SOURCE_BUCKET, Ranker, _decoder_parts, _prefix_head, _view_cache
 
-MAX_K = 100
+MAX_K = 100  # the most items one request may ask for (the service's and the evaluation's bound)
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def search(steps: "_Steps", catalogue: Catalogue, width: int, k: int, eos: int, 
                 grown.append((float(totals[j]), b, int(tokens[j]), Node(int(los[j]), int(his[j]), depth)))
         grown.sort(key=lambda g: (-g[0], g[1], g[2]))
         grown = grown[:width]
-        if not grown or _settled(finished, grown, k, reduction, catalogue, counts):
+        if not grown or _settled(finished, grown, k, reduction, counts):
             break
         beams = [_Beam(child, total) for total, _, _, child in grown]
         logprobs = steps.advance([b for _, b, _, _ in grown], [t for _, _, t, _ in grown])
@@ -146,7 +147,7 @@ def _allowed_in(node: Node, counts: np.ndarray | None) -> int:
     return node.hi - node.lo if counts is None else int(counts[node.hi] - counts[node.lo])
 
 
-def _settled(finished, grown, k: int, reduction: str, catalogue: Catalogue, counts) -> bool:
+def _settled(finished, grown, k: int, reduction: str, counts) -> bool:
     """With summed scores no unfinished beam can beat the k-th finished item any more (a
     log-prob is never positive, so a sum only falls). A mean can still rise: search on."""
     if reduction != "sum" or not finished:

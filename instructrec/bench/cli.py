@@ -133,8 +133,10 @@ def _run_recommend(args: argparse.Namespace) -> int:
 
     try:
         ks = _int_list(args.ks)
-        if any(k > 100 for k in ks) or args.requests < 1:
-            raise argparse.ArgumentTypeError("k must be 1 to 100 and --requests at least 1")
+        from instructrec.generation import MAX_K
+
+        if any(k > MAX_K for k in ks) or args.requests < 1:
+            raise argparse.ArgumentTypeError(f"k must be 1 to {MAX_K} and --requests at least 1")
     except argparse.ArgumentTypeError as exc:
         print(f"instructrec bench recommend: error: {exc}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
+from instructrec.generation import MAX_K
 from instructrec.text import normalise  # the core's normaliser: the offline evaluation applies the same one
 
 
@@ -119,7 +120,7 @@ class RecommendFilter(BaseModel):
 class RecommendRequest(NeedRequest):
     """The user's need; the model writes the items itself, from the service's catalogue (T2)."""
 
-    k: int = Field(10, ge=1, le=100, description="how many items to recommend")
+    k: int = Field(10, ge=1, le=MAX_K, description="how many items to recommend")
     exclude_history: bool = Field(True, description="never recommend an item of the history (matched by id, "
                                   "else by title)")
     filter: RecommendFilter | None = None

@@ -29,6 +29,7 @@ from .methods import BiEncoder, InstructionModel, Method, Popularity, Precompute
 from .full_catalogue import FULL
 from .scenarios import Scenario, get_scenarios
 from instructrec.aspects import UserNeed
+from instructrec.generation import MAX_K
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,9 @@ class EvalConfig:
         unknown = [s for s in self.settings if s not in SETTINGS and s != FULL]
         if unknown:
             raise ValueError(f"unknown setting {unknown[0]!r}; choose from {', '.join([*SETTINGS, FULL])}")
-        if not 1 <= self.full_k <= 100 or (self.full_beams is not None and self.full_beams < 1):
-            raise ValueError(f"full_k must be 1 to 100 and full_beams at least 1 (got {self.full_k}, {self.full_beams})")
+        if not 1 <= self.full_k <= MAX_K or (self.full_beams is not None and self.full_beams < 1):
+            raise ValueError(f"full_k must be 1 to {MAX_K} and full_beams at least 1 (got {self.full_k}, "
+                             f"{self.full_beams})")
         self.full = FULL in self.settings
         self.settings = tuple(s for s in self.settings if s != FULL)
         if self.settings and SELECTION_SETTING not in self.settings:
