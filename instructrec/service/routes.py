@@ -151,6 +151,12 @@ async def rerank(request: Request):
     return _json(_native_body(req, texts, out, state))
 
 
+def _template_info(inst) -> dict:
+    """The template an answer was made with (:class:`TemplateInfo`)."""
+    return {"id": inst.template.id, "label": inst.template.label, "instantiation": inst.rendered.instantiation.label(),
+            "table_version": TEMPLATE_VERSION}
+
+
 def _native_body(req: RerankRequest, texts: list[str], out: pipeline.Outcome, state: ServiceState) -> dict:
     """The /rerank answer, shaped as :class:`RerankResponse`."""
     order = rank_order(out.scores)[: req.top_n]
@@ -161,8 +167,7 @@ def _native_body(req: RerankRequest, texts: list[str], out: pipeline.Outcome, st
         "id": f"rr-{uuid.uuid4().hex}",
         "results": [{"index": i, "id": req.candidates[i].id, "title": texts[i],
                      "score": out.scores[i] if req.return_scores else None, "cached": out.cached[i]} for i in order],
-        "template": {"id": inst.template.id, "label": inst.template.label,
-                     "instantiation": inst.rendered.instantiation.label(), "table_version": TEMPLATE_VERSION},
+        "template": _template_info(inst),
         "model": {"name": engine.name, "checkpoint_version": engine.version},
         "usage": {"source_tokens": out.prepared.source_tokens, "candidate_tokens": candidate_tokens,
                   "scored_tokens": out.scored_tokens, "total_tokens": out.prepared.source_tokens + candidate_tokens},
@@ -176,8 +181,9 @@ def _native_body(req: RerankRequest, texts: list[str], out: pipeline.Outcome, st
              summary="Generate the best k catalogue items for a user's need (task form T2)")
 async def recommend(request: Request):
     """The model writes the items: constrained beam search over the catalogue's titles
-    (``INSTRUCTREC_CATALOGUE``), so every result is a catalogue item and its score is what
-    /rerank gives that title. 409 ``no_catalogue`` when the service has none."""
+    (``INSTRUCTREC_CATALOGUE``), so every result is a catalogue item and its score is the
+    ranker's score of that title under the same (matching) instruction. 409 ``no_catalogue``
+    when the service has none."""
     state = _begin(request)
     req = _validate(RecommendRequest, await _read_json(request, state), state)
     if state.engine.catalogue is None:
@@ -199,8 +205,7 @@ def _recommend_body(out: pipeline.Recommendation, state: ServiceState) -> dict:
     return {
         "id": f"rec-{uuid.uuid4().hex}",
         "results": [{"id": cat.items[i].id, "title": cat.items[i].title, "score": score} for i, score in out.items],
-        "template": {"id": inst.template.id, "label": inst.template.label,
-                     "instantiation": inst.rendered.instantiation.label(), "table_version": TEMPLATE_VERSION},
+        "template": _template_info(inst),
         "model": {"name": engine.name, "checkpoint_version": engine.version},
         "catalogue": {"version": cat.version, "items": len(cat), "allowed": out.prepared.allowed_items},
         "usage": {"source_tokens": out.prepared.source_tokens, "steps": out.steps},
