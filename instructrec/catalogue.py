@@ -79,6 +79,7 @@ class Catalogue:
     header: dict[str, Any]
     _by_id: dict[str, int] | None = field(default=None, repr=False)
     _by_title: dict[str, list[int]] | None = field(default=None, repr=False)
+    _by_meta: dict[str, dict[str, list[int]]] = field(default_factory=dict, repr=False)
 
     # -- what it was built for ----------------------------------------------------------
     @property
@@ -125,6 +126,19 @@ class Catalogue:
             self._by_title = by
         return self._by_title.get(normalise(title), [])
 
+    def indices_where(self, key: str, values: Sequence[Any]) -> list[int]:
+        """Items whose metadata ``key`` equals one of ``values`` (or, for a list, holds one of
+        them); an item without the key matches nothing. The index of a key is built on first use."""
+        index = self._by_meta.get(key)
+        if index is None:
+            index = {}
+            for i, it in enumerate(self.items):
+                value = (it.meta or {}).get(key, _MISSING)
+                for v in (value if isinstance(value, list) else [value]) if value is not _MISSING else ():
+                    index.setdefault(_meta_key(v), []).append(i)
+            self._by_meta[key] = index
+        return sorted({i for v in values for i in index.get(_meta_key(v), ())})
+
     def row_tokens(self, row: int) -> list[int]:
         return self.tokens[row, : self.lengths[row]].tolist()
 
@@ -170,6 +184,14 @@ class Catalogue:
                             meta=_json_bytes([it.meta for it in self.items]))
         tmp.replace(path)  # a reader never sees half a file
         return path
+
+
+_MISSING = object()
+
+
+def _meta_key(value: Any) -> str:
+    """A metadata value as a dictionary key: its JSON text, so the string "1" and the number 1 stay apart."""
+    return json.dumps(value, sort_keys=True)
 
 
 def _json_bytes(value: Any) -> np.ndarray:

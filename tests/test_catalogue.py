@@ -132,3 +132,16 @@ def test_the_cli_builds_shows_and_reports_bad_input(tmp_path):
     bad = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert f'{items}:2: "title" must be a non-empty string' in bad.stderr
+
+
+def test_metadata_lookups_match_values_and_list_members(tiny, tmp_path):
+    loaded, ranker = tiny
+    items = [CatalogueItem("a", "Halo", {"platform": "PC", "tags": ["co-op", "shooter"], "year": 2001}),
+             CatalogueItem("b", "Zelda", {"platform": "Switch", "tags": ["adventure"], "year": "2001"}),
+             CatalogueItem("c", "Doom", None)]
+    cat = build_catalogue(items, loaded.tokenizer, eos=ranker.eos, max_target_tokens=ranker.max_target_tokens)
+    cat = load_catalogue(cat.save(tmp_path / "m.npz"))  # metadata survives the file
+    assert cat.indices_where("platform", ["PC", "Switch"]) == [0, 1]
+    assert cat.indices_where("tags", ["shooter"]) == [0]
+    assert cat.indices_where("year", [2001]) == [0] and cat.indices_where("year", ["2001"]) == [1]
+    assert cat.indices_where("colour", ["red"]) == []

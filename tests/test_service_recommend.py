@@ -38,14 +38,17 @@ def _titles() -> list[str]:
 
 TITLES = _titles()
 IDS = [f"g{i}" for i in range(N)]
+# metadata for the filters: a platform on every item but the last, a list of tags
+META = [{"platform": "PC" if n % 2 else "PS4", "tags": ["co-op"] if n % 3 == 0 else ["solo", "story"]}
+        for n in range(N - 1)] + [None]
 
 
 @pytest.fixture(scope="module")
 def catalogue_file(tmp_path_factory):
     loaded = load_model(MODEL, device="cpu", dtype="float32")
     ranker = Ranker(loaded)
-    cat = build_catalogue([CatalogueItem(i, t) for i, t in zip(IDS, TITLES)], loaded.tokenizer, eos=ranker.eos,
-                          max_target_tokens=ranker.max_target_tokens, model=MODEL)
+    cat = build_catalogue([CatalogueItem(i, t, META[n]) for n, (i, t) in enumerate(zip(IDS, TITLES))],
+                          loaded.tokenizer, eos=ranker.eos, max_target_tokens=ranker.max_target_tokens, model=MODEL)
     return cat.save(tmp_path_factory.mktemp("catalogue") / "games.npz")
 
 
@@ -119,6 +122,23 @@ def test_k_and_the_filters(service):
     assert none["results"] == [] and none["catalogue"]["allowed"] == 0
 
 
+def test_the_metadata_filter(service):
+    app, client = service
+    ref = direct(app, UserNeed(history=("Halo", "renamed"), intention="something to race with friends",
+                               intention_kind=Intention.VAGUE))
+    history = {TITLES.index("Halo"), 1}
+    body = {**NEED, "k": N, "filter": {"meta": {"platform": "PS4", "tags": ["co-op", "no-such-tag"]}}}
+    got = client.post("/recommend", json=body).json()
+    want = [i for i in rank_order(ref) if i not in history and i < N - 1 and i % 2 == 0 and i % 3 == 0]
+    assert want and [x["id"] for x in got["results"]] == [IDS[i] for i in want]
+    assert got["catalogue"]["allowed"] == len(want)
+    # with ids: both must hold; a key no item has allows nothing
+    both = client.post("/recommend", json={**NEED, "k": 5, "filter": {"ids": ["g0", "g6", "g7"], "meta": {"platform": "PS4"}}})
+    assert sorted(x["id"] for x in both.json()["results"]) == ["g0", "g6"]
+    nothing = client.post("/recommend", json={**NEED, "filter": {"meta": {"colour": "red"}}}).json()
+    assert nothing["results"] == [] and nothing["catalogue"]["allowed"] == 0
+
+
 @pytest.mark.parametrize("body, field", [
     ({"k": 0}, "k"),
     ({"k": 101}, "k"),
@@ -126,6 +146,9 @@ def test_k_and_the_filters(service):
     ({"filter": {"ids": []}}, "filter.ids"),
     ({"filter": {"ids": ["g1", "nope"]}}, "filter.ids[1]"),
     ({"filter": {"where": {}}}, "filter.where"),
+    ({"filter": {"meta": {}}}, "filter.meta"),
+    ({"filter": {"meta": {"platform": {"name": "PC"}}}}, "filter.meta.platform"),
+    ({"filter": {"meta": {"platform": []}}}, "filter.meta.platform"),
     ({"candidates": ["x"]}, "candidates"),
     ({"template": "int-01", "instruction": None}, "template"),
 ])

@@ -223,9 +223,10 @@ class Engine:
         return (inst, *self.ranker.source_ids(inst.source, tokenizer=self._prep_tokenizer))
 
     def prepare_recommend(self, need: UserNeed, template_id: str | None, k: int, *, history_ids=(),
-                          exclude_history: bool = True, only_ids=None, exclude_ids=()) -> PreparedRecommend:
+                          exclude_history: bool = True, only_ids=None, exclude_ids=(), meta=None) -> PreparedRecommend:
         """Select a matching (T2) template, fit the instruction, and make the request's mask of
-        allowed items: ``only_ids`` (all when None), minus ``exclude_ids``, minus the history
+        allowed items: ``only_ids`` (all when None) whose metadata matches every ``meta`` key (a
+        value, or a list of values any of which will do), minus ``exclude_ids``, minus the history
         (its ids where given, else its titles) with ``exclude_history``. Raises
         :class:`UnknownItem` for an ``only_ids`` id the catalogue lacks."""
         cat = self.catalogue
@@ -238,6 +239,10 @@ class Engine:
                 if index is None:
                     raise UnknownItem(f"filter.ids[{j}]", item_id)
                 allowed[index] = True
+        for key, values in (meta or {}).items():
+            matching = np.zeros(len(cat), dtype=bool)
+            matching[cat.indices_where(key, values if isinstance(values, list) else [values])] = True
+            allowed = matching if allowed is None else allowed & matching
         out = [i for i in (cat.index_of_id(x) for x in exclude_ids) if i is not None]
         if exclude_history:
             ids = history_ids or (None,) * len(need.history)

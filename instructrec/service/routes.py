@@ -193,7 +193,7 @@ async def recommend(request: Request):
     history_ids = tuple(h.id if h.id is None else str(h.id) for h in req.history if h.title)
     out = await pipeline.recommend(request, state, _need(req), req.template, req.k, history_ids=history_ids,
                                    exclude_history=req.exclude_history, only_ids=filt.ids if filt else None,
-                                   exclude_ids=filt.exclude_ids if filt else ())
+                                   exclude_ids=filt.exclude_ids if filt else (), meta=filt.meta if filt else None)
     return _json(_recommend_body(out, state))
 
 

@@ -111,10 +111,16 @@ class RerankRequest(NeedRequest):
 ItemId = Annotated[str | int, AfterValidator(lambda v: str(v))]
 
 
+MetaValue = str | int | float | bool
+
+
 class RecommendFilter(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     ids: list[ItemId] | None = Field(None, min_length=1, description="only these catalogue items may be recommended")
     exclude_ids: list[ItemId] = Field(default_factory=list, description="these items are never recommended")
+    meta: dict[str, MetaValue | Annotated[list[MetaValue], Field(min_length=1)]] | None = Field(
+        None, min_length=1, description="only items whose catalogue metadata has, for every key given, the value "
+        "given or one of the values listed (a list in the metadata matches when it holds one of them)")
 
 
 class RecommendRequest(NeedRequest):
