@@ -64,6 +64,47 @@ def test_a_request_scores_the_same_alone_and_under_load(model, dtype):
     assert [(x["index"], x["score"]) for x in batched["results"]] == [(x["index"], x["score"]) for x in alone["results"]]
 
 
+@pytest.mark.parametrize("batch_invariant", [True, False])
+def test_a_recommendation_is_the_same_alone_and_under_load(tmp_path, batch_invariant):
+    """/recommend in bf16: the answer to one request alone equals its answer among 3 other
+    /recommend and 3 /rerank requests sent at once, bit for bit, even where rerank requests
+    share passes (batch_invariant=false): generation always runs each request alone."""
+    from instructrec.catalogue import CatalogueItem, build_catalogue
+    from instructrec.modeling import load_model
+    from instructrec.ranker import Ranker
+
+    loaded = load_model("tiny-random-prefixlm", device="cpu", dtype="float32")
+    ranker = Ranker(loaded)
+    titles = sorted({t for k in range(8) for t in _request(k)["candidates"]})
+    catalogue = build_catalogue([CatalogueItem(str(i), t) for i, t in enumerate(titles)], loaded.tokenizer,
+                                eos=ranker.eos, max_target_tokens=ranker.max_target_tokens).save(tmp_path / "c.npz")
+    settings = Settings(model="tiny-random-prefixlm", device="cpu", dtype="bfloat16", redis_url="", max_wait_ms=300,
+                        max_batch_requests=8, torch_threads=1, catalogue=str(catalogue), batch_invariant=batch_invariant)
+
+    def recommend(k: int) -> dict:
+        r = _request(k)
+        return {"history": r["history"], "instruction": r["instruction"], "k": 5}
+
+    probe = recommend(0)
+    with ServerThread(create_app(settings)) as srv:
+        srv.wait_ready()
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            alone = client.post("/recommend", json=probe).json()
+
+        async def together():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as ac:
+                calls = [ac.post("/rerank", json=_request(k)) for k in (1, 2, 3)]
+                calls += [ac.post("/recommend", json=recommend(k)) for k in (4, 5)]
+                calls.insert(2, ac.post("/recommend", json=probe))
+                calls.append(ac.post("/recommend", json=recommend(6)))
+                return await asyncio.gather(*calls)
+
+        answers = asyncio.run(together())
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200]
+    assert len(alone["results"]) == 5
+    assert answers[2].json()["results"] == alone["results"]
+
+
 # --- the cache in low precision ------------------------------------------------------------------
 
 
