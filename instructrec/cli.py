@@ -31,6 +31,7 @@ class Command:
 CORE = (
     Command("templates", "instructrec.templates_cli", "list the instruction templates"),
     Command("rank", "instructrec.rank_cli", "rerank candidates for one instruction with a checkpoint"),
+    Command("recommend", "instructrec.recommend_cli", "write the best k items of a catalogue for one need (T2)"),
 )
 
 

@@ -19,7 +19,8 @@ class UsageError(Exception):
     """A problem with the request: reported as one line on stderr, exit code 2."""
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_need_arguments(parser: argparse.ArgumentParser, task: str) -> None:
+    """The model and the user's need: what ``rank`` and ``recommend`` both take."""
     parser.add_argument("--model", help=f"checkpoint directory or built-in model name (default: {DEFAULT_MODEL} if it exists)")
     parser.add_argument("--history", action="append", default=[], metavar="TITLE",
                         help="a past item title, oldest first (repeatable)")
@@ -28,11 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--intention", metavar="TEXT", help="what the user is looking for now (I1/I2)")
     parser.add_argument("--intention-kind", choices=("vague", "specific"), default="specific",
                         help="whether --intention is vague (I1) or specific (I2); default specific")
-    parser.add_argument("--candidate", action="append", default=[], metavar="TITLE",
-                        help="a candidate item title (repeatable)")
-    parser.add_argument("--candidates-file", metavar="FILE", help="candidate titles, one per line")
-    parser.add_argument("--template", metavar="ID", help="use this template (default: the best fitting rerank template)")
-    parser.add_argument("--top-n", type=int, metavar="N", help="print only the N best candidates")
+    parser.add_argument("--template", metavar="ID", help=f"use this template (default: the best fitting {task} template)")
     parser.add_argument("--reduction", choices=("mean", "sum"), default="mean",
                         help="score = mean (default) or sum of the title's token log-probabilities")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -40,7 +37,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def _read_lines(path: str, what: str) -> list[str]:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_need_arguments(parser, "rerank")
+    parser.add_argument("--candidate", action="append", default=[], metavar="TITLE",
+                        help="a candidate item title (repeatable)")
+    parser.add_argument("--candidates-file", metavar="FILE", help="candidate titles, one per line")
+    parser.add_argument("--top-n", type=int, metavar="N", help="print only the N best candidates")
+
+
+def read_lines(path: str, what: str) -> list[str]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
@@ -57,12 +62,12 @@ def _model_name(arg: str | None) -> str:
         raise UsageError(str(exc)) from None
 
 
-def _need(args: argparse.Namespace):
+def need_of(args: argparse.Namespace):
     from .aspects import Intention, UserNeed
 
     history = list(args.history)
     if args.history_file:
-        history = _read_lines(args.history_file, "history") + history
+        history = read_lines(args.history_file, "history") + history
     kind = None
     if args.intention and args.intention.strip():
         kind = Intention.VAGUE if args.intention_kind == "vague" else Intention.SPECIFIC
@@ -73,30 +78,31 @@ def _need(args: argparse.Namespace):
 def _candidates(args: argparse.Namespace) -> list[str]:
     candidates = [c.strip() for c in args.candidate if c.strip()]
     if args.candidates_file:
-        candidates += _read_lines(args.candidates_file, "candidates")
+        candidates += read_lines(args.candidates_file, "candidates")
     if not candidates:
         raise UsageError("no candidates: give --candidate TITLE (repeatable) or --candidates-file FILE")
     return candidates
 
 
-def _rank(args: argparse.Namespace) -> dict:
-    from .instruction import build
-    from .templates import TEMPLATE_VERSION, TemplateError, get_template
+def check_template(template_id: str | None) -> None:
+    """Unknown template ids fail before the model is loaded."""
+    from .templates import TemplateError, get_template
 
-    if args.top_n is not None and args.top_n < 1:
-        raise UsageError("--top-n must be at least 1")
-    need = _need(args)
-    candidates = _candidates(args)
-    if args.template is not None:
+    if template_id is not None:
         try:
-            get_template(args.template)  # unknown ids fail before the model is loaded
+            get_template(template_id)
         except TemplateError as exc:
             raise UsageError(str(exc)) from None
-    name = _model_name(args.model)
 
+
+def load_ranker(args: argparse.Namespace):
+    """The ``--model`` as a ranker with the token limits it was tuned with; a model tuned on
+    another template table is loaded with a warning."""
     from .modeling import load_model
     from .ranker import Ranker
+    from .templates import TEMPLATE_VERSION
 
+    name = _model_name(args.model)
     try:
         loaded = load_model(name, device=args.device, dtype=args.dtype)
     except (OSError, ValueError, RuntimeError) as exc:  # missing/broken checkpoint, bad device or dtype
@@ -104,11 +110,29 @@ def _rank(args: argparse.Namespace) -> dict:
     tuned = loaded.meta.get("template_version")
     if tuned and tuned != TEMPLATE_VERSION:
         print(f"warning: {name} was tuned on template table {tuned}, this is {TEMPLATE_VERSION}", file=sys.stderr)
-    ranker = Ranker(loaded, reduction=args.reduction)  # the token limits it was tuned with
+    return name, Ranker(loaded, reduction=args.reduction)
+
+
+def instruction(need, ranker, template_id: str | None, task):
+    from .instruction import build
+    from .templates import TemplateError
+
     try:
-        inst = build(need, loaded.tokenizer, max_tokens=ranker.max_source_tokens, template_id=args.template)
+        return build(need, ranker.tokenizer, max_tokens=ranker.max_source_tokens, task=task, template_id=template_id)
     except TemplateError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _rank(args: argparse.Namespace) -> dict:
+    from .aspects import TaskForm
+
+    if args.top_n is not None and args.top_n < 1:
+        raise UsageError("--top-n must be at least 1")
+    need = need_of(args)
+    candidates = _candidates(args)
+    check_template(args.template)
+    name, ranker = load_ranker(args)
+    inst = instruction(need, ranker, args.template, TaskForm.RERANK)
     ranked = ranker.rank(inst.source, candidates, top_n=args.top_n)
     return {
         "model": name,

@@ -145,3 +145,29 @@ def test_metadata_lookups_match_values_and_list_members(tiny, tmp_path):
     assert cat.indices_where("tags", ["shooter"]) == [0]
     assert cat.indices_where("year", [2001]) == [0] and cat.indices_where("year", ["2001"]) == [1]
     assert cat.indices_where("colour", ["red"]) == []
+
+
+def test_the_recommend_cli_writes_catalogue_items_and_leaves_the_history_out(tmp_path, capsys):
+    from instructrec.cli import main
+
+    loaded = load_model("tiny-random", device="cpu", dtype="float32")
+    ranker = Ranker(loaded)
+    titles = ["Halo", "Halo 3", "Zelda", "Mario Kart 8", "Portal", "Portal 2", "Doom"]
+    cat = build_catalogue([CatalogueItem(f"i{n}", t) for n, t in enumerate(titles)], loaded.tokenizer, eos=ranker.eos,
+                          max_target_tokens=ranker.max_target_tokens).save(tmp_path / "c.npz")
+    args = ["recommend", "--model", "tiny-random", "--device", "cpu", "--dtype", "float32", "--catalogue", str(cat),
+            "--history", "Halo", "--history", "Portal", "--intention", "a shooter", "--json"]
+    assert main([*args, "--k", "5", "--beams", "7"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    got = [r["title"] for r in out["recommended"]]
+    assert len(got) == 5 and not {"Halo", "Portal"} & set(got) and set(got) <= set(titles)
+    assert out["instantiation"].endswith("T2>") and out["steps"] > 1
+    # the beam held every title: the order is the ranker's, under the same instruction
+    scores = ranker.score(out["instruction"], got).scores
+    assert [r["score"] for r in out["recommended"]] == pytest.approx(scores, abs=1e-4)
+    assert scores == sorted(scores, reverse=True)
+    assert main([*args, "--k", "3", "--keep-history"]) == 0
+    assert main([*args, "--k", "0"]) == 2
+    assert "--k must be 1 to 100" in capsys.readouterr().err
+    assert main([*args[:-1], "--template", "comb-09"]) == 2  # a rerank (T3) template cannot generate
+    assert "T3" in capsys.readouterr().err
