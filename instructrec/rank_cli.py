@@ -146,11 +146,16 @@ def _rank(args: argparse.Namespace) -> dict:
     }
 
 
-def _print_table(result: dict) -> None:
+def print_header(result: dict) -> None:
+    """The template, the model and the instruction an answer was made with."""
     print(f"template {result['template']} {result['instantiation']}  model {result['model']}")
     if result["history_dropped"]:
         print(f"({result['history_dropped']} oldest history item(s) left out to fit the model's input)")
     print(f"instruction: {result['instruction']}")
+
+
+def _print_table(result: dict) -> None:
+    print_header(result)
     rows = result["ranked"]
     shown = f"top {len(rows)} of {result['candidates']}" if len(rows) < result["candidates"] else f"{len(rows)}"
     print(f"{shown} candidates by {result['reduction']} log-likelihood:")
@@ -159,14 +164,20 @@ def _print_table(result: dict) -> None:
         print(f"{pos:>{width}}. {r['score']:10.4f}  [{r['index']}] {r['title']}")
 
 
-def run(args: argparse.Namespace) -> int:
+def respond(command: str, compute, show, args: argparse.Namespace) -> int:
+    """``compute(args)`` printed as JSON (``--json``) or by ``show``; a usage error is one line on
+    stderr and exit code 2."""
     try:
-        result = _rank(args)
+        result = compute(args)
     except UsageError as exc:
-        print(f"instructrec rank: error: {exc}", file=sys.stderr)
+        print(f"instructrec {command}: error: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:
-        _print_table(result)
+        show(result)
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return respond("rank", _rank, _print_table, args)

@@ -9,11 +9,10 @@ service's ``/recommend``, and constrained beam search over the catalogue
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 from .generation import MAX_K
-from .rank_cli import UsageError, add_need_arguments, check_template, instruction, load_ranker, need_of
+from .rank_cli import (UsageError, add_need_arguments, check_template, instruction, load_ranker, need_of, print_header,
+                       respond)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,10 +64,7 @@ def _recommend(args: argparse.Namespace) -> dict:
 
 
 def _print_table(result: dict) -> None:
-    print(f"template {result['template']} {result['instantiation']}  model {result['model']}")
-    if result["history_dropped"]:
-        print(f"({result['history_dropped']} oldest history item(s) left out to fit the model's input)")
-    print(f"instruction: {result['instruction']}")
+    print_header(result)
     rows = result["recommended"]
     print(f"{len(rows)} of {result['catalogue']['items']:,} catalogue items by {result['reduction']} "
           f"log-likelihood ({result['steps']} decoding steps):")
@@ -78,13 +74,4 @@ def _print_table(result: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        result = _recommend(args)
-    except UsageError as exc:
-        print(f"instructrec recommend: error: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(result, indent=2, ensure_ascii=False))
-    else:
-        _print_table(result)
-    return 0
+    return respond("recommend", _recommend, _print_table, args)
