@@ -134,7 +134,9 @@ class Catalogue:
             index = {}
             for i, it in enumerate(self.items):
                 value = (it.meta or {}).get(key, _MISSING)
-                for v in (value if isinstance(value, list) else [value]) if value is not _MISSING else ():
+                if value is _MISSING:
+                    continue
+                for v in value if isinstance(value, list) else [value]:
                     index.setdefault(_meta_key(v), []).append(i)
             self._by_meta[key] = index
         return sorted({i for v in values for i in index.get(_meta_key(v), ())})
