@@ -20,15 +20,14 @@ from .service_bench import (BenchError, ChildServer, Workload, _delete_namespace
                             log)
 
 
-def build_bench_catalogue(model: str, dataset: str, out: Path) -> Path:
-    """The data set's catalogue for ``model`` (its titles as the model tokenises them)."""
+def build_bench_catalogue(model: str, data, dataset: str, out: Path) -> Path:
+    """The catalogue of ``data`` (the data set named ``dataset``) for ``model``: its titles as
+    the model tokenises them."""
     from instructrec.catalogue import build_catalogue, load_text_side
     from instructrec.ranker import token_limits
     from instructrec.training.catalogue_cli import items_of
 
-    from .ranker_bench import load_games
-
-    items, _ = items_of(load_games(dataset))
+    items, _ = items_of(data)
     text = load_text_side(model)
     catalogue = build_catalogue(items, text.tokenizer, eos=text.eos, max_target_tokens=token_limits(text.meta)[1],
                                 model=model, source=dataset)
@@ -68,10 +67,11 @@ def run_recommend(*, model: str | None, catalogue: str | None, ks: Sequence[int]
     model = model or str(DEFAULT_MODEL_DIR)
     out = Path(log_dir)
     machine = report.machine_info()
+    data = load_games(dataset)
     if catalogue is None:
         progress(f"building the {dataset} catalogue for {model} ...")
-        catalogue = str(build_bench_catalogue(model, dataset, out))
-    workload = Workload(load_games(dataset), history=history, seed=seed)
+        catalogue = str(build_bench_catalogue(model, data, dataset, out))
+    workload = Workload(data, history=history, seed=seed)
     bodies = {k: [{"history": workload.titles_of(workload.windows[(i + 1000 * j) % len(workload.windows)]), "k": k}
                   for i in range(requests)] for j, k in enumerate(ks)}
     cache = bool(redis_url.strip()) and _redis_ok(redis_url)

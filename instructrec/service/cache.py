@@ -119,28 +119,30 @@ class ScoreCache:
         log.info("score cache: Redis at %s (namespace %s, ttl %ss)", _safe_url(self.url), self.namespace, self.ttl)
         return True
 
+    async def _guarded(self, fn, *args) -> tuple[bool, Any]:
+        """(True, ``fn(*args)`` run on an I/O thread), or (False, None) when the cache cannot be
+        used now: inside an outage's back-off, or on any Redis error (counted, logged once)."""
+        if not self.available:
+            return False, None
+        try:
+            value = await self._call(fn, *args)
+        except Exception as exc:  # noqa: BLE001 - any failure means "no cache for now"
+            await self._failed(exc)
+            return False, None
+        self._ok()
+        return True, value
+
     async def get_many(self, keys: Sequence[str]) -> list[float | None] | None:
         """Cached scores (None where missing), or None when the cache cannot be used now."""
-        if not keys or not self.available:
+        if not keys:
             return None
-        try:
-            values = await self._call(self._client.mget, list(keys))
-        except Exception as exc:  # noqa: BLE001
-            await self._failed(exc)
-            return None
-        self._ok()
-        return [None if v is None else float(v) for v in values]
+        ok, values = await self._guarded(self._client.mget, list(keys))
+        return [None if v is None else float(v) for v in values] if ok else None
 
     async def set_many(self, items: dict[str, float]) -> bool:
-        if not items or not self.available:
+        if not items:
             return False
-        try:
-            await self._call(self._set_many, items)
-        except Exception as exc:  # noqa: BLE001
-            await self._failed(exc)
-            return False
-        self._ok()
-        return True
+        return (await self._guarded(self._set_many, items))[0]
 
     def _set_many(self, items: dict[str, float]) -> None:
         pipe = self._client.pipeline(transaction=False)
@@ -155,27 +157,12 @@ class ScoreCache:
 
     async def get_json(self, key: str) -> tuple[bool, Any]:
         """(whether the cache could be used, the cached value or None)."""
-        if not self.available:
-            return False, None
-        try:
-            value = await self._call(self._client.get, key)
-        except Exception as exc:  # noqa: BLE001
-            await self._failed(exc)
-            return False, None
-        self._ok()
-        return True, None if value is None else json.loads(value)
+        ok, value = await self._guarded(self._client.get, key)
+        return ok, None if value is None else json.loads(value)
 
     async def set_json(self, key: str, value: Any) -> bool:
-        if not self.available:
-            return False
-        try:
-            # repr-exact floats: json writes a float as its shortest repr, read back bit-identically
-            await self._call(functools.partial(self._client.set, key, json.dumps(value), ex=self.ttl))
-        except Exception as exc:  # noqa: BLE001
-            await self._failed(exc)
-            return False
-        self._ok()
-        return True
+        # repr-exact floats: json writes a float as its shortest repr, read back bit-identically
+        return (await self._guarded(functools.partial(self._client.set, key, json.dumps(value), ex=self.ttl)))[0]
 
     async def close(self) -> None:
         if self._client is not None:
