@@ -1,0 +1,72 @@
+"""Hybrid scoring: the instruction LM fused with behaviour and semantic signals by a gate.
+
+The LM alone is weak where users notice (sequential needs below popularity, vague
+intentions below an untrained bi-encoder); item-to-item counts (:mod:`.behaviour`) and a
+sentence encoder (:mod:`.semantic`) carry what it misses, and a gate fitted on validation
+cases (:mod:`.gate`) mixes them per request. :class:`Hybrid` is the one object callers
+hold: give it a request's LM scores and it returns the fused ranking with its parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..aspects import UserNeed
+from .behaviour import BehaviourIndex, load_behaviour_index
+from .gate import Fused, Gate, load_gate
+from .semantic import SemanticEncoder
+
+GATE_FILE = "gate.json"  # beside a model: the gate fitted for it
+
+
+@dataclass
+class Hybrid:
+    gate: Gate
+    behaviour: BehaviourIndex | None = None
+    semantic: SemanticEncoder | None = None
+
+    @property
+    def version(self) -> str:
+        """Part of every cache key and report row: changes when any part would score differently."""
+        return ":".join([f"gate-{self.gate.version}", f"beh-{self.behaviour.version}" if self.behaviour else "beh-none",
+                         f"sem-{self.semantic.version}" if self.semantic else "sem-none"])
+
+    def resolve(self, ids: Sequence[str | None], titles: Sequence[str | None]) -> list[str | None]:
+        """Index ids of items given by id or, failing that, by exact title (None: unknown)."""
+        if self.behaviour is None:
+            return [None] * len(ids)
+        return [self.behaviour.resolve(i, t) for i, t in zip(ids, titles)]
+
+    def signals(self, need: UserNeed, titles: Sequence[str], candidate_ids: Sequence[str | None],
+                history_ids: Sequence[str | None]) -> tuple[np.ndarray | None, float, np.ndarray | None]:
+        """(behaviour, share of candidates the index knows, semantic) of one request; a signal
+        the request cannot have is None."""
+        behaviour, known = None, 0.0
+        if self.behaviour is not None:
+            history = [h for h in history_ids if h is not None]
+            feats = self.behaviour.features(history, list(candidate_ids))
+            behaviour, known = feats.score, feats.known
+        semantic = self.semantic.similarities(need, titles) if self.semantic is not None else None
+        return behaviour, known, semantic
+
+    def fuse(self, lm: Sequence[float], need: UserNeed, titles: Sequence[str], candidate_ids: Sequence[str | None],
+             history_ids: Sequence[str | None]) -> Fused:
+        behaviour, known, semantic = self.signals(need, titles, candidate_ids, history_ids)
+        return self.gate.fuse(lm, need, behaviour=behaviour, semantic=semantic, known=known)
+
+
+def load_hybrid(gate: str | Path, behaviour: str | Path | None, *, semantic: bool = True) -> Hybrid:
+    """A hybrid from its files: the gate (a gate.json, or a model directory holding one) and
+    the behaviour index (None: no behaviour signal)."""
+    gate_path = Path(gate)
+    if gate_path.is_dir():
+        gate_path = gate_path / GATE_FILE
+    return Hybrid(load_gate(gate_path), load_behaviour_index(behaviour) if behaviour else None,
+                  SemanticEncoder() if semantic else None)
+
+
+__all__ = ["GATE_FILE", "Fused", "Gate", "Hybrid", "load_hybrid"]

@@ -1,0 +1,218 @@
+"""Hybrid scoring in the core: the behaviour index, the semantic encoder and the gate."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from instructrec.aspects import Intention, UserNeed
+from instructrec.hybrid import Hybrid, load_hybrid
+from instructrec.hybrid.behaviour import (DECAY, POPULARITY_WEIGHT, BehaviourError, build_behaviour_index,
+                                          load_behaviour_index, zscore)
+from instructrec.hybrid.gate import FEATURES, SIGNALS, Example, Gate, GateError, fit_gate, load_gate, softmax
+
+ITEMS = [(f"i{k}", f"Game {k}") for k in range(8)]
+SEQUENCES = [["i0", "i1", "i2"], ["i0", "i1", "i3"], ["i1", "i2"], ["i4", "i5", "i4", "i6"]]
+
+
+def brute_force(sequences, n_items):
+    """The index's weights computed the slow, obvious way (no top-n cut)."""
+    ids = [i for i, _ in ITEMS]
+    pos = {i: k for k, i in enumerate(ids)}
+    trans = np.zeros((n_items, n_items))
+    co = np.zeros((n_items, n_items))
+    count = np.zeros(n_items)
+    for seq in sequences:
+        s = [pos[i] for i in seq]
+        for a in s:
+            count[a] += 1
+        for i, a in enumerate(s):
+            for j, b in enumerate(s):
+                if a == b:
+                    continue
+                if 0 < j - i <= 3:
+                    trans[a, b] += 1 / (j - i)
+                if 0 < abs(j - i) <= 20:
+                    co[a, b] += 1
+    out = trans.sum(1, keepdims=True)
+    trans = np.divide(trans, out, out=np.zeros_like(trans), where=out > 0)
+    co = co / np.sqrt(np.maximum(np.outer(count, count), 1))
+    return trans, co, count
+
+
+def test_index_weights_equal_the_brute_force_counts(tmp_path):
+    index = build_behaviour_index(SEQUENCES, ITEMS, top_n=50)
+    trans, co, count = brute_force(SEQUENCES, len(ITEMS))
+    for a, (item, _) in enumerate(ITEMS):
+        got = {n: (t, c) for n, t, c in index.neighbours(item)}
+        want = {ITEMS[b][0]: (trans[a, b], co[a, b]) for b in range(len(ITEMS)) if trans[a, b] or co[a, b]}
+        assert got.keys() == want.keys()
+        for n in got:
+            assert got[n] == pytest.approx(want[n], rel=1e-6)
+    assert index.popularity.tolist() == count.astype(int).tolist()
+    # saved and loaded: the same arrays, header and version
+    loaded = load_behaviour_index(index.save(tmp_path / "b.npz"))
+    assert loaded.header == index.header and loaded.version == index.version
+    assert loaded.item_ids == index.item_ids and loaded.titles == index.titles
+    for name in ("indptr", "indices", "transition", "cooccurrence", "popularity"):
+        assert np.array_equal(getattr(loaded, name), getattr(index, name))
+
+
+def test_top_n_keeps_the_strongest_neighbours_by_either_weight():
+    seqs = [["i0", f"i{k}"] for k in range(1, 8)] + [["i0", "i1"]] * 3 + [["i0", "i2"]] * 2
+    full = build_behaviour_index(seqs, ITEMS, top_n=50)
+    cut = build_behaviour_index(seqs, ITEMS, top_n=2)
+    assert [n for n, _, _ in cut.neighbours("i0")] == [n for n, _, _ in full.neighbours("i0")][:2] == ["i1", "i2"]
+    assert cut.version != full.version
+
+
+def test_a_requests_score_sums_the_decayed_history_then_z_scores():
+    index = build_behaviour_index(SEQUENCES, ITEMS, top_n=50)
+    trans, co, count = brute_force(SEQUENCES, len(ITEMS))
+    history, candidates = ["i0", "i1"], ["i2", "i3", "i5", "i7"]
+    t, c, rows = index.sums(history, candidates)
+    cols = [int(x[1:]) for x in candidates]
+    assert t == pytest.approx(trans[1, cols] + DECAY * trans[0, cols])
+    assert c == pytest.approx(co[1, cols] + DECAY * co[0, cols])
+    feats = index.features(history, candidates)
+    pop = np.log1p(count[cols])
+    assert feats.score == pytest.approx(zscore(t) + zscore(c) + POPULARITY_WEIGHT * zscore(pop))
+    assert feats.known == 1.0
+
+
+def test_unknown_items_and_titles():
+    index = build_behaviour_index(SEQUENCES, ITEMS, top_n=50)
+    # no known history, or no known candidate: the signal is absent
+    assert index.features(["nope"], ["i1", "i2"]).score is None
+    assert index.features(["i0"], ["x", None]).score is None
+    half = index.features(["i0"], ["i1", None])
+    assert half.known == 0.5 and half.score is not None
+    # by id, else by exact title (normalised as the service normalises request titles)
+    assert index.resolve("i3", None) == "i3"
+    assert index.resolve("zz", "Game  3") == "i3"
+    assert index.resolve(None, "Game 99") is None
+
+
+def test_bad_index_files_are_clear_errors(tmp_path):
+    with pytest.raises(BehaviourError, match="no such behaviour index"):
+        load_behaviour_index(tmp_path / "missing.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(BehaviourError, match="junk.npz: not a readable behaviour index"):
+        load_behaviour_index(tmp_path / "junk.npz")
+    with pytest.raises(BehaviourError, match="distinct"):
+        build_behaviour_index([], [("a", "A"), ("a", "B")])
+
+
+NEED = UserNeed(history=("Game 0", "Game 1"), intention="something calm", intention_kind=Intention.VAGUE)
+
+
+def test_fusion_adds_the_gated_signals_and_leaves_out_absent_ones():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(len(SIGNALS), len(FEATURES)))
+    gate = Gate(w, temperature=1.7)
+    lm, beh, sem = rng.normal(size=5), rng.normal(size=5), rng.normal(size=5)
+    fused = gate.fuse(lm, NEED, behaviour=beh, semantic=sem, known=0.8)
+    wb, ws = fused.weights["behaviour"], fused.weights["semantic"]
+    assert fused.scores == pytest.approx(zscore(lm) + wb * zscore(beh) + ws * zscore(sem))
+    assert fused.relevance == pytest.approx(softmax(1.7 * fused.scores)) and fused.relevance.sum() == pytest.approx(1)
+    # without behaviour: exactly the LM and the semantic signal at the weight the gate gives them
+    no_beh = gate.fuse(lm, NEED, semantic=sem)
+    assert set(no_beh.components) == {"lm", "semantic"}
+    assert no_beh.scores == pytest.approx(zscore(lm) + no_beh.weights["semantic"] * zscore(sem))
+    # nothing beside the LM: the LM's order
+    alone = gate.fuse(lm, NEED)
+    assert np.argsort(-alone.scores).tolist() == np.argsort(-lm).tolist()
+
+
+def test_the_weights_depend_on_the_request():
+    w = np.zeros((len(SIGNALS), len(FEATURES)))
+    w[SIGNALS.index("semantic"), FEATURES.index("vague")] = 4.0
+    gate = Gate(w)
+    lm, sem = np.array([3.0, 2.0, 1.0]), np.array([0.0, 0.0, 1.0])
+    assert gate.fuse(lm, NEED, semantic=sem).scores.argmax() == 2  # the vague need follows the semantic signal
+    plain = UserNeed(history=("Game 0",))
+    assert gate.fuse(lm, plain, semantic=sem).scores.argmax() == 0  # the sequential one does not
+
+
+def test_fitting_recovers_a_gate_that_ranks_better(tmp_path):
+    """Synthetic requests where the semantic signal decides vague needs and behaviour decides
+    history-only ones: the fitted gate must learn both and beat the LM alone on held-out ones."""
+    rng = np.random.default_rng(1)
+
+    def example(vague: bool) -> Example:
+        truth = rng.integers(10)
+        lm = rng.normal(size=10)
+        beh = rng.normal(size=10)
+        sem = rng.normal(size=10)
+        (sem if vague else beh)[truth] += 2.5
+        need = NEED if vague else UserNeed(history=("Game 0", "Game 1"))
+        return Example(lm, need, beh, sem, 1.0, int(truth))
+
+    train = [example(k % 2 == 0) for k in range(600)]
+    test = [example(k % 2 == 0) for k in range(400)]
+    gate = fit_gate(train, info={"data": "synthetic"})
+    x_vague = FEATURES.index("vague")
+    w = gate.weights
+    sem, beh = SIGNALS.index("semantic"), SIGNALS.index("behaviour")
+    # vague needs weigh the semantic signal more than history-only needs do, and behaviour less
+    assert w[sem, x_vague] > 0.5 and w[beh, x_vague] < -0.5
+
+    def hr1(scorer):
+        return np.mean([scorer(e).argmax() == e.positive for e in test])
+
+    fused = hr1(lambda e: gate.fuse(e.lm, e.need, behaviour=e.behaviour, semantic=e.semantic, known=1.0).scores)
+    assert fused > hr1(lambda e: e.lm) + 0.3
+    # the loaded gate is the same gate
+    again = load_gate(gate.save(tmp_path / "gate.json"))
+    assert again.version == gate.version and np.allclose(again.weights, gate.weights)
+    assert again.info["data"] == "synthetic" and again.info["examples"] == 600
+
+
+def test_bad_gate_files_are_clear_errors(tmp_path):
+    with pytest.raises(GateError, match="no such gate file"):
+        load_gate(tmp_path / "gate.json")
+    path = tmp_path / "g.json"
+    doc = Gate.neutral().to_json()
+    doc["features"] = ["bias"]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(GateError, match="refit it"):
+        load_gate(path)
+    with pytest.raises(GateError, match="no examples"):
+        fit_gate([])
+
+
+def test_semantic_similarities_equal_sentence_transformers():
+    st = pytest.importorskip("sentence_transformers")
+    from instructrec.hybrid.semantic import SemanticEncoder
+    from instructrec.modeling import minilm_path
+
+    enc = SemanticEncoder()
+    titles = ["Halo 3 - Xbox 360", "Alien: Isolation - PlayStation 4", "a calm puzzle game", "Tetris"]
+    ref = st.SentenceTransformer(str(minilm_path()), device="cpu").encode(titles, normalize_embeddings=True)
+    got = enc.embed(titles)
+    assert np.abs(got - ref).max() < 1e-5
+    need = UserNeed(history=("Tetris", "Dr. Mario"), intention="a calm puzzle game", intention_kind=Intention.VAGUE)
+    sims = enc.similarities(need, titles)
+    h = ref[3] + enc.embed(["Dr. Mario"])[0]
+    q = h / np.linalg.norm(h) + ref[2]
+    assert sims == pytest.approx(ref @ (q / np.linalg.norm(q)), abs=1e-5)
+    assert enc.similarities(UserNeed(), titles) is None
+
+
+def test_hybrid_resolves_titles_and_falls_back(tmp_path):
+    index = build_behaviour_index(SEQUENCES, ITEMS, top_n=50)
+    gate_path = Gate.neutral().save(tmp_path / "m" / "gate.json")
+    hybrid = load_hybrid(tmp_path / "m", index.save(tmp_path / "b.npz"), semantic=False)
+    assert hybrid.resolve(["i0", None, None], ["x", "Game 2", "Unknown"]) == ["i0", "i2", None]
+    lm = [0.1, 0.5, 0.3]
+    need = UserNeed(history=("Game 0", "Game 1"))
+    fused = hybrid.fuse(lm, need, ["Game 2", "Game 3", "Game 7"], ["i2", "i3", "i7"], ["i0", "i1"])
+    assert set(fused.components) == {"lm", "behaviour"}
+    # no history the index knows: ranks exactly as the LM alone
+    alone = hybrid.fuse(lm, need, ["Game 2", "Game 3", "Game 7"], ["i2", "i3", "i7"], [None])
+    assert set(alone.components) == {"lm"} and alone.scores == pytest.approx(zscore(np.array(lm)))
+    assert Hybrid(load_gate(gate_path)).version != hybrid.version
+    assert math.isclose(fused.relevance.sum(), 1.0)
