@@ -51,8 +51,9 @@ class BehaviourError(ValueError):
 
 
 def items_digest(item_ids: Sequence[str]) -> str:
-    """Names the item set an index (or a catalogue) was built over, in its order."""
-    return hashlib.sha256("\n".join(item_ids).encode()).hexdigest()[:16]
+    """Names the item set an index (or a catalogue) was built over, whatever their order: a
+    service refuses an index whose items are not its catalogue's."""
+    return hashlib.sha256("\n".join(sorted(map(str, item_ids))).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
