@@ -135,6 +135,34 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
+def expected_calibration_error(relevance: Sequence[np.ndarray], positives: Sequence[int], bins: int = 10) -> float:
+    """ECE of per-candidate probabilities against "is the item the user took": candidates are
+    put in ``bins`` equal-width bins by probability, and each bin's gap between its mean
+    probability and its share of true items is weighted by its size."""
+    probs = np.concatenate([np.asarray(r, dtype=np.float64) for r in relevance]) if relevance else np.zeros(0)
+    labels = np.concatenate([np.eye(len(r))[p] for r, p in zip(relevance, positives)]) if relevance else np.zeros(0)
+    if probs.size == 0:
+        return 0.0
+    which = np.minimum((probs * bins).astype(int), bins - 1)
+    gap = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            gap += mask.sum() * abs(probs[mask].mean() - labels[mask].mean())
+    return float(gap / probs.size)
+
+
+def reliability(relevance: Sequence[np.ndarray], positives: Sequence[int], bins: int = 10) -> list[dict]:
+    """Per probability bin: candidates, mean probability, share of true items (the reliability
+    diagram's points)."""
+    probs = np.concatenate([np.asarray(r, dtype=np.float64) for r in relevance])
+    labels = np.concatenate([np.eye(len(r))[p] for r, p in zip(relevance, positives)])
+    which = np.minimum((probs * bins).astype(int), bins - 1)
+    return [{"bin": [b / bins, (b + 1) / bins], "candidates": int((which == b).sum()),
+             "mean_probability": float(probs[which == b].mean()), "true_share": float(labels[which == b].mean())}
+            for b in range(bins) if (which == b).any()]
+
+
 @dataclass(frozen=True)
 class Example:
     """One validation request for fitting: its signals and which candidate the user took."""

@@ -8,6 +8,10 @@
   likelihood ranker through the same instruction path as the service.
 * :class:`Precomputed` — scores another process wrote for the same candidate file
   (SASRec and BERT4Rec from RecBole, in their own environment).
+* :class:`Behaviour` — item-to-item counts of the training part (the hybrid's behaviour
+  signal alone, :mod:`instructrec.hybrid.behaviour`).
+* :class:`HybridModel` — an instruction model's scores fused with the behaviour and semantic
+  signals by its gate (:mod:`instructrec.hybrid`), as the service fuses them.
 
 A method returns one list of scores per case, in the order of the case's candidates;
 higher is better.
@@ -183,6 +187,13 @@ class InstructionModel(Method):
         self.notes = (f"{meta.get('base_model')} tuned {meta.get('steps')} steps on {data_meta.get('name')} "
                       f"({count('users')} users, {count('examples')} generated instructions)"
                       if meta else f"{model}, untuned")
+        # (candidate file, template) -> user id -> scores, of every unit scored or read back in
+        # this process: a hybrid row fuses these instead of scoring the LM again
+        self.memo: dict[tuple[str, str | None], dict[str, list[float]]] = {}
+
+    def remember(self, candidate_file: str, template: str | None, user_ids: Sequence[str],
+                 scores: Sequence[Sequence[float]]) -> None:
+        self.memo.setdefault((str(candidate_file), template), {}).update(zip(user_ids, scores))
 
     def version(self) -> str:
         r = self.ranker
@@ -210,6 +221,78 @@ class InstructionModel(Method):
                 out.append([by_title[x] for x in t])
             bar.update(len(titles))
         bar.close()
+        self.remember(candidate_file, template, [c.user_id for c in cases], out)
+        return out
+
+
+class Behaviour(Method):
+    family = "interaction"
+
+    def __init__(self, data: InteractionData, index=None, name: str = "behaviour (item-to-item counts)"):
+        from ..hybrid.behaviour_cli import build_for
+
+        self.name = name
+        self.index = index if index is not None else build_for(data)
+        self.train_seconds = self.index.header.get("build_seconds")
+        self.notes = (f"transitions within {self.index.header['transition_window']} items and co-occurrences within "
+                      f"{self.index.header['cooccurrence_window']} of the training part, top {self.index.header['top_n']} "
+                      "per item, decayed over the history; no training")
+
+    def version(self) -> str:
+        return f"{self.name}:{self.index.version}"
+
+    def score(self, cases, needs, template, candidate_file, progress=False):
+        out = []
+        for case in cases:
+            feats = self.index.features(list(case.history), list(case.candidates))
+            out.append([float(x) for x in feats.score] if feats.score is not None else [0.0] * len(case.candidates))
+        return out
+
+
+class HybridModel(Method):
+    """An instruction model fused with the behaviour and semantic signals by a gate: the LM
+    scores are the instruction model's own (read from its units when it ran first), the
+    signals are computed from the case's ids and the need's normalised texts as the service
+    computes them."""
+
+    family = "instruction"
+    reads_need = True
+
+    def __init__(self, data: InteractionData, lm: InstructionModel, hybrid, name: str | None = None):
+        self.data, self.lm, self.hybrid = data, lm, hybrid
+        self.name = name or f"{lm.name} + hybrid"
+        self.max_history = lm.max_history
+        self.train_seconds = lm.train_seconds
+        info = hybrid.gate.info
+        self.notes = (f"{lm.name} fused with item-to-item counts and the MiniLM bi-encoder by a gate fitted on "
+                      f"{info.get('examples', '?')} validation requests of {info.get('users_fitted', '?')} other users")
+
+    def version(self) -> str:
+        return f"{self.lm.version()}+{self.hybrid.version}"
+
+    def templates(self, scenario) -> list[str | None]:
+        return self.lm.templates(scenario)
+
+    def relevance(self, scores: Sequence[float]) -> np.ndarray:
+        """The calibrated probabilities of one case's fused scores."""
+        from instructrec.hybrid.gate import softmax
+
+        return softmax(self.hybrid.gate.temperature * np.asarray(scores, dtype=np.float64))
+
+    def score(self, cases, needs, template, candidate_file, progress=False):
+        from ..hybrid.fit import case_signals
+
+        known = self.lm.memo.get((str(candidate_file), template), {})
+        missing = [i for i, c in enumerate(cases) if c.user_id not in known]
+        if missing:
+            self.lm.score([cases[i] for i in missing], [needs[i] for i in missing], template, candidate_file, progress)
+            known = self.lm.memo[(str(candidate_file), template)]
+        out = []
+        for case, need in zip(cases, needs):
+            beh, share, sem = case_signals(self.hybrid, self.data, case, need)
+            fused = self.hybrid.gate.fuse(known[case.user_id], normalise_need(need), behaviour=beh, semantic=sem,
+                                          known=share)
+            out.append([float(x) for x in fused.scores])
         return out
 
 

@@ -83,6 +83,14 @@ def methods_table(results: dict) -> str:
                   [[m["name"], m["family"], _hours(m["train_seconds"]), m["notes"]] for m in results["methods"]])
 
 
+def calibration_table(results: dict) -> str:
+    """Expected calibration error of each hybrid row's relevance probabilities (test cases)."""
+    titles = _scenario_titles(results)
+    body = [[r["setting"], titles.get(r["scenario"], r["scenario"]), r["method"], str(r["cases"]), _f(r["ece"])]
+            for r in results["rows"] if "ece" in r]
+    return _table(["setting", "scenario", "method", "cases", "ECE (10 bins, every candidate)"], body) if body else ""
+
+
 def spread_table(results: dict) -> str:
     titles = _scenario_titles(results)
     body = [[titles.get(r["scenario"], r["scenario"]), r["method"], r["template"] + (" ✓" if r.get("selected") else ""),
@@ -128,10 +136,12 @@ def render(results: dict, plots: dict[str, str] | None = None, note: str | None 
     for setting in _settings(results):
         parts += [f"## {SETTING_TITLES.get(setting, setting)}", "", setting_table(results, setting), ""]
     parts += ["## Methods", "", methods_table(results), ""]
+    if calibration_table(results):
+        parts += ["## Calibration of the hybrid's relevance", "", calibration_table(results), ""]
     if results["template_spread"]:
         parts += ["## Templates on validation", "", spread_table(results), ""]
     for key, title in (("bars", "HR@1 and NDCG@5 per scenario"), ("curves", "HR@k, sequential recommendation"),
-                       ("cost", "Quality vs CPU training time")):
+                       ("cost", "Quality vs CPU training time"), ("reliability", "Reliability of the relevance")):
         if plots and key in plots:
             parts += [f"![{title}]({plots[key]})", ""]
     if note:
@@ -144,6 +154,9 @@ def readme_section(results: dict, report_dir: str) -> str:
     for setting in _settings(results):
         if setting != "uniform-10":
             parts += [f"{SETTING_TITLES.get(setting, setting)}:", "", setting_table(results, setting), ""]
+    if calibration_table(results):
+        parts += ["Calibration of the hybrid's `relevance` (a probability of being the item taken among the "
+                  "request's candidates):", "", calibration_table(results), ""]
     parts += ["Methods and their training budgets:", "", methods_table(results), "",
               f"Full report, template spread and plots: `{report_dir}/results.md`.", ""]
     return "\n".join(parts)
@@ -236,4 +249,21 @@ def make_plots(results: dict, out: Path) -> dict[str, Path]:
     fig.tight_layout()
     fig.savefig(paths["cost"], dpi=110)
     plt.close(fig)
+
+    calibrated = [r for r in rows if r.get("reliability")]
+    if calibrated:
+        paths["reliability"] = out / "reliability.png"
+        fig, ax = plt.subplots(figsize=(5.5, 5))
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+        for r in calibrated:
+            pts = r["reliability"]
+            ax.plot([p["mean_probability"] for p in pts], [p["true_share"] for p in pts], marker="o",
+                    label=f"{r['method']}, {r['scenario']} (ECE {r['ece']:.3f})")
+        ax.set_xlabel("predicted relevance (bin mean)")
+        ax.set_ylabel("share that is the true item")
+        ax.set_title("Reliability of the hybrid's relevance, 1 + 9 uniform")
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(paths["reliability"], dpi=110)
+        plt.close(fig)
     return paths

@@ -25,9 +25,9 @@ from ..data.load import load_dataset
 from ..data.types import MAX_HISTORY, Case, InteractionData
 from ..metrics import bootstrap_intervals, metrics_from_ranks, rank_of
 from . import candidates as cand
-from .methods import BiEncoder, InstructionModel, Method, Popularity, Precomputed, timed_score
+from .methods import Behaviour, BiEncoder, HybridModel, InstructionModel, Method, Popularity, Precomputed, timed_score
 from .full_catalogue import FULL
-from .scenarios import Scenario, get_scenarios
+from .scenarios import Scenario, get_scenarios, needs_of
 from instructrec.aspects import UserNeed
 from instructrec.generation import MAX_K
 
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 SETTINGS = {"uniform-10": ("uniform", 9), "hard-10": ("hard", 9), "uniform-100": ("uniform", 99)}
 SELECTION_SETTING = "uniform-10"  # templates are chosen on its validation split
 SCHEMA = "instructrec-eval/1"
+BASELINES = ("popularity", "bi-encoder", "behaviour", "sasrec", "bert4rec")
 
 
 @dataclass
@@ -52,6 +53,7 @@ class EvalConfig:
     models: tuple[str, ...] = ()  # "label=path" or a path / built-in name
     base: str | None = "minilm-bert2bert"  # the untuned base row (None: none)
     baselines: tuple[str, ...] = ("popularity", "bi-encoder", "sasrec", "bert4rec")
+    hybrid: bool = False  # also each tuned model fused with behaviour and semantic signals by its gate.json
     annotations: str | None = None  # a teacher's annotations.jsonl; default: the offline teacher
     recbole_epochs: int | dict[str, int] = 10  # one budget, or per model: {"sasrec": 3, "bert4rec": 1}
     recbole_patience: int = 3
@@ -77,9 +79,9 @@ class EvalConfig:
         self.settings = tuple(s for s in self.settings if s != FULL)
         if self.settings and SELECTION_SETTING not in self.settings:
             self.settings = (SELECTION_SETTING, *self.settings)
-        bad = [b for b in self.baselines if b not in ("popularity", "bi-encoder", "sasrec", "bert4rec")]
+        bad = [b for b in self.baselines if b not in BASELINES]
         if bad:
-            raise ValueError(f"unknown baseline {bad[0]!r}; choose from popularity, bi-encoder, sasrec, bert4rec")
+            raise ValueError(f"unknown baseline {bad[0]!r}; choose from {', '.join(BASELINES)}")
 
 
 @dataclass
@@ -245,8 +247,7 @@ def scenario_needs(data: InteractionData, file: cand.CandidateFile, scenario: Sc
                    max_history: int = MAX_HISTORY) -> list[tuple[cand.CandidateCase, UserNeed]]:
     """The cases of ``file`` this scenario can use, each with the need a user would bring
     (the batch client sends exactly these needs to a live service)."""
-    pairs = [(c, scenario.need(data, c.user_id, c.history, c.target, annotations, max_history)) for c in file.cases]
-    return [(c, n) for c, n in pairs if n is not None]
+    return needs_of(data, file.cases, scenario, annotations, max_history)
 
 
 def run_unit(ev: Evaluation, method: Method, scenario: Scenario, setting: str, split: str, template: str | None,
@@ -260,12 +261,15 @@ def run_unit(ev: Evaluation, method: Method, scenario: Scenario, setting: str, s
     if path.exists():
         saved = json.loads(path.read_text())
         ev.reused += 1
-        return Unit(**saved["unit"])
+        unit = Unit(**saved["unit"])
+        _remember(method, file, unit)
+        return unit
     cases = [c for c, _ in used]
     scores, seconds = timed_score(method, cases, [n for _, n in used], template, str(file.path), progress=cfg.progress)
     unit = Unit(setting, split, scenario.name, method.name, template, [c.user_id for c in cases],
                 [rank_of(s, c.positive) for s, c in zip(scores, cases)], scores, round(seconds, 3),
                 len(file.cases[0].candidates), len(file.cases) - len(used))
+    _remember(method, file, unit)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"key": key, "unit": asdict(unit)}))
@@ -274,6 +278,29 @@ def run_unit(ev: Evaluation, method: Method, scenario: Scenario, setting: str, s
     log.info("%-12s %-20s %-28s %-8s %s: HR@1 %.3f NDCG@5 %.3f (%d cases, %.1f s)", setting, scenario.name, method.name,
              template or "-", split, m.get("hr@1", 0), m.get("ndcg@5", 0), len(cases), seconds)
     return unit
+
+
+def _remember(method: Method, file: cand.CandidateFile, unit: Unit) -> None:
+    """An instruction model keeps its scores for the hybrid row that fuses them."""
+    if isinstance(method, InstructionModel):
+        method.remember(str(file.path), unit.template, unit.user_ids, unit.scores)
+
+
+def hybrid_methods(data: InteractionData, lms: list[tuple[str | None, InstructionModel]], index) -> list[Method]:
+    """One hybrid row per tuned model, with the gate saved beside it (``instructrec gate fit``)."""
+    from instructrec.hybrid import GATE_FILE, Hybrid
+    from instructrec.hybrid.gate import load_gate
+    from instructrec.hybrid.semantic import SemanticEncoder
+
+    semantic = SemanticEncoder()
+    out = []
+    for path, lm in lms:
+        gate_path = Path(str(path)) / GATE_FILE
+        if not gate_path.is_file():
+            raise FileNotFoundError(f"{gate_path}: no gate beside {path}; fit one with "
+                                    f"`instructrec gate fit --model {path} --data {data.name}`")
+        out.append(HybridModel(data, lm, Hybrid(load_gate(gate_path), index, semantic)))
+    return out
 
 
 def _best(units: list[Unit]) -> Unit:
@@ -327,11 +354,16 @@ def _evaluate_candidates(cfg: EvalConfig, data: InteractionData) -> dict:
         ev.methods.append(Popularity(data))
     if bi is not None and "bi-encoder" in cfg.baselines:
         ev.methods.append(bi)
+    behaviour = Behaviour(data) if ("behaviour" in cfg.baselines or cfg.hybrid) else None
+    if behaviour is not None and "behaviour" in cfg.baselines:
+        ev.methods.append(behaviour)
     ev.methods += recbole_methods(data, ev.files, cfg)
     specs = _model_specs(cfg)
-    for label, path in specs:
-        ev.methods.append(InstructionModel(data, path, label, device=cfg.device, dtype=cfg.dtype))
+    lms = [(path, InstructionModel(data, path, label, device=cfg.device, dtype=cfg.dtype)) for label, path in specs]
+    ev.methods += [lm for _, lm in lms]
     untuned = specs[-1][0] if cfg.base else None  # the base row (last spec); its label is its method name
+    if cfg.hybrid:  # after the models: their units fill the scores the hybrid rows fuse
+        ev.methods += hybrid_methods(data, [(p, lm) for p, lm in lms if lm.name != untuned], behaviour.index)
 
     for method in ev.methods:
         for scenario in scenarios:
@@ -357,6 +389,17 @@ def _evaluate_candidates(cfg: EvalConfig, data: InteractionData) -> dict:
     return results
 
 
+def calibration(method: HybridModel, unit: Unit, file: cand.CandidateFile) -> dict:
+    """The expected calibration error of a hybrid row's relevance probabilities on its test cases,
+    and the reliability diagram's points."""
+    from instructrec.hybrid.gate import expected_calibration_error, reliability
+
+    positives = {c.user_id: c.positive for c in file.cases}
+    probs = [method.relevance(s) for s in unit.scores]
+    pos = [positives[u] for u in unit.user_ids]
+    return {"ece": round(expected_calibration_error(probs, pos), 4), "reliability": reliability(probs, pos)}
+
+
 def summarise(ev: Evaluation, scenarios: Sequence[Scenario], seconds: float) -> dict:
     cfg = ev.config
     rows, spread = [], []
@@ -369,6 +412,9 @@ def summarise(ev: Evaluation, scenarios: Sequence[Scenario], seconds: float) -> 
             entry["ci95"] = bootstrap_intervals(u.ranks, resamples=cfg.resamples, seed=cfg.seed)
             entry["hr_curve"] = [sum(r < k for r in u.ranks) / len(u.ranks) if u.ranks else 0.0
                                  for k in range(1, u.candidates + 1)]
+            method = next((m for m in ev.methods if m.name == u.method), None)
+            if isinstance(method, HybridModel) and u.ranks:
+                entry.update(calibration(method, u, ev.files[(u.setting, u.split)]))
             rows.append(entry)
         else:
             entry["selected"] = ev.selected.get((u.method, u.scenario)) == u.template

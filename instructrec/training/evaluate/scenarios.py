@@ -65,6 +65,13 @@ class Scenario:
                 if render(t, probe, item="x").instantiation.label() == self.label]
 
 
+def needs_of(data: InteractionData, cases: Sequence, scenario: Scenario, annotations: Mapping,
+             max_history: int = MAX_HISTORY) -> list:
+    """(case, need) of the ``cases`` (each with user_id, history, target) this scenario can use."""
+    pairs = [(c, scenario.need(data, c.user_id, c.history, c.target, annotations, max_history)) for c in cases]
+    return [(c, n) for c, n in pairs if n is not None]
+
+
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("sequential", "<P1,I0,T3>", "sequential recommendation", history=True),
     Scenario("product_search", "<P0,I2,T3>", "product search", history=False, intention=Intention.SPECIFIC),

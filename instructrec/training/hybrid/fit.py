@@ -1,0 +1,126 @@
+"""Fitting the gate on validation cases, as the service will meet them.
+
+Cases: the validation split (each user's second-to-last item, the history before it) of a
+seeded sample of users, with 1 + 9 uniformly drawn never-interacted candidates (the
+evaluation's protocol). Every scenario of the evaluation (sequential, product search,
+personalized search, explicit preference, vague intention) turns each case into the need a
+user would bring, with the offline teacher's texts. The LM scores each need with the
+template the service's selection function picks (no template forced), exactly as /rerank
+would; the behaviour index is built without each user's last two items, so no validation or
+test answer is in it. A seeded fifth of the users is held out: the report's HR@1 and
+calibration error are measured there, and the saved gate is the one fitted on the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from instructrec.aspects import UserNeed
+from instructrec.hybrid import Hybrid
+from instructrec.hybrid.gate import Example, Gate, expected_calibration_error, fit_gate
+from instructrec.text import normalise, normalise_need
+
+from ..data.types import MAX_HISTORY, Case, InteractionData
+from ..evaluate import candidates as cand
+from ..evaluate.scenarios import Scenario, get_scenarios, needs_of
+
+FIT_SEED = 7  # not the evaluation's seed 0: other users, other negatives
+HELD_OUT_SHARE = 0.2
+
+
+def case_signals(hybrid: Hybrid, data: InteractionData, case: cand.CandidateCase, need: UserNeed):
+    """(behaviour, known share, semantic) of one case's need, from ids and normalised texts,
+    as the service computes them for a request."""
+    titles = [normalise(data.title(c)) for c in case.candidates]
+    return hybrid.signals(normalise_need(need), titles, list(case.candidates), list(case.history))
+
+
+def annotations_for(data: InteractionData, cases: Sequence[Case], scenarios: Sequence[Scenario], path: Path,
+                    progress: bool) -> dict:
+    from ..annotate.offline import OfflineTeacher
+    from ..annotate.pipeline import annotate_cases, load_annotations
+
+    kinds = sorted({k for s in scenarios for k in s.kinds()}, key=str)
+    if kinds:
+        short = [Case(c.user_id, c.history[-MAX_HISTORY:], c.target, c.review) for c in cases]
+        asyncio.run(annotate_cases(data, short, OfflineTeacher(), kinds, path, progress=progress))
+    return load_annotations(path) if path.exists() else {}
+
+
+@dataclass
+class Labelled:
+    scenario: str
+    user_id: str
+    example: Example
+
+
+def fitting_examples(data: InteractionData, lm, hybrid: Hybrid, *, users: int, work: Path, seed: int = FIT_SEED,
+                     scenarios: str | None = None, progress: bool = True) -> list[Labelled]:
+    """Every (scenario, validation case) of ``users`` seeded users as a gate example;
+    ``lm`` is an evaluation :class:`~instructrec.training.evaluate.methods.InstructionModel`."""
+    chosen = get_scenarios(scenarios)
+    cases = cand.pick_users(cand.full_cases(data, "valid"), users, seed)
+    annotations = annotations_for(data, cases, chosen, work / "annotations.jsonl", progress)
+    rows = cand.uniform_candidates(data, cases, 9, seed)
+    out = []
+    for scenario in chosen:
+        used = needs_of(data, rows, scenario, annotations, lm.max_history)
+        if not used:
+            continue
+        lm_scores = lm.score([c for c, _ in used], [n for _, n in used], None, f"gate-fit:{scenario.name}",
+                             progress=progress)
+        for (case, need), scores in zip(used, lm_scores):
+            beh, known, sem = case_signals(hybrid, data, case, need)
+            out.append(Labelled(scenario.name, case.user_id,
+                                Example(np.asarray(scores), need, beh, sem, known, case.positive)))
+    return out
+
+
+def held_out_users(examples: Sequence[Labelled], seed: int = FIT_SEED) -> set[str]:
+    users = sorted({e.user_id for e in examples})
+    return set(random.Random(seed).sample(users, round(len(users) * HELD_OUT_SHARE)))
+
+
+def report(gate: Gate, examples: Sequence[Labelled]) -> dict:
+    """HR@1 of the LM alone, of each signal alone and fused, and the calibration error of the
+    fused relevance, per scenario and over all of ``examples``."""
+    by: dict[str, list[Labelled]] = {}
+    for e in examples:
+        by.setdefault(e.scenario, []).append(e)
+    by["all"] = list(examples)
+    out = {}
+    for name, rows in by.items():
+        fused = [gate.fuse(r.example.lm, r.example.need, behaviour=r.example.behaviour, semantic=r.example.semantic,
+                           known=r.example.known) for r in rows]
+        positives = [r.example.positive for r in rows]
+
+        def hr1(scores: list) -> float:
+            return float(np.mean([np.argmax(s) == p and (np.asarray(s) == np.max(s)).sum() == 1
+                                  for s, p in zip(scores, positives)]))
+
+        out[name] = {
+            "cases": len(rows),
+            "hr@1": {"lm": hr1([r.example.lm for r in rows]),
+                     "behaviour": hr1([r.example.behaviour if r.example.behaviour is not None else np.zeros(len(r.example.lm))
+                                       for r in rows]),
+                     "semantic": hr1([r.example.semantic if r.example.semantic is not None else np.zeros(len(r.example.lm))
+                                      for r in rows]),
+                     "fused": hr1([f.scores for f in fused])},
+            "ece": expected_calibration_error([f.relevance for f in fused], positives),
+        }
+    return out
+
+
+def fit_and_report(examples: Sequence[Labelled], info: dict, l2: float = 1e-3) -> tuple[Gate, dict]:
+    held = held_out_users(examples)
+    train = [e for e in examples if e.user_id not in held]
+    test = [e for e in examples if e.user_id in held]
+    gate = fit_gate([e.example for e in train], l2=l2, info={**info, "users_fitted": len({e.user_id for e in train}),
+                                                             "users_held_out": len(held)})
+    return gate, {"fitted": report(gate, train), "held_out": report(gate, test)}

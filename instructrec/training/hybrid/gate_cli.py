@@ -1,0 +1,83 @@
+"""``instructrec gate fit``: fit the hybrid gate for a model and save it beside the model.
+
+Builds the behaviour index from the dataset (or reads ``--behaviour``), scores validation
+cases of every scenario with the model, the index and the semantic encoder, fits the gate
+(:mod:`.fit`) and writes ``MODEL/gate.json`` (or ``--out``), with its held-out HR@1 and
+calibration error in the file's ``info`` and on the screen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION")
+    sub.required = True
+    fit = sub.add_parser("fit", help="fit the gate of a model on validation cases and save it")
+    fit.add_argument("--model", required=True, help="the checkpoint directory the gate is for")
+    fit.add_argument("--data", default="games", help="dataset directory or shipped name (default: games)")
+    fit.add_argument("--behaviour", metavar="FILE", help="a behaviour index (default: built from --data, holdout 2)")
+    fit.add_argument("--users", type=int, default=1000, help="validation users (default 1000; a fifth held out)")
+    fit.add_argument("--scenarios", help="comma-separated scenarios (default: all)")
+    fit.add_argument("--out", help="the gate file (default: MODEL/gate.json)")
+    fit.add_argument("--work", default="artifacts/gate", help="where the teacher's annotations are cached")
+    fit.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on the gate's weights")
+    fit.add_argument("--device", default="auto")
+    fit.add_argument("--dtype", default="auto")
+    fit.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def table(result: dict) -> str:
+    lines = ["| scenario | cases | LM | behaviour | semantic | fused | ECE |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in result.items():
+        h = r["hr@1"]
+        lines.append(f"| {name} | {r['cases']} | {h['lm']:.3f} | {h['behaviour']:.3f} | {h['semantic']:.3f} | "
+                     f"**{h['fused']:.3f}** | {r['ece']:.3f} |")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from instructrec.checkpoint import checkpoint_version
+    from instructrec.hybrid import GATE_FILE, Hybrid
+    from instructrec.hybrid.behaviour import BehaviourError, load_behaviour_index
+    from instructrec.hybrid.gate import GateError
+    from instructrec.hybrid.semantic import SemanticEncoder
+    from instructrec.modeling import ModelNotFound
+    from instructrec.records import invoked_as, machine_info
+
+    from ..data.load import load_dataset
+    from ..data.types import DataError
+    from ..evaluate.methods import InstructionModel
+    from .behaviour_cli import build_for
+    from .fit import fit_and_report, fitting_examples
+
+    started = time.perf_counter()
+    try:
+        data = load_dataset(args.data)
+        index = load_behaviour_index(args.behaviour) if args.behaviour else build_for(data, source=args.data)
+        lm = InstructionModel(data, args.model, device=args.device, dtype=args.dtype)
+        hybrid = Hybrid(gate=None, behaviour=index, semantic=SemanticEncoder())  # the gate is what we fit
+        work = Path(args.work)
+        work.mkdir(parents=True, exist_ok=True)
+        examples = fitting_examples(data, lm, hybrid, users=args.users, work=work, scenarios=args.scenarios,
+                                    progress=args.progress)
+        model_dir = Path(args.model)
+        info = {"model": str(model_dir), "checkpoint_version": checkpoint_version(model_dir) if model_dir.is_dir() else None,
+                "precision": lm.loaded.precision, "data": data.name, "behaviour": index.version,
+                "semantic": hybrid.semantic.version, "users": args.users, "command": invoked_as()}
+        gate, result = fit_and_report(examples, info, l2=args.l2)
+        gate.info.update({"report": result, "seconds": round(time.perf_counter() - started, 1), "machine": machine_info()})
+        out = gate.save(Path(args.out) if args.out else model_dir / GATE_FILE)
+    except (BehaviourError, GateError, DataError, ModelNotFound, FileNotFoundError, ValueError) as exc:
+        print(f"instructrec gate: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"held-out users ({gate.info['users_held_out']}), HR@1 of 1 + 9 candidates:")
+    print(table(result["held_out"]))
+    print(json.dumps({"gate": str(out), "version": gate.version, "temperature": round(gate.temperature, 4),
+                      "examples": gate.info["examples"], "seconds": gate.info["seconds"]}))
+    return 0

@@ -1,0 +1,117 @@
+"""Hybrid scoring offline: `instructrec behaviour build`, `instructrec gate fit` and the
+evaluation's behaviour and hybrid rows, on a slice of the Games sample with a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from instructrec.checkpoint import write_meta
+from instructrec.cli import main
+from instructrec.hybrid.behaviour import load_behaviour_index
+from instructrec.hybrid.gate import load_gate
+from instructrec.templates import TEMPLATE_VERSION
+from instructrec.training.data.load import load_dataset
+from instructrec.training.evaluate import candidates as cand
+from instructrec.training.evaluate.run import EvalConfig, evaluate
+from instructrec.training.metrics import rank_of
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny prefix-LM saved as `instructrec train` saves a checkpoint."""
+    from instructrec.modeling import build_tiny_prefix_lm
+
+    path = tmp_path_factory.mktemp("model")
+    model, tok = build_tiny_prefix_lm(seed=5)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    write_meta(path, {"template_version": TEMPLATE_VERSION,
+                      "preset": {"name": "smoke", "max_history": 5, "max_source_tokens": 96, "max_target_tokens": 16}})
+    return path
+
+
+def test_behaviour_build_cli_leaves_out_the_holdout(tmp_path, capsys):
+    out = tmp_path / "b.npz"
+    assert main(["behaviour", "build", "--data", "games-sample", "--out", str(out), "--top-n", "50"]) == 0
+    assert "neighbour pairs" in capsys.readouterr().out
+    index = load_behaviour_index(out)
+    data = load_dataset("games-sample")
+    assert len(index) == len(data.items) and index.header["top_n"] == 50
+    # popularity counts every sequence without its last two items: no validation or test answer
+    counts = np.zeros(len(index), dtype=int)
+    for seq in data.sequences.values():
+        for x in seq[:-2]:
+            counts[index.position[x.item_id]] += 1
+    assert index.popularity.tolist() == counts.tolist()
+    assert main(["behaviour", "build", "--data", "games-sample", "--out", str(out), "--holdout", "-1"]) == 2
+    assert "--holdout must be 0 or more" in capsys.readouterr().err
+    assert main(["behaviour", "show", str(tmp_path / "none.npz")]) == 2
+    assert "none.npz: no such behaviour index" in capsys.readouterr().err
+
+
+def test_gate_fit_then_the_hybrid_rows_of_an_evaluation(tmp_path, model_dir, capsys):
+    assert main(["gate", "fit", "--model", str(model_dir), "--data", "games-sample", "--users", "40",
+                 "--scenarios", "sequential,vague_intention", "--work", str(tmp_path / "work"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| sequential |" in out and "| vague_intention |" in out
+    gate = load_gate(model_dir / "gate.json")
+    report = gate.info["report"]
+    assert gate.info["examples"] > 0 and gate.info["users_held_out"] == 8 and gate.temperature > 0
+    assert set(report["held_out"]) == {"sequential", "vague_intention", "all"}
+    assert 0 <= report["held_out"]["all"]["ece"] <= 1
+
+    data = load_dataset("games-sample").sample_users(60, seed=3)
+    cfg = EvalConfig(data=data, out=tmp_path / "eval", users=12, select_users=6, seed=0, settings=("uniform-10",),
+                     scenarios=("sequential", "vague_intention"), base=None, models=(f"tiny={model_dir}",),
+                     baselines=("behaviour",), hybrid=True, resamples=50, progress=False, command="test")
+    results = evaluate(cfg)
+    rows = {(r["scenario"], r["method"]): r for r in results["rows"]}
+    assert {m for _, m in rows} == {"behaviour (item-to-item counts)", "tiny", "tiny + hybrid"}
+    hybrid_row = rows[("sequential", "tiny + hybrid")]
+    assert 0 <= hybrid_row["ece"] <= 1 and hybrid_row["reliability"]
+    assert "Calibration of the hybrid" in (tmp_path / "eval" / "results.md").read_text()
+    assert (tmp_path / "eval" / "reliability.png").stat().st_size > 0
+
+    # The hybrid row recomputed by hand from the LM's scores with the hybrid's template (chosen on
+    # validation like every instruction row's): z(lm) + w . z(signals)
+    test_file = cand.read(tmp_path / "eval" / "candidates" / "test-uniform-10.jsonl", data)
+    units = [json.loads(p.read_text())["unit"] for p in (tmp_path / "eval" / "units").iterdir()]
+    hy_unit = next(u for u in units if u["method"] == "tiny + hybrid" and u["scenario"] == "sequential"
+                   and u["split"] == "test")
+    from instructrec.aspects import UserNeed
+    from instructrec.hybrid.semantic import SemanticEncoder
+    from instructrec.training.evaluate.methods import InstructionModel
+    from instructrec.training.hybrid.behaviour_cli import build_for
+
+    index = build_for(data)
+    enc = SemanticEncoder()
+    by_user = {c.user_id: c for c in test_file.cases}
+    cases = [by_user[u] for u in hy_unit["user_ids"]]
+    needs = [UserNeed(history=tuple(data.title(i) for i in c.history[-5:])) for c in cases]
+    lm_scores = InstructionModel(data, model_dir).score(cases, needs, hy_unit["template"], str(test_file.path))
+    for case, need, lm, fused in zip(cases, needs, lm_scores, hy_unit["scores"]):
+        beh = index.features(list(case.history), list(case.candidates))
+        sem = enc.similarities(need, [data.title(i) for i in case.candidates])
+        want = gate.fuse(lm, need, behaviour=beh.score, semantic=sem, known=beh.known).scores
+        assert np.allclose(fused, want, atol=1e-6)
+    assert hybrid_row["metrics"]["hr@1"] == pytest.approx(
+        np.mean([rank_of(s, c.positive) == 0 for c, s in zip(cases, hy_unit["scores"])]))
+
+
+def test_evaluation_without_a_gate_says_how_to_fit_one(tmp_path, capsys):
+    from instructrec.modeling import build_tiny_prefix_lm
+
+    path = tmp_path / "m"
+    model, tok = build_tiny_prefix_lm(seed=1)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    write_meta(path, {"template_version": TEMPLATE_VERSION, "preset": {"name": "smoke", "max_source_tokens": 96,
+                                                                        "max_target_tokens": 16}})
+    code = main(["evaluate", "--data", "games-sample", "--users", "5", "--select-users", "3", "--settings", "uniform-10",
+                 "--scenarios", "sequential", "--base", "none", "--baselines", "", "--model", str(path), "--hybrid",
+                 "--out", str(tmp_path / "eval"), "--no-progress"])
+    assert code == 2
+    assert f"instructrec gate fit --model {path}" in capsys.readouterr().err
