@@ -67,10 +67,12 @@ class Generator:
 
     @torch.inference_mode()
     def generate(self, source: str | Sequence[int], k: int, *, allowed: np.ndarray | None = None,
-                 beams: int | None = None, reduction: str | None = None) -> "Generation":
+                 beams: int | None = None, reduction: str | None = None, distinct: bool = False) -> "Generation":
         """The ``k`` best catalogue items for the instruction ``source`` (text, or token ids as
         :meth:`Ranker.source_ids` gives them), only items where ``allowed`` (a bool per item) is
         true, best first; items sharing a title share its score and come in catalogue order.
+        ``distinct``: one item per title (the first allowed one in catalogue order), so a user
+        never sees the same title twice (Games has two items titled "Final Fantasy III").
         ``beams``: the beam width (at least ``k``; default the generator's, else ``k``)."""
         if k < 1:
             raise ValueError(f"k must be at least 1, not {k}")
@@ -84,7 +86,7 @@ class Generator:
         for node, total in leaves:
             length = node.depth  # the leaf's tokens, end-of-sequence included
             score = total / length if reduction == "mean" else total
-            for item in self.catalogue.leaf_items(node, allowed):
+            for item in self.catalogue.leaf_items(node, allowed)[: 1 if distinct else None]:
                 if len(out) < k:
                     out.append(Recommended(item, self.catalogue.items[item].title, score, total, length))
         return Generation(out, steps.count)

@@ -79,6 +79,17 @@ def test_duplicate_titles_and_cut_titles_share_a_leaf(setup):
     assert catalogue.header["leaves"] == len(TITLES) - 2
 
 
+def test_distinct_gives_one_item_per_title_in_the_rankers_order(setup):
+    ranker, catalogue, generator = setup
+    full = generator.top_k(SOURCE, len(TITLES), beams=len(TITLES))
+    got = generator.top_k(SOURCE, len(TITLES), beams=len(TITLES), distinct=True)
+    # the later item of each shared leaf is left out: 13 ("Halo 3" again) and 17 (equal to 16 up to the cut)
+    assert [r.item for r in got] == [r.item for r in full if r.item not in (13, 17)]
+    assert [r.score for r in got] == [r.score for r in full if r.item not in (13, 17)]
+    narrow = generator.top_k(SOURCE, 5, distinct=True)  # a narrow beam: still no title twice
+    assert len({r.title for r in narrow}) == len(narrow)
+
+
 def test_the_filter_is_obeyed_and_the_rest_ranked_as_the_ranker_ranks_it(setup):
     ranker, catalogue, generator = setup
     allowed = np.array([i % 3 != 0 for i in range(len(TITLES))])
