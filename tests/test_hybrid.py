@@ -216,3 +216,36 @@ def test_hybrid_resolves_titles_and_falls_back(tmp_path):
     assert set(alone.components) == {"lm"} and alone.scores == pytest.approx(zscore(np.array(lm)))
     assert Hybrid(load_gate(gate_path)).version != hybrid.version
     assert math.isclose(fused.relevance.sum(), 1.0)
+
+
+def test_sasrec_is_causal_and_round_trips(tmp_path):
+    import torch
+
+    from instructrec.hybrid.sequential import SASRecConfig, SequentialError, load_sequential, new_scorer
+
+    scorer = new_scorer(SASRecConfig(items=8, hidden=16, heads=2, inner=32, max_length=6), [i for i, _ in ITEMS])
+    model = scorer.model.eval()
+    with torch.no_grad():  # a later item never changes an earlier position's state
+        a = model.states(torch.tensor([[0, 0, 1, 2, 3, 4]]))
+        b = model.states(torch.tensor([[0, 0, 1, 2, 3, 7]]))
+    assert torch.allclose(a[0, 2:5], b[0, 2:5]) and not torch.allclose(a[0, 5], b[0, 5])
+    got = scorer.scores(["i0", "i1", "zz"], ["i2", "i3", "nope", None])
+    with torch.no_grad():
+        state = model.last_state(torch.tensor([[0, 0, 0, 0, 1, 2]]))[0]
+        want = (model.items.weight[[3, 4]] @ state).double().numpy()
+    assert got[:2] == pytest.approx(want, abs=1e-6) and got[2] == got[3] == want.min()
+    assert scorer.scores(["zz"], ["i1"]) is None and scorer.scores(["i0"], ["zz"]) is None
+    again = load_sequential(scorer.save(tmp_path / "seq"))
+    assert again.version == scorer.version and again.item_ids == scorer.item_ids
+    assert again.scores(["i0", "i1"], ["i2", "i3"]) == pytest.approx(scorer.scores(["i0", "i1"], ["i2", "i3"]))
+    with pytest.raises(SequentialError, match="no sequential.json"):
+        load_sequential(tmp_path / "none")
+
+
+def test_the_sequential_signal_is_fused_with_its_own_weight():
+    w = np.zeros((len(SIGNALS), len(FEATURES)))
+    w[SIGNALS.index("sequential"), 0] = 2.0
+    lm, seq = np.array([1.0, 0.0, 0.5]), np.array([0.0, 1.0, 0.2])
+    fused = Gate(w).fuse(lm, UserNeed(history=("a",)), sequential=seq)
+    assert fused.weights == {"lm": 1.0, "sequential": 2.0}
+    assert fused.scores == pytest.approx(zscore(lm) + 2.0 * zscore(seq))

@@ -115,3 +115,38 @@ def test_evaluation_without_a_gate_says_how_to_fit_one(tmp_path, capsys):
                  "--out", str(tmp_path / "eval"), "--no-progress"])
     assert code == 2
     assert f"instructrec gate fit --model {path}" in capsys.readouterr().err
+
+
+def test_sequential_train_resumes_and_feeds_the_gate_and_the_evaluation(tmp_path, model_dir, capsys):
+    out = tmp_path / "seq"
+    common = ["sequential", "train", "--data", "games-sample", "--out", str(out), "--hidden", "16", "--valid-users", "30",
+              "--batch-size", "64", "--no-progress"]
+    assert main([*common, "--epochs", "1"]) == 0
+    first = json.loads((out / "summary.json").read_text())
+    assert first["epochs_run"] == 1 and 0 <= first["best"]["hr@1"] <= 1
+    assert main([*common, "--epochs", "2"]) == 0  # continues from the checkpoint: epoch 1 is not redone
+    second = json.loads((out / "summary.json").read_text())
+    assert second["epochs_run"] == 2 and second["curve"][0] == first["curve"][0]
+    assert main([*common, "--epochs", "0"]) == 2
+    assert "--epochs must be at least 1" in capsys.readouterr().err
+
+    gate_path = tmp_path / "gate.json"
+    assert main(["gate", "fit", "--model", str(model_dir), "--data", "games-sample", "--users", "30",
+                 "--scenarios", "sequential", "--sequential", str(out / "model"), "--out", str(gate_path),
+                 "--work", str(tmp_path / "work"), "--no-progress"]) == 0
+    assert "| sequential |" in capsys.readouterr().out
+    gate = load_gate(gate_path)
+    assert gate.info["sequential"] and "sequential" in gate.info["report"]["held_out"]["all"]["hr@1"]
+
+    from instructrec.hybrid.sequential import load_sequential
+
+    data = load_dataset("games-sample").sample_users(40, seed=3)
+    cfg = EvalConfig(data=data, out=tmp_path / "eval", users=10, select_users=5, seed=0, settings=("uniform-10",),
+                     scenarios=("sequential",), base=None, baselines=(), sequential=str(out / "model"),
+                     resamples=50, progress=False, command="test")
+    results = evaluate(cfg)
+    row = next(r for r in results["rows"] if r["method"] == "SASRec (plain torch)")
+    scorer = load_sequential(out / "model")
+    test_file = cand.read(tmp_path / "eval" / "candidates" / "test-uniform-10.jsonl", data)
+    ranks = [rank_of(list(scorer.scores(list(c.history), list(c.candidates))), c.positive) for c in test_file.cases]
+    assert row["metrics"]["hr@1"] == pytest.approx(np.mean([r == 0 for r in ranks]))

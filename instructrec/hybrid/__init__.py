@@ -19,8 +19,19 @@ from ..aspects import UserNeed
 from .behaviour import BehaviourIndex, load_behaviour_index
 from .gate import Fused, Gate, load_gate
 from .semantic import SemanticEncoder
+from .sequential import SequentialScorer, load_sequential
 
 GATE_FILE = "gate.json"  # beside a model: the gate fitted for it
+
+
+@dataclass(frozen=True)
+class Signals:
+    """One request's signals beside the LM; a signal the request cannot have is None."""
+
+    behaviour: np.ndarray | None = None
+    known: float = 0.0  # share of candidates the behaviour index knows
+    semantic: np.ndarray | None = None
+    sequential: np.ndarray | None = None
 
 
 @dataclass
@@ -28,12 +39,14 @@ class Hybrid:
     gate: Gate
     behaviour: BehaviourIndex | None = None
     semantic: SemanticEncoder | None = None
+    sequential: SequentialScorer | None = None
 
     @property
     def version(self) -> str:
         """Part of every cache key and report row: changes when any part would score differently."""
         return ":".join([f"gate-{self.gate.version}", f"beh-{self.behaviour.version}" if self.behaviour else "beh-none",
-                         f"sem-{self.semantic.version}" if self.semantic else "sem-none"])
+                         f"sem-{self.semantic.version}" if self.semantic else "sem-none",
+                         f"seq-{self.sequential.version}" if self.sequential else "seq-none"])
 
     def resolve(self, ids: Sequence[str | None], titles: Sequence[str | None]) -> list[str | None]:
         """Index ids of items given by id or, failing that, by exact title (None: unknown)."""
@@ -42,31 +55,36 @@ class Hybrid:
         return [self.behaviour.resolve(i, t) for i, t in zip(ids, titles)]
 
     def signals(self, need: UserNeed, titles: Sequence[str], candidate_ids: Sequence[str | None],
-                history_ids: Sequence[str | None]) -> tuple[np.ndarray | None, float, np.ndarray | None]:
-        """(behaviour, share of candidates the index knows, semantic) of one request; a signal
-        the request cannot have is None."""
+                history_ids: Sequence[str | None]) -> Signals:
+        """The request's signals from its (resolved) ids and normalised texts. The semantic
+        encoder and the sequential model run torch: call this on the thread that runs the LM."""
+        history = [h for h in history_ids if h is not None]
         behaviour, known = None, 0.0
         if self.behaviour is not None:
-            history = [h for h in history_ids if h is not None]
             feats = self.behaviour.features(history, list(candidate_ids))
             behaviour, known = feats.score, feats.known
         semantic = self.semantic.similarities(need, titles) if self.semantic is not None else None
-        return behaviour, known, semantic
+        sequential = self.sequential.scores(history, list(candidate_ids)) if self.sequential is not None else None
+        return Signals(behaviour, known, semantic, sequential)
+
+    def fuse_signals(self, lm: Sequence[float], need: UserNeed, signals: Signals) -> Fused:
+        return self.gate.fuse(lm, need, behaviour=signals.behaviour, semantic=signals.semantic,
+                              sequential=signals.sequential, known=signals.known)
 
     def fuse(self, lm: Sequence[float], need: UserNeed, titles: Sequence[str], candidate_ids: Sequence[str | None],
              history_ids: Sequence[str | None]) -> Fused:
-        behaviour, known, semantic = self.signals(need, titles, candidate_ids, history_ids)
-        return self.gate.fuse(lm, need, behaviour=behaviour, semantic=semantic, known=known)
+        return self.fuse_signals(lm, need, self.signals(need, titles, candidate_ids, history_ids))
 
 
-def load_hybrid(gate: str | Path, behaviour: str | Path | None, *, semantic: bool = True) -> Hybrid:
-    """A hybrid from its files: the gate (a gate.json, or a model directory holding one) and
-    the behaviour index (None: no behaviour signal)."""
+def load_hybrid(gate: str | Path, behaviour: str | Path | None, *, sequential: str | Path | None = None,
+                semantic: bool = True) -> Hybrid:
+    """A hybrid from its files: the gate (a gate.json, or a model directory holding one), the
+    behaviour index and the sequential model's directory (None: no such signal)."""
     gate_path = Path(gate)
     if gate_path.is_dir():
         gate_path = gate_path / GATE_FILE
     return Hybrid(load_gate(gate_path), load_behaviour_index(behaviour) if behaviour else None,
-                  SemanticEncoder() if semantic else None)
+                  SemanticEncoder() if semantic else None, load_sequential(sequential) if sequential else None)
 
 
-__all__ = ["GATE_FILE", "Fused", "Gate", "Hybrid", "load_hybrid"]
+__all__ = ["GATE_FILE", "Fused", "Gate", "Hybrid", "Signals", "load_hybrid"]

@@ -1,6 +1,6 @@
 """The learned gate: how much each signal beside the LM counts, for this request.
 
-    fused = z(lm) + w_behaviour(x) * z(behaviour) + w_semantic(x) * z(semantic)
+    fused = z(lm) + w_behaviour(x) * z(behaviour) + w_semantic(x) * z(semantic) + w_sequential(x) * z(sequential)
     relevance = softmax(temperature * fused) over the request's candidates
 
 Every signal is z-scored within the request (scales differ: log-likelihoods, weighted
@@ -34,7 +34,7 @@ from .behaviour import zscore
 
 FORMAT = "instructrec-gate"
 FORMAT_VERSION = 1
-SIGNALS = ("behaviour", "semantic")
+SIGNALS = ("behaviour", "semantic", "sequential")
 FEATURES = ("bias", "history", "preference", "vague", "specific", "log_history", "known", "lm_margin")
 
 
@@ -83,13 +83,13 @@ class Gate:
         return self.weights @ x
 
     def fuse(self, lm: Sequence[float], need: UserNeed, *, behaviour: np.ndarray | None = None,
-             semantic: np.ndarray | None = None, known: float = 0.0) -> Fused:
+             semantic: np.ndarray | None = None, sequential: np.ndarray | None = None, known: float = 0.0) -> Fused:
         z_lm = zscore(np.asarray(lm, dtype=np.float64))
         w = self.signal_weights(request_features(need, known if behaviour is not None else 0.0, z_lm))
         components = {"lm": z_lm}
         weights = {"lm": 1.0}
         scores = z_lm.copy()
-        for name, values, weight in zip(SIGNALS, (behaviour, semantic), w):
+        for name, values, weight in zip(SIGNALS, (behaviour, semantic, sequential), w):
             if values is None:
                 continue
             z = zscore(values)
@@ -173,6 +173,11 @@ class Example:
     semantic: np.ndarray | None
     known: float
     positive: int
+    sequential: np.ndarray | None = None
+
+    def signals(self) -> tuple[np.ndarray | None, ...]:
+        """The signals in the order of :data:`SIGNALS`."""
+        return self.behaviour, self.semantic, self.sequential
 
 
 def fit_gate(examples: Sequence[Example], *, l2: float = 1e-3, iterations: int = 200, info: dict | None = None) -> Gate:
@@ -192,7 +197,7 @@ def fit_gate(examples: Sequence[Example], *, l2: float = 1e-3, iterations: int =
         k = len(e.lm)
         z_lm = zscore(np.asarray(e.lm, dtype=np.float64))
         z[i, 0, :k] = torch.from_numpy(z_lm)
-        for j, values in enumerate((e.behaviour, e.semantic)):
+        for j, values in enumerate(e.signals()):
             if values is not None:
                 z[i, 1 + j, :k] = torch.from_numpy(zscore(values))
                 present[i, j] = 1.0

@@ -13,6 +13,8 @@ COMMANDS = (
             "build the item catalogue /recommend generates from (titles tokenised for a model)"),
     Command("behaviour", "instructrec.training.hybrid.behaviour_cli",
             "build the behaviour index hybrid scoring reads (item-to-item neighbours of a dataset)"),
+    Command("sequential", "instructrec.training.hybrid.sequential",
+            "train the hybrid's sequential signal (SASRec in plain torch; resumable, early stopping)"),
     Command("gate", "instructrec.training.hybrid.gate_cli", "fit the hybrid gate of a model on validation cases"),
     Command("eval-client", "instructrec.training.evaluate.client_cli", "evaluate a live /rerank service on a candidate file"),
 )

@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the untuned base model row (a built-in name, a directory or a hub id; 'none' for no row)")
     parser.add_argument("--baselines", type=_csv, default=("popularity", "bi-encoder", "sasrec", "bert4rec"),
                         help="comma-separated: popularity, bi-encoder, behaviour, sasrec, bert4rec ('' for none)")
+    parser.add_argument("--sequential", metavar="DIR",
+                        help="the hybrid's SASRec (OUT/model of `instructrec sequential train`): its own row, and a "
+                             "signal of the hybrid rows")
     parser.add_argument("--hybrid", action="store_true",
                         help="also each --model fused with the behaviour and semantic signals by the gate saved beside "
                              "it (MODEL/gate.json, from `instructrec gate fit`)")
@@ -86,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
             data=args.data, out=args.out, users=args.users or None, select_users=args.select_users or None, seed=args.seed, settings=args.settings,
             scenarios=args.scenarios, extra_scenarios=args.extra_scenarios, models=tuple(args.model),
             base=None if args.base.lower() == "none" else args.base, baselines=args.baselines, hybrid=args.hybrid,
+            sequential=args.sequential,
             annotations=args.annotations, recbole_epochs=args.recbole_epochs, recbole_patience=args.recbole_patience,
             recbole_threads=args.recbole_threads, recbole_env=args.recbole_env, device=args.device, dtype=args.dtype,
             resamples=args.resamples, progress=args.progress, command=invoked_as(), full_k=args.full_k,

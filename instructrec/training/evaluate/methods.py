@@ -249,6 +249,28 @@ class Behaviour(Method):
         return out
 
 
+class Sequential(Method):
+    family = "interaction"
+
+    def __init__(self, scorer, name: str = "SASRec (plain torch)"):
+        self.name = name
+        self.scorer = scorer
+        info = scorer.header.get("info", {})
+        self.train_seconds = info.get("train_seconds")
+        self.notes = (f"the hybrid's sequential signal (instructrec sequential train): {info.get('epochs_run', '?')} "
+                      f"epochs, best epoch {info.get('epoch', '?')} on validation, {info.get('threads', '?')} thread(s)")
+
+    def version(self) -> str:
+        return f"{self.name}:{self.scorer.version}"
+
+    def score(self, cases, needs, template, candidate_file, progress=False):
+        out = []
+        for case in cases:
+            s = self.scorer.scores(list(case.history), list(case.candidates))
+            out.append([float(x) for x in s] if s is not None else [0.0] * len(case.candidates))
+        return out
+
+
 class HybridModel(Method):
     """An instruction model fused with the behaviour and semantic signals by a gate: the LM
     scores are the instruction model's own (read from its units when it ran first), the
@@ -289,9 +311,8 @@ class HybridModel(Method):
             known = self.lm.memo[(str(candidate_file), template)]
         out = []
         for case, need in zip(cases, needs):
-            beh, share, sem = case_signals(self.hybrid, self.data, case, need)
-            fused = self.hybrid.gate.fuse(known[case.user_id], normalise_need(need), behaviour=beh, semantic=sem,
-                                          known=share)
+            signals = case_signals(self.hybrid, self.data, case, need)
+            fused = self.hybrid.fuse_signals(known[case.user_id], normalise_need(need), signals)
             out.append([float(x) for x in fused.scores])
         return out
 

@@ -25,7 +25,8 @@ from ..data.load import load_dataset
 from ..data.types import MAX_HISTORY, Case, InteractionData
 from ..metrics import bootstrap_intervals, metrics_from_ranks, rank_of
 from . import candidates as cand
-from .methods import Behaviour, BiEncoder, HybridModel, InstructionModel, Method, Popularity, Precomputed, timed_score
+from .methods import (Behaviour, BiEncoder, HybridModel, InstructionModel, Method, Popularity, Precomputed, Sequential,
+                      timed_score)
 from .full_catalogue import FULL
 from .scenarios import Scenario, get_scenarios, needs_of
 from instructrec.aspects import UserNeed
@@ -54,6 +55,7 @@ class EvalConfig:
     base: str | None = "minilm-bert2bert"  # the untuned base row (None: none)
     baselines: tuple[str, ...] = ("popularity", "bi-encoder", "sasrec", "bert4rec")
     hybrid: bool = False  # also each tuned model fused with behaviour and semantic signals by its gate.json
+    sequential: str | None = None  # the hybrid's SASRec (OUT/model of `instructrec sequential train`): a row, and a signal
     annotations: str | None = None  # a teacher's annotations.jsonl; default: the offline teacher
     recbole_epochs: int | dict[str, int] = 10  # one budget, or per model: {"sasrec": 3, "bert4rec": 1}
     recbole_patience: int = 3
@@ -286,7 +288,8 @@ def _remember(method: Method, file: cand.CandidateFile, unit: Unit) -> None:
         method.remember(str(file.path), unit.template, unit.user_ids, unit.scores)
 
 
-def hybrid_methods(data: InteractionData, lms: list[tuple[str | None, InstructionModel]], index) -> list[Method]:
+def hybrid_methods(data: InteractionData, lms: list[tuple[str | None, InstructionModel]], index,
+                   sequential=None) -> list[Method]:
     """One hybrid row per tuned model, with the gate saved beside it (``instructrec gate fit``)."""
     from instructrec.hybrid import GATE_FILE, Hybrid
     from instructrec.hybrid.gate import load_gate
@@ -299,7 +302,10 @@ def hybrid_methods(data: InteractionData, lms: list[tuple[str | None, Instructio
         if not gate_path.is_file():
             raise FileNotFoundError(f"{gate_path}: no gate beside {path}; fit one with "
                                     f"`instructrec gate fit --model {path} --data {data.name}`")
-        out.append(HybridModel(data, lm, Hybrid(load_gate(gate_path), index, semantic)))
+        gate = load_gate(gate_path)
+        if gate.info.get("sequential") and sequential is None:
+            raise ValueError(f"{gate_path} was fitted with a sequential model: give it with --sequential")
+        out.append(HybridModel(data, lm, Hybrid(gate, index, semantic, sequential)))
     return out
 
 
@@ -357,13 +363,19 @@ def _evaluate_candidates(cfg: EvalConfig, data: InteractionData) -> dict:
     behaviour = Behaviour(data) if ("behaviour" in cfg.baselines or cfg.hybrid) else None
     if behaviour is not None and "behaviour" in cfg.baselines:
         ev.methods.append(behaviour)
+    sequential = None
+    if cfg.sequential:
+        from instructrec.hybrid.sequential import load_sequential
+
+        sequential = load_sequential(cfg.sequential)
+        ev.methods.append(Sequential(sequential))
     ev.methods += recbole_methods(data, ev.files, cfg)
     specs = _model_specs(cfg)
     lms = [(path, InstructionModel(data, path, label, device=cfg.device, dtype=cfg.dtype)) for label, path in specs]
     ev.methods += [lm for _, lm in lms]
     untuned = specs[-1][0] if cfg.base else None  # the base row (last spec); its label is its method name
     if cfg.hybrid:  # after the models: their units fill the scores the hybrid rows fuse
-        ev.methods += hybrid_methods(data, [(p, lm) for p, lm in lms if lm.name != untuned], behaviour.index)
+        ev.methods += hybrid_methods(data, [(p, lm) for p, lm in lms if lm.name != untuned], behaviour.index, sequential)
 
     for method in ev.methods:
         for scenario in scenarios:

@@ -22,21 +22,22 @@ from typing import Sequence
 import numpy as np
 
 from instructrec.aspects import UserNeed
-from instructrec.hybrid import Hybrid
-from instructrec.hybrid.gate import Example, Gate, expected_calibration_error, fit_gate
+from instructrec.hybrid import Hybrid, Signals
+from instructrec.hybrid.gate import SIGNALS, Example, Gate, expected_calibration_error, fit_gate
 from instructrec.text import normalise, normalise_need
 
 from ..data.types import MAX_HISTORY, Case, InteractionData
 from ..evaluate import candidates as cand
 from ..evaluate.scenarios import Scenario, get_scenarios, needs_of
+from ..metrics import rank_of
 
 FIT_SEED = 7  # not the evaluation's seed 0: other users, other negatives
 HELD_OUT_SHARE = 0.2
 
 
-def case_signals(hybrid: Hybrid, data: InteractionData, case: cand.CandidateCase, need: UserNeed):
-    """(behaviour, known share, semantic) of one case's need, from ids and normalised texts,
-    as the service computes them for a request."""
+def case_signals(hybrid: Hybrid, data: InteractionData, case: cand.CandidateCase, need: UserNeed) -> Signals:
+    """The signals of one case's need, from its ids and normalised texts, as the service
+    computes them for a request."""
     titles = [normalise(data.title(c)) for c in case.candidates]
     return hybrid.signals(normalise_need(need), titles, list(case.candidates), list(case.history))
 
@@ -76,9 +77,9 @@ def fitting_examples(data: InteractionData, lm, hybrid: Hybrid, *, users: int, w
         lm_scores = lm.score([c for c, _ in used], [n for _, n in used], None, f"gate-fit:{scenario.name}",
                              progress=progress)
         for (case, need), scores in zip(used, lm_scores):
-            beh, known, sem = case_signals(hybrid, data, case, need)
-            out.append(Labelled(scenario.name, case.user_id,
-                                Example(np.asarray(scores), need, beh, sem, known, case.positive)))
+            sig = case_signals(hybrid, data, case, need)
+            out.append(Labelled(scenario.name, case.user_id, Example(np.asarray(scores), need, sig.behaviour, sig.semantic,
+                                                                     sig.known, case.positive, sig.sequential)))
     return out
 
 
@@ -97,21 +98,17 @@ def report(gate: Gate, examples: Sequence[Labelled]) -> dict:
     out = {}
     for name, rows in by.items():
         fused = [gate.fuse(r.example.lm, r.example.need, behaviour=r.example.behaviour, semantic=r.example.semantic,
-                           known=r.example.known) for r in rows]
+                           sequential=r.example.sequential, known=r.example.known) for r in rows]
         positives = [r.example.positive for r in rows]
 
         def hr1(scores: list) -> float:
-            return float(np.mean([np.argmax(s) == p and (np.asarray(s) == np.max(s)).sum() == 1
-                                  for s, p in zip(scores, positives)]))
+            """Ties count against the true item; an absent signal (None) never hits."""
+            return float(np.mean([s is not None and rank_of(list(s), p) == 0 for s, p in zip(scores, positives)]))
 
+        alone = {name: hr1([getattr(r.example, name) for r in rows]) for name in SIGNALS}
         out[name] = {
             "cases": len(rows),
-            "hr@1": {"lm": hr1([r.example.lm for r in rows]),
-                     "behaviour": hr1([r.example.behaviour if r.example.behaviour is not None else np.zeros(len(r.example.lm))
-                                       for r in rows]),
-                     "semantic": hr1([r.example.semantic if r.example.semantic is not None else np.zeros(len(r.example.lm))
-                                      for r in rows]),
-                     "fused": hr1([f.scores for f in fused])},
+            "hr@1": {"lm": hr1([r.example.lm for r in rows]), **alone, "fused": hr1([f.scores for f in fused])},
             "ece": expected_calibration_error([f.relevance for f in fused], positives),
         }
     return out

@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--model", required=True, help="the checkpoint directory the gate is for")
     fit.add_argument("--data", default="games", help="dataset directory or shipped name (default: games)")
     fit.add_argument("--behaviour", metavar="FILE", help="a behaviour index (default: built from --data, holdout 2)")
+    fit.add_argument("--sequential", metavar="DIR", help="the sequential model (OUT/model of `instructrec sequential "
+                     "train`; default: none)")
     fit.add_argument("--users", type=int, default=1000, help="validation users (default 1000; a fifth held out)")
     fit.add_argument("--scenarios", help="comma-separated scenarios (default: all)")
     fit.add_argument("--out", help="the gate file (default: MODEL/gate.json)")
@@ -33,11 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def table(result: dict) -> str:
-    lines = ["| scenario | cases | LM | behaviour | semantic | fused | ECE |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    from instructrec.hybrid.gate import SIGNALS
+
+    lines = [f"| scenario | cases | LM | {' | '.join(SIGNALS)} | fused | ECE |", "|" + " --- |" * (len(SIGNALS) + 5)]
     for name, r in result.items():
         h = r["hr@1"]
-        lines.append(f"| {name} | {r['cases']} | {h['lm']:.3f} | {h['behaviour']:.3f} | {h['semantic']:.3f} | "
-                     f"**{h['fused']:.3f}** | {r['ece']:.3f} |")
+        lines.append(f"| {name} | {r['cases']} | {h['lm']:.3f} | " + " | ".join(f"{h[s]:.3f}" for s in SIGNALS)
+                     + f" | **{h['fused']:.3f}** | {r['ece']:.3f} |")
     return "\n".join(lines)
 
 
@@ -47,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from instructrec.hybrid.behaviour import BehaviourError, load_behaviour_index
     from instructrec.hybrid.gate import GateError
     from instructrec.hybrid.semantic import SemanticEncoder
+    from instructrec.hybrid.sequential import SequentialError, load_sequential
     from instructrec.modeling import ModelNotFound
     from instructrec.records import invoked_as, machine_info
 
@@ -61,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         data = load_dataset(args.data)
         index = load_behaviour_index(args.behaviour) if args.behaviour else build_for(data, source=args.data)
         lm = InstructionModel(data, args.model, device=args.device, dtype=args.dtype)
-        hybrid = Hybrid(gate=None, behaviour=index, semantic=SemanticEncoder())  # the gate is what we fit
+        sequential = load_sequential(args.sequential) if args.sequential else None
+        hybrid = Hybrid(gate=None, behaviour=index, semantic=SemanticEncoder(), sequential=sequential)  # the gate is what we fit
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)
         examples = fitting_examples(data, lm, hybrid, users=args.users, work=work, scenarios=args.scenarios,
@@ -69,11 +75,12 @@ def run(args: argparse.Namespace) -> int:
         model_dir = Path(args.model)
         info = {"model": str(model_dir), "checkpoint_version": checkpoint_version(model_dir) if model_dir.is_dir() else None,
                 "precision": lm.loaded.precision, "data": data.name, "behaviour": index.version,
-                "semantic": hybrid.semantic.version, "users": args.users, "command": invoked_as()}
+                "semantic": hybrid.semantic.version, "sequential": sequential.version if sequential else None,
+                "users": args.users, "command": invoked_as()}
         gate, result = fit_and_report(examples, info, l2=args.l2)
         gate.info.update({"report": result, "seconds": round(time.perf_counter() - started, 1), "machine": machine_info()})
         out = gate.save(Path(args.out) if args.out else model_dir / GATE_FILE)
-    except (BehaviourError, GateError, DataError, ModelNotFound, FileNotFoundError, ValueError) as exc:
+    except (BehaviourError, GateError, SequentialError, DataError, ModelNotFound, FileNotFoundError, ValueError) as exc:
         print(f"instructrec gate: error: {exc}", file=sys.stderr)
         return 2
     print(f"held-out users ({gate.info['users_held_out']}), HR@1 of 1 + 9 candidates:")
