@@ -233,7 +233,7 @@ def test_sasrec_is_causal_and_round_trips(tmp_path):
     with torch.no_grad():
         state = model.last_state(torch.tensor([[0, 0, 0, 0, 1, 2]]))[0]
         want = (model.items.weight[[3, 4]] @ state).double().numpy()
-    assert got[:2] == pytest.approx(want, abs=1e-6) and got[2] == got[3] == want.min()
+    assert got[:2] == pytest.approx(want, abs=1e-6) and got[2] == got[3] == got[:2].min()
     assert scorer.scores(["zz"], ["i1"]) is None and scorer.scores(["i0"], ["zz"]) is None
     again = load_sequential(scorer.save(tmp_path / "seq"))
     assert again.version == scorer.version and again.item_ids == scorer.item_ids
@@ -249,3 +249,33 @@ def test_the_sequential_signal_is_fused_with_its_own_weight():
     fused = Gate(w).fuse(lm, UserNeed(history=("a",)), sequential=seq)
     assert fused.weights == {"lm": 1.0, "sequential": 2.0}
     assert fused.scores == pytest.approx(zscore(lm) + 2.0 * zscore(seq))
+
+
+def test_retrieval_unions_each_sources_best_allowed_items():
+    from instructrec.hybrid.retrieval import Retriever
+    from instructrec.hybrid.sequential import SASRecConfig, new_scorer
+
+    index = build_behaviour_index(SEQUENCES, ITEMS, top_n=50)
+    seq = new_scorer(SASRecConfig(items=8, hidden=16, heads=2, inner=32, max_length=6), [i for i, _ in ITEMS])
+    # the catalogue in another order than the index and the model: positions must be mapped
+    catalogue = list(reversed(ITEMS))
+    r = Retriever([i for i, _ in catalogue], [t for _, t in catalogue], behaviour=index, sequential=seq)
+    pos = {i: p for p, (i, _) in enumerate(catalogue)}
+    # behaviour: i0 then i1 -> neighbours i2 (both), i3 (after i1), strongest first
+    got = [catalogue[p][0] for p in r.by_behaviour(["i0", "i1"], None, 3)]
+    trans, co, _ = brute_force(SEQUENCES, len(ITEMS))
+    w = (trans[1] + co[1]) + DECAY * (trans[0] + co[0])
+    want = [ITEMS[j][0] for j in np.argsort(-w, kind="stable") if w[j] > 0][:3]
+    assert got == want
+    allowed = np.ones(len(catalogue), dtype=bool)
+    allowed[pos["i2"]] = False
+    assert "i2" not in [catalogue[p][0] for p in r.by_behaviour(["i0", "i1"], allowed, 5)]
+    # sequential: the model's full sort, best first, restricted to allowed items
+    full = seq.scores(["i0", "i1"], [i for i, _ in catalogue])
+    top = r.by_sequence(["i0", "i1"], allowed, 3)
+    assert top == [p for p in np.argsort(-full, kind="stable") if allowed[p]][:3]
+    union = r.retrieve(UserNeed(history=("Game 0", "Game 1")), ["i0", "i1"], allowed=allowed, per_source=3,
+                       beams=[pos["i7"]])
+    assert union.items[0] == pos["i7"] and union.sources[pos["i7"]][0] == "lm"
+    assert len(union.items) == len(set(union.items)) and all(allowed[p] for p in union.items[1:])
+    assert set(top) <= set(union.items) and r.by_meaning(UserNeed(), None, 3) == []

@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(1+99), full (T2: the target among every item; instruction models generate over the "
                              "catalogue; baselines popularity and sasrec)")
     parser.add_argument("--full-k", type=int, default=20, help="full setting: items each model generates (default 20)")
+    parser.add_argument("--full-per-source", type=int, default=50,
+                        help="full setting, --hybrid rows: items each signal proposes for the fused ranker (default 50)")
     parser.add_argument("--full-beams", type=int, help="full setting: beam width (default: --full-k)")
     parser.add_argument("--scenarios", type=_csv, default=None,
                         help="sequential, product_search, personalized_search, explicit_preference, vague_intention (default: all)")
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
             annotations=args.annotations, recbole_epochs=args.recbole_epochs, recbole_patience=args.recbole_patience,
             recbole_threads=args.recbole_threads, recbole_env=args.recbole_env, device=args.device, dtype=args.dtype,
             resamples=args.resamples, progress=args.progress, command=invoked_as(), full_k=args.full_k,
-            full_beams=args.full_beams)
+            full_beams=args.full_beams, full_per_source=args.full_per_source)
         results = evaluate(cfg)
         if args.readme and "rows" in results:
             report.update_readme(args.readme, results, args.out)

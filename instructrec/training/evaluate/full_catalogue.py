@@ -139,6 +139,84 @@ class Generation:
                          round(time.perf_counter() - start, 3), self.notes, self.train_seconds)
 
 
+def sequential_ranks(data: InteractionData, cases: Sequence[Case], scorer) -> FullRanks:
+    """The hybrid's own SASRec (plain torch): every item by its score, the history left out; the
+    target's exact rank, ties against it."""
+    start = time.perf_counter()
+    ids = sorted(data.items)
+    position = {item: i for i, item in enumerate(ids)}
+    ranks = []
+    for c in cases:
+        scores = scorer.scores(list(c.history), ids)
+        if c.target in c.history or scores is None:
+            ranks.append(len(ids))
+            continue
+        allowed = history_mask(position, c, len(ids))
+        ranks.append(int(((scores >= scores[position[c.target]]) & allowed).sum()) - 1)  # ties against the target
+    info = scorer.header.get("info", {})
+    return FullRanks("SASRec (plain torch)", f"sequential:{scorer.version}", [c.user_id for c in cases], ranks, len(ids),
+                     round(time.perf_counter() - start, 3),
+                     f"the hybrid's sequential signal, {info.get('epochs_run', '?')} epochs, full sort of {len(ids):,} items",
+                     info.get("train_seconds"))
+
+
+class HybridFull:
+    """An instruction model as the fused ranker over what the signals retrieve: each of the
+    sequential model, the behaviour index and the semantic encoder proposes its best
+    ``per_source`` items (the history left out), the LM scores their union with the sequential
+    need's rerank template, and the gate fuses; a target no source proposed is a miss."""
+
+    def __init__(self, data: InteractionData, model: str, name: str | None, hybrid, *, per_source: int, device: str,
+                 dtype: str):
+        from instructrec.checkpoint import checkpoint_version
+        from instructrec.hybrid.retrieval import Retriever
+        from instructrec.modeling import load_model
+        from instructrec.ranker import Ranker
+
+        self.data, self.hybrid, self.per_source = data, hybrid, per_source
+        self.loaded = load_model(model, device=device, dtype=dtype)
+        self.ranker = Ranker(self.loaded)
+        items, _ = items_of(data)
+        self.items = items
+        self.retriever = Retriever([it.id for it in items], [it.title for it in items], behaviour=hybrid.behaviour,
+                                   sequential=hybrid.sequential, semantic=hybrid.semantic)
+        self.index = {it.id: j for j, it in enumerate(items)}
+        self.miss = len(items)
+        meta = self.loaded.meta or {}
+        self.max_history = (meta.get("preset") or {}).get("max_history", 20)
+        path = Path(str(model))
+        base = name or (path.parent.name if path.name == "model" else path.name)
+        self.name = f"{base} + hybrid"
+        self.version = (f"{base}:{checkpoint_version(path) if path.is_dir() else model}:{self.loaded.precision}:"
+                        f"{self.ranker.reduction}:{hybrid.version}:p{per_source}")
+        self.train_seconds = meta.get("train_seconds_total") or meta.get("train_seconds_this_run")
+        self.notes = (f"the union of the sequential model's, the behaviour index's and the bi-encoder's best {per_source} "
+                      f"items each, reranked by {base} and fused by its gate, {self.loaded.precision}")
+
+    def ranks(self, cases: Sequence[Case], progress: bool) -> FullRanks:
+        start = time.perf_counter()
+        ranks = [self.rank_one(c) for c in tqdm(cases, desc=self.name, unit="user", disable=not progress)]
+        return FullRanks(self.name, self.version, [c.user_id for c in cases], ranks, self.miss,
+                         round(time.perf_counter() - start, 3), self.notes, self.train_seconds)
+
+    def rank_one(self, case: Case) -> int:
+        need = normalise_need(SCENARIOS["sequential"].need(self.data, case.user_id, case.history, case.target, {},
+                                                           self.max_history))
+        allowed = history_mask(self.index, case, len(self.items))
+        got = self.retriever.retrieve(need, list(case.history), allowed=allowed, per_source=self.per_source)
+        target = self.index.get(case.target)
+        if target is None or target not in got.sources:
+            return self.miss
+        ids = [self.items[i].id for i in got.items]
+        titles = [self.items[i].title for i in got.items]
+        source = build_instruction(need, self.loaded.tokenizer, self.ranker.max_source_tokens).source
+        distinct = list(dict.fromkeys(titles))
+        by_title = dict(zip(distinct, self.ranker.score(source, distinct).scores))
+        fused = self.hybrid.fuse([by_title[t] for t in titles], need, titles, ids, list(case.history)).scores
+        p = fused[got.items.index(target)]
+        return int((fused >= p).sum()) - 1  # ties count against the target
+
+
 def sasrec_ranks(data: InteractionData, cases: Sequence[Case], out: Path, *, epochs: int, patience: int, seed: int,
                  threads: int, env: str | None) -> FullRanks:
     """SASRec trained with RecBole on the training part of every user, then the target's rank in
@@ -194,10 +272,29 @@ def evaluate_full(cfg, data: InteractionData, models: Sequence[tuple[str | None,
         methods.append(sasrec_ranks(data, cases, cfg.out, epochs=sasrec_epochs,
                                     patience=cfg.recbole_patience, seed=cfg.seed, threads=cfg.recbole_threads,
                                     env=cfg.recbole_env))
+    sequential = None
+    if cfg.sequential:
+        from instructrec.hybrid.sequential import load_sequential
+
+        sequential = load_sequential(cfg.sequential)
+        methods.append(sequential_ranks(data, cases, sequential))
     for label, path in models:
         gen = Generation(data, path, label, k=cfg.full_k, beams=cfg.full_beams, device=cfg.device, dtype=cfg.dtype)
         methods.append(_saved(cfg.out, {"method": gen.version, "users": users},
                               lambda gen=gen: gen.ranks(cases, cfg.progress)))
+    if cfg.hybrid:
+        from instructrec.hybrid.semantic import SemanticEncoder
+
+        from ..hybrid.behaviour_cli import build_for
+        from ..hybrid.fit import model_hybrid
+
+        index, semantic = build_for(data), SemanticEncoder()
+        for label, path in (models[:-1] if cfg.base else models):  # not the untuned base (the last): it has no gate
+            hybrid = model_hybrid(data, path, index, semantic, sequential)
+            full = HybridFull(data, path, label, hybrid, per_source=cfg.full_per_source, device=cfg.device,
+                              dtype=cfg.dtype)
+            methods.append(_saved(cfg.out, {"method": full.version, "users": users},
+                                  lambda full=full: full.ranks(cases, cfg.progress)))
     rows = []
     for m in methods:
         ci = bootstrap_intervals([min(r, max(KS)) for r in m.ranks], KS, resamples=cfg.resamples, seed=cfg.seed)

@@ -68,6 +68,7 @@ class EvalConfig:
     command: str = ""
     full_k: int = 20  # full-catalogue setting: items each instruction model generates
     full_beams: int | None = None  # its beam width (None: full_k)
+    full_per_source: int = 50  # full setting, hybrid rows: items each signal proposes
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -291,22 +292,12 @@ def _remember(method: Method, file: cand.CandidateFile, unit: Unit) -> None:
 def hybrid_methods(data: InteractionData, lms: list[tuple[str | None, InstructionModel]], index,
                    sequential=None) -> list[Method]:
     """One hybrid row per tuned model, with the gate saved beside it (``instructrec gate fit``)."""
-    from instructrec.hybrid import GATE_FILE, Hybrid
-    from instructrec.hybrid.gate import load_gate
     from instructrec.hybrid.semantic import SemanticEncoder
 
+    from ..hybrid.fit import model_hybrid
+
     semantic = SemanticEncoder()
-    out = []
-    for path, lm in lms:
-        gate_path = Path(str(path)) / GATE_FILE
-        if not gate_path.is_file():
-            raise FileNotFoundError(f"{gate_path}: no gate beside {path}; fit one with "
-                                    f"`instructrec gate fit --model {path} --data {data.name}`")
-        gate = load_gate(gate_path)
-        if gate.info.get("sequential") and sequential is None:
-            raise ValueError(f"{gate_path} was fitted with a sequential model: give it with --sequential")
-        out.append(HybridModel(data, lm, Hybrid(gate, index, semantic, sequential)))
-    return out
+    return [HybridModel(data, lm, model_hybrid(data, path, index, semantic, sequential)) for path, lm in lms]
 
 
 def _best(units: list[Unit]) -> Unit:

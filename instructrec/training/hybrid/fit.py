@@ -35,6 +35,22 @@ FIT_SEED = 7  # not the evaluation's seed 0: other users, other negatives
 HELD_OUT_SHARE = 0.2
 
 
+def model_hybrid(data: InteractionData, model: str | Path, index, semantic, sequential) -> Hybrid:
+    """The hybrid of a model directory: the gate saved beside it with the given signals; a gate
+    fitted with a sequential model refuses to run without one."""
+    from instructrec.hybrid import GATE_FILE
+    from instructrec.hybrid.gate import load_gate
+
+    gate_path = Path(str(model)) / GATE_FILE
+    if not gate_path.is_file():
+        raise FileNotFoundError(f"{gate_path}: no gate beside {model}; fit one with "
+                                f"`instructrec gate fit --model {model} --data {data.name}`")
+    gate = load_gate(gate_path)
+    if gate.info.get("sequential") and sequential is None:
+        raise ValueError(f"{gate_path} was fitted with a sequential model: give it with --sequential")
+    return Hybrid(gate, index, semantic, sequential)
+
+
 def case_signals(hybrid: Hybrid, data: InteractionData, case: cand.CandidateCase, need: UserNeed) -> Signals:
     """The signals of one case's need, from its ids and normalised texts, as the service
     computes them for a request."""
