@@ -322,3 +322,21 @@ def test_recommend_bench_end_to_end(tmp_path):
     text = readme.read_text(encoding="utf-8")
     assert "| k | phase | requests | p50 ms |" in text
     assert "other benches" in text  # without ranker or service results their block is left as it was
+
+
+def test_hybrid_bench_end_to_end(tmp_path):
+    """`instructrec bench hybrid` on the tiny prefix-LM over Games-sample: LM and fusion times per
+    size, a neutral gate when none is beside the model, and its section in the report."""
+    out = tmp_path / "bench"
+    rc = main(["bench", "hybrid", "--model", "tiny-random-prefixlm", "--dataset", "games-sample", "--candidates", "3,7",
+               "--requests", "2", "--history", "3", "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    h = _results(out)["hybrid"]
+    assert h["command"].startswith("instructrec bench hybrid --model tiny-random-prefixlm")
+    assert h["server"]["gate"].startswith("neutral") and "beh-" in h["server"]["hybrid"]
+    assert [r["candidates"] for r in h["rows"]] == [3, 7]
+    for r in h["rows"]:
+        assert r["requests"] == 2 and r["lm_p50_ms"] > 0 and r["fusion_warm_p50_ms"] > 0
+        assert r["ratio_warm"] == pytest.approx((r["lm_p50_ms"] + r["fusion_warm_p50_ms"]) / r["lm_p50_ms"])
+    assert "Hybrid fusion" in (out / "results.md").read_text()
+    assert main(["bench", "hybrid", "--model", "tiny-random-prefixlm", "--requests", "0", "--out", str(out)]) == 2

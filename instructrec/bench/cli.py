@@ -126,6 +126,40 @@ def _add_recommend(sub) -> None:
     _started_service_options(m, seed_help="seed of the requests", dataset="games")
     m.set_defaults(_bench_parser=m, _bench_run=_run_recommend)
 
+    h = sub.add_parser("hybrid", help="time what fusion (behaviour, semantic, sequential) adds to LM scoring",
+                       description="In one process, real Games requests: the LM alone, then fused as the service fuses "
+                                   "them, with title vectors new and cached; the ratio to LM-only in one run.")
+    h.add_argument("--model", required=True, help="checkpoint directory (its gate.json is used when present)")
+    h.add_argument("--sequential", help="the sequential model's directory (default: none)")
+    h.add_argument("--candidates", default="10,100", help="candidates per request (default 10,100)")
+    h.add_argument("--requests", type=int, default=30, help="timed requests per size (default 30)")
+    h.add_argument("--history", type=int, default=20, help="history items per request (default 20)")
+    h.add_argument("--dataset", default="games", help="data set of the requests and the index (default games)")
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    h.add_argument("--out", default=str(report.DEFAULT_OUT), help=f"output directory (default {report.DEFAULT_OUT})")
+    h.set_defaults(_bench_parser=h, _bench_run=_run_hybrid)
+
+
+def _run_hybrid(args: argparse.Namespace) -> int:
+    from .hybrid_bench import run_hybrid
+
+    try:
+        sizes = _int_list(args.candidates)
+        if args.requests < 1 or args.history < 1:
+            raise argparse.ArgumentTypeError("--requests and --history must be at least 1")
+    except argparse.ArgumentTypeError as exc:
+        print(f"instructrec bench hybrid: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        section = run_hybrid(model=args.model, candidates=sizes, requests=args.requests, history=args.history,
+                             dataset=args.dataset, seed=args.seed, threads=args.threads, sequential=args.sequential)
+    except ValueError as exc:  # a bad model, gate, sequential model or data set: the message names it
+        print(f"instructrec bench hybrid: error: {exc}", file=sys.stderr)
+        return 2
+    _publish(args, "hybrid", section, report.hybrid_table)
+    return 0
+
 
 def _run_recommend(args: argparse.Namespace) -> int:
     from .recommend_bench import run_recommend

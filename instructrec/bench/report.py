@@ -157,6 +157,10 @@ def render_markdown(results: dict, plots: dict[str, str] | None = None, note: st
         parts += [render_service(results["service"], plots.get("service_latency"), plots.get("service_throughput")), ""]
     if "soak" in results:
         parts += ["## Soak", "", f"Command: `{results['soak'].get('command', '')}`", "", soak_table(results["soak"]), ""]
+    if "hybrid" in results:
+        h = results["hybrid"]
+        parts += ["## Hybrid fusion", "", f"Command: `{h.get('command', '')}`", "", _machine_md(h["machine"]), "",
+                  hybrid_table(h), ""]
     if "recommend" in results:
         r = results["recommend"]
         parts += ["## /recommend", "", f"Command: `{r.get('command', '')}`", "", _machine_md(r["machine"]), "",
@@ -453,6 +457,17 @@ def recommend_table(section: dict) -> str:
     return (f"/recommend over {s['items']:,} items ({s['distinct_titles']:,} distinct titles), model {s['model']}:\n\n"
             + _table(["k", "phase", "requests", "p50 ms", "p95 ms", "server p50 ms", "server p95 ms",
                              "decoding steps"], rows))
+
+
+def hybrid_table(section: dict) -> str:
+    """The fusion bench (``instructrec bench hybrid``): LM alone vs what fusion adds."""
+    s = section["server"]
+    rows = [[str(r["candidates"]), str(r["requests"]), _ms(r["lm_p50_ms"]), _f(r["fusion_cold_p50_ms"], 2),
+             _f(r["fusion_warm_p50_ms"], 2), _f(r["fusion_warm_p95_ms"], 2), _f(r["ratio_warm"], 3)]
+            for r in section["rows"]]
+    return (f"Fusion of model {s['model']} ({s['precision']}, hybrid {s['hybrid']}):\n\n"
+            + _table(["candidates", "requests", "LM p50 ms", "fusion p50 ms (titles new)", "fusion p50 ms (cached)",
+                      "fusion p95 ms (cached)", "(LM + fusion) / LM"], rows))
 
 
 def render_targets(results: dict) -> str:
