@@ -11,7 +11,7 @@ import pytest
 from instructrec.checkpoint import write_meta
 from instructrec.cli import main
 from instructrec.hybrid.behaviour import load_behaviour_index
-from instructrec.hybrid.gate import load_gate
+from instructrec.hybrid.gate import FEATURES, SIGNALS, load_gate
 from instructrec.templates import TEMPLATE_VERSION
 from instructrec.training.data.load import load_dataset
 from instructrec.training.evaluate import candidates as cand
@@ -133,10 +133,13 @@ def test_sequential_train_resumes_and_feeds_the_gate_and_the_evaluation(tmp_path
     gate_path = tmp_path / "gate.json"
     assert main(["gate", "fit", "--model", str(model_dir), "--data", "games-sample", "--users", "30",
                  "--scenarios", "sequential", "--sequential", str(out / "model"), "--out", str(gate_path),
-                 "--work", str(tmp_path / "work"), "--no-progress"]) == 0
-    assert "| sequential |" in capsys.readouterr().out
+                 "--retrieved-users", "30", "--per-source", "20", "--work", str(tmp_path / "work"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "| sequential |" in printed and "| retrieved |" in printed
     gate = load_gate(gate_path)
     assert gate.info["sequential"] and "sequential" in gate.info["report"]["held_out"]["all"]["hr@1"]
+    fitted = gate.info["report"]["fitted"]
+    assert fitted["retrieved"]["cases"] > 0 and list((tmp_path / "work").glob("title-vectors-*.npy"))
 
     from instructrec.hybrid.sequential import load_sequential
 
@@ -173,7 +176,7 @@ def test_full_catalogue_hybrid_ranks_the_retrieved_union(tmp_path, model_dir):
     import shutil
 
     shutil.copytree(model_dir, gate_dir)
-    Gate(rng.normal(size=(3, 8))).save(gate_dir / "gate.json")
+    Gate(rng.normal(size=(len(SIGNALS), len(FEATURES)))).save(gate_dir / "gate.json")
     hybrid = Hybrid(load_gate(gate_dir / "gate.json"), build_for(data), SemanticEncoder(), seq)
     full = HybridFull(data, str(gate_dir), "tiny", hybrid, per_source=5, device="cpu", dtype="float32")
     cases = cand.pick_users(cand.full_cases(data, "test"), 8, 0)

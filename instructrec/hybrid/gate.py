@@ -7,7 +7,8 @@ Every signal is z-scored within the request (scales differ: log-likelihoods, wei
 counts, cosines). The weights are linear in a few request features ``x`` (:data:`FEATURES`):
 what the need carries (history, an explicit preference, a vague or a specific intention),
 how long the history is, the share of candidates the behaviour index knows and the LM's
-margin between its first two candidates. Why the mix must depend on the request: measured
+margin between its first two candidates and how many candidates there are (ten sampled ones
+rank differently from a hundred that retrieval proposed). Why the mix must depend on the request: measured
 on Games, vague intentions wanted the semantic signal at weight 4, sequential needs the
 counts at 1 and the semantic signal at 0.25-1.
 
@@ -35,7 +36,7 @@ from .behaviour import zscore
 FORMAT = "instructrec-gate"
 FORMAT_VERSION = 1
 SIGNALS = ("behaviour", "semantic", "sequential")
-FEATURES = ("bias", "history", "preference", "vague", "specific", "log_history", "known", "lm_margin")
+FEATURES = ("bias", "history", "preference", "vague", "specific", "log_history", "known", "lm_margin", "log_candidates")
 
 
 class GateError(ValueError):
@@ -48,7 +49,8 @@ def request_features(need: UserNeed, known: float, lm_z: np.ndarray) -> np.ndarr
     margin = float(top[0] - top[1]) if top.size > 1 else 0.0
     kind = need.intention_kind if need.intention else None
     return np.array([1.0, float(bool(need.history)), float(bool(need.preference)), float(kind is Intention.VAGUE),
-                     float(kind is Intention.SPECIFIC), math.log1p(len(need.history)) / 3.0, known, margin])
+                     float(kind is Intention.SPECIFIC), math.log1p(len(need.history)) / 3.0, known, margin,
+                     math.log(max(len(lm_z), 1)) / 5.0])
 
 
 @dataclass(frozen=True)

@@ -78,9 +78,11 @@ class Labelled:
 
 
 def fitting_examples(data: InteractionData, lm, hybrid: Hybrid, *, users: int, work: Path, seed: int = FIT_SEED,
-                     scenarios: str | None = None, progress: bool = True) -> list[Labelled]:
-    """Every (scenario, validation case) of ``users`` seeded users as a gate example;
-    ``lm`` is an evaluation :class:`~instructrec.training.evaluate.methods.InstructionModel`."""
+                     scenarios: str | None = None, retrieved_users: int = 0, per_source: int = 30,
+                     progress: bool = True) -> list[Labelled]:
+    """Every (scenario, validation case) of ``users`` seeded users as a gate example, and the
+    retrieved-candidates example of the first ``retrieved_users`` of them; ``lm`` is an
+    evaluation :class:`~instructrec.training.evaluate.methods.InstructionModel`."""
     chosen = get_scenarios(scenarios)
     cases = cand.pick_users(cand.full_cases(data, "valid"), users, seed)
     annotations = annotations_for(data, cases, chosen, work / "annotations.jsonl", progress)
@@ -96,6 +98,58 @@ def fitting_examples(data: InteractionData, lm, hybrid: Hybrid, *, users: int, w
             sig = case_signals(hybrid, data, case, need)
             out.append(Labelled(scenario.name, case.user_id, Example(np.asarray(scores), need, sig.behaviour, sig.semantic,
                                                                      sig.known, case.positive, sig.sequential)))
+    if retrieved_users:
+        out += retrieved_examples(data, lm, hybrid, cases[:retrieved_users], work=work, per_source=per_source,
+                                  progress=progress)
+    return out
+
+
+def title_vectors(hybrid: Hybrid, titles: list[str], work: Path) -> np.ndarray:
+    """The semantic encoder's vectors of every catalogue title, kept in ``work`` (minutes on a CPU)."""
+    import hashlib
+
+    digest = hashlib.sha256("\n".join([hybrid.semantic.version, *titles]).encode()).hexdigest()[:16]
+    path = work / f"title-vectors-{digest}.npy"
+    if path.exists():
+        return np.load(path)
+    vectors = hybrid.semantic.embed(titles)
+    np.save(path, vectors)
+    return vectors
+
+
+def retrieved_examples(data: InteractionData, lm, hybrid: Hybrid, cases: Sequence[Case], *, work: Path,
+                       per_source: int, progress: bool = True) -> list[Labelled]:
+    """Sequential needs whose candidates are what the signals retrieve from the whole catalogue
+    (as ``/recommend`` ranks them): a case whose target no signal proposed is left out."""
+    from tqdm import tqdm
+
+    from instructrec.hybrid.retrieval import Retriever
+
+    from ..catalogue_cli import items_of
+    from ..evaluate.scenarios import SCENARIOS
+
+    items, _ = items_of(data)
+    titles = [it.title for it in items]
+    retriever = Retriever([it.id for it in items], titles, behaviour=hybrid.behaviour, sequential=hybrid.sequential,
+                          semantic=hybrid.semantic,
+                          title_vectors=title_vectors(hybrid, titles, work) if hybrid.semantic else None)
+    position = {it.id: j for j, it in enumerate(items)}
+    out = []
+    for case in tqdm(cases, desc="retrieved candidates", unit="case", disable=not progress):
+        need = SCENARIOS["sequential"].need(data, case.user_id, case.history, case.target, {}, lm.max_history)
+        if need is None:
+            continue
+        allowed = np.ones(len(items), dtype=bool)
+        allowed[[position[i] for i in case.history if i in position]] = False
+        got = retriever.retrieve(normalise_need(need), list(case.history), allowed=allowed, per_source=per_source)
+        target = position.get(case.target)
+        if target not in got.sources:
+            continue
+        cand_case = cand.CandidateCase(case.user_id, case.history, case.target, tuple(items[i].id for i in got.items))
+        scores = lm.score([cand_case], [need], None, "gate-fit:retrieved", progress=False)[0]
+        sig = case_signals(hybrid, data, cand_case, need)
+        out.append(Labelled("retrieved", case.user_id, Example(np.asarray(scores), need, sig.behaviour, sig.semantic,
+                                                              sig.known, got.items.index(target), sig.sequential)))
     return out
 
 

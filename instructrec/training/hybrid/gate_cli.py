@@ -25,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--sequential", metavar="DIR", help="the sequential model (OUT/model of `instructrec sequential "
                      "train`; default: none)")
     fit.add_argument("--users", type=int, default=1000, help="validation users (default 1000; a fifth held out)")
+    fit.add_argument("--retrieved-users", type=int, default=0,
+                     help="also this many of the users' sequential needs with the candidates the signals retrieve from "
+                          "the whole catalogue (what /recommend ranks); default 0")
+    fit.add_argument("--per-source", type=int, default=30, help="items each signal retrieves for those (default 30)")
     fit.add_argument("--scenarios", help="comma-separated scenarios (default: all)")
     fit.add_argument("--out", help="the gate file (default: MODEL/gate.json)")
     fit.add_argument("--work", default="artifacts/gate", help="where the teacher's annotations are cached")
@@ -71,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)
         examples = fitting_examples(data, lm, hybrid, users=args.users, work=work, scenarios=args.scenarios,
+                                    retrieved_users=args.retrieved_users, per_source=args.per_source,
                                     progress=args.progress)
         model_dir = Path(args.model)
         info = {"model": str(model_dir), "checkpoint_version": checkpoint_version(model_dir) if model_dir.is_dir() else None,
