@@ -75,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware has it), float32, bfloat16 or int8 (CPU: dynamically quantised linear layers)")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     parser.add_argument("--readme", help="also regenerate this README's results section (between the eval markers)")
+    parser.add_argument("--readme-name", metavar="NAME",
+                        help="the README block's name: <!-- eval:NAME:start --> (and NAME-full for the full setting); "
+                             "default: the dataset's name")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -98,9 +101,9 @@ def run(args: argparse.Namespace) -> int:
             full_beams=args.full_beams, full_per_source=args.full_per_source)
         results = evaluate(cfg)
         if args.readme and "rows" in results:
-            report.update_readme(args.readme, results, args.out)
+            report.update_readme(args.readme, results, args.out, name=args.readme_name)
         if args.readme and "full" in results:
-            full_catalogue.update_readme(args.readme, results["full"], results["full_dir"])
+            full_catalogue.update_readme(args.readme, results["full"], results["full_dir"], name=args.readme_name)
     except (DataError, FileNotFoundError, ValueError, RuntimeError, KeyError) as exc:
         print(f"instructrec evaluate: {exc}", file=sys.stderr)
         return 2

@@ -358,10 +358,11 @@ def write(out: Path, results: dict) -> Path:
     return out / RESULTS_MD
 
 
-def update_readme(readme: str | Path, results: dict, report_dir: str) -> Path:
-    """The block between ``<!-- eval:NAME-full:start -->`` and ``<!-- eval:NAME-full:end -->``."""
+def update_readme(readme: str | Path, results: dict, report_dir: str, name: str | None = None) -> Path:
+    """The block between ``<!-- eval:NAME-full:start -->`` and ``<!-- eval:NAME-full:end -->``
+    (NAME: the dataset's name by default)."""
     from .report import replace_block
 
     section = "\n".join([*header(results), "", table(results), "",
                          f"Report: `{report_dir}/results.md`.", ""])
-    return replace_block(readme, f"{results['dataset']['name']}-full", section)
+    return replace_block(readme, f"{name or results['dataset']['name']}-full", section)
