@@ -98,9 +98,9 @@ def test_a_rerun_reuses_the_saved_ranks_and_fills_the_readme(tmp_path, monkeypat
     assert "stale table" not in text and "| popularity | 9 |" in text and text.endswith("after\n")
     assert "reusing the rankings of popularity" not in text and "reusing the rankings of tiny" in text
     assert "instructrec evaluate --settings full (test)" in text
-    readme.write_text("<!-- eval:Other-full:start -->\nold\n<!-- eval:Other-full:end -->\n")
+    readme.write_text("<!-- eval:Other-full:start -->\nstale block\n<!-- eval:Other-full:end -->\n")
     full_catalogue.update_readme(readme, again, "artifacts/eval", name="Other")  # --readme-name Other
-    assert "old" not in readme.read_text() and "| popularity | 9 |" in readme.read_text()
+    assert "stale block" not in readme.read_text() and "| popularity | 9 |" in readme.read_text()
 
 
 def test_bad_full_settings_are_refused(tmp_path):
