@@ -394,14 +394,15 @@ def load_shipped(directory: str | Path):
     return model, tokenizer, KINDS.get(name, "seq2seq")
 
 
-def ship(checkpoint: str | Path, out: str | Path, card: dict | None = None) -> Path:
+def ship(checkpoint: str | Path, out: str | Path, card: dict | None = None, meta: dict | None = None) -> Path:
     """Save a trained checkpoint directory (an HF directory with ``instructrec.json``, as
     ``instructrec train`` writes to ``OUT/model`` or ``OUT/best``) in the shipped form: the tensors
-    that differ from its built-in base, bfloat16, with the base's checksum, its metadata and a card."""
+    that differ from its built-in base, bfloat16, with the base's checksum, its metadata and a card.
+    ``meta``: the metadata, for a Trainer checkpoint directory that has none of its own."""
     from .checkpoint import read_meta
     from .shipped import ShippedError, changed_tensors, write
 
-    meta = read_meta(checkpoint)
+    meta = read_meta(checkpoint) if meta is None else meta
     base = meta.get("base_model")
     if not base:
         raise ShippedError(f"{Path(checkpoint) / 'instructrec.json'}: no base_model; ship a directory written by "
