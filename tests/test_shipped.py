@@ -148,3 +148,22 @@ def test_default_model_falls_back_to_the_shipped_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ship(ck, tmp_path / shipped.DEFAULT_SHIPPED)
     assert resolve_model_name(None) == str(shipped.DEFAULT_SHIPPED)
+
+
+def test_the_service_serves_a_shipped_model(tmp_path):
+    """`instructrec serve --model models/<name>`: ready with the shipped weights' version, /rerank answers."""
+    import httpx
+
+    from instructrec.service.app import create_app
+    from instructrec.service.settings import Settings
+    from tests.service_fixtures import ServerThread
+
+    ck, _ = _tuned(tmp_path)
+    out = ship(ck, tmp_path / "models" / "tiny-games")
+    settings = Settings(model=str(out), device="cpu", dtype="float32", redis_url="", batch_tokens=512)
+    with ServerThread(create_app(settings)) as srv:
+        srv.wait_ready()
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            assert client.get("/ready").json()["model"] == {"name": str(out), "checkpoint_version": checkpoint_version(out)}
+            answer = client.post("/rerank", json={"history": ["Halo 3 - Xbox 360"], "candidates": ["Doom", "Halo 2"]}).json()
+            assert sorted(r["index"] for r in answer["results"]) == [0, 1]
