@@ -202,7 +202,8 @@ def render_card(card: dict) -> str:
         f"| data position | {_fmt(card.get('data_position'))} examples of the `{card.get('preset', '?')}` stream "
         "consumed; the next leg (`instructrec train --init`) continues from there |",
         f"| examples seen in total | {_fmt(card.get('examples_total'))} |",
-        f"| training time in total | {_fmt((card.get('train_seconds_total') or 0) / 3600, '.2f')} h of training steps |",
+        f"| training time in total | {_fmt((card.get('train_seconds_total') or 0) / 3600, '.2f')} h of training steps "
+        f"({_fmt(card.get('train_seconds_total'), ',.0f')} s) |",
         f"| validation | HR@1 {_fmt(val.get('hr@1'), '.3f')} on {_fmt(val.get('users'))} fixed users (1 + 9 never-interacted "
         f"items, {val.get('dtype', '?')}) |",
         f"| code commit | `{card.get('commit', '?')}` |",

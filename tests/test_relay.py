@@ -139,6 +139,7 @@ def test_promoting_no_gain_keeps_the_shipped_model_and_logs_the_leg(relay, tmp_p
                                   curve_png=root / "docs" / "curve.png")
     assert not verdict["promoted"] and verdict["gain"] == 0.0 and verdict["ci_low"] == verdict["ci_high"] == 0.0
     assert "< 0.01" in verdict["reason"] and (shipped / "weights.safetensors").read_bytes() == before
+    assert verdict["note"] == f"this leg started from the base, not from {shipped}"
     rows = list(csv.DictReader(legs.open()))
     assert len(rows) == n + 1 and rows[-1]["promoted"] == "no" and rows[-1]["hr1_shipped"] == rows[-1]["hr1_candidate"]
 

@@ -270,6 +270,7 @@ def promote(candidate_path: str | Path, shipped: str | Path = DEFAULT_SHIPPED, *
             dtype: str = "float32", users: int = RELAY_USERS, data_path: str | None = None,
             legs_csv: Path = LEGS_CSV, curve_png: Path = CURVE_PNG) -> dict:
     """Evaluate, decide, and (unless ``dry_run``) ship and log. Returns the verdict."""
+    from instructrec.checkpoint import checkpoint_version
     from instructrec.modeling import ship
 
     candidate = resolve(candidate_path)
@@ -295,6 +296,11 @@ def promote(candidate_path: str | Path, shipped: str | Path = DEFAULT_SHIPPED, *
         verdict = {"candidate": str(candidate.weights), "shipped": str(shipped), **evaluation, "promoted": promoted,
                    "reason": reason, "rule": f"gain >= {MIN_GAIN} and paired 95% interval above 0",
                    "data_position": candidate.meta["relay"]["data_position"], "dry_run": dry_run, "leg": row}
+        started = candidate.meta["relay"].get("init")
+        if have_shipped and (started or {}).get("checkpoint_version") != checkpoint_version(shipped):
+            verdict["note"] = (f"this leg started from {started['from']} at version {started['checkpoint_version']}; "
+                               f"{shipped} is now {checkpoint_version(shipped)}" if started else
+                               f"this leg started from the base, not from {shipped}")
         if dry_run:
             return verdict
         if promoted:
@@ -314,6 +320,8 @@ def table(verdict: dict) -> str:
         lines.append(f"| gain (paired 95% interval) | {verdict['gain']:+.3f} ({verdict['ci_low']:+.3f}, {verdict['ci_high']:+.3f}) |")
     action = "would promote" if verdict["dry_run"] and verdict["promoted"] else "promoted" if verdict["promoted"] else "not promoted"
     lines.append(f"\n{action}: {verdict['reason']}")
+    if verdict.get("note"):
+        lines.append(f"note: {verdict['note']}")
     return "\n".join(lines)
 
 
