@@ -258,8 +258,10 @@ def load_text_side(name_or_path: str | Path) -> TextSide:
     from .modeling import BUILDERS, load_model
     from .ranker import eos_id
 
+    from .shipped import is_shipped
+
     name = str(name_or_path)
-    if name in BUILDERS or not Path(name).is_dir():
+    if name in BUILDERS or not Path(name).is_dir() or is_shipped(name):  # a shipped model's text side is its base's
         loaded = load_model(name, device="cpu", dtype="float32")
         return TextSide(loaded.tokenizer, eos_id(loaded.tokenizer, loaded.model), loaded.meta)
     from types import SimpleNamespace

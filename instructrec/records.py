@@ -139,3 +139,19 @@ def platform_brief() -> dict[str, Any]:
     import torch
 
     return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}
+
+
+def code_commit() -> str | None:
+    """The git commit of the code running (``+dirty`` with uncommitted changes), or None outside a clone."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

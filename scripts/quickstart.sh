@@ -1,20 +1,38 @@
 #!/usr/bin/env bash
-# Quick start on the embedded default: install, train the `quick` preset once on the full Games
-# data shipped in the repo (<= 15 minutes on 2 CPU cores; reused afterwards; resumes if
-# interrupted), build the Games catalogue for it, then serve it on http://127.0.0.1:${INSTRUCTREC_PORT:-8000}
-# (POST /rerank, and POST /recommend over the catalogue).
-# Redis at 127.0.0.1:6379 is used as the score cache when it answers; otherwise the
-# service runs uncached and says so in its log.
+# Quick start: install, then serve the shipped default model (models/minilm-games: the tensors the
+# training relay tuned, applied to the MiniLM base wheel; no training) on
+# http://127.0.0.1:${INSTRUCTREC_PORT:-8000} (POST /rerank, and POST /recommend over the Games
+# catalogue, built for it in seconds).
+#   bash scripts/quickstart.sh --train   train your own instead: the `quick` preset on the full Games
+#                                        data (<= 15 minutes on 2 CPU cores; reused afterwards; resumes
+#                                        if interrupted), then serve it
+# Without a shipped model in the checkout, the script trains as with --train. Other arguments go
+# to `instructrec serve`. Redis at 127.0.0.1:6379 is used as the score cache when it answers;
+# otherwise the service runs uncached and says so in its log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+TRAIN=0
+ARGS=()
+for arg in "$@"; do
+  if [ "$arg" = "--train" ]; then TRAIN=1; else ARGS+=("$arg"); fi
+done
 bash scripts/install.sh
-if [ ! -f artifacts/quickstart/model/instructrec.json ]; then
-  instructrec train --preset quick --out artifacts/quickstart
+SHIPPED=models/minilm-games
+if [ "$TRAIN" = 0 ] && [ -f "$SHIPPED/weights.safetensors" ]; then
+  MODEL=$SHIPPED
+  CAT=artifacts/quickstart/catalogue-minilm-games.npz
+else
+  [ "$TRAIN" = 1 ] || echo "quickstart: no shipped model in $SHIPPED; training the quick preset instead" >&2
+  if [ ! -f artifacts/quickstart/model/instructrec.json ]; then
+    instructrec train --preset quick --out artifacts/quickstart
+  fi
+  MODEL=artifacts/quickstart/model
+  CAT=artifacts/quickstart/catalogue-games.npz
 fi
 # The Games catalogue for /recommend (the titles as this model tokenises them; seconds),
 # rebuilt whenever the model is newer than it.
-CAT=artifacts/quickstart/catalogue-games.npz
-if [ ! -f "$CAT" ] || [ artifacts/quickstart/model/instructrec.json -nt "$CAT" ]; then
-  instructrec catalogue build --data games --model artifacts/quickstart/model --out "$CAT"
+mkdir -p artifacts/quickstart
+if [ ! -f "$CAT" ] || [ "$MODEL/instructrec.json" -nt "$CAT" ]; then
+  instructrec catalogue build --data games --model "$MODEL" --out "$CAT"
 fi
-exec instructrec serve --model artifacts/quickstart/model --catalogue "$CAT" "$@"
+exec instructrec serve --model "$MODEL" --catalogue "$CAT" ${ARGS[@]+"${ARGS[@]}"}

@@ -12,6 +12,11 @@ on held-out cases, the metric that picks the best checkpoint) and the output lay
     OUT/checkpoints/          Trainer checkpoints for resuming after a crash or kill -9
     OUT/best/                 the best model by validation HR@1 so far
     OUT/model/                the final model: HF directory + instructrec.json
+    OUT/init.json             with --init: the shipped model and stream position this leg started from
+
+Every saved model's metadata carries ``relay``: how far into the data stream its weights got
+(``data_position``) and the examples and training seconds behind them over every leg
+(:mod:`instructrec.training.stream`; ``instructrec promote`` ships them with the weights).
 """
 
 from __future__ import annotations
@@ -33,10 +38,10 @@ from instructrec.checkpoint import read_meta, write_meta
 from instructrec.instruction import build as build_instruction
 from instructrec.modeling import PREFIX_LM, LoadedModel, build_base, cpu_has_bf16, cuda_has_bf16, cut_decoder, resolve_device
 from instructrec.ranker import Ranker, decoder_start_id, eos_id, target_ids
-from instructrec.records import platform_brief
+from instructrec.records import code_commit, platform_brief
 from instructrec.templates import TEMPLATE_VERSION
 
-from . import distributed
+from . import distributed, stream
 from .data.load import load_dataset
 from .data.types import Case, InteractionData
 from .instructions import Example, Mixture, build_examples, read_examples, summary, write_examples
@@ -60,6 +65,12 @@ def validation_metrics(model, tokenizer, data: InteractionData, cases: list[Case
     """HR/NDCG of the likelihood ranker on ``cases`` (1 positive + ``n_negatives``), serving path,
     several cases per call (:mod:`instructrec.training.validation`; full forwards on every process for a
     sharded model)."""
+    return metrics_from_ranks(validation_ranks(model, tokenizer, data, cases, preset, device, n_negatives, kind))
+
+
+def validation_ranks(model, tokenizer, data: InteractionData, cases: list[Case], preset: Preset,
+                     device: torch.device, n_negatives: int = 9, kind: str = "seq2seq") -> list[int]:
+    """The 0-based rank of each case's positive among its candidates (the history-only need)."""
     from .validation import score_cases
 
     was_training = model.training
@@ -79,7 +90,7 @@ def validation_metrics(model, tokenizer, data: InteractionData, cases: list[Case
             scores = score_cases(ranker, encoded)
     finally:
         model.train(was_training)
-    return metrics_from_ranks([rank_of(s, p) for s, p in zip(scores, positives)])
+    return [rank_of(s, p) for s, p in zip(scores, positives)]
 
 
 class _Examples(torch.utils.data.Dataset):
@@ -164,8 +175,10 @@ def _save_final(trainer, tokenizer, target: Path, meta: dict) -> None:
 
 def train(preset: Preset, out: str | Path, *, data_path: str | None = None, annotations_path: str | None = None,
           device: str | None = None, bf16: bool | None = None, lora: bool = False, resume: bool = True,
-          progress: bool = True) -> dict:
-    """Run (or resume) one instruction-tuning job; returns the final model's metadata."""
+          progress: bool = True, init: str | Path | None = None) -> dict:
+    """Run (or resume) one instruction-tuning job; returns the final model's metadata. ``init``: a
+    shipped model directory (a leg of the relay): start from its weights, and from where its
+    card says the data stream stopped."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lora = lora or preset.lora
@@ -176,7 +189,7 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
     use_bf16 = bf16 if bf16 is not None else (
         (dev.type == "cuda" and cuda_has_bf16(dev)) or (dev.type == "cpu" and cpu_has_bf16()))
 
-    data, split, model, tokenizer, kind = _data_and_base(preset, data_path)
+    data, split, model, tokenizer, kind = _data_and_base(preset, data_path, init)
     eos = eos_id(tokenizer, model)
     train_cases = _seeded_subset(split.train, preset.max_cases, preset.seed) if preset.max_cases else split.train
     examples = _instruction_examples(data, train_cases, tokenizer, preset, out, annotations_path, resume, progress)
@@ -184,6 +197,12 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
     if distributed.is_main():
         (out / "instructions_summary.json").write_text(json.dumps(stats, indent=2) + "\n")
     features = _features(examples, data, split, tokenizer, preset, eos)
+    per_step = preset.batch_size * preset.grad_accum * distributed.world_size()
+    relay = _relay_start(out, init, preset, len(examples), per_step, resume)
+    if init:  # this leg's window of the stream, in order (the Trainer then reads it sequentially)
+        lengths = [len(f["input_ids"]) for f in features]
+        features = [features[i] for i in stream.window(lengths, per_step, preset.seed, relay["start"],
+                                                        preset.max_steps * per_step)]
     valid_cases = _seeded_subset(split.valid, preset.eval_users, preset.seed, key=lambda c: c.user_id)
 
     model = _trainable(model, kind, preset, lora)
@@ -198,12 +217,14 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
         "bf16": use_bf16,
         "device": str(dev),
         "machine": platform_brief(),
+        "commit": code_commit(),
+        "init": relay["init"],
     }
     run = _Run(preset=preset, data=data, valid_cases=valid_cases, tokenizer=tokenizer, kind=kind,
                base_meta=base_meta, best_dir=out / "best", start_id=decoder_start_id(model),
-               pad_id=tokenizer.pad_token_id or 0)
+               pad_id=tokenizer.pad_token_id or 0, relay=relay, per_step=per_step)
     run.best = read_meta(run.best_dir).get("validation", {}).get("hr@1", -1.0) if run.best_dir.exists() else -1.0
-    trainer = _trainer(run, model, features, out, dev, use_bf16, progress)
+    trainer = _trainer(run, model, features, out, dev, use_bf16, progress, sequential=bool(init))
     ckpt = distributed.from_main(_last_good_checkpoint(out / "checkpoints") if resume else None)
     if ckpt:
         log.info("resuming from %s", ckpt)
@@ -218,15 +239,27 @@ def _start_over(out: Path) -> None:
     for stale in ("checkpoints", "best", "model"):
         shutil.rmtree(out / stale, ignore_errors=True)
     (out / "instructions.jsonl").unlink(missing_ok=True)
+    (out / INIT_FILE).unlink(missing_ok=True)
 
 
-def _data_and_base(preset: Preset, data_path: str | None):
-    """The data (and its split) and the base model, after checking the preset can train it."""
+def _data_and_base(preset: Preset, data_path: str | None, init: str | Path | None = None):
+    """The data (and its split) and the base model (with ``init``'s shipped tensors applied), after
+    checking the preset can train it."""
+    if init:
+        from instructrec.shipped import is_shipped, read_header
+
+        if not is_shipped(init):
+            raise TrainingError(f"--init {init}: not a shipped model directory (weights.safetensors without config.json, "
+                                "as `instructrec promote` writes it)")
+        shipped_base = read_header(init)["base"]
+        if shipped_base != preset.base:
+            raise TrainingError(f"--init {init} was tuned from {shipped_base}, but this run trains {preset.base}; "
+                                f"pass --base {shipped_base}")
     data = load_dataset(data_path or preset.data)
     if preset.users:
         data = data.sample_users(preset.users, seed=preset.seed)
     split = data.split(preset.max_history)
-    model, tokenizer, kind = build_base(preset.base)
+    model, tokenizer, kind = build_base(str(init) if init else preset.base)
     if kind not in ("seq2seq", PREFIX_LM):
         raise TrainingError(f"base model {preset.base!r} is a {kind} model; instruction tuning here trains "
                             "encoder-decoders and the prefix-LM")
@@ -242,6 +275,42 @@ def _data_and_base(preset: Preset, data_path: str | None):
     if preset.decoder_layers:
         cut_decoder(model, preset.decoder_layers)
     return data, split, model, tokenizer, kind
+
+
+INIT_FILE = "init.json"
+
+
+def _relay_start(out: Path, init: str | Path | None, preset: Preset, n_examples: int, per_step: int, resume: bool) -> dict:
+    """Where this run starts in the relay: at 0 from the base; with ``init``, where the shipped
+    model's card says the stream stopped, with the examples and seconds behind it. Recorded in
+    OUT/init.json, which a resumed run keeps even if the shipped model has moved on since."""
+    from instructrec.checkpoint import checkpoint_version
+    from instructrec.shipped import read_card
+
+    here = {"preset": preset.name, "seed": preset.seed, "examples": n_examples, "per_step": per_step}
+    if not init:
+        return {"start": 0, "examples_before": 0, "seconds_before": 0.0, "init": None, "stream": here}
+    path = out / INIT_FILE
+    if resume and path.exists() and distributed.from_main(_last_good_checkpoint(out / "checkpoints")):
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        if recorded["init"]["checkpoint_version"] != checkpoint_version(init):
+            log.warning("%s has changed since this leg started from it (%s); resuming the leg as it started",
+                        init, recorded["init"]["checkpoint_version"])
+        return recorded
+    card = read_card(init)
+    if not isinstance(card.get("data_position"), int):
+        raise TrainingError(f"{Path(init) / 'card.json'}: no data_position (how far into the data stream the shipped "
+                            "weights got); ship models with `instructrec promote`")
+    theirs = card.get("stream") or {}
+    if theirs and (theirs.get("preset"), theirs.get("examples")) != (preset.name, n_examples):
+        log.warning("%s counted its data position in the %s stream of %s examples; this run's is the %s stream of %d",
+                    init, theirs.get("preset"), theirs.get("examples"), preset.name, n_examples)
+    relay = {"start": card["data_position"], "examples_before": int(card.get("examples_total") or card["data_position"]),
+             "seconds_before": float(card.get("train_seconds_total") or 0.0),
+             "init": {"from": str(init), "checkpoint_version": checkpoint_version(init)}, "stream": here}
+    distributed.on_main(lambda: path.write_text(json.dumps(relay, indent=2) + "\n", encoding="utf-8"))
+    log.info("relay: starting from %s at example %d of the %s stream", init, relay["start"], preset.name)
+    return relay
 
 
 def _seeded_subset(cases: list[Case], limit: int, seed: int, key=None) -> list[Case]:
@@ -331,6 +400,8 @@ class _Run:
     best_dir: Path
     start_id: int
     pad_id: int
+    relay: dict = field(default_factory=dict)
+    per_step: int = 1  # examples per optimizer step, over every process
     best: float = -1.0
     train_seconds: float = 0.0
     examples: int = 0
@@ -343,6 +414,15 @@ class _Run:
             self.prior_seconds = next((h["train_seconds_total"] for h in reversed(state.log_history)
                                        if "train_seconds_total" in h), 0.0)
         return round((self.prior_seconds or 0.0) + self.train_seconds, 1)
+
+    def relay_at(self, step: int, seconds: float) -> dict:
+        """The relay's position for weights after ``step`` steps of this run (and ``seconds`` of them)."""
+        consumed = step * self.per_step
+        r = self.relay
+        return {"data_position": r["start"] + consumed, "examples_total": r["examples_before"] + consumed,
+                "train_seconds_total": round(r["seconds_before"] + seconds, 1), "start": r["start"], "steps": step,
+                "examples_before": r["examples_before"], "seconds_before": r["seconds_before"],
+                "init": r["init"], "stream": r["stream"]}
 
 
 @functools.cache
@@ -388,8 +468,10 @@ def _trainer_classes():
             hr1 = metrics[f"{metric_key_prefix}_hr@1"]
             if hr1 > run.best:  # the same metrics on every process
                 run.best = hr1
-                meta = {**run.base_meta, "steps": self.state.global_step, "train_seconds_total": run.seconds_total(self.state),
-                        "validation": {k.removeprefix(f"{metric_key_prefix}_"): v for k, v in metrics.items()}}
+                seconds = run.seconds_total(self.state)
+                meta = {**run.base_meta, "steps": self.state.global_step, "train_seconds_total": seconds,
+                        "validation": {k.removeprefix(f"{metric_key_prefix}_"): v for k, v in metrics.items()},
+                        "relay": run.relay_at(self.state.global_step, seconds)}
                 _save_final(self, run.tokenizer, run.best_dir, meta)
             self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
             return metrics
@@ -425,7 +507,8 @@ def _trainer_classes():
     return RecTrainer, Throughput
 
 
-def _training_arguments(preset: Preset, out: Path, dev: torch.device, use_bf16: bool, progress: bool):
+def _training_arguments(preset: Preset, out: Path, dev: torch.device, use_bf16: bool, progress: bool,
+                        sequential: bool = False):
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -450,7 +533,8 @@ def _training_arguments(preset: Preset, out: Path, dev: torch.device, use_bf16: 
         activation_checkpointing_kwargs={"use_reentrant": False} if preset.gradient_checkpointing else None,
         ddp_find_unused_parameters=False,  # every trainable parameter is used (the encoder pooler is frozen)
         logging_steps=preset.logging_steps,
-        train_sampling_strategy="group_by_length",
+        # a relay leg's examples come already in the stream's (length-grouped) order
+        train_sampling_strategy="sequential" if sequential else "group_by_length",
         report_to="none",
         seed=preset.seed,
         data_seed=preset.seed,
@@ -460,7 +544,8 @@ def _training_arguments(preset: Preset, out: Path, dev: torch.device, use_bf16: 
     )
 
 
-def _trainer(run: _Run, model, features: list[dict], out: Path, dev: torch.device, use_bf16: bool, progress: bool):
+def _trainer(run: _Run, model, features: list[dict], out: Path, dev: torch.device, use_bf16: bool, progress: bool,
+             sequential: bool = False):
     from transformers import DataCollatorForSeq2Seq
 
     RecTrainer, Throughput = _trainer_classes()
@@ -470,7 +555,7 @@ def _trainer(run: _Run, model, features: list[dict], out: Path, dev: torch.devic
                 else DataCollatorForSeq2Seq(run.tokenizer, model=model, label_pad_token_id=-100))
     trainer = RecTrainer(
         model=model,
-        args=_training_arguments(run.preset, out, dev, use_bf16, progress),
+        args=_training_arguments(run.preset, out, dev, use_bf16, progress, sequential),
         data_collator=collator,
         train_dataset=train_set,
         eval_dataset=train_set,  # unused: evaluate() ranks validation cases instead
@@ -499,6 +584,7 @@ def _publish(run: _Run, trainer, out: Path, result, wall: float, ckpt: str | Non
         best_meta = read_meta(best_dir)
         final_meta["validation"] = best_meta.get("validation", {})
         final_meta["best_step"] = best_meta.get("steps")
+        final_meta["relay"] = best_meta.get("relay")  # model/ holds the best weights: their position
 
         def publish_best():  # copied beside, then renamed into place: never a half-copied model/
             tmp = out / "model.tmp"
@@ -511,5 +597,6 @@ def _publish(run: _Run, trainer, out: Path, result, wall: float, ckpt: str | Non
 
         distributed.on_main(publish_best)
     else:
+        final_meta["relay"] = run.relay_at(trainer.state.global_step, final_meta["train_seconds_total"])
         _save_final(trainer, run.tokenizer, out / "model", final_meta)
     return final_meta

@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (the model lands in OUT/model)")
     parser.add_argument("--data", help="dataset directory, 'games' (the full Games data shipped) or 'games-sample' (default: the preset's)")
     parser.add_argument("--base", help="base model: a built-in name (minilm-prefixlm, minilm-bert2bert, tiny-random, tiny-random-prefixlm), an HF model directory, or a hub id such as google/flan-t5-xl")
+    parser.add_argument("--init", metavar="SHIPPED",
+                        help="a leg of the training relay: start from a shipped model (models/minilm-games) and from "
+                             "where its card says the data stream stopped, so the leg sees new examples")
     parser.add_argument("--annotations", help="annotations.jsonl from `instructrec annotate` (default: run the offline teacher)")
     parser.add_argument("--users", type=int, help="train on a seeded subsample of this many users")
     parser.add_argument("--max-steps", type=int)
@@ -74,13 +77,13 @@ def run(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing, save_total_limit=args.save_total_limit)
     try:
         meta = train(preset, args.out, data_path=args.data, annotations_path=args.annotations, device=args.device,
-                     bf16=args.bf16, lora=preset.lora, resume=args.resume, progress=args.progress)
+                     bf16=args.bf16, lora=preset.lora, resume=args.resume, progress=args.progress, init=args.init)
     except (DataError, TrainingError, FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
         print(f"instructrec train: {exc}", file=sys.stderr)
         return 2
     from . import distributed
 
-    summary = {k: meta.get(k) for k in ("steps", "best_step", "examples_per_second", "validation", "template_version")}
+    summary = {k: meta.get(k) for k in ("steps", "best_step", "examples_per_second", "validation", "template_version", "relay")}
     if distributed.is_main():  # one summary per run, not one per process
         print(json.dumps({"model": f"{args.out}/model", **summary}, indent=2))
     return 0

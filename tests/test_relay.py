@@ -1,0 +1,185 @@
+"""The training relay on a tiny prefix-LM: one stream of examples that legs consume in turn,
+``train --init`` from the shipped model (and its resume), and ``promote``'s rule and records."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from instructrec.checkpoint import checkpoint_version, read_meta
+from instructrec.shipped import read_card, read_header
+from instructrec.training import promote as promote_mod
+from instructrec.training import tune
+from instructrec.training.objectives import ListwiseCollator
+from instructrec.training.presets import PRESETS
+from instructrec.training.stream import pass_order, window
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET = PRESETS["smoke"].override(base="tiny-random-prefixlm", objective="listwise", frozen_layers=1, users=200,
+                                   max_steps=6, eval_steps=3, save_steps=3)
+PER_STEP = PRESET.batch_size
+USERS = 30  # relay validation users in these tests (the rule's 500 on Games)
+
+
+def _train(out: Path, preset=PRESET, init: Path | None = None) -> tuple[dict, list, list]:
+    """One in-process run: its final metadata, its dataset's features, and the batches collated (the
+    ones it trained on, and the one the data loader reads ahead)."""
+    sets, batches = [], []
+    orig_init, orig_call = tune._Examples.__init__, ListwiseCollator.__call__
+
+    def init_(self, features):
+        orig_init(self, features)
+        sets.append(features)
+
+    def call(self, features):
+        batches.append([f["input_ids"] for f in features])
+        return orig_call(self, features)
+
+    tune._Examples.__init__, ListwiseCollator.__call__ = init_, call
+    try:
+        meta = tune.train(preset, out, bf16=False, progress=False, init=init)
+    finally:
+        tune._Examples.__init__, ListwiseCollator.__call__ = orig_init, orig_call
+    return meta, sets[0], batches
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory):
+    """Leg 1 from the base, promoted into the (empty) shipped slot."""
+    root = tmp_path_factory.mktemp("relay")
+    meta, features, batches = _train(root / "leg1")
+    verdict = promote_mod.promote(root / "leg1", root / "models" / "tiny-games", users=USERS,
+                                  legs_csv=root / "docs" / "legs.csv", curve_png=root / "docs" / "curve.png")
+    return root, meta, features, batches, verdict
+
+
+def test_a_plain_run_trains_on_the_streams_first_examples(relay):
+    """The stream's pass 0 is the order the Trainer's length-grouped sampler took."""
+    _, meta, features, batches, _ = relay
+    lengths = [len(f["input_ids"]) for f in features]
+    order = pass_order(lengths, PER_STEP, PRESET.seed)
+    assert sorted(order) == list(range(len(features)))
+    fed = [ids for batch in batches for ids in batch]
+    assert fed[: PRESET.max_steps * PER_STEP] == [features[i]["input_ids"] for i in order[: PRESET.max_steps * PER_STEP]]
+    assert meta["relay"]["start"] == 0 and meta["relay"]["init"] is None
+    assert meta["relay"]["data_position"] == meta["best_step"] * PER_STEP == meta["relay"]["examples_total"]
+
+
+def test_first_promotion_ships_the_leg_with_its_card_and_log(relay):
+    root, meta, _, _, verdict = relay
+    shipped = root / "models" / "tiny-games"
+    assert verdict["promoted"] and verdict["hr@1_shipped"] is None and verdict["users"] == USERS
+    card = read_card(shipped)
+    assert card["data_position"] == meta["relay"]["data_position"] and card["preset"] == "smoke"
+    assert card["validation"]["hr@1"] == verdict["hr@1_candidate"] and card["validation"]["seed"] == promote_mod.RELAY_SEED
+    assert card["legs"][0]["examples"] == meta["relay"]["data_position"] and card["validation_curve"]
+    assert read_header(shipped)["base"] == "tiny-random-prefixlm"
+    rows = list(csv.DictReader((root / "docs" / "legs.csv").open()))
+    assert len(rows) == 1 and rows[0]["promoted"] == "yes" and rows[0]["cpu"] and rows[0]["hr1_shipped"] == ""
+    assert (root / "docs" / "curve.png").stat().st_size > 1000
+
+
+def test_init_leg_continues_the_stream_and_resumes_as_it_started(relay):
+    root, _, features, _, _ = relay
+    shipped = root / "models" / "tiny-games"
+    start = read_card(shipped)["data_position"]
+    lengths = [len(f["input_ids"]) for f in features]
+    leg = root / "leg2"
+    short = PRESET.override(max_steps=4, save_steps=2, eval_steps=2)
+    meta, _, batches = _train(leg, short, init=shipped)
+    stream = window(lengths, PER_STEP, PRESET.seed, start, 6 * PER_STEP)
+    fed = [ids for batch in batches for ids in batch]
+    assert fed[: 4 * PER_STEP] == [features[i]["input_ids"] for i in stream[: 4 * PER_STEP]]  # new examples, in order
+    relay_meta = meta["relay"]
+    assert relay_meta["start"] == start and relay_meta["init"]["checkpoint_version"] == checkpoint_version(shipped)
+    assert relay_meta["data_position"] == start + meta["best_step"] * PER_STEP
+    assert relay_meta["examples_total"] == read_card(shipped)["examples_total"] + meta["best_step"] * PER_STEP
+    assert json.loads((leg / tune.INIT_FILE).read_text())["start"] == start
+
+    # the shipped model moves on meanwhile; the same command, longer, resumes the leg where it stood
+    card = read_card(shipped)
+    from instructrec.shipped import write_card
+
+    write_card(shipped, {**card, "data_position": start + 800})
+    try:
+        again, _, batches = _train(leg, short.override(max_steps=6), init=shipped)
+    finally:
+        write_card(shipped, card)
+    assert Path(again["resumed_from"]).name == "checkpoint-4" and again["steps"] == 6
+    assert [ids for b in batches for ids in b][: 2 * PER_STEP] == [features[i]["input_ids"] for i in stream[4 * PER_STEP:]]
+    assert again["relay"]["start"] == start
+
+
+def test_init_leg_starts_from_the_shipped_weights(relay, tmp_path):
+    """With a learning rate of 0 the leg's model is the shipped one, tensor for tensor."""
+    root = relay[0]
+    shipped = root / "models" / "tiny-games"
+    meta, _, _ = _train(tmp_path / "lr0", PRESET.override(max_steps=2, eval_steps=2, learning_rate=0.0), init=shipped)
+    from instructrec.modeling import load_model
+
+    got = load_model(tmp_path / "lr0" / "model", device="cpu", dtype="float32").model.state_dict()
+    want = load_model(shipped, device="cpu", dtype="float32").model.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_promoting_no_gain_keeps_the_shipped_model_and_logs_the_leg(relay, tmp_path):
+    root = relay[0]
+    shipped = root / "models" / "tiny-games"
+    before = (shipped / "weights.safetensors").read_bytes()
+    legs = root / "docs" / "legs.csv"
+    n = len(list(csv.DictReader(legs.open())))
+    verdict = promote_mod.promote(root / "leg1" / "best", shipped, users=USERS, legs_csv=legs,
+                                  curve_png=root / "docs" / "curve.png")
+    assert not verdict["promoted"] and verdict["gain"] == 0.0 and verdict["ci_low"] == verdict["ci_high"] == 0.0
+    assert "< 0.01" in verdict["reason"] and (shipped / "weights.safetensors").read_bytes() == before
+    assert verdict["note"] == f"this leg started from the base, not from {shipped}"
+    rows = list(csv.DictReader(legs.open()))
+    assert len(rows) == n + 1 and rows[-1]["promoted"] == "no" and rows[-1]["hr1_shipped"] == rows[-1]["hr1_candidate"]
+
+
+def test_promote_cli_dry_run_reports_and_writes_nothing(relay, tmp_path):
+    root = relay[0]
+    ckpt = tune._last_good_checkpoint(root / "leg1" / "checkpoints")  # a Trainer checkpoint as the candidate
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "instructrec.cli", "promote", ckpt, "--shipped", str(tmp_path / "none"),
+                           "--users", str(USERS), "--dry-run", "--legs-csv", str(tmp_path / "legs.csv")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    verdict = json.loads(proc.stdout[: proc.stdout.rindex("}") + 1])
+    step = int(ckpt.rsplit("-", 1)[1])
+    assert verdict["promoted"] and verdict["dry_run"] and verdict["data_position"] == step * PER_STEP
+    assert "would promote" in proc.stdout and "| candidate" in proc.stdout
+    assert not (tmp_path / "none").exists() and not (tmp_path / "legs.csv").exists()
+    bad = subprocess.run([sys.executable, "-m", "instructrec.cli", "promote", str(tmp_path / "missing")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "is not a directory" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_init_refuses_what_is_not_a_shipped_model(relay, tmp_path):
+    root = relay[0]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "instructrec.cli", "train", "--preset", "smoke", "--out", str(tmp_path / "o"), "--no-progress"]
+    proc = subprocess.run([*cmd, "--init", str(root / "leg1" / "model")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "not a shipped model directory" in proc.stderr
+    proc = subprocess.run([*cmd, "--init", str(root / "models" / "tiny-games")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)  # the smoke preset trains tiny-random, not the prefix-LM
+    assert proc.returncode == 2 and "pass --base tiny-random-prefixlm" in proc.stderr
+
+
+def test_the_rule_and_the_paired_interval():
+    assert promote_mod.decide(0.40, None, None)[0]
+    assert not promote_mod.decide(0.405, 0.40, 0.001)[0]  # below the minimum gain
+    assert not promote_mod.decide(0.45, 0.40, -0.01)[0]  # the interval reaches 0
+    assert promote_mod.decide(0.45, 0.40, 0.01)[0]
+    a, b = [1] * 60 + [0] * 40, [1] * 50 + [0] * 50  # the candidate wins 10 cases, loses none
+    gain, low, high = promote_mod.paired_bootstrap(a, b)
+    assert gain == pytest.approx(0.10) and 0 < low < gain < high
+    assert promote_mod.paired_bootstrap(a, b) == (gain, low, high)  # seeded
