@@ -36,6 +36,11 @@ class ShippedError(ValueError):
     """A shipped model directory that cannot be loaded or written; the message names the file."""
 
 
+# Kept across a promotion: the hybrid's sequential model (trained on interactions, not on the LM).
+# The gate (gate.json) is not: it was fitted to the old LM's scores and must be fitted again.
+CARRIED = ("sequential",)
+
+
 def is_shipped(directory: str | Path) -> bool:
     """A shipped directory: the delta weights file and no HF ``config.json``."""
     d = Path(directory)
@@ -105,6 +110,9 @@ def write(directory: str | Path, tensors: dict[str, torch.Tensor], header: dict[
     write_card(tmp, {**card, "weights": {"file": WEIGHTS_FILE, "bytes": size, "tensors": len(tensors),
                                          "parameters": sum(t.numel() for t in tensors.values()), "dtype": "bfloat16",
                                          "sha256": file_sha256(tmp / WEIGHTS_FILE), **header}})
+    for name in CARRIED:  # what does not depend on the LM's weights stays beside the new ones
+        if (target / name).is_dir():
+            shutil.copytree(target / name, tmp / name)
     old = target.with_name(target.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():

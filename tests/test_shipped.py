@@ -67,6 +67,18 @@ def test_checkpoint_version_is_stable_and_follows_the_tensors(tmp_path):
     assert checkpoint_version(ship(other, tmp_path / "c")) != checkpoint_version(a)
 
 
+def test_a_new_ship_keeps_the_sequential_model_and_drops_the_gate(tmp_path):
+    """The hybrid's SASRec does not depend on the LM and stays; the gate was fitted to the old LM."""
+    ck, _ = _tuned(tmp_path)
+    out = ship(ck, tmp_path / "m")
+    (out / "sequential").mkdir()
+    (out / "sequential" / "sequential.json").write_text("{}")
+    (out / "gate.json").write_text("{}")
+    other, _ = _tuned(tmp_path, seed=2, name="ck2")
+    again = ship(other, tmp_path / "m")
+    assert (again / "sequential" / "sequential.json").read_text() == "{}" and not (again / "gate.json").exists()
+
+
 def test_a_different_base_is_refused_with_the_file_and_the_fix(tmp_path):
     ck, _ = _tuned(tmp_path)
     out = ship(ck, tmp_path / "s")
