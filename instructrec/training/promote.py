@@ -353,4 +353,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(verdict, indent=2))
     print(table(verdict))
+    if verdict["promoted"] and not verdict["dry_run"]:
+        shipped = verdict["shipped"]
+        sequential = Path(shipped) / "sequential"
+        print(f"\nThe hybrid gate was fitted to the previous weights: fit it again for these:\n"
+              f"  instructrec gate fit --model {shipped} --data games"
+              + (f" --sequential {sequential}" if sequential.is_dir() else "") + " --retrieved-users 300")
     return 0
