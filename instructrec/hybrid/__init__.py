@@ -41,22 +41,36 @@ class Hybrid:
             return [None] * len(ids)
         return [self.behaviour.resolve(i, t) for i, t in zip(ids, titles)]
 
+    def behaviour_signal(self, candidate_ids: Sequence[str | None],
+                         history_ids: Sequence[str | None]) -> tuple[np.ndarray | None, float]:
+        """(behaviour, share of candidates the index knows) of one request: numpy only, so a
+        caller may compute it on any thread."""
+        if self.behaviour is None:
+            return None, 0.0
+        history = [h for h in history_ids if h is not None]
+        feats = self.behaviour.features(history, list(candidate_ids))
+        return feats.score, feats.known
+
+    def semantic_signal(self, need: UserNeed, titles: Sequence[str]) -> np.ndarray | None:
+        """The semantic similarities of one request (torch: a service runs this on its model thread)."""
+        return self.semantic.similarities(need, titles) if self.semantic is not None else None
+
     def signals(self, need: UserNeed, titles: Sequence[str], candidate_ids: Sequence[str | None],
                 history_ids: Sequence[str | None]) -> tuple[np.ndarray | None, float, np.ndarray | None]:
         """(behaviour, share of candidates the index knows, semantic) of one request; a signal
         the request cannot have is None."""
-        behaviour, known = None, 0.0
-        if self.behaviour is not None:
-            history = [h for h in history_ids if h is not None]
-            feats = self.behaviour.features(history, list(candidate_ids))
-            behaviour, known = feats.score, feats.known
-        semantic = self.semantic.similarities(need, titles) if self.semantic is not None else None
-        return behaviour, known, semantic
+        behaviour, known = self.behaviour_signal(candidate_ids, history_ids)
+        return behaviour, known, self.semantic_signal(need, titles)
+
+    def fuse_signals(self, lm: Sequence[float], need: UserNeed, behaviour: np.ndarray | None, known: float,
+                     semantic: np.ndarray | None) -> Fused:
+        """:meth:`fuse` from signals already computed (:meth:`behaviour_signal`, :meth:`semantic_signal`)."""
+        return self.gate.fuse(lm, need, behaviour=behaviour, semantic=semantic, known=known)
 
     def fuse(self, lm: Sequence[float], need: UserNeed, titles: Sequence[str], candidate_ids: Sequence[str | None],
              history_ids: Sequence[str | None]) -> Fused:
         behaviour, known, semantic = self.signals(need, titles, candidate_ids, history_ids)
-        return self.gate.fuse(lm, need, behaviour=behaviour, semantic=semantic, known=known)
+        return self.fuse_signals(lm, need, behaviour, known, semantic)
 
 
 def load_hybrid(gate: str | Path, behaviour: str | Path | None, *, semantic: bool = True) -> Hybrid:
