@@ -317,3 +317,11 @@ def test_the_gate_beside_the_model_is_the_default(files, tmp_path):
     assert gate_path(_settings(), str(model_dir)) == model_dir / "gate.json"
     assert gate_path(_settings(gate="none"), str(model_dir)) is None
     assert gate_path(_settings(gate=str(model_dir)), MODEL) == model_dir / "gate.json"
+
+
+def test_without_scores_the_answer_still_ranks_by_the_fusion(hybrid_service):
+    hidden = hybrid_service.post("/rerank", json={**REQUEST, "return_scores": False, "top_n": 2}).json()
+    full = hybrid_service.post("/rerank", json=REQUEST).json()
+    assert hidden["fusion"]["mode"] == "fused"
+    assert [r["index"] for r in hidden["results"]] == [r["index"] for r in full["results"][:2]]
+    assert all(r["score"] is None and r["relevance"] is None and r["components"] is None for r in hidden["results"])
