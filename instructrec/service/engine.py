@@ -1,4 +1,5 @@
-"""The model side of the service: loading, versioning, warm-up, request preparation, scoring.
+"""The model side of the service: loading, versioning, warm-up, request preparation, scoring,
+and the hybrid scorer (gate, behaviour index, semantic encoder) fused with the LM's scores.
 
 Preparation (template selection, instruction fitting, tokenisation) runs in its own thread
 with its own copy of the tokenizer; scoring runs in the single inference thread (see
