@@ -13,7 +13,6 @@ from instructrec.cli import main
 from instructrec.hybrid import load_hybrid
 from instructrec.hybrid.behaviour import build_behaviour_index
 from instructrec.hybrid.gate import FEATURES, SIGNALS, Gate
-from instructrec.instruction import build
 from instructrec.modeling import load_model
 from instructrec.ranker import Ranker, rank_order
 

@@ -9,8 +9,8 @@ fused answer is checked against :meth:`Hybrid.fuse` computed directly on the sam
 
 from __future__ import annotations
 
-import numpy as np
 import httpx
+import numpy as np
 import pytest
 import torch
 
