@@ -325,3 +325,40 @@ def test_without_scores_the_answer_still_ranks_by_the_fusion(hybrid_service):
     assert hidden["fusion"]["mode"] == "fused"
     assert [r["index"] for r in hidden["results"]] == [r["index"] for r in full["results"][:2]]
     assert all(r["score"] is None and r["relevance"] is None and r["components"] is None for r in hidden["results"])
+
+
+def test_the_encoder_runs_only_on_the_inference_thread(hybrid_service):
+    """Every MiniLM pass of the service is on its one model thread (two threads running torch
+    ops would be two OpenMP teams); with every vector cached no pass runs at all."""
+    import threading
+
+    encoder = shared_semantic_encoder()
+    threads: list[str] = []
+    original = encoder._encode
+
+    def recording(texts):
+        threads.append(threading.current_thread().name)
+        return original(texts)
+
+    encoder._encode = recording
+    try:
+        body = {**REQUEST, "instruction": "a brand new wish", "candidates": [*REQUEST["candidates"], "Fresh Title 1"]}
+        first = hybrid_service.post("/rerank", json=body).json()
+        assert threads and all(name.startswith("instructrec-infer") for name in threads), threads
+        seen = len(threads)
+        again = hybrid_service.post("/rerank", json=body).json()
+        assert len(threads) == seen  # all cached: computed without the model
+    finally:
+        del encoder._encode
+    assert [(r["index"], r["score"]) for r in again["results"]] == [(r["index"], r["score"]) for r in first["results"]]
+
+
+def test_cached_only_similarities_equal_the_encoders():
+    from instructrec.hybrid.semantic import NotCached
+
+    encoder = shared_semantic_encoder()
+    need = UserNeed(history=("Halo 3",), intention="never seen before 42", intention_kind=Intention.VAGUE)
+    with pytest.raises(NotCached):
+        encoder.similarities(need, ["Doom"], cached_only=True)
+    computed = encoder.similarities(need, ["Doom", "Tetris"])
+    assert np.array_equal(encoder.similarities(need, ["Doom", "Tetris"], cached_only=True), computed)

@@ -51,9 +51,11 @@ class Hybrid:
         feats = self.behaviour.features(history, list(candidate_ids))
         return feats.score, feats.known
 
-    def semantic_signal(self, need: UserNeed, titles: Sequence[str]) -> np.ndarray | None:
-        """The semantic similarities of one request (torch: a service runs this on its model thread)."""
-        return self.semantic.similarities(need, titles) if self.semantic is not None else None
+    def semantic_signal(self, need: UserNeed, titles: Sequence[str], *, cached_only: bool = False) -> np.ndarray | None:
+        """The semantic similarities of one request (torch: a service runs this on its model
+        thread; with ``cached_only``, from cached vectors alone, numpy only, or
+        :class:`~.semantic.NotCached`)."""
+        return self.semantic.similarities(need, titles, cached_only=cached_only) if self.semantic is not None else None
 
     def signals(self, need: UserNeed, titles: Sequence[str], candidate_ids: Sequence[str | None],
                 history_ids: Sequence[str | None]) -> tuple[np.ndarray | None, float, np.ndarray | None]:

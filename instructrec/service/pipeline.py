@@ -1,10 +1,11 @@
 """The pipelines the handlers call.
 
 Rerank: preparation in the prep thread (the core's template selection and instruction
-fitting, one cache key per distinct candidate; with fusion, the items' ids resolved and the
-behaviour signal) -> cache lookup -> the misses (and, with fusion, the semantic signal) go
-to the batcher (abandoned if the client disconnects) -> the LM scores of the misses are
-written back (the cache holds LM scores only) -> with fusion, the gate fuses the signals.
+fitting, one cache key per distinct candidate; with fusion, the items' ids resolved, the
+behaviour signal, and the semantic signal when the encoder has every text cached) -> cache
+lookup -> the misses (and, with fusion, a semantic signal that needs the encoder) go to the
+batcher (abandoned if the client disconnects) -> the LM scores of the misses are written
+back (the cache holds LM scores only) -> with fusion, the gate fuses the signals.
 Recommend: preparation (a matching template, the mask of allowed items) -> the whole answer
 from the cache, or a generation job through the same batcher -> the answer cached.
 Ranking and the answer's shape stay with the handlers."""
@@ -22,6 +23,7 @@ from fastapi import Request
 
 from instructrec.aspects import UserNeed
 from instructrec.hybrid import Fused
+from instructrec.hybrid.semantic import NotCached
 from instructrec.templates import TemplateError, get_template
 
 from .batcher import Expired, QueueFull, ShuttingDown
@@ -111,33 +113,43 @@ async def await_scores(request: Request, future: asyncio.Future):
 
 
 @dataclass(frozen=True)
-class Behaviour:
-    """A fused request's behaviour signal (computed in the prep thread: numpy only)."""
+class Signals:
+    """A fused request's signals beside the LM, as far as the prep thread computes them (numpy
+    only): the behaviour signal, and the semantic one when every text's vector is cached."""
 
-    score: np.ndarray | None  # per candidate; None when absent (no history or no candidate the index knows)
+    behaviour: np.ndarray | None  # per candidate; None when absent (no history or no candidate the index knows)
     known: float
     candidate_ids: list[str | None]  # resolved through the index (None: unknown)
+    semantic: np.ndarray | None  # per candidate; None when absent or not computed yet
+    semantic_pending: bool  # a text was not cached: the model thread computes the semantic signal
+    seconds: float  # spent on the semantic signal here
 
 
 def prepare(state: ServiceState, need: UserNeed, template_id: str | None, texts: list[str],
             max_text_tokens: int | None, fusion: FusionRequest | None = None
-            ) -> tuple[Prepared, dict[str, str], Behaviour | None]:
+            ) -> tuple[Prepared, dict[str, str], Signals | None]:
     """In the prep thread: the instruction, token counts, one cache key per distinct candidate
-    and, for a fused request, the behaviour signal (ids resolved by id, else by exact title)."""
+    and, for a fused request, the behaviour signal (ids resolved by id, else by exact title) and
+    the semantic signal if the encoder has every text cached (the model thread never waits for it)."""
     engine, cache = state.engine, state.cache
     prepared = engine.prepare(need, template_id, texts, max_text_tokens)
     keys: dict[str, str] = {}
     if cache.enabled:
         parts = engine.key_parts(prepared)
         keys = dict(zip(prepared.targets, cache.keys(parts, prepared.targets)))
-    behaviour = None
+    signals = None
     if fusion is not None:
         hybrid = engine.hybrid
         candidates = hybrid.resolve(_ids(fusion.candidate_ids, len(texts)), texts)
         history = hybrid.resolve(_ids(fusion.history_ids, len(need.history)), list(need.history))
         score, known = hybrid.behaviour_signal(candidates, history)
-        behaviour = Behaviour(score, known, candidates)
-    return prepared, keys, behaviour
+        semantic, pending, start = None, False, time.perf_counter()
+        try:
+            semantic = hybrid.semantic_signal(need, texts, cached_only=True)
+        except NotCached:
+            pending = True
+        signals = Signals(score, known, candidates, semantic, pending, time.perf_counter() - start)
+    return prepared, keys, signals
 
 
 def _ids(ids: Sequence[str | None], n: int) -> list[str | None]:
@@ -179,7 +191,7 @@ async def rerank(request: Request, state: ServiceState, need: UserNeed, template
     fused = fuses(state, fusion.mode)
     start = time.perf_counter()
     try:
-        prepared, keys, behaviour = await loop.run_in_executor(
+        prepared, keys, signals = await loop.run_in_executor(
             state.prep_executor, prepare, state, need, template_id, texts, max_text_tokens, fusion if fused else None)
     except TemplateError as exc:
         raise template_error(exc, "template" if template_id else None) from None
@@ -202,15 +214,15 @@ async def rerank(request: Request, state: ServiceState, need: UserNeed, template
             metrics.cache_misses.inc(len(unique) - len(from_cache))
     misses = [t for t in unique if t not in scores]
     scored_tokens = 0
-    semantic, semantic_seconds = None, 0.0
+    semantic, semantic_seconds = (signals.semantic, signals.seconds) if fused else (None, 0.0)
     encoded = prepared.encoded(misses) if misses else None
     lm_tokens = prepared.source_tokens + prepared.target_tokens(misses) if misses else 0
-    hybrid = state.engine.hybrid
     result = None
-    if fused and hybrid.semantic is not None:  # the LM's misses and the semantic signal: one trip to the model thread
+    if fused and signals.semantic_pending:  # the LM's misses and the semantic signal: one trip to the model thread
         job = HybridJob(encoded, need, texts)
         done = await _submit(request, state, job, lm_tokens + state.engine.semantic_tokens(need, texts))
-        result, semantic, semantic_seconds = done.scored, done.semantic, done.semantic_seconds
+        result, semantic = done.scored, done.semantic
+        semantic_seconds += done.semantic_seconds
     elif misses:
         result = await _submit(request, state, encoded, lm_tokens)
     if misses:
@@ -221,7 +233,7 @@ async def rerank(request: Request, state: ServiceState, need: UserNeed, template
             await cache.set_many({keys[t]: scores[t] for t in misses})
     lm = [scores[t] for t in texts]
     if fused:
-        outcome = _fuse(state, fusion.mode, need, lm, behaviour, semantic, semantic_seconds)
+        outcome = _fuse(state, fusion.mode, need, lm, signals, semantic, semantic_seconds)
     else:
         outcome = Fusion("lm-only", fusion.mode)
         metrics.observe_fusion("lm-only", {}, 0)
@@ -230,15 +242,15 @@ async def rerank(request: Request, state: ServiceState, need: UserNeed, template
                    outcome)
 
 
-def _fuse(state: ServiceState, mode: FusionMode, need: UserNeed, lm: list[float], behaviour: Behaviour,
+def _fuse(state: ServiceState, mode: FusionMode, need: UserNeed, lm: list[float], signals: Signals,
           semantic: np.ndarray | None, semantic_seconds: float) -> Fusion:
     """The gate's fusion of a request's signals (numpy, a few microseconds: on the event loop), counted."""
     hybrid, metrics = state.engine.hybrid, state.metrics
     start = time.perf_counter()
-    fused = hybrid.fuse_signals(lm, need, behaviour.score, behaviour.known, semantic)
+    fused = hybrid.fuse_signals(lm, need, signals.behaviour, signals.known, semantic)
     metrics.fusion_seconds.observe(time.perf_counter() - start + semantic_seconds)
-    without = list(range(len(lm))) if behaviour.score is None else \
-        [i for i, c in enumerate(behaviour.candidate_ids) if c is None]
+    without = list(range(len(lm))) if signals.behaviour is None else \
+        [i for i, c in enumerate(signals.candidate_ids) if c is None]
     metrics.observe_fusion("fused", fused.weights, len(without) if hybrid.behaviour is not None else 0)
     return Fusion("fused", mode, fused, without, list(fused.components))
 
