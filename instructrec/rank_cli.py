@@ -2,7 +2,10 @@
 
 The user's need (history, explicit preference, intention) becomes an instruction through
 the same selection and fitting as serving (:func:`instructrec.instruction.build`); the
-candidates are then ranked by their likelihood under that instruction.
+candidates are then scored by their likelihood under that instruction and, with a gate
+(``--gate``, default gate.json in the model directory; ``--fusion lm-only`` turns it off),
+ranked by the LM fused with the behaviour (``--behaviour``) and semantic signals, as the
+service's /rerank does: history and candidates are matched to the index's items by title.
 """
 
 from __future__ import annotations
@@ -43,6 +46,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a candidate item title (repeatable)")
     parser.add_argument("--candidates-file", metavar="FILE", help="candidate titles, one per line")
     parser.add_argument("--top-n", type=int, metavar="N", help="print only the N best candidates")
+    parser.add_argument("--fusion", choices=("auto", "lm-only"), default="auto",
+                        help="auto (default): fuse the LM with the behaviour and semantic signals when there is a "
+                        "gate, else the LM alone; lm-only: the LM alone")
+    parser.add_argument("--gate", metavar="GATE", help="gate.json (or a directory holding one) that fuses the signals "
+                        "(default: gate.json in the model directory if it exists)")
+    parser.add_argument("--behaviour", metavar="INDEX", help="behaviour index (.npz): the behaviour signal, items "
+                        "matched by exact title (needs a gate)")
+    parser.add_argument("--sequential", metavar="DIR", help="sequential model (SASRec): the sequential signal "
+                        "(default: sequential/ beside the model when it exists)")
+    parser.add_argument("--no-semantic", action="store_true", help="leave out the MiniLM semantic signal")
 
 
 def read_lines(path: str, what: str) -> list[str]:
@@ -123,17 +136,68 @@ def instruction(need, ranker, template_id: str | None, task):
         raise UsageError(str(exc)) from None
 
 
+def load_hybrid_of(args: argparse.Namespace, model_name: str):
+    """The hybrid ``--fusion``, ``--gate`` and ``--behaviour`` ask for (None: LM-only)."""
+    from .hybrid import GATE_FILE, load_hybrid
+    from .hybrid.behaviour import BehaviourError
+    from .hybrid.gate import GateError
+    from .hybrid.sequential import SequentialError
+
+    gate = getattr(args, "gate", None)
+    behaviour = getattr(args, "behaviour", None)
+    if gate is None and (Path(model_name) / GATE_FILE).is_file():
+        gate = str(Path(model_name) / GATE_FILE)
+    if gate is None and behaviour:
+        raise UsageError(f"--behaviour {behaviour} needs a gate to fuse it with: give --gate GATE")
+    if gate is None or getattr(args, "fusion", "auto") == "lm-only":
+        return None
+    sequential = getattr(args, "sequential", None)
+    if sequential is None and (Path(model_name) / "sequential" / "sequential.json").is_file():
+        sequential = str(Path(model_name) / "sequential")
+    try:
+        return load_hybrid(gate, behaviour, sequential=sequential, semantic=not getattr(args, "no_semantic", False))
+    except (GateError, BehaviourError, SequentialError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def fusion_info(hybrid, fused, without_behaviour, requested: str) -> dict:
+    """How an answer was scored: the service's ``fusion`` object."""
+    return {"mode": "fused" if fused is not None else "lm-only", "requested": requested,
+            "gate_version": hybrid.gate.version if hybrid else None, "hybrid_version": hybrid.version if hybrid else None,
+            "signals": list(fused.components) if fused is not None else ["lm"],
+            "weights": fused.weights if fused is not None else None,
+            "without_behaviour": without_behaviour if fused is not None else None}
+
+
 def _rank(args: argparse.Namespace) -> dict:
     from .aspects import TaskForm
+    from .ranker import rank_order
 
     if args.top_n is not None and args.top_n < 1:
         raise UsageError("--top-n must be at least 1")
     need = need_of(args)
     candidates = _candidates(args)
     check_template(args.template)
+    name = _model_name(args.model)
+    hybrid = load_hybrid_of(args, name)  # its files fail before the model loads
     name, ranker = load_ranker(args)
     inst = instruction(need, ranker, args.template, TaskForm.RERANK)
-    ranked = ranker.rank(inst.source, candidates, top_n=args.top_n)
+    lm = ranker.score(inst.source, candidates).scores
+    fused, without = None, None
+    if hybrid is not None:
+        candidate_ids = hybrid.resolve([None] * len(candidates), candidates)
+        history_ids = hybrid.resolve([None] * len(need.history), list(need.history))
+        fused = hybrid.fuse(lm, need, candidates, candidate_ids, history_ids)
+        known = "behaviour" in fused.components
+        without = [i for i, c in enumerate(candidate_ids) if c is None or not known]
+    ranking = fused.scores.tolist() if fused is not None else lm
+    rows = []
+    for i in rank_order(ranking)[: args.top_n]:
+        row = {"index": i, "title": candidates[i], "score": ranking[i]}
+        if fused is not None:
+            row["relevance"] = float(fused.relevance[i])
+            row["components"] = {**{k: float(v[i]) for k, v in fused.components.items()}, "lm_loglik": lm[i]}
+        rows.append(row)
     return {
         "model": name,
         "template": inst.template.id,
@@ -142,7 +206,8 @@ def _rank(args: argparse.Namespace) -> dict:
         "reduction": args.reduction,
         "instruction": inst.source,
         "candidates": len(candidates),
-        "ranked": [{"index": r.index, "title": r.text, "score": r.score} for r in ranked],
+        "ranked": rows,
+        "fusion": fusion_info(hybrid, fused, without, args.fusion),
     }
 
 
@@ -158,10 +223,23 @@ def _print_table(result: dict) -> None:
     print_header(result)
     rows = result["ranked"]
     shown = f"top {len(rows)} of {result['candidates']}" if len(rows) < result["candidates"] else f"{len(rows)}"
-    print(f"{shown} candidates by {result['reduction']} log-likelihood:")
     width = len(str(len(rows)))
+    fusion = result["fusion"]
+    if fusion["mode"] == "lm-only":
+        print(f"{shown} candidates by {result['reduction']} log-likelihood:")
+        for pos, r in enumerate(rows, 1):
+            print(f"{pos:>{width}}. {r['score']:10.4f}  [{r['index']}] {r['title']}")
+        return
+    weights = "  ".join(f"{k} {v:.3f}" for k, v in fusion["weights"].items())
+    print(f"{shown} candidates by fused score (gate {fusion['gate_version']}; weights {weights}):")
+    print(f"{'':>{width + 1}} {'score':>8} {'relev.':>7} {'z(lm)':>7} {'z(beh)':>7} {'z(sem)':>7} {'loglik':>8}")
     for pos, r in enumerate(rows, 1):
-        print(f"{pos:>{width}}. {r['score']:10.4f}  [{r['index']}] {r['title']}")
+        c = r["components"]
+        parts = [f"{c[k]:7.3f}" if k in c else f"{'-':>7}" for k in ("lm", "behaviour", "semantic")]
+        print(f"{pos:>{width}}. {r['score']:8.3f} {r['relevance']:7.3f} {' '.join(parts)} {c['lm_loglik']:8.4f}  "
+              f"[{r['index']}] {r['title']}")
+    if fusion["without_behaviour"]:
+        print(f"without behaviour signal: {len(fusion['without_behaviour'])} of {result['candidates']} candidates")
 
 
 def respond(command: str, compute, show, args: argparse.Namespace) -> int:

@@ -20,6 +20,9 @@ CALLS = [
     ("GET", "/ready", None),
     ("POST", "/rerank", {"history": ["Halo 3", "Doom"], "instruction": "co-op", "candidates": ["Halo 2", "Portal"]}),
     ("POST", "/rerank", {"candidates": [{"id": 7, "title": "Halo 2"}, "Portal"], "return_scores": False, "top_n": 1}),
+    ("POST", "/rerank", {"history": [{"id": "h0", "title": "Halo"}], "candidates": ["Halo 2", "Doom", "Unknown"],
+                         "fusion": "lm-only"}),
+    ("POST", "/rerank", {"candidates": ["a"], "fusion": "both"}),
     ("POST", "/rerank", {"candidates": []}),
     ("POST", "/rerank", {"candidates": ["a"], "template": "no-such-template"}),
     ("POST", "/v1/rerank", {"query": "space shooter", "documents": ["Halo 2", {"text": "Portal", "year": 2007}],
@@ -53,8 +56,16 @@ def client(tmp_path_factory):
     ranker = Ranker(loaded)
     catalogue = build_catalogue(items, loaded.tokenizer, eos=ranker.eos, max_target_tokens=ranker.max_target_tokens)
     path = catalogue.save(tmp_path_factory.mktemp("catalogue") / "c.npz")
+    # fused answers by default: a gate and a behaviour index over the catalogue's items
+    from instructrec.hybrid.behaviour import build_behaviour_index
+    from instructrec.hybrid.gate import Gate
+
+    folder = path.parent
+    gate = Gate.neutral().save(folder / "gate.json")
+    index = build_behaviour_index([["h0", "h1", "h4"], ["h2", "h3"]], [(it.id, it.title) for it in items], top_n=10)
     settings = Settings(model="tiny-random", device="cpu", dtype="float32", redis_url="", api_key="k",
-                        batch_tokens=1024, max_wait_ms=2, catalogue=str(path))
+                        batch_tokens=1024, max_wait_ms=2, catalogue=str(path), gate=str(gate),
+                        behaviour=str(index.save(folder / "behaviour.npz")))
     with ServerThread(create_app(settings)) as srv:
         srv.wait_ready()
         with httpx.Client(base_url=srv.url, headers={"Authorization": "Bearer k"}, timeout=60) as c:
@@ -83,6 +94,9 @@ def test_every_route_answers_in_its_documented_shape(client):
     for path in ("/rerank", "/v1/rerank", "/v2/rerank", "/recommend"):
         assert (path, 200) in seen and any(p == path and s >= 400 for p, s in seen), path
     assert ("/health", 200) in seen and ("/ready", 200) in seen
+    fused = client.post("/rerank", json=CALLS[2][2]).json()
+    assert fused["fusion"]["mode"] == "fused" and fused["results"][0]["components"]["lm_loglik"] <= 0
+    assert client.post("/v2/rerank", json=CALLS[10][2]).json()["fusion"]["mode"] == "fused"
     unauthorised = client.post("/rerank", json=CALLS[2][2], headers={"Authorization": "Bearer wrong"})
     assert unauthorised.status_code == 401
     _model_for(routes["/rerank"], 401).model_validate(unauthorised.json())

@@ -64,6 +64,59 @@ def test_a_request_scores_the_same_alone_and_under_load(model, dtype):
     assert [(x["index"], x["score"]) for x in batched["results"]] == [(x["index"], x["score"]) for x in alone["results"]]
 
 
+@pytest.mark.parametrize("dtype,batch_invariant", [("bfloat16", True), ("float32", False)])
+def test_a_fused_request_is_the_same_alone_and_under_load(tmp_path, dtype, batch_invariant):
+    """Hybrid scoring (a gate, a behaviour index over the requests' titles, the MiniLM semantic
+    signal computed on the inference thread): the fused answer to one request among 7 others
+    sent at once is its answer alone (scores and relevance within 1e-4, the same order): in bf16
+    by default, and in float32 when rerank requests share passes (batch_invariant=false; in bf16
+    the LM's own scores then move with the load, see above)."""
+    import numpy as np
+
+    from instructrec.hybrid.behaviour import build_behaviour_index
+    from instructrec.hybrid.gate import FEATURES, SIGNALS, Gate
+
+    requests = [_request(k) for k in range(8)]
+    titles = sorted({t for r in requests for t in (*r["history"], *r["candidates"])})
+    items = [(f"i{n}", t) for n, t in enumerate(titles)]
+    ids = {t: i for i, t in items}
+    sequences = [[ids[t] for t in (*r["history"], *r["candidates"][k % 4:k % 4 + 3])] for k, r in enumerate(requests)]
+    index = build_behaviour_index(sequences, items, top_n=50).save(tmp_path / "b.npz")
+    w = np.zeros((len(SIGNALS), len(FEATURES)))
+    w[:, FEATURES.index("bias")] = (1.0, 0.5)
+    w[SIGNALS.index("semantic"), FEATURES.index("vague")] = 1.0
+    gate = Gate(w, temperature=2.0).save(tmp_path / "gate.json")
+    # no deadline: each request encodes its cold titles with MiniLM (~2.5 ms a title on one busy core), which
+    # the queue counts, and 8 at once may not start within the default second (429): not what this tests
+    settings = Settings(model="tiny-random-prefixlm", device="cpu", dtype=dtype, redis_url="", max_wait_ms=300,
+                        max_batch_requests=8, torch_threads=1, batch_invariant=batch_invariant, gate=str(gate),
+                        behaviour=str(index), max_queue_wait_ms=60_000)
+    probe, others = requests[0], requests[1:]
+    with ServerThread(create_app(settings)) as srv:
+        srv.wait_ready()
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            alone = client.post("/rerank", json=probe).json()
+            batches_before = metric(client, "instructrec_batch_size_count")
+
+        async def together():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as ac:
+                return await asyncio.gather(*(ac.post("/rerank", json=b) for b in [*others[:3], probe, *others[3:]]))
+
+        answers = asyncio.run(together())
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            batches = metric(client, "instructrec_batch_size_count") - batches_before
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200]
+    assert batches == len(answers) if batch_invariant else batches < len(answers)  # shared batches were made
+    batched = answers[3].json()
+    assert alone["fusion"]["mode"] == batched["fusion"]["mode"] == "fused"
+    assert alone["fusion"]["signals"] == ["lm", "behaviour", "semantic"]
+    assert [x["index"] for x in batched["results"]] == [x["index"] for x in alone["results"]]
+    for a, b in zip(alone["results"], batched["results"]):
+        assert b["score"] == pytest.approx(a["score"], abs=1e-4)
+        assert b["relevance"] == pytest.approx(a["relevance"], abs=1e-4)
+    assert batched["fusion"]["weights"] == pytest.approx(alone["fusion"]["weights"], abs=1e-4)
+
+
 @pytest.mark.parametrize("batch_invariant", [True, False])
 def test_a_recommendation_is_the_same_alone_and_under_load(tmp_path, batch_invariant):
     """/recommend in bf16: the answer to one request alone equals its answer among 3 other

@@ -54,20 +54,39 @@ class Hybrid:
             return [None] * len(ids)
         return [self.behaviour.resolve(i, t) for i, t in zip(ids, titles)]
 
+    def behaviour_signal(self, candidate_ids: Sequence[str | None],
+                         history_ids: Sequence[str | None]) -> tuple[np.ndarray | None, float]:
+        """(behaviour, share of candidates the index knows) of one request: numpy only, so a
+        caller may compute it on any thread."""
+        if self.behaviour is None:
+            return None, 0.0
+        history = [h for h in history_ids if h is not None]
+        feats = self.behaviour.features(history, list(candidate_ids))
+        return feats.score, feats.known
+
+    def semantic_signal(self, need: UserNeed, titles: Sequence[str], *, cached_only: bool = False) -> np.ndarray | None:
+        """The semantic similarities of one request (torch: a service runs this on its model
+        thread; with ``cached_only``, from cached vectors alone, numpy only, or
+        :class:`~.semantic.NotCached`)."""
+        return self.semantic.similarities(need, titles, cached_only=cached_only) if self.semantic is not None else None
+
+    def sequential_signal(self, candidate_ids: Sequence[str | None],
+                          history_ids: Sequence[str | None]) -> np.ndarray | None:
+        """The sequential model's scores of one request (torch: a service runs this on its model thread)."""
+        if self.sequential is None:
+            return None
+        return self.sequential.scores([h for h in history_ids if h is not None], list(candidate_ids))
+
     def signals(self, need: UserNeed, titles: Sequence[str], candidate_ids: Sequence[str | None],
                 history_ids: Sequence[str | None]) -> Signals:
         """The request's signals from its (resolved) ids and normalised texts. The semantic
         encoder and the sequential model run torch: call this on the thread that runs the LM."""
-        history = [h for h in history_ids if h is not None]
-        behaviour, known = None, 0.0
-        if self.behaviour is not None:
-            feats = self.behaviour.features(history, list(candidate_ids))
-            behaviour, known = feats.score, feats.known
-        semantic = self.semantic.similarities(need, titles) if self.semantic is not None else None
-        sequential = self.sequential.scores(history, list(candidate_ids)) if self.sequential is not None else None
-        return Signals(behaviour, known, semantic, sequential)
+        behaviour, known = self.behaviour_signal(candidate_ids, history_ids)
+        return Signals(behaviour, known, self.semantic_signal(need, titles),
+                       self.sequential_signal(candidate_ids, history_ids))
 
     def fuse_signals(self, lm: Sequence[float], need: UserNeed, signals: Signals) -> Fused:
+        """:meth:`fuse` from signals already computed (:meth:`signals`, or its parts)."""
         return self.gate.fuse(lm, need, behaviour=signals.behaviour, semantic=signals.semantic,
                               sequential=signals.sequential, known=signals.known)
 

@@ -30,6 +30,10 @@ MAX_TOKENS = 256  # sentence-transformers' max_seq_length for all-MiniLM-L6-v2
 BATCH = 64
 
 
+class NotCached(LookupError):
+    """A text's vector is not cached (and the caller asked not to run the model)."""
+
+
 class SemanticEncoder:
     def __init__(self, path: str | Path | None = None, *, cache_size: int = 200_000, batch_size: int = BATCH):
         from transformers import AutoModel, AutoTokenizer
@@ -59,8 +63,15 @@ class SemanticEncoder:
             out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
         return np.concatenate(out) if out else np.zeros((0, DIM), dtype=np.float32)
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Unit vectors of ``texts``; those not cached are encoded in length-sorted batches."""
+    def embed(self, texts: Sequence[str], *, cached_only: bool = False) -> np.ndarray:
+        """Unit vectors of ``texts``; those not cached are encoded in length-sorted batches.
+        ``cached_only``: never run the model (so any thread may call it while the model's own
+        thread adds to the cache): :class:`NotCached` when a text is not cached."""
+        if cached_only:
+            rows = [self.cache.get(t) for t in texts]
+            if any(vec is None for vec in rows):
+                raise NotCached()
+            return np.stack(rows) if rows else np.zeros((0, DIM), dtype=np.float32)
         missing = sorted(dict.fromkeys(t for t in texts if t not in self.cache), key=len)
         if missing:
             for text, vec in zip(missing, self._encode(missing)):
@@ -75,21 +86,23 @@ class SemanticEncoder:
             rows.append(vec)
         return np.stack(rows) if rows else np.zeros((0, DIM), dtype=np.float32)
 
-    def query(self, need: UserNeed) -> np.ndarray | None:
+    def query(self, need: UserNeed, *, cached_only: bool = False) -> np.ndarray | None:
         """The need's unit vector, or None when it carries no text."""
         parts = []
         if need.history:
-            h = self.embed(list(need.history)).mean(axis=0)
+            h = self.embed(list(need.history), cached_only=cached_only).mean(axis=0)
             parts.append(h / (np.linalg.norm(h) or 1.0))
-        parts += [self.embed([t])[0] for t in (need.preference, need.intention) if t]
+        parts += [self.embed([t], cached_only=cached_only)[0] for t in (need.preference, need.intention) if t]
         if not parts:
             return None
         q = np.sum(parts, axis=0)
         return q / (np.linalg.norm(q) or 1.0)
 
-    def similarities(self, need: UserNeed, candidates: Sequence[str]) -> np.ndarray | None:
-        """Cosine similarity of each candidate title to the need (None: the need has no text)."""
-        q = self.query(need)
+    def similarities(self, need: UserNeed, candidates: Sequence[str], *,
+                     cached_only: bool = False) -> np.ndarray | None:
+        """Cosine similarity of each candidate title to the need (None: the need has no text).
+        ``cached_only``: from cached vectors alone, without the model (:meth:`embed`)."""
+        q = self.query(need, cached_only=cached_only)
         if q is None:
             return None
-        return self.embed(list(candidates)).astype(np.float64) @ q.astype(np.float64)
+        return self.embed(list(candidates), cached_only=cached_only).astype(np.float64) @ q.astype(np.float64)

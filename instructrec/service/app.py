@@ -78,10 +78,39 @@ def check_catalogue(settings: Settings) -> None:
                           "--data DIR|--items FILE.jsonl --model <the served model> --out CAT`")
 
 
+def check_hybrid(settings: Settings, model_name: str) -> None:
+    """Named gate and behaviour files must exist, and a behaviour index needs a gate (whether
+    they are readable and fit the catalogue is checked at load: /health says why not)."""
+    from pathlib import Path
+
+    from .engine import gate_path, sequential_path
+
+    gate = gate_path(settings, model_name)
+    if settings.gate and gate is not None and not gate.is_file():
+        raise ConfigError(f"gate file {gate} does not exist; fit one for the served model with `instructrec gate fit`, "
+                          "or set INSTRUCTREC_GATE=none to serve LM-only answers")
+    sequential = sequential_path(settings, model_name)
+    if settings.sequential and sequential is not None and not (sequential / "sequential.json").is_file():
+        raise ConfigError(f"sequential model {sequential} does not exist; train one with `instructrec sequential train`, "
+                          "or set INSTRUCTREC_SEQUENTIAL=none")
+    if sequential is not None and gate is None and settings.sequential:
+        raise ConfigError(f"sequential model {sequential} given without a gate to fuse it with: set "
+                          "INSTRUCTREC_GATE (or put gate.json in the model directory)")
+    if settings.behaviour:
+        if not Path(settings.behaviour).is_file():
+            raise ConfigError(f"behaviour index {settings.behaviour} does not exist; build one with `instructrec "
+                              "behaviour build`")
+        if gate is None:
+            raise ConfigError(f"behaviour index {settings.behaviour} given without a gate to fuse it with: set "
+                              "INSTRUCTREC_GATE (or put gate.json in the model directory)")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     check_catalogue(settings)
-    state = ServiceState(settings, resolve_model(settings))
+    model_name = resolve_model(settings)
+    check_hybrid(settings, model_name)
+    state = ServiceState(settings, model_name)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

@@ -16,6 +16,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(env INSTRUCTREC_MODEL; default artifacts/quickstart/model if it exists)")
     parser.add_argument("--catalogue", metavar="CAT", help="catalogue file for /recommend, made by `instructrec "
                         "catalogue build` (env INSTRUCTREC_CATALOGUE; default none: /recommend answers 409)")
+    parser.add_argument("--gate", metavar="GATE", help="gate.json fusing the LM with the behaviour and semantic "
+                        "signals (env INSTRUCTREC_GATE; default gate.json in the model directory if it exists; "
+                        "'none': LM-only answers)")
+    parser.add_argument("--behaviour", metavar="INDEX", help="behaviour index (.npz) for the behaviour signal; needs "
+                        "a gate (env INSTRUCTREC_BEHAVIOUR; default none)")
+    parser.add_argument("--sequential", metavar="DIR", help="sequential model (SASRec) for the sequential signal; "
+                        "needs a gate (env INSTRUCTREC_SEQUENTIAL; default sequential/ in the model directory if it "
+                        "exists; 'none': no such signal)")
     parser.add_argument("--host", help="address to listen on (env INSTRUCTREC_HOST; default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (env INSTRUCTREC_PORT; default 8000)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
@@ -26,7 +34,8 @@ def settings_from_args(args: argparse.Namespace):
     """Settings from the environment, with the given flags taking priority."""
     from .settings import Settings
 
-    overrides = {name: getattr(args, name, None) for name in ("model", "catalogue", "host", "port", "log_level")}
+    overrides = {name: getattr(args, name, None) for name in ("model", "catalogue", "gate", "behaviour", "sequential", "host", "port",
+                                                             "log_level")}
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
 

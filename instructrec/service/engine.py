@@ -1,4 +1,5 @@
-"""The model side of the service: loading, versioning, warm-up, request preparation, scoring.
+"""The model side of the service: loading, versioning, warm-up, request preparation, scoring,
+and the hybrid scorer (gate, behaviour index, semantic encoder) fused with the LM's scores.
 
 Preparation (template selection, instruction fitting, tokenisation) runs in its own thread
 with its own copy of the tokenizer; scoring runs in the single inference thread (see
@@ -23,6 +24,7 @@ from cachetools import LRUCache
 from instructrec.aspects import TaskForm, UserNeed
 from instructrec.catalogue import load_catalogue
 from instructrec.generation import Generation, Generator
+from instructrec.hybrid import GATE_FILE, Hybrid
 from instructrec.instruction import Instruction, build, count_tokens
 from instructrec.modeling import PREFIX_LM, LoadedModel, load_model
 from instructrec.ranker import Encoded, Ranker, Scored, targets_ids
@@ -97,6 +99,95 @@ class PreparedRecommend:
         return len(self.job.source_ids)
 
 
+@dataclass(frozen=True)
+class HybridJob:
+    """A fused rerank request's work for the inference thread: the LM's cache misses (None when
+    every score came from the cache), the semantic signal (need, candidate texts) when a text is
+    not cached, and the sequential signal (resolved ids): all torch, so all on the one model thread."""
+
+    encoded: Encoded | None
+    need: UserNeed
+    texts: list[str]
+    semantic: bool = True  # compute the semantic signal (False: the prep thread had every vector cached)
+    candidate_ids: list | None = None  # for the sequential signal (None: none)
+    history_ids: list | None = None
+
+
+@dataclass(frozen=True)
+class HybridResult:
+    scored: Scored | None  # the LM's scores of the misses
+    semantic: "np.ndarray | None"  # similarity per candidate text; None when the need has no text (or not asked)
+    semantic_seconds: float  # the semantic and sequential signals' time
+    sequential: "np.ndarray | None" = None  # the sequential model's score per candidate; None when absent
+
+
+def gate_path(settings: Settings, model_name: str) -> Path | None:
+    """The gate the service fuses with: ``INSTRUCTREC_GATE`` (a gate.json or a directory holding
+    one), else gate.json in the model directory when it exists; None: LM-only ('none')."""
+    if settings.gate_disabled:
+        return None
+    if settings.gate:
+        path = Path(settings.gate)
+        return path / GATE_FILE if path.is_dir() else path
+    default = Path(model_name) / GATE_FILE
+    return default if default.is_file() else None
+
+
+def sequential_path(settings: Settings, model_name: str) -> Path | None:
+    """The sequential model the service fuses: ``INSTRUCTREC_SEQUENTIAL``, else sequential/ in the
+    model directory when it exists (a shipped model carries it); None: no sequential signal."""
+    if (settings.sequential or "").strip().lower() in ("none", "off"):
+        return None
+    if settings.sequential:
+        return Path(settings.sequential)
+    default = Path(model_name) / "sequential"
+    return default if (default / "sequential.json").is_file() else None
+
+
+@functools.lru_cache(maxsize=2)
+def shared_semantic_encoder(path: str | None = None):
+    """One MiniLM encoder (and title-vector cache) per process: a service has one engine; tests
+    start several services in one process and need not load it each time."""
+    from instructrec.hybrid.semantic import SemanticEncoder
+
+    return SemanticEncoder(path)
+
+
+def load_hybrid_for(settings: Settings, model_name: str, catalogue=None) -> Hybrid | None:
+    """The service's hybrid (None without a gate). A behaviour index must be built over the
+    catalogue's items when a catalogue is served; every error names its file."""
+    from instructrec.hybrid.behaviour import BehaviourError, items_digest, load_behaviour_index
+    from instructrec.hybrid.gate import load_gate
+    from instructrec.hybrid.sequential import SequentialError, load_sequential
+
+    gate = gate_path(settings, model_name)
+    if gate is None:
+        if settings.behaviour:
+            raise BehaviourError(f"behaviour index {settings.behaviour} given without a gate to fuse it with: set "
+                                 f"INSTRUCTREC_GATE (or put {GATE_FILE} in the model directory)")
+        return None
+    index = load_behaviour_index(settings.behaviour) if settings.behaviour else None
+    if index is not None and catalogue is not None:
+        want = items_digest([it.id for it in catalogue.items])
+        if index.items_version != want:
+            raise BehaviourError(f"behaviour index {settings.behaviour} was built over another item set (items digest "
+                                 f"{index.items_version}) than catalogue {settings.catalogue} ({want}): rebuild it "
+                                 "over the catalogue's items")
+    sequential = sequential_path(settings, model_name)
+    model = load_sequential(sequential) if sequential is not None else None
+    if model is not None and catalogue is not None:
+        want = items_digest([it.id for it in catalogue.items])
+        if model.items_version != want:
+            raise SequentialError(f"sequential model {sequential} was trained over another item set (items digest "
+                                  f"{model.items_version}) than catalogue {settings.catalogue} ({want}): train it on "
+                                  "the catalogue's data set")
+    gate_file = load_gate(gate)
+    if gate_file.info.get("sequential") and model is None:
+        raise SequentialError(f"gate {gate} was fitted with a sequential model: give one (INSTRUCTREC_SEQUENTIAL, or "
+                              "sequential/ in the model directory)")
+    return Hybrid(gate_file, index, shared_semantic_encoder() if settings.semantic else None, model)
+
+
 class UnknownItem(ValueError):
     """A filter names an id the catalogue does not hold."""
 
@@ -160,6 +251,8 @@ class Engine:
             self.generator = Generator(self.ranker, load_catalogue(settings.catalogue), where=settings.catalogue)
             self._recommend_fit = functools.lru_cache(maxsize=max(1, size // 16))(self._fit_matching) if size \
                 else self._fit_matching
+        # hybrid scoring: loaded here, in the inference thread, which alone runs its encoder
+        self.hybrid: Hybrid | None = load_hybrid_for(settings, loaded.name, self.catalogue)
 
     # -- cache key parts ----------------------------------------------------------------
     @property
@@ -274,17 +367,36 @@ class Engine:
     def generate(self, job: RecommendJob) -> Generation:
         return self.generator.generate(job.source_ids, job.k, allowed=job.allowed, beams=job.beams)
 
+    def semantic_tokens(self, need: UserNeed, texts: Sequence[str]) -> int:
+        """A semantic job's weight in the batcher's token units: about the tokens of the texts
+        the encoder has not cached (a cached text costs nothing). Read from the event loop while
+        the model thread may add to the cache: an estimate, like every job weight."""
+        encoder = self.hybrid.semantic if self.hybrid else None
+        if encoder is None:
+            return 0
+        texts = dict.fromkeys([*need.history, need.preference or "", need.intention or "", *texts])
+        return sum(len(t) // 4 + 2 for t in texts if t and t not in encoder.cache)
+
     def run_jobs(self, jobs: list) -> tuple[list, float, float]:
-        """The batcher's score function: rerank jobs (``Encoded``) scored together by
-        :meth:`score_many`, generation jobs each alone; (results in job order, encoder seconds,
-        decoder seconds)."""
+        """The batcher's score function: rerank jobs (``Encoded``, and the LM part of a
+        ``HybridJob``) scored together by :meth:`score_many`, then each ``HybridJob``'s semantic
+        signal, generation jobs each alone; (results in job order, encoder seconds, decoder
+        seconds)."""
         results: list = [None] * len(jobs)
-        rerank = [i for i, j in enumerate(jobs) if not isinstance(j, RecommendJob)]
+        lm_part = [j.encoded if isinstance(j, HybridJob) else j for j in jobs]
+        rerank = [i for i, j in enumerate(jobs) if not isinstance(j, RecommendJob) and lm_part[i] is not None]
         enc = dec = 0.0
         if rerank:
-            scored, enc, dec = self.score_many([jobs[i] for i in rerank])
+            scored, enc, dec = self.score_many([lm_part[i] for i in rerank])
             for i, value in zip(rerank, scored):
                 results[i] = value
+        for i, job in enumerate(jobs):
+            if isinstance(job, HybridJob):
+                start = time.perf_counter()
+                semantic = self.hybrid.semantic_signal(job.need, job.texts) if job.semantic else None
+                sequential = (self.hybrid.sequential_signal(job.candidate_ids, job.history_ids)
+                              if job.candidate_ids is not None else None)
+                results[i] = HybridResult(results[i], semantic, time.perf_counter() - start, sequential)
         for i, job in enumerate(jobs):
             if isinstance(job, RecommendJob):
                 start = time.perf_counter()
@@ -326,6 +438,10 @@ class Engine:
         if shares_passes:
             self.warmup_report["mixed"] = self._warm_up_mixed(source, scored.source_tokens)
         self.warmup_report["instruction_lengths"] = r.warm_instruction_lengths()
+        if self.hybrid is not None and self.hybrid.semantic is not None:  # the encoder's first pass
+            started = time.perf_counter()
+            self.hybrid.semantic_signal(UserNeed(history=("warm up",)), ["warm up"])
+            self.warmup_report["semantic"] = {"seconds": round(time.perf_counter() - started, 3)}
         if self.generator is not None:  # the decoding step's kernels, before the first /recommend
             started = time.perf_counter()
             steps = self.generator.generate(source, 2).steps

@@ -15,6 +15,9 @@ _TOKENS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 13107
 REJECT_REASONS = ("unauthorized", "body_too_large", "bad_request", "invalid", "queue_full", "expired", "not_ready",
                   "no_catalogue")
 _STEPS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+_WEIGHTS = (-4.0, -2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+FUSION_MODES = ("fused", "lm-only")
+GATED_SIGNALS = ("behaviour", "semantic")  # the signals the gate weighs (the LM's weight is 1)
 
 
 class Metrics:
@@ -54,6 +57,19 @@ class Metrics:
             "instructrec_requests_rejected", "requests refused, by reason", ("reason",), registry=r)
         self.dropped_jobs = Counter(
             "instructrec_dropped_jobs", "scoring jobs skipped because the client went away", registry=r)
+        self.fusion_requests = Counter(
+            "instructrec_fusion_requests", "rerank requests by how they were scored: fused (the gate's fusion of "
+            "the LM with behaviour and semantic signals) or lm-only", ("mode",), registry=r)
+        self.without_behaviour = Counter(
+            "instructrec_fusion_candidates_without_behaviour", "candidates of fused requests that had no behaviour "
+            "signal (id and title unknown to the index, or no history item it knows); only with a behaviour index",
+            registry=r)
+        self.gate_weight = Histogram(
+            "instructrec_fusion_gate_weight", "the gate's weight of a signal in a fused request (the LM's is 1)",
+            ("signal",), buckets=_WEIGHTS, registry=r)
+        self.fusion_seconds = Histogram(
+            "instructrec_fusion_seconds", "time fusion adds to a fused request: the semantic signal (model thread) "
+            "and the gate", buckets=_FAST, registry=r)
         self.model_info = Gauge(
             "instructrec_model_info", "the served model (value 1)",
             ("model", "checkpoint_version", "template_version", "tuned_template_version"), registry=r)
@@ -62,6 +78,20 @@ class Metrics:
             self.rejected.labels(reason)
         for outcome in ("hit", "miss", "bypassed"):
             self.answer_cache.labels(outcome)
+        for mode in FUSION_MODES:
+            self.fusion_requests.labels(mode)
+        for signal in GATED_SIGNALS:
+            self.gate_weight.labels(signal)
+
+    def observe_fusion(self, mode: str, weights: dict[str, float], without_behaviour: int) -> None:
+        """One rerank request's fusion: its mode, the gate's weights of its present signals and
+        its candidates without behaviour signal."""
+        self.fusion_requests.labels(mode).inc()
+        for signal in GATED_SIGNALS:
+            if signal in weights:
+                self.gate_weight.labels(signal).observe(weights[signal])
+        if without_behaviour:
+            self.without_behaviour.inc(without_behaviour)
 
     def expose(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

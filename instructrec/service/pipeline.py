@@ -1,8 +1,11 @@
 """The pipelines the handlers call.
 
 Rerank: preparation in the prep thread (the core's template selection and instruction
-fitting, one cache key per distinct candidate) -> cache lookup -> the misses go to the
-batcher (abandoned if the client disconnects) -> the scores of the misses are written back.
+fitting, one cache key per distinct candidate; with fusion, the items' ids resolved, the
+behaviour signal, and the semantic signal when the encoder has every text cached) -> cache
+lookup -> the misses (and, with fusion, a semantic signal that needs the encoder) go to the
+batcher (abandoned if the client disconnects) -> the LM scores of the misses are written
+back (the cache holds LM scores only) -> with fusion, the gate fuses the signals.
 Recommend: preparation (a matching template, the mask of allowed items) -> the whole answer
 from the cache, or a generation job through the same batcher -> the answer cached.
 Ranking and the answer's shape stay with the handlers."""
@@ -12,16 +15,21 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
 
+import numpy as np
 from fastapi import Request
 
 from instructrec.aspects import UserNeed
+from instructrec.hybrid import Fused, Signals
+from instructrec.hybrid.semantic import NotCached
 from instructrec.templates import TemplateError, get_template
 
 from .batcher import Expired, QueueFull, ShuttingDown
-from .engine import Prepared, PreparedRecommend, UnknownItem
+from .engine import HybridJob, Prepared, PreparedRecommend, UnknownItem
 from .errors import ApiError, ClientGone
+from .schemas import FusionMode
 from .state import ServiceState
 
 
@@ -43,17 +51,44 @@ def shutting_down() -> ApiError:
     return ApiError(503, "unavailable", "the service is shutting down", headers={"Retry-After": "5"})
 
 
+@dataclass(frozen=True)
+class FusionRequest:
+    """How a rerank request wants to be scored, and its items' ids where the client gave them
+    (None: resolve by title)."""
+
+    mode: FusionMode = "auto"
+    candidate_ids: Sequence[str | None] = ()  # per request candidate
+    history_ids: Sequence[str | None] = ()  # per history item of the need
+
+
+@dataclass
+class Fusion:
+    """How an answer was scored: ``fused`` (the gate's fusion) or ``lm-only``."""
+
+    mode: Literal["fused", "lm-only"]
+    requested: FusionMode
+    fused: Fused | None = None
+    without_behaviour: list[int] | None = None  # request indices of candidates with no behaviour signal
+    signals: list[str] = field(default_factory=lambda: ["lm"])
+
+
 @dataclass
 class Outcome:
     """What the pipeline hands back to a handler: scores in request order and where they came from."""
 
     prepared: Prepared
-    scores: list[float]  # per request candidate
+    scores: list[float]  # per request candidate: the LM's (mean or sum token log-likelihood)
     cached: list[bool]  # per request candidate
     hits: int
     misses: int
     cache_used: bool
     scored_tokens: int
+    fusion: Fusion
+
+    @property
+    def ranking_scores(self) -> list[float]:
+        """What the answer is ranked by: the fused scores, else the LM's."""
+        return self.fusion.fused.scores.tolist() if self.fusion.fused is not None else self.scores
 
 
 async def wait_disconnect(request: Request) -> None:
@@ -77,16 +112,58 @@ async def await_scores(request: Request, future: asyncio.Future):
             future.cancel()  # the batcher skips it
 
 
+@dataclass(frozen=True)
+class Prepped:
+    """A fused request's signals beside the LM, as far as the prep thread computes them (numpy
+    only): the behaviour signal, and the semantic one when every text's vector is cached; the
+    sequential model (torch) runs on the model thread from the resolved ids."""
+
+    behaviour: np.ndarray | None  # per candidate; None when absent (no history or no candidate the index knows)
+    known: float
+    candidate_ids: list[str | None]  # resolved through the index (None: unknown)
+    history_ids: list[str | None]
+    semantic: np.ndarray | None  # per candidate; None when absent or not computed yet
+    semantic_pending: bool  # a text was not cached: the model thread computes the semantic signal
+    seconds: float  # spent on the semantic signal here
+
+
 def prepare(state: ServiceState, need: UserNeed, template_id: str | None, texts: list[str],
-            max_text_tokens: int | None) -> tuple[Prepared, dict[str, str]]:
-    """In the prep thread: the instruction, token counts, and one cache key per distinct candidate."""
+            max_text_tokens: int | None, fusion: FusionRequest | None = None
+            ) -> tuple[Prepared, dict[str, str], Prepped | None]:
+    """In the prep thread: the instruction, token counts, one cache key per distinct candidate
+    and, for a fused request, the behaviour signal (ids resolved by id, else by exact title) and
+    the semantic signal if the encoder has every text cached (the model thread never waits for it)."""
     engine, cache = state.engine, state.cache
     prepared = engine.prepare(need, template_id, texts, max_text_tokens)
     keys: dict[str, str] = {}
     if cache.enabled:
         parts = engine.key_parts(prepared)
         keys = dict(zip(prepared.targets, cache.keys(parts, prepared.targets)))
-    return prepared, keys
+    signals = None
+    if fusion is not None:
+        hybrid = engine.hybrid
+        candidates = hybrid.resolve(_ids(fusion.candidate_ids, len(texts)), texts)
+        history = hybrid.resolve(_ids(fusion.history_ids, len(need.history)), list(need.history))
+        score, known = hybrid.behaviour_signal(candidates, history)
+        semantic, pending, start = None, False, time.perf_counter()
+        try:
+            semantic = hybrid.semantic_signal(need, texts, cached_only=True)
+        except NotCached:
+            pending = True
+        signals = Prepped(score, known, candidates, history, semantic, pending, time.perf_counter() - start)
+    return prepared, keys, signals
+
+
+def _ids(ids: Sequence[str | None], n: int) -> list[str | None]:
+    ids = list(ids) or [None] * n
+    if len(ids) != n:
+        raise ValueError(f"{len(ids)} ids for {n} items")
+    return ids
+
+
+def fuses(state: ServiceState, mode: FusionMode) -> bool:
+    """Whether a request in ``mode`` is fused: ``auto`` on a service with a gate."""
+    return mode == "auto" and state.engine.hybrid is not None
 
 
 async def _submit(request: Request, state: ServiceState, job, tokens: int):
@@ -108,14 +185,16 @@ async def _submit(request: Request, state: ServiceState, job, tokens: int):
 
 
 async def rerank(request: Request, state: ServiceState, need: UserNeed, template_id: str | None,
-                 texts: list[str], max_text_tokens: int | None = None) -> Outcome:
+                 texts: list[str], max_text_tokens: int | None = None,
+                 fusion: FusionRequest = FusionRequest()) -> Outcome:
     cache, metrics = state.cache, state.metrics
     metrics.candidates_per_request.observe(len(texts))
     loop = asyncio.get_running_loop()
+    fused = fuses(state, fusion.mode)
     start = time.perf_counter()
     try:
-        prepared, keys = await loop.run_in_executor(state.prep_executor, prepare, state, need, template_id, texts,
-                                                    max_text_tokens)
+        prepared, keys, signals = await loop.run_in_executor(
+            state.prep_executor, prepare, state, need, template_id, texts, max_text_tokens, fusion if fused else None)
     except TemplateError as exc:
         raise template_error(exc, "template" if template_id else None) from None
     metrics.prepare_seconds.observe(time.perf_counter() - start)
@@ -137,16 +216,54 @@ async def rerank(request: Request, state: ServiceState, need: UserNeed, template
             metrics.cache_misses.inc(len(unique) - len(from_cache))
     misses = [t for t in unique if t not in scores]
     scored_tokens = 0
+    semantic, semantic_seconds = (signals.semantic, signals.seconds) if fused else (None, 0.0)
+    encoded = prepared.encoded(misses) if misses else None
+    lm_tokens = prepared.source_tokens + prepared.target_tokens(misses) if misses else 0
+    result = None
+    sequential = None
+    needs_model = fused and state.engine.hybrid.sequential is not None
+    if fused and (signals.semantic_pending or needs_model):
+        # the LM's misses, the semantic signal if a text is new and the sequential one: one trip to the model thread
+        pending = signals.semantic_pending
+        job = HybridJob(encoded, need, texts, semantic=pending,
+                        candidate_ids=signals.candidate_ids if needs_model else None,
+                        history_ids=signals.history_ids if needs_model else None)
+        weight = lm_tokens + (state.engine.semantic_tokens(need, texts) if pending else 0) + len(texts)
+        done = await _submit(request, state, job, weight)
+        result, sequential = done.scored, done.sequential
+        if pending:
+            semantic = done.semantic
+        semantic_seconds += done.semantic_seconds
+    elif misses:
+        result = await _submit(request, state, encoded, lm_tokens)
     if misses:
-        tokens = prepared.source_tokens + prepared.target_tokens(misses)
-        result = await _submit(request, state, prepared.encoded(misses), tokens)
         for t, value in zip(misses, result.scores):
             scores[t] = value
-        scored_tokens = tokens
+        scored_tokens = lm_tokens
         if cache.enabled:
             await cache.set_many({keys[t]: scores[t] for t in misses})
-    return Outcome(prepared, [scores[t] for t in texts], [t in from_cache for t in texts], len(from_cache),
-                   len(misses) if cached_values is not None else 0, cached_values is not None, scored_tokens)
+    lm = [scores[t] for t in texts]
+    if fused:
+        outcome = _fuse(state, fusion.mode, need, lm, signals, semantic, sequential, semantic_seconds)
+    else:
+        outcome = Fusion("lm-only", fusion.mode)
+        metrics.observe_fusion("lm-only", {}, 0)
+    return Outcome(prepared, lm, [t in from_cache for t in texts], len(from_cache),
+                   len(misses) if cached_values is not None else 0, cached_values is not None, scored_tokens,
+                   outcome)
+
+
+def _fuse(state: ServiceState, mode: FusionMode, need: UserNeed, lm: list[float], signals: Prepped,
+          semantic: np.ndarray | None, sequential: np.ndarray | None, semantic_seconds: float) -> Fusion:
+    """The gate's fusion of a request's signals (numpy, a few microseconds: on the event loop), counted."""
+    hybrid, metrics = state.engine.hybrid, state.metrics
+    start = time.perf_counter()
+    fused = hybrid.fuse_signals(lm, need, Signals(signals.behaviour, signals.known, semantic, sequential))
+    metrics.fusion_seconds.observe(time.perf_counter() - start + semantic_seconds)
+    without = list(range(len(lm))) if signals.behaviour is None else \
+        [i for i, c in enumerate(signals.candidate_ids) if c is None]
+    metrics.observe_fusion("fused", fused.weights, len(without) if hybrid.behaviour is not None else 0)
+    return Fusion("fused", mode, fused, without, list(fused.components))
 
 
 @dataclass

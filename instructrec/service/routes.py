@@ -147,8 +147,32 @@ async def rerank(request: Request):
     req = _validate(RerankRequest, await _read_json(request, state), state)
     pipeline.check_template(req.template)
     texts = [c.title for c in req.candidates]
-    out = await pipeline.rerank(request, state, _need(req), req.template, texts)
+    fusion = pipeline.FusionRequest(req.fusion, [_item_id(c.id) for c in req.candidates],
+                                    [_item_id(h.id) for h in req.history if h.title])
+    out = await pipeline.rerank(request, state, _need(req), req.template, texts, fusion=fusion)
     return _json(_native_body(req, texts, out, state))
+
+
+def _item_id(value) -> str | None:
+    """An item id as the behaviour index names items (a string), None when not given."""
+    return None if value is None or isinstance(value, bool) else str(value)
+
+
+def _fusion_info(out: pipeline.Outcome, state: ServiceState) -> dict:
+    """How an answer was scored (:class:`FusionInfo`)."""
+    f, hybrid = out.fusion, state.engine.hybrid
+    fused = f.fused
+    return {"mode": f.mode, "requested": f.requested, "gate_version": hybrid.gate.version if hybrid else None,
+            "hybrid_version": hybrid.version if hybrid else None, "signals": f.signals,
+            "weights": fused.weights if fused is not None else None, "without_behaviour": f.without_behaviour}
+
+
+def _components(out: pipeline.Outcome, i: int) -> dict | None:
+    """One fused result's parts (:class:`Components`); None when LM-only."""
+    fused = out.fusion.fused
+    if fused is None:
+        return None
+    return {**{name: float(values[i]) for name, values in fused.components.items()}, "lm_loglik": out.scores[i]}
 
 
 def _template_info(inst) -> dict:
@@ -159,14 +183,19 @@ def _template_info(inst) -> dict:
 
 def _native_body(req: RerankRequest, texts: list[str], out: pipeline.Outcome, state: ServiceState) -> dict:
     """The /rerank answer, shaped as :class:`RerankResponse`."""
-    order = rank_order(out.scores)[: req.top_n]
+    ranking = out.ranking_scores
+    order = rank_order(ranking)[: req.top_n]
     inst = out.prepared.instruction
     engine = state.engine
     candidate_tokens = out.prepared.target_tokens(texts)
+    fused, scores = out.fusion.fused, req.return_scores
     return {
         "id": f"rr-{uuid.uuid4().hex}",
         "results": [{"index": i, "id": req.candidates[i].id, "title": texts[i],
-                     "score": out.scores[i] if req.return_scores else None, "cached": out.cached[i]} for i in order],
+                     "score": ranking[i] if scores else None,
+                     "relevance": float(fused.relevance[i]) if scores and fused is not None else None,
+                     "components": _components(out, i) if scores else None,
+                     "cached": out.cached[i]} for i in order],
         "template": _template_info(inst),
         "model": {"name": engine.name, "checkpoint_version": engine.version},
         "usage": {"source_tokens": out.prepared.source_tokens, "candidate_tokens": candidate_tokens,
@@ -174,6 +203,7 @@ def _native_body(req: RerankRequest, texts: list[str], out: pipeline.Outcome, st
         "cache": {"enabled": out.cache_used, "hits": out.hits, "misses": out.misses},
         "truncated": {"history_dropped": inst.history_dropped, "source_tokens_cut": out.prepared.source_cut,
                       "candidates_cut": [i for i, t in enumerate(texts) if out.prepared.cut(t)]},
+        "fusion": _fusion_info(out, state),
     }
 
 
@@ -227,9 +257,11 @@ def relevance(score: float) -> float:
 @router.post("/v1/rerank", response_model=CompatResponse, responses=_COMPAT_ERRORS,
              summary="Cohere v1/Jina-compatible rerank: query + documents")
 async def rerank_compat(request: Request):
-    """``query`` is taken as a specific intention (I2), with no history. ``relevance_score`` is
-    :func:`relevance` of the raw score, which ``log_likelihood`` carries. Errors are Cohere's
-    ``{"message": ...}``."""
+    """``query`` is taken as a specific intention (I2), with no history. Fused (a service with a
+    gate): ranked by the fused score, ``relevance_score`` the gate's calibrated probability;
+    LM-only: ``relevance_score`` is :func:`relevance` of the raw score. ``log_likelihood``
+    carries the LM's raw score either way. A document object's ``id`` names the item for the
+    behaviour index. Errors are Cohere's ``{"message": ...}``."""
     state = _begin(request)
     req = _validate(CompatRerankRequest, await _read_json(request, state), state)
     try:
@@ -237,7 +269,10 @@ async def rerank_compat(request: Request):
     except FieldError as exc:
         raise ApiError(422, "validation_error", str(exc), exc.field, reason="invalid") from None
     need = UserNeed(intention=req.query, intention_kind=Intention.SPECIFIC)
-    out = await pipeline.rerank(request, state, need, None, texts, req.max_tokens_per_doc)
+    ids = [_item_id(d.get("id")) if isinstance(d, dict) and isinstance(d.get("id"), (str, int)) else None
+           for d in req.documents]
+    out = await pipeline.rerank(request, state, need, None, texts, req.max_tokens_per_doc,
+                                fusion=pipeline.FusionRequest(req.fusion, ids))
     version = "2" if request.url.path.startswith("/v2/") else "1"
     return _json(_compat_body(req, texts, out, state, version))
 
@@ -246,9 +281,13 @@ def _compat_body(req: CompatRerankRequest, texts: list[str], out: pipeline.Outco
                  version: str) -> dict:
     """The /v1 and /v2 answer, shaped as :class:`CompatResponse` (``document`` only when asked for)."""
     results = []
-    for i in rank_order(out.scores)[: req.top_n]:
-        item: dict[str, Any] = {"index": i, "relevance_score": relevance(out.scores[i]),
-                                "log_likelihood": out.scores[i]}
+    fused = out.fusion.fused
+    for i in rank_order(out.ranking_scores)[: req.top_n]:
+        item: dict[str, Any] = {
+            "index": i, "relevance_score": float(fused.relevance[i]) if fused is not None else relevance(out.scores[i]),
+            "log_likelihood": out.scores[i]}
+        if fused is not None:
+            item["components"] = _components(out, i)
         if req.return_documents:
             item["document"] = req.document(i)
         results.append(item)
@@ -259,6 +298,7 @@ def _compat_body(req: CompatRerankRequest, texts: list[str], out: pipeline.Outco
         "model": state.engine.name,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         "meta": {"api_version": {"version": version}, "billed_units": {"search_units": 1}},
+        "fusion": _fusion_info(out, state),
     }
 
 
@@ -287,6 +327,7 @@ async def ready(request: Request):
         "template_version": TEMPLATE_VERSION,
         "cache": "disabled" if not cache.enabled else ("up" if cache.up else "down"),
         "queue": state.batcher.depth,
+        "hybrid_version": engine.hybrid.version if engine.hybrid else None,
     }
 
 

@@ -78,6 +78,9 @@ class Candidate(BaseModel):
     title: NonEmptyText
 
 
+FusionMode = Literal["auto", "lm-only"]
+
+
 class NeedRequest(BaseModel):
     """The user's need, as both /rerank and /recommend take it.
 
@@ -103,7 +106,10 @@ class RerankRequest(NeedRequest):
     candidates: list[Annotated[Candidate, BeforeValidator(_as_title)]] = Field(
         min_length=1, description="titles or {id, title, ...} to rank")
     top_n: int | None = Field(None, ge=1, description="return only the best N (default: all)")
-    return_scores: bool = Field(True, description="include scores (mean log-likelihood of the title)")
+    return_scores: bool = Field(True, description="include scores (the fused score, or the mean log-likelihood of "
+                                "the title when LM-only) with their relevance and components")
+    fusion: FusionMode = Field("auto", description="auto: the LM fused with the behaviour and semantic signals by "
+                               "the service's gate, LM-only on a service without a gate; lm-only: the LM alone")
 
     _max_candidates = field_validator("candidates", mode="before")(_limit("max_candidates", "candidates"))
 
@@ -165,12 +171,46 @@ class RecommendResponse(BaseModel):
     truncated: "InstructionTruncation"
 
 
+class Components(BaseModel):
+    """A fused result's parts: each present signal z-scored within the request (the fused score
+    is ``lm + weights.behaviour * behaviour + weights.semantic * semantic + weights.sequential * sequential``),
+    and the LM's raw score."""
+
+    lm: float = Field(description="the LM's score, z-scored within the request")
+    behaviour: float | None = Field(None, description="item-to-item counts from the history, z-scored (absent: "
+                                    "no behaviour signal for this request)")
+    semantic: float | None = Field(None, description="MiniLM similarity of the need to the candidate, z-scored")
+    sequential: float | None = Field(None, description="the sequential model's (SASRec's) score from the history, "
+                                     "z-scored (absent: no sequential model, or nothing it knows)")
+    lm_loglik: float = Field(description="the LM's raw score: mean (or sum) token log-likelihood")
+
+
 class RankedItem(BaseModel):
     index: int = Field(description="position of the candidate in the request")
     id: str | int | None = None
     title: str
-    score: float | None = Field(None, description="mean (or sum) token log-likelihood; null if return_scores is false")
-    cached: bool = Field(description="the score came from the cache")
+    score: float | None = Field(None, description="what the ranking is sorted by: the fused score when fused, else "
+                                "the mean (or sum) token log-likelihood; null if return_scores is false")
+    relevance: float | None = Field(None, ge=0, le=1, description="fused: the calibrated probability that this is "
+                                    "the candidate the user takes (sums to 1 over the request); null when LM-only")
+    components: Components | None = Field(None, description="fused: the signals the score is made of; null when LM-only")
+    cached: bool = Field(description="the LM score came from the cache")
+
+
+class FusionInfo(BaseModel):
+    """How the answer was scored."""
+
+    mode: Literal["fused", "lm-only"] = Field(description="fused: the gate's fusion of the signals; lm-only: the LM "
+                                              "alone (asked for, or the service has no gate)")
+    requested: FusionMode
+    gate_version: str | None = Field(description="the service's gate (null: none)")
+    hybrid_version: str | None = Field(description="gate, behaviour index and semantic encoder versions (null: no gate)")
+    signals: list[str] = Field(description="the signals this answer used (lm, behaviour, semantic)")
+    weights: dict[str, float] | None = Field(description="the gate's weight of each used signal for this request "
+                                             "(lm is 1); null when LM-only")
+    without_behaviour: list[int] | None = Field(description="request indices of candidates without behaviour signal "
+                                                "(all of them when no history item or no candidate is known to the "
+                                                "index, or the service has none); null when LM-only")
 
 
 class TemplateInfo(BaseModel):
@@ -215,6 +255,7 @@ class RerankResponse(BaseModel):
     usage: Usage
     cache: CacheInfo
     truncated: Truncation
+    fusion: FusionInfo
 
 
 # --- Cohere/Jina-compatible /v1/rerank and /v2/rerank -----------------------------------
@@ -236,6 +277,7 @@ class CompatRerankRequest(BaseModel):
         None, min_length=1, description="fields of a document object that make its text (default: text)")
     max_tokens_per_doc: int | None = Field(None, ge=1, description="cut each document to this many tokens "
                                            "(at most the model's own limit)")
+    fusion: FusionMode = Field("auto", description="as /rerank's (an extension: Cohere clients do not send it)")
 
     _max_documents = field_validator("documents", mode="before")(_limit("max_candidates", "documents"))
 
@@ -280,10 +322,12 @@ class FieldError(ValueError):
 class CompatResult(BaseModel):
     index: int
     relevance_score: float = Field(
-        ge=0, le=1, description="exp(score): with the default mean reduction the geometric-mean probability "
-        "per token of the document text given the query (with INSTRUCTREC_REDUCTION=sum, the probability of "
-        "the whole text); in [0, 1], in the same order as log_likelihood")
-    log_likelihood: float = Field(description="the raw score: mean (or sum) token log-likelihood, <= 0")
+        ge=0, le=1, description="fused: the calibrated probability that this is the document the user wants "
+        "(the gate's, summing to 1 over the request), in the fused order; LM-only: exp(score), with the default "
+        "mean reduction the geometric-mean probability per token of the document text given the query (with "
+        "INSTRUCTREC_REDUCTION=sum, the probability of the whole text), in the same order as log_likelihood")
+    log_likelihood: float = Field(description="the LM's raw score: mean (or sum) token log-likelihood, <= 0")
+    components: Components | None = Field(None, description="fused: the signals the ranking is made of")
     document: dict[str, Any] | None = Field(None, description="the document as sent, every field (return_documents)")
 
 
@@ -298,6 +342,7 @@ class CompatResponse(BaseModel):
     model: str
     usage: CompatUsage
     meta: dict = Field(default_factory=dict)
+    fusion: FusionInfo | None = None
 
 
 class CompatError(BaseModel):
@@ -324,6 +369,8 @@ class Ready(BaseModel):
     template_version: str
     cache: Literal["disabled", "up", "down"]
     queue: int = Field(description="requests waiting for the model")
+    hybrid_version: str | None = Field(None, description="the gate, behaviour index and semantic encoder fused "
+                                       "with the LM (null: no gate, every answer LM-only)")
 
 
 class NotReady(BaseModel):

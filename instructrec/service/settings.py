@@ -37,6 +37,19 @@ class Settings(BaseSettings):
     beams: int | None = Field(default=None, ge=1, le=1000, description="beam width of /recommend's constrained search "
                               "(default: the request's k; never below k)")
 
+    # -- hybrid scoring (the LM fused with behaviour and semantic signals by a gate) ----------
+    gate: str | None = Field(default=None, description="gate file (gate.json, fitted for the served model) that fuses "
+                             "the LM's scores with the behaviour and semantic signals; default: gate.json in the model "
+                             "directory when it exists; 'none' turns fusion off (every answer LM-only)")
+    behaviour: str | None = Field(default=None, description="behaviour index (.npz: item-to-item counts) for the "
+                                  "behaviour signal; needs a gate; with a catalogue it must be built over the "
+                                  "catalogue's items")
+    sequential: str | None = Field(default=None, description="the sequential model's directory (SASRec in plain "
+                                   "torch, `instructrec sequential train`) for the sequential signal; needs a gate; "
+                                   "default: sequential/ in the model directory when it exists; 'none': no such signal")
+    semantic: bool = Field(default=True, description="with a gate: the MiniLM similarity of the need to each "
+                           "candidate as a signal (run in the inference thread, title vectors cached)")
+
     # -- micro-batching -----------------------------------------------------------------
     batch_tokens: int = Field(default=4096, ge=64, description="token budget of one batch (and of one forward pass)")
     max_wait_ms: float = Field(default=5.0, ge=0, description="longest wait for more requests to join a batch")
@@ -82,10 +95,15 @@ class Settings(BaseSettings):
     def _empty_key_is_none(cls, value):
         return None if value in ("", None) else value
 
-    @field_validator("model", "catalogue", mode="before")
+    @field_validator("model", "catalogue", "gate", "behaviour", "sequential", mode="before")
     @classmethod
     def _empty_model_is_none(cls, value):
         return None if value in ("",) else value
+
+    @property
+    def gate_disabled(self) -> bool:
+        """``INSTRUCTREC_GATE=none``: no fusion, even with a gate.json beside the model."""
+        return (self.gate or "").strip().lower() in ("none", "off")
 
     @property
     def cache_enabled(self) -> bool:

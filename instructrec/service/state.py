@@ -85,6 +85,11 @@ class ServiceState:
             cat = engine.catalogue
             log.info("catalogue %s: %d items, %d distinct titles (version %s) for /recommend", self.settings.catalogue,
                      len(cat), cat.header["leaves"], cat.version)
+        if engine.hybrid is not None:
+            h = engine.hybrid
+            log.info("fusion: gate %s, behaviour %s, semantic %s (hybrid version %s); requests default to fused answers",
+                     h.gate.version, f"{len(h.behaviour)} items" if h.behaviour else "none",
+                     h.semantic.version if h.semantic else "off", h.version)
         self.metrics.model_info.labels(engine.name, engine.version, TEMPLATE_VERSION,
                                        engine.tuned_template_version or "none").set(1)
         self.metrics.ready.set(1)
