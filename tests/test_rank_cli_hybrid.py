@@ -30,7 +30,8 @@ HISTORY = ["Halo 3", "Halo 2"]
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("rank-hybrid")
     w = np.zeros((len(SIGNALS), len(FEATURES)))
-    w[:, FEATURES.index("bias")] = (1.5, 0.7)
+    w[SIGNALS.index("behaviour"), FEATURES.index("bias")] = 1.5
+    w[SIGNALS.index("semantic"), FEATURES.index("bias")] = 0.7
     gate = Gate(w, temperature=1.1).save(root / "gate.json")
     index = build_behaviour_index(SEQUENCES, ITEMS, top_n=20).save(root / "behaviour.npz")
     return root, gate, index

@@ -158,6 +158,38 @@ def test_fused_answer_equals_the_cores_fusion_of_the_same_lm_scores(hybrid_servi
         [(r["index"], r["score"], r["relevance"]) for r in answer["results"]]
 
 
+def test_the_sequential_signal_from_a_model_beside_the_gate(files, tmp_path):
+    """A SASRec (INSTRUCTREC_SEQUENTIAL) adds its own z-scored component, computed on the model
+    thread from the resolved ids; the answer equals the core's fusion with it, and a gate fitted
+    with a sequential model refuses to start without one."""
+    from instructrec.hybrid.gate import load_gate
+    from instructrec.hybrid.sequential import SASRecConfig, load_sequential, new_scorer
+
+    torch.manual_seed(3)
+    new_scorer(SASRecConfig(items=len(ITEMS), hidden=16, heads=2, inner=32), [i for i, _ in ITEMS]).save(tmp_path / "seq")
+    w = known_gate().weights.copy()
+    w[SIGNALS.index("sequential"), FEATURES.index("bias")] = 1.2
+    gate = Gate(w, temperature=1.3, info={"sequential": "test"}).save(tmp_path / "gate.json")
+    settings = _settings(gate=str(gate), behaviour=str(files["behaviour"]), sequential=str(tmp_path / "seq"),
+                         redis_url="")
+    with ServerThread(create_app(settings)) as srv:
+        srv.wait_ready()
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            lm = lm_scores(client, REQUEST)
+            answer = client.post("/rerank", json=REQUEST).json()
+    reference = Hybrid(load_gate(gate), load_behaviour_index(files["behaviour"]), shared_semantic_encoder(),
+                       load_sequential(tmp_path / "seq"))
+    expected = reference.fuse(lm, need_of(REQUEST), _titles(REQUEST), [c["id"] for c in REQUEST["candidates"]],
+                              ["g0", "g1"])
+    assert set(expected.components) == {"lm", "behaviour", "semantic", "sequential"}
+    check_fused(answer, expected, lm)
+    without = _settings(gate=str(gate), behaviour=str(files["behaviour"]), redis_url="", sequential="none")
+    with ServerThread(create_app(without)) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
+        with pytest.raises(RuntimeError, match="was fitted with a sequential model"):
+            srv.wait_ready()
+        assert client.get("/health").status_code == 503
+
+
 def test_lm_only_is_todays_answer(hybrid_service, files):
     """fusion=lm-only on the hybrid service, and auto on a service without a gate, answer what
     /rerank answered before fusion: ranked by the LM's score, no relevance or components."""

@@ -67,7 +67,7 @@ def test_a_request_scores_the_same_alone_and_under_load(model, dtype):
 @pytest.mark.parametrize("dtype,batch_invariant", [("bfloat16", True), ("float32", False)])
 def test_a_fused_request_is_the_same_alone_and_under_load(tmp_path, dtype, batch_invariant):
     """Hybrid scoring (a gate, a behaviour index over the requests' titles, the MiniLM semantic
-    signal computed on the inference thread): the fused answer to one request among 7 others
+    signal and a SASRec computed on the inference thread): the fused answer to one request among 7 others
     sent at once is its answer alone (scores and relevance within 1e-4, the same order): in bf16
     by default, and in float32 when rerank requests share passes (batch_invariant=false; in bf16
     the LM's own scores then move with the load, see above)."""
@@ -83,14 +83,21 @@ def test_a_fused_request_is_the_same_alone_and_under_load(tmp_path, dtype, batch
     sequences = [[ids[t] for t in (*r["history"], *r["candidates"][k % 4:k % 4 + 3])] for k, r in enumerate(requests)]
     index = build_behaviour_index(sequences, items, top_n=50).save(tmp_path / "b.npz")
     w = np.zeros((len(SIGNALS), len(FEATURES)))
-    w[:, FEATURES.index("bias")] = (1.0, 0.5)
+    w[SIGNALS.index("behaviour"), FEATURES.index("bias")] = 1.0
+    w[SIGNALS.index("semantic"), FEATURES.index("bias")] = 0.5
+    w[SIGNALS.index("sequential"), FEATURES.index("bias")] = 0.7
     w[SIGNALS.index("semantic"), FEATURES.index("vague")] = 1.0
     gate = Gate(w, temperature=2.0).save(tmp_path / "gate.json")
+    from instructrec.hybrid.sequential import SASRecConfig, new_scorer
+
+    torch.manual_seed(0)  # the SASRec (run on the model thread) is random but fixed
+    sequential = new_scorer(SASRecConfig(items=len(items), hidden=16, heads=2, inner=32), [i for i, _ in items])
+    sequential.save(tmp_path / "seq")
     # no deadline: each request encodes its cold titles with MiniLM (~2.5 ms a title on one busy core), which
     # the queue counts, and 8 at once may not start within the default second (429): not what this tests
     settings = Settings(model="tiny-random-prefixlm", device="cpu", dtype=dtype, redis_url="", max_wait_ms=300,
                         max_batch_requests=8, torch_threads=1, batch_invariant=batch_invariant, gate=str(gate),
-                        behaviour=str(index), max_queue_wait_ms=60_000)
+                        behaviour=str(index), sequential=str(tmp_path / "seq"), max_queue_wait_ms=60_000)
     probe, others = requests[0], requests[1:]
     with ServerThread(create_app(settings)) as srv:
         srv.wait_ready()
@@ -109,7 +116,7 @@ def test_a_fused_request_is_the_same_alone_and_under_load(tmp_path, dtype, batch
     assert batches == len(answers) if batch_invariant else batches < len(answers)  # shared batches were made
     batched = answers[3].json()
     assert alone["fusion"]["mode"] == batched["fusion"]["mode"] == "fused"
-    assert alone["fusion"]["signals"] == ["lm", "behaviour", "semantic"]
+    assert alone["fusion"]["signals"] == ["lm", "behaviour", "semantic", "sequential"]
     assert [x["index"] for x in batched["results"]] == [x["index"] for x in alone["results"]]
     for a, b in zip(alone["results"], batched["results"]):
         assert b["score"] == pytest.approx(a["score"], abs=1e-4)
