@@ -193,6 +193,8 @@ async def _load(url: str, bodies: Sequence[bytes], refs, plan: Sequence[int], cl
             except ValueError:
                 return 0.0
 
+        fault_order = asyncio.Lock()
+
         async def worker() -> None:
             nonlocal sent
             while sent < len(plan) and time.perf_counter() < deadline:
@@ -200,12 +202,15 @@ async def _load(url: str, bodies: Sequence[bytes], refs, plan: Sequence[int], cl
                 sent += 1
                 while pending_faults and seq >= pending_faults[0][0]:
                     _, name = pending_faults.pop(0)
-                    if name == "burst":
-                        fault_tasks.append(asyncio.ensure_future(asyncio.gather(
-                            *(one(len(plan) + k, plan[(seq + k) % len(plan)], True) for k in range(burst)))))
-                        log.mark("burst", seq, None)
-                    else:  # Redis stop/start run in a thread: they block for a moment
-                        await loop.run_in_executor(None, fault.run, name, seq)
+                    # in plan order: a fault popped by another worker meanwhile (the burst) waits
+                    # until this one is done (Redis back up), however long a busy machine takes
+                    async with fault_order:
+                        if name == "burst":
+                            fault_tasks.append(asyncio.ensure_future(asyncio.gather(
+                                *(one(len(plan) + k, plan[(seq + k) % len(plan)], True) for k in range(burst)))))
+                            log.mark("burst", seq, None)
+                        else:  # Redis stop/start run in a thread: they block for a moment
+                            await loop.run_in_executor(None, fault.run, name, seq)
                 wait = await one(seq, plan[seq], False)
                 if wait and obey_retry_after:  # a polite client: it waits as told before its next request
                     await asyncio.sleep(min(wait, MAX_RETRY_AFTER_S))
