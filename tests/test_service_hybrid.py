@@ -394,3 +394,32 @@ def test_cached_only_similarities_equal_the_encoders():
         encoder.similarities(need, ["Doom"], cached_only=True)
     computed = encoder.similarities(need, ["Doom", "Tetris"])
     assert np.array_equal(encoder.similarities(need, ["Doom", "Tetris"], cached_only=True), computed)
+
+
+def test_fused_recommend_ranks_what_the_signals_retrieve_as_rerank_would(files):
+    """/recommend on a service with a gate: with every source proposing the whole (small)
+    catalogue, the answer is /rerank's fused ranking of every allowed item, top k, scores and
+    relevance equal; one item per title; lm-only is the model's own generation."""
+    settings = _settings(gate=str(files["gate"]), behaviour=str(files["behaviour"]), catalogue=str(files["catalogue"]),
+                         retrieve_per_source=100, redis_url="")
+    body = {"history": REQUEST["history"], "instruction": REQUEST["instruction"], "k": 4}
+    with ServerThread(create_app(settings)) as srv:
+        srv.wait_ready()
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            answer = client.post("/recommend", json=body)
+            assert answer.status_code == 200, answer.text
+            answer = answer.json()
+            allowed = [{"id": i, "title": t} for i, t in ITEMS if i not in ("g0", "g1")]
+            reranked = client.post("/rerank", json={"history": REQUEST["history"], "instruction": REQUEST["instruction"],
+                                                    "candidates": allowed}).json()
+            plain = client.post("/recommend", json={**body, "fusion": "lm-only"}).json()
+    assert answer["fusion"]["mode"] == "fused" and answer["usage"]["ranked"] == len(allowed)
+    want = [(allowed[r["index"]]["id"], r["score"], r["relevance"]) for r in reranked["results"]][:4]
+    got = [(r["id"], r["score"], r["relevance"]) for r in answer["results"]]
+    assert [g[0] for g in got] == [w[0] for w in want]
+    for g, w in zip(got, want):
+        assert g[1] == pytest.approx(w[1], abs=1e-6) and g[2] == pytest.approx(w[2], abs=1e-6)
+    assert answer["fusion"]["weights"] == pytest.approx(reranked["fusion"]["weights"], abs=1e-9)
+    assert all(set(r["components"]) >= {"lm", "behaviour", "semantic", "lm_loglik"} for r in answer["results"])
+    assert plain["fusion"]["mode"] == "lm-only" and all(r["relevance"] is None for r in plain["results"])
+    assert plain["usage"]["ranked"] is None and len({r["title"] for r in plain["results"]}) == len(plain["results"])

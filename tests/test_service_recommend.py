@@ -83,6 +83,12 @@ def direct(app, need: UserNeed) -> list[float]:
 NEED = {"instruction": "something to race with friends", "history": ["Halo", {"id": "g1", "title": "renamed"}]}
 
 
+def distinct(order: list[int]) -> list[int]:
+    """The first item of each title in ``order``: /recommend answers one item per title."""
+    seen: set[str] = set()
+    return [i for i in order if not (TITLES[i] in seen or seen.add(TITLES[i]))]
+
+
 def test_exhaustive_generation_is_the_rankers_sort_of_the_allowed_items(service):
     app, client = service
     r = client.post("/recommend", json={**NEED, "k": N})
@@ -92,7 +98,9 @@ def test_exhaustive_generation_is_the_rankers_sort_of_the_allowed_items(service)
     ref = direct(app, UserNeed(history=("Halo", "renamed"), intention="something to race with friends",
                                intention_kind=Intention.VAGUE))
     excluded = {TITLES.index("Halo"), 1}  # by title, and by id (its title in the request differs)
-    want = [i for i in rank_order(ref) if i not in excluded]
+    allowed = [i for i in rank_order(ref) if i not in excluded]
+    want = distinct(allowed)  # of the two "Halo 3" items only the first in catalogue order (ties keep it)
+    assert len(want) == len({TITLES[i] for i in allowed}) < len(allowed)
     assert [x["id"] for x in body["results"]] == [IDS[i] for i in want]
     for x in body["results"]:
         assert x["title"] == TITLES[IDS.index(x["id"])]
@@ -105,7 +113,7 @@ def test_exhaustive_generation_is_the_rankers_sort_of_the_allowed_items(service)
     assert again["results"] == body["results"]  # scores bit for bit (repr-exact JSON floats)
 
     kept = client.post("/recommend", json={**NEED, "k": N, "exclude_history": False}).json()
-    assert [x["id"] for x in kept["results"]] == [IDS[i] for i in rank_order(ref)]
+    assert [x["id"] for x in kept["results"]] == [IDS[i] for i in distinct(rank_order(ref))]
 
 
 def test_k_and_the_filters(service):
@@ -117,7 +125,9 @@ def test_k_and_the_filters(service):
     assert sorted(x["id"] for x in got["results"]) == ["g5", "g7", "g9"]  # g36 is "Halo": in the history
     assert got["catalogue"]["allowed"] == 3
     out = client.post("/recommend", json={**NEED, "k": N, "filter": {"exclude_ids": ["g0", "g2", "g3", 17, "unknown"]}}).json()
-    assert not {"g0", "g2", "g3"} & {x["id"] for x in out["results"]} and len(out["results"]) == N - 5
+    assert not {"g0", "g2", "g3"} & {x["id"] for x in out["results"]} and out["catalogue"]["allowed"] == N - 5
+    allowed = [i for i in range(N) if IDS[i] not in ("g0", "g2", "g3", "g1") and TITLES[i] != "Halo"]  # 17 is no id
+    assert len(allowed) == N - 5 and len(out["results"]) == len({TITLES[i] for i in allowed})  # one item per title
     none = client.post("/recommend", json={**NEED, "k": 5, "filter": {"ids": ["g36"]}}).json()
     assert none["results"] == [] and none["catalogue"]["allowed"] == 0
 

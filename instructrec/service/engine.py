@@ -82,6 +82,29 @@ class RecommendJob:
     k: int
     allowed: "np.ndarray | None"  # a bool per catalogue item; None: all
     beams: int
+    fused: "FusedRecommend | None" = None  # rank what the signals retrieve with the fused scorer (None: generation only)
+
+
+@dataclass(frozen=True)
+class FusedRecommend:
+    """A fused /recommend: the need, its history's ids (resolved through the behaviour index) and
+    the rerank (T3) instruction the LM scores the retrieved items with."""
+
+    need: UserNeed
+    history_ids: list
+    rerank_source: str
+    per_source: int
+
+
+@dataclass(frozen=True)
+class FusedItems:
+    """A fused /recommend's answer: (catalogue index, fused score, relevance, components) best
+    first, distinct by title; the fusion itself; decoding steps; and how many items were ranked."""
+
+    items: list
+    fused: object  # instructrec.hybrid.Fused over the ranked union
+    steps: int
+    ranked: int
 
 
 @dataclass(frozen=True)
@@ -253,6 +276,7 @@ class Engine:
                 else self._fit_matching
         # hybrid scoring: loaded here, in the inference thread, which alone runs its encoder
         self.hybrid: Hybrid | None = load_hybrid_for(settings, loaded.name, self.catalogue)
+        self._retriever = None  # /recommend's candidate retrieval, built on the inference thread at warm-up
 
     # -- cache key parts ----------------------------------------------------------------
     @property
@@ -316,12 +340,14 @@ class Engine:
         return (inst, *self.ranker.source_ids(inst.source, tokenizer=self._prep_tokenizer))
 
     def prepare_recommend(self, need: UserNeed, template_id: str | None, k: int, *, history_ids=(),
-                          exclude_history: bool = True, only_ids=None, exclude_ids=(), meta=None) -> PreparedRecommend:
+                          exclude_history: bool = True, only_ids=None, exclude_ids=(), meta=None,
+                          fused: bool = False) -> PreparedRecommend:
         """Select a matching (T2) template, fit the instruction, and make the request's mask of
         allowed items: ``only_ids`` (all when None) whose metadata matches every ``meta`` key (a
         value, or a list of values any of which will do), minus ``exclude_ids``, minus the history
         (its ids where given, else its titles) with ``exclude_history``. Raises
-        :class:`UnknownItem` for an ``only_ids`` id the catalogue lacks."""
+        :class:`UnknownItem` for an ``only_ids`` id the catalogue lacks. ``fused``: the items are
+        what the signals retrieve, ranked by the fused scorer (:meth:`generate`)."""
         cat = self.catalogue
         inst, source_ids, source_cut = self._recommend_fit(need, template_id)
         allowed = None
@@ -347,16 +373,24 @@ class Engine:
             allowed[out] = False
         digest = "" if allowed is None else hashlib.sha256(np.packbits(allowed).tobytes()).hexdigest()[:32]
         beams = max(k, self.settings.beams or k)
-        job = RecommendJob(source_ids, k, allowed, beams)
+        fusion = None
+        if fused:
+            hybrid = self.hybrid
+            ids = list(history_ids) or [None] * len(need.history)
+            rerank = build(need, self._prep_tokenizer, self.ranker.max_source_tokens).source
+            fusion = FusedRecommend(need, hybrid.resolve(ids, list(need.history)), rerank, self.settings.retrieve_per_source)
+        job = RecommendJob(source_ids, k, allowed, beams, fusion)
         return PreparedRecommend(inst, source_cut, job, len(cat) if allowed is None else int(allowed.sum()), digest)
 
     def recommend_key_parts(self, prepared: PreparedRecommend) -> tuple[str, ...]:
         """A /recommend answer is cached whole, by everything that decides it. Generation runs
         each request alone, so in any precision a cached answer is the one it gets uncached."""
         r, job = self.ranker, prepared.job
+        fused = ("fused", self.hybrid.version, str(job.fused.per_source), job.fused.rerank_source,
+                 "|".join(str(h) for h in job.fused.history_ids)) if job.fused else ("lm-only",)
         return ("recommend", self.version, self.loaded.precision, TEMPLATE_VERSION, prepared.instruction.template.id,
                 r.reduction, str(r.max_source_tokens), self.catalogue.version, str(job.k), str(job.beams),
-                prepared.filter_digest, prepared.instruction.source)
+                prepared.filter_digest, prepared.instruction.source, *fused)
 
     def job_tokens(self, prepared: PreparedRecommend) -> int:
         """A generation job's weight in the batcher's token units (its queue-wait estimate): each
@@ -364,8 +398,53 @@ class Engine:
         tokens costs (measured: k=10 on Games ~ a 100-candidate rerank)."""
         return prepared.source_tokens + GENERATION_TOKENS_PER_BEAM * prepared.job.beams
 
-    def generate(self, job: RecommendJob) -> Generation:
-        return self.generator.generate(job.source_ids, job.k, allowed=job.allowed, beams=job.beams)
+    def generate(self, job: RecommendJob) -> "Generation | FusedItems":
+        """The model's own top k titles (one item per title); with ``job.fused``, those and what
+        the sequential model, the behaviour index and the semantic encoder propose, ranked by the
+        fused scorer as /rerank would rank them (inference thread: all of it is torch)."""
+        generated = self.generator.generate(job.source_ids, job.k, allowed=job.allowed, beams=job.beams, distinct=True)
+        if job.fused is None:
+            return generated
+        f, cat = job.fused, self.catalogue
+        history = [h for h in f.history_ids if h is not None]
+        got = self.retriever().retrieve(f.need, history, allowed=job.allowed, per_source=f.per_source,
+                                        beams=[r.item for r in generated.items])
+        titles = [cat.items[i].title for i in got.items]
+        distinct = list(dict.fromkeys(titles))
+        by_title = dict(zip(distinct, self.ranker.score(f.rerank_source, distinct).scores))
+        fused = self.hybrid.fuse([by_title[t] for t in titles], f.need, titles, [cat.items[i].id for i in got.items],
+                                 f.history_ids)
+        items, seen = [], set()
+        for j in sorted(range(len(titles)), key=lambda j: (-fused.scores[j], j)):
+            if titles[j] not in seen and len(items) < job.k:
+                seen.add(titles[j])
+                items.append((got.items[j], float(fused.scores[j]), float(fused.relevance[j]),
+                              {name: float(v[j]) for name, v in fused.components.items()} | {"lm_loglik": by_title[titles[j]]}))
+        return FusedItems(items, fused, generated.steps, len(got.items))
+
+    def retriever(self):
+        """/recommend's retrieval over the catalogue (built once, on the inference thread: the
+        title vectors are the semantic encoder's, kept in a file beside the catalogue)."""
+        if self._retriever is None:
+            from instructrec.hybrid.retrieval import Retriever
+
+            cat, hybrid = self.catalogue, self.hybrid
+            titles = [it.title for it in cat.items]
+            vectors = None
+            if hybrid.semantic is not None:
+                digest = hashlib.sha256("\n".join([hybrid.semantic.version, *titles]).encode()).hexdigest()[:16]
+                path = Path(f"{self.settings.catalogue}.vectors-{digest}.npy")
+                if path.is_file():
+                    vectors = np.load(path)
+                else:
+                    vectors = hybrid.semantic.embed(titles)
+                    try:
+                        np.save(path, vectors)
+                    except OSError:  # a read-only catalogue folder: computed again at the next start
+                        log.warning("could not keep the title vectors in %s", path)
+            self._retriever = Retriever([it.id for it in cat.items], titles, behaviour=hybrid.behaviour,
+                                        sequential=hybrid.sequential, semantic=hybrid.semantic, title_vectors=vectors)
+        return self._retriever
 
     def semantic_tokens(self, need: UserNeed, texts: Sequence[str]) -> int:
         """A semantic job's weight in the batcher's token units: about the tokens of the texts
@@ -442,6 +521,10 @@ class Engine:
             started = time.perf_counter()
             self.hybrid.semantic_signal(UserNeed(history=("warm up",)), ["warm up"])
             self.warmup_report["semantic"] = {"seconds": round(time.perf_counter() - started, 3)}
+        if self.generator is not None and self.hybrid is not None:  # /recommend's retrieval and title vectors
+            started = time.perf_counter()
+            self.retriever()
+            self.warmup_report["retrieval"] = {"seconds": round(time.perf_counter() - started, 3)}
         if self.generator is not None:  # the decoding step's kernels, before the first /recommend
             started = time.perf_counter()
             steps = self.generator.generate(source, 2).steps

@@ -268,13 +268,16 @@ def _fuse(state: ServiceState, mode: FusionMode, need: UserNeed, lm: list[float]
 
 @dataclass
 class Recommendation:
-    """What the recommend pipeline hands back: the items (catalogue index, score) best first."""
+    """What the recommend pipeline hands back: the items best first, as (catalogue index, score)
+    or, fused, (catalogue index, fused score, relevance, components)."""
 
     prepared: PreparedRecommend
-    items: list[tuple[int, float]]
+    items: list[tuple]
     steps: int
     cache_used: bool
     hit: bool
+    requested: FusionMode = "auto"
+    fusion: dict | None = None  # fused: {"weights", "signals", "ranked"} (None: generation only)
 
 
 def no_catalogue() -> ApiError:
@@ -284,31 +287,45 @@ def no_catalogue() -> ApiError:
 
 
 async def recommend(request: Request, state: ServiceState, need: UserNeed, template_id: str | None, k: int,
-                    **mask) -> Recommendation:
-    """``mask``: :meth:`Engine.prepare_recommend`'s history ids, exclusions and filter."""
+                    mode: FusionMode = "auto", **mask) -> Recommendation:
+    """``mask``: :meth:`Engine.prepare_recommend`'s history ids, exclusions and filter. Fused
+    (``auto`` on a service with a gate): the model's own k and what the signals retrieve, ranked
+    by the fused scorer; else the model's own k."""
     cache, metrics = state.cache, state.metrics
     loop = asyncio.get_running_loop()
+    fused = fuses(state, mode)
     start = time.perf_counter()
     try:
         prepared = await loop.run_in_executor(state.prep_executor, functools.partial(
-            state.engine.prepare_recommend, need, template_id, k, **mask))
+            state.engine.prepare_recommend, need, template_id, k, fused=fused, **mask))
     except TemplateError as exc:
         raise template_error(exc, "template" if template_id else None) from None
     except UnknownItem as exc:
         raise ApiError(422, "validation_error", str(exc), exc.field, reason="invalid") from None
     metrics.prepare_seconds.observe(time.perf_counter() - start)
     if prepared.allowed_items == 0:
-        return Recommendation(prepared, [], 0, False, False)
+        return Recommendation(prepared, [], 0, False, False, mode)
     key = cache.answer_key(state.engine.recommend_key_parts(prepared)) if cache.enabled else None
     usable, cached = await cache.get_json(key) if key else (False, None)
     if cached is not None:
         metrics.answer_cache.labels("hit").inc()
-        return Recommendation(prepared, [(int(i), float(s)) for i, s in cached], 0, True, True)
+        if fused:
+            return Recommendation(prepared, [(int(i), float(s), float(r), c) for i, s, r, c in cached["items"]], 0,
+                                  True, True, mode, cached["fusion"])
+        return Recommendation(prepared, [(int(i), float(s)) for i, s in cached], 0, True, True, mode)
     if key:
         metrics.answer_cache.labels("miss" if usable else "bypassed").inc()
     generated = await _submit(request, state, prepared.job, state.engine.job_tokens(prepared))
     metrics.generate_steps.observe(generated.steps)
+    if fused:
+        fusion = {"weights": generated.fused.weights, "signals": list(generated.fused.components),
+                  "ranked": generated.ranked}
+        metrics.observe_fusion("fused", generated.fused.weights, 0)
+        if usable:
+            await cache.set_json(key, {"items": generated.items, "fusion": fusion})
+        return Recommendation(prepared, generated.items, generated.steps, usable, False, mode, fusion)
+    metrics.observe_fusion("lm-only", {}, 0)
     items = [(r.item, r.score) for r in generated.items]
     if usable:
         await cache.set_json(key, items)
-    return Recommendation(prepared, items, generated.steps, usable, False)
+    return Recommendation(prepared, items, generated.steps, usable, False, mode)

@@ -221,10 +221,18 @@ async def recommend(request: Request):
     pipeline.check_template(req.template)
     filt = req.filter
     history_ids = tuple(h.id if h.id is None else str(h.id) for h in req.history if h.title)
-    out = await pipeline.recommend(request, state, _need(req), req.template, req.k, history_ids=history_ids,
+    out = await pipeline.recommend(request, state, _need(req), req.template, req.k, req.fusion, history_ids=history_ids,
                                    exclude_history=req.exclude_history, only_ids=filt.ids if filt else None,
                                    exclude_ids=filt.exclude_ids if filt else (), meta=filt.meta if filt else None)
     return _json(_recommend_body(out, state))
+
+
+def _recommend_fusion(out: pipeline.Recommendation, state: ServiceState) -> dict:
+    """How a /recommend answer was ranked (:class:`FusionInfo`; no per-candidate behaviour list)."""
+    hybrid, f = state.engine.hybrid, out.fusion
+    return {"mode": "fused" if f else "lm-only", "requested": out.requested,
+            "gate_version": hybrid.gate.version if hybrid else None, "hybrid_version": hybrid.version if hybrid else None,
+            "signals": f["signals"] if f else ["lm"], "weights": f["weights"] if f else None, "without_behaviour": None}
 
 
 def _recommend_body(out: pipeline.Recommendation, state: ServiceState) -> dict:
@@ -234,11 +242,15 @@ def _recommend_body(out: pipeline.Recommendation, state: ServiceState) -> dict:
     inst = out.prepared.instruction
     return {
         "id": f"rec-{uuid.uuid4().hex}",
-        "results": [{"id": cat.items[i].id, "title": cat.items[i].title, "score": score} for i, score in out.items],
+        "results": [{"id": cat.items[item[0]].id, "title": cat.items[item[0]].title, "score": item[1],
+                     "relevance": item[2] if out.fusion else None, "components": item[3] if out.fusion else None}
+                    for item in out.items],
+        "fusion": _recommend_fusion(out, state),
         "template": _template_info(inst),
         "model": {"name": engine.name, "checkpoint_version": engine.version},
         "catalogue": {"version": cat.version, "items": len(cat), "allowed": out.prepared.allowed_items},
-        "usage": {"source_tokens": out.prepared.source_tokens, "steps": out.steps},
+        "usage": {"source_tokens": out.prepared.source_tokens, "steps": out.steps,
+                  "ranked": out.fusion["ranked"] if out.fusion else None},
         "cache": {"enabled": out.cache_used, "hit": out.hit},
         "truncated": {"history_dropped": inst.history_dropped, "source_tokens_cut": out.prepared.source_cut},
     }

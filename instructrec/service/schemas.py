@@ -136,12 +136,18 @@ class RecommendRequest(NeedRequest):
     exclude_history: bool = Field(True, description="never recommend an item of the history (matched by id, "
                                   "else by title)")
     filter: RecommendFilter | None = None
+    fusion: FusionMode = Field("auto", description="auto: with a gate, the model's own k and what the sequential "
+                               "model, the behaviour index and the semantic encoder retrieve, ranked by the fused "
+                               "scorer; lm-only: the model's own k")
 
 
 class RecommendedItem(BaseModel):
     id: str
     title: str
-    score: float = Field(description="the title's mean (or sum) token log-likelihood: what /rerank gives it")
+    score: float = Field(description="fused: the fused score /rerank gives the item among the ranked ones; LM-only: "
+                         "the title's mean (or sum) token log-likelihood")
+    relevance: float | None = Field(None, description="fused: the calibrated probability among the ranked items")
+    components: "Components | None" = Field(None, description="fused: the signals the score is made of")
 
 
 class CatalogueInfo(BaseModel):
@@ -153,6 +159,8 @@ class CatalogueInfo(BaseModel):
 class RecommendUsage(BaseModel):
     source_tokens: int = Field(description="instruction tokens the model sees")
     steps: int = Field(description="decoding steps the beam search ran (0 when answered from the cache)")
+    ranked: int | None = Field(None, description="fused: items the fused scorer ranked (the model's own k and what "
+                               "the signals retrieved); null when LM-only")
 
 
 class AnswerCache(BaseModel):
@@ -169,6 +177,7 @@ class RecommendResponse(BaseModel):
     usage: RecommendUsage
     cache: AnswerCache
     truncated: "InstructionTruncation"
+    fusion: "FusionInfo | None" = None
 
 
 class Components(BaseModel):

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     sequential: str | None = Field(default=None, description="the sequential model's directory (SASRec in plain "
                                    "torch, `instructrec sequential train`) for the sequential signal; needs a gate; "
                                    "default: sequential/ in the model directory when it exists; 'none': no such signal")
+    retrieve_per_source: int = Field(default=50, ge=1, le=1000, description="fused /recommend: items each signal "
+                                     "(the sequential model, the behaviour index, the semantic encoder) proposes for "
+                                     "the fused scorer to rank, beside the model's own k")
     semantic: bool = Field(default=True, description="with a gate: the MiniLM similarity of the need to each "
                            "candidate as a signal (run in the inference thread, title vectors cached)")
 
