@@ -66,7 +66,21 @@ class BehaviourFeatures:
     known: float
 
 
-class BehaviourIndex:
+class Stamped:
+    """A file-backed signal whose header names its content (``digest``) and its item set."""
+
+    header: dict
+
+    @property
+    def version(self) -> str:
+        return self.header["digest"]
+
+    @property
+    def items_version(self) -> str:
+        return self.header["items_digest"]
+
+
+class BehaviourIndex(Stamped):
     def __init__(self, header: dict, item_ids: list[str], titles: list[str], indptr: np.ndarray, indices: np.ndarray,
                  transition: np.ndarray, cooccurrence: np.ndarray, popularity: np.ndarray):
         self.header = header
@@ -80,14 +94,6 @@ class BehaviourIndex:
         self.indptr, self.indices = indptr, indices
         self.transition, self.cooccurrence = transition, cooccurrence
         self.popularity = popularity
-
-    @property
-    def version(self) -> str:
-        return self.header["digest"]
-
-    @property
-    def items_version(self) -> str:
-        return self.header["items_digest"]
 
     def __len__(self) -> int:
         return len(self.item_ids)

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .behaviour import Stamped
+
 FORMAT = "instructrec-sequential"
 FORMAT_VERSION = 1
 WEIGHTS = "sequential.safetensors"
@@ -86,7 +88,7 @@ def left_pad(rows: Sequence[Sequence[int]], length: int) -> torch.Tensor:
     return out
 
 
-class SequentialScorer:
+class SequentialScorer(Stamped):
     """A trained SASRec with its item ids: scores a request's candidates from its history."""
 
     def __init__(self, model: SASRec, item_ids: list[str], header: dict):
@@ -94,14 +96,6 @@ class SequentialScorer:
         self.item_ids = item_ids
         self.position = {item: i + 1 for i, item in enumerate(item_ids)}  # 0 is padding
         self.header = header
-
-    @property
-    def version(self) -> str:
-        return self.header["digest"]
-
-    @property
-    def items_version(self) -> str:
-        return self.header["items_digest"]
 
     @torch.inference_mode()
     def scores(self, history: Sequence[str | None], candidates: Sequence[str | None]) -> np.ndarray | None:

@@ -190,20 +190,16 @@ def load_hybrid_for(settings: Settings, model_name: str, catalogue=None) -> Hybr
                                  f"INSTRUCTREC_GATE (or put {GATE_FILE} in the model directory)")
         return None
     index = load_behaviour_index(settings.behaviour) if settings.behaviour else None
-    if index is not None and catalogue is not None:
-        want = items_digest([it.id for it in catalogue.items])
-        if index.items_version != want:
-            raise BehaviourError(f"behaviour index {settings.behaviour} was built over another item set (items digest "
-                                 f"{index.items_version}) than catalogue {settings.catalogue} ({want}): rebuild it "
-                                 "over the catalogue's items")
     sequential = sequential_path(settings, model_name)
     model = load_sequential(sequential) if sequential is not None else None
-    if model is not None and catalogue is not None:
-        want = items_digest([it.id for it in catalogue.items])
-        if model.items_version != want:
-            raise SequentialError(f"sequential model {sequential} was trained over another item set (items digest "
-                                  f"{model.items_version}) than catalogue {settings.catalogue} ({want}): train it on "
-                                  "the catalogue's data set")
+    want = items_digest([it.id for it in catalogue.items]) if catalogue is not None else None
+    for part, what, where, error, fix in ((index, "behaviour index", settings.behaviour, BehaviourError,
+                                           "rebuild it over the catalogue's items"),
+                                          (model, "sequential model", sequential, SequentialError,
+                                           "train it on the catalogue's data set")):
+        if part is not None and want is not None and part.items_version != want:
+            raise error(f"{what} {where} was built over another item set (items digest {part.items_version}) than "
+                        f"catalogue {settings.catalogue} ({want}): {fix}")
     gate_file = load_gate(gate)
     if gate_file.info.get("sequential") and model is None:
         raise SequentialError(f"gate {gate} was fitted with a sequential model: give one (INSTRUCTREC_SEQUENTIAL, or "
