@@ -286,8 +286,10 @@ class HybridModel(Method):
         self.max_history = lm.max_history
         self.train_seconds = lm.train_seconds
         info = hybrid.gate.info
-        self.notes = (f"{lm.name} fused with item-to-item counts and the MiniLM bi-encoder by a gate fitted on "
-                      f"{info.get('examples', '?')} validation requests of {info.get('users_fitted', '?')} other users")
+        signals = [name for name, part in (("item-to-item counts", hybrid.behaviour), ("the MiniLM bi-encoder",
+                   hybrid.semantic), ("the SASRec", hybrid.sequential)) if part is not None]
+        self.notes = (f"{lm.name} fused with {', '.join(signals) or 'nothing'} by a gate fitted on "
+                      f"{info.get('examples', '?')} validation requests of {info.get('users_fitted', '?')} users")
 
     def version(self) -> str:
         return f"{self.lm.version()}+{self.hybrid.version}"
