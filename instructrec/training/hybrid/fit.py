@@ -79,25 +79,32 @@ class Labelled:
 
 def fitting_examples(data: InteractionData, lm, hybrid: Hybrid, *, users: int, work: Path, seed: int = FIT_SEED,
                      scenarios: str | None = None, retrieved_users: int = 0, per_source: int = 30,
-                     progress: bool = True) -> list[Labelled]:
-    """Every (scenario, validation case) of ``users`` seeded users as a gate example, and the
-    retrieved-candidates example of the first ``retrieved_users`` of them; ``lm`` is an
-    evaluation :class:`~instructrec.training.evaluate.methods.InstructionModel`."""
+                     hard_users: int = 0, progress: bool = True) -> list[Labelled]:
+    """Every (scenario, validation case) of ``users`` seeded users as a gate example, the same
+    with hard negatives (the evaluation's hard-10: 9 of the 50 titles nearest the history by
+    the semantic encoder) for the first ``hard_users``, and the retrieved-candidates example of
+    the first ``retrieved_users``; ``lm`` is an evaluation
+    :class:`~instructrec.training.evaluate.methods.InstructionModel`."""
     chosen = get_scenarios(scenarios)
     cases = cand.pick_users(cand.full_cases(data, "valid"), users, seed)
     annotations = annotations_for(data, cases, chosen, work / "annotations.jsonl", progress)
-    rows = cand.uniform_candidates(data, cases, 9, seed)
+    sets = [("", cand.uniform_candidates(data, cases, 9, seed))]
+    if hard_users:
+        sets.append(("hard:", cand.hard_candidates(data, cases[:hard_users], 9, seed,
+                                                  nearest_titles(data, hybrid, work))))
     out = []
-    for scenario in chosen:
-        used = needs_of(data, rows, scenario, annotations, lm.max_history)
-        if not used:
-            continue
-        lm_scores = lm.score([c for c, _ in used], [n for _, n in used], None, f"gate-fit:{scenario.name}",
-                             progress=progress)
-        for (case, need), scores in zip(used, lm_scores):
-            sig = case_signals(hybrid, data, case, need)
-            out.append(Labelled(scenario.name, case.user_id, Example(np.asarray(scores), need, sig.behaviour, sig.semantic,
-                                                                     sig.known, case.positive, sig.sequential)))
+    for prefix, rows in sets:
+        for scenario in chosen:
+            used = needs_of(data, rows, scenario, annotations, lm.max_history)
+            if not used:
+                continue
+            name = prefix + scenario.name
+            lm_scores = lm.score([c for c, _ in used], [n for _, n in used], None, f"gate-fit:{name}",
+                                 progress=progress)
+            for (case, need), scores in zip(used, lm_scores):
+                sig = case_signals(hybrid, data, case, need)
+                out.append(Labelled(name, case.user_id, Example(np.asarray(scores), need, sig.behaviour, sig.semantic,
+                                                                sig.known, case.positive, sig.sequential)))
     if retrieved_users:
         out += retrieved_examples(data, lm, hybrid, cases[:retrieved_users], work=work, per_source=per_source,
                                   progress=progress)
@@ -115,6 +122,25 @@ def title_vectors(hybrid: Hybrid, titles: list[str], work: Path) -> np.ndarray:
     vectors = hybrid.semantic.embed(titles)
     np.save(path, vectors)
     return vectors
+
+
+def nearest_titles(data: InteractionData, hybrid: Hybrid, work: Path):
+    """The hard-negative retriever (as the evaluation's bi-encoder retrieves): item ids nearest
+    the case's recent history by the semantic encoder, best first."""
+    from instructrec.hybrid.retrieval import Retriever
+
+    from ..catalogue_cli import items_of
+
+    items, _ = items_of(data)
+    titles = [it.title for it in items]
+    retriever = Retriever([it.id for it in items], titles, semantic=hybrid.semantic,
+                          title_vectors=title_vectors(hybrid, titles, work))
+
+    def retrieve(cases: Sequence[Case], k: int) -> list[list[str]]:
+        needs = [UserNeed(history=tuple(normalise(data.title(i)) for i in c.history[-MAX_HISTORY:])) for c in cases]
+        return [[items[p].id for p in retriever.by_meaning(n, None, k)] for n in needs]
+
+    return retrieve
 
 
 def retrieved_examples(data: InteractionData, lm, hybrid: Hybrid, cases: Sequence[Case], *, work: Path,
