@@ -98,6 +98,25 @@ class SemanticEncoder:
         q = np.sum(parts, axis=0)
         return q / (np.linalg.norm(q) or 1.0)
 
+    def catalogue_vectors(self, titles: Sequence[str], keep: str | Path) -> np.ndarray:
+        """Vectors of every title of a catalogue, kept in the file ``{keep}-{digest}.npy`` (the
+        digest names the encoder and the titles): a catalogue takes minutes on a CPU, once. A
+        file that cannot be written is only a warning: the vectors are computed again next time."""
+        import hashlib
+        import logging
+
+        digest = hashlib.sha256("\n".join([self.version, *titles]).encode()).hexdigest()[:16]
+        path = Path(f"{keep}-{digest}.npy")
+        if path.is_file():
+            return np.load(path)
+        vectors = self.embed(list(titles))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, vectors)
+        except OSError:
+            logging.getLogger(__name__).warning("could not keep the title vectors in %s", path)
+        return vectors
+
     def similarities(self, need: UserNeed, candidates: Sequence[str], *,
                      cached_only: bool = False) -> np.ndarray | None:
         """Cosine similarity of each candidate title to the need (None: the need has no text).

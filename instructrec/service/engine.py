@@ -428,16 +428,7 @@ class Engine:
             titles = [it.title for it in cat.items]
             vectors = None
             if hybrid.semantic is not None:
-                digest = hashlib.sha256("\n".join([hybrid.semantic.version, *titles]).encode()).hexdigest()[:16]
-                path = Path(f"{self.settings.catalogue}.vectors-{digest}.npy")
-                if path.is_file():
-                    vectors = np.load(path)
-                else:
-                    vectors = hybrid.semantic.embed(titles)
-                    try:
-                        np.save(path, vectors)
-                    except OSError:  # a read-only catalogue folder: computed again at the next start
-                        log.warning("could not keep the title vectors in %s", path)
+                vectors = hybrid.semantic.catalogue_vectors(titles, f"{self.settings.catalogue}.vectors")
             self._retriever = Retriever([it.id for it in cat.items], titles, behaviour=hybrid.behaviour,
                                         sequential=hybrid.sequential, semantic=hybrid.semantic, title_vectors=vectors)
         return self._retriever

@@ -111,30 +111,24 @@ def fitting_examples(data: InteractionData, lm, hybrid: Hybrid, *, users: int, w
     return out
 
 
-def title_vectors(hybrid: Hybrid, titles: list[str], work: Path) -> np.ndarray:
-    """The semantic encoder's vectors of every catalogue title, kept in ``work`` (minutes on a CPU)."""
-    import hashlib
-
-    digest = hashlib.sha256("\n".join([hybrid.semantic.version, *titles]).encode()).hexdigest()[:16]
-    path = work / f"title-vectors-{digest}.npy"
-    if path.exists():
-        return np.load(path)
-    vectors = hybrid.semantic.embed(titles)
-    np.save(path, vectors)
-    return vectors
-
-
-def nearest_titles(data: InteractionData, hybrid: Hybrid, work: Path):
-    """The hard-negative retriever (as the evaluation's bi-encoder retrieves): item ids nearest
-    the case's recent history by the semantic encoder, best first."""
+def catalogue_retriever(data: InteractionData, hybrid: Hybrid, work: Path):
+    """The dataset's items (the catalogue's order) and a retriever over them with every signal
+    of ``hybrid``; title vectors kept in ``work``."""
     from instructrec.hybrid.retrieval import Retriever
 
     from ..catalogue_cli import items_of
 
     items, _ = items_of(data)
     titles = [it.title for it in items]
-    retriever = Retriever([it.id for it in items], titles, semantic=hybrid.semantic,
-                          title_vectors=title_vectors(hybrid, titles, work))
+    vectors = hybrid.semantic.catalogue_vectors(titles, work / "title-vectors") if hybrid.semantic else None
+    return items, Retriever([it.id for it in items], titles, behaviour=hybrid.behaviour, sequential=hybrid.sequential,
+                            semantic=hybrid.semantic, title_vectors=vectors)
+
+
+def nearest_titles(data: InteractionData, hybrid: Hybrid, work: Path):
+    """The hard-negative retriever (as the evaluation's bi-encoder retrieves): item ids nearest
+    the case's recent history by the semantic encoder, best first."""
+    items, retriever = catalogue_retriever(data, hybrid, work)
 
     def retrieve(cases: Sequence[Case], k: int) -> list[list[str]]:
         needs = [UserNeed(history=tuple(normalise(data.title(i)) for i in c.history[-MAX_HISTORY:])) for c in cases]
@@ -149,16 +143,9 @@ def retrieved_examples(data: InteractionData, lm, hybrid: Hybrid, cases: Sequenc
     (as ``/recommend`` ranks them): a case whose target no signal proposed is left out."""
     from tqdm import tqdm
 
-    from instructrec.hybrid.retrieval import Retriever
-
-    from ..catalogue_cli import items_of
     from ..evaluate.scenarios import SCENARIOS
 
-    items, _ = items_of(data)
-    titles = [it.title for it in items]
-    retriever = Retriever([it.id for it in items], titles, behaviour=hybrid.behaviour, sequential=hybrid.sequential,
-                          semantic=hybrid.semantic,
-                          title_vectors=title_vectors(hybrid, titles, work) if hybrid.semantic else None)
+    items, retriever = catalogue_retriever(data, hybrid, work)
     position = {it.id: j for j, it in enumerate(items)}
     out = []
     for case in tqdm(cases, desc="retrieved candidates", unit="case", disable=not progress):
