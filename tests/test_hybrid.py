@@ -279,14 +279,3 @@ def test_retrieval_unions_each_sources_best_allowed_items():
     assert union.items[0] == pos["i7"] and union.sources[pos["i7"]][0] == "lm"
     assert len(union.items) == len(set(union.items)) and all(allowed[p] for p in union.items[1:])
     assert set(top) <= set(union.items) and r.by_meaning(UserNeed(), None, 3) == []
-
-
-def test_request_features_say_how_alike_the_candidates_are():
-    from instructrec.hybrid.gate import request_features
-
-    lm_z = zscore(np.array([1.0, 0.0, 2.0]))
-    x = request_features(NEED, 0.5, lm_z, np.array([0.2, 0.4, 0.6]))
-    assert x[FEATURES.index("alike")] == pytest.approx(0.4)
-    assert x[FEATURES.index("known")] == 0.5 and x[FEATURES.index("vague")] == 1.0
-    assert x[FEATURES.index("lm_margin")] == pytest.approx(lm_z[2] - lm_z[0])
-    assert request_features(NEED, 0.5, lm_z)[FEATURES.index("alike")] == 0.0  # no semantic signal

@@ -7,9 +7,8 @@ Every signal is z-scored within the request (scales differ: log-likelihoods, wei
 counts, cosines). The weights are linear in a few request features ``x`` (:data:`FEATURES`):
 what the need carries (history, an explicit preference, a vague or a specific intention),
 how long the history is, the share of candidates the behaviour index knows and the LM's
-margin between its first two candidates, how many candidates there are (ten sampled ones
-rank differently from a hundred that retrieval proposed) and how alike they are to the need
-(hard negatives a text matcher retrieved make the semantic signal least telling). Why the mix must depend on the request: measured
+margin between its first two candidates and how many candidates there are (ten sampled ones
+rank differently from a hundred that retrieval proposed). Why the mix must depend on the request: measured
 on Games, vague intentions wanted the semantic signal at weight 4, sequential needs the
 counts at 1 and the semantic signal at 0.25-1.
 
@@ -37,25 +36,21 @@ from .behaviour import zscore
 FORMAT = "instructrec-gate"
 FORMAT_VERSION = 1
 SIGNALS = ("behaviour", "semantic", "sequential")
-FEATURES = ("bias", "history", "preference", "vague", "specific", "log_history", "known", "lm_margin", "log_candidates",
-            "alike")
+FEATURES = ("bias", "history", "preference", "vague", "specific", "log_history", "known", "lm_margin", "log_candidates")
 
 
 class GateError(ValueError):
     """A gate file cannot be read or does not fit; the message names the file."""
 
 
-def request_features(need: UserNeed, known: float, lm_z: np.ndarray, semantic: np.ndarray | None = None) -> np.ndarray:
-    """The gate's inputs for one request, in the order of :data:`FEATURES`. ``alike`` is the
-    candidates' mean cosine to the need (0 without a semantic signal): candidates a text matcher
-    retrieved are all alike, and there the semantic signal tells them apart least."""
+def request_features(need: UserNeed, known: float, lm_z: np.ndarray) -> np.ndarray:
+    """The gate's inputs for one request, in the order of :data:`FEATURES`."""
     top = np.sort(lm_z)[::-1]
     margin = float(top[0] - top[1]) if top.size > 1 else 0.0
     kind = need.intention_kind if need.intention else None
     return np.array([1.0, float(bool(need.history)), float(bool(need.preference)), float(kind is Intention.VAGUE),
                      float(kind is Intention.SPECIFIC), math.log1p(len(need.history)) / 3.0, known, margin,
-                     math.log(max(len(lm_z), 1)) / 5.0,
-                     float(np.mean(semantic)) if semantic is not None and len(semantic) else 0.0])
+                     math.log(max(len(lm_z), 1)) / 5.0])
 
 
 @dataclass(frozen=True)
@@ -92,7 +87,7 @@ class Gate:
     def fuse(self, lm: Sequence[float], need: UserNeed, *, behaviour: np.ndarray | None = None,
              semantic: np.ndarray | None = None, sequential: np.ndarray | None = None, known: float = 0.0) -> Fused:
         z_lm = zscore(np.asarray(lm, dtype=np.float64))
-        w = self.signal_weights(request_features(need, known if behaviour is not None else 0.0, z_lm, semantic))
+        w = self.signal_weights(request_features(need, known if behaviour is not None else 0.0, z_lm))
         components = {"lm": z_lm}
         weights = {"lm": 1.0}
         scores = z_lm.copy()
@@ -209,7 +204,7 @@ def fit_gate(examples: Sequence[Example], *, l2: float = 1e-3, iterations: int =
                 z[i, 1 + j, :k] = torch.from_numpy(zscore(values))
                 present[i, j] = 1.0
         valid[i, :k] = True
-        x[i] = torch.from_numpy(request_features(e.need, e.known if e.behaviour is not None else 0.0, z_lm, e.semantic))
+        x[i] = torch.from_numpy(request_features(e.need, e.known if e.behaviour is not None else 0.0, z_lm))
     target = torch.tensor([e.positive for e in examples])
     w = torch.zeros(len(SIGNALS), len(FEATURES), dtype=torch.float64)
     w[:, 0] = 1.0

@@ -28,9 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--retrieved-users", type=int, default=0,
                      help="also this many of the users' sequential needs with the candidates the signals retrieve from "
                           "the whole catalogue (what /recommend ranks); default 0")
-    fit.add_argument("--hard-users", type=int, default=0,
-                     help="also this many of the users' needs with hard negatives (9 of the 50 titles nearest the "
-                          "history by the semantic encoder, as the evaluation's hard-10); default 0")
     fit.add_argument("--per-source", type=int, default=30, help="items each signal retrieves for those (default 30)")
     fit.add_argument("--scenarios", help="comma-separated scenarios (default: all)")
     fit.add_argument("--out", help="the gate file (default: MODEL/gate.json)")
@@ -79,7 +76,6 @@ def run(args: argparse.Namespace) -> int:
         work.mkdir(parents=True, exist_ok=True)
         examples = fitting_examples(data, lm, hybrid, users=args.users, work=work, scenarios=args.scenarios,
                                     retrieved_users=args.retrieved_users, per_source=args.per_source,
-                                    hard_users=args.hard_users,
                                     progress=args.progress)
         model_dir = Path(args.model)
         info = {"model": str(model_dir), "checkpoint_version": checkpoint_version(model_dir) if model_dir.is_dir() else None,
