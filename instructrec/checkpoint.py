@@ -14,14 +14,19 @@ from pathlib import Path
 META_FILE = "instructrec.json"
 
 
-def read_meta(directory: str | Path) -> dict:
-    path = Path(directory) / META_FILE
+def read_json(path: str | Path, error: type[Exception] = ValueError) -> dict:
+    """A JSON file beside a model ({} when absent); bad JSON raises ``error`` naming the file and line."""
+    path = Path(path)
     if not path.exists():
         return {}
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+        raise error(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+
+
+def read_meta(directory: str | Path) -> dict:
+    return read_json(Path(directory) / META_FILE)
 
 
 def write_meta(directory: str | Path, meta: dict) -> Path:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import write_meta
+from .checkpoint import read_json, write_meta
 
 WEIGHTS_FILE = "weights.safetensors"
 CARD_FILE = "card.json"
@@ -167,13 +167,7 @@ def apply(model, directory: str | Path) -> int:
 
 
 def read_card(directory: str | Path) -> dict:
-    path = Path(directory) / CARD_FILE
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ShippedError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+    return read_json(Path(directory) / CARD_FILE, ShippedError)
 
 
 def write_card(directory: str | Path, card: dict) -> None:

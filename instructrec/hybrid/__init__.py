@@ -95,6 +95,18 @@ class Hybrid:
         return self.fuse_signals(lm, need, self.signals(need, titles, candidate_ids, history_ids))
 
 
+    def fuse_retrieved(self, ranker, source: str, need: UserNeed, ids: Sequence[str | None], titles: Sequence[str],
+                       history_ids: Sequence[str | None]) -> tuple[Fused, list[float]]:
+        """Items a retriever proposed, ranked as /rerank would rank them as candidates: each
+        distinct title scored once by the LM (``ranker``) under the rerank instruction ``source``,
+        then fused. Returns the fusion and the LM's score per item. Used by the service's fused
+        /recommend and by the full-catalogue evaluation, so the evaluation measures the service."""
+        distinct = list(dict.fromkeys(titles))
+        by_title = dict(zip(distinct, ranker.score(source, distinct).scores))
+        lm = [by_title[t] for t in titles]
+        return self.fuse(lm, need, titles, ids, history_ids), lm
+
+
 def load_hybrid(gate: str | Path, behaviour: str | Path | None, *, sequential: str | Path | None = None,
                 semantic: bool = True) -> Hybrid:
     """A hybrid from its files: the gate (a gate.json, or a model directory holding one), the

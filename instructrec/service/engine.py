@@ -406,16 +406,14 @@ class Engine:
         got = self.retriever().retrieve(f.need, history, allowed=job.allowed, per_source=f.per_source,
                                         beams=[r.item for r in generated.items])
         titles = [cat.items[i].title for i in got.items]
-        distinct = list(dict.fromkeys(titles))
-        by_title = dict(zip(distinct, self.ranker.score(f.rerank_source, distinct).scores))
-        fused = self.hybrid.fuse([by_title[t] for t in titles], f.need, titles, [cat.items[i].id for i in got.items],
-                                 f.history_ids)
+        fused, lm = self.hybrid.fuse_retrieved(self.ranker, f.rerank_source, f.need,
+                                               [cat.items[i].id for i in got.items], titles, f.history_ids)
         items, seen = [], set()
         for j in sorted(range(len(titles)), key=lambda j: (-fused.scores[j], j)):
             if titles[j] not in seen and len(items) < job.k:
                 seen.add(titles[j])
                 items.append((got.items[j], float(fused.scores[j]), float(fused.relevance[j]),
-                              {name: float(v[j]) for name, v in fused.components.items()} | {"lm_loglik": by_title[titles[j]]}))
+                              {name: float(v[j]) for name, v in fused.components.items()} | {"lm_loglik": lm[j]}))
         return FusedItems(items, fused, generated.steps, len(got.items))
 
     def retriever(self):

@@ -207,12 +207,9 @@ class HybridFull:
         target = self.index.get(case.target)
         if target is None or target not in got.sources:
             return self.miss
-        ids = [self.items[i].id for i in got.items]
-        titles = [self.items[i].title for i in got.items]
         source = build_instruction(need, self.loaded.tokenizer, self.ranker.max_source_tokens).source
-        distinct = list(dict.fromkeys(titles))
-        by_title = dict(zip(distinct, self.ranker.score(source, distinct).scores))
-        fused = self.hybrid.fuse([by_title[t] for t in titles], need, titles, ids, list(case.history)).scores
+        fused = self.hybrid.fuse_retrieved(self.ranker, source, need, [self.items[i].id for i in got.items],
+                                           [self.items[i].title for i in got.items], list(case.history))[0].scores
         p = fused[got.items.index(target)]
         return int((fused >= p).sum()) - 1  # ties count against the target
 
