@@ -3,11 +3,14 @@
 Rerank: preparation in the prep thread (the core's template selection and instruction
 fitting, one cache key per distinct candidate; with fusion, the items' ids resolved, the
 behaviour signal, and the semantic signal when the encoder has every text cached) -> cache
-lookup -> the misses (and, with fusion, a semantic signal that needs the encoder) go to the
-batcher (abandoned if the client disconnects) -> the LM scores of the misses are written
-back (the cache holds LM scores only) -> with fusion, the gate fuses the signals.
-Recommend: preparation (a matching template, the mask of allowed items) -> the whole answer
-from the cache, or a generation job through the same batcher -> the answer cached.
+lookup -> the misses (and, with fusion, a semantic signal that needs the encoder and the
+sequential model's scores) go to the batcher (abandoned if the client disconnects) -> the LM
+scores of the misses are written back (the cache holds LM scores only) -> with fusion, the
+gate fuses the signals.
+Recommend: preparation (a matching template, the mask of allowed items; with fusion, the
+rerank instruction and the history's ids) -> the whole answer from the cache, or a job through
+the same batcher (generation, and with fusion the retrieved items ranked by the fused scorer)
+-> the answer cached.
 Ranking and the answer's shape stay with the handlers."""
 
 from __future__ import annotations
