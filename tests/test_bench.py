@@ -340,3 +340,33 @@ def test_hybrid_bench_end_to_end(tmp_path):
         assert r["ratio_warm"] == pytest.approx((r["lm_p50_ms"] + r["fusion_warm_p50_ms"]) / r["lm_p50_ms"])
     assert "Hybrid fusion" in (out / "results.md").read_text()
     assert main(["bench", "hybrid", "--model", "tiny-random-prefixlm", "--requests", "0", "--out", str(out)]) == 2
+
+
+def test_load_bench_end_to_end(tmp_path, capsys):
+    """`bench load` loads one float32 checkpoint both ways, each in its own process: both end
+    with the same bf16 weights, and every memory figure is a real, positive reading."""
+    assert main(["bench", "load", "--d-model", "64", "--layers", "1", "--vocab", "3000", "--out", str(tmp_path)]) == 0
+    section = json.loads((tmp_path / "results.json").read_text())["load"]
+    rows = {r["variant"]: r for r in section["rows"]}
+    assert set(rows) == {"as-stored-then-cast", "target-dtype"}
+    assert {tuple(r["dtypes"]) for r in rows.values()} == {("torch.bfloat16",)}
+    assert rows["as-stored-then-cast"]["weights_mb"] == rows["target-dtype"]["weights_mb"] > 0
+    assert all(r["peak_rss_mb"] >= r["peak_anon_mb"] > 0 for r in rows.values())
+    assert section["server"]["parameters"] > 0 and "peak anonymous MB" in capsys.readouterr().out
+
+
+def test_load_model_reads_a_float32_checkpoint_straight_into_bf16(tmp_path):
+    """load_model(dtype=bfloat16) of an HF directory stored in float32 gives the model the old
+    way gave (read as stored, then cast): the same bf16 tensors, hence the same scores."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from instructrec.modeling import TINY_FLAN_T5, build_base
+
+    model, tokenizer, _ = build_base(TINY_FLAN_T5)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path, device="cpu", dtype="bfloat16")
+    reference = AutoModelForSeq2SeqLM.from_pretrained(tmp_path).to(torch.bfloat16).state_dict()
+    state = loaded.model.state_dict()
+    assert {t.dtype for t in state.values()} == {torch.bfloat16}
+    assert all(torch.equal(state[k], reference[k]) for k in reference)

@@ -247,7 +247,8 @@ def test_checkpoint_directory(tmp_path):
         srv.wait_ready()
         with httpx.Client(base_url=srv.url, timeout=60) as client:
             ready = client.get("/ready").json()
-            assert ready["model"] == {"name": str(tmp_path), "checkpoint_version": checkpoint_version(tmp_path)}
+            assert ready["model"] == {"name": str(tmp_path), "checkpoint_version": checkpoint_version(tmp_path),
+                                          "device": "cpu", "precision": "torch.float32"}
             ranker = srv.app.state.service.engine.ranker
             assert (ranker.max_source_tokens, ranker.max_target_tokens) == (96, 16)
             long_title = " ".join(["halo"] * 30)

@@ -176,6 +176,7 @@ def test_the_service_serves_a_shipped_model(tmp_path):
     with ServerThread(create_app(settings)) as srv:
         srv.wait_ready()
         with httpx.Client(base_url=srv.url, timeout=60) as client:
-            assert client.get("/ready").json()["model"] == {"name": str(out), "checkpoint_version": checkpoint_version(out)}
+            assert client.get("/ready").json()["model"] == {"name": str(out), "checkpoint_version": checkpoint_version(out),
+                                                           "device": "cpu", "precision": "torch.float32"}
             answer = client.post("/rerank", json={"history": ["Halo 3 - Xbox 360"], "candidates": ["Doom", "Halo 2"]}).json()
             assert sorted(r["index"] for r in answer["results"]) == [0, 1]

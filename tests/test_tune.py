@@ -110,7 +110,7 @@ def test_generic_seq2seq_with_lora_trains_and_merges(tmp_path):
     pytest.importorskip("peft")
     out = tmp_path / "t5"
     proc = subprocess.run(_train_cmd(out, "--base", "tiny-random-t5", "--lora", "--max-steps", "6", "--eval-steps", "6",
-                                     "--no-bf16"), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+                                     "--dtype", "float32"), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = read_meta(out / "model")
     assert meta["lora"] is True and meta["base_model"] == "tiny-random-t5" and meta["steps"] == 6
@@ -133,7 +133,7 @@ def test_freeze_encoder_trains_only_the_decoder(tmp_path):
     from instructrec.modeling import build_base, load_model
 
     out = tmp_path / "frozen"
-    proc = subprocess.run(_train_cmd(out, "--freeze-encoder", "--max-steps", "6", "--eval-steps", "6", "--no-bf16"),
+    proc = subprocess.run(_train_cmd(out, "--freeze-encoder", "--max-steps", "6", "--eval-steps", "6", "--dtype", "float32"),
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_meta(out / "model")["preset"]["freeze_encoder"] is True
@@ -153,7 +153,7 @@ def test_listwise_objective_with_a_cut_decoder_trains_and_resumes(tmp_path, base
     the listwise terms are logged, the saved model has the cut decoder, and a rerun resumes."""
     out = tmp_path / "lw"
     args = ("--base", base, "--objective", "listwise", "--decoder-layers", "1", "--max-steps", "8", "--eval-steps", "8",
-            "--save-steps", "4", "--no-bf16")
+            "--save-steps", "4", "--dtype", "float32")
     proc = subprocess.run(_train_cmd(out, *args), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "'listwise':" in proc.stdout + proc.stderr and "'target_first':" in proc.stdout + proc.stderr
@@ -162,7 +162,7 @@ def test_listwise_objective_with_a_cut_decoder_trains_and_resumes(tmp_path, base
     config = json.loads((out / "model" / "config.json").read_text())
     assert (config["decoder"]["num_hidden_layers"] if base == "tiny-random" else config["num_decoder_layers"]) == 1
     again = subprocess.run(_train_cmd(out, *args[:-7], "--max-steps", "12", "--eval-steps", "12", "--save-steps", "4",
-                                      "--no-bf16"), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+                                      "--dtype", "float32"), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     meta = read_meta(out / "model")
     assert meta["steps"] == 12 and Path(meta["resumed_from"]).name == "checkpoint-8"
@@ -177,7 +177,7 @@ def test_unknown_objective_is_refused(tmp_path):
 def test_prefix_lm_trains_with_frozen_bottom_and_ranks(tmp_path):
     out = tmp_path / "pl"
     proc = subprocess.run(_train_cmd(out, "--base", "tiny-random-prefixlm", "--objective", "listwise", "--frozen-layers", "1",
-                                     "--max-steps", "6", "--eval-steps", "6", "--no-bf16"),
+                                     "--max-steps", "6", "--eval-steps", "6", "--dtype", "float32"),
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = read_meta(out / "model")
@@ -221,7 +221,7 @@ def test_listwise_trains_lora_adapters_of_a_seq2seq_model(tmp_path):
     pytest.importorskip("peft")
     out = tmp_path / "lora-lw"
     proc = subprocess.run(_train_cmd(out, "--base", "tiny-random-t5", "--lora", "--objective", "listwise", "--max-steps", "6",
-                                     "--eval-steps", "6", "--no-bf16"), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                                     "--eval-steps", "6", "--dtype", "float32"), cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "'listwise':" in proc.stdout + proc.stderr

@@ -140,6 +140,29 @@ def _add_recommend(sub) -> None:
     h.add_argument("--out", default=str(report.DEFAULT_OUT), help=f"output directory (default {report.DEFAULT_OUT})")
     h.set_defaults(_bench_parser=h, _bench_run=_run_hybrid)
 
+    ld = sub.add_parser("load", help="host memory of loading a float32 checkpoint to serve it in a narrower dtype",
+                        description="Each way of loading in a fresh process, on one generated Flan-layout T5 checkpoint "
+                                    "stored in float32: peak resident and peak anonymous memory.")
+    ld.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"), help="the serving dtype (default bfloat16)")
+    ld.add_argument("--d-model", type=int, default=512, help="model width (default 512)")
+    ld.add_argument("--layers", type=int, default=6, help="encoder and decoder layers each (default 6)")
+    ld.add_argument("--vocab", type=int, default=32128, help="vocabulary (default 32128, T5's)")
+    ld.add_argument("--out", default=str(report.DEFAULT_OUT), help=f"output directory (default {report.DEFAULT_OUT})")
+    ld.set_defaults(_bench_parser=ld, _bench_run=_run_load)
+
+
+def _run_load(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .load_bench import run_load
+
+    if min(args.d_model, args.layers, args.vocab) < 1:
+        print("instructrec bench load: error: --d-model, --layers and --vocab must be at least 1", file=sys.stderr)
+        return 2
+    section = run_load(Path(args.out) / "load", args.dtype, args.d_model, args.layers, args.vocab)
+    _publish(args, "load", section, report.load_table)
+    return 0
+
 
 def _run_hybrid(args: argparse.Namespace) -> int:
     from .hybrid_bench import run_hybrid

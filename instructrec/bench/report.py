@@ -470,6 +470,16 @@ def hybrid_table(section: dict) -> str:
                       "fusion p95 ms (cached)", "(LM + fusion) / LM"], rows))
 
 
+def load_table(section: dict) -> str:
+    """The load bench (``instructrec bench load``): host memory of each way of loading."""
+    s = section["server"]
+    rows = [[r["variant"], _f(r["peak_rss_mb"], 0), _f(r["peak_anon_mb"], 0), _f(r["end_anon_mb"], 0),
+             _f(r["weights_mb"], 0), _f(r["seconds"], 2)] for r in section["rows"]]
+    return (f"Loading a {s['parameters'] / 1e6:.0f} M-parameter checkpoint stored in float32 ({s['file_mb']} MB) to serve "
+            f"it in {s['dtype']}, transformers {s['transformers']}, {s['cpu']}:\n\n"
+            + _table(["way", "peak RSS MB", "peak anonymous MB", "anonymous after MB", "weights MB", "seconds"], rows))
+
+
 def render_targets(results: dict) -> str:
     rows = targets(results)
     if not rows:

@@ -39,6 +39,19 @@ def resolve_model(settings: Settings) -> str:
         raise ConfigError(str(exc)) from None
 
 
+def check_device(settings: Settings) -> None:
+    """Refuse a device this machine lacks (or int8 off the CPU) at start-up, not after the model loads."""
+    from instructrec.modeling import resolve_device
+
+    try:
+        device = resolve_device(settings.device)
+    except RuntimeError as exc:  # torch's "Invalid device string" and CUDA missing both land here
+        raise ConfigError(f"setting device: {exc}") from None
+    if settings.dtype == "int8" and device.type != "cpu":
+        raise ConfigError(f"setting dtype: int8 (dynamic quantisation) runs on the CPU only, not on {device}; "
+                          "use bfloat16 or float32 on a GPU")
+
+
 class _MetricsMiddleware:
     """Request duration by route and status (pure ASGI: keeps ``receive`` untouched)."""
 
@@ -107,6 +120,7 @@ def check_hybrid(settings: Settings, model_name: str) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    check_device(settings)
     check_catalogue(settings)
     model_name = resolve_model(settings)
     check_hybrid(settings, model_name)

@@ -9,11 +9,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import typing
+
+from instructrec.options import add_device_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint directory or built-in model name "
-                        "(env INSTRUCTREC_MODEL; default artifacts/quickstart/model if it exists)")
+                        "(env INSTRUCTREC_MODEL; default artifacts/quickstart/model if it exists, else models/minilm-games)")
+    add_device_options(parser, default=None)
     parser.add_argument("--catalogue", metavar="CAT", help="catalogue file for /recommend, made by `instructrec "
                         "catalogue build` (env INSTRUCTREC_CATALOGUE; default none: /recommend answers 409)")
     parser.add_argument("--gate", metavar="GATE", help="gate.json fusing the LM with the behaviour and semantic "
@@ -28,14 +32,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="port to listen on (env INSTRUCTREC_PORT; default 8000)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                         help="log level (env INSTRUCTREC_LOG_LEVEL; default info)")
+    _add_setting_flags(parser)
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--name`` per remaining setting, so every ``INSTRUCTREC_NAME`` is also a flag spelled
+    the same way. Secrets stay environment-only: a command line is visible to every user of the machine."""
+    from pydantic import SecretStr
+
+    from .settings import Settings
+
+    taken = {action.dest for action in parser._actions}
+    group = parser.add_argument_group("other settings (each also read from INSTRUCTREC_<NAME>)")
+    for name, field in Settings.model_fields.items():
+        if name in taken or SecretStr in typing.get_args(field.annotation) or field.annotation is SecretStr:
+            continue
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field.description or name} (default {field.default!r})".replace("%", "%%")
+        kinds = {a for a in typing.get_args(field.annotation) if a is not type(None)} or {field.annotation}
+        if kinds == {bool}:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(field.annotation) is typing.Literal:
+            group.add_argument(flag, dest=name, choices=typing.get_args(field.annotation), default=None, help=help_text)
+        else:
+            kind = next(iter(kinds)) if len(kinds) == 1 and next(iter(kinds)) in (int, float) else str
+            group.add_argument(flag, dest=name, type=kind, default=None, metavar=name.upper(), help=help_text)
 
 
 def settings_from_args(args: argparse.Namespace):
     """Settings from the environment, with the given flags taking priority."""
     from .settings import Settings
 
-    overrides = {name: getattr(args, name, None) for name in ("model", "catalogue", "gate", "behaviour", "sequential", "host", "port",
-                                                             "log_level")}
+    overrides = {name: getattr(args, name, None) for name in Settings.model_fields}
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
 

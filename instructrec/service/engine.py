@@ -286,6 +286,10 @@ class Engine:
 
         return self.loaded.dtype == torch.float32 and not self.loaded.quantized
 
+    def model_info(self) -> dict:
+        """What every answer names as the model that scored it."""
+        return {"name": self.name, "checkpoint_version": self.version}
+
     def key_parts(self, prepared: Prepared) -> tuple[str, ...]:
         r = self.ranker
         # precision is part of the key: a bf16 or int8 replica's scores differ slightly from float32's

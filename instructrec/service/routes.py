@@ -197,7 +197,7 @@ def _native_body(req: RerankRequest, texts: list[str], out: pipeline.Outcome, st
                      "components": _components(out, i) if scores else None,
                      "cached": out.cached[i]} for i in order],
         "template": _template_info(inst),
-        "model": {"name": engine.name, "checkpoint_version": engine.version},
+        "model": engine.model_info(),
         "usage": {"source_tokens": out.prepared.source_tokens, "candidate_tokens": candidate_tokens,
                   "scored_tokens": out.scored_tokens, "total_tokens": out.prepared.source_tokens + candidate_tokens},
         "cache": {"enabled": out.cache_used, "hits": out.hits, "misses": out.misses},
@@ -247,7 +247,7 @@ def _recommend_body(out: pipeline.Recommendation, state: ServiceState) -> dict:
                     for item in out.items],
         "fusion": _recommend_fusion(out, state),
         "template": _template_info(inst),
-        "model": {"name": engine.name, "checkpoint_version": engine.version},
+        "model": engine.model_info(),
         "catalogue": {"version": cat.version, "items": len(cat), "allowed": out.prepared.allowed_items},
         "usage": {"source_tokens": out.prepared.source_tokens, "steps": out.steps,
                   "ranked": out.fusion["ranked"] if out.fusion else None},
@@ -335,7 +335,7 @@ async def ready(request: Request):
     engine, cache = state.engine, state.cache
     return {
         "status": "ready",
-        "model": {"name": engine.name, "checkpoint_version": engine.version},
+        "model": {**engine.model_info(), "device": str(engine.loaded.device), "precision": engine.loaded.precision},
         "template_version": TEMPLATE_VERSION,
         "cache": "disabled" if not cache.enabled else ("up" if cache.up else "down"),
         "queue": state.batcher.depth,

@@ -372,9 +372,14 @@ class HealthFailed(BaseModel):
     error: str = Field(description="why the model could not be loaded")
 
 
+class ServedModel(ModelInfo):
+    device: str = Field(description="where the model runs (cpu, cuda:0, ...)")
+    precision: str = Field(description="what it computes in: torch.float32, torch.bfloat16, torch.float16 or int8")
+
+
 class Ready(BaseModel):
     status: Literal["ready"]
-    model: ModelInfo
+    model: ServedModel
     template_version: str
     cache: Literal["disabled", "up", "down"]
     queue: int = Field(description="requests waiting for the model")

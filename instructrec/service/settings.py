@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from instructrec.options import ALIASES, DEVICE_HELP, DTYPE_HELP, INFERENCE_DTYPES
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="INSTRUCTREC_", extra="ignore", validate_default=True)
@@ -20,9 +22,8 @@ class Settings(BaseSettings):
         default=None,
         description="checkpoint directory or built-in model name; default artifacts/quickstart/model if it exists",
     )
-    device: str = Field(default="auto", description="cpu, cuda, cuda:N or auto")
-    dtype: str = Field(default="auto", description="float32, bfloat16, float16 (refused for T5 models), int8 (CPU: dynamically quantised "
-                       "linear layers, the fastest on CPUs without bf16) or auto")
+    device: str = Field(default="auto", description=DEVICE_HELP)
+    dtype: str = Field(default="auto", description=DTYPE_HELP[INFERENCE_DTYPES])
     reduction: Literal["mean", "sum"] = Field(default="mean", description="score = mean or sum of title token log-probs")
     max_source_tokens: int | None = Field(default=None, ge=8, description="instruction token limit (default: checkpoint preset)")
     max_target_tokens: int | None = Field(default=None, ge=2, description="candidate token limit (default: checkpoint preset, else 48)")
@@ -70,8 +71,8 @@ class Settings(BaseSettings):
 
     # -- cache ------------------------------------------------------------------------
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis for the score cache; empty disables it")
-    cache_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=1)
-    cache_namespace: str = Field(default="instructrec:score", min_length=1)
+    cache_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=1, description="how long a cached score lives")
+    cache_namespace: str = Field(default="instructrec:score", min_length=1, description="prefix of every cache key")
     cache_timeout_ms: float = Field(default=100.0, gt=0, description="Redis socket / operation timeout")
     cache_retry_seconds: float = Field(default=5.0, ge=0, description="back-off before trying Redis again after an error")
     cache_connections: int = Field(default=8, ge=1, description="Redis connections, each used by its own I/O thread "
@@ -79,10 +80,10 @@ class Settings(BaseSettings):
 
     # -- security and limits --------------------------------------------------------------
     api_key: SecretStr | None = Field(default=None, description="if set, rerank routes need 'Authorization: Bearer <key>'")
-    max_candidates: int = Field(default=1000, ge=1)
+    max_candidates: int = Field(default=1000, ge=1, description="candidates per request")
     max_history: int = Field(default=1000, ge=0, description="history items per request")
     max_text_chars: int = Field(default=2000, ge=1, description="characters per text (title, query, preference, ...)")
-    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="request body size")
 
     # -- server ---------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -92,6 +93,14 @@ class Settings(BaseSettings):
                                       "longer than a client's or load balancer's idle pool (often 60 s), so the server "
                                       "never closes one the instant a client reuses it (uvicorn's 5 s default lost a "
                                       "request that way in a soak run)")
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _known_dtype(cls, value):
+        name = ALIASES.get(str(value).strip().lower(), str(value).strip().lower())
+        if name not in INFERENCE_DTYPES:
+            raise ValueError(f"{value!r} is not one of {', '.join(INFERENCE_DTYPES)}")
+        return name
 
     @field_validator("api_key", mode="before")
     @classmethod

@@ -21,6 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from instructrec.options import add_device_options
 from instructrec.shipped import DEFAULT_SHIPPED, ShippedError, is_shipped, read_card
 
 # Fixed so every session compares on the same users: 500 validation users drawn with this seed
@@ -129,7 +130,7 @@ def relay_cases(preset, data_path: str | None = None, users: int = RELAY_USERS):
     return data, _seeded_subset(split.valid, users, RELAY_SEED, key=lambda c: c.user_id)
 
 
-def hits_at_1(model_dir: Path, data, cases, preset, dtype: str) -> list[int]:
+def hits_at_1(model_dir: Path, data, cases, preset, dtype: str, device: str = "cpu") -> list[int]:
     """1 where the model ranks the case's positive first among the 10, else 0."""
     import torch
 
@@ -137,7 +138,7 @@ def hits_at_1(model_dir: Path, data, cases, preset, dtype: str) -> list[int]:
 
     from .tune import validation_ranks
 
-    loaded = load_model(model_dir, device="cpu", dtype=dtype)
+    loaded = load_model(model_dir, device=device, dtype=dtype)
     with torch.inference_mode():
         ranks = validation_ranks(loaded.model, loaded.tokenizer, data, cases, preset, loaded.device, NEGATIVES, loaded.kind)
     return [int(r == 0) for r in ranks]
@@ -267,7 +268,7 @@ def draw_curve(csv_path: Path, png: Path) -> bool:
 
 
 def promote(candidate_path: str | Path, shipped: str | Path = DEFAULT_SHIPPED, *, dry_run: bool = False,
-            dtype: str = "float32", users: int = RELAY_USERS, data_path: str | None = None,
+            dtype: str = "float32", device: str = "cpu", users: int = RELAY_USERS, data_path: str | None = None,
             legs_csv: Path = LEGS_CSV, curve_png: Path = CURVE_PNG) -> dict:
     """Evaluate, decide, and (unless ``dry_run``) ship and log. Returns the verdict."""
     from instructrec.checkpoint import checkpoint_version
@@ -283,8 +284,8 @@ def promote(candidate_path: str | Path, shipped: str | Path = DEFAULT_SHIPPED, *
     data, cases = relay_cases(preset, data_path, users)
     with tempfile.TemporaryDirectory(prefix="promote-") as tmp:
         rounded = ship(candidate.weights, Path(tmp) / shipped.name, meta=candidate.meta)  # as it would ship: bf16
-        hits_c = hits_at_1(rounded, data, cases, preset, dtype)
-        hits_s = hits_at_1(shipped, data, cases, preset, dtype) if have_shipped else None
+        hits_c = hits_at_1(rounded, data, cases, preset, dtype, device)
+        hits_s = hits_at_1(shipped, data, cases, preset, dtype, device) if have_shipped else None
         hr_c = sum(hits_c) / len(hits_c)
         hr_s = sum(hits_s) / len(hits_s) if hits_s else None
         gain, low, high = paired_bootstrap(hits_c, hits_s) if hits_s else (None, None, None)
@@ -330,8 +331,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a training output directory (its best/), OUT/model, OUT/best or OUT/checkpoints/checkpoint-N")
     parser.add_argument("--shipped", default=str(DEFAULT_SHIPPED), help=f"the shipped model directory (default: {DEFAULT_SHIPPED})")
     parser.add_argument("--dry-run", action="store_true", help="evaluate and report only: ship nothing, log nothing")
-    parser.add_argument("--dtype", default="float32", help="the dtype both models are scored in (default float32: the "
-                        "same numbers on every CPU)")
+    # float32 on the CPU by default: the same numbers on every machine, so legs compare across machines
+    add_device_options(parser, default="cpu", dtype_default="float32")
     parser.add_argument("--users", type=int, default=RELAY_USERS,
                         help=f"validation users (default {RELAY_USERS}, the relay's rule; fewer only for tests)")
     parser.add_argument("--data", help="the dataset (default: the candidate's preset's)")
@@ -346,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        verdict = promote(args.candidate, args.shipped, dry_run=args.dry_run, dtype=args.dtype, users=args.users,
+        verdict = promote(args.candidate, args.shipped, dry_run=args.dry_run, dtype=args.dtype, device=args.device, users=args.users,
                           data_path=args.data, legs_csv=Path(args.legs_csv), curve_png=Path(args.curve))
     except (PromoteError, ShippedError, DataError, FileNotFoundError, OSError) as exc:
         print(f"instructrec promote: {exc}", file=sys.stderr)

@@ -259,7 +259,8 @@ def _data_and_base(preset: Preset, data_path: str | None, init: str | Path | Non
     if preset.users:
         data = data.sample_users(preset.users, seed=preset.seed)
     split = data.split(preset.max_history)
-    model, tokenizer, kind = build_base(str(init) if init else preset.base)
+    # float32 master weights whatever the checkpoint is stored in; bf16 is autocast's, per operation
+    model, tokenizer, kind = build_base(str(init) if init else preset.base, torch.float32)
     if kind not in ("seq2seq", PREFIX_LM):
         raise TrainingError(f"base model {preset.base!r} is a {kind} model; instruction tuning here trains "
                             "encoder-decoders and the prefix-LM")

@@ -7,6 +7,8 @@ import json
 import logging
 import sys
 
+from instructrec.options import add_device_options, training_bf16
+
 from .presets import PRESETS
 
 
@@ -46,10 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     freeze.add_argument("--freeze-encoder", dest="freeze_encoder", action="store_true", default=None,
                         help="train the decoder and its cross-attention only (default: the preset's)")
     freeze.add_argument("--no-freeze-encoder", dest="freeze_encoder", action="store_false")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    bf16 = parser.add_mutually_exclusive_group()
-    bf16.add_argument("--bf16", dest="bf16", action="store_true", default=None, help="bf16 autocast (default: on where the hardware supports it)")
-    bf16.add_argument("--no-bf16", dest="bf16", action="store_false")
+    add_device_options(parser, training=True)
+    # the earlier spelling of --dtype bfloat16 / float32, still accepted
+    parser.add_argument("--bf16", dest="bf16", action="store_true", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help=argparse.SUPPRESS)
     parser.add_argument("--lora", action="store_true", default=None,
                         help="train LoRA adapters (needs the 'lora' extra); the saved model is merged (default: the preset's)")
     ckpt = parser.add_mutually_exclusive_group()
@@ -75,9 +77,14 @@ def run(args: argparse.Namespace) -> int:
         uniform_negatives=args.uniform_negatives, mle_weight=args.mle_weight, decoder_layers=args.decoder_layers,
         frozen_layers=args.frozen_layers, max_cases=args.max_cases, lora=args.lora,
         gradient_checkpointing=args.gradient_checkpointing, save_total_limit=args.save_total_limit)
+    bf16 = training_bf16(args.dtype)
+    if args.bf16 is not None and bf16 is not None and args.bf16 != bf16:
+        print(f"instructrec train: --dtype {args.dtype} and --{'' if args.bf16 else 'no-'}bf16 disagree; give --dtype only",
+              file=sys.stderr)
+        return 2
     try:
         meta = train(preset, args.out, data_path=args.data, annotations_path=args.annotations, device=args.device,
-                     bf16=args.bf16, lora=preset.lora, resume=args.resume, progress=args.progress, init=args.init)
+                     bf16=args.bf16 if bf16 is None else bf16, lora=preset.lora, resume=args.resume, progress=args.progress, init=args.init)
     except (DataError, TrainingError, FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
         print(f"instructrec train: {exc}", file=sys.stderr)
         return 2

@@ -7,6 +7,8 @@ import json
 import logging
 import sys
 
+from instructrec.options import add_device_options
+
 
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in value.split(",") if x.strip())
@@ -71,8 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recbole-patience", type=int, default=3)
     parser.add_argument("--recbole-threads", type=int, default=2)
     parser.add_argument("--recbole-env", help="RecBole virtualenv (default: artifacts/envs/recbole, see scripts/install_recbole.sh)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware has it), float32, bfloat16 or int8 (CPU: dynamically quantised linear layers)")
+    add_device_options(parser)
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     parser.add_argument("--readme", help="also regenerate this README's results section (between the eval markers)")
     parser.add_argument("--readme-name", metavar="NAME",

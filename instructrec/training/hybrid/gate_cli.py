@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from instructrec.options import add_device_options
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
@@ -33,8 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--out", help="the gate file (default: MODEL/gate.json)")
     fit.add_argument("--work", default="artifacts/gate", help="where the teacher's annotations are cached")
     fit.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on the gate's weights")
-    fit.add_argument("--device", default="auto")
-    fit.add_argument("--dtype", default="auto")
+    add_device_options(fit)
     fit.add_argument("--no-progress", dest="progress", action="store_false")
 
 
