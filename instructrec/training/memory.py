@@ -6,11 +6,18 @@ built on the meta device (no memory, no download) with Flan-T5-XL's published co
 
     python -m instructrec.training.memory          # the table for both XL presets
 
-What is counted, per GPU (bytes per element in brackets):
-  weights   fp32 master weights [4] (bf16 autocast computes from them); sharded: 1/N of them,
-            plus two T5 blocks gathered at a time (the one computing and the prefetched one)
-  gradients fp32 [4] of the trainable parameters (sharded: 1/N)
-  optimizer AdamW's two moments, fp32 [8] per trainable parameter (sharded: 1/N)
+What is counted, per GPU (bytes per element in brackets), for P parameters of which T train,
+on N processes (s = N when sharded, else 1):
+  weights   fp32 master weights [4] (bf16 autocast computes from them): 4P/s, plus, sharded,
+            two T5 blocks gathered at a time (the one computing and the prefetched one)
+  gradients fp32 [4] of the trainable parameters: 4T/s
+  buckets   DDP on several processes copies the gradients into its all-reduce buckets [4]: 4T
+            (``gradient_as_bucket_view`` is off in accelerate's and the Trainer's DDP)
+  optimizer AdamW's two moments, fp32 [8] per trainable parameter: 8T/s
+  autocast  bf16 autocast caches its bf16 copy [2] of every trainable fp32 weight it casts (a
+            leaf that requires grad) until the forward pass ends: 2T, whole even when
+            sharded (FSDP2 gathers each block's weights, autocast keeps their copies); frozen
+            weights are cast anew at each use and not kept
   activations with gradient checkpointing: each block's input kept (fp32 residual stream [4]),
             one block's working set recomputed at a time (bf16 [2] projections and feed-forward,
             fp32 [4] attention scores with T5's position bias, bf16 [2] probabilities);
@@ -51,17 +58,20 @@ def count_parameters(config: dict = FLAN_T5_XL, lora_rank: int = LORA_RANK) -> t
 class Estimate:
     weights: float
     gradients: float
+    buckets: float
     optimizer: float
+    autocast: float
     activations: float
     logits: float
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
+        return (self.weights + self.gradients + self.buckets + self.optimizer + self.autocast + self.activations
+                + self.logits)
 
 
 def estimate(*, lora: bool, processes: int, sharded: bool, batch: int, source_tokens: int, target_tokens: int,
-             checkpointing: bool, config: dict = FLAN_T5_XL) -> Estimate:
+             checkpointing: bool, bf16: bool = True, config: dict = FLAN_T5_XL) -> Estimate:
     """Bytes per GPU for one training step of a T5 of ``config`` (see the module docstring)."""
     total, lora_params = count_parameters(config)
     trainable = lora_params if lora else total
@@ -71,7 +81,9 @@ def estimate(*, lora: bool, processes: int, sharded: bool, batch: int, source_to
     block = (total - 2 * vocab * d) / layers  # parameters of one block, embeddings and head aside
     weights = 4 * (total + lora_params * lora) / share + (4 * 2 * block if sharded else 0)
     gradients = 4 * trainable / share
+    buckets = 4 * trainable if processes > 1 and not sharded else 0
     optimizer = 8 * trainable / share
+    autocast = 2 * trainable if bf16 else 0
 
     def working_set(tokens: int, keys: int, cross: bool) -> float:
         """One block's activations kept for backward (batch rows of ``tokens``, attending to ``keys``)."""
@@ -88,7 +100,7 @@ def estimate(*, lora: bool, processes: int, sharded: bool, batch: int, source_to
     else:
         activations = enc * config["num_layers"] + dec * config["num_decoder_layers"]
     logits = batch * target_tokens * vocab * (2 + 4 + 4)
-    return Estimate(weights, gradients, optimizer, activations, logits)
+    return Estimate(weights, gradients, buckets, optimizer, autocast, activations, logits)
 
 
 def preset_table() -> list[tuple[str, Estimate]]:
@@ -114,10 +126,10 @@ def preset_table() -> list[tuple[str, Estimate]]:
 def main() -> None:
     total, lora = count_parameters()
     print(f"Flan-T5-XL: {total:,} parameters; LoRA r={LORA_RANK} all-linear: {lora:,}")
-    print("| run | weights | gradients | AdamW | activations | logits | total per GPU |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | weights | gradients | DDP buckets | AdamW | autocast copies | activations | logits | total per GPU |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, e in preset_table():
-        cells = [e.weights, e.gradients, e.optimizer, e.activations, e.logits, e.total]
+        cells = [e.weights, e.gradients, e.buckets, e.optimizer, e.autocast, e.activations, e.logits, e.total]
         print(f"| {name} | " + " | ".join(f"{x / GB:.1f} GB" for x in cells) + " |")
 
 
