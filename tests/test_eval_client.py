@@ -31,6 +31,7 @@ from instructrec.training.evaluate import candidates as cand
 from instructrec.training.evaluate.client import ClientConfig, ClientError, evaluate_service, rerank_case, request_body
 from instructrec.training.evaluate.run import EvalConfig, annotate, evaluate, scenario_needs
 from instructrec.training.evaluate.scenarios import SCENARIOS
+from instructrec.training.data.types import MAX_HISTORY
 
 torch.set_num_threads(1)
 
@@ -341,3 +342,54 @@ def test_cli_runs_and_reports_errors_in_one_line(tmp_path, offline, service, cap
     # An `instructrec evaluate` report folder is never overwritten.
     assert main([*base, "--url", url, "--api-key", KEY, "--out", str(offline["out"])]) == 2
     assert "not an eval-client result" in capsys.readouterr().err
+
+
+# --- a service that fuses the LM with the behaviour and semantic signals ----------------------------
+
+
+def test_fused_answers_are_the_cores_fusion_of_the_lm_only_answers(tmp_path):
+    """eval-client --fusion lm-only and auto against one gated service: every auto answer is
+    fused, and ranks each case exactly as the core's Hybrid fuses the lm-only run's scores."""
+    import numpy as np
+
+    from instructrec.aspects import UserNeed
+    from instructrec.hybrid import Hybrid
+    from instructrec.hybrid.gate import FEATURES, SIGNALS, Gate
+    from instructrec.service.engine import shared_semantic_encoder
+    from instructrec.training.hybrid.behaviour_cli import build_for
+    from instructrec.training.metrics import rank_of
+
+    data = load_dataset("games-sample").sample_users(40, seed=3)
+    index = build_for(data)
+    index.save(tmp_path / "behaviour.npz")
+    w = np.zeros((len(SIGNALS), len(FEATURES)))
+    w[SIGNALS.index("behaviour"), FEATURES.index("bias")] = 1.5
+    w[SIGNALS.index("semantic"), FEATURES.index("bias")] = 0.7
+    gate = Gate(w, temperature=1.0, info={"test": True})
+    gate.save(tmp_path / "gate.json")
+    settings = Settings(model="tiny-random", device="cpu", dtype="float32", redis_url="", max_wait_ms=2,
+                        gate=str(tmp_path / "gate.json"), behaviour=str(tmp_path / "behaviour.npz"), sequential="none")
+    with ServerThread(create_app(settings)) as srv:
+        srv.wait_ready()
+        common = dict(url=srv.url, data=data, seed=0, scenario="sequential", resamples=RESAMPLES, progress=False)
+        lm = evaluate_service(ClientConfig(out=tmp_path / "lm", users=12, fusion="lm-only", **common))
+        file = tmp_path / "lm" / "candidates" / "test-uniform-10.jsonl"
+        fused = evaluate_service(ClientConfig(out=tmp_path / "fused", candidates=file, fusion="auto", **common))
+        hybrid_version = httpx.get(f"{srv.url}/ready").json()["hybrid_version"]
+    assert lm["fusion"]["answered"] == {"lm-only": lm["counts"]["answered"]} and lm["counts"]["answered"] > 0
+    assert fused["fusion"] == {"requested": "auto", "answered": {"fused": fused["counts"]["answered"]},
+                               "hybrid_version": hybrid_version}
+    assert fused["user_ids"] == lm["user_ids"]
+    reference = Hybrid(gate, index, shared_semantic_encoder())
+    cases = {c.user_id: c for c in cand.read(file, data).cases}
+    scores = {json.loads(x).get("user_id"): json.loads(x).get("scores")
+              for x in (tmp_path / "lm" / "responses.jsonl").read_text().splitlines()[1:]}
+    expected_ranks = []
+    for user in lm["user_ids"]:
+        case = cases[user]
+        history = case.history[-MAX_HISTORY:]
+        expected = reference.fuse(scores[user], UserNeed(history=tuple(data.title(i) for i in history)),
+                                  [data.title(c) for c in case.candidates], list(case.candidates), list(history))
+        expected_ranks.append(rank_of(expected.scores.tolist(), case.positive))
+    assert fused["ranks"] == expected_ranks
+    assert fused["ranks"] != lm["ranks"]  # the gate moved some targets: the fusion was really applied

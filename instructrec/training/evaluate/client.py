@@ -48,7 +48,9 @@ RETRYABLE = (429, 502, 503, 504)  # retried (Retry-After honoured), like connect
 FATAL = (400, 401, 403, 404, 405)  # the same for every case: stop the run
 MAX_RETRY_AFTER = 600.0
 # What a resumed run must share with the answers on file (else: another --out, or --fresh).
-RESUME_KEYS = ("url", "model", "template_table", "digest", "scenario", "template", "max_history", "needs")
+RESUME_KEYS = ("url", "model", "template_table", "digest", "scenario", "template", "max_history", "needs", "fusion",
+               "hybrid")
+FUSION_MODES = ("auto", "lm-only")  # what /rerank's `fusion` field takes
 
 
 class ClientError(Exception):
@@ -65,6 +67,7 @@ class ClientConfig:
     seed: int | None = None  # None: the candidate file's seed (bootstrap seed, as offline)
     scenario: str = "sequential"
     template: str | None = None  # None: the service's own selection
+    fusion: str = "auto"  # auto: fused where the service has a gate; lm-only: the LM alone
     annotations: str | None = None  # None: the offline teacher, cached in OUT/annotations.jsonl
     max_history: int = MAX_HISTORY
     api_key: str | None = None
@@ -82,6 +85,8 @@ class ClientConfig:
         self.out = Path(self.out)
         if self.concurrency < 1:
             raise ValueError("--concurrency must be at least 1")
+        if self.fusion not in FUSION_MODES:
+            raise ValueError(f"--fusion must be one of {', '.join(FUSION_MODES)}, not {self.fusion!r}")
         if self.retries < 0:
             raise ValueError("--retries must be >= 0")
         if self.timeout <= 0:
@@ -131,12 +136,15 @@ def annotation_cases(data: InteractionData, file: cand.CandidateFile) -> list[Ca
     return out
 
 
-def request_body(data: InteractionData, case: cand.CandidateCase, need: UserNeed, template: str | None) -> dict:
+def request_body(data: InteractionData, case: cand.CandidateCase, need: UserNeed, template: str | None,
+                 fusion: str = "auto") -> dict:
     """The /rerank request carrying exactly ``need`` (raw texts: the service normalises them,
-    as the offline path does) and the candidates as {id: item id, title}."""
-    body: dict[str, Any] = {"history": list(need.history),
+    as the offline path does), the candidates as {id: item id, title}, and the fusion asked for.
+    History items go with their ids, so a service with a behaviour index knows them."""
+    ids = case.history[len(case.history) - len(need.history):] if need.history else ()
+    body: dict[str, Any] = {"history": [{"id": i, "title": t} for i, t in zip(ids, need.history)],
                             "candidates": [{"id": c, "title": data.title(c)} for c in case.candidates],
-                            "return_scores": True}
+                            "return_scores": True, "fusion": fusion}
     if need.preference:
         body["preference"] = need.preference
     if need.intention:
@@ -225,8 +233,9 @@ def _parse(body: Any, case: cand.CandidateCase) -> tuple[list[float], dict]:
         raise ValueError(f"candidate {missing[0]!r} is missing from the answer")
     template = body.get("template") or {}
     model = body.get("model") or {}
+    fusion = body.get("fusion") or {}
     meta = {"template": template.get("id"), "table_version": template.get("table_version"),
-            "checkpoint_version": model.get("checkpoint_version")}
+            "checkpoint_version": model.get("checkpoint_version"), "fusion": fusion.get("mode", "lm-only")}
     return [by_id[c] for c in case.candidates], meta
 
 
@@ -256,7 +265,8 @@ async def rerank_case(client, url: str, body: dict, case: cand.CandidateCase, re
                 return {"user_id": case.user_id, "target": case.target, "scores": scores,
                         "rank": rank_of(scores, case.positive), "template": meta["template"],
                         "latency": round(latency, 6), "attempts": attempt + 1,
-                        "checkpoint_version": meta["checkpoint_version"], "table_version": meta["table_version"]}
+                        "checkpoint_version": meta["checkpoint_version"], "table_version": meta["table_version"],
+                        "fusion": meta["fusion"]}
             err = error_of(response)
             if response.status_code in RETRYABLE:
                 delay = retry_after(response.headers.get("retry-after"))
@@ -411,7 +421,8 @@ def evaluate_service(cfg: ClientConfig) -> dict:
                       "model": model.get("checkpoint_version"), "model_name": model.get("name"),
                       "digest": file.digest, "candidate_file": str(file.path), "scenario": scenario.name,
                       "template": cfg.template, "max_history": cfg.max_history, "needs": digest,
-                      "template_table": info.get("template_version")}
+                      "template_table": info.get("template_version"), "fusion": cfg.fusion,
+                      "hybrid": info.get("hybrid_version")}
             path = out / RESPONSES
             if cfg.fresh and path.exists():
                 path.unlink()
@@ -457,7 +468,7 @@ async def _send_all(client, url: str, data: InteractionData, cfg: ClientConfig,
     async def one(case: cand.CandidateCase, need: UserNeed) -> None:
         nonlocal errors
         async with sem:
-            row = await rerank_case(client, url, request_body(data, case, need, cfg.template), case, cfg.retries,
+            row = await rerank_case(client, url, request_body(data, case, need, cfg.template, cfg.fusion), case, cfg.retries,
                                     cfg.backoff)
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
         f.flush()
@@ -497,7 +508,7 @@ def _summarise(cfg: ClientConfig, url: str, file: cand.CandidateFile, scenario, 
             failures.pop(key, None)
         elif key not in answers:
             failures[key] = r
-    user_ids, ranks, latencies, templates, versions = [], [], [], Counter(), Counter()
+    user_ids, ranks, latencies, templates, versions, fusions = [], [], [], Counter(), Counter(), Counter()
     for case, _ in used:  # file order, as the offline unit
         r = answers.get((case.user_id, case.target))
         if r is None:
@@ -510,6 +521,7 @@ def _summarise(cfg: ClientConfig, url: str, file: cand.CandidateFile, scenario, 
         latencies.append(float(r.get("latency") or 0.0))
         templates[r.get("template")] += 1
         versions[r.get("checkpoint_version")] += 1
+        fusions[r.get("fusion", "lm-only")] += 1
     keys = {(c.user_id, c.target) for c, _ in used}
     errors = [failures[k] for k in failures if k in keys]
     resumed = len({(r["user_id"], r["target"]) for r in old_rows if "scores" in r} & keys)
@@ -524,6 +536,7 @@ def _summarise(cfg: ClientConfig, url: str, file: cand.CandidateFile, scenario, 
         "candidate_file": {"path": str(file.path), "digest": file.digest, "cases": len(file.cases), **file.header},
         "scenario": {"name": scenario.name, "label": scenario.label, "title": scenario.title},
         "template": {"requested": cfg.template, "used": dict(templates)},
+        "fusion": {"requested": cfg.fusion, "answered": dict(fusions), "hybrid_version": header.get("hybrid")},
         "max_history": cfg.max_history,
         "annotations": cfg.annotations or str(cfg.out / "annotations.jsonl"),
         "counts": {"cases": n_cases, "usable": len(used), "skipped": n_cases - len(used), "answered": len(ranks),
@@ -552,6 +565,8 @@ def table(results: dict) -> str:
     lines = [f"{results['scenario']['name']} {results['scenario']['label']} on {results['url']} "
              f"(template {results['template']['requested'] or 'service default'}; used "
              f"{', '.join(f'{k} x{v}' for k, v in used.items()) or '-'})",
+             f"fusion {results['fusion']['requested']}: answered "
+             f"{', '.join(f'{k} x{v}' for k, v in results['fusion']['answered'].items()) or '-'}",
              f"cases {c['cases']}  usable {c['usable']}  skipped {c['skipped']}  answered {c['answered']}  "
              f"errors {c['errors']}  not requested {c['not_requested']}",
              f"{'metric':<8} {'value':>6}  95% CI"]

@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", default=None,
                         help="template id to request (default: the service's own selection); pass the template "
                              "`instructrec evaluate` selected for the scenario to reproduce its numbers")
+    parser.add_argument("--fusion", choices=("auto", "lm-only"), default="auto",
+                        help="auto (default): the service fuses the LM with its behaviour, semantic and sequential "
+                             "signals when it has a gate; lm-only: the LM alone, as `instructrec evaluate` without --hybrid")
     parser.add_argument("--annotations", help="annotations.jsonl from `instructrec annotate` "
                         "(default: the offline teacher, cached in OUT/annotations.jsonl)")
     parser.add_argument("--max-history", type=int, default=MAX_HISTORY,
@@ -58,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = ClientConfig(
             url=args.url, out=args.out, data=args.data, candidates=args.candidates,
             users=args.users if args.candidates is None else None, seed=args.seed,
-            scenario=args.scenario, template=args.template, annotations=args.annotations,
+            scenario=args.scenario, template=args.template, fusion=args.fusion, annotations=args.annotations,
             max_history=args.max_history, api_key=args.api_key, concurrency=args.concurrency, timeout=args.timeout,
             retries=args.retries, backoff=args.backoff, limit=args.limit, fresh=args.fresh,
             resamples=args.resamples, progress=args.progress, command=invoked_as())
