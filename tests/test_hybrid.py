@@ -221,7 +221,7 @@ def test_hybrid_resolves_titles_and_falls_back(tmp_path):
 def test_sasrec_is_causal_and_round_trips(tmp_path):
     import torch
 
-    from instructrec.hybrid.sequential import SASRecConfig, SequentialError, load_sequential, new_scorer
+    from instructrec.hybrid.sequential import SASRecConfig, SequentialError, left_pad, load_sequential, new_scorer
 
     scorer = new_scorer(SASRecConfig(items=8, hidden=16, heads=2, inner=32, max_length=6), [i for i, _ in ITEMS])
     model = scorer.model.eval()
@@ -235,6 +235,9 @@ def test_sasrec_is_causal_and_round_trips(tmp_path):
         want = (model.items.weight[[3, 4]] @ state).double().numpy()
     assert got[:2] == pytest.approx(want, abs=1e-6) and got[2] == got[3] == got[:2].min()
     assert scorer.scores(["zz"], ["i1"]) is None and scorer.scores(["i0"], ["zz"]) is None
+    for rows in ([5], [1, 2, 3, 4, 5, 6], [7, 1, 2, 3, 4, 5, 6, 8]):  # short, full, longer than max_length
+        with torch.no_grad():  # serving's unpadded state is the padded row's
+            assert torch.allclose(model.history_state(rows), model.last_state(left_pad([rows], 6))[0], atol=1e-5)
     again = load_sequential(scorer.save(tmp_path / "seq"))
     assert again.version == scorer.version and again.item_ids == scorer.item_ids
     assert again.scores(["i0", "i1"], ["i2", "i3"]) == pytest.approx(scorer.scores(["i0", "i1"], ["i2", "i3"]))

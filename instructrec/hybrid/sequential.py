@@ -12,6 +12,7 @@ model, its file format (safetensors + a JSON header naming the items) and reques
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -77,6 +78,22 @@ class SASRec(nn.Module):
     def last_state(self, seqs: torch.Tensor) -> torch.Tensor:
         return self.states(seqs)[:, -1]
 
+    def history_state(self, ids: Sequence[int]) -> torch.Tensor:
+        """``last_state`` of one history (item rows, oldest first) without padding: the same
+        positions as its right-aligned row, attention over its own items only. What padding
+        would add is masked anyway, so this is the padded answer at a serving request's cost."""
+        ids = list(ids)[-self.config.max_length:]
+        n = len(ids)
+        pos = torch.arange(self.config.max_length - n, self.config.max_length)
+        x = self.norm(self.items(torch.tensor([ids])) + self.positions(pos))
+        return self.encoder(x, mask=_causal_mask(n))[0, -1]
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_mask(n: int) -> torch.Tensor:
+    """True above the diagonal: a position may not attend to later ones."""
+    return torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
+
 
 def left_pad(rows: Sequence[Sequence[int]], length: int) -> torch.Tensor:
     """Right-aligned rows of at most ``length`` ids (the most recent kept), zeros before."""
@@ -105,7 +122,7 @@ class SequentialScorer(Stamped):
         cand = [self.position.get(c, 0) if c is not None else 0 for c in candidates]
         if not hist or not any(cand):
             return None
-        state = self.model.last_state(left_pad([hist], self.model.config.max_length))[0]
+        state = self.model.history_state(hist)
         out = (self.model.items.weight[torch.tensor(cand)] @ state).double().numpy()
         known = np.array(cand) > 0
         out[~known] = out[known].min()
