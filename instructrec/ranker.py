@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import prefixlm
+from .instruction import source_token_ids
 from .modeling import PREFIX_LM, LoadedModel
 
 REDUCTIONS = ("mean", "sum")
@@ -249,14 +250,10 @@ class Ranker:
 
     # -- shared pieces --------------------------------------------------------------
     def source_ids(self, source: str, *, tokenizer=None) -> tuple[list[int], int]:
-        """The instruction's token ids within ``max_source_tokens``, and how many were cut."""
-        ids = (tokenizer or self.tokenizer)(source)["input_ids"]
-        limit = self.max_source_tokens
-        if len(ids) <= limit:
-            return ids, 0
-        # Keep the end: templates put the question last, history first; the caller should
-        # already have fitted the history (instructrec.instruction.fit), this is a last resort.
-        return ids[:1] + ids[len(ids) - limit + 1 :], len(ids) - limit
+        """The instruction's token ids within ``max_source_tokens``, and how many were cut: cut as
+        training cuts it (:func:`instructrec.instruction.source_token_ids`, which keeps the end).
+        The caller should already have fitted the history (:func:`instructrec.instruction.fit`)."""
+        return source_token_ids(tokenizer or self.tokenizer, [source], self.max_source_tokens)[0]
 
     def _chunks(self, ids: list[list[int]], batch_tokens: int | None = None) -> list[list[int]]:
         """Indices grouped into decoder passes of similar length, each within the token budget
