@@ -2,13 +2,15 @@
 
 Both training and serving go through :func:`fit`: the history is cut from its oldest
 end until the rendered instruction fits the token budget, so the model always sees the
-template's wording whole and the most recent interactions.
+template's wording whole and the most recent interactions. What still does not fit (one
+long title, a long request) is cut by :func:`source_token_ids`, again on both paths.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, replace
+from typing import Sequence
 
 from .aspects import TaskForm, UserNeed
 from .templates import Rendered, Template, render, select
@@ -30,6 +32,39 @@ class Instruction:
 
 def count_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text)["input_ids"])
+
+
+def source_token_ids(tokenizer, texts: Sequence[str], max_tokens: int) -> list[tuple[list[int], int]]:
+    """Each instruction's token ids within ``max_tokens``, and how many tokens were cut: the one
+    rule for an over-long instruction, used by training's tokenisation
+    (:func:`instructrec.training.tune.tokenize_examples`) and by serving
+    (:meth:`instructrec.ranker.Ranker.source_ids`, which the generator reads too), so a model is
+    served the tokens it was trained on.
+
+    The end is kept. Of the 24 rankable templates 22 end with the sentence that says what to
+    answer and 2 with the user's request; most put the request or stated taste after the
+    history, and the history runs oldest first. So the end holds the task and the most recent
+    interactions (the strongest signal of the next item), the start the template's opening words
+    and the oldest items, the ones :func:`fit` drops first. Cutting the end instead would lose
+    the task and the newest items. The
+    tokenizer's leading special tokens (BERT's ``[CLS]``) stay; the trailing ones (end of
+    sequence) stay with the end."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, not {max_tokens}")
+    if not texts:
+        return []
+    encoded = tokenizer(list(texts), return_special_tokens_mask=True)
+    out = []
+    for ids, special in zip(encoded["input_ids"], encoded["special_tokens_mask"]):
+        cut = len(ids) - max_tokens
+        if cut <= 0:
+            out.append((ids, 0))
+            continue
+        lead = 0
+        while lead < max_tokens and special[lead]:
+            lead += 1
+        out.append((ids[:lead] + ids[lead + cut :], cut))
+    return out
 
 
 def fit(template: Template, need: UserNeed, tokenizer, max_tokens: int, **render_kw) -> Instruction:

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import prefixlm
+from .instruction import source_token_ids
 from .modeling import PREFIX_LM, LoadedModel
 
 REDUCTIONS = ("mean", "sum")
@@ -44,6 +45,14 @@ HEAD_BLOCK_ROWS = 256
 # per block, then combined): 1,000 rows x 2,048 columns stay in cache. On 2 cores this ran the
 # head at 122 GFLOP/s against 74 for full rows plus log_softmax.
 VOCAB_BLOCK_ROWS, VOCAB_BLOCK_COLUMNS = 1024, 2048
+# A model whose vocabulary head the ranker cannot run apart from the model (a decoder-only model,
+# a seq2seq architecture without a split in `_decoder_parts`) returns float logits at every padded
+# position of a pass: such passes hold at most this many bytes of them, and each pass is reduced
+# to its targets' log-probs before the next runs (a pass peaks at two to three times this: its
+# logits, those at real positions, a block of their float32 log-softmax; 146-172 MB measured). mT5's 250k vocabulary takes
+# 1 MB a token: with the logits of all 1,185 target tokens of 200 candidates kept for one reduction
+# at the end, scoring peaked at 2.3 GB.
+LOGITS_PASS_BYTES = 64 * 2**20
 # Profiler range around the blocked vocabulary work, so `instructrec bench ranker` can tell it
 # from the decoder's own matmuls (costs about a microsecond when nothing profiles).
 HEAD_PROFILE_LABEL = "instructrec: vocabulary head"
@@ -241,23 +250,21 @@ class Ranker:
 
     # -- shared pieces --------------------------------------------------------------
     def source_ids(self, source: str, *, tokenizer=None) -> tuple[list[int], int]:
-        """The instruction's token ids within ``max_source_tokens``, and how many were cut."""
-        ids = (tokenizer or self.tokenizer)(source)["input_ids"]
-        limit = self.max_source_tokens
-        if len(ids) <= limit:
-            return ids, 0
-        # Keep the end: templates put the question last, history first; the caller should
-        # already have fitted the history (instructrec.instruction.fit), this is a last resort.
-        return ids[:1] + ids[len(ids) - limit + 1 :], len(ids) - limit
+        """The instruction's token ids within ``max_source_tokens``, and how many were cut: cut as
+        training cuts it (:func:`instructrec.instruction.source_token_ids`, which keeps the end).
+        The caller should already have fitted the history (:func:`instructrec.instruction.fit`)."""
+        return source_token_ids(tokenizer or self.tokenizer, [source], self.max_source_tokens)[0]
 
-    def _chunks(self, ids: list[list[int]]) -> list[list[int]]:
-        """Indices grouped into decoder passes of similar length, each within the token budget.
+    def _chunks(self, ids: list[list[int]], batch_tokens: int | None = None) -> list[list[int]]:
+        """Indices grouped into decoder passes of similar length, each within the token budget
+        (``batch_tokens``, default the ranker's).
 
         Rows sorted by length are cut where padding would cost more than another pass: a
         dynamic programme over the distinct lengths minimises padded tokens plus
         ``PASS_COST_TOKENS`` per pass (one bucket of 100 titles from 3 to 22 tokens would
         pad 970 real tokens to 2,200).
         """
+        budget = batch_tokens or self.batch_tokens
         order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
         if not order:
             return []
@@ -268,7 +275,7 @@ class Ranker:
             counts[position[len(ids[i])]] += 1
 
         def passes(rows: int, width: int) -> int:
-            per_pass = max(1, self.batch_tokens // width)
+            per_pass = max(1, budget // width)
             return -(-rows // per_pass)
 
         # best[k]: least cost of the rows of the k shortest widths; cut[k]: where its last group starts
@@ -289,7 +296,7 @@ class Ranker:
             rows = sum(counts[j:k])
             group = order[start : start + rows]
             start += rows
-            per_pass = max(1, self.batch_tokens // widths[k - 1])
+            per_pass = max(1, budget // widths[k - 1])
             n = passes(rows, widths[k - 1])  # equal shares rather than full passes and a small rest
             size = -(-rows // n)
             assert size <= per_pass
@@ -325,11 +332,9 @@ class Ranker:
         return torch.cat([self._token_logprobs(head(hidden[a : a + HEAD_BLOCK_ROWS]), labels[a : a + HEAD_BLOCK_ROWS])
                           for a in range(0, hidden.shape[0], HEAD_BLOCK_ROWS)])
 
-    def _sum_by_row(self, hidden: torch.Tensor, labels: torch.Tensor, lengths: list[int], head) -> list[float]:
-        """Sum of label log-probs per row, applying the vocabulary head only at real positions."""
-        h, lab, rows = self._real_positions(hidden, labels, lengths)
-        lp = self._head_logprobs(h, lab, head)
-        return torch.zeros(len(lengths), device=labels.device).index_add_(0, rows, lp).tolist()
+    def _logits_pass_tokens(self) -> int:
+        """Padded target tokens a pass may hold when the model returns full logits (``LOGITS_PASS_BYTES``)."""
+        return max(1, min(self.batch_tokens, LOGITS_PASS_BYTES // (4 * _vocab_size(self.model))))
 
     # -- seq2seq --------------------------------------------------------------------
     def _start_id(self) -> int:
@@ -408,21 +413,27 @@ class Ranker:
         tokens already scored: rows go in length buckets (split where mixed requests' key/value
         copies of ``row_bytes`` a row would pass the allowance); ``run(rows, pick, labels)`` gives a
         pass's hidden states; the hidden states at real positions of every pass are collected so
-        the head runs on full blocks at the end."""
+        the head runs on full blocks at the end. A ``head`` that is no :class:`_Head` means ``run``
+        gives the model's full logits: then passes stay within ``LOGITS_PASS_BYTES`` and each is
+        reduced to log-probs at once (every candidate token's logits together do not fit: 7.5 GB at
+        1,000 candidates for mT5's vocabulary)."""
+        full_logits = not isinstance(head, _Head)
+        budget = self._logits_pass_tokens() if full_logits else self.batch_tokens
         states, labels_at, rows_at = [], [], []
-        passes = [part for chunk in self._chunks([t[skip:] for t in targets])
+        passes = [part for chunk in self._chunks([t[skip:] for t in targets], budget)
                   for part in self._split_mixed(chunk, owners, row_bytes)]
         for chunk in passes:
             rows = [targets[i] for i in chunk]
             labels = self._pad([t[skip:] for t in rows])
             hidden = run(rows, self._picker([owners[i] for i in chunk]), labels)
             h, lab, row = self._real_positions(hidden, labels, [len(t) - skip for t in rows])
-            states.append(h)
+            del hidden  # a pass's logits, when full_logits: freed before they are reduced
+            states.append(self._head_logprobs(h, lab, head) if full_logits else h)
             labels_at.append(lab)
             rows_at.append(torch.tensor(chunk, device=self.device)[row])
         if not states:
             return []
-        lp = self._head_logprobs(torch.cat(states), torch.cat(labels_at), head)
+        lp = torch.cat(states) if full_logits else self._head_logprobs(torch.cat(states), torch.cat(labels_at), head)
         return torch.zeros(len(targets), device=self.device).index_add_(0, torch.cat(rows_at), lp).tolist()
 
     def _split_mixed(self, chunk: list[int], owners: list[int], row_bytes: int) -> list[list[int]]:
@@ -531,20 +542,28 @@ class Ranker:
         first = torch.log_softmax(out.logits[0, -1].float(), -1)  # predicts every candidate's first token
         kv = [(layer.keys, layer.values) for layer in prefix.layers]
         sums = [0.0] * len(ids)
-        for chunk in self._chunks(ids):
+        # the model returns logits over the vocabulary at every position: passes within LOGITS_PASS_BYTES
+        for chunk in self._chunks(ids, self._logits_pass_tokens()):
             rows = [ids[i] for i in chunk]
             labels = self._pad(rows)
             totals = first[labels[:, 0]]
             if labels.shape[1] > 1:
-                b = len(rows)
-                cache = _view_cache([(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv])
-                logits = self.model(input_ids=labels[:, :-1], past_key_values=cache, use_cache=True).logits
-                rest = [len(r) - 1 for r in rows]
-                tail = self._sum_by_row(logits, labels[:, 1:], rest, lambda x: x)
+                tail = self._causal_tail(kv, labels, [len(r) - 1 for r in rows])
                 totals = totals + torch.tensor(tail, device=self.device)
             for i, s in zip(chunk, totals.tolist()):
                 sums[i] = s
         return sums
+
+    def _causal_tail(self, kv, labels: torch.Tensor, rest: list[int]) -> list[float]:
+        """Summed log-probs of each row's tokens after its first, the rows continuing the shared
+        instruction ``kv``."""
+        b = labels.shape[0]
+        cache = _view_cache([(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv])
+        logits = self.model(input_ids=labels[:, :-1], past_key_values=cache, use_cache=True).logits
+        h, lab, rows = self._real_positions(logits, labels[:, 1:], rest)
+        del logits  # the pass's logits at every position, freed before the log-softmax blocks
+        lp = self._head_logprobs(h, lab, lambda x: x)
+        return torch.zeros(b, device=self.device).index_add_(0, rows, lp).tolist()
 
 
 class _Pick:
@@ -658,12 +677,16 @@ def _position_limit(model) -> int:
 def _decoder_parts(model):
     """(body, head): the decoder stack returning hidden states, and the vocabulary head.
 
-    Splitting them lets the ranker apply the head only at real target positions. Known
-    architectures get a split; any other seq2seq model falls back to the full forward
-    (identical scores, the head then runs on padding too).
+    Splitting them lets the ranker apply the head only at real target positions, a block of
+    the vocabulary at a time. Known architectures get a split (BERT2BERT; T5, mT5 and umT5);
+    any other seq2seq model falls back to the full forward (identical scores; the head then
+    runs on padding too, and the ranker bounds its passes by ``LOGITS_PASS_BYTES``). A peft
+    model is split as the model its adapters live in.
     """
-    from transformers import EncoderDecoderModel, T5ForConditionalGeneration
+    from transformers import EncoderDecoderModel
 
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     if isinstance(model, EncoderDecoderModel) and hasattr(model.decoder, "bert") and hasattr(model.decoder, "cls"):
         if getattr(model, "enc_to_dec_proj", None) is not None:
             return _generic_parts(model)
@@ -674,14 +697,32 @@ def _decoder_parts(model):
 
         predictions = model.decoder.cls.predictions
         return body, _Head(predictions.transform, predictions.decoder)
-    if isinstance(model, T5ForConditionalGeneration):
+    scales = _t5_family_scales(model)
+    if scales is not None:
         def body(dec, enc, mask, cache):
             return model.decoder(input_ids=dec, encoder_hidden_states=enc, encoder_attention_mask=mask,
                                  past_key_values=cache, use_cache=True).last_hidden_state
 
-        scale = model.config.d_model ** -0.5 if t5_scales_decoder_output(model.config) else 1.0
+        scale = model.config.d_model ** -0.5 if scales else 1.0
         return body, _Head(lambda h: h * scale, model.lm_head)
     return _generic_parts(model)
+
+
+def _t5_family_scales(model) -> bool | None:
+    """Whether a T5-family model's forward multiplies the decoder output by ``d_model ** -0.5``
+    before ``lm_head`` (``None``: not of the family). Each class decides it its own way in
+    transformers 5.23: T5 by :func:`t5_scales_decoder_output`, umT5 by ``tie_word_embeddings``,
+    mT5 never (its configs say ``tie_word_embeddings: false`` anyway). The tests hold the split
+    to each model's own forward, so a release that changes this shows there."""
+    from transformers import MT5ForConditionalGeneration, T5ForConditionalGeneration, UMT5ForConditionalGeneration
+
+    if isinstance(model, T5ForConditionalGeneration):
+        return t5_scales_decoder_output(model.config)
+    if isinstance(model, UMT5ForConditionalGeneration):
+        return bool(model.config.tie_word_embeddings)
+    if isinstance(model, MT5ForConditionalGeneration):
+        return False
+    return None
 
 
 def t5_scales_decoder_output(config) -> bool:
@@ -691,6 +732,16 @@ def t5_scales_decoder_output(config) -> bool:
     ``tie_word_embeddings`` true for every T5; older versions read ``tie_word_embeddings``."""
     flag = getattr(config, "scale_decoder_outputs", None)
     return bool(config.tie_word_embeddings if flag is None else flag)
+
+
+def _vocab_size(model) -> int:
+    """Entries of the model's vocabulary head (an int8-quantised head has no ``weight`` tensor)."""
+    head = model.get_output_embeddings()
+    size = getattr(head, "out_features", None)
+    if isinstance(size, int):
+        return size
+    config = model.config
+    return getattr(getattr(config, "decoder", config), "vocab_size", None) or config.vocab_size
 
 
 def _generic_parts(model):

@@ -36,6 +36,7 @@ import torch
 from instructrec.aspects import UserNeed
 from instructrec.checkpoint import read_meta, write_meta
 from instructrec.instruction import build as build_instruction
+from instructrec.instruction import source_token_ids
 from instructrec.modeling import PREFIX_LM, LoadedModel, build_base, cpu_has_bf16, cuda_has_bf16, cut_decoder, resolve_device
 from instructrec.ranker import Ranker, decoder_start_id, eos_id, target_ids
 from instructrec.records import code_commit, platform_brief
@@ -105,9 +106,11 @@ class _Examples(torch.utils.data.Dataset):
 
 
 def tokenize_examples(examples: list[Example], tokenizer, preset: Preset, eos: int) -> list[dict]:
-    sources = tokenizer([e.source for e in examples], truncation=True, max_length=preset.max_source_tokens)["input_ids"]
+    """Token ids of each example's instruction (cut by the ranker's rule, so training sees what
+    serving will) and target."""
+    sources = source_token_ids(tokenizer, [e.source for e in examples], preset.max_source_tokens)
     feats = []
-    for ids, ex in zip(sources, examples):
+    for (ids, _), ex in zip(sources, examples):
         labels, _ = target_ids(tokenizer, ex.target, preset.max_target_tokens, eos)
         feats.append({"input_ids": ids, "labels": labels})
     return feats

@@ -24,8 +24,8 @@ def encoder_cosine(model, sources: list[str]) -> float:
     vectors = []
     with torch.no_grad():
         for src in sources:
-            enc = loaded.tokenizer([src], return_tensors="pt", truncation=True, max_length=model.ranker.max_source_tokens)
-            hidden = loaded.model.get_encoder()(**enc.to(loaded.model.device)).last_hidden_state[0].float()
+            ids = torch.tensor([model.ranker.source_ids(src)[0]], device=loaded.model.device)  # cut as the ranker cuts
+            hidden = loaded.model.get_encoder()(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0].float()
             vectors.append(torch.nn.functional.normalize(hidden.mean(0), dim=0))
     v = torch.stack(vectors)
     sims = v @ v.T
