@@ -175,15 +175,16 @@ class Catalogue:
 
     # -- storage ------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
+        """Write the catalogue to exactly ``path`` (no suffix added: ``serve --catalogue`` names
+        the file ``catalogue build --out`` was given)."""
         path = Path(path)
-        if path.suffix != ".npz":
-            path = path.with_name(path.name + ".npz")  # numpy would add it anyway
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(tmp, header=_json_bytes(self.header), tokens=self.tokens, lengths=self.lengths,
-                            item_of_row=self.item_of_row, ids=_json_bytes([it.id for it in self.items]),
-                            titles=_json_bytes([it.title for it in self.items]),
-                            meta=_json_bytes([it.meta for it in self.items]))
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("wb") as f:  # a file object: numpy appends .npz only to names
+            np.savez_compressed(f, header=_json_bytes(self.header), tokens=self.tokens, lengths=self.lengths,
+                                item_of_row=self.item_of_row, ids=_json_bytes([it.id for it in self.items]),
+                                titles=_json_bytes([it.title for it in self.items]),
+                                meta=_json_bytes([it.meta for it in self.items]))
         tmp.replace(path)  # a reader never sees half a file
         return path
 

@@ -19,8 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_need_arguments(parser, "matching")
     parser.add_argument("--catalogue", required=True, metavar="CAT",
                         help="catalogue file for this model (`instructrec catalogue build`)")
-    parser.add_argument("--k", type=int, default=10, help=f"items to write, 1 to {MAX_K} (default 10)")
-    parser.add_argument("--beams", type=int, help="beam width (default: --k; never below it)")
+    parser.add_argument("--top-n", "--k", dest="k", type=int, default=10, metavar="N",
+                        help=f"items to write, 1 to {MAX_K} (default 10; --k is the earlier name)")
+    parser.add_argument("--beams", type=int, help="beam width (default: --top-n; never below it)")
     parser.add_argument("--keep-history", action="store_true", help="the history's own items may be recommended")
 
 
@@ -32,7 +33,7 @@ def _recommend(args: argparse.Namespace) -> dict:
     from .generation import Generator
 
     if not 1 <= args.k <= MAX_K or (args.beams is not None and args.beams < 1):
-        raise UsageError(f"--k must be 1 to {MAX_K} and --beams at least 1")
+        raise UsageError(f"--top-n must be 1 to {MAX_K} and --beams at least 1")
     need = need_of(args)
     check_template(args.template)
     try:

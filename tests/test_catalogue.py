@@ -70,7 +70,7 @@ def test_allowed_counts_prune_branches_without_an_allowed_item(tiny):
 def test_save_and_load_round_trip(tiny, tmp_path):
     cat = _catalogue(tiny, ["Halo", "Zelda", "Mario Kart 8"])
     path = cat.save(tmp_path / "cat")
-    assert path.name == "cat.npz"
+    assert path.name == "cat" and path.is_file()  # the path given, as `serve --catalogue` will name it
     back = load_catalogue(path)
     assert back.header == cat.header and back.items == cat.items
     assert np.array_equal(back.tokens, cat.tokens) and np.array_equal(back.item_of_row, cat.item_of_row)
@@ -166,8 +166,9 @@ def test_the_recommend_cli_writes_catalogue_items_and_leaves_the_history_out(tmp
     scores = ranker.score(out["instruction"], got).scores
     assert [r["score"] for r in out["recommended"]] == pytest.approx(scores, abs=1e-4)
     assert scores == sorted(scores, reverse=True)
-    assert main([*args, "--k", "3", "--keep-history"]) == 0
-    assert main([*args, "--k", "0"]) == 2
-    assert "--k must be 1 to 100" in capsys.readouterr().err
+    assert main([*args, "--top-n", "3", "--keep-history"]) == 0  # the name /rerank and /recommend use
+    assert len(json.loads(capsys.readouterr().out)["recommended"]) == 3
+    assert main([*args, "--top-n", "0"]) == 2
+    assert "--top-n must be 1 to 100" in capsys.readouterr().err
     assert main([*args[:-1], "--template", "comb-09"]) == 2  # a rerank (T3) template cannot generate
     assert "T3" in capsys.readouterr().err

@@ -118,8 +118,12 @@ def test_exhaustive_generation_is_the_rankers_sort_of_the_allowed_items(service)
 
 def test_k_and_the_filters(service):
     app, client = service
-    top = client.post("/recommend", json={**NEED, "k": 3}).json()["results"]
+    top = client.post("/recommend", json={**NEED, "top_n": 3}).json()["results"]
     assert len(top) == 3
+    # k, the earlier name, still works and means the same; the default is 10
+    assert client.post("/recommend", json={**NEED, "k": 3}).json()["results"] == top
+    assert client.post("/recommend", json={**NEED, "k": 3, "top_n": 3}).json()["results"] == top
+    assert len(client.post("/recommend", json=NEED).json()["results"]) == 10
     only = ["g5", "g7", "g9", "g36"]
     got = client.post("/recommend", json={**NEED, "k": 10, "filter": {"ids": only}}).json()
     assert sorted(x["id"] for x in got["results"]) == ["g5", "g7", "g9"]  # g36 is "Halo": in the history
@@ -151,6 +155,8 @@ def test_the_metadata_filter(service):
 
 @pytest.mark.parametrize("body, field", [
     ({"k": 0}, "k"),
+    ({"top_n": 0}, "top_n"),
+    ({"top_n": 3, "k": 4}, "k"),
     ({"k": 101}, "k"),
     ({"k": "3"}, "k"),
     ({"filter": {"ids": []}}, "filter.ids"),

@@ -221,7 +221,7 @@ async def recommend(request: Request):
     pipeline.check_template(req.template)
     filt = req.filter
     history_ids = tuple(h.id if h.id is None else str(h.id) for h in req.history if h.title)
-    out = await pipeline.recommend(request, state, _need(req), req.template, req.k, req.fusion, history_ids=history_ids,
+    out = await pipeline.recommend(request, state, _need(req), req.template, req.top_n, req.fusion, history_ids=history_ids,
                                    exclude_history=req.exclude_history, only_ids=filt.ids if filt else None,
                                    exclude_ids=filt.exclude_ids if filt else (), meta=filt.meta if filt else None)
     return _json(_recommend_body(out, state))

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator,
+                      model_validator)
 
 from instructrec.generation import MAX_K
 from instructrec.text import normalise  # the core's normaliser: the offline evaluation applies the same one
@@ -132,13 +133,30 @@ class RecommendFilter(BaseModel):
 class RecommendRequest(NeedRequest):
     """The user's need; the model writes the items itself, from the service's catalogue (T2)."""
 
-    k: int = Field(10, ge=1, le=MAX_K, description="how many items to recommend")
+    top_n: int | None = Field(None, ge=1, le=MAX_K, description="how many items to recommend (default 10; the name "
+                              "/rerank uses)")
+    k: int | None = Field(None, ge=1, le=MAX_K, json_schema_extra={"deprecated": True},
+                          description="deprecated: the earlier name of top_n, still accepted")
     exclude_history: bool = Field(True, description="never recommend an item of the history (matched by id, "
                                   "else by title)")
     filter: RecommendFilter | None = None
     fusion: FusionMode = Field("auto", description="auto: with a gate, the model's own k and what the sequential "
                                "model, the behaviour index and the semantic encoder retrieve, ranked by the fused "
                                "scorer; lm-only: the model's own k")
+
+    @field_validator("k")
+    @classmethod
+    def _k_agrees(cls, k, info: ValidationInfo):
+        top_n = info.data.get("top_n")
+        if k is not None and top_n is not None and k != top_n:
+            raise ValueError(f"is the deprecated name of top_n and disagrees with it ({k} vs {top_n}): give top_n only")
+        return k
+
+    @model_validator(mode="after")
+    def _default_top_n(self):
+        if self.top_n is None:
+            self.top_n = self.k or 10
+        return self
 
 
 class RecommendedItem(BaseModel):
