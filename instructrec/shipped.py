@@ -226,5 +226,5 @@ def render_card(card: dict) -> str:
         lines += [f"| {_fmt(p.get('examples_total'))} | {_fmt(p.get('hr@1'), '.3f')} |" for p in curve]
     lines += ["", "Load it with `instructrec rank --model models/<name>` or `instructrec serve --model models/<name>`; "
               "continue it with `instructrec train --preset full --init models/<name> --out OUT` and "
-              "`instructrec promote OUT` (see the project README, Train).", ""]
+              "`instructrec promote OUT` (see docs/training.md in the project, the training relay).", ""]
     return "\n".join(lines)

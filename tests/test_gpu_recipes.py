@@ -126,12 +126,12 @@ def test_eight_gpu_full_recipe_runs_on_two_cpu_processes(tmp_path):
 
 
 def test_readme_memory_table_is_the_arithmetic(capsys):
-    """The README's per-GPU table is what `python -m instructrec.training.memory` prints now."""
+    """docs/gpu.md's per-GPU table is what `python -m instructrec.training.memory` prints now."""
     from instructrec.training.memory import main
 
     main()
     printed = capsys.readouterr().out.strip().splitlines()
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "gpu.md").read_text()
     for line in printed[1:]:
         assert line in readme, line
     assert "computed, not measured" in readme

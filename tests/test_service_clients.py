@@ -1,7 +1,7 @@
 """Clients nobody on this project wrote, against a live service: the official Cohere Python SDK
 (``cohere.Client`` for v1, ``cohere.ClientV2`` for v2) and LangChain's ``CohereRerank``.
 
-The README's Serve section snippets are extracted and run as they are, only their
+The Serve snippets of docs/serving.md are extracted and run as they are, only their
 ``base_url`` pointed at the uvicorn server on loopback (tiny-random model, API key
 "my-key" as in the snippets). What the clients parse is checked against the ranker
 called directly: the order, ``top_n``, the documents and the score range.
@@ -29,16 +29,16 @@ pytest.importorskip("langchain_cohere", reason="the test extra is not installed 
 
 torch.set_num_threads(1)
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "serving.md"  # where the Serve snippets live
 KEY = "my-key"  # the key the README snippets use
 README_URL = "http://127.0.0.1:8000"
 QUERY = "a relaxing farming game"
 
 
 def snippet(name: str) -> str:
-    """The python code block after ``<!-- snippet: name -->`` in the README."""
+    """The python code block after ``<!-- snippet: name -->`` in docs/serving.md."""
     m = re.search(rf"<!-- snippet: {re.escape(name)} -->\s*```python\n(.*?)```", README.read_text(), re.S)
-    assert m, f"README has no snippet {name!r}"
+    assert m, f"docs/serving.md has no snippet {name!r}"
     return m.group(1)
 
 

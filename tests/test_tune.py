@@ -161,7 +161,7 @@ def test_listwise_objective_with_a_cut_decoder_trains_and_resumes(tmp_path, base
     assert meta["preset"]["objective"] == "listwise" and meta["preset"]["decoder_layers"] == 1
     config = json.loads((out / "model" / "config.json").read_text())
     assert (config["decoder"]["num_hidden_layers"] if base == "tiny-random" else config["num_decoder_layers"]) == 1
-    again = subprocess.run(_train_cmd(out, *args[:-7], "--max-steps", "12", "--eval-steps", "12", "--save-steps", "4",
+    again = subprocess.run(_train_cmd(out, *args[:-8], "--max-steps", "12", "--eval-steps", "12", "--save-steps", "4",
                                       "--dtype", "float32"), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     meta = read_meta(out / "model")

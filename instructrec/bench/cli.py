@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     r = sub.add_parser("readme", help="regenerate the README's performance section from results.json")
     r.add_argument("--out", default=str(report.DEFAULT_OUT), help=f"results directory (default {report.DEFAULT_OUT})")
-    r.add_argument("--readme", default="README.md", help="the README to update (default README.md)")
+    r.add_argument("--readme", default="README.md", help="the README whose benchmark blocks to update, there or in the docs/*.md page beside it that holds them (default README.md)")
     r.set_defaults(_bench_parser=r, _bench_run=_run_readme)
 
     s = sub.add_parser("service", help="load-test the /rerank service with real Games requests",

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
+
+from instructrec import blocks
 
 
 def read_curve(run: Path) -> list[dict]:
@@ -70,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="label in the table, plot and README markers (default: the folder's name)")
     parser.add_argument("--baseline", action="append", default=[], metavar="LABEL=HR@1",
                         help="a horizontal reference line (e.g. popularity=0.447)")
-    parser.add_argument("--readme", help="also replace the README block between <!-- curve:NAME:start/end -->")
+    parser.add_argument("--readme", help="also replace the block between <!-- curve:NAME:start/end --> (in this README or the docs/*.md page beside it)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,18 +95,18 @@ def run(args: argparse.Namespace) -> int:
     has_png = plot(rows, run_dir / "curve.png", name, baselines)
     if args.readme:
         readme = Path(args.readme)
-        text = readme.read_text()
         start, end = f"<!-- curve:{name}:start -->", f"<!-- curve:{name}:end -->"
-        if start not in text or end not in text:
-            print(f"instructrec curve: {readme}: no markers {start} ... {end}", file=sys.stderr)
+        try:
+            page = blocks.holder(readme, start, end)
+        except ValueError as exc:
+            print(f"instructrec curve: {exc}", file=sys.stderr)
             return 2
-        head, rest = text.split(start, 1)
         block = table
-        if has_png:  # the picture goes beside the README (run folders are not in git)
+        if has_png:  # the picture goes into docs/ (run folders are not in git), linked from the page
             picture = readme.parent / "docs" / "curves" / f"{name}.png"
             picture.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(run_dir / "curve.png", picture)
-            block += f"\n![learning curve of {name}]({picture.relative_to(readme.parent)})\n"
-        readme.write_text(head + start + "\n" + block + end + rest.split(end, 1)[1])
+            block += f"\n![learning curve of {name}]({os.path.relpath(picture, page.parent)})\n"
+        blocks.replace(page, start, end, block)
     print(table)
     return 0

@@ -75,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recbole-env", help="RecBole virtualenv (default: artifacts/envs/recbole, see scripts/install_recbole.sh)")
     add_device_options(parser)
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
-    parser.add_argument("--readme", help="also regenerate this README's results section (between the eval markers)")
+    parser.add_argument("--readme", help="also regenerate the results block between the eval markers, in this README or the docs/*.md page beside it that holds them")
     parser.add_argument("--readme-name", metavar="NAME",
                         help="the README block's name: <!-- eval:NAME:start --> (and NAME-full for the full setting); "
                              "default: the dataset's name")

@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from instructrec import blocks
+
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 METRICS = ("hr@1", "hr@3", "hr@5", "ndcg@3", "ndcg@5")
 
@@ -174,15 +176,8 @@ def update_readme(readme: str | Path, results: dict, report_dir: str, name: str 
 
 def replace_block(readme: str | Path, name: str, section: str) -> Path:
     """Put ``section`` between the README's ``<!-- eval:NAME:start -->`` and ``<!-- eval:NAME:end -->``."""
-    path = Path(readme)
     start, end = markers(name)
-    text = path.read_text(encoding="utf-8")
-    if start not in text or end not in text:
-        raise ValueError(f"{path}: no evaluation markers {start} ... {end}")
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    path.write_text(head + start + "\n" + section + end + tail, encoding="utf-8")
-    return path
+    return blocks.replace(readme, start, end, section)
 
 
 # --- plots -------------------------------------------------------------------------------
