@@ -5,7 +5,7 @@
 # catalogue, built for it in seconds), fused with the behaviour, semantic and sequential signals
 # by the gate that ships beside it.
 #   bash scripts/quickstart.sh --train   train your own instead: the `quick` preset on the full Games
-#                                        data (<= 15 minutes on 2 CPU cores; reused afterwards; resumes
+#                                        data (14-22 minutes measured on 2 CPU cores, docs/results.md; reused afterwards; resumes
 #                                        if interrupted), then serve it
 # Without a shipped model in the checkout, the script trains as with --train. Other arguments go
 # to `instructrec serve`. Redis at 127.0.0.1:6379 is used as the score cache when it answers;

@@ -1,7 +1,7 @@
 """Training presets: the budgets ``instructrec train --preset`` names.
 
 ``smoke`` trains a tiny random model in well under a minute (tests); ``quick`` is the
-quick-start default, sized to finish within 15 minutes on 2 CPU cores; ``full`` is the
+quick-start default, sized for minutes on 2 CPU cores (measured times: docs/results.md); ``full`` is the
 quality run (hours on a CPU; minutes on a GPU with Flan-T5 or the default).
 """
 
@@ -62,7 +62,7 @@ PRESETS: dict[str, Preset] = {
                     per_case=1, batch_size=8, max_steps=24, learning_rate=1e-3, warmup_steps=0, eval_steps=12,
                     save_steps=6, eval_users=20, logging_steps=4),
     # The quick-start default: the prefix-LM, listwise, on the full Games data, sized to finish the
-    # whole command within 15 minutes on 2 cores. Chosen by measurement (README "Choosing the
+    # whole command in minutes on 2 cores. Chosen by measurement (docs/training.md "Choosing the
     # default"): side by side on one thread each, it led the 2-layer BERT2BERT at the same steps
     # (validation HR@1 0.263 vs 0.22 at 2,400 examples, 0.327 vs 0.29 at 4,800) at 0.81x its
     # examples/s. Embeddings (the tied output layer) and the bottom 3 layers stay frozen: cheaper
