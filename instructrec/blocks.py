@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import files
+
 
 def holder(readme: str | Path, start: str, end: str) -> Path:
     """The file holding both markers: ``readme`` itself, else the first ``docs/*.md`` beside it."""
@@ -22,7 +24,7 @@ def holder(readme: str | Path, start: str, end: str) -> Path:
 def replace(readme: str | Path, start: str, end: str, body: str) -> Path:
     """Put ``body`` between the markers wherever they are (:func:`holder`); returns that file."""
     path = holder(readme, start, end)
-    path.write_text(between(path.read_text(encoding="utf-8"), start, end, body), encoding="utf-8")
+    files.write_text(path, between(path.read_text(encoding="utf-8"), start, end, body))
     return path
 
 

@@ -26,6 +26,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from . import files
 from .text import normalise
 
 FORMAT = "instructrec-catalogue"
@@ -178,14 +179,11 @@ class Catalogue:
         """Write the catalogue to exactly ``path`` (no suffix added: ``serve --catalogue`` names
         the file ``catalogue build --out`` was given)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("wb") as f:  # a file object: numpy appends .npz only to names
+        with files.atomic_file(path, "wb") as f:  # a file object: numpy appends .npz only to names
             np.savez_compressed(f, header=_json_bytes(self.header), tokens=self.tokens, lengths=self.lengths,
                                 item_of_row=self.item_of_row, ids=_json_bytes([it.id for it in self.items]),
                                 titles=_json_bytes([it.title for it in self.items]),
                                 meta=_json_bytes([it.meta for it in self.items]))
-        tmp.replace(path)  # a reader never sees half a file
         return path
 
 
@@ -258,7 +256,6 @@ def load_text_side(name_or_path: str | Path) -> TextSide:
     from .checkpoint import read_meta
     from .modeling import BUILDERS, load_model
     from .ranker import eos_id
-
     from .shipped import is_shipped
 
     name = str(name_or_path)

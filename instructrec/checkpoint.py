@@ -11,6 +11,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from . import files
+
 META_FILE = "instructrec.json"
 
 
@@ -30,11 +32,7 @@ def read_meta(directory: str | Path) -> dict:
 
 
 def write_meta(directory: str | Path, meta: dict) -> Path:
-    path = Path(directory) / META_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return files.write_json(Path(directory) / META_FILE, meta, indent=2, sort_keys=True)
 
 
 WHOLE_FILE_BYTES = 32 << 20  # weights files up to this size are hashed whole (the shipped model's ~11 MB)

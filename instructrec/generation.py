@@ -221,8 +221,8 @@ class _PrefixSteps(_CachedSteps):
         self.bert = ranker.model.bert
         self.device = ranker.device
         self.head = _prefix_head(ranker.model)
-        self.start = ranker._start_id()
-        inp = ranker._pad([src], SOURCE_BUCKET)  # read as the ranker reads it (same kernels, warmed)
+        self.start = ranker.start_id()
+        inp = ranker.pad_rows([src], SOURCE_BUCKET)  # read as the ranker reads it (same kernels, warmed)
         mask = (torch.arange(inp.shape[1], device=self.device)[None, :] < len(src)).long()
         _, self.kv = prefixlm.read_instruction(self.bert, inp, mask)
         self.length = len(src)
@@ -241,7 +241,7 @@ class _Seq2SeqSteps(_CachedSteps):
         inp = torch.tensor([src], device=self.device)
         self.mask = torch.ones_like(inp)
         self.enc = model.get_encoder()(input_ids=inp, attention_mask=self.mask).last_hidden_state
-        self.start = ranker._start_id()
+        self.start = ranker.start_id()
         self.own = None  # decoder self-attention keys/values per layer, one row per beam
         self.cross = None  # cross-attention keys/values per layer, one row (shared as views)
 

@@ -303,7 +303,9 @@ class Ranker:
             chunks.extend(group[a : a + size] for a in range(0, rows, size))
         return chunks
 
-    def _pad(self, rows: list[list[int]], multiple: int = 1) -> torch.Tensor:
+    def pad_rows(self, rows: list[list[int]], multiple: int = 1) -> torch.Tensor:
+        """Token rows right-padded to one width (rounded up to ``multiple``), on the model's device:
+        how every pass of the ranker and the generator is shaped, so both run the same kernels."""
         width = -(-max(len(r) for r in rows) // multiple) * multiple
         pad = self.tokenizer.pad_token_id or 0
         return torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
@@ -337,11 +339,12 @@ class Ranker:
         return max(1, min(self.batch_tokens, LOGITS_PASS_BYTES // (4 * _vocab_size(self.model))))
 
     # -- seq2seq --------------------------------------------------------------------
-    def _start_id(self) -> int:
+    def start_id(self) -> int:
+        """The decoder's first input token (seq2seq)."""
         return decoder_start_id(self.model)
 
     def _seq2seq_naive(self, src: list[int], ids: list[list[int]]) -> list[float]:
-        start = self._start_id()
+        start = self.start_id()
         inp = torch.tensor([src], device=self.device)
         out = []
         for t in ids:
@@ -356,7 +359,7 @@ class Ranker:
 
         model = self.model
         lengths = torch.tensor([len(s) for s in srcs], device=self.device)
-        inp = self._pad(srcs)
+        inp = self.pad_rows(srcs)
         mask = (torch.arange(inp.shape[1], device=self.device)[None, :] < lengths[:, None]).long()
         enc = model.get_encoder()(input_ids=inp, attention_mask=mask).last_hidden_state
         if not self.share_cross_kv or all(len(req) == 1 for req in ids):
@@ -370,7 +373,7 @@ class Ranker:
             # start position's self-attention K/V, and its logits score every candidate's first token.
             probe = EncoderDecoderCache(DynamicCache(), DynamicCache())
             first = model(encoder_outputs=(enc,), attention_mask=mask, past_key_values=probe, use_cache=True,
-                          decoder_input_ids=torch.full((len(srcs), 1), self._start_id(), device=self.device)).logits
+                          decoder_input_ids=torch.full((len(srcs), 1), self.start_id(), device=self.device)).logits
             first = torch.log_softmax(first[:, 0].float(), dim=-1)
             sums = [first[r, [t[0] for t in req]].tolist() for r, req in enumerate(ids)]
             flat = [(r, j) for r, req in enumerate(ids) for j in range(len(req)) if len(req[j]) > 1]
@@ -395,7 +398,7 @@ class Ranker:
 
         def run(rows, pick, labels):
             if shared:
-                inputs = self._pad([t[:-1] for t in rows])
+                inputs = self.pad_rows([t[:-1] for t in rows])
                 cache = EncoderDecoderCache(*(_view_cache([(pick(k), pick(v)) for k, v in kv]) for kv in shared))
             else:
                 inputs, cache = self._with_start(labels), None
@@ -406,7 +409,7 @@ class Ranker:
 
     def _with_start(self, labels: torch.Tensor) -> torch.Tensor:
         """Decoder inputs of padded target rows: the start token, then each target but its last token."""
-        return torch.cat([torch.full((labels.shape[0], 1), self._start_id(), device=self.device), labels[:, :-1]], dim=1)
+        return torch.cat([torch.full((labels.shape[0], 1), self.start_id(), device=self.device), labels[:, :-1]], dim=1)
 
     def _bucketed(self, targets: list[list[int]], owners: list[int], row_bytes: int, skip: int, run, head) -> list[float]:
         """Summed log-probs of ``targets`` (rows of the requests ``owners``), ``skip`` leading
@@ -421,10 +424,10 @@ class Ranker:
         budget = self._logits_pass_tokens() if full_logits else self.batch_tokens
         states, labels_at, rows_at = [], [], []
         passes = [part for chunk in self._chunks([t[skip:] for t in targets], budget)
-                  for part in self._split_mixed(chunk, owners, row_bytes)]
+                  for part in self.split_mixed(chunk, owners, row_bytes)]
         for chunk in passes:
             rows = [targets[i] for i in chunk]
-            labels = self._pad([t[skip:] for t in rows])
+            labels = self.pad_rows([t[skip:] for t in rows])
             hidden = run(rows, self._picker([owners[i] for i in chunk]), labels)
             h, lab, row = self._real_positions(hidden, labels, [len(t) - skip for t in rows])
             del hidden  # a pass's logits, when full_logits: freed before they are reduced
@@ -436,7 +439,7 @@ class Ranker:
         lp = torch.cat(states) if full_logits else self._head_logprobs(torch.cat(states), torch.cat(labels_at), head)
         return torch.zeros(len(targets), device=self.device).index_add_(0, torch.cat(rows_at), lp).tolist()
 
-    def _split_mixed(self, chunk: list[int], owners: list[int], row_bytes: int) -> list[list[int]]:
+    def split_mixed(self, chunk: list[int], owners: list[int], row_bytes: int) -> list[list[int]]:
         """``chunk`` as passes whose per-row copies of keys/values (``row_bytes`` a row) stay within
         ``mixed_kv_bytes``: a request's rows are kept together, a pass holds either one request's rows
         (shared as views, no copy, however many) or several requests' rows within the allowance."""
@@ -485,7 +488,7 @@ class Ranker:
             enc = self.model.get_encoder()(input_ids=inp, attention_mask=mask).last_hidden_state
             probe = EncoderDecoderCache(DynamicCache(), DynamicCache())
             self.model(encoder_outputs=(enc,), attention_mask=mask, past_key_values=probe, use_cache=True,
-                       decoder_input_ids=torch.full((1, 1), self._start_id(), device=self.device))
+                       decoder_input_ids=torch.full((1, 1), self.start_id(), device=self.device))
             shared = ([(layer.keys, layer.values) for layer in probe.self_attention_cache.layers],
                       [(layer.keys, layer.values) for layer in probe.cross_attention_cache.layers])
             return _row_bytes([enc, mask, *_cached(shared)])
@@ -496,7 +499,7 @@ class Ranker:
     # -- prefix-LM ------------------------------------------------------------------
     def _prefix_naive(self, src: list[int], ids: list[list[int]]) -> list[float]:
         head = _prefix_head(self.model)
-        start, out = self._start_id(), []
+        start, out = self.start_id(), []
         for t in ids:
             hidden = prefixlm.full_forward(self.model.bert, src, [start] + t[:-1])
             logits = head(hidden)
@@ -510,7 +513,7 @@ class Ranker:
         positions and once over all buckets."""
         bert = self.model.bert
         lengths = torch.tensor([len(s) for s in srcs], device=self.device)
-        inp = self._pad(srcs, SOURCE_BUCKET)
+        inp = self.pad_rows(srcs, SOURCE_BUCKET)
         mask = (torch.arange(inp.shape[1], device=self.device)[None, :] < lengths[:, None]).long()
         _, kv = prefixlm.read_instruction(bert, inp, mask)
         flat = [(r, j) for r, req in enumerate(ids) for j in range(len(req))]
@@ -545,7 +548,7 @@ class Ranker:
         # the model returns logits over the vocabulary at every position: passes within LOGITS_PASS_BYTES
         for chunk in self._chunks(ids, self._logits_pass_tokens()):
             rows = [ids[i] for i in chunk]
-            labels = self._pad(rows)
+            labels = self.pad_rows(rows)
             totals = first[labels[:, 0]]
             if labels.shape[1] > 1:
                 tail = self._causal_tail(kv, labels, [len(r) - 1 for r in rows])

@@ -62,14 +62,14 @@ def test_mixed_passes_copy_within_the_allowance_and_score_the_same(loaded):
 def test_split_keeps_requests_together_and_bounds_mixed_rows(loaded):
     ranker = Ranker(loaded, mixed_kv_bytes=10 * 100)  # 10 rows of 100 bytes
     owners = [0] * 4 + [1] * 4 + [2] * 30 + [3] * 3
-    parts = ranker._split_mixed(list(range(len(owners))), owners, row_bytes=100)
+    parts = ranker.split_mixed(list(range(len(owners))), owners, row_bytes=100)
     assert sorted(i for p in parts for i in p) == list(range(len(owners)))
     for part in parts:
         mixed = len({owners[i] for i in part}) > 1
         assert not mixed or len(part) * 100 <= 10 * 100
         assert all(set(i for i in range(len(owners)) if owners[i] == owners[j]) <= set(part) for j in part)
     assert any(len({owners[i] for i in p}) > 1 for p in parts)  # small requests still share passes
-    assert ranker._split_mixed([0, 1], [0, 1], row_bytes=0) == [[0, 1]]
+    assert ranker.split_mixed([0, 1], [0, 1], row_bytes=0) == [[0, 1]]
     with pytest.raises(ValueError, match="mixed_kv_bytes"):
         Ranker(loaded, mixed_kv_bytes=-1)
 

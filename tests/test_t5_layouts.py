@@ -133,7 +133,7 @@ def test_head_log_probs_are_float32_and_close_in_bf16(models):
     ranker = Ranker(fp32)
     src = torch.tensor([ranker.source_ids(SOURCE)[0]])
     labels = torch.tensor(target_ids(ranker.tokenizer, CANDS[4], 48, ranker.eos)[0])
-    dec = torch.cat([torch.tensor([ranker._start_id()]), labels[:-1]])[None]
+    dec = torch.cat([torch.tensor([ranker.start_id()]), labels[:-1]])[None]
     with torch.inference_mode():
         hidden = fp32.model(input_ids=src, decoder_input_ids=dec, output_hidden_states=True).decoder_hidden_states[-1][0]
         head = _Head(lambda h: h, fp32.model.lm_head)

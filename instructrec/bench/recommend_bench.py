@@ -25,9 +25,9 @@ def build_bench_catalogue(model: str, data, dataset: str, out: Path) -> Path:
     the model tokenises them."""
     from instructrec.catalogue import build_catalogue, load_text_side
     from instructrec.ranker import token_limits
-    from instructrec.training.catalogue_cli import items_of
+    from instructrec.training.data.catalogue_items import catalogue_items
 
-    items, _ = items_of(data)
+    items, _ = catalogue_items(data)
     text = load_text_side(model)
     catalogue = build_catalogue(items, text.tokenizer, eos=text.eos, max_target_tokens=token_limits(text.meta)[1],
                                 model=model, source=dataset)

@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from instructrec import files
 from instructrec.blocks import between, holder
 from instructrec.records import (CPU_FEATURES, bf16_support, cpu_flags, cpu_model, invoked_as,  # noqa: F401
                                  machine_info, median, percentile, physical_cores)
@@ -87,9 +88,7 @@ def write(out_dir: str | Path, section: str, data: dict[str, Any]) -> dict[str, 
     results = load(out)
     results[section] = data
     paths = {"json": out / RESULTS_JSON, "md": out / RESULTS_MD}
-    tmp = paths["json"].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
-    tmp.replace(paths["json"])
+    files.write_json(paths["json"], results, indent=2, default=_json_default)
     plots, plot_error = {}, None
     try:
         plots = make_plots(results, out)

@@ -31,6 +31,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .. import files
 from ..text import normalise
 
 FORMAT = "instructrec-behaviour"
@@ -145,15 +146,12 @@ class BehaviourIndex(Stamped):
         return BehaviourFeatures(zscore(trans) + zscore(co) + POPULARITY_WEIGHT * zscore(pop), share)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, header=np.frombuffer(json.dumps(self.header).encode(), dtype=np.uint8),
-                 item_ids=_text_array(self.item_ids), titles=_text_array(self.titles),
-                 indptr=self.indptr, indices=self.indices, transition=self.transition,
-                 cooccurrence=self.cooccurrence, popularity=self.popularity)
-        tmp.replace(path)
-        return path
+        with files.atomic_file(path, "wb") as f:  # a file object: numpy appends .npz only to names
+            np.savez(f, header=np.frombuffer(json.dumps(self.header).encode(), dtype=np.uint8),
+                     item_ids=_text_array(self.item_ids), titles=_text_array(self.titles),
+                     indptr=self.indptr, indices=self.indices, transition=self.transition,
+                     cooccurrence=self.cooccurrence, popularity=self.popularity)
+        return Path(path)
 
 
 def cand_positions(index: BehaviourIndex, ids: Sequence[str | None]) -> np.ndarray:

@@ -30,6 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .. import files
 from ..aspects import Intention, UserNeed
 from .behaviour import zscore
 
@@ -105,10 +106,7 @@ class Gate:
                 "info": self.info}
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
-        return path
+        return files.write_json(path, self.to_json(), indent=1)
 
 
 def load_gate(path: str | Path) -> Gate:

@@ -181,9 +181,8 @@ class ScoreCache:
             self._down_since = now
             log.warning("score cache unavailable (%s: %s): answering uncached, retrying every %.1fs",
                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "timeout", self.retry)
-            # The pooled connections of before the outage are dead if Redis restarted. With the
-            # earlier async client each of them failed once more after Redis was back (7 errors on
-            # a healthy Redis); the client's one retry on a broken connection covers the same case.
+            # The pooled connections of before the outage are dead if Redis restarted: dropped
+            # here, so none of them fails once more on a healthy Redis.
             try:
                 await self._call(self._client.connection_pool.disconnect)
             except Exception:  # noqa: BLE001 - closing dead connections

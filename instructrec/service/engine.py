@@ -537,7 +537,7 @@ class Engine:
         text = " ".join(["item"] * max(1, width // per_word))  # width tokens, then end-of-sequence
         self.score_many([(source, [text] * n) for n in counts])
         owners = [k for k, n in enumerate(counts) for _ in range(n)]
-        mixed = [p for p in r._split_mixed(list(range(rows)), owners, row_bytes) if len({owners[i] for i in p}) > 1]
+        mixed = [p for p in r.split_mixed(list(range(rows)), owners, row_bytes) if len({owners[i] for i in p}) > 1]
         return {"requests": requests, "candidates": counts, "row_tokens": width + 1, "row_bytes": row_bytes,
                 "mixed_copy_bytes": max((len(p) * row_bytes for p in mixed), default=0)}
 

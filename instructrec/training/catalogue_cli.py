@@ -13,9 +13,8 @@ import json
 import sys
 import time
 
-from instructrec.catalogue import (CatalogueError, CatalogueItem, build_catalogue, load_catalogue, load_text_side,
-                                   read_items_jsonl)
-from instructrec.text import normalise
+from instructrec.catalogue import CatalogueError, CatalogueItem, build_catalogue, load_catalogue, load_text_side, read_items_jsonl
+from instructrec.training.data.catalogue_items import catalogue_items
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,25 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     show.add_argument("catalogue", metavar="CAT")
 
 
-def items_of(data) -> tuple[list[CatalogueItem], int]:
-    """A dataset's items as catalogue items, in item-id order (the same catalogue whatever order a
-    loader kept), titles normalised as the service normalises candidates, categories as
-    metadata; and how many were left out for having no title."""
-    items, untitled = [], 0
-    for item_id in sorted(data.items):
-        item = data.items[item_id]
-        title = normalise(item.title)
-        if not title:
-            untitled += 1
-            continue
-        items.append(CatalogueItem(str(item_id), title, {"categories": list(item.categories)} if item.categories else None))
-    return items, untitled
-
-
 def _dataset_items(path: str) -> list[CatalogueItem]:
     from instructrec.training.data.load import load_dataset
 
-    items, untitled = items_of(load_dataset(path))
+    items, untitled = catalogue_items(load_dataset(path))
     if untitled:
         print(f"{untitled} item(s) of {path} have no title and were left out", file=sys.stderr)
     return items

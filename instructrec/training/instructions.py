@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from instructrec import files
 from instructrec.aspects import Intention, UserNeed
 from instructrec.instruction import fit
 from instructrec.templates import Target, Template, compatible, select
@@ -144,13 +145,11 @@ def write_examples(path: Path, examples: Iterable[Example]) -> int:
 
 def read_examples(path: Path) -> list[Example]:
     out = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    out.append(Example(**json.loads(line)))
-                except (json.JSONDecodeError, TypeError) as exc:
-                    raise ValueError(f"{path}:{lineno}: not an instruction example ({exc})") from exc
+    for lineno, row in files.jsonl_objects(path, lambda p, n, m: ValueError(f"{p}:{n}: not an instruction example ({m})")):
+        try:
+            out.append(Example(**row))
+        except TypeError as exc:
+            raise ValueError(f"{path}:{lineno}: not an instruction example ({exc})") from None
     return out
 
 

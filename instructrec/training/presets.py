@@ -88,7 +88,7 @@ PRESETS: dict[str, Preset] = {
 # The paper's recipe for a large seq2seq model: likelihood (Eq. 1) on 20-item histories,
 # instructions up to 320 tokens, 3 examples per case. Flan-T5-XL (the paper's model) on GPUs
 # takes it with 32 examples per optimizer step, sized by the arithmetic in instructrec/training/memory.py
-# (README "GPUs"; computed, not measured). Checkpoints every 1,000 steps, the last one kept.
+# (docs/gpu.md; computed, not measured). Checkpoints every 1,000 steps, the last one kept.
 #   one 80 GB GPU, LoRA: 16 per step x 2 accumulated, bf16 autocast, gradient checkpointing
 #   eight GPUs, every weight, FSDP (deploy/accelerate/fsdp-8gpu.yaml): 4 per GPU x 8
 _PAPER = Preset("paper", base="google/flan-t5-xl", data="games", max_history=20, max_source_tokens=320, per_case=3,

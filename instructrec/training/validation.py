@@ -35,7 +35,7 @@ def _score_sharded(ranker: Ranker, encoded: list[Encoded]) -> list[list[float]]:
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed.active() else (0, 1)
     rows = [(c, j) for c in range(rank, len(encoded), world) for j in range(len(encoded[c].targets))]
     passes = max(distributed.gather([-(-len(rows) // ROWS_PER_PASS)]))
-    start, pad = ranker._start_id(), ranker.tokenizer.pad_token_id or 0
+    start, pad = ranker.start_id(), ranker.tokenizer.pad_token_id or 0
     mine: dict[tuple[int, int], float] = {}
     for p in range(passes):
         chunk = rows[p * ROWS_PER_PASS : (p + 1) * ROWS_PER_PASS]

@@ -25,6 +25,7 @@ from typing import Iterable
 
 from tqdm import tqdm
 
+from instructrec import files
 from instructrec.training.annotate.teachers import AnnotationRequest, Kind, Teacher
 from instructrec.training.data.types import Case, DataError, InteractionData
 
@@ -74,16 +75,9 @@ def _read_cache(path: Path) -> list[Annotation]:
     """Lines of the cache; a truncated last line is cut off (with a warning), any other bad line is a DataError."""
     if not path.exists():
         return []
-    raw = path.read_bytes()
     out: list[Annotation] = []
-    lines = raw.split(b"\n")
-    complete = raw.endswith(b"\n") or not raw
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        last = number == len(lines)  # no newline after it
+    for number, d in files.jsonl_objects(path, DataError, torn_tail="skip"):
         try:
-            d = json.loads(line.decode("utf-8"))
             ann = Annotation(
                 user_id=str(d["user_id"]),
                 target=str(d["target"]),
@@ -92,10 +86,7 @@ def _read_cache(path: Path) -> list[Annotation]:
                 teacher=str(d["teacher"]),
                 key=str(d["key"]),
             )
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            if last and not complete:
-                log.warning("%s:%d: ignoring a truncated last line (an interrupted run?)", path, number)
-                break
+        except (ValueError, KeyError, TypeError) as e:
             raise DataError(path, number, f"not an annotation record ({type(e).__name__}: {e})") from None
         out.append(ann)
     return out

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from instructrec import files
+
 from ..data.types import Case, DataError, InteractionData
 from ..metrics import candidate_set, case_rng
 
@@ -111,15 +113,12 @@ def hard_candidates(data: InteractionData, cases: Sequence[Case], n_negatives: i
 
 def write(path: str | Path, header: dict, cases: Sequence[CandidateCase]) -> CandidateFile:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = {"format": FORMAT, "version": VERSION, **header, "cases": len(cases)}
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with files.atomic_file(path) as f:
         f.write(json.dumps(header) + "\n")
         for c in cases:
             f.write(json.dumps({"user_id": c.user_id, "history": list(c.history), "target": c.target,
                                 "candidates": list(c.candidates)}, ensure_ascii=False) + "\n")
-    tmp.replace(path)
     return CandidateFile(header, list(cases), path)
 
 
@@ -128,29 +127,18 @@ def read(path: str | Path, data: InteractionData | None = None) -> CandidateFile
     item id must be one of its items."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        rows = list(files.jsonl_objects(path, DataError))
     except OSError as exc:
         raise DataError(path, None, f"cannot read candidate file: {exc.strerror or exc}") from None
-    if not lines:
+    if not rows:
         raise DataError(path, None, "empty candidate file")
-    try:
-        header = json.loads(lines[0])
-    except ValueError as exc:
-        raise DataError(path, 1, f"header is not JSON: {exc}") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
+    first, header = rows[0]
+    if first != 1 or header.get("format") != FORMAT:
         raise DataError(path, 1, f'not a candidate file: the first line must be a JSON object with "format": "{FORMAT}"')
     if header.get("version") != VERSION:
         raise DataError(path, 1, f"candidate file version {header.get('version')!r} is not supported (expected {VERSION})")
     cases = []
-    for n, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise DataError(path, n, f"not JSON: {exc}") from None
-        if not isinstance(row, dict):
-            raise DataError(path, n, "each case must be a JSON object")
+    for n, row in rows[1:]:
         for key, kind in (("user_id", str), ("target", str), ("history", list), ("candidates", list)):
             if not isinstance(row.get(key), kind):
                 raise DataError(path, n, f'field "{key}" is missing or not a {kind.__name__}')

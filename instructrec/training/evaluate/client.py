@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit
 
+from instructrec import files
 from instructrec.aspects import Intention, UserNeed
 from instructrec.records import percentile
 
@@ -331,36 +332,14 @@ def read_responses(path: Path) -> tuple[dict | None, list[dict]]:
     """Header and lines of a responses file; a truncated last line (a killed run) is cut off."""
     if not path.exists():
         return None, []
-    raw = path.read_bytes()
-    lines = raw.split(b"\n")
-    complete = raw.endswith(b"\n")
-    rows: list[dict] = []
-    header = None
-    truncated = False
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line.decode("utf-8"))
-            if not isinstance(row, dict):
-                raise ValueError("not an object")
-        except (ValueError, UnicodeDecodeError) as exc:
-            if number == len(lines) and not complete:
-                log.warning("%s:%d: ignoring a truncated last line (an interrupted run)", path, number)
-                with path.open("r+b") as f:
-                    f.truncate(len(raw) - len(line))
-                truncated = True
-                break
-            raise DataError(path, number, f"not a responses line: {exc}") from None
+    header, rows = None, []
+    for number, row in files.jsonl_objects(path, DataError, torn_tail="repair"):
         if header is None:
             if row.get("format") != RESPONSES_FORMAT:
                 raise DataError(path, number, f'not an eval-client responses file (no "format": "{RESPONSES_FORMAT}" header)')
             header = row
         else:
             rows.append(row)
-    if raw and not complete and not truncated:  # a complete last line without its newline
-        with path.open("ab") as f:
-            f.write(b"\n")
     return header, rows
 
 
@@ -552,9 +531,7 @@ def _summarise(cfg: ClientConfig, url: str, file: cand.CandidateFile, scenario, 
         "ranks": ranks,
         "seconds": round(seconds, 2),
     }
-    tmp = results_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    tmp.replace(results_path)
+    files.write_json(results_path, results, indent=1)
     return results
 
 

@@ -28,12 +28,13 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
+from instructrec import files
 from instructrec.aspects import TaskForm
 from instructrec.catalogue import build_catalogue
 from instructrec.instruction import build as build_instruction
 from instructrec.text import normalise_need
 
-from ..catalogue_cli import items_of
+from ..data.catalogue_items import catalogue_items
 from ..data.types import Case, InteractionData
 from ..metrics import bootstrap_intervals, metrics_from_ranks
 from . import candidates as cand
@@ -105,7 +106,7 @@ class Generation:
         self.data = data
         self.loaded = load_model(model, device=device, dtype=dtype)
         self.ranker = Ranker(self.loaded)
-        items, _ = items_of(data)
+        items, _ = catalogue_items(data)
         self.catalogue = build_catalogue(items, self.loaded.tokenizer, eos=self.ranker.eos,
                                          max_target_tokens=self.ranker.max_target_tokens, model=str(model))
         self.index = {it.id: j for j, it in enumerate(items)}
@@ -176,7 +177,7 @@ class HybridFull:
         self.data, self.hybrid, self.per_source = data, hybrid, per_source
         self.loaded = load_model(model, device=device, dtype=dtype)
         self.ranker = Ranker(self.loaded)
-        items, _ = items_of(data)
+        items, _ = catalogue_items(data)
         self.items = items
         self.retriever = Retriever([it.id for it in items], [it.title for it in items], behaviour=hybrid.behaviour,
                                    sequential=hybrid.sequential, semantic=hybrid.semantic)
@@ -247,10 +248,7 @@ def _saved(out: Path, key: dict, compute) -> FullRanks:
     if path.exists():
         return FullRanks(**{**json.loads(path.read_text())["ranks"], "reused": True})
     result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "ranks": asdict(result)}))
-    tmp.replace(path)
+    files.write_json(path, {"key": key, "ranks": asdict(result)})
     return result
 
 

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from instructrec import blocks
+from instructrec import blocks, files
 
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 METRICS = ("hr@1", "hr@3", "hr@5", "ndcg@3", "ndcg@5")
@@ -29,9 +29,7 @@ def load(out_dir: str | Path) -> dict:
 def write(out_dir: str | Path, results: dict) -> dict[str, Path]:
     out = Path(out_dir)
     paths = {"json": out / RESULTS_JSON, "md": out / RESULTS_MD}
-    tmp = paths["json"].with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    tmp.replace(paths["json"])
+    files.write_json(paths["json"], results, indent=1)
     plots, note = {}, None
     try:
         plots = make_plots(results, out)

@@ -21,16 +21,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from instructrec import files
+from instructrec.aspects import UserNeed
+from instructrec.generation import MAX_K
+
 from ..data.load import load_dataset
 from ..data.types import MAX_HISTORY, Case, InteractionData
 from ..metrics import bootstrap_intervals, metrics_from_ranks, rank_of
 from . import candidates as cand
-from .methods import (Behaviour, BiEncoder, HybridModel, InstructionModel, Method, Popularity, Precomputed, Sequential,
-                      timed_score)
 from .full_catalogue import FULL
+from .methods import Behaviour, BiEncoder, HybridModel, InstructionModel, Method, Popularity, Precomputed, Sequential, timed_score
 from .scenarios import Scenario, get_scenarios, needs_of
-from instructrec.aspects import UserNeed
-from instructrec.generation import MAX_K
 
 log = logging.getLogger(__name__)
 
@@ -273,10 +274,7 @@ def run_unit(ev: Evaluation, method: Method, scenario: Scenario, setting: str, s
                 [rank_of(s, c.positive) for s, c in zip(scores, cases)], scores, round(seconds, 3),
                 len(file.cases[0].candidates), len(file.cases) - len(used))
     _remember(method, file, unit)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "unit": asdict(unit)}))
-    tmp.replace(path)
+    files.write_json(path, {"key": key, "unit": asdict(unit)})
     m = unit.metrics()
     log.info("%-12s %-20s %-28s %-8s %s: HR@1 %.3f NDCG@5 %.3f (%d cases, %.1f s)", setting, scenario.name, method.name,
              template or "-", split, m.get("hr@1", 0), m.get("ndcg@5", 0), len(cases), seconds)

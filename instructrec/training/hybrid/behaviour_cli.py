@@ -15,6 +15,8 @@ import time
 
 from instructrec.hybrid.behaviour import TOP_N, BehaviourError, build_behaviour_index, load_behaviour_index
 
+from ..data.catalogue_items import catalogue_items
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
@@ -39,9 +41,7 @@ def training_sequences(data, holdout: int = 2):
 
 def build_for(data, *, holdout: int = 2, top_n: int = TOP_N, source: str = ""):
     """The index of a loaded dataset over its items in id order (the catalogue's order)."""
-    from ..catalogue_cli import items_of
-
-    items, _ = items_of(data)
+    items, _ = catalogue_items(data)
     return build_behaviour_index(training_sequences(data, holdout), [(i.id, i.title) for i in items], top_n=top_n,
                                  source=f"{source or data.name} (holdout {holdout})")
 

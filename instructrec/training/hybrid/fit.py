@@ -26,6 +26,7 @@ from instructrec.hybrid import Hybrid, Signals
 from instructrec.hybrid.gate import SIGNALS, Example, Gate, expected_calibration_error, fit_gate
 from instructrec.text import normalise, normalise_need
 
+from ..data.catalogue_items import catalogue_items
 from ..data.types import MAX_HISTORY, Case, InteractionData
 from ..evaluate import candidates as cand
 from ..evaluate.scenarios import Scenario, get_scenarios, needs_of
@@ -114,9 +115,7 @@ def catalogue_retriever(data: InteractionData, hybrid: Hybrid, work: Path):
     of ``hybrid``; title vectors kept in ``work``."""
     from instructrec.hybrid.retrieval import Retriever
 
-    from ..catalogue_cli import items_of
-
-    items, _ = items_of(data)
+    items, _ = catalogue_items(data)
     titles = [it.title for it in items]
     vectors = hybrid.semantic.catalogue_vectors(titles, work / "title-vectors") if hybrid.semantic else None
     return items, Retriever([it.id for it in items], titles, behaviour=hybrid.behaviour, sequential=hybrid.sequential,

@@ -19,9 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from instructrec import files
 from instructrec.hybrid.sequential import SASRecConfig, SequentialScorer, left_pad, load_sequential, new_scorer, stamp
 
 from ..data.types import InteractionData
@@ -124,10 +124,9 @@ def train_sequential(data: InteractionData, out: str | Path, *, epochs: int = 30
             scorer.save(out / "best")
         else:
             state["stale"] += 1
-        tmp = ckpt.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                    "state": state}, tmp)
-        tmp.replace(ckpt)
+        with files.atomic_file(ckpt, "wb") as f:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "torch_rng": torch.get_rng_state(), "state": state}, f)
     best = load_sequential(out / "best")
     best.header["info"].update({"curve": state["curve"], "train_seconds": round(state["seconds"], 1),
                                 "threads": torch.get_num_threads(), "epochs_run": state["epoch"]})
