@@ -383,6 +383,9 @@ def _trainable(model, kind: str, preset: Preset, lora: bool):
         if kind != PREFIX_LM:
             raise TrainingError("--frozen-layers applies to a prefix-LM; use --freeze-encoder for an encoder-decoder")
         freeze_bottom(model, preset.frozen_layers)
+    # FSDP2 needs the shared embeddings in one unit. Last: --freeze-encoder reaches the embeddings
+    # through the encoder's submodules (they are its input too), which this takes away.
+    distributed.one_embeddings_module(model)
     return model
 
 
