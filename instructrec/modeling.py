@@ -176,6 +176,49 @@ def keep_untied_head(model) -> None:
         tied.pop("lm_head.weight", None)
 
 
+def saved_tensor_names(directory: str | Path) -> set[str]:
+    """The tensor names a saved HF model directory holds (one safetensors file or a sharded index)."""
+    import json
+
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for path in directory.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            names.update(f.keys())
+    return names
+
+
+def write_portable_t5_config(directory: str | Path) -> None:
+    """Rewrite a saved T5's ``config.json`` so every runtime reads the model that was saved.
+
+    transformers 5.x writes ``tie_word_embeddings: true`` for every T5 and keeps the real layout in
+    ``scale_decoder_outputs``; transformers 4.x, vLLM and TGI know only ``tie_word_embeddings``, and
+    read true as "head = input embeddings, decoder output scaled by d_model ** -0.5". So the flag is
+    written as the saved tensors are: false when ``lm_head.weight`` is its own tensor (Flan-T5, T5
+    v1.1: no scaling either), true when the head is the embeddings (the original T5: scaled). A
+    model that is one but not the other (an own head with scaling, or the reverse) has no config
+    the older runtimes read right, and is refused rather than saved to be misread."""
+    import json
+
+    path = Path(directory) / "config.json"
+    config = json.loads(path.read_text())
+    if "scale_decoder_outputs" not in config:
+        return  # not a T5 as transformers 5.x writes it
+    own_head = "lm_head.weight" in saved_tensor_names(directory)
+    scaled = bool(config["scale_decoder_outputs"])
+    if own_head == scaled:
+        layout = "its own lm_head with" if own_head else "the embeddings as lm_head without"
+        raise ValueError(f"{directory}: a T5 with {layout} d_model ** -0.5 scaling of the decoder output has no "
+                         "config.json that transformers 4.x, vLLM and TGI read the same way")
+    config["tie_word_embeddings"] = not own_head
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def build_tiny_causal(seed: int = 0):
     """A tiny randomly initialised GPT-2-style decoder-only model on the MiniLM tokenizer."""
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -1,6 +1,8 @@
 """Run by tests/test_distributed_training.py under ``torchrun --nproc_per_node 2`` (CPU, gloo):
-validation and saving of a T5 in Flan-T5's layout sharded with FSDP2 (``fully_shard`` per T5
-block and at the root, as accelerate's FSDP2 plugin with TRANSFORMER_BASED_WRAP does)."""
+validation and saving of a T5 in Flan-T5's layout sharded with FSDP2 into the units accelerate's
+FSDP2 preparation makes with deploy/accelerate/fsdp-8gpu.yaml (TRANSFORMER_BASED_WRAP on T5Block):
+one per T5 block, the input embeddings, the untied head, the root. tests/test_gpu_recipes.py runs
+accelerate's own preparation and checks it makes these units."""
 
 from __future__ import annotations
 
@@ -12,6 +14,13 @@ import torch
 import torch.distributed as dist
 
 torch.set_num_threads(1)
+
+
+def fsdp_units(model) -> dict[str, str]:
+    """Each module ``fully_shard`` made an FSDP unit, by its name ("" for the root) and class."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return {name: type(m).__name__ for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, FSDPModule)}
 
 
 def main(out: Path) -> None:
@@ -35,22 +44,26 @@ def main(out: Path) -> None:
                            [" ".join(words[(c + j) % 14 : (c + j) % 14 + 1 + j % 4]) for j in range(10)]) for c in range(7)]
     with torch.inference_mode():
         reference = score_cases(ranker, cases)  # unsharded: the fast path
+    distributed.one_embeddings_module(model)  # as training does before the Trainer wraps it
     for block in [*model.encoder.block, *model.decoder.block]:
         assert isinstance(block, T5Block)
         fully_shard(block)
+    fully_shard(model.shared)
+    fully_shard([model.lm_head], reshard_after_forward=False)
     fully_shard(model)
-    result = {"sharded": distributed.sharded(model), "rank": dist.get_rank()}
+    result = {"sharded": distributed.sharded(model), "rank": dist.get_rank(), "units": fsdp_units(model)}
+    with torch.inference_mode():
+        sharded = score_cases(Ranker(loaded), cases)
+    result["max_diff"] = max(abs(a - b) for r, s in zip(reference, sharded) for a, b in zip(r, s))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    distributed.on_main(lambda: _save_model_dir(model, tokenizer, out / "model", {"test": True}, state_dict=state))
+    # last: before any forward of the root it would make the embeddings' unit FSDP's root, and every later forward fail
     try:
         with torch.no_grad():
             model.get_encoder()(input_ids=torch.tensor([cases[0].source]))
         result["encoder_alone"] = "ran"
     except RuntimeError as exc:
         result["encoder_alone"] = type(exc).__name__
-    with torch.inference_mode():
-        sharded = score_cases(Ranker(loaded), cases)
-    result["max_diff"] = max(abs(a - b) for r, s in zip(reference, sharded) for a, b in zip(r, s))
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    distributed.on_main(lambda: _save_model_dir(model, tokenizer, out / "model", {"test": True}, state_dict=state))
     if distributed.is_main():
         again = Ranker(load_model(str(out / "model"), device="cpu", dtype="float32"))
         with torch.inference_mode():

@@ -1,7 +1,8 @@
 """The README's GPU recipes, as far as a CPU can check them: the Flan-T5-XL presets run end to end
-on a tiny model in Flan-T5's layout (one process with LoRA; two processes, every weight), the
-FSDP config is what accelerate turns into an FSDP2 plugin wrapping T5 blocks, and the memory
-arithmetic behind the presets counts the real model class."""
+on a tiny model in Flan-T5's layout (one process with LoRA; every weight sharded by FSDP2 over two
+processes under ``accelerate launch`` with the FSDP config, and resumed), the FSDP config is what
+accelerate turns into an FSDP2 plugin wrapping T5 blocks, and the memory arithmetic behind the
+presets counts the real model class."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from instructrec.checkpoint import read_meta
 from instructrec.training.memory import FLAN_T5_XL, count_parameters, estimate, preset_table
 from instructrec.training.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
+FSDP_CONFIG = ROOT / "deploy" / "accelerate" / "fsdp-8gpu.yaml"
 SMALL = ["--base", "tiny-random-flan-t5", "--users", "60", "--eval-users", "20", "--max-steps", "2", "--eval-steps", "2",
          "--save-steps", "2", "--device", "cpu", "--no-bf16", "--no-progress"]
 
@@ -82,8 +85,7 @@ def test_fsdp_config_is_an_fsdp2_plugin_wrapping_t5_blocks(monkeypatch):
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.launch import prepare_multi_gpu_env
 
-    config = ROOT / "deploy" / "accelerate" / "fsdp-8gpu.yaml"
-    args = launch_command_parser().parse_args(["--config_file", str(config), "-m", "instructrec.cli", "train"])
+    args = launch_command_parser().parse_args(["--config_file", str(FSDP_CONFIG), "-m", "instructrec.cli", "train"])
     args, _, _ = _validate_launch_command(args)
     assert args.num_processes == 8 and args.use_fsdp
     env = prepare_multi_gpu_env(args)
@@ -109,20 +111,111 @@ def test_one_gpu_lora_recipe_runs_on_cpu(tmp_path):
     assert config["model_type"] == "t5" and config.get("scale_decoder_outputs") is False
 
 
-def test_eight_gpu_full_recipe_runs_on_two_cpu_processes(tmp_path):
-    """The same command under torchrun (DDP on gloo: accelerate's FSDP needs GPUs)."""
+def _free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path / "full"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                           "--master_port", str(port), "-m", "instructrec.cli", "train", "--preset", "flan-t5-xl-full",
-                           "--out", str(out), *SMALL], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+        return s.getsockname()[1]
+
+
+def _cpu_variant(path: Path) -> Path:
+    """The 8-GPU yaml with only the process count and the device changed."""
+    import yaml
+
+    recipe = yaml.safe_load(FSDP_CONFIG.read_text())
+    yaml_cpu = {**recipe, "num_processes": 2, "use_cpu": True}
+    path.write_text(yaml.safe_dump(yaml_cpu))
+    return path
+
+
+# The recipe's command on the tiny Flan-layout T5. The preset warms up over 500 steps, so the
+# learning rate is raised for the weights to move measurably in 4 steps.
+FULL = ["train", "--preset", "flan-t5-xl-full", *SMALL, "--learning-rate", "0.05"]
+
+
+def _launch(config: Path, out: Path, steps: int, *entry: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",
+           str(_free_port()), *entry, *FULL, "--out", str(out), "--max-steps", str(steps)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _weights(checkpoint: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(checkpoint / "model.safetensors"))
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_eight_gpu_fsdp2_recipe_trains_and_resumes_on_two_cpu_processes(tmp_path):
+    """The FSDP yaml (CPU variant) under ``accelerate launch``: accelerate's FSDP2 preparation of
+    the tiny Flan-layout T5 (T5 blocks, embeddings, head, root) trains 2 steps, saves a
+    FULL_STATE_DICT checkpoint, and a second launch resumes it to step 4. The resumed run does
+    only steps 3-4 and ends on the weights a 4-step run without sharding (DDP) reaches.
+
+    accelerate 1.15 runs the FSDP yaml on CPUs as plain DDP without a word; the FSDP launches go
+    through tests/fsdp_cpu_entry.py, which keeps accelerate's FSDP2 plugin (see there)."""
+    from transformers.models.t5.modeling_t5 import T5Block
+
+    from instructrec.modeling import TINY_FLAN_T5, build_base
+
+    config = _cpu_variant(tmp_path / "fsdp-2cpu.yaml")
+    entry = [str(ROOT / "tests" / "fsdp_cpu_entry.py")]
+
+    # accelerate's own launch of the CPU yaml trains with DDP: the reference, and the reason for the entry
+    ddp_out = tmp_path / "ddp"
+    _launch(config, ddp_out, 4, "-m", "instructrec.cli")
+    ddp_ckpt = ddp_out / "checkpoints" / "checkpoint-4"
+    assert (ddp_ckpt / "optimizer.pt").is_file() and not (ddp_ckpt / "pytorch_model_fsdp.bin").exists()
+
+    out = tmp_path / "fsdp"
+    first = _launch(config, out, 2, *entry)
+    units = [json.loads(line.split("FSDP_UNITS ", 1)[1]) for line in first.stdout.splitlines() if "FSDP_UNITS " in line]
+    assert sorted(u["rank"] for u in units) == [0, 1]
+    model, _, _ = build_base(TINY_FLAN_T5)
+    blocks = {name: "FSDPT5Block" for name, m in model.named_modules() if isinstance(m, T5Block)}
+    assert len(blocks) == 4
+    # one unit per T5 block (the yaml's TRANSFORMER_BASED_WRAP), the input embeddings and the untied
+    # head (accelerate's own units), the root; the stacks' embeddings are no units of their own
+    for u in units:
+        assert u["units"] == {"": "FSDPT5ForConditionalGeneration", "shared": "FSDPEmbedding", "lm_head": "FSDPLinear", **blocks}
+    ckpt = out / "checkpoints" / "checkpoint-2"
+    # FSDP's checkpoint: full model state in one file (FULL_STATE_DICT), the sharded optimizer's state
+    assert (ckpt / "pytorch_model_fsdp.bin").is_file() and (ckpt / "optimizer.bin").is_file()
+    assert not (ckpt / "optimizer.pt").exists()
+    at_step_2 = _weights(ckpt)
+    assert read_meta(out / "model")["steps"] == 2
+
+    resumed = _launch(config, out, 4, *entry)
+    assert f"resuming from {ckpt}" in resumed.stderr
     meta = read_meta(out / "model")
-    assert meta["lora"] is False and meta["preset"]["name"] == "flan-t5-xl-full" and meta["steps"] == 2
+    assert meta["steps"] == 4 and meta["resumed_from"] == str(ckpt) and meta["preset"]["name"] == "flan-t5-xl-full"
+    # this launch evaluated at step 4 only: it did not train steps 1-2 again
+    evaluations = [line for line in resumed.stdout.splitlines() if "'eval_hr@1'" in line]
+    assert len(evaluations) == 1
+    state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and [h["step"] for h in state["log_history"] if "eval_hr@1" in h] == [2, 4]
+    at_step_4 = _weights(out / "checkpoints" / "checkpoint-4")
+    assert _max_diff(at_step_4, at_step_2) > 1e-4  # steps 3-4 moved the weights
+    # weights, optimizer moments, schedule and data position all came back: measured 3e-7 from
+    # the unsharded run (summation order); a lost optimizer state or batch differs by ~1e-4
+    assert _max_diff(at_step_4, _weights(ddp_ckpt)) < 1e-5
+
+    # the final model (the best validated one, gathered from the shards) as other runtimes load it
+    from transformers import AutoModelForSeq2SeqLM
+
+    best = {2: at_step_2, 4: at_step_4}[meta["best_step"]]
+    assert _max_diff(_weights(out / "model"), best) == 0.0
+    saved = json.loads((out / "model" / "config.json").read_text())
+    assert saved["tie_word_embeddings"] is False
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(str(out / "model"))
+    assert loaded.lm_head.weight is not loaded.shared.weight and torch.equal(loaded.lm_head.weight, best["lm_head.weight"])
 
 
 def test_readme_memory_table_is_the_arithmetic(capsys):

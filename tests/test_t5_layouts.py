@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from instructrec.modeling import TINY_FLAN_T5, TINY_T5, build_base, load_model
+from instructrec.modeling import TINY_FLAN_T5, TINY_T5, build_base, keep_untied_head, load_model
 from instructrec.ranker import Ranker, t5_scales_decoder_output, target_ids
 
 torch.set_num_threads(1)
@@ -90,6 +90,73 @@ def test_flan_head_survives_save_load_and_lora_merge(tmp_path, models):
     again = load_model(str(tmp_path / "merged"), device="cpu", dtype="float32")
     base_scores = Ranker(loaded).score(SOURCE, CANDS[:5]).scores
     assert Ranker(again).score(SOURCE, CANDS[:5]).scores == pytest.approx(base_scores, abs=1e-5)
+
+
+# -- what other runtimes read --------------------------------------------------------
+
+
+def _trained(name: str, steps: int = 3):
+    """A tiny T5 after a few optimizer steps, prepared for training as ``instructrec train`` does."""
+    from instructrec.ranker import eos_id
+    from instructrec.training.presets import PRESETS
+    from instructrec.training.tune import _trainable
+
+    model, tokenizer, kind = build_base(name)
+    model = _trainable(model, kind, PRESETS["smoke"], lora=False)
+    src = tokenizer(SOURCE, return_tensors="pt").input_ids
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for c in CANDS[1:1 + steps]:
+        labels = torch.tensor([target_ids(tokenizer, c, 48, eos_id(tokenizer, model))[0]])
+        model(input_ids=src, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval(), tokenizer
+
+
+@pytest.mark.parametrize("name, own_head", [(TINY_FLAN_T5, True), (TINY_T5, False)])
+def test_saved_config_reads_the_same_everywhere(tmp_path, name, own_head):
+    """What ``instructrec train`` saves loads with plain ``AutoModelForSeq2SeqLM`` to the trained
+    model's logits, and its config says what transformers 4.x, vLLM and TGI read from
+    ``tie_word_embeddings`` alone: true = the head is the embeddings and the decoder output is
+    scaled (the original T5), false = a head of its own, no scaling (Flan-T5). transformers 5.x
+    wrote true for both."""
+    import json
+
+    from transformers import AutoModelForSeq2SeqLM
+
+    from instructrec.modeling import saved_tensor_names
+    from instructrec.training.tune import _save_model_dir
+
+    model, tokenizer = _trained(name)
+    assert (model.lm_head.weight is not model.shared.weight) is own_head
+    if own_head:
+        assert not torch.equal(model.lm_head.weight, model.shared.weight)
+    _save_model_dir(model, tokenizer, tmp_path / "model", {"test": True})
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is (not own_head)
+    assert config["tie_word_embeddings"] is t5_scales_decoder_output(model.config)  # tied <=> scaled, as 4.x reads it
+    assert ("lm_head.weight" in saved_tensor_names(tmp_path / "model")) is own_head
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "model")).eval()
+    enc = tokenizer([SOURCE, "a shorter instruction"], padding=True, return_tensors="pt")
+    dec = torch.tensor([[0, 11, 12, 13, 14], [0, 21, 22, 23, 24]])
+    with torch.inference_mode():
+        expected = model(**enc, decoder_input_ids=dec).logits
+        got = loaded(**enc, decoder_input_ids=dec).logits
+    assert torch.allclose(got, expected, atol=1e-4), float((got - expected).abs().max())
+
+
+def test_a_t5_no_runtime_reads_alike_is_not_saved(tmp_path):
+    """The original layout's scaling with a head of its own has no ``tie_word_embeddings`` that the
+    older runtimes read right: refused, not written."""
+    from instructrec.training.tune import _save_model_dir
+
+    model, tokenizer, _ = build_base(TINY_T5)
+    model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach() * 2)
+    keep_untied_head(model)
+    with pytest.raises(ValueError, match="its own lm_head with d_model"):
+        _save_model_dir(model, tokenizer, tmp_path / "model", {"test": True})
+    assert not (tmp_path / "model").exists()
 
 
 # -- precision guards ---------------------------------------------------------------

@@ -147,6 +147,30 @@ def test_freeze_encoder_trains_only_the_decoder(tmp_path):
     assert any(not torch.equal(p, base_params[n]) for n, p in decoder.items())
 
 
+@pytest.mark.parametrize("name", ["tiny-random-t5", "tiny-random-flan-t5"])
+def test_t5_trains_with_one_embeddings_module(name):
+    """Training gives a T5 one input-embeddings module that both stacks call (FSDP2 needs the shared
+    weight in one unit; tests/test_gpu_recipes.py trains it sharded): the same outputs, one name in
+    the state dict, and --freeze-encoder still freezes the embeddings the encoder reads."""
+    import torch
+
+    from instructrec.modeling import build_base
+    from instructrec.training.tune import _trainable
+
+    model, _, kind = build_base(name)
+    ids, dec = torch.tensor([[5, 6, 7, 8, 9]]), torch.tensor([[0, 11, 12]])
+    with torch.inference_mode():
+        before = model.eval()(input_ids=ids, decoder_input_ids=dec).logits
+    names = set(model.state_dict())
+    model = _trainable(model, kind, PRESETS["smoke"].override(freeze_encoder=True), lora=False)
+    assert model.encoder.embed_tokens is model.shared and model.decoder.embed_tokens is model.shared
+    assert names - set(model.state_dict()) == {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
+    assert [n for n, m in model.named_modules() if m is model.shared] == ["shared"]
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids, decoder_input_ids=dec).logits, before)
+    assert not model.shared.weight.requires_grad and all(p.requires_grad for p in model.decoder.block.parameters())
+
+
 @pytest.mark.parametrize("base", ["tiny-random", "tiny-random-t5"])
 def test_listwise_objective_with_a_cut_decoder_trains_and_resumes(tmp_path, base):
     """--objective listwise on BERT2BERT and the generic seq2seq path (T5), with --decoder-layers:

@@ -105,6 +105,46 @@ def sharded(model: torch.nn.Module) -> bool:
     return any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules())
 
 
+def one_embeddings_module(model: torch.nn.Module) -> None:
+    """Let the input embeddings be one module, registered once, that every stack calls.
+
+    transformers 5.x builds T5's ``encoder.embed_tokens`` and ``decoder.embed_tokens`` as modules of
+    their own holding ``shared.weight``. accelerate's FSDP2 preparation makes the input embeddings
+    (``shared``) an FSDP unit, which leaves the stacks' modules, and so the same parameter, to the
+    root unit too: FSDP2 refuses that at the first forward ("shared with a parameter already managed
+    by another FSDP group"). Registering ``shared`` under the stacks as well (``set_input_embeddings``)
+    makes one unit, but then the full state dict lists it under three names and torch's
+    broadcast-from-rank-0 load, which resuming an FSDP checkpoint uses, fails on the extra names.
+    So the stacks keep a plain reference to ``shared``: one module (one FSDP unit, its hooks run on
+    every call), one name in every state dict. The forward is unchanged. Models without such
+    copies (BERT2BERT, the prefix-LM) are left as they are."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        embeddings = get() if get is not None else None
+    except NotImplementedError:
+        return
+    if not isinstance(embeddings, torch.nn.Embedding):
+        return
+    registered = False
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if child is embeddings and not registered:
+                registered = True  # the first registration (T5: ``shared``) stays
+            elif child is embeddings or _same_embedding(child, embeddings):
+                del parent._modules[name]
+                object.__setattr__(parent, name, embeddings)  # an attribute, not a submodule
+
+
+def _same_embedding(module: torch.nn.Module, embeddings: torch.nn.Embedding) -> bool:
+    """Whether ``module`` computes what ``embeddings`` does: same class, same settings (padding
+    index, any scale), the same weight tensor."""
+    def settings(m):
+        return {k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training"}
+
+    return (type(module) is type(embeddings) and module.weight is embeddings.weight
+            and settings(module) == settings(embeddings))
+
+
 def freeze_unused(model: torch.nn.Module) -> None:
     """Freeze parameters the training loss never reaches, so DDP can run without
     ``find_unused_parameters`` (an extra graph traversal every step): the pooler of a BERT

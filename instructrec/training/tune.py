@@ -37,7 +37,8 @@ from instructrec.aspects import UserNeed
 from instructrec.checkpoint import read_meta, write_meta
 from instructrec.instruction import build as build_instruction
 from instructrec.instruction import source_token_ids
-from instructrec.modeling import PREFIX_LM, LoadedModel, build_base, cpu_has_bf16, cuda_has_bf16, cut_decoder, resolve_device
+from instructrec.modeling import (PREFIX_LM, LoadedModel, build_base, cpu_has_bf16, cuda_has_bf16, cut_decoder, resolve_device,
+                                  write_portable_t5_config)
 from instructrec.ranker import Ranker, decoder_start_id, eos_id, target_ids
 from instructrec.records import code_commit, platform_brief
 from instructrec.templates import TEMPLATE_VERSION
@@ -153,6 +154,7 @@ def _save_model_dir(model, tokenizer, target: Path, meta: dict, state_dict: dict
 
         to_save = copy.deepcopy(model).merge_and_unload()
     to_save.save_pretrained(tmp, state_dict=state_dict)
+    write_portable_t5_config(tmp)  # what transformers 4.x, vLLM and TGI read must be the model saved
     tokenizer.save_pretrained(tmp)
     write_meta(tmp, meta)
     old = target.with_name(target.name + ".old")
@@ -387,6 +389,9 @@ def _trainable(model, kind: str, preset: Preset, lora: bool):
         if kind != PREFIX_LM:
             raise TrainingError("--frozen-layers applies to a prefix-LM; use --freeze-encoder for an encoder-decoder")
         freeze_bottom(model, preset.frozen_layers)
+    # FSDP2 needs the shared embeddings in one unit. Last: --freeze-encoder reaches the embeddings
+    # through the encoder's submodules (they are its input too), which this takes away.
+    distributed.one_embeddings_module(model)
     return model
 
 
