@@ -27,7 +27,7 @@ from instructrec.training.tune import tokenize_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["train", "--preset", "smoke", "--no-progress", "--max-steps", "8", "--eval-steps", "4",
-          "--save-steps", "4", "--no-bf16", "--device", "cpu", "--learning-rate", "0"]
+          "--save-steps", "4", "--dtype", "float32", "--device", "cpu", "--learning-rate", "0"]
 
 
 def _env() -> dict:

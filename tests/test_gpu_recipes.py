@@ -1,4 +1,4 @@
-"""The README's GPU recipes, as far as a CPU can check them: the Flan-T5-XL presets run end to end
+"""The GPU recipes of docs/gpu.md, as far as a CPU can check them: the Flan-T5-XL presets run end to end
 on a tiny model in Flan-T5's layout (one process with LoRA; every weight sharded by FSDP2 over two
 processes under ``accelerate launch`` with the FSDP config, and resumed), the FSDP config is what
 accelerate turns into an FSDP2 plugin wrapping T5 blocks, and the memory arithmetic behind the
@@ -22,7 +22,7 @@ from instructrec.training.presets import PRESETS
 ROOT = Path(__file__).resolve().parents[1]
 FSDP_CONFIG = ROOT / "deploy" / "accelerate" / "fsdp-8gpu.yaml"
 SMALL = ["--base", "tiny-random-flan-t5", "--users", "60", "--eval-users", "20", "--max-steps", "2", "--eval-steps", "2",
-         "--save-steps", "2", "--device", "cpu", "--no-bf16", "--no-progress"]
+         "--save-steps", "2", "--device", "cpu", "--dtype", "float32", "--no-progress"]
 
 
 def _env() -> dict:
