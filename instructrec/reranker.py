@@ -388,8 +388,7 @@ class Reranker:
                          "components": {**{k: float(v[i]) for k, v in fused.components.items()}, "lm_loglik": lm[i]}}
             ranked.append(RankedItem(i, titles[i], scores[i], candidate_ids[i], **extra))
         if fused is None:
-            info = Fusion("lm-only", mode, hybrid.gate.version if hybrid else None,
-                          hybrid.version if hybrid else None)
+            info = Fusion("lm-only", mode)
         else:
             info = Fusion("fused", mode, hybrid.gate.version, hybrid.version, list(fused.components), fused.weights,
                           without)
