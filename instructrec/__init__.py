@@ -4,6 +4,28 @@ The core package holds the method shared by training and serving: the instructio
 format, the template table and its selection, model loading and the likelihood ranker.
 The layers above it live beside it and are never imported by it: :mod:`instructrec.training`,
 :mod:`instructrec.service` and :mod:`instructrec.bench`.
+
+``from instructrec import Reranker`` is the one-call API (:mod:`instructrec.reranker`). It is
+imported on first use, so ``import instructrec`` alone stays light (no torch).
 """
 
 __version__ = "0.1.0"
+
+_LAZY = {name: ".reranker" for name in ("Reranker", "RerankerError", "RerankerWarning", "Ranking", "RankedItem",
+                                        "Recommendation", "RecommendedItem")}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # found directly next time
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

@@ -81,6 +81,7 @@ class Catalogue:
     _by_id: dict[str, int] | None = field(default=None, repr=False)
     _by_title: dict[str, list[int]] | None = field(default=None, repr=False)
     _by_meta: dict[str, dict[str, list[int]]] = field(default_factory=dict, repr=False)
+    path: str | None = field(default=None, compare=False)  # the file it was read from, as it was named
 
     # -- what it was built for ----------------------------------------------------------
     @property
@@ -281,6 +282,7 @@ def _leaves(table: np.ndarray) -> int:
 
 
 def load_catalogue(path: str | Path) -> Catalogue:
+    named = str(path)
     path = Path(path)
     if not path.is_file():
         raise CatalogueError(path, None, "no such catalogue file (make one with `instructrec catalogue build`)")
@@ -294,7 +296,7 @@ def load_catalogue(path: str | Path) -> Catalogue:
                                      f"instructrec reads version {FORMAT_VERSION}: rebuild it")
             ids, titles, meta = _json_of(z["ids"]), _json_of(z["titles"]), _json_of(z["meta"])
             items = [CatalogueItem(i, t, m) for i, t, m in zip(ids, titles, meta)]
-            return Catalogue(items, z["tokens"], z["lengths"], z["item_of_row"], header)
+            return Catalogue(items, z["tokens"], z["lengths"], z["item_of_row"], header, path=named)
     except CatalogueError:
         raise
     except (OSError, ValueError, KeyError) as exc:  # not a zip, a missing array, broken JSON

@@ -6,6 +6,7 @@ candidates are then scored by their likelihood under that instruction and, with 
 (``--gate``, default gate.json in the model directory; ``--fusion lm-only`` turns it off),
 ranked by the LM fused with the behaviour (``--behaviour``) and semantic signals, as the
 service's /rerank does: history and candidates are matched to the index's items by title.
+The work is :meth:`instructrec.reranker.Reranker.rank`'s; this module reads the flags and prints.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from .modeling import DEFAULT_MODEL_DIR as DEFAULT_MODEL
@@ -66,26 +68,12 @@ def read_lines(path: str, what: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def _model_name(arg: str | None) -> str:
-    from .modeling import ModelNotFound, resolve_model_name
-
-    try:
-        return resolve_model_name(arg)
-    except ModelNotFound as exc:
-        raise UsageError(str(exc)) from None
-
-
-def need_of(args: argparse.Namespace):
-    from .aspects import Intention, UserNeed
-
+def history_of(args: argparse.Namespace) -> list[str]:
+    """``--history-file``'s titles, then each ``--history``: oldest first."""
     history = list(args.history)
     if args.history_file:
         history = read_lines(args.history_file, "history") + history
-    kind = None
-    if args.intention and args.intention.strip():
-        kind = Intention.VAGUE if args.intention_kind == "vague" else Intention.SPECIFIC
-    return UserNeed(history=tuple(h.strip() for h in history if h.strip()), preference=args.preference,
-                    intention=args.intention, intention_kind=kind)
+    return history
 
 
 def _candidates(args: argparse.Namespace) -> list[str]:
@@ -97,118 +85,36 @@ def _candidates(args: argparse.Namespace) -> list[str]:
     return candidates
 
 
-def check_template(template_id: str | None) -> None:
-    """Unknown template ids fail before the model is loaded."""
-    from .templates import TemplateError, get_template
+def load_reranker(args: argparse.Namespace, **hybrid):
+    """The ``--model`` as a :class:`~instructrec.reranker.Reranker`; its warnings (a model tuned
+    on another template table) are one line each on stderr."""
+    from .reranker import Reranker, RerankerWarning
 
-    if template_id is not None:
-        try:
-            get_template(template_id)
-        except TemplateError as exc:
-            raise UsageError(str(exc)) from None
-
-
-def load_ranker(args: argparse.Namespace):
-    """The ``--model`` as a ranker with the token limits it was tuned with; a model tuned on
-    another template table is loaded with a warning."""
-    from .modeling import load_model
-    from .ranker import Ranker
-    from .templates import TEMPLATE_VERSION
-
-    name = _model_name(args.model)
-    try:
-        loaded = load_model(name, device=args.device, dtype=args.dtype)
-    except (OSError, ValueError, RuntimeError) as exc:  # missing/broken checkpoint, bad device or dtype
-        raise UsageError(f"cannot load model {name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    tuned = loaded.meta.get("template_version")
-    if tuned and tuned != TEMPLATE_VERSION:
-        print(f"warning: {name} was tuned on template table {tuned}, this is {TEMPLATE_VERSION}", file=sys.stderr)
-    return name, Ranker(loaded, reduction=args.reduction)
-
-
-def instruction(need, ranker, template_id: str | None, task):
-    from .instruction import build
-    from .templates import TemplateError
-
-    try:
-        return build(need, ranker.tokenizer, max_tokens=ranker.max_source_tokens, task=task, template_id=template_id)
-    except TemplateError as exc:
-        raise UsageError(str(exc)) from None
-
-
-def load_hybrid_of(args: argparse.Namespace, model_name: str):
-    """The hybrid ``--fusion``, ``--gate`` and ``--behaviour`` ask for (None: LM-only)."""
-    from .hybrid import GATE_FILE, load_hybrid
-    from .hybrid.behaviour import BehaviourError
-    from .hybrid.gate import GateError
-    from .hybrid.sequential import SequentialError
-
-    gate = getattr(args, "gate", None)
-    behaviour = getattr(args, "behaviour", None)
-    if gate is None and (Path(model_name) / GATE_FILE).is_file():
-        gate = str(Path(model_name) / GATE_FILE)
-    if gate is None and behaviour:
-        raise UsageError(f"--behaviour {behaviour} needs a gate to fuse it with: give --gate GATE")
-    if gate is None or getattr(args, "fusion", "auto") == "lm-only":
-        return None
-    sequential = getattr(args, "sequential", None)
-    if sequential is None and (Path(model_name) / "sequential" / "sequential.json").is_file():
-        sequential = str(Path(model_name) / "sequential")
-    try:
-        return load_hybrid(gate, behaviour, sequential=sequential, semantic=not getattr(args, "no_semantic", False))
-    except (GateError, BehaviourError, SequentialError) as exc:
-        raise UsageError(str(exc)) from None
-
-
-def fusion_info(hybrid, fused, without_behaviour, requested: str) -> dict:
-    """How an answer was scored: the service's ``fusion`` object."""
-    return {"mode": "fused" if fused is not None else "lm-only", "requested": requested,
-            "gate_version": hybrid.gate.version if hybrid else None, "hybrid_version": hybrid.version if hybrid else None,
-            "signals": list(fused.components) if fused is not None else ["lm"],
-            "weights": fused.weights if fused is not None else None,
-            "without_behaviour": without_behaviour if fused is not None else None}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RerankerWarning)
+        reranker = Reranker.load(args.model, device=args.device, dtype=args.dtype, reduction=args.reduction, **hybrid)
+    for w in caught:
+        if issubclass(w.category, RerankerWarning):
+            print(f"warning: {w.message}", file=sys.stderr)
+        else:  # not ours: shown as it would have been
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return reranker
 
 
 def _rank(args: argparse.Namespace) -> dict:
-    from .aspects import TaskForm
-    from .ranker import rank_order
+    from .reranker import check_template, default_gate, resolve_model
 
     if args.top_n is not None and args.top_n < 1:
         raise UsageError("--top-n must be at least 1")
-    need = need_of(args)
+    history = history_of(args)
     candidates = _candidates(args)
     check_template(args.template)
-    name = _model_name(args.model)
-    hybrid = load_hybrid_of(args, name)  # its files fail before the model loads
-    name, ranker = load_ranker(args)
-    inst = instruction(need, ranker, args.template, TaskForm.RERANK)
-    lm = ranker.score(inst.source, candidates).scores
-    fused, without = None, None
-    if hybrid is not None:
-        candidate_ids = hybrid.resolve([None] * len(candidates), candidates)
-        history_ids = hybrid.resolve([None] * len(need.history), list(need.history))
-        fused = hybrid.fuse(lm, need, candidates, candidate_ids, history_ids)
-        known = "behaviour" in fused.components
-        without = [i for i, c in enumerate(candidate_ids) if c is None or not known]
-    ranking = fused.scores.tolist() if fused is not None else lm
-    rows = []
-    for i in rank_order(ranking)[: args.top_n]:
-        row = {"index": i, "title": candidates[i], "score": ranking[i]}
-        if fused is not None:
-            row["relevance"] = float(fused.relevance[i])
-            row["components"] = {**{k: float(v[i]) for k, v in fused.components.items()}, "lm_loglik": lm[i]}
-        rows.append(row)
-    return {
-        "model": name,
-        "template": inst.template.id,
-        "instantiation": inst.rendered.instantiation.label(),
-        "history_dropped": inst.history_dropped,
-        "reduction": args.reduction,
-        "instruction": inst.source,
-        "candidates": len(candidates),
-        "ranked": rows,
-        "fusion": fusion_info(hybrid, fused, without, args.fusion),
-    }
+    if args.behaviour and args.gate is None and default_gate(resolve_model(args.model)) is None:
+        raise UsageError(f"--behaviour {args.behaviour} needs a gate to fuse it with: give --gate GATE")
+    reranker = load_reranker(args, gate=args.gate, behaviour=args.behaviour, sequential=args.sequential,
+                             semantic=not args.no_semantic, fusion=args.fusion)
+    return reranker.rank(candidates, history=history, preference=args.preference, intention=args.intention,
+                         intention_kind=args.intention_kind, template=args.template, top_n=args.top_n).to_dict()
 
 
 def print_header(result: dict) -> None:
@@ -246,9 +152,11 @@ def _print_table(result: dict) -> None:
 def respond(command: str, compute, show, args: argparse.Namespace) -> int:
     """``compute(args)`` printed as JSON (``--json``) or by ``show``; a usage error is one line on
     stderr and exit code 2."""
+    from .reranker import RerankerError
+
     try:
         result = compute(args)
-    except UsageError as exc:
+    except (UsageError, RerankerError) as exc:
         print(f"instructrec {command}: error: {exc}", file=sys.stderr)
         return 2
     if args.json:

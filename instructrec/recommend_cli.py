@@ -11,8 +11,7 @@ from __future__ import annotations
 import argparse
 
 from .generation import MAX_K
-from .rank_cli import (UsageError, add_need_arguments, check_template, instruction, load_ranker, need_of, print_header,
-                       respond)
+from .rank_cli import UsageError, add_need_arguments, history_of, load_reranker, print_header, respond
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,42 +25,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _recommend(args: argparse.Namespace) -> dict:
-    import numpy as np
-
-    from .aspects import TaskForm
-    from .catalogue import CatalogueError, load_catalogue
-    from .generation import Generator
+    from .reranker import check_template, open_catalogue
 
     if not 1 <= args.k <= MAX_K or (args.beams is not None and args.beams < 1):
         raise UsageError(f"--top-n must be 1 to {MAX_K} and --beams at least 1")
-    need = need_of(args)
+    history = history_of(args)
     check_template(args.template)
-    try:
-        catalogue = load_catalogue(args.catalogue)
-    except CatalogueError as exc:
-        raise UsageError(str(exc)) from None
-    name, ranker = load_ranker(args)
-    try:
-        generator = Generator(ranker, catalogue, where=args.catalogue)
-    except CatalogueError as exc:
-        raise UsageError(str(exc)) from None
-    inst = instruction(need, ranker, args.template, TaskForm.MATCHING)
-    allowed = None
-    if not args.keep_history and need.history:
-        allowed = np.ones(len(catalogue), dtype=bool)
-        allowed[[i for title in need.history for i in catalogue.indices_of_title(title)]] = False
-    out = generator.generate(inst.source, args.k, allowed=allowed, beams=args.beams)
-    return {
-        "model": name,
-        "catalogue": {"path": args.catalogue, "version": catalogue.version, "items": len(catalogue)},
-        "template": inst.template.id,
-        "instantiation": inst.rendered.instantiation.label(),
-        "history_dropped": inst.history_dropped,
-        "reduction": args.reduction,
-        "instruction": inst.source,
-        "steps": out.steps,
-        "recommended": [{"id": catalogue.items[r.item].id, "title": r.title, "score": r.score} for r in out.items],
-    }
+    catalogue = open_catalogue(args.catalogue)  # a wrong file fails before the model loads
+    reranker = load_reranker(args, fusion="lm-only")  # generation is the LM's alone: no gate to load
+    return reranker.recommend(catalogue, history=history, preference=args.preference, intention=args.intention,
+                              intention_kind=args.intention_kind, top_n=args.k, beams=args.beams,
+                              keep_history=args.keep_history, template=args.template).to_dict()
 
 
 def _print_table(result: dict) -> None:

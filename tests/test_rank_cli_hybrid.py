@@ -101,17 +101,15 @@ def test_lm_only_and_no_gate_rank_by_the_lm(capsys, files):
 
 
 def test_a_gate_beside_the_model_is_the_default(files, tmp_path):
-    import argparse
-
-    from instructrec.rank_cli import load_hybrid_of
+    from instructrec.reranker import load_hybrid_of
 
     _, gate, _ = files
-    args = argparse.Namespace(gate=None, behaviour=None, fusion="auto", no_semantic=True)
-    assert load_hybrid_of(args, MODEL) is None  # a built-in model: no directory, no gate
+    args = dict(gate=None, behaviour=None, fusion="auto", semantic=False)
+    assert load_hybrid_of(MODEL, **args) is None  # a built-in model: no directory, no gate
     (tmp_path / "gate.json").write_text(gate.read_text())
-    hybrid = load_hybrid_of(args, str(tmp_path))
+    hybrid = load_hybrid_of(str(tmp_path), **args)
     assert hybrid is not None and hybrid.semantic is None and hybrid.behaviour is None
-    assert load_hybrid_of(argparse.Namespace(**{**vars(args), "fusion": "lm-only"}), str(tmp_path)) is None
+    assert load_hybrid_of(str(tmp_path), **{**args, "fusion": "lm-only"}) is None
 
 
 @pytest.mark.parametrize("extra, message", [

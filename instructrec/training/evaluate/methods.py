@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from instructrec.aspects import UserNeed
 from instructrec.instruction import build as build_instruction
-from instructrec.modeling import load_model, minilm_path
-from instructrec.ranker import Ranker
+from instructrec.modeling import minilm_path
+from instructrec.reranker import load_ranker
 from instructrec.text import normalise, normalise_need
 
 from ..data.types import MAX_HISTORY, InteractionData
@@ -172,9 +172,10 @@ class InstructionModel(Method):
         from instructrec.checkpoint import checkpoint_version
 
         self.data = data
-        self.loaded = load_model(model, device=device, dtype=dtype)
+        # loaded as `instructrec rank` and Reranker.load load it: the tuned token limits
+        self.ranker = load_ranker(model, device=device, dtype=dtype, reduction=reduction, batch_tokens=batch_tokens)
+        self.loaded = self.ranker.loaded
         meta = self.loaded.meta
-        self.ranker = Ranker(self.loaded, reduction=reduction, batch_tokens=batch_tokens)  # the tuned token limits
         self.name = name or (Path(str(model)).parent.name if Path(str(model)).name == "model" else Path(str(model)).name)
         self.group = group
         path = Path(str(model))
