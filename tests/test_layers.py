@@ -111,3 +111,17 @@ def test_no_import_circle(layer):
     for node in sorted(graph):
         if not state.get(node):
             visit(node, [])
+
+
+# The service's HTTP edge: the app factory, the routes and the error shapes. Everything below it
+# (the pipeline, engine, batcher, cache, state, schemas, settings) takes and raises plain Python, so
+# it runs and is tested without a web framework; the core and training never import one at all
+# (the benches above every layer start servers).
+HTTP_EDGE = {"instructrec.service.app", "instructrec.service.routes", "instructrec.service.http_errors",
+             "instructrec.service.cli", "instructrec.service.loopback"}  # the last two start uvicorn
+
+
+def test_only_the_http_edge_imports_the_web_framework():
+    offenders = {name: sorted(m for m in _imports(name, path) if m.split(".")[0] in ("fastapi", "starlette", "uvicorn"))
+                 for name, path in _modules().items() if name not in HTTP_EDGE and _layer(name) != "bench"}
+    assert not {k: v for k, v in offenders.items() if v}, offenders

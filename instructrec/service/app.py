@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from .errors import install as install_errors
+from .http_errors import install as install_errors
 from .routes import router
 from .settings import Settings
 from .state import ServiceState

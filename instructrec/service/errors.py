@@ -1,19 +1,10 @@
-"""The error shapes, never a stack trace: ``{"error": {"type", "message", "field"}}`` everywhere,
-except on the Cohere-compatible routes, which answer Cohere's ``{"message": ...}`` (the message
-names the field) so the Cohere SDKs' exceptions carry it."""
+"""The service's errors as the request path raises them, apart from HTTP: an :class:`ApiError`
+carries the status, type, message and field the edge (:mod:`.http_errors`) answers with, never a
+stack trace; :class:`ClientGone` says the client left. Nothing here imports FastAPI."""
 
 from __future__ import annotations
 
-import logging
-
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
-
-log = logging.getLogger("instructrec.service")
 
 
 class ApiError(Exception):
@@ -32,12 +23,6 @@ class ApiError(Exception):
 
 class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
-
-
-def error_response(status: int, type: str, message: str, field: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"type": type, "message": message, "field": field}}, status_code=status,
-                        headers=headers)
 
 
 _TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "json-or-python"}
@@ -61,7 +46,8 @@ def validation_message(err: dict) -> str:
     return msg
 
 
-def from_validation(exc: ValidationError | RequestValidationError) -> ApiError:
+def from_validation(exc: ValidationError) -> ApiError:
+    """The first validation error as a 422 naming its field (FastAPI's RequestValidationError reads the same)."""
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     field = field_path(tuple(first.get("loc", ())))
@@ -71,53 +57,3 @@ def from_validation(exc: ValidationError | RequestValidationError) -> ApiError:
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
     return ApiError(422, "validation_error", message, field, reason="invalid")
-
-
-def compat_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"message": message}, status_code=status, headers=headers)
-
-
-_HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 413: "payload_too_large",
-               429: "rate_limited", 503: "unavailable"}
-
-
-def install(app: FastAPI, on_reject, compat_paths: tuple[str, ...] = ()) -> None:
-    """Register the handlers. ``on_reject(reason)`` counts refused requests; errors on
-    ``compat_paths`` take Cohere's shape."""
-
-    def respond(request: Request, status: int, type: str, message: str, field: str | None = None,
-                headers: dict[str, str] | None = None) -> JSONResponse:
-        if request.url.path in compat_paths:
-            return compat_response(status, message, headers)
-        return error_response(status, type, message, field, headers)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError):
-        if exc.reason:
-            on_reject(exc.reason)
-        return respond(request, exc.status, exc.type, exc.message, exc.field, exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _request_validation(request: Request, exc: RequestValidationError):
-        err = from_validation(exc)
-        on_reject("invalid")
-        return respond(request, err.status, err.type, err.message, err.field)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException):
-        detail = exc.detail if isinstance(exc.detail, str) else "HTTP error"
-        return respond(request, exc.status_code, _HTTP_TYPES.get(exc.status_code, "http_error"), detail,
-                       headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(ClientDisconnect)
-    async def _disconnect(_request: Request, _exc: ClientDisconnect):
-        return Response(status_code=499)
-
-    @app.exception_handler(ClientGone)
-    async def _gone(_request: Request, _exc: ClientGone):
-        return Response(status_code=499)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.error("unexpected error: %s: %s", type(exc).__name__, exc, exc_info=exc)
-        return respond(request, 500, "internal_error", "internal server error")

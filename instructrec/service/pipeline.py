@@ -19,10 +19,9 @@ import asyncio
 import functools
 import time
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Awaitable, Callable, Literal, Sequence
 
 import numpy as np
-from fastapi import Request
 
 from instructrec.aspects import UserNeed
 from instructrec.hybrid import Fused, Signals
@@ -94,16 +93,21 @@ class Outcome:
         return self.fusion.fused.scores.tolist() if self.fusion.fused is not None else self.scores
 
 
-async def wait_disconnect(request: Request) -> None:
+# The ASGI ``receive`` of the request being answered: how the pipeline hears that the client
+# left, without knowing the web framework.
+Receive = Callable[[], Awaitable[dict]]
+
+
+async def wait_disconnect(receive: Receive) -> None:
     """Returns when the client disconnects (the request body has been read already)."""
     while True:
-        message = await request.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             return
 
 
-async def await_scores(request: Request, future: asyncio.Future):
-    watch = asyncio.ensure_future(wait_disconnect(request))
+async def await_scores(receive: Receive, future: asyncio.Future):
+    watch = asyncio.ensure_future(wait_disconnect(receive))
     try:
         done, _ = await asyncio.wait({future, watch}, return_when=asyncio.FIRST_COMPLETED)
         if future in done:
@@ -169,7 +173,7 @@ def fuses(state: ServiceState, mode: FusionMode) -> bool:
     return mode == "auto" and state.engine.hybrid is not None
 
 
-async def _submit(request: Request, state: ServiceState, job, tokens: int):
+async def _submit(receive: Receive, state: ServiceState, job, tokens: int):
     """A job through the batcher, its result awaited; refusals as the API's errors."""
     try:
         future = state.batcher.submit(job, tokens)
@@ -179,7 +183,7 @@ async def _submit(request: Request, state: ServiceState, job, tokens: int):
     except ShuttingDown:
         raise shutting_down() from None
     try:
-        return await await_scores(request, future)
+        return await await_scores(receive, future)
     except ShuttingDown:
         raise shutting_down() from None
     except Expired as exc:
@@ -187,7 +191,7 @@ async def _submit(request: Request, state: ServiceState, job, tokens: int):
                        headers={"Retry-After": str(exc.retry_after)}, reason="expired") from None
 
 
-async def rerank(request: Request, state: ServiceState, need: UserNeed, template_id: str | None,
+async def rerank(receive: Receive, state: ServiceState, need: UserNeed, template_id: str | None,
                  texts: list[str], max_text_tokens: int | None = None,
                  fusion: FusionRequest = FusionRequest()) -> Outcome:
     cache, metrics = state.cache, state.metrics
@@ -232,13 +236,13 @@ async def rerank(request: Request, state: ServiceState, need: UserNeed, template
                         candidate_ids=signals.candidate_ids if needs_model else None,
                         history_ids=signals.history_ids if needs_model else None)
         weight = lm_tokens + (state.engine.semantic_tokens(need, texts) if pending else 0) + len(texts)
-        done = await _submit(request, state, job, weight)
+        done = await _submit(receive, state, job, weight)
         result, sequential = done.scored, done.sequential
         if pending:
             semantic = done.semantic
         semantic_seconds += done.semantic_seconds
     elif misses:
-        result = await _submit(request, state, encoded, lm_tokens)
+        result = await _submit(receive, state, encoded, lm_tokens)
     if misses:
         for t, value in zip(misses, result.scores):
             scores[t] = value
@@ -289,7 +293,7 @@ def no_catalogue() -> ApiError:
                     "INSTRUCTREC_CATALOGUE=CAT (/rerank works without one)", reason="no_catalogue")
 
 
-async def recommend(request: Request, state: ServiceState, need: UserNeed, template_id: str | None, k: int,
+async def recommend(receive: Receive, state: ServiceState, need: UserNeed, template_id: str | None, k: int,
                     mode: FusionMode = "auto", **mask) -> Recommendation:
     """``mask``: :meth:`Engine.prepare_recommend`'s history ids, exclusions and filter. Fused
     (``auto`` on a service with a gate): the model's own k and what the signals retrieve, ranked
@@ -318,7 +322,7 @@ async def recommend(request: Request, state: ServiceState, need: UserNeed, templ
         return Recommendation(prepared, [(int(i), float(s)) for i, s in cached], 0, True, True, mode)
     if key:
         metrics.answer_cache.labels("miss" if usable else "bypassed").inc()
-    generated = await _submit(request, state, prepared.job, state.engine.job_tokens(prepared))
+    generated = await _submit(receive, state, prepared.job, state.engine.job_tokens(prepared))
     metrics.generate_steps.observe(generated.steps)
     if fused:
         fusion = {"weights": generated.fused.weights, "signals": list(generated.fused.components),

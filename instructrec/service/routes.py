@@ -149,7 +149,7 @@ async def rerank(request: Request):
     texts = [c.title for c in req.candidates]
     fusion = pipeline.FusionRequest(req.fusion, [_item_id(c.id) for c in req.candidates],
                                     [_item_id(h.id) for h in req.history if h.title])
-    out = await pipeline.rerank(request, state, _need(req), req.template, texts, fusion=fusion)
+    out = await pipeline.rerank(request.receive, state, _need(req), req.template, texts, fusion=fusion)
     return _json(_native_body(req, texts, out, state))
 
 
@@ -221,7 +221,7 @@ async def recommend(request: Request):
     pipeline.check_template(req.template)
     filt = req.filter
     history_ids = tuple(h.id if h.id is None else str(h.id) for h in req.history if h.title)
-    out = await pipeline.recommend(request, state, _need(req), req.template, req.top_n, req.fusion, history_ids=history_ids,
+    out = await pipeline.recommend(request.receive, state, _need(req), req.template, req.top_n, req.fusion, history_ids=history_ids,
                                    exclude_history=req.exclude_history, only_ids=filt.ids if filt else None,
                                    exclude_ids=filt.exclude_ids if filt else (), meta=filt.meta if filt else None)
     return _json(_recommend_body(out, state))
@@ -283,7 +283,7 @@ async def rerank_compat(request: Request):
     need = UserNeed(intention=req.query, intention_kind=Intention.SPECIFIC)
     ids = [_item_id(d.get("id")) if isinstance(d, dict) and isinstance(d.get("id"), (str, int)) else None
            for d in req.documents]
-    out = await pipeline.rerank(request, state, need, None, texts, req.max_tokens_per_doc,
+    out = await pipeline.rerank(request.receive, state, need, None, texts, req.max_tokens_per_doc,
                                 fusion=pipeline.FusionRequest(req.fusion, ids))
     version = "2" if request.url.path.startswith("/v2/") else "1"
     return _json(_compat_body(req, texts, out, state, version))
