@@ -28,16 +28,12 @@ from instructrec.modeling import build_tiny_prefix_lm, load_model
 from instructrec.ranker import Ranker, rank_order
 from instructrec.reranker import RerankerWarning, check_template, user_need
 from instructrec.templates import TEMPLATE_VERSION
+from tests.test_rank_cli_hybrid import CANDIDATES, HISTORY, ITEMS, SEQUENCES  # the same tiny world as the CLI's tests
 
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = {"device": "cpu", "dtype": "float32"}
-ITEMS = [("g0", "Halo 3"), ("g1", "Halo 2"), ("g2", "Gears of War"), ("g3", "Dead Space"), ("g4", "Tetris"),
-         ("g5", "Stardew Valley")]
-SEQUENCES = [["g0", "g1", "g2", "g3"], ["g1", "g2", "g3"], ["g4", "g5"], ["g0", "g2"]]
-CANDIDATES = ["Gears of War", "Dead Space", "Tetris", "Stardew Valley", "Not In The Index"]
-HISTORY = ["Halo 3", "Halo 2"]
 
 
 @pytest.fixture(scope="module")
