@@ -370,3 +370,17 @@ def test_load_model_reads_a_float32_checkpoint_straight_into_bf16(tmp_path):
     state = loaded.model.state_dict()
     assert {t.dtype for t in state.values()} == {torch.bfloat16}
     assert all(torch.equal(state[k], reference[k]) for k in reference)
+
+
+def test_benches_default_to_the_model_the_quick_start_serves(tmp_path, monkeypatch, capsys):
+    """No --model: the model `rank` and the quick start would pick; where there is none, a clear
+    error naming both places, before any work."""
+    from instructrec.modeling import DEFAULT_MODEL_DIR
+    from instructrec.shipped import DEFAULT_SHIPPED
+
+    monkeypatch.chdir(tmp_path)  # neither artifacts/quickstart/model nor models/minilm-games here
+    for bench in ("ranker", "service"):
+        assert main(["bench", bench, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"instructrec bench {bench}: error: no model given")
+        assert str(DEFAULT_MODEL_DIR) in err and str(DEFAULT_SHIPPED) in err

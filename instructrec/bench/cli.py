@@ -37,8 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("ranker", help="time one request through every scoring variant of the same model",
                        description="Naive per-candidate, encoder-once without shared K/V, the shared-K/V fast path, "
                                    "bf16 and int8 on a real Games request; FLOPs and the CPU's matmul peak.")
-    p.add_argument("--model", default="minilm-bert2bert", help="built-in name or checkpoint directory "
-                   "(default minilm-bert2bert)")
+    p.add_argument("--model", default=None, help="built-in name or checkpoint directory (default: the model "
+                   "the quick start serves, artifacts/quickstart/model if trained, else models/minilm-games)")
     p.add_argument("--candidates", default=",".join(map(str, DEFAULT_CANDIDATES)), type=str,
                    help="candidate counts per request (default 1,10,100,1000)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per variant and size (default 5)")
@@ -66,8 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        description="Starts the service on loopback (or uses --url, loopback only) and replays real "
                                    "Games requests: latency percentiles, requests/s, errors; cache cold and warm; "
                                    "micro-batching on and off.")
-    s.add_argument("--model", default="minilm-bert2bert", help="model the started service serves "
-                   "(default minilm-bert2bert; ignored with --url)")
+    s.add_argument("--model", default=None, help="model the started service serves (default: the model the "
+                   "quick start serves; ignored with --url)")
     s.add_argument("--url", help="benchmark this already-running service instead (loopback addresses only)")
     s.add_argument("--api-key", help="bearer key for --url (default: env INSTRUCTREC_API_KEY)")
     s.add_argument("--concurrency", default="1,8,32,128", type=str, help="concurrent clients (default 1,8,32,128)")
@@ -253,6 +253,19 @@ def _publish(args: argparse.Namespace, name: str, section: dict, table, secret: 
     print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
 
 
+def _resolve_model(args: argparse.Namespace, bench: str) -> bool:
+    """``--model`` as the quick start and ``rank`` resolve it (none given: the model the quick
+    start serves), so the recorded command names what ran; False after printing why not."""
+    from instructrec.modeling import ModelNotFound, resolve_model_name
+
+    try:
+        args.model = resolve_model_name(args.model)
+    except ModelNotFound as exc:
+        print(f"instructrec bench {bench}: error: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
 def _run_ranker(args: argparse.Namespace) -> int:
     from .ranker_bench import VARIANTS, run_bench
 
@@ -267,6 +280,8 @@ def _run_ranker(args: argparse.Namespace) -> int:
                                              "--profile-candidates >= 0")
     except argparse.ArgumentTypeError as exc:
         print(f"instructrec bench ranker: error: {exc}", file=sys.stderr)
+        return 2
+    if not _resolve_model(args, "ranker"):
         return 2
     section = run_bench(model=args.model, candidates=sizes, repeats=args.repeats, warmup=args.warmup,
                         threads=args.threads, naive_max=args.naive_max, variants=variants,
@@ -284,6 +299,8 @@ def _run_service(args: argparse.Namespace) -> int:
         sizes = _int_list(args.candidates)
     except argparse.ArgumentTypeError as exc:
         print(f"instructrec bench service: error: {exc}", file=sys.stderr)
+        return 2
+    if args.url is None and not _resolve_model(args, "service"):
         return 2
     try:
         section = run_bench(
