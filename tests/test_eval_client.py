@@ -183,8 +183,8 @@ def test_users_mode_writes_the_offline_candidate_file(tmp_path, data, offline):
 
 def test_offline_instructions_equal_the_service_ones_for_unnormalised_texts(tmp_path, data, offline, service):
     """The service normalises request texts (NFC, whitespace); the offline path now does too."""
-    from instructrec.service.routes import _need
     from instructrec.service.schemas import RerankRequest
+    from instructrec.service.serving import need_of
     from instructrec.training.evaluate.methods import InstructionModel
 
     file = cand.read(offline["file"], data)
@@ -198,7 +198,7 @@ def test_offline_instructions_equal_the_service_ones_for_unnormalised_texts(tmp_
     for case, need in pairs:
         req = RerankRequest.model_validate(json.loads(json.dumps(request_body(data, case, need, template))))
         titles = [c.title for c in req.candidates]
-        served = engine.prepare(_need(req), template, titles).instruction.source
+        served = engine.prepare(need_of(req), template, titles).instruction.source
         assert model.sources([need], template) == [served]
         assert [normalise(data.title(c)) for c in case.candidates] == titles
         raw = build(need, model.loaded.tokenizer, model.ranker.max_source_tokens, template_id=template).source

@@ -114,7 +114,7 @@ def test_no_import_circle(layer):
 
 
 # The service's HTTP edge: the app factory, the routes and the error shapes. Everything below it
-# (the pipeline, engine, batcher, cache, state, schemas, settings) takes and raises plain Python, so
+# (the serving_* handlers, pipeline, engine, batcher, cache, state, schemas, settings) takes and raises plain Python, so
 # it runs and is tested without a web framework; the core and training never import one at all
 # (the benches above every layer start servers).
 HTTP_EDGE = {"instructrec.service.app", "instructrec.service.routes", "instructrec.service.http_errors",
@@ -125,3 +125,22 @@ def test_only_the_http_edge_imports_the_web_framework():
     offenders = {name: sorted(m for m in _imports(name, path) if m.split(".")[0] in ("fastapi", "starlette", "uvicorn"))
                  for name, path in _modules().items() if name not in HTTP_EDGE and _layer(name) != "bench"}
     assert not {k: v for k, v in offenders.items() if v}, offenders
+
+
+def test_every_endpoint_has_a_handler_below_the_edge_and_the_routes_reach_the_state_only_through_them():
+    """The routes read, authorise, validate and serialise; a ``serving_*`` handler does the work.
+    So the handlers are checked by the test above (they are not in the edge), and routes.py names
+    none of the state's working parts."""
+    modules = _modules()
+    handlers = {n for n in modules if n.rpartition(".")[2].startswith("serving_")}
+    assert {"instructrec.service.serving_rerank", "instructrec.service.serving_compat",
+            "instructrec.service.serving_recommend", "instructrec.service.serving_ops"} <= handlers
+    assert not handlers & HTTP_EDGE
+    routes = "instructrec.service.routes"
+    assert handlers <= _imports(routes, modules[routes])
+    tree = ast.parse(modules[routes].read_text())
+    parts = {"engine", "cache", "batcher", "metrics"}
+    reached = sorted({f"line {n.lineno}: .{n.attr}" for n in ast.walk(tree)
+                      if isinstance(n, ast.Attribute) and n.attr in parts})
+    assert not reached, reached
+    assert "instructrec.service.pipeline" not in _imports(routes, modules[routes])

@@ -96,3 +96,62 @@ def test_int8_engine_scores_close_to_float32_under_its_own_cache_keys(engine):
     fp32 = engine.ranker.score_many([a.encoded(CANDS[:3])])[0].scores
     q8 = int8.ranker.score_many([b.encoded(CANDS[:3])])[0].scores
     assert fp32 != q8 and max(abs(x - y) for x, y in zip(fp32, q8)) < 0.2
+
+
+def test_the_handlers_answer_without_the_web_framework():
+    """A ``serving_*`` handler takes a validated request and an ASGI ``receive`` and returns the
+    response model, or raises ``ApiError``: run here on a started ``ServiceState`` with no app."""
+    import asyncio
+
+    from instructrec.ranker import rank_order
+    from instructrec.service.errors import ApiError
+    from instructrec.service.schemas import CompatRerankRequest, RecommendRequest, RerankRequest, RerankResponse
+    from instructrec.service.serving import answer_body
+    from instructrec.service.serving_compat import ServingCompat
+    from instructrec.service.serving_recommend import ServingRecommend
+    from instructrec.service.serving_rerank import ServingRerank
+    from instructrec.service.state import ServiceState
+
+    async def never_leaves():
+        await asyncio.Event().wait()
+
+    async def run():
+        state = ServiceState(Settings(model=TINY, device="cpu", dtype="float32", redis_url="", warmup=False,
+                                      max_wait_ms=1), TINY)
+        await state.start()
+        try:
+            while not state.ready:
+                assert state.load_error is None
+                await asyncio.sleep(0.01)
+            req = RerankRequest.model_validate({"history": ["Halo 3"], "instruction": "co-op",
+                                                "candidates": [{"id": 4, "title": "Portal"}, "Doom", "Tetris"],
+                                                "top_n": 2})
+            native = await ServingRerank(state).handle(req, never_leaves)
+            compat = await ServingCompat(state).handle(
+                CompatRerankRequest.model_validate({"query": "co-op", "documents": ["Portal", "Doom"]}), never_leaves,
+                "2")
+            errors = []
+            for call in (ServingRerank(state).handle(RerankRequest.model_validate(
+                             {"candidates": ["a"], "template": "no-such-template"}), never_leaves),
+                         ServingRecommend(state).handle(RecommendRequest.model_validate({}), never_leaves)):
+                with pytest.raises(ApiError) as err:
+                    await call
+                errors.append((err.value.status, err.value.type))
+            return native, compat, errors
+        finally:
+            await state.stop()
+
+    native, compat, errors = asyncio.run(run())
+    assert isinstance(native, RerankResponse)
+    scores = [r.score for r in native.results]
+    assert len(scores) == 2 and scores == sorted(scores, reverse=True)
+    assert {r.title for r in native.results} <= {"Portal", "Doom", "Tetris"}
+    assert native.fusion.mode == "lm-only" and native.results[0].components is None
+    body = answer_body(native)
+    assert list(body) == list(RerankResponse.model_fields) and body["id"].startswith("rr-")
+    assert [r["index"] for r in body["results"]] == [r.index for r in native.results]
+    assert compat.meta["api_version"] == {"version": "2"}
+    assert [r.index for r in compat.results] == rank_order([r.log_likelihood for r in
+                                                            sorted(compat.results, key=lambda r: r.index)])
+    assert "components" not in answer_body(compat)["results"][0]  # LM-only: Cohere's fields only
+    assert errors == [(422, "template_error"), (409, "no_catalogue")]

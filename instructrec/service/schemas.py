@@ -189,13 +189,13 @@ class AnswerCache(BaseModel):
 class RecommendResponse(BaseModel):
     id: str
     results: list[RecommendedItem]
+    fusion: "FusionInfo | None" = None
     template: "TemplateInfo"
     model: "ModelInfo"
     catalogue: CatalogueInfo
     usage: RecommendUsage
     cache: AnswerCache
     truncated: "InstructionTruncation"
-    fusion: "FusionInfo | None" = None
 
 
 class Components(BaseModel):

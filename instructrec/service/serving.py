@@ -1,0 +1,88 @@
+"""What the ``serving_*`` handlers share: the need a request describes, and the parts of an
+answer more than one endpoint returns (template, fusion, a result's components), built as the
+response models of :mod:`.schemas`. No web framework here: a handler takes a validated request
+and returns a response model, and the edge (:mod:`.routes`) serialises it.
+
+Answers are assembled with ``model_construct``: every value is the service's own and already of
+its field's type, so validating it again would only cost time per result (and could turn a
+relevance a rounding step above 1 into a 500). :func:`answer_body` dumps only the fields a
+handler set, which is how an optional field stays out of an answer that has none.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from instructrec.aspects import Intention, UserNeed
+from instructrec.templates import TEMPLATE_VERSION
+
+from . import pipeline
+from .schemas import Components, FusionInfo, ModelInfo, NeedRequest, TemplateInfo
+from .state import ServiceState
+
+
+def need_of(req: NeedRequest) -> UserNeed:
+    """The user's need a /rerank or /recommend request describes (``instruction`` fills the
+    intention slot as a vague intention when no ``intention`` is given, else it is context)."""
+    history = tuple(h.title for h in req.history if h.title)
+    intention, kind, context = None, None, None
+    if req.intention is not None:
+        intention = req.intention.text
+        kind = Intention.VAGUE if req.intention.kind == "vague" else Intention.SPECIFIC
+        context = req.instruction
+    elif req.instruction:
+        intention, kind = req.instruction, Intention.VAGUE
+    return UserNeed(history=history, preference=req.preference, intention=intention, intention_kind=kind,
+                    context=context)
+
+
+def item_id(value) -> str | None:
+    """An item id as the behaviour index names items (a string), None when not given."""
+    return None if value is None or isinstance(value, bool) else str(value)
+
+
+def answer_body(answer: BaseModel) -> dict[str, Any]:
+    """A response model as the JSON object the client gets: the fields set, in declared order."""
+    return answer.model_dump(exclude_unset=True)
+
+
+class Serving:
+    """A handler of one endpoint family, over the running service's state."""
+
+    def __init__(self, state: ServiceState):
+        self.state = state
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo.model_construct(**self.state.engine.model_info())
+
+    def hybrid_versions(self) -> dict[str, str | None]:
+        """The gate's and the hybrid's versions (None without a gate)."""
+        hybrid = self.state.engine.hybrid
+        return {"gate_version": hybrid.gate.version if hybrid else None,
+                "hybrid_version": hybrid.version if hybrid else None}
+
+
+def template_info(inst) -> TemplateInfo:
+    """The template an answer was made with."""
+    return TemplateInfo.model_construct(id=inst.template.id, label=inst.template.label,
+                                        instantiation=inst.rendered.instantiation.label(),
+                                        table_version=TEMPLATE_VERSION)
+
+
+def fusion_info(out: pipeline.Outcome, versions: dict[str, str | None]) -> FusionInfo:
+    """How a rerank answer was scored."""
+    f = out.fusion
+    return FusionInfo.model_construct(mode=f.mode, requested=f.requested, **versions, signals=f.signals,
+                                      weights=f.fused.weights if f.fused is not None else None,
+                                      without_behaviour=f.without_behaviour)
+
+
+def components(out: pipeline.Outcome, i: int) -> Components | None:
+    """One fused result's parts (only the signals present are set); None when LM-only."""
+    fused = out.fusion.fused
+    if fused is None:
+        return None
+    return Components.model_construct(**{name: float(values[i]) for name, values in fused.components.items()},
+                                      lm_loglik=out.scores[i])
