@@ -30,13 +30,9 @@ sys.path.insert(0, str(ROOT))  # the checkout's instructrec, not an installed on
 from instructrec.service.app import create_app  # noqa: E402
 from instructrec.service.loopback import ThreadedServer  # noqa: E402
 from instructrec.service.settings import Settings  # noqa: E402
+from tests.test_service_hybrid import ITEMS, SEQUENCES, TITLES  # noqa: E402  (the hybrid tests' tiny world)
 
 KEY = "replay-key"
-TITLES = ["Halo 3", "Halo 2", "Gears of War", "Portal", "Portal 2", "Stardew Valley", "Harvest Moon", "Doom",
-          "Dead Space", "Tetris"]
-ITEMS = [(f"g{k}", t) for k, t in enumerate(TITLES)]
-SEQUENCES = [["g0", "g1", "g2", "g8"], ["g1", "g0", "g2"], ["g3", "g4", "g9"], ["g5", "g6", "g9"], ["g0", "g2", "g7"],
-             ["g2", "g8", "g7"], ["g5", "g6"], ["g3", "g4"]]
 EXTRA = ["Minecraft", "The Sims 4", "Civilization VI", "  Café   Racer  ", "Zelda: Breath of the Wild", "FIFA 23"]
 TEMPLATES = [None] * 12 + ["pref-01", "pref-05", "int-02", "int-07", "comb-03", "comb-10", "no-such-template"]
 PREFS = [None, "I like co-op shooters", "cosy farming games", "  story   driven  "]
