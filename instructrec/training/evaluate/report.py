@@ -189,6 +189,18 @@ def make_plots(results: dict, out: Path) -> dict[str, Path]:
 
     paths = {"bars": out / "scenarios.png", "curves": out / "hr_curves.png", "cost": out / "quality_vs_training.png"}
     rows = [r for r in results["rows"] if r["setting"] == "uniform-10"]
+    _plot_bars(plt, rows, paths["bars"])
+    _plot_curves(plt, rows, paths["curves"])
+    _plot_cost(plt, rows, results["methods"], paths["cost"])
+    calibrated = [r for r in rows if r.get("reliability")]
+    if calibrated:
+        paths["reliability"] = out / "reliability.png"
+        _plot_reliability(plt, calibrated, paths["reliability"])
+    return paths
+
+
+# One figure each; ``plt`` is passed in so matplotlib stays imported lazily, once, in make_plots.
+def _plot_bars(plt, rows: list[dict], path: Path) -> None:
     scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
 
@@ -213,9 +225,11 @@ def make_plots(results: dict, out: Path) -> dict[str, Path]:
         ax.set_ylim(0, 1)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(paths["bars"], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
+
+def _plot_curves(plt, rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for r in rows:
         if r["scenario"] == "sequential":
@@ -226,11 +240,13 @@ def make_plots(results: dict, out: Path) -> dict[str, Path]:
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(paths["curves"], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
+
+def _plot_cost(plt, rows: list[dict], methods: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    train = {m["name"]: m["train_seconds"] for m in results["methods"]}
+    train = {m["name"]: m["train_seconds"] for m in methods}
     for r in rows:
         if r["scenario"] == "sequential" and train.get(r["method"]) is not None:
             hours = train[r["method"]] / 3600
@@ -240,23 +256,21 @@ def make_plots(results: dict, out: Path) -> dict[str, Path]:
     ax.set_ylabel("HR@1, sequential, 1 + 9 uniform")
     ax.set_ylim(0, 1)
     fig.tight_layout()
-    fig.savefig(paths["cost"], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
-    calibrated = [r for r in rows if r.get("reliability")]
-    if calibrated:
-        paths["reliability"] = out / "reliability.png"
-        fig, ax = plt.subplots(figsize=(5.5, 5))
-        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
-        for r in calibrated:
-            pts = r["reliability"]
-            ax.plot([p["mean_probability"] for p in pts], [p["true_share"] for p in pts], marker="o",
-                    label=f"{r['method']}, {r['scenario']} (ECE {r['ece']:.3f})")
-        ax.set_xlabel("predicted relevance (bin mean)")
-        ax.set_ylabel("share that is the true item")
-        ax.set_title("Reliability of the hybrid's relevance, 1 + 9 uniform")
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(paths["reliability"], dpi=110)
-        plt.close(fig)
-    return paths
+
+def _plot_reliability(plt, calibrated: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+    for r in calibrated:
+        pts = r["reliability"]
+        ax.plot([p["mean_probability"] for p in pts], [p["true_share"] for p in pts], marker="o",
+                label=f"{r['method']}, {r['scenario']} (ECE {r['ece']:.3f})")
+    ax.set_xlabel("predicted relevance (bin mean)")
+    ax.set_ylabel("share that is the true item")
+    ax.set_title("Reliability of the hybrid's relevance, 1 + 9 uniform")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
