@@ -144,3 +144,63 @@ def test_every_endpoint_has_a_handler_below_the_edge_and_the_routes_reach_the_st
                       if isinstance(n, ast.Attribute) and n.attr in parts})
     assert not reached, reached
     assert "instructrec.service.pipeline" not in _imports(routes, modules[routes])
+
+
+# ---------------------------------------------------------------------------------------------
+# House rule 1: no function over MAX_FUNCTION_LINES lines. A function's length is the span ``ast``
+# gives its node, ``end_lineno - lineno + 1``: from the ``def`` line (decorators not counted) to its
+# last line, docstring, comments and blank lines included (that is what a reader scrolls through),
+# and a nested function counted inside its parent, not on its own. Methods are named Class.method.
+MAX_FUNCTION_LINES = 60
+TUNE_REASON = "being restructured (train reads top to bottom)"
+LONG_FUNCTIONS = {
+    "instructrec.training.tune._trainer_classes": TUNE_REASON,
+    "instructrec.training.baselines.recbole_runner.main":
+        "runs in RecBole's own environment as one script: config, dataset, train, score, write, in order",
+    "instructrec.training.evaluate.client.evaluate_service":
+        "resume, annotate, then one async client loop whose closure shares the run's state",
+    "instructrec.training.annotate.pipeline.annotate_cases":
+        "one resumable pass over a cache file; its bookkeeping dicts are shared by every step",
+    "instructrec.bench.cli.add_arguments": "one flat argparse table of the bench subcommands",
+    "instructrec.training.hybrid.sequential.train_sequential":
+        "one training loop (resume, epochs, early stop, save); splitting scatters its state",
+    "instructrec.training.baselines.recbole.run_recbole":
+        "one linear pipeline: check, write inputs, run the child process, read its outputs",
+    "instructrec.training.data.recbole.load_recbole_sequences":
+        "one linear reader of a file set, its checks next to the lines they check",
+    "instructrec.bench.soak._load": "one async load loop; the workers and fault tasks share its counters",
+    "instructrec.service.pipeline.rerank":
+        "the hot path of one request, cache, model and fusion in order; kept in one piece on purpose",
+    "instructrec.training.annotate.offline.OfflineTeacher._vague":
+        "one phrase builder: slots, then the patterns that use them; splitting scatters the slots",
+    "instructrec.bench.hybrid_bench.run_hybrid": "one linear bench: load, build, time each size, report",
+    "instructrec.bench.report.render_ranker": "one markdown page written top to bottom",
+    "instructrec.service.metrics.Metrics.__init__": "a flat list of metric declarations",
+}
+
+
+def _top_functions(tree: ast.AST, prefix: str):
+    """(qualified name, node) of every function not nested in another function."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield f"{prefix}.{node.name}", node
+        elif isinstance(node, ast.ClassDef):
+            yield from _top_functions(node, f"{prefix}.{node.name}")
+        else:  # functions under if/try at module or class level
+            yield from _top_functions(node, prefix)
+
+
+def _function_lengths() -> dict[str, int]:
+    return {qualname: node.end_lineno - node.lineno + 1
+            for name, path in _modules().items()
+            for qualname, node in _top_functions(ast.parse(path.read_text()), name)}
+
+
+def test_no_function_is_longer_than_the_limit_unless_allowed_with_a_reason():
+    lengths = _function_lengths()
+    too_long = {f"{q} ({n} lines)" for q, n in lengths.items() if n > MAX_FUNCTION_LINES and q not in LONG_FUNCTIONS}
+    assert not too_long, f"over {MAX_FUNCTION_LINES} lines: split them or allow them here with a reason:\n" \
+        + "\n".join(sorted(too_long))
+    stale = {q for q in LONG_FUNCTIONS if lengths.get(q, 0) <= MAX_FUNCTION_LINES}
+    assert not stale, f"allowed but gone or now short enough, drop them from LONG_FUNCTIONS: {sorted(stale)}"
+    assert all(reason.strip() for reason in LONG_FUNCTIONS.values())
