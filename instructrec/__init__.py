@@ -9,6 +9,8 @@ The layers above it live beside it and are never imported by it: :mod:`instructr
 imported on first use, so ``import instructrec`` alone stays light (no torch).
 """
 
+import importlib
+
 __version__ = "0.1.0"
 
 _LAZY = {name: ".reranker" for name in ("Reranker", "RerankerError", "RerankerWarning", "Ranking", "RankedItem",
@@ -19,8 +21,6 @@ __all__ = ["__version__", *_LAZY]
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value  # found directly next time
         return value

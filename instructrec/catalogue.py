@@ -22,11 +22,13 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from . import files
+from .checkpoint import read_meta
 from .text import normalise
 
 FORMAT = "instructrec-catalogue"
@@ -254,7 +256,6 @@ class TextSide:
 def load_text_side(name_or_path: str | Path) -> TextSide:
     """The tokenizer, end-of-sequence id and ``instructrec.json`` of a checkpoint directory
     (weights not read), or of a built-in (built: they are small)."""
-    from .checkpoint import read_meta
     from .modeling import BUILDERS, load_model
     from .ranker import eos_id
     from .shipped import is_shipped
@@ -263,7 +264,6 @@ def load_text_side(name_or_path: str | Path) -> TextSide:
     if name in BUILDERS or not Path(name).is_dir() or is_shipped(name):  # a shipped model's text side is its base's
         loaded = load_model(name, device="cpu", dtype="float32")
         return TextSide(loaded.tokenizer, eos_id(loaded.tokenizer, loaded.model), loaded.meta)
-    from types import SimpleNamespace
 
     from transformers import AutoConfig, AutoTokenizer
 

@@ -11,13 +11,18 @@ its base here (see :mod:`instructrec.shipped`).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .checkpoint import read_meta
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +183,6 @@ def keep_untied_head(model) -> None:
 
 def saved_tensor_names(directory: str | Path) -> set[str]:
     """The tensor names a saved HF model directory holds (one safetensors file or a sharded index)."""
-    import json
-
     directory = Path(directory)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
@@ -203,8 +206,6 @@ def write_portable_t5_config(directory: str | Path) -> None:
     v1.1: no scaling either), true when the head is the embeddings (the original T5: scaled). A
     model that is one but not the other (an own head with scaling, or the reverse) has no config
     the older runtimes read right, and is refused rather than saved to be misread."""
-    import json
-
     path = Path(directory) / "config.json"
     config = json.loads(path.read_text())
     if "scale_decoder_outputs" not in config:
@@ -296,8 +297,6 @@ def quantize_int8(model, inplace: bool = False):
     stay float32). On CPUs without bf16 this is the fastest path (about 1.5x float32 on the
     2-core bench, rankings Spearman 0.998 against float32), at the cost of scores that differ
     slightly from float32's."""
-    import warnings
-
     from torch.ao.quantization import quantize_dynamic
 
     with warnings.catch_warnings():
@@ -410,8 +409,6 @@ def base_identity(name: str, model=None) -> dict[str, str]:
         raise ShippedError(f"only a model tuned from a built-in base can be shipped as changed tensors; {name!r} is "
                            f"not one ({', '.join(BUILDERS)})")
     if name in WHEEL_BASES:
-        from importlib.metadata import version
-
         path = minilm_path() / "model.safetensors"
         st = path.stat()
         package = WHEEL_BASES[name]
@@ -446,7 +443,6 @@ def ship(checkpoint: str | Path, out: str | Path, card: dict | None = None, meta
     ``instructrec train`` writes to ``OUT/model`` or ``OUT/best``) in the shipped form: the tensors
     that differ from its built-in base, bfloat16, with the base's checksum, its metadata and a card.
     ``meta``: the metadata, for a Trainer checkpoint directory that has none of its own."""
-    from .checkpoint import read_meta
     from .shipped import ShippedError, changed_tensors, write
 
     meta = read_meta(checkpoint) if meta is None else meta
@@ -490,8 +486,6 @@ def _from_pretrained(path: str, dtype: torch.dtype | None = None):
 
 def load_model(name_or_path: str | Path, device: str | None = "auto", dtype: str | torch.dtype | None = "auto") -> LoadedModel:
     """Load a checkpoint directory, an HF model, or a built-in base, ready for inference."""
-    from .checkpoint import read_meta
-
     name = str(name_or_path)
     dev = resolve_device(device)
     quantized = dtype == INT8

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .modeling import DEFAULT_MODEL_DIR as DEFAULT_MODEL
 from .options import add_device_options
+from .reranker import Reranker, RerankerError, RerankerWarning, check_template, default_gate, resolve_model
 
 
 class UsageError(Exception):
@@ -88,8 +89,6 @@ def _candidates(args: argparse.Namespace) -> list[str]:
 def load_reranker(args: argparse.Namespace, **hybrid):
     """The ``--model`` as a :class:`~instructrec.reranker.Reranker`; its warnings (a model tuned
     on another template table) are one line each on stderr."""
-    from .reranker import Reranker, RerankerWarning
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RerankerWarning)
         reranker = Reranker.load(args.model, device=args.device, dtype=args.dtype, reduction=args.reduction, **hybrid)
@@ -102,8 +101,6 @@ def load_reranker(args: argparse.Namespace, **hybrid):
 
 
 def _rank(args: argparse.Namespace) -> dict:
-    from .reranker import check_template, default_gate, resolve_model
-
     if args.top_n is not None and args.top_n < 1:
         raise UsageError("--top-n must be at least 1")
     history = history_of(args)
@@ -152,8 +149,6 @@ def _print_table(result: dict) -> None:
 def respond(command: str, compute, show, args: argparse.Namespace) -> int:
     """``compute(args)`` printed as JSON (``--json``) or by ``show``; a usage error is one line on
     stderr and exit code 2."""
-    from .reranker import RerankerError
-
     try:
         result = compute(args)
     except (UsageError, RerankerError) as exc:

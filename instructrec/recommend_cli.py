@@ -12,6 +12,7 @@ import argparse
 
 from .generation import MAX_K
 from .rank_cli import UsageError, add_need_arguments, history_of, load_reranker, print_header, respond
+from .reranker import check_template, open_catalogue
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,8 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _recommend(args: argparse.Namespace) -> dict:
-    from .reranker import check_template, open_catalogue
-
     if not 1 <= args.k <= MAX_K or (args.beams is not None and args.beams < 1):
         raise UsageError(f"--top-n must be 1 to {MAX_K} and --beams at least 1")
     history = history_of(args)

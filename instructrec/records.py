@@ -11,6 +11,7 @@ import math
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -143,8 +144,6 @@ def platform_brief() -> dict[str, Any]:
 
 def code_commit() -> str | None:
     """The git commit of the code running (``+dirty`` with uncommitted changes), or None outside a clone."""
-    import subprocess
-
     here = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from .aspects import Intention, TaskForm, UserNeed
+from .instruction import build
+from .templates import TEMPLATE_VERSION, TemplateError, get_template
 
 if TYPE_CHECKING:
     from .catalogue import Catalogue
@@ -96,8 +98,6 @@ def user_need(history: Sequence[Any] = (), *, instruction: str | None = None, pr
 
 def check_template(template_id: str | None) -> None:
     """An unknown template id fails here, before any model loads."""
-    from .templates import TemplateError, get_template
-
     if template_id is not None:
         try:
             get_template(template_id)
@@ -125,7 +125,6 @@ def load_ranker(model: str | Path | None = None, *, device: str = "auto", dtype:
     with a :class:`RerankerWarning`: its instructions are worded differently from its training."""
     from .modeling import load_model
     from .ranker import REDUCTIONS, Ranker
-    from .templates import TEMPLATE_VERSION
 
     if reduction not in REDUCTIONS:
         raise RerankerError(f"reduction must be one of {', '.join(REDUCTIONS)}, not {reduction!r}")
@@ -339,9 +338,6 @@ class Reranker:
         return self.ranker.loaded.name
 
     def _instruction(self, need: UserNeed, template: str | None, task: TaskForm) -> "Instruction":
-        from .instruction import build
-        from .templates import TemplateError
-
         try:
             return build(need, self.ranker.tokenizer, max_tokens=self.ranker.max_source_tokens, task=task,
                          template_id=template)

@@ -10,8 +10,14 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 from . import report
+from .hybrid_bench import run_hybrid
+from .load_bench import run_load
+from .recommend_bench import run_recommend
+from .service_bench import BenchError, run_bench
+from .soak import FAULTS, run_soak
 
 
 def _int_list(text: str) -> list[int]:
@@ -85,8 +91,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _started_service_options(s, seed_help="seed of the request sample", dataset="games-sample")
     s.set_defaults(_bench_parser=s, _bench_run=_run_service)
 
-    from .soak import FAULTS
-
     k = sub.add_parser("soak", help="many clients for a long run with Redis stopped and restarted mid-run; every "
                                     "answer checked against the same request answered alone",
                        description="Starts a private Redis and the service (or uses --url, loopback only), answers "
@@ -152,10 +156,6 @@ def _add_recommend(sub) -> None:
 
 
 def _run_load(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .load_bench import run_load
-
     if min(args.d_model, args.layers, args.vocab) < 1:
         print("instructrec bench load: error: --d-model, --layers and --vocab must be at least 1", file=sys.stderr)
         return 2
@@ -165,8 +165,6 @@ def _run_load(args: argparse.Namespace) -> int:
 
 
 def _run_hybrid(args: argparse.Namespace) -> int:
-    from .hybrid_bench import run_hybrid
-
     try:
         sizes = _int_list(args.candidates)
         if args.requests < 1 or args.history < 1:
@@ -185,9 +183,6 @@ def _run_hybrid(args: argparse.Namespace) -> int:
 
 
 def _run_recommend(args: argparse.Namespace) -> int:
-    from .recommend_bench import run_recommend
-    from .service_bench import BenchError
-
     try:
         ks = _int_list(args.ks)
         from instructrec.generation import MAX_K
@@ -292,8 +287,6 @@ def _run_ranker(args: argparse.Namespace) -> int:
 
 
 def _run_service(args: argparse.Namespace) -> int:
-    from .service_bench import BenchError, run_bench
-
     try:
         concurrency = _int_list(args.concurrency)
         sizes = _int_list(args.candidates)
@@ -317,9 +310,6 @@ def _run_service(args: argparse.Namespace) -> int:
 
 
 def _run_soak(args: argparse.Namespace) -> int:
-    from .service_bench import BenchError
-    from .soak import run_soak
-
     faults = [] if args.faults.strip() in ("", "none") else _name_list(args.faults)
     try:
         section = run_soak(model=args.model, url=args.url, clients=args.clients, requests=args.requests,

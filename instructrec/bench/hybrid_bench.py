@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from instructrec.aspects import UserNeed
+from instructrec.instruction import build as build_instruction
+from instructrec.text import normalise
 
 from . import report
 
@@ -21,15 +26,12 @@ def run_hybrid(*, model: str, candidates: Sequence[int], requests: int, history:
                threads: int | None, sequential: str | None, progress: Callable[[str], None] = print) -> dict[str, Any]:
     import torch
 
-    from instructrec.aspects import UserNeed
     from instructrec.hybrid import GATE_FILE, Hybrid
     from instructrec.hybrid.gate import Gate, load_gate
     from instructrec.hybrid.semantic import SemanticEncoder
     from instructrec.hybrid.sequential import load_sequential
-    from instructrec.instruction import build as build_instruction
     from instructrec.modeling import load_model
     from instructrec.ranker import Ranker
-    from instructrec.text import normalise
     from instructrec.training.hybrid.behaviour_cli import build_for
 
     from .ranker_bench import load_games
@@ -42,7 +44,6 @@ def run_hybrid(*, model: str, candidates: Sequence[int], requests: int, history:
     data = load_games(dataset)
     progress(f"building the {dataset} behaviour index ...")
     index = build_for(data)
-    from pathlib import Path
 
     gate_path = Path(model) / GATE_FILE
     gate = load_gate(gate_path) if gate_path.is_file() else Gate.neutral()

@@ -13,6 +13,7 @@ file are page cache the kernel may take back.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -119,8 +120,6 @@ def run_load(out: Path, dtype: str, d_model: int, layers: int, vocab: int,
 
 
 def _inherited() -> dict[str, str]:
-    import os
-
     return {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "HF_HUB_OFFLINE")}
 
 

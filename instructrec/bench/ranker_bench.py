@@ -31,7 +31,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from instructrec.aspects import UserNeed
+from instructrec.instruction import build, count_tokens
 from instructrec.ranker import HEAD_PROFILE_LABEL, Ranker
+from instructrec.training.data.load import load_dataset
 
 from . import report
 
@@ -76,8 +79,6 @@ def no_shared_kv_ranker(loaded, **kw) -> Ranker:
 
 
 def load_games(dataset: str = "games-sample"):
-    from instructrec.training.data.load import load_dataset
-
     return load_dataset(dataset)
 
 
@@ -85,9 +86,6 @@ def pick_instruction(data, tokenizer, max_source_tokens: int, history: int = HIS
                      target_tokens: int = TARGET_SOURCE_TOKENS) -> dict[str, Any]:
     """The user whose last ``history`` titles render (via ``instruction.build``) closest to
     ``target_tokens`` instruction tokens, without dropping history; ties by user id."""
-    from instructrec.aspects import UserNeed
-    from instructrec.instruction import build, count_tokens
-
     best = None
     users = sorted(u for u, s in data.sequences.items() if len(s) >= history)
     if not users:  # a dataset without long histories: the longest one

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from instructrec.service.loopback import RedisServer
+from instructrec.training.data.load import load_dataset
 
 from . import report
 from .service_bench import (BenchError, ChildServer, Workload, _parse_sets, _Server, _server_ms, _settings, _value,
@@ -321,7 +322,6 @@ def run_soak(*, model: str | None = None, url: str | None = None, clients: int =
                          "use --faults burst (or none) with --url")
     if min(clients, requests, distinct, candidates) < 1 or burst < 0:
         raise BenchError("--clients, --requests, --distinct, --candidates >= 1 and --burst >= 0")
-    from instructrec.training.data.load import load_dataset
 
     workload = Workload(load_dataset(dataset), history=history, seed=seed)
     bodies = workload.make(distinct, candidates)

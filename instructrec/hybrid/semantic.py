@@ -16,6 +16,8 @@ float32 rounding only (under 1e-6).
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
@@ -102,9 +104,6 @@ class SemanticEncoder:
         """Vectors of every title of a catalogue, kept in the file ``{keep}-{digest}.npy`` (the
         digest names the encoder and the titles): a catalogue takes minutes on a CPU, once. A
         file that cannot be written is only a warning: the vectors are computed again next time."""
-        import hashlib
-        import logging
-
         digest = hashlib.sha256("\n".join([self.version, *titles]).encode()).hexdigest()[:16]
         path = Path(f"{keep}-{digest}.npy")
         if path.is_file():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -84,8 +85,6 @@ class _MetricsMiddleware:
 
 def check_catalogue(settings: Settings) -> None:
     """A named catalogue file must exist (whether it fits the model is checked at load)."""
-    from pathlib import Path
-
     if settings.catalogue and not Path(settings.catalogue).is_file():
         raise ConfigError(f"catalogue {settings.catalogue} does not exist; make it with `instructrec catalogue build "
                           "--data DIR|--items FILE.jsonl --model <the served model> --out CAT`")
@@ -94,8 +93,6 @@ def check_catalogue(settings: Settings) -> None:
 def check_hybrid(settings: Settings, model_name: str) -> None:
     """Named gate and behaviour files must exist, and a behaviour index needs a gate (whether
     they are readable and fit the catalogue is checked at load: /health says why not)."""
-    from pathlib import Path
-
     from .engine import gate_path, sequential_path
 
     gate = gate_path(settings, model_name)

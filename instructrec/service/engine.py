@@ -23,6 +23,7 @@ from cachetools import LRUCache
 
 from instructrec.aspects import TaskForm, UserNeed
 from instructrec.catalogue import load_catalogue
+from instructrec.checkpoint import checkpoint_version
 from instructrec.generation import Generation, Generator
 from instructrec.hybrid import GATE_FILE, Hybrid
 from instructrec.instruction import Instruction, build, count_tokens
@@ -40,8 +41,6 @@ GENERATION_TOKENS_PER_BEAM = 100
 def model_version(name: str) -> str:
     """What the cache keys on: the weights' content hash for a checkpoint directory; for a
     built-in (deterministically initialised) or hub model its name plus the template table."""
-    from instructrec.checkpoint import checkpoint_version
-
     if Path(name).is_dir():
         return checkpoint_version(name)
     return f"{name}+{TEMPLATE_VERSION}"

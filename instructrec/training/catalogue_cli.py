@@ -15,6 +15,8 @@ import time
 
 from instructrec.catalogue import CatalogueError, CatalogueItem, build_catalogue, load_catalogue, load_text_side, read_items_jsonl
 from instructrec.training.data.catalogue_items import catalogue_items
+from instructrec.training.data.load import load_dataset
+from instructrec.training.data.types import DataError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,8 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _dataset_items(path: str) -> list[CatalogueItem]:
-    from instructrec.training.data.load import load_dataset
-
     items, untitled = catalogue_items(load_dataset(path))
     if untitled:
         print(f"{untitled} item(s) of {path} have no title and were left out", file=sys.stderr)
@@ -65,8 +65,6 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from instructrec.training.data.types import DataError
-
     try:
         if args.action == "show":
             start = time.perf_counter()

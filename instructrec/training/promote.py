@@ -16,13 +16,20 @@ import argparse
 import csv
 import datetime
 import json
+import logging
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+from instructrec.checkpoint import checkpoint_version, read_meta
 from instructrec.options import add_device_options
+from instructrec.records import code_commit, cpu_model
 from instructrec.shipped import DEFAULT_SHIPPED, ShippedError, is_shipped, read_card
+
+from .curve import read_curve
+from .data.load import load_dataset
+from .data.types import DataError
 
 # Fixed so every session compares on the same users: 500 validation users drawn with this seed
 # (the full preset validates on 500 drawn with seed 0; the two sets share about 5 users).
@@ -67,8 +74,6 @@ def _legacy_relay(meta: dict, step: int, seconds: float | None) -> dict:
 def resolve(path: str | Path) -> Candidate:
     """A training output directory (its best/, else model/), OUT/model, OUT/best, or a Trainer
     checkpoint (OUT/checkpoints/checkpoint-N), with the relay position of its weights."""
-    from instructrec.checkpoint import read_meta
-
     p = Path(path)
     if not p.is_dir():
         raise PromoteError(f"candidate {p} is not a directory (a training output, its model/ or best/, or a checkpoint)")
@@ -107,8 +112,6 @@ def resolve(path: str | Path) -> Candidate:
 
 
 def preset_of(meta: dict):
-    from dataclasses import fields
-
     from .presets import Preset
 
     known = {f.name for f in fields(Preset)}
@@ -120,7 +123,6 @@ def preset_of(meta: dict):
 
 def relay_cases(preset, data_path: str | None = None, users: int = RELAY_USERS):
     """The data and the fixed relay validation cases of the preset's data."""
-    from .data.load import load_dataset
     from .tune import _seeded_subset
 
     data = load_dataset(data_path or preset.data)
@@ -170,8 +172,6 @@ def decide(hr_candidate: float, hr_shipped: float | None, low: float | None) -> 
 
 def _leg_curve(candidate: Candidate, before: int) -> list[dict]:
     """This leg's training-time validations as (examples in total, HR@1), up to the weights' step."""
-    from .curve import read_curve
-
     if candidate.run is None:
         return []
     try:
@@ -183,8 +183,6 @@ def _leg_curve(candidate: Candidate, before: int) -> list[dict]:
 
 
 def _leg_row(candidate: Candidate, evaluation: dict, promoted: bool, eval_dtype: str) -> dict:
-    from instructrec.records import code_commit, cpu_model
-
     meta, relay = candidate.meta, candidate.meta["relay"]
     leg_seconds = relay["train_seconds_total"] - relay.get("seconds_before", 0.0)
     return {"date": datetime.date.today().isoformat(), "cpu": cpu_model(),
@@ -271,7 +269,6 @@ def promote(candidate_path: str | Path, shipped: str | Path = DEFAULT_SHIPPED, *
             dtype: str = "float32", device: str = "cpu", users: int = RELAY_USERS, data_path: str | None = None,
             legs_csv: Path = LEGS_CSV, curve_png: Path = CURVE_PNG) -> dict:
     """Evaluate, decide, and (unless ``dry_run``) ship and log. Returns the verdict."""
-    from instructrec.checkpoint import checkpoint_version
     from instructrec.modeling import ship
 
     candidate = resolve(candidate_path)
@@ -341,10 +338,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
-
-    from .data.types import DataError
-
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         verdict = promote(args.candidate, args.shipped, dry_run=args.dry_run, dtype=args.dtype, device=args.device, users=args.users,

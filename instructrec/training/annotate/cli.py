@@ -14,7 +14,9 @@ import os
 import sys
 from pathlib import Path
 
+from instructrec.training.annotate.offline import OfflineTeacher
 from instructrec.training.annotate.teachers import Kind, TeacherError
+from instructrec.training.data.load import load_dataset
 from instructrec.training.data.types import DataError
 
 KEY_ENV = "INSTRUCTREC_TEACHER_API_KEY"
@@ -67,8 +69,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _teacher(args: argparse.Namespace):
     if args.teacher == "offline":
-        from instructrec.training.annotate.offline import OfflineTeacher
-
         return OfflineTeacher(seed=args.seed)
     from instructrec.training.annotate.openai_teacher import OpenAITeacher
 
@@ -83,8 +83,6 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         teacher = _teacher(args)
-        from instructrec.training.data.load import load_dataset
-
         data = load_dataset(args.data)
         if args.users:
             data = data.sample_users(args.users, seed=args.seed)

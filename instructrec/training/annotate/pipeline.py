@@ -114,8 +114,6 @@ def read_annotations_file(path: str | Path) -> dict[tuple[str, str, Kind], Annot
     """:func:`load_annotations` of a file the user named (``--annotations``): a missing file is
     an error, not an empty cache."""
     if not Path(path).is_file():
-        from ..data.types import DataError
-
         what = "is a directory, not an annotations file" if Path(path).is_dir() else "no such annotations file"
         raise DataError(path, None, f"{what} (make one with `instructrec annotate`)")
     return load_annotations(path)

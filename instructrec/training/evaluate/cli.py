@@ -8,6 +8,10 @@ import logging
 import sys
 
 from instructrec.options import add_device_options
+from instructrec.records import invoked_as
+
+from ..data.types import DataError
+from . import report
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -83,10 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from instructrec.records import invoked_as
-
-    from ..data.types import DataError
-    from . import full_catalogue, report
+    from . import full_catalogue
     from .run import EvalConfig, evaluate
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

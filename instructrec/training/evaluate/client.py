@@ -34,11 +34,14 @@ from urllib.parse import urlsplit
 from instructrec import files
 from instructrec.aspects import Intention, UserNeed
 from instructrec.records import percentile
+from instructrec.templates import TEMPLATE_VERSION
 
+from ..data.load import load_dataset
 from ..data.types import MAX_HISTORY, Case, DataError, InteractionData
 from ..metrics import bootstrap_intervals, metrics_from_ranks, rank_of
 from ..retry_after import retry_after_seconds
 from . import candidates as cand
+from .scenarios import get_scenarios
 
 log = logging.getLogger(__name__)
 
@@ -348,11 +351,7 @@ def read_responses(path: Path) -> tuple[dict | None, list[dict]]:
 
 def evaluate_service(cfg: ClientConfig) -> dict:
     """Run (or resume) the evaluation of the service at ``cfg.url``; writes and returns results.json's dict."""
-    from instructrec.templates import TEMPLATE_VERSION
-
-    from ..data.load import load_dataset
     from .run import EvalConfig, annotate, scenario_needs
-    from .scenarios import get_scenarios
 
     started = time.perf_counter()
     url = base_url(cfg.url)

@@ -9,7 +9,10 @@ import logging
 import os
 import sys
 
-from ..data.types import MAX_HISTORY
+from instructrec.records import invoked_as
+
+from ..data.types import MAX_HISTORY, DataError
+from .client import ClientConfig, ClientError, evaluate_service, table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,11 +54,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from instructrec.records import invoked_as
-
-    from ..data.types import DataError
-    from .client import ClientConfig, ClientError, evaluate_service, table
-
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = ClientConfig(

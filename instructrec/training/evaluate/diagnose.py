@@ -18,6 +18,14 @@ from pathlib import Path
 
 import torch
 
+from instructrec.text import normalise
+
+from ..data.load import load_dataset
+from ..data.types import DataError
+from ..metrics import metrics_from_ranks, rank_of
+from . import candidates as cand
+from .scenarios import get_scenarios
+
 
 def encoder_cosine(model, sources: list[str]) -> float:
     loaded = model.loaded
@@ -34,16 +42,9 @@ def encoder_cosine(model, sources: list[str]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from instructrec.text import normalise
-
     from ..annotate.pipeline import load_annotations
-    from ..data.load import load_dataset
-    from ..data.types import DataError
-    from ..metrics import metrics_from_ranks, rank_of
-    from . import candidates as cand
     from .methods import InstructionModel
     from .run import scenario_needs
-    from .scenarios import get_scenarios
 
     parser = argparse.ArgumentParser(prog="python -m instructrec.training.evaluate.diagnose", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)

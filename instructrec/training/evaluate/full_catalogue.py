@@ -31,13 +31,16 @@ from tqdm import tqdm
 from instructrec import files
 from instructrec.aspects import TaskForm
 from instructrec.catalogue import build_catalogue
+from instructrec.checkpoint import checkpoint_version
 from instructrec.instruction import build as build_instruction
 from instructrec.text import normalise_need
 
+from ..baselines.recbole import read_full_ranks, run_recbole
 from ..data.catalogue_items import catalogue_items
 from ..data.types import Case, InteractionData
 from ..metrics import bootstrap_intervals, metrics_from_ranks
 from . import candidates as cand
+from .report import RESULTS_JSON, RESULTS_MD, _f, _hours, _table, machine, replace_block
 from .scenarios import SCENARIOS
 
 log = logging.getLogger(__name__)
@@ -98,7 +101,6 @@ class Generation:
 
     def __init__(self, data: InteractionData, model: str, name: str | None, *, k: int, beams: int | None,
                  device: str, dtype: str):
-        from instructrec.checkpoint import checkpoint_version
         from instructrec.generation import Generator
         from instructrec.modeling import load_model
         from instructrec.ranker import Ranker
@@ -169,7 +171,6 @@ class HybridFull:
 
     def __init__(self, data: InteractionData, model: str, name: str | None, hybrid, *, per_source: int, device: str,
                  dtype: str):
-        from instructrec.checkpoint import checkpoint_version
         from instructrec.hybrid.retrieval import Retriever
         from instructrec.modeling import load_model
         from instructrec.ranker import Ranker
@@ -219,8 +220,6 @@ def sasrec_ranks(data: InteractionData, cases: Sequence[Case], out: Path, *, epo
                  threads: int, env: str | None) -> FullRanks:
     """SASRec trained with RecBole on the training part of every user, then the target's rank in
     its full sort of every item but the history (the runner's ``--full-rank``)."""
-    from ..baselines.recbole import read_full_ranks, run_recbole
-
     work = out / "recbole" / "SASRec-full"
     file = cand.write(work / "full.jsonl", {"setting": FULL, "split": "test"},
                       [cand.CandidateCase(c.user_id, c.history, c.target, (c.target,)) for c in cases])
@@ -297,7 +296,6 @@ def evaluate_full(cfg, data: InteractionData, models: Sequence[tuple[str | None,
                      "ci95": {k: v for k, v in ci.items() if k != "mrr"}, "seconds": m.seconds, "notes": m.notes,
                      "train_seconds": m.train_seconds, "version": m.version, "reused": m.reused,
                      "targets_in_history": sum(c.target in c.history for c in cases)})
-    from .report import machine
 
     return {"schema": SCHEMA, "command": cfg.command,
             "dataset": {"name": data.name, "users": len(data.sequences), "items": len(data.items)},
@@ -309,8 +307,6 @@ def evaluate_full(cfg, data: InteractionData, models: Sequence[tuple[str | None,
 
 
 def table(results: dict) -> str:
-    from .report import _f, _hours, _table
-
     def ci(row, metric):
         lo, hi = row["ci95"][metric]
         return f"{_f(row['metrics'][metric])} ({lo:.3f}–{hi:.3f})"
@@ -345,8 +341,6 @@ def render(results: dict) -> str:
 
 
 def write(out: Path, results: dict) -> Path:
-    from .report import RESULTS_JSON, RESULTS_MD
-
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS_JSON).write_text(json.dumps(results, indent=1) + "\n")
     (out / RESULTS_MD).write_text(render(results))
@@ -356,8 +350,6 @@ def write(out: Path, results: dict) -> Path:
 def update_readme(readme: str | Path, results: dict, report_dir: str, name: str | None = None) -> Path:
     """The block between ``<!-- eval:NAME-full:start -->`` and ``<!-- eval:NAME-full:end -->``
     (NAME: the dataset's name by default)."""
-    from .report import replace_block
-
     section = "\n".join([*header(results), "", table(results), "",
                          f"Report: `{report_dir}/results.md`.", ""])
     return replace_block(readme, f"{name or results['dataset']['name']}-full", section)

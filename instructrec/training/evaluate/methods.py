@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from instructrec.aspects import UserNeed
+from instructrec.checkpoint import checkpoint_version
 from instructrec.instruction import build as build_instruction
 from instructrec.modeling import minilm_path
 from instructrec.reranker import load_ranker
@@ -169,8 +170,6 @@ class InstructionModel(Method):
 
     def __init__(self, data: InteractionData, model: str | Path, name: str | None = None, *, device: str = "auto",
                  dtype: str = "auto", reduction: str = "mean", group: int = 8, batch_tokens: int = 4096):
-        from instructrec.checkpoint import checkpoint_version
-
         self.data = data
         # loaded as `instructrec rank` and Reranker.load load it: the tuned token limits
         self.ranker = load_ranker(model, device=device, dtype=dtype, reduction=reduction, batch_tokens=batch_tokens)

@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from instructrec import blocks, files
+from instructrec.records import machine_info
 
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 METRICS = ("hr@1", "hr@3", "hr@5", "ndcg@3", "ndcg@5")
 
 
 def machine() -> dict[str, Any]:
-    from instructrec.records import machine_info
-
     m = machine_info()
     return {k: m[k] for k in ("cpu_model", "usable_cpus", "torch", "transformers", "python", "time")}
 

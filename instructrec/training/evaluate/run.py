@@ -17,7 +17,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -25,10 +25,13 @@ from instructrec import files
 from instructrec.aspects import UserNeed
 from instructrec.generation import MAX_K
 
+from ..annotate.offline import OfflineTeacher
+from ..baselines.recbole import _read_scores, run_recbole
 from ..data.load import load_dataset
 from ..data.types import MAX_HISTORY, Case, InteractionData
 from ..metrics import bootstrap_intervals, metrics_from_ranks, rank_of
 from . import candidates as cand
+from . import report
 from .full_catalogue import FULL
 from .methods import Behaviour, BiEncoder, HybridModel, InstructionModel, Method, Popularity, Precomputed, Sequential, timed_score
 from .scenarios import Scenario, get_scenarios, needs_of
@@ -134,7 +137,6 @@ def annotate(data: InteractionData, cases: Sequence[Case], scenarios: Sequence[S
 
     if cfg.annotations:
         return read_annotations_file(cfg.annotations)
-    from ..annotate.offline import OfflineTeacher
 
     kinds = sorted({k for s in scenarios for k in s.kinds()}, key=str)
     path = cfg.out / "annotations.jsonl"
@@ -199,8 +201,6 @@ def recbole_epochs(cfg: EvalConfig, model: str) -> int:
 def _recbole(data: InteractionData, model: str, files: list[cand.CandidateFile], cfg: EvalConfig) -> dict:
     """Train and score with RecBole, or reuse the result of an earlier run with the same
     budget on the same candidate files (the digests are stamped beside RecBole's output)."""
-    from ..baselines.recbole import _read_scores, run_recbole
-
     out = cfg.out / "recbole" / model
     stamp_path = out / "instructrec-stamp.json"
     epochs = recbole_epochs(cfg, model)
@@ -326,15 +326,11 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 
 def _moved(cfg: EvalConfig, out: Path) -> EvalConfig:
-    from dataclasses import replace
-
     return replace(cfg, out=out, settings=(FULL,))
 
 
 def _evaluate_candidates(cfg: EvalConfig, data: InteractionData) -> dict:
     """The candidate settings (uniform-10, hard-10, uniform-100) and their report."""
-    from . import report
-
     started = time.perf_counter()
     scenarios = get_scenarios(cfg.scenarios)
     cases = _cases(data, cfg)
@@ -422,7 +418,6 @@ def summarise(ev: Evaluation, scenarios: Sequence[Scenario], seconds: float) -> 
             spread.append(entry)
     files = {f"{s}/{sp}": {"path": str(f.path), "digest": f.digest, "cases": len(f.cases), **f.header}
              for (s, sp), f in ev.files.items()}
-    from . import report
 
     return {
         "schema": SCHEMA,

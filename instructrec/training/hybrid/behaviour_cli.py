@@ -16,6 +16,8 @@ import time
 from instructrec.hybrid.behaviour import TOP_N, BehaviourError, build_behaviour_index, load_behaviour_index
 
 from ..data.catalogue_items import catalogue_items
+from ..data.load import load_dataset
+from ..data.types import DataError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,9 +49,6 @@ def build_for(data, *, holdout: int = 2, top_n: int = TOP_N, source: str = ""):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.load import load_dataset
-    from ..data.types import DataError
-
     try:
         if args.action == "show":
             index = load_behaviour_index(args.index)

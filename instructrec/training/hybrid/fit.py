@@ -26,10 +26,11 @@ from instructrec.hybrid import Hybrid, Signals
 from instructrec.hybrid.gate import SIGNALS, Example, Gate, expected_calibration_error, fit_gate
 from instructrec.text import normalise, normalise_need
 
+from ..annotate.offline import OfflineTeacher
 from ..data.catalogue_items import catalogue_items
 from ..data.types import MAX_HISTORY, Case, InteractionData
 from ..evaluate import candidates as cand
-from ..evaluate.scenarios import Scenario, get_scenarios, needs_of
+from ..evaluate.scenarios import SCENARIOS, Scenario, get_scenarios, needs_of
 from ..metrics import rank_of
 
 FIT_SEED = 7  # not the evaluation's seed 0: other users, other negatives
@@ -61,7 +62,6 @@ def case_signals(hybrid: Hybrid, data: InteractionData, case: cand.CandidateCase
 
 def annotations_for(data: InteractionData, cases: Sequence[Case], scenarios: Sequence[Scenario], path: Path,
                     progress: bool) -> dict:
-    from ..annotate.offline import OfflineTeacher
     from ..annotate.pipeline import annotate_cases, load_annotations
 
     kinds = sorted({k for s in scenarios for k in s.kinds()}, key=str)
@@ -127,8 +127,6 @@ def retrieved_examples(data: InteractionData, lm, hybrid: Hybrid, cases: Sequenc
     """Sequential needs whose candidates are what the signals retrieve from the whole catalogue
     (as ``/recommend`` ranks them): a case whose target no signal proposed is left out."""
     from tqdm import tqdm
-
-    from ..evaluate.scenarios import SCENARIOS
 
     items, retriever = catalogue_retriever(data, hybrid, work)
     position = {it.id: j for j, it in enumerate(items)}

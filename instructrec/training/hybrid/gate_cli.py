@@ -14,7 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+from instructrec.checkpoint import checkpoint_version
 from instructrec.options import add_device_options
+from instructrec.records import invoked_as, machine_info
+
+from ..data.load import load_dataset
+from ..data.types import DataError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,17 +56,13 @@ def table(result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from instructrec.checkpoint import checkpoint_version
     from instructrec.hybrid import GATE_FILE, Hybrid
     from instructrec.hybrid.behaviour import BehaviourError, load_behaviour_index
     from instructrec.hybrid.gate import GateError
     from instructrec.hybrid.semantic import SemanticEncoder
     from instructrec.hybrid.sequential import SequentialError, load_sequential
     from instructrec.modeling import ModelNotFound
-    from instructrec.records import invoked_as, machine_info
 
-    from ..data.load import load_dataset
-    from ..data.types import DataError
     from ..evaluate.methods import InstructionModel
     from .behaviour_cli import build_for
     from .fit import fit_and_report, fitting_examples

@@ -24,7 +24,9 @@ import torch
 from instructrec import files
 from instructrec.hybrid.sequential import SASRecConfig, SequentialScorer, left_pad, load_sequential, new_scorer, stamp
 
-from ..data.types import InteractionData
+from ..data.load import load_dataset
+from ..data.types import DataError, InteractionData
+from ..evaluate import candidates as cand
 from ..metrics import metrics_from_ranks, rank_of
 
 log = logging.getLogger(__name__)
@@ -43,8 +45,6 @@ def windows(seq: list[int], length: int) -> list[tuple[list[int], list[int]]]:
 
 
 def validation_cases(data: InteractionData, item_ids: list[str], users: int, seed: int):
-    from ..evaluate import candidates as cand
-
     cases = cand.pick_users(cand.full_cases(data, "valid"), users, seed)
     return cand.uniform_candidates(data, cases, 9, seed)
 
@@ -156,9 +156,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.load import load_dataset
-    from ..data.types import DataError
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("epochs", "patience", "batch_size", "hidden", "layers", "max_length", "valid_users"):
         if getattr(args, name) < 1:
