@@ -56,6 +56,32 @@ def test_smoke_writes_model_and_metadata(smoke_run):
     assert any(r["teacher"] == "offline-v1" for r in rows) and any(r["teacher"] is None for r in rows)
 
 
+
+def _best_step_by_validation(out: Path) -> int:
+    """The step of the first validation that beat every earlier one, from the run's Trainer state."""
+    state = json.loads((Path(_last_good_checkpoint(out / "checkpoints")) / "trainer_state.json").read_text())
+    evals = [(h["step"], h["eval_hr@1"]) for h in state["log_history"] if "eval_hr@1" in h]
+    assert evals
+    best_step, best = None, -1.0
+    for step, hr1 in evals:
+        if hr1 > best:
+            best_step, best = step, hr1
+    return best_step
+
+
+def test_best_holds_the_first_best_validation_and_model_holds_best(smoke_run):
+    """OUT/best is saved when validation HR@1 improves and left alone when it does not; OUT/model
+    is the best one, with the run's own numbers."""
+    out, _ = smoke_run
+    best_step = _best_step_by_validation(out)
+    best, model = read_meta(out / "best"), read_meta(out / "model")
+    assert best["steps"] == best_step and model["best_step"] == best_step
+    assert model["validation"] == best["validation"] and model["relay"] == best["relay"]
+    assert model["steps"] == PRESETS["smoke"].max_steps and "train_loss" in model and "train_loss" not in best
+    weights = sorted(p.name for p in (out / "best").glob("*.safetensors"))
+    assert weights and all((out / "best" / w).read_bytes() == (out / "model" / w).read_bytes() for w in weights)
+
+
 def test_trained_model_ranks_through_the_cli(smoke_run):
     out, _ = smoke_run
     proc = subprocess.run([sys.executable, "-m", "instructrec.cli", "rank", "--model", str(out / "model"),
@@ -190,6 +216,8 @@ def test_listwise_objective_with_a_cut_decoder_trains_and_resumes(tmp_path, base
     assert again.returncode == 0, again.stderr[-3000:]
     meta = read_meta(out / "model")
     assert meta["steps"] == 12 and Path(meta["resumed_from"]).name == "checkpoint-8"
+    # the resumed run had to beat the best the first one saved
+    assert read_meta(out / "best")["steps"] == meta["best_step"] == _best_step_by_validation(out)
 
 
 def test_unknown_objective_is_refused(tmp_path):
