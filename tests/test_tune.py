@@ -82,6 +82,38 @@ def test_best_holds_the_first_best_validation_and_model_holds_best(smoke_run):
     assert weights and all((out / "best" / w).read_bytes() == (out / "model" / w).read_bytes() for w in weights)
 
 
+def test_every_preset_option_given_reaches_the_preset():
+    """`instructrec train`'s options named after a Preset field override it; --data does not (it is
+    the path train() reads, the preset keeps naming its dataset)."""
+    import argparse
+    import dataclasses
+
+    from instructrec.training.presets import Preset
+    from instructrec.training.tune_cli import NOT_OVERRIDES, add_arguments, preset_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    fields = {f.name for f in dataclasses.fields(Preset)}
+    argv, want = ["--out", "o", "--preset", "smoke", "--data", "elsewhere"], {}
+    for action in parser._actions:
+        if action.dest not in fields or action.dest in NOT_OVERRIDES or not action.option_strings:
+            continue
+        flag = action.option_strings[0]
+        if action.nargs == 0:  # a switch: the opposite of the smoke preset's value
+            if action.const == getattr(PRESETS["smoke"], action.dest):
+                continue
+            argv.append(flag)
+            want[action.dest] = action.const
+        else:
+            value = action.choices[-1] if action.choices else {int: 7, float: 0.25}.get(action.type, "x")
+            argv += [flag, str(value)]
+            want[action.dest] = value
+    assert len(want) >= 25
+    preset = preset_from_args(parser.parse_args(argv))
+    assert {k: getattr(preset, k) for k in want} == want
+    assert preset.data == PRESETS["smoke"].data and preset.name == "smoke"
+    assert preset_from_args(parser.parse_args(["--out", "o", "--preset", "smoke"])) == PRESETS["smoke"]
+
 def test_trained_model_ranks_through_the_cli(smoke_run):
     out, _ = smoke_run
     proc = subprocess.run([sys.executable, "-m", "instructrec.cli", "rank", "--model", str(out / "model"),
