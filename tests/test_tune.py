@@ -15,7 +15,7 @@ import pytest
 from instructrec.checkpoint import read_meta
 from instructrec.templates import TEMPLATE_VERSION
 from instructrec.training.presets import PRESETS
-from instructrec.training.tune import _last_good_checkpoint
+from instructrec.training.checkpoints import last_good_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def test_smoke_writes_model_and_metadata(smoke_run):
 
 def _best_step_by_validation(out: Path) -> int:
     """The step of the first validation that beat every earlier one, from the run's Trainer state."""
-    state = json.loads((Path(_last_good_checkpoint(out / "checkpoints")) / "trainer_state.json").read_text())
+    state = json.loads((Path(last_good_checkpoint(out / "checkpoints")) / "trainer_state.json").read_text())
     evals = [(h["step"], h["eval_hr@1"]) for h in state["log_history"] if "eval_hr@1" in h]
     assert evals
     best_step, best = None, -1.0
@@ -133,7 +133,7 @@ def test_resume_after_kill_loses_no_steps(tmp_path):
     deadline = time.time() + 300
     try:
         while time.time() < deadline:
-            ckpt = _last_good_checkpoint(out / "checkpoints")
+            ckpt = last_good_checkpoint(out / "checkpoints")
             if ckpt and int(ckpt.rsplit("-", 1)[1]) >= 2 * preset.save_steps:
                 break
             assert proc.poll() is None, "training ended before it could be killed"
@@ -143,7 +143,7 @@ def test_resume_after_kill_loses_no_steps(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    killed_at = int(_last_good_checkpoint(out / "checkpoints").rsplit("-", 1)[1])
+    killed_at = int(last_good_checkpoint(out / "checkpoints").rsplit("-", 1)[1])
     assert killed_at < 40
     assert not (out / "model").exists()
     again = subprocess.run(_train_cmd(out, "--max-steps", "40"), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
@@ -152,7 +152,7 @@ def test_resume_after_kill_loses_no_steps(tmp_path):
     assert meta["steps"] == 40
     # it resumed from the last complete checkpoint written before the kill: no step before it is redone
     assert meta["resumed_from"] and Path(meta["resumed_from"]).name == f"checkpoint-{killed_at}"
-    state = json.loads((Path(_last_good_checkpoint(out / "checkpoints")) / "trainer_state.json").read_text())
+    state = json.loads((Path(last_good_checkpoint(out / "checkpoints")) / "trainer_state.json").read_text())
     assert state["global_step"] == 40
 
 

@@ -44,6 +44,7 @@ from instructrec.records import code_commit, platform_brief
 from instructrec.templates import TEMPLATE_VERSION
 
 from . import distributed, stream
+from .checkpoints import last_good_checkpoint
 from .data.load import load_dataset
 from .data.types import Case, InteractionData
 from .instructions import Example, Mixture, build_examples, read_examples, summary, write_examples
@@ -125,22 +126,6 @@ def annotate_offline(data: InteractionData, cases: list[Case], path: Path, progr
 
     asyncio.run(annotate_cases(data, cases, OfflineTeacher(), list(Kind), path, progress=progress))
     return load_annotations(path)
-
-
-def _last_good_checkpoint(directory: Path) -> str | None:
-    """The newest Trainer checkpoint that was written completely (kill -9 can leave a partial one)."""
-    if not directory.is_dir():
-        return None
-    found = []
-    for d in directory.glob("checkpoint-*"):
-        try:
-            step = int(d.name.split("-")[-1])
-        except ValueError:
-            continue
-        optimizer = (d / "optimizer.pt").is_file() or (d / "optimizer.bin").is_file()  # .bin: FSDP's
-        if (d / "trainer_state.json").is_file() and any(d.glob("*.safetensors")) and optimizer:
-            found.append((step, d))
-    return str(max(found)[1]) if found else None
 
 
 def _save_model_dir(model, tokenizer, target: Path, meta: dict, state_dict: dict | None = None) -> None:
@@ -241,7 +226,7 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
     best_dir = out / "best"
     trainer.add_callback(BestModel(trainer, best_dir))
 
-    ckpt = distributed.from_main(_last_good_checkpoint(out / "checkpoints") if resume else None)
+    ckpt = distributed.from_main(last_good_checkpoint(out / "checkpoints") if resume else None)
     if ckpt:
         log.info("resuming from %s", ckpt)
     started = time.perf_counter()
@@ -324,7 +309,7 @@ def _relay_start(out: Path, init: str | Path | None, preset: Preset, n_examples:
     if not init:
         return {"start": 0, "examples_before": 0, "seconds_before": 0.0, "init": None, "stream": here}
     path = out / INIT_FILE
-    if resume and path.exists() and distributed.from_main(_last_good_checkpoint(out / "checkpoints")):
+    if resume and path.exists() and distributed.from_main(last_good_checkpoint(out / "checkpoints")):
         recorded = json.loads(path.read_text(encoding="utf-8"))
         if recorded["init"]["checkpoint_version"] != checkpoint_version(init):
             log.warning("%s has changed since this leg started from it (%s); resuming the leg as it started",
