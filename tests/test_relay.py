@@ -17,6 +17,7 @@ from instructrec.checkpoint import checkpoint_version, read_meta
 from instructrec.shipped import read_card, read_header
 from instructrec.training import promote as promote_mod
 from instructrec.training import tune
+from instructrec.training.checkpoints import last_good_checkpoint
 from instructrec.training.objectives import ListwiseCollator
 from instructrec.training.presets import PRESETS
 from instructrec.training.stream import pass_order, window
@@ -146,7 +147,7 @@ def test_promoting_no_gain_keeps_the_shipped_model_and_logs_the_leg(relay, tmp_p
 
 def test_promote_cli_dry_run_reports_and_writes_nothing(relay, tmp_path):
     root = relay[0]
-    ckpt = tune._last_good_checkpoint(root / "leg1" / "checkpoints")  # a Trainer checkpoint as the candidate
+    ckpt = last_good_checkpoint(root / "leg1" / "checkpoints")  # a Trainer checkpoint as the candidate
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "instructrec.cli", "promote", ckpt, "--shipped", str(tmp_path / "none"),
                            "--users", str(USERS), "--dry-run", "--legs-csv", str(tmp_path / "legs.csv")],

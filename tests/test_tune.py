@@ -15,7 +15,7 @@ import pytest
 from instructrec.checkpoint import read_meta
 from instructrec.templates import TEMPLATE_VERSION
 from instructrec.training.presets import PRESETS
-from instructrec.training.tune import _last_good_checkpoint
+from instructrec.training.checkpoints import last_good_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,6 +56,64 @@ def test_smoke_writes_model_and_metadata(smoke_run):
     assert any(r["teacher"] == "offline-v1" for r in rows) and any(r["teacher"] is None for r in rows)
 
 
+
+def _best_step_by_validation(out: Path) -> int:
+    """The step of the first validation that beat every earlier one, from the run's Trainer state."""
+    state = json.loads((Path(last_good_checkpoint(out / "checkpoints")) / "trainer_state.json").read_text())
+    evals = [(h["step"], h["eval_hr@1"]) for h in state["log_history"] if "eval_hr@1" in h]
+    assert evals
+    best_step, best = None, -1.0
+    for step, hr1 in evals:
+        if hr1 > best:
+            best_step, best = step, hr1
+    return best_step
+
+
+def test_best_holds_the_first_best_validation_and_model_holds_best(smoke_run):
+    """OUT/best is saved when validation HR@1 improves and left alone when it does not; OUT/model
+    is the best one, with the run's own numbers."""
+    out, _ = smoke_run
+    best_step = _best_step_by_validation(out)
+    best, model = read_meta(out / "best"), read_meta(out / "model")
+    assert best["steps"] == best_step and model["best_step"] == best_step
+    assert model["validation"] == best["validation"] and model["relay"] == best["relay"]
+    assert model["steps"] == PRESETS["smoke"].max_steps and "train_loss" in model and "train_loss" not in best
+    weights = sorted(p.name for p in (out / "best").glob("*.safetensors"))
+    assert weights and all((out / "best" / w).read_bytes() == (out / "model" / w).read_bytes() for w in weights)
+
+
+def test_every_preset_option_given_reaches_the_preset():
+    """`instructrec train`'s options named after a Preset field override it; --data does not (it is
+    the path train() reads, the preset keeps naming its dataset)."""
+    import argparse
+    import dataclasses
+
+    from instructrec.training.presets import Preset
+    from instructrec.training.tune_cli import NOT_OVERRIDES, add_arguments, preset_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    fields = {f.name for f in dataclasses.fields(Preset)}
+    argv, want = ["--out", "o", "--preset", "smoke", "--data", "elsewhere"], {}
+    for action in parser._actions:
+        if action.dest not in fields or action.dest in NOT_OVERRIDES or not action.option_strings:
+            continue
+        flag = action.option_strings[0]
+        if action.nargs == 0:  # a switch: the opposite of the smoke preset's value
+            if action.const == getattr(PRESETS["smoke"], action.dest):
+                continue
+            argv.append(flag)
+            want[action.dest] = action.const
+        else:
+            value = action.choices[-1] if action.choices else {int: 7, float: 0.25}.get(action.type, "x")
+            argv += [flag, str(value)]
+            want[action.dest] = value
+    assert len(want) >= 25
+    preset = preset_from_args(parser.parse_args(argv))
+    assert {k: getattr(preset, k) for k in want} == want
+    assert preset.data == PRESETS["smoke"].data and preset.name == "smoke"
+    assert preset_from_args(parser.parse_args(["--out", "o", "--preset", "smoke"])) == PRESETS["smoke"]
+
 def test_trained_model_ranks_through_the_cli(smoke_run):
     out, _ = smoke_run
     proc = subprocess.run([sys.executable, "-m", "instructrec.cli", "rank", "--model", str(out / "model"),
@@ -75,7 +133,7 @@ def test_resume_after_kill_loses_no_steps(tmp_path):
     deadline = time.time() + 300
     try:
         while time.time() < deadline:
-            ckpt = _last_good_checkpoint(out / "checkpoints")
+            ckpt = last_good_checkpoint(out / "checkpoints")
             if ckpt and int(ckpt.rsplit("-", 1)[1]) >= 2 * preset.save_steps:
                 break
             assert proc.poll() is None, "training ended before it could be killed"
@@ -85,7 +143,7 @@ def test_resume_after_kill_loses_no_steps(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    killed_at = int(_last_good_checkpoint(out / "checkpoints").rsplit("-", 1)[1])
+    killed_at = int(last_good_checkpoint(out / "checkpoints").rsplit("-", 1)[1])
     assert killed_at < 40
     assert not (out / "model").exists()
     again = subprocess.run(_train_cmd(out, "--max-steps", "40"), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
@@ -94,7 +152,7 @@ def test_resume_after_kill_loses_no_steps(tmp_path):
     assert meta["steps"] == 40
     # it resumed from the last complete checkpoint written before the kill: no step before it is redone
     assert meta["resumed_from"] and Path(meta["resumed_from"]).name == f"checkpoint-{killed_at}"
-    state = json.loads((Path(_last_good_checkpoint(out / "checkpoints")) / "trainer_state.json").read_text())
+    state = json.loads((Path(last_good_checkpoint(out / "checkpoints")) / "trainer_state.json").read_text())
     assert state["global_step"] == 40
 
 
@@ -190,6 +248,8 @@ def test_listwise_objective_with_a_cut_decoder_trains_and_resumes(tmp_path, base
     assert again.returncode == 0, again.stderr[-3000:]
     meta = read_meta(out / "model")
     assert meta["steps"] == 12 and Path(meta["resumed_from"]).name == "checkpoint-8"
+    # the resumed run had to beat the best the first one saved
+    assert read_meta(out / "best")["steps"] == meta["best_step"] == _best_step_by_validation(out)
 
 
 def test_unknown_objective_is_refused(tmp_path):

@@ -18,9 +18,9 @@ from instructrec import blocks
 
 def read_curve(run: Path) -> list[dict]:
     """One row per validation of the run: step, examples seen, training seconds, HR@1, NDCG@5."""
-    from .tune import _last_good_checkpoint
+    from .checkpoints import last_good_checkpoint
 
-    ckpt = _last_good_checkpoint(run / "checkpoints")
+    ckpt = last_good_checkpoint(run / "checkpoints")
     if ckpt is None:
         raise FileNotFoundError(f"{run}/checkpoints holds no complete checkpoint: nothing to plot yet")
     history = json.loads((Path(ckpt) / "trainer_state.json").read_text())["log_history"]

@@ -22,7 +22,6 @@ Every saved model's metadata carries ``relay``: how far into the data stream its
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import shutil
@@ -32,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
 from instructrec.aspects import UserNeed
 from instructrec.checkpoint import read_meta, write_meta
@@ -44,6 +44,7 @@ from instructrec.records import code_commit, platform_brief
 from instructrec.templates import TEMPLATE_VERSION
 
 from . import distributed, stream
+from .checkpoints import last_good_checkpoint
 from .data.load import load_dataset
 from .data.types import Case, InteractionData
 from .instructions import Example, Mixture, build_examples, read_examples, summary, write_examples
@@ -127,22 +128,6 @@ def annotate_offline(data: InteractionData, cases: list[Case], path: Path, progr
     return load_annotations(path)
 
 
-def _last_good_checkpoint(directory: Path) -> str | None:
-    """The newest Trainer checkpoint that was written completely (kill -9 can leave a partial one)."""
-    if not directory.is_dir():
-        return None
-    found = []
-    for d in directory.glob("checkpoint-*"):
-        try:
-            step = int(d.name.split("-")[-1])
-        except ValueError:
-            continue
-        optimizer = (d / "optimizer.pt").is_file() or (d / "optimizer.bin").is_file()  # .bin: FSDP's
-        if (d / "trainer_state.json").is_file() and any(d.glob("*.safetensors")) and optimizer:
-            found.append((step, d))
-    return str(max(found)[1]) if found else None
-
-
 def _save_model_dir(model, tokenizer, target: Path, meta: dict, state_dict: dict | None = None) -> None:
     """Write an HF model directory atomically (a temp dir renamed into place); ``state_dict``: the
     full weights gathered from a sharded model."""
@@ -165,8 +150,8 @@ def _save_model_dir(model, tokenizer, target: Path, meta: dict, state_dict: dict
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _save_final(trainer, tokenizer, target: Path, meta: dict) -> None:
-    """Save the trained model from every process's call: a sharded model's full state is gathered
+def _save_model(trainer, tokenizer, target: Path, meta: dict) -> None:
+    """Save the trainer's model from every process's call: a sharded model's full state is gathered
     first (a collective), then the main process writes the directory while the others wait."""
     model = trainer.model
     state = None
@@ -225,18 +210,45 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
         "commit": code_commit(),
         "init": relay["init"],
     }
-    run = _Run(preset=preset, data=data, valid_cases=valid_cases, tokenizer=tokenizer, kind=kind,
-               base_meta=base_meta, best_dir=out / "best", start_id=decoder_start_id(model),
-               pad_id=tokenizer.pad_token_id or 0, relay=relay, per_step=per_step)
-    run.best = read_meta(run.best_dir).get("validation", {}).get("hr@1", -1.0) if run.best_dir.exists() else -1.0
-    trainer = _trainer(run, model, features, out, dev, use_bf16, progress, sequential=bool(init))
-    ckpt = distributed.from_main(_last_good_checkpoint(out / "checkpoints") if resume else None)
+    run = _Run(preset=preset, data=data, valid_cases=valid_cases, tokenizer=tokenizer, kind=kind, base_meta=base_meta,
+               start_id=decoder_start_id(model), pad_id=tokenizer.pad_token_id or 0, relay=relay, per_step=per_step)
+    train_set = _Examples(features)
+    trainer = RecTrainer(
+        model=model,
+        args=_training_arguments(preset, out, dev, use_bf16, progress, sequential=bool(init)),
+        data_collator=_collator(run, model),
+        train_dataset=train_set,
+        eval_dataset=train_set,  # unused: evaluate() ranks validation cases instead
+        processing_class=tokenizer,
+        callbacks=[Throughput(run)],
+        run=run,
+    )
+    best_dir = out / "best"
+    trainer.add_callback(BestModel(trainer, best_dir))
+
+    ckpt = distributed.from_main(last_good_checkpoint(out / "checkpoints") if resume else None)
     if ckpt:
         log.info("resuming from %s", ckpt)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=ckpt)
     wall = time.perf_counter() - started
-    return _publish(run, trainer, out, result, wall, ckpt)
+
+    # The final model, OUT/model: the best validated one (with this run's numbers), else the last weights.
+    meta = {**base_meta, "steps": trainer.state.global_step,
+            "examples_per_second": round(run.examples / run.train_seconds, 2) if run.train_seconds else None,
+            "train_seconds_this_run": round(wall, 1), "train_seconds_total": run.seconds_total(trainer.state),
+            "train_loss": result.training_loss,
+            "resumed_from": ckpt}
+    if distributed.from_main(best_dir.exists()):
+        best = read_meta(best_dir)
+        meta["validation"] = best.get("validation", {})
+        meta["best_step"] = best.get("steps")
+        meta["relay"] = best.get("relay")  # model/ holds the best weights: their position
+        distributed.on_main(lambda: _copy_model_dir(best_dir, out / "model", meta))
+    else:
+        meta["relay"] = run.relay_at(trainer.state.global_step, meta["train_seconds_total"])
+        _save_model(trainer, tokenizer, out / "model", meta)
+    return meta
 
 
 def _start_over(out: Path) -> None:
@@ -297,7 +309,7 @@ def _relay_start(out: Path, init: str | Path | None, preset: Preset, n_examples:
     if not init:
         return {"start": 0, "examples_before": 0, "seconds_before": 0.0, "init": None, "stream": here}
     path = out / INIT_FILE
-    if resume and path.exists() and distributed.from_main(_last_good_checkpoint(out / "checkpoints")):
+    if resume and path.exists() and distributed.from_main(last_good_checkpoint(out / "checkpoints")):
         recorded = json.loads(path.read_text(encoding="utf-8"))
         if recorded["init"]["checkpoint_version"] != checkpoint_version(init):
             log.warning("%s has changed since this leg started from it (%s); resuming the leg as it started",
@@ -397,8 +409,8 @@ def _trainable(model, kind: str, preset: Preset, lora: bool):
 
 @dataclass
 class _Run:
-    """What the trainer's hooks share over one run: validation inputs, the metadata written with
-    each saved model, the best validation HR@1 so far, training-step time, listwise loss terms."""
+    """What the trainer, its callbacks and ``train()`` share over one run: validation inputs, the
+    metadata written with each saved model, training-step time, listwise loss terms."""
 
     preset: Preset
     data: InteractionData
@@ -406,12 +418,10 @@ class _Run:
     tokenizer: object
     kind: str
     base_meta: dict
-    best_dir: Path
     start_id: int
     pad_id: int
     relay: dict = field(default_factory=dict)
     per_step: int = 1  # examples per optimizer step, over every process
-    best: float = -1.0
     train_seconds: float = 0.0
     examples: int = 0
     prior_seconds: float | None = None
@@ -434,92 +444,106 @@ class _Run:
                 "init": r["init"], "stream": r["stream"]}
 
 
-@functools.cache
-def _trainer_classes():
-    """The Trainer subclass and callback (defined on first use: transformers loads lazily)."""
-    from transformers import Trainer, TrainerCallback
+class RecTrainer(Trainer):
+    """The Trainer with the listwise loss, training-time logs, and validation by ranking (what
+    :class:`BestModel` reads to keep the best model)."""
 
-    class RecTrainer(Trainer):
-        """The Trainer with the listwise loss, training-time logs, and validation by ranking
-        that saves the best model so far."""
+    def __init__(self, *args, run: _Run, **kwargs):
+        self.run = run
+        super().__init__(*args, **kwargs)
+        # T5's forward takes **kwargs, so the Trainer would take its loss for one already divided by the
+        # target tokens of the whole accumulated batch across processes (it is a plain per-batch mean),
+        # skip the division by the accumulation steps and multiply by the number of processes: the loss
+        # and gradients would be scaled by both. Declared as it is, the Trainer divides the mean by the
+        # accumulation steps and DDP averages across processes.
+        self.model_accepts_loss_kwargs = False
 
-        def __init__(self, *args, run: _Run, **kwargs):
-            self.run = run
-            super().__init__(*args, **kwargs)
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "cand_labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        run = self.run
+        loss, parts = listwise_loss(model, inputs, start_id=run.start_id, pad_id=run.pad_id,
+                                    mle_weight=run.preset.mle_weight)
+        for k, v in parts.items():
+            run.loss_parts.setdefault(k, []).append(v)
+        return (loss, None) if return_outputs else loss
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if "cand_labels" not in inputs:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            run = self.run
-            loss, parts = listwise_loss(model, inputs, start_id=run.start_id, pad_id=run.pad_id,
-                                        mle_weight=run.preset.mle_weight)
-            for k, v in parts.items():
-                run.loss_parts.setdefault(k, []).append(v)
-            return (loss, None) if return_outputs else loss
+    def log(self, logs, *args, **kwargs):
+        parts = self.run.loss_parts
+        if "loss" in logs and parts:  # the listwise terms, averaged since the last log
+            logs.update({k: round(sum(v) / len(v), 4) for k, v in parts.items()})
+            parts.clear()
+        # training seconds and examples so far, over every resumed run (the learning curve's x axes)
+        logs["train_seconds_total"] = self.run.seconds_total(self.state)
+        logs["examples_seen"] = self.state.global_step * self.args.per_device_train_batch_size \
+            * self.args.gradient_accumulation_steps * max(1, self.args.world_size)
+        super().log(logs, *args, **kwargs)
 
-        def log(self, logs, *args, **kwargs):
-            parts = self.run.loss_parts
-            if "loss" in logs and parts:  # the listwise terms, averaged since the last log
-                logs.update({k: round(sum(v) / len(v), 4) for k, v in parts.items()})
-                parts.clear()
-            # training seconds and examples so far, over every resumed run (the learning curve's x axes)
-            logs["train_seconds_total"] = self.run.seconds_total(self.state)
-            logs["examples_seen"] = self.state.global_step * self.args.per_device_train_batch_size \
-                * self.args.gradient_accumulation_steps * max(1, self.args.world_size)
-            super().log(logs, *args, **kwargs)
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        start = time.perf_counter()
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in self._validate().items()}
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - start, 2)
+        self.log(dict(metrics))
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
-        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-            start = time.perf_counter()
-            metrics = {f"{metric_key_prefix}_{k}": v for k, v in self._validate().items()}
-            metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - start, 2)
-            self.log(dict(metrics))
-            run = self.run
-            hr1 = metrics[f"{metric_key_prefix}_hr@1"]
-            if hr1 > run.best:  # the same metrics on every process
-                run.best = hr1
-                seconds = run.seconds_total(self.state)
-                meta = {**run.base_meta, "steps": self.state.global_step, "train_seconds_total": seconds,
-                        "validation": {k.removeprefix(f"{metric_key_prefix}_"): v for k, v in metrics.items()},
-                        "relay": run.relay_at(self.state.global_step, seconds)}
-                _save_final(self, run.tokenizer, run.best_dir, meta)
-            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-            return metrics
+    def _validate(self) -> dict[str, float]:
+        run = self.run
 
-        def _validate(self) -> dict[str, float]:
-            run = self.run
+        # Under Trainer the model's forward autocasts when bf16 is on; rank under the same
+        # autocast so every part of the fast path computes in one dtype.
+        def validate():
+            with torch.autocast(self.args.device.type, dtype=torch.bfloat16, enabled=bool(self.args.bf16)):
+                return validation_metrics(self.model, run.tokenizer, run.data, run.valid_cases, run.preset,
+                                          self.args.device, kind=run.kind)
 
-            # Under Trainer the model's forward autocasts when bf16 is on; rank under the same
-            # autocast so every part of the fast path computes in one dtype.
-            def validate():
-                with torch.autocast(self.args.device.type, dtype=torch.bfloat16, enabled=bool(self.args.bf16)):
-                    return validation_metrics(self.model, run.tokenizer, run.data, run.valid_cases, run.preset,
-                                              self.args.device, kind=run.kind)
+        # a sharded model validates on every process; otherwise the main one does, the others wait
+        if distributed.sharded(self.model):
+            return validate()
+        return distributed.from_main(distributed.on_main(validate))
 
-            # a sharded model validates on every process; otherwise the main one does, the others wait
-            if distributed.sharded(self.model):
-                return validate()
-            return distributed.from_main(distributed.on_main(validate))
 
-    class Throughput(TrainerCallback):
-        """Examples per second over training steps only (evaluation excluded)."""
+class BestModel(TrainerCallback):
+    """Saves the model to ``directory`` (OUT/best) each time validation HR@1 beats the best so far.
 
-        def __init__(self, run: _Run):
-            self.run = run
+    Every process gets the same metrics, so all take the same branch: saving a sharded model
+    gathers its weights, a collective. Holds the trainer for that gather (its accelerator)."""
 
-        def on_step_begin(self, args, state, control, **kw):
-            self._t = time.perf_counter()
+    def __init__(self, trainer: RecTrainer, directory: Path):
+        self.trainer = trainer
+        self.directory = directory
+        # a resumed run has to beat what the earlier runs of this OUT saved
+        self.best = read_meta(directory).get("validation", {}).get("hr@1", -1.0) if directory.exists() else -1.0
 
-        def on_step_end(self, args, state, control, **kw):
-            self.run.train_seconds += time.perf_counter() - self._t
-            self.run.examples += args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        hr1 = metrics["eval_hr@1"]
+        if hr1 <= self.best:
+            return
+        self.best = hr1
+        run = self.trainer.run
+        seconds = run.seconds_total(state)
+        meta = {**run.base_meta, "steps": state.global_step, "train_seconds_total": seconds,
+                "validation": {k.removeprefix("eval_"): v for k, v in metrics.items()},
+                "relay": run.relay_at(state.global_step, seconds)}
+        _save_model(self.trainer, run.tokenizer, self.directory, meta)
 
-    return RecTrainer, Throughput
+
+class Throughput(TrainerCallback):
+    """Examples per second over training steps only (evaluation excluded)."""
+
+    def __init__(self, run: _Run):
+        self.run = run
+
+    def on_step_begin(self, args, state, control, **kw):
+        self._t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        self.run.train_seconds += time.perf_counter() - self._t
+        self.run.examples += args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
 
 
 def _training_arguments(preset: Preset, out: Path, dev: torch.device, use_bf16: bool, progress: bool,
-                        sequential: bool = False):
-    from transformers import TrainingArguments
-
+                        sequential: bool = False) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=preset.batch_size,
@@ -553,59 +577,19 @@ def _training_arguments(preset: Preset, out: Path, dev: torch.device, use_bf16: 
     )
 
 
-def _trainer(run: _Run, model, features: list[dict], out: Path, dev: torch.device, use_bf16: bool, progress: bool,
-             sequential: bool = False):
-    from transformers import DataCollatorForSeq2Seq
-
-    RecTrainer, Throughput = _trainer_classes()
-    train_set = _Examples(features)
+def _collator(run: _Run, model):
     # the listwise path scores candidates itself; a prefix-LM trains through it for mle too (no negatives)
-    collator = (ListwiseCollator(run.pad_id) if run.preset.objective == "listwise" or run.kind == PREFIX_LM
-                else DataCollatorForSeq2Seq(run.tokenizer, model=model, label_pad_token_id=-100))
-    trainer = RecTrainer(
-        model=model,
-        args=_training_arguments(run.preset, out, dev, use_bf16, progress, sequential),
-        data_collator=collator,
-        train_dataset=train_set,
-        eval_dataset=train_set,  # unused: evaluate() ranks validation cases instead
-        processing_class=run.tokenizer,
-        callbacks=[Throughput(run)],
-        run=run,
-    )
-    # T5's forward takes **kwargs, so the Trainer would take its loss for one already divided by the
-    # target tokens of the whole accumulated batch across processes (it is a plain per-batch mean),
-    # skip the division by the accumulation steps and multiply by the number of processes: the loss
-    # and gradients would be scaled by both. Declared as it is, the Trainer divides the mean by the
-    # accumulation steps and DDP averages across processes.
-    trainer.model_accepts_loss_kwargs = False
-    return trainer
+    if run.preset.objective == "listwise" or run.kind == PREFIX_LM:
+        return ListwiseCollator(run.pad_id)
+    return DataCollatorForSeq2Seq(run.tokenizer, model=model, label_pad_token_id=-100)
 
 
-def _publish(run: _Run, trainer, out: Path, result, wall: float, ckpt: str | None) -> dict:
-    """The final model in OUT/model: the best validated one (with this run's numbers), else the last."""
-    final_meta = {**run.base_meta, "steps": trainer.state.global_step,
-                  "examples_per_second": round(run.examples / run.train_seconds, 2) if run.train_seconds else None,
-                  "train_seconds_this_run": round(wall, 1), "train_seconds_total": run.seconds_total(trainer.state),
-                  "train_loss": result.training_loss,
-                  "resumed_from": ckpt}
-    best_dir = run.best_dir
-    if distributed.from_main(best_dir.exists()):
-        best_meta = read_meta(best_dir)
-        final_meta["validation"] = best_meta.get("validation", {})
-        final_meta["best_step"] = best_meta.get("steps")
-        final_meta["relay"] = best_meta.get("relay")  # model/ holds the best weights: their position
-
-        def publish_best():  # copied beside, then renamed into place: never a half-copied model/
-            tmp = out / "model.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(best_dir, tmp)
-            write_meta(tmp, final_meta)
-            if (out / "model").exists():
-                shutil.rmtree(out / "model")
-            tmp.rename(out / "model")
-
-        distributed.on_main(publish_best)
-    else:
-        final_meta["relay"] = run.relay_at(trainer.state.global_step, final_meta["train_seconds_total"])
-        _save_final(trainer, run.tokenizer, out / "model", final_meta)
-    return final_meta
+def _copy_model_dir(source: Path, target: Path, meta: dict) -> None:
+    """``source`` as ``target`` with ``meta``: copied beside, then renamed into place, never a half-copied model."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    write_meta(tmp, meta)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 
 from instructrec.options import add_device_options, training_bf16
 
-from .presets import PRESETS
+from .presets import PRESETS, Preset
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,20 +64,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
 
+# --data is the path this run reads (train()'s data_path); the preset keeps naming its own dataset,
+# which the saved metadata records and `instructrec promote` reads back.
+NOT_OVERRIDES = {"name", "data"}
+
+
+def preset_from_args(args: argparse.Namespace) -> Preset:
+    """The named preset with every option given that is one of its fields (an option left out is None)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Preset)
+             if f.name not in NOT_OVERRIDES and hasattr(args, f.name)}
+    return PRESETS[args.preset].override(**given)
+
+
 def run(args: argparse.Namespace) -> int:
     from .data.types import DataError
     from .tune import TrainingError, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    preset = PRESETS[args.preset].override(
-        base=args.base, users=args.users, max_steps=args.max_steps, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, learning_rate=args.learning_rate, max_history=args.max_history,
-        max_source_tokens=args.max_source_tokens, eval_steps=args.eval_steps, save_steps=args.save_steps,
-        eval_users=args.eval_users, per_case=args.per_case, history_share=args.history_share, seed=args.seed,
-        freeze_encoder=args.freeze_encoder, objective=args.objective, popular_negatives=args.popular_negatives,
-        uniform_negatives=args.uniform_negatives, mle_weight=args.mle_weight, decoder_layers=args.decoder_layers,
-        frozen_layers=args.frozen_layers, max_cases=args.max_cases, lora=args.lora,
-        gradient_checkpointing=args.gradient_checkpointing, save_total_limit=args.save_total_limit)
+    preset = preset_from_args(args)
     bf16 = training_bf16(args.dtype)
     if args.bf16 is not None and bf16 is not None and args.bf16 != bf16:
         print(f"instructrec train: --dtype {args.dtype} and --{'' if args.bf16 else 'no-'}bf16 disagree; give --dtype only",
