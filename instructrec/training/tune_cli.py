@@ -10,12 +10,13 @@ import sys
 
 from instructrec.options import add_device_options, training_bf16
 
+from .data.types import DataError
 from .presets import PRESETS, Preset
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick",
-                        help="smoke: tiny model, <1 min (tests); quick: the quick-start default, <=15 min on 2 cores; full: the quality run")
+                        help="smoke: tiny model, <1 min (tests); quick: the quick-start default, minutes on 2 cores; full: the long run of the training relay")
     parser.add_argument("--out", required=True, help="output directory (the model lands in OUT/model)")
     parser.add_argument("--data", help="dataset directory, 'games' (the full Games data shipped) or 'games-sample' (default: the preset's)")
     parser.add_argument("--base", help="base model: a built-in name (minilm-prefixlm, minilm-bert2bert, tiny-random, tiny-random-prefixlm), an HF model directory, or a hub id such as google/flan-t5-xl")
@@ -77,7 +78,6 @@ def preset_from_args(args: argparse.Namespace) -> Preset:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .data.types import DataError
     from .tune import TrainingError, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
