@@ -56,6 +56,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def finish() -> None:
+    """Leave the process group together at the end of a run. A rank that exits while another
+    still holds gloo's connections open can make that one abort on its way out ("terminate called
+    without an active exception", a failed run after all its files were written)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def from_main(value: T) -> T:
     """The main process's ``value`` on every process (picklable objects)."""
     if not active():

@@ -98,4 +98,5 @@ def run(args: argparse.Namespace) -> int:
     summary = {k: meta.get(k) for k in ("steps", "best_step", "examples_per_second", "validation", "template_version", "relay")}
     if distributed.is_main():  # one summary per run, not one per process
         print(json.dumps({"model": f"{args.out}/model", **summary}, indent=2))
+    distributed.finish()
     return 0
