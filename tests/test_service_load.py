@@ -35,16 +35,9 @@ def _request(k: int, n: int = 12) -> dict:
 # --- one request alone and inside a full batch -------------------------------------------------
 
 
-@pytest.mark.parametrize("model,dtype", [("tiny-random-prefixlm", "bfloat16"), ("tiny-random-prefixlm", "float32"),
-                                         ("tiny-random", "bfloat16"), ("tiny-random-t5", "bfloat16")])
-def test_a_request_scores_the_same_alone_and_under_load(model, dtype):
-    """The default (batch_invariant) service: the same request alone, then among 7 different
-    requests sent at once, gets the same scores bit for bit (each request is its own batch; with
-    batch_invariant=false the batcher would gather them and this fails in bf16)."""
-    settings = Settings(model=model, device="cpu", dtype=dtype, redis_url="", max_wait_ms=300, max_batch_requests=8,
-                        torch_threads=1)
-    probe = _request(0)
-    others = [_request(k) for k in range(1, 8)]
+def _alone_then_among_others(settings: Settings, probe: dict, others: list[dict]):
+    """``probe``'s answer alone, then every answer when it is sent at once with ``others`` (the
+    probe fourth), and how many batches scored those."""
     with ServerThread(create_app(settings)) as srv:
         srv.wait_ready()
         with httpx.Client(base_url=srv.url, timeout=60) as client:
@@ -58,6 +51,20 @@ def test_a_request_scores_the_same_alone_and_under_load(model, dtype):
         answers = asyncio.run(together())
         with httpx.Client(base_url=srv.url, timeout=60) as client:
             batches = metric(client, "instructrec_batch_size_count") - batches_before
+    return alone, answers, batches
+
+
+@pytest.mark.parametrize("model,dtype", [("tiny-random-prefixlm", "bfloat16"), ("tiny-random-prefixlm", "float32"),
+                                         ("tiny-random", "bfloat16"), ("tiny-random-t5", "bfloat16")])
+def test_a_request_scores_the_same_alone_and_under_load(model, dtype):
+    """The default (batch_invariant) service: the same request alone, then among 7 different
+    requests sent at once, gets the same scores bit for bit (each request is its own batch; with
+    batch_invariant=false the batcher would gather them and this fails in bf16)."""
+    settings = Settings(model=model, device="cpu", dtype=dtype, redis_url="", max_wait_ms=300, max_batch_requests=8,
+                        torch_threads=1)
+    probe = _request(0)
+    others = [_request(k) for k in range(1, 8)]
+    alone, answers, batches = _alone_then_among_others(settings, probe, others)
     assert all(r.status_code == 200 for r in answers)
     assert batches == len(answers)  # one batch a request: no request waits for another's scoring
     batched = answers[3].json()
@@ -99,19 +106,7 @@ def test_a_fused_request_is_the_same_alone_and_under_load(tmp_path, dtype, batch
                         max_batch_requests=8, torch_threads=1, batch_invariant=batch_invariant, gate=str(gate),
                         behaviour=str(index), sequential=str(tmp_path / "seq"), max_queue_wait_ms=60_000)
     probe, others = requests[0], requests[1:]
-    with ServerThread(create_app(settings)) as srv:
-        srv.wait_ready()
-        with httpx.Client(base_url=srv.url, timeout=60) as client:
-            alone = client.post("/rerank", json=probe).json()
-            batches_before = metric(client, "instructrec_batch_size_count")
-
-        async def together():
-            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as ac:
-                return await asyncio.gather(*(ac.post("/rerank", json=b) for b in [*others[:3], probe, *others[3:]]))
-
-        answers = asyncio.run(together())
-        with httpx.Client(base_url=srv.url, timeout=60) as client:
-            batches = metric(client, "instructrec_batch_size_count") - batches_before
+    alone, answers, batches = _alone_then_among_others(settings, probe, others)
     assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200]
     assert batches == len(answers) if batch_invariant else batches < len(answers)  # shared batches were made
     batched = answers[3].json()
