@@ -15,7 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from instructrec.aspects import Intention, UserNeed
+from instructrec.aspects import UserNeed
+from instructrec.reranker import user_need
 from instructrec.templates import TEMPLATE_VERSION
 
 from . import pipeline
@@ -24,18 +25,11 @@ from .state import ServiceState
 
 
 def need_of(req: NeedRequest) -> UserNeed:
-    """The user's need a /rerank or /recommend request describes (``instruction`` fills the
-    intention slot as a vague intention when no ``intention`` is given, else it is context)."""
-    history = tuple(h.title for h in req.history if h.title)
-    intention, kind, context = None, None, None
-    if req.intention is not None:
-        intention = req.intention.text
-        kind = Intention.VAGUE if req.intention.kind == "vague" else Intention.SPECIFIC
-        context = req.instruction
-    elif req.instruction:
-        intention, kind = req.instruction, Intention.VAGUE
-    return UserNeed(history=history, preference=req.preference, intention=intention, intention_kind=kind,
-                    context=context)
+    """The user's need a /rerank or /recommend request describes: the core's one reading of it
+    (:func:`instructrec.reranker.user_need`), which ``Reranker`` and ``rank`` share."""
+    return user_need([h.title for h in req.history], instruction=req.instruction, preference=req.preference,
+                     intention=req.intention.text if req.intention is not None else None,
+                     intention_kind=req.intention.kind if req.intention is not None else "specific")
 
 
 def item_id(value) -> str | None:
