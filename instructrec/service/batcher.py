@@ -8,13 +8,18 @@ so the event loop never runs the model. Jobs are taken in arrival order; a job t
 overflow the budget starts the next batch (a job bigger than the whole budget forms a
 batch of its own, which the ranker splits into forward passes within the budget).
 
-Back-pressure: at most ``max_queue`` jobs wait; :meth:`Batcher.submit` raises
-:class:`QueueFull` (the route answers 429 with ``Retry-After``) beyond that, and also when the
-work queued ahead of a job (its tokens, at the measured seconds per token) would not let it
-start within ``max_queue_wait``. A job still waiting at that deadline gets :class:`Expired`
-(503 with ``Retry-After``) instead of being scored for a client that has likely given up. A job
-whose future was cancelled (client disconnected) is skipped, before its batch starts and again
-just before its scoring in the inference thread.
+Admission: a job is queued, never refused, while the work ahead of it (the running batch's
+rest and the queued jobs' tokens, at the measured seconds per token: the drain rate) lets it
+start within ``max_queue_wait``. Past that, or with ``max_queue`` jobs already waiting,
+:meth:`Batcher.submit` raises :class:`QueueFull` (the route answers 429) whose ``retry_after`` is
+the seconds until enough work has drained for the job to be admitted, at the same rate, clamped
+to 1..``RETRY_AFTER_MAX_S``. A job still waiting at its deadline (the estimate was short) gets
+:class:`Expired` (503 with ``Retry-After``) instead of being scored for a client that has likely
+given up. A job whose future was cancelled (client disconnected) is skipped, before its batch
+starts and again just before its scoring in the inference thread.
+
+:meth:`Batcher.exclusive` runs a function on the inference thread between two batches (the part
+of a model swap's warm-up that touches what the engines share), counted in the expected wait.
 
 The jobs of a batch are scored by one ``score_many`` call; only when the ranker is not batch
 invariant do they share forward passes (``Ranker.score_many``), so by default the service
@@ -31,11 +36,14 @@ import time
 from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, Callable
 
 from .metrics import Metrics
 
 log = logging.getLogger("instructrec.service.batcher")
+
+RETRY_AFTER_MAX_S = 60  # a Retry-After longer than this is not worth a client's wait: it tries again then
 
 
 class QueueFull(Exception):
@@ -65,6 +73,14 @@ class Job:
     deadline: float = math.inf  # monotonic time by which its batch must start
 
 
+@dataclass(frozen=True)
+class _Exclusive:
+    """A queued function that runs alone on the inference thread (see :meth:`Batcher.exclusive`)."""
+
+    fn: Callable[[], Any]
+    seconds: float  # what it is expected to take
+
+
 # score_many([request, ...]) -> ([result, ...], encode_seconds, decode_seconds), run in the
 # inference thread; the seconds are the batch's, attributed to each of its jobs
 ScoreFn = Callable[[list[Any]], tuple[list[Any], float, float]]
@@ -88,6 +104,7 @@ class Batcher:
         self._queued_tokens = 0  # tokens of the jobs in _pending
         self._busy_until = 0.0  # monotonic time the running batch should end (estimate)
         self._token_seconds = 0.0  # running estimate of scoring seconds per token (0: not measured yet)
+        self._exclusive_seconds = 0.0  # expected seconds of the exclusive functions in _pending
 
     # -- router side --------------------------------------------------------------------
     def start(self) -> None:
@@ -99,9 +116,7 @@ class Batcher:
             raise ShuttingDown("the service is shutting down")
         if len(self._pending) >= self.max_queue:
             self._purge_cancelled()
-        if len(self._pending) >= self.max_queue:
-            raise QueueFull(self.retry_after())
-        if self.expected_wait() > self.max_queue_wait:
+        if len(self._pending) >= self.max_queue or self.expected_wait() > self.max_queue_wait:
             raise QueueFull(self.retry_after())
         now = time.monotonic()
         job = Job(request, max(1, int(tokens)), asyncio.get_running_loop().create_future(), now,
@@ -112,14 +127,45 @@ class Batcher:
         self._wake.set()
         return job.future
 
+    def calibrate(self, seconds_per_token: float) -> None:
+        """Start the drain rate from a measurement (the warm-up's), so the first requests are
+        admitted by it rather than all at once; batches refine it."""
+        if seconds_per_token > 0 and not self._token_seconds:
+            self._token_seconds = seconds_per_token
+
+    def drain_seconds(self, jobs: int | None = None) -> float:
+        """Seconds until the running batch and the first ``jobs`` queued jobs (all: None) are
+        done, at the measured seconds per token (0 until measured)."""
+        if jobs is None:
+            ahead, exclusive = self._queued_tokens, self._exclusive_seconds
+        else:
+            first = list(islice(self._pending, max(0, jobs)))
+            ahead = sum(j.tokens for j in first)
+            exclusive = sum(j.request.seconds for j in first if isinstance(j.request, _Exclusive))
+        return max(0.0, self._busy_until - time.monotonic()) + ahead * self._token_seconds + exclusive
+
     def expected_wait(self) -> float:
-        """Seconds before a job submitted now would start: the running batch's rest, then the
-        queued tokens at the measured seconds per token (0 until a batch has been timed)."""
-        return max(0.0, self._busy_until - time.monotonic()) + self._queued_tokens * self._token_seconds
+        """Seconds before a job submitted now would start: everything ahead of it drained."""
+        return self.drain_seconds()
 
     def retry_after(self) -> int:
-        """Whole seconds until the queue has likely drained, at least 1."""
-        return max(1, math.ceil(self.expected_wait()))
+        """Whole seconds until a job submitted then would be admitted: enough work drained that
+        its wait fits ``max_queue_wait`` and a queue place is free; 1 to ``RETRY_AFTER_MAX_S``."""
+        fits = self.expected_wait() - self.max_queue_wait
+        place = self.drain_seconds(len(self._pending) - self.max_queue + 1) if len(self._pending) >= self.max_queue \
+            else 0.0
+        return min(RETRY_AFTER_MAX_S, max(1, math.ceil(max(fits, place))))
+
+    async def exclusive(self, fn: Callable[[], Any], expected_s: float) -> Any:
+        """Run ``fn`` on the inference thread after the jobs queued now and before any queued later
+        (it is never refused or expired); the expected wait counts it as ``expected_s`` seconds."""
+        if self._closed:
+            raise ShuttingDown("the service is shutting down")
+        job = Job(_Exclusive(fn, max(0.0, expected_s)), 0, asyncio.get_running_loop().create_future())
+        self._pending.append(job)
+        self._exclusive_seconds += job.request.seconds
+        self._wake.set()
+        return await job.future
 
     @property
     def depth(self) -> int:
@@ -147,11 +193,14 @@ class Batcher:
             self.metrics.dropped_jobs.inc(dropped)
             self._pending = deque(live)
             self._queued_tokens = sum(j.tokens for j in live)
+            self._exclusive_seconds = sum(j.request.seconds for j in live if isinstance(j.request, _Exclusive))
             self.metrics.queue_depth.set(len(self._pending))
 
     def _popleft(self) -> Job:
         job = self._pending.popleft()
         self._queued_tokens -= job.tokens
+        if isinstance(job.request, _Exclusive):
+            self._exclusive_seconds -= job.request.seconds
         return job
 
     def _gone(self, job: Job, now: float) -> bool:
@@ -184,9 +233,11 @@ class Batcher:
             await self._wake.wait()
         batch, tokens = [first], first.tokens
         deadline = loop.time() + self.max_wait
-        while tokens < self.budget and len(batch) < self.max_jobs:
+        while tokens < self.budget and len(batch) < self.max_jobs and not isinstance(first.request, _Exclusive):
             if self._pending:
                 nxt = self._pending[0]
+                if isinstance(nxt.request, _Exclusive):
+                    break  # it runs alone, after this batch
                 if nxt.future.cancelled() or time.monotonic() > nxt.deadline:
                     self._gone(self._popleft(), time.monotonic())
                     continue
@@ -225,10 +276,30 @@ class Batcher:
                     out[i] = ("error", exc, 0.0, 0.0)
         return out
 
+    async def _run_exclusive(self, job: Job) -> None:
+        self._busy_until = time.monotonic() + job.request.seconds
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._executor, job.request.fn)
+        except asyncio.CancelledError:
+            if not job.future.done():
+                job.future.set_exception(ShuttingDown("the service is shutting down"))
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported to the caller
+            if not job.future.done():
+                job.future.set_exception(exc)
+        else:
+            if not job.future.done():
+                job.future.set_result(result)
+        finally:
+            self._busy_until = 0.0
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
+            if isinstance(batch[0].request, _Exclusive):
+                await self._run_exclusive(batch[0])
+                continue
             start = time.monotonic()
             batch_tokens = sum(j.tokens for j in batch)
             self._busy_until = start + batch_tokens * self._token_seconds

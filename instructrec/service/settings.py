@@ -57,10 +57,13 @@ class Settings(BaseSettings):
     # -- micro-batching -----------------------------------------------------------------
     batch_tokens: int = Field(default=4096, ge=64, description="token budget of one batch (and of one forward pass)")
     max_wait_ms: float = Field(default=5.0, ge=0, description="longest wait for more requests to join a batch")
-    max_queue: int = Field(default=64, ge=1, description="requests waiting for the model before new ones get 429")
-    max_queue_wait_ms: float = Field(default=1000.0, gt=0, description="longest a request waits for the model: one "
-                                     "the queued work would keep waiting longer is refused at once (429), one still "
-                                     "waiting then is dropped (503), both with Retry-After")
+    max_queue: int = Field(default=256, ge=1, description="requests waiting for the model before new ones get 429 "
+                           "(large enough that the deadline, not this, is what refuses)")
+    max_queue_wait_ms: float = Field(default=5000.0, gt=0, description="longest a request waits for the model: "
+                                     "requests are queued while the work ahead of them, at the measured drain rate, "
+                                     "lets them start by then (8 requests of 100 candidates on 2 CPU cores wait about "
+                                     "3 s); past it 429 with Retry-After = seconds until enough work drains; one still "
+                                     "waiting then is dropped (503 with Retry-After)")
     max_batch_requests: int = Field(default=32, ge=1, description="requests sharing one batch at most (1 turns micro-batching off)")
     batch_invariant: bool = Field(default=True, description="score each request of a batch in forward passes of its "
                                   "own, so its answer is bit for bit the one it gets alone (false: requests share "
