@@ -15,7 +15,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from .aspects import Intention, TaskForm, UserNeed
 from .instruction import build
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .catalogue import Catalogue
     from .generation import Generator
     from .hybrid import Hybrid
+    from .hybrid.semantic import SemanticEncoder
     from .instruction import Instruction
     from .ranker import Ranker
 
@@ -156,10 +157,12 @@ def default_sequential(model_name: str) -> Path | None:
 
 
 def load_hybrid_of(model_name: str, *, gate: str | Path | bool | None = None, behaviour: str | Path | None = None,
-                   sequential: str | Path | bool | None = None, semantic: bool = True,
+                   sequential: str | Path | bool | None = None, semantic: "bool | Callable[[], SemanticEncoder]" = True,
                    fusion: str = "auto") -> "Hybrid | None":
     """The hybrid that fuses with ``model_name`` (None: the LM alone). ``gate`` and
-    ``sequential`` default to the ones beside the model; False turns either off."""
+    ``sequential`` default to the ones beside the model; False turns either off. ``semantic``
+    may be a function giving the MiniLM encoder to use (a service shares one across the models
+    it loads), called only when there is a gate."""
     from .hybrid import load_hybrid
     from .hybrid.behaviour import BehaviourError
     from .hybrid.gate import GateError
@@ -176,7 +179,8 @@ def load_hybrid_of(model_name: str, *, gate: str | Path | bool | None = None, be
     if sequential is None:
         sequential = default_sequential(model_name)
     try:
-        return load_hybrid(gate, behaviour, sequential=sequential or None, semantic=semantic)
+        return load_hybrid(gate, behaviour, sequential=sequential or None,
+                           semantic=semantic() if callable(semantic) else semantic)
     except (GateError, BehaviourError, SequentialError) as exc:
         raise RerankerError(str(exc)) from None
 

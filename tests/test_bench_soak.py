@@ -59,3 +59,42 @@ def test_soak_refuses_the_redis_fault_on_a_service_it_did_not_start(tmp_path, ca
     rc = main(["bench", "soak", "--url", "http://127.0.0.1:9", "--faults", "redis", "--out", str(tmp_path)])
     assert rc == 2
     assert "does not own" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(RedisServer.binary is None, reason="redis-server binary not installed")
+def test_soak_with_a_model_swap_midway(tmp_path):
+    """The swap fault: 50 clients, the service swapped to a second checkpoint (another seed,
+    another version) at 50%; nothing lost or wrong, every answer names one of the two versions and
+    equals that version's answer alone, and both versions answered."""
+    from instructrec.checkpoint import checkpoint_version, write_meta
+    from instructrec.modeling import build_tiny_prefix_lm
+    from instructrec.templates import TEMPLATE_VERSION
+
+    paths = []
+    for seed in (21, 22):
+        model, tok = build_tiny_prefix_lm(seed=seed)
+        path = tmp_path / f"v{seed}"
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        write_meta(path, {"template_version": TEMPLATE_VERSION})
+        paths.append(path)
+    out = tmp_path / "out"
+    rc = main(["bench", "soak", "--model", str(paths[0]), "--swap-model", str(paths[1]), "--faults", "swap",
+               "--clients", "50", "--requests", "400", "--distinct", "12", "--candidates", "6", "--threads", "1",
+               "--dataset", "games-sample", "--out", str(out)])
+    s = json.loads((out / report.RESULTS_JSON).read_text())["soak"]
+    assert rc == 0 and s["passed"], s
+    assert s["lost"] == s["not_sent"] == s["wrong"] == s["unexpected_status"] == 0
+    assert s["refused_without_retry_after"] == 0
+    versions = {checkpoint_version(p) for p in paths}
+    assert s["swap"]["status"] == 200 and (s["swap"]["from"], s["swap"]["to"]) == tuple(checkpoint_version(p) for p in paths)
+    assert set(s["versions"]) == versions and sum(s["versions"].values()) == s["answered"]
+    assert [e["event"] for e in s["fault_events"]] == ["swap_started", "swapped"]
+    md = (out / report.RESULTS_MD).read_text()
+    assert "answers by checkpoint version" in md and "| wrong answers | 0 |" in md
+
+
+def test_the_swap_fault_needs_the_second_model(tmp_path, capsys):
+    rc = main(["bench", "soak", "--model", "tiny-random-prefixlm", "--faults", "swap", "--out", str(tmp_path)])
+    assert rc == 2
+    assert "--swap-model" in capsys.readouterr().err

@@ -75,14 +75,14 @@ def test_split_keeps_requests_together_and_bounds_mixed_rows(loaded):
 
 
 def test_warm_up_runs_the_largest_mixed_batch(loaded):
-    from instructrec.service.engine import Engine
+    from instructrec.service.engine import Engine, ranker_settings
     from instructrec.service.settings import Settings
 
     for mb in (0.25, 1.0, 0.0):
         settings = Settings(model="x", device="cpu", dtype="float32", redis_url="", batch_tokens=512, max_batch_requests=8,
                             mixed_kv_mb=mb, max_source_tokens=64, max_target_tokens=16,
                             batch_invariant=False)
-        engine = Engine(loaded, settings)
+        engine = Engine(Ranker(loaded, **ranker_settings(settings)), settings)
         src, _ = engine.warm_up()
         mixed = engine.warmup_report["mixed"]
         allowance, row = int(mb * 2**20), mixed["row_bytes"]
@@ -103,13 +103,13 @@ def test_warm_up_runs_the_largest_mixed_batch(loaded):
 def test_warm_up_runs_the_mixed_batch_for_the_prefix_lm():
     """The default's shape warms up its worst mixed batch too, within the copy allowance."""
     from instructrec.modeling import TINY_PREFIX
-    from instructrec.service.engine import Engine
+    from instructrec.service.engine import Engine, ranker_settings
     from instructrec.service.settings import Settings
 
     loaded = load_model(TINY_PREFIX, device="cpu", dtype="float32")
     settings = Settings(model="x", device="cpu", dtype="float32", redis_url="", batch_tokens=512, max_batch_requests=8,
                         mixed_kv_mb=0.25, max_source_tokens=64, max_target_tokens=16, batch_invariant=False)
-    engine = Engine(loaded, settings)
+    engine = Engine(Ranker(loaded, **ranker_settings(settings)), settings)
     src, _ = engine.warm_up()
     mixed = engine.warmup_report["mixed"]
     assert mixed["row_bytes"] == engine.ranker.kv_row_bytes(src) > 0

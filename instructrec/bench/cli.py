@@ -17,7 +17,7 @@ from .hybrid_bench import run_hybrid
 from .load_bench import run_load
 from .recommend_bench import run_recommend
 from .service_bench import BenchError, run_bench
-from .soak import FAULTS, run_soak
+from .soak import DEFAULT_FAULTS, FAULTS, run_soak
 
 
 def _int_list(text: str) -> list[int]:
@@ -104,8 +104,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     k.add_argument("--distinct", type=int, default=40, help="distinct requests they are drawn from (default 40)")
     k.add_argument("--candidates", type=int, default=10, help="candidates per request (default 10)")
     k.add_argument("--history", type=int, default=20, help="history titles per request, at most (default 20)")
-    k.add_argument("--faults", default=",".join(FAULTS), help=f"subset of {','.join(FAULTS)}, or none "
-                   f"(default {','.join(FAULTS)})")
+    k.add_argument("--faults", default=",".join(DEFAULT_FAULTS), help=f"subset of {','.join(FAULTS)}, or none "
+                   f"(default {','.join(DEFAULT_FAULTS)}; swap needs --swap-model)")
+    k.add_argument("--swap-model", default=None, help="the swap fault: the model version the service swaps to "
+                   "(POST /admin/reload) at 50%% of the load, e.g. a newer checkpoint of the served model")
     k.add_argument("--burst", type=int, default=128, help="requests of the burst at 80%% (default 128)")
     k.add_argument("--timeout", type=float, default=60.0, help="client timeout per request, seconds (default 60); "
                    "a request without an answer by then counts as lost")
@@ -314,6 +316,7 @@ def _run_soak(args: argparse.Namespace) -> int:
     try:
         section = run_soak(model=args.model, url=args.url, clients=args.clients, requests=args.requests,
                            distinct=args.distinct, candidates=args.candidates, history=args.history, faults=faults,
+                           swap_model=args.swap_model,
                            burst=args.burst, timeout=args.timeout, max_seconds=args.max_seconds,
                            settings=args.settings, threads=args.threads, seed=args.seed, dataset=args.dataset,
                            log_dir=args.out)

@@ -416,6 +416,17 @@ def targets(results: dict) -> list[dict]:
     return out
 
 
+def _swap_rows(s: dict[str, Any]) -> list[list[str]]:
+    """The swap fault's rows: the swap, and the answers each version gave."""
+    swap = s.get("swap")
+    if not swap:
+        return []
+    done = f"{swap['from']} → {swap['to']} in {swap['seconds']:.1f} s" if swap.get("status") == 200 else \
+        f"**{swap.get('status')}**: {swap.get('error', '')}"
+    versions = ", ".join(f"{v}: {n}" for v, n in sorted(s.get("versions", {}).items(), key=lambda x: str(x[0])))
+    return [["model swap at 50% (POST /admin/reload)", done], ["answers by checkpoint version", versions]]
+
+
 def soak_table(s: dict[str, Any]) -> str:
     """The soak run (``instructrec bench soak``) as a table and its cache hit ratio over time."""
     c = s["config"]
@@ -438,6 +449,7 @@ def soak_table(s: dict[str, Any]) -> str:
         ["p50 / p95 / p99 of answered, server side", f"{_ms(s.get('server_p50_ms'))} / {_ms(s.get('server_p95_ms'))} / "
                                                      f"{_ms(s.get('server_p99_ms'))} ms"],
         ["answered per second", _f(s["requests_per_s"], 1)],
+        *_swap_rows(s),
         ["verdict", "passed" if s["passed"] else "**failed**"],
     ]
     windows = s["hit_ratio_windows"]

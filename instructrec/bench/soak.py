@@ -13,10 +13,14 @@ What an operator needs before trusting a deployment, in one run on loopback:
    back to back; a client refused with Retry-After waits that long (at most 10 s) before its
    next request, as a polite client does. The fault plan: Redis stopped when 30% of the requests have been sent and
    started again (empty) at 60%; at 80% a burst of ``--burst`` extra requests at once, beyond
-   the clients, over the queue limit.
-4. Checks: every 200 answer has the reference's candidates in the reference's order with scores
-   within 1e-4; every refusal is a 429 or 503 carrying Retry-After; every request gets an answer
-   (a timeout or a broken connection is *lost*).
+   the clients, over the queue limit. The ``swap`` fault (with ``--swap-model``) swaps the
+   service to that second model version (``POST /admin/reload``) at 50%, while the clients send
+   (from 75% on they send only once it is done); its references are taken before the load (swap
+   there, answer each request alone, swap back).
+4. Checks: every 200 answer names one of the two versions (``model.checkpoint_version``) and
+   has that version's reference candidates in the reference's order with scores within 1e-4;
+   every refusal is a 429 or 503 carrying Retry-After; every request gets an answer (a timeout
+   or a broken connection is *lost*); a swap fault's swap answered 200.
 
 Reported: p50/p95/p99 of the answered requests (as the clients saw them, and the service's own
 time from its ``Server-Timing`` header: with 200 clients on the same two cores, the load
@@ -45,8 +49,10 @@ from .service_bench import (BenchError, ChildServer, Workload, _parse_sets, _Ser
                             loopback_error, scrape)
 
 SCORE_TOLERANCE = 1e-4
-STOP_AT, START_AT, BURST_AT = 0.3, 0.6, 0.8
-FAULTS = ("redis", "burst")
+STOP_AT, START_AT, BURST_AT, SWAP_AT = 0.3, 0.6, 0.8, 0.5
+SWAPPED_BY = 0.75  # the last quarter of the load is sent after the swap is done, so both versions answer
+FAULTS = ("redis", "burst", "swap")
+DEFAULT_FAULTS = ("redis", "burst")  # swap needs a second model (--swap-model)
 WINDOWS = 20
 MAX_RETRY_AFTER_S = 10.0  # a refused client waits its Retry-After, at most this long
 
@@ -66,6 +72,7 @@ class Outcome:
     cache_enabled: bool = False
     wrong: str | None = None  # why the 200 answer differs from the reference
     burst: bool = False
+    version: str | None = None  # the checkpoint version the 200 answer names
 
 
 @dataclass
@@ -138,17 +145,62 @@ def _cache_errors(url: str) -> float | None:
     return None if samples is None else _value(samples, "instructrec_cache_errors_total")
 
 
-async def _references(url: str, bodies: Sequence[bytes], timeout: float) -> list[list[tuple[int, float]]]:
+def _version(body: dict) -> str | None:
+    model = body.get("model")
+    return model.get("checkpoint_version") if isinstance(model, dict) else None
+
+
+async def _references(url: str, bodies: Sequence[bytes], timeout: float) -> tuple[str, list[list[tuple[int, float]]]]:
+    """(the version that answered, each request's answer sent alone)."""
     import httpx
 
-    refs = []
+    refs, versions = [], set()
     async with httpx.AsyncClient(base_url=url, timeout=timeout, trust_env=False) as client:
         for k, body in enumerate(bodies):
             r = await client.post("/rerank", content=body, headers={"content-type": "application/json"})
             if r.status_code != 200:
                 raise BenchError(f"reference request {k} answered {r.status_code}: {r.text[:300]}")
             refs.append(_answer(r.json()))
-    return refs
+            versions.add(_version(r.json()))
+    if len(versions) != 1:
+        raise BenchError(f"the references were answered by {len(versions)} model versions: {sorted(map(str, versions))}")
+    return versions.pop(), refs
+
+
+def reload(url: str, model: str | None, timeout: float) -> dict[str, Any]:
+    """``POST /admin/reload`` (a swap to ``model``): its status, answer and time as the bench saw them."""
+    import httpx
+
+    t0 = time.perf_counter()
+    try:
+        r = httpx.post(f"{url}/admin/reload", json={"model": model} if model else {}, timeout=timeout, trust_env=False)
+    except httpx.HTTPError as exc:
+        return {"status": f"lost: {type(exc).__name__}", "seconds": time.perf_counter() - t0}
+    out: dict[str, Any] = {"status": r.status_code, "seconds": time.perf_counter() - t0}
+    if r.status_code == 200:
+        body = r.json()
+        out.update(to=body["model"]["checkpoint_version"], **{"from": body["previous"]["checkpoint_version"]})
+    else:
+        out["error"] = r.text[:300]
+    return out
+
+
+async def _all_references(url: str, bodies: Sequence[bytes], timeout: float, swap_model: str | None) -> dict:
+    """Each request's answer alone, by version: the served model's, and with ``swap_model`` that
+    one's too (swapped to and back before the load)."""
+    version, refs = await _references(url, bodies, timeout)
+    out = {version: refs}
+    if swap_model:
+        loop = asyncio.get_running_loop()
+        for target in (swap_model, None):  # None: back to the service's configured model
+            swap = await loop.run_in_executor(None, reload, url, target, timeout)
+            if swap["status"] != 200:
+                raise BenchError(f"swapping to {target} for the references answered {swap['status']}: "
+                                 f"{swap.get('error')}")
+            if target == swap_model:
+                other, other_refs = await _references(url, bodies, timeout)
+                out[other] = other_refs
+    return out
 
 
 async def _load(url: str, bodies: Sequence[bytes], refs, plan: Sequence[int], clients: int, burst: int,
@@ -167,6 +219,7 @@ async def _load(url: str, bodies: Sequence[bytes], refs, plan: Sequence[int], cl
     deadline = start + max_seconds
     pending_faults = sorted(fault.points(len(plan)))
     fault_tasks: list[asyncio.Future] = []
+    swapping: list[asyncio.Future] = []  # the swap fault's reload, once started
     loop = asyncio.get_running_loop()
 
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, trust_env=False) as client:
@@ -187,7 +240,9 @@ async def _load(url: str, bodies: Sequence[bytes], refs, plan: Sequence[int], cl
                 cache = body.get("cache") or {}
                 o.hits, o.misses, o.cache_enabled = int(cache.get("hits", 0)), int(cache.get("misses", 0)), bool(
                     cache.get("enabled"))
-                o.wrong = compare(refs[ref], _answer(body))
+                o.version = _version(body)
+                o.wrong = compare(refs[o.version][ref], _answer(body)) if o.version in refs else \
+                    f"answered by version {o.version}, not one of {sorted(refs)}"
             outcomes.append(o)
             try:
                 return float(r.headers.get("retry-after", 0))
@@ -210,8 +265,13 @@ async def _load(url: str, bodies: Sequence[bytes], refs, plan: Sequence[int], cl
                             fault_tasks.append(asyncio.ensure_future(asyncio.gather(
                                 *(one(len(plan) + k, plan[(seq + k) % len(plan)], True) for k in range(burst)))))
                             log.mark("burst", seq, None)
+                        elif name == "swap":  # in a thread, while the clients go on sending
+                            swapping.append(loop.run_in_executor(None, fault.run, name, seq))
+                            fault_tasks.append(swapping[0])
                         else:  # Redis stop/start run in a thread: they block for a moment
                             await loop.run_in_executor(None, fault.run, name, seq)
+                if swapping and seq >= int(len(plan) * SWAPPED_BY):
+                    await asyncio.shield(swapping[0])
                 wait = await one(seq, plan[seq], False)
                 if wait and obey_retry_after:  # a polite client: it waits as told before its next request
                     await asyncio.sleep(min(wait, MAX_RETRY_AFTER_S))
@@ -225,10 +285,14 @@ async def _load(url: str, bodies: Sequence[bytes], refs, plan: Sequence[int], cl
 class _Faults:
     """The fault plan: which points, and what each does to the bench's own Redis."""
 
-    def __init__(self, names: Sequence[str], fixture: _Fixture, log: FaultLog):
+    def __init__(self, names: Sequence[str], fixture: _Fixture, log: FaultLog, swap_model: str | None = None,
+                 timeout: float = 60.0):
         self.names = set(names)
         self.fixture = fixture
         self.log = log
+        self.swap_model = swap_model
+        self.timeout = timeout
+        self.swap: dict[str, Any] | None = None  # the swap's outcome
         self._lock = threading.Lock()
 
     def points(self, total: int) -> list[tuple[int, str]]:
@@ -237,9 +301,16 @@ class _Faults:
             out += [(int(total * STOP_AT), "stop_redis"), (int(total * START_AT), "start_redis")]
         if "burst" in self.names:
             out.append((int(total * BURST_AT), "burst"))
-        return out
+        if "swap" in self.names:
+            out.append((int(total * SWAP_AT), "swap"))
+        return sorted(out)
 
     def run(self, name: str, sent: int) -> None:
+        if name == "swap":  # not under the lock: Redis faults may come while the model loads
+            self.log.mark("swap_started", sent, None)
+            self.swap = reload(self.fixture.url, self.swap_model, self.timeout)
+            self.log.mark("swapped" if self.swap["status"] == 200 else "swap_failed", sent, None)
+            return
         with self._lock:
             redis = self.fixture.redis
             if name == "stop_redis":
@@ -269,7 +340,7 @@ def _windows(outcomes: list[Outcome], total: int) -> list[dict[str, Any]]:
 
 
 def summarize(outcomes: list[Outcome], wall: float, log: FaultLog, before: float | None, after: float | None,
-              total: int) -> dict[str, Any]:
+              total: int, swap: dict[str, Any] | None = None) -> dict[str, Any]:
     ok = [o for o in outcomes if o.status == "200"]
     lat = [o.latency_ms for o in ok]
     server = [o.server_ms for o in ok if o.server_ms is not None]
@@ -299,18 +370,22 @@ def summarize(outcomes: list[Outcome], wall: float, log: FaultLog, before: float
         "server_p99_ms": report.percentile(server, 99),
         "cache_errors_before": before, "cache_errors_after": after, "cache_errors_while_redis_up": up_errors,
         "fault_events": log.events, "hit_ratio_windows": _windows(outcomes, total),
+        "versions": dict(Counter(o.version for o in ok)), "swap": swap,
     }
 
 
 def passed(s: dict[str, Any]) -> bool:
     """The soak's verdict: every planned request sent and answered, nothing wrong, every refusal
-    with Retry-After, no other status, and no cache error while Redis was up (when known)."""
+    with Retry-After, no other status, no cache error while Redis was up (when known), and a
+    swap fault's swap done."""
     return (s["lost"] == 0 and s.get("not_sent", 0) == 0 and s["wrong"] == 0 and s["refused_without_retry_after"] == 0
-            and s["unexpected_status"] == 0 and not s.get("cache_errors_while_redis_up"))
+            and s["unexpected_status"] == 0 and not s.get("cache_errors_while_redis_up")
+            and (s.get("swap") is None or s["swap"].get("status") == 200))
 
 
 def run_soak(*, model: str | None = None, url: str | None = None, clients: int = 200, requests: int = 4000,
-             distinct: int = 40, candidates: int = 10, history: int = 20, faults: Sequence[str] = FAULTS,
+             distinct: int = 40, candidates: int = 10, history: int = 20, faults: Sequence[str] = DEFAULT_FAULTS,
+             swap_model: str | None = None,
              burst: int = 128, timeout: float = 60.0, max_seconds: float = 1200.0, settings: Sequence[str] = (),
              threads: int | None = None, seed: int = 0, dataset: str = "games", log_dir: Path = report.DEFAULT_OUT
              ) -> dict[str, Any]:
@@ -320,6 +395,9 @@ def run_soak(*, model: str | None = None, url: str | None = None, clients: int =
     if url and "redis" in faults:
         raise BenchError("the redis fault stops the service's Redis, which the bench does not own with --url; "
                          "use --faults burst (or none) with --url")
+    if ("swap" in faults) != bool(swap_model):
+        raise BenchError("the swap fault needs --swap-model (the model version to swap to), and --swap-model the "
+                         "swap fault")
     if min(clients, requests, distinct, candidates) < 1 or burst < 0:
         raise BenchError("--clients, --requests, --distinct, --candidates >= 1 and --burst >= 0")
 
@@ -331,26 +409,28 @@ def run_soak(*, model: str | None = None, url: str | None = None, clients: int =
     try:
         ready = (fixture.server or _Server(fixture.url)).wait_ready()
         t0 = time.monotonic()
-        refs = asyncio.run(_references(fixture.url, bodies, timeout))
+        refs = asyncio.run(_all_references(fixture.url, bodies, timeout, swap_model))
         reference_s = time.monotonic() - t0
         if fixture.redis is not None:
             fixture.redis.command("FLUSHALL")  # the load starts cold
         log = FaultLog()
         before = _cache_errors(fixture.url)
+        fault = _Faults(faults, fixture, log, swap_model, timeout)
         outcomes, wall = asyncio.run(_load(fixture.url, bodies, refs, plan, clients, burst if "burst" in faults else 0,
-                                           timeout, max_seconds, _Faults(faults, fixture, log), log))
+                                           timeout, max_seconds, fault, log))
         after = _cache_errors(fixture.url)
     finally:
         fixture.close()
     start = log.events[0]["at_s"] if log.events else 0.0
     for e in log.events:
         e["at_s"] = round(e["at_s"] - start, 3)
-    summary = summarize(outcomes, wall, log, before, after, len(plan))
+    summary = summarize(outcomes, wall, log, before, after, len(plan), fault.swap if swap_model else None)
     return {
         "model": ready.get("model", {}).get("name") if isinstance(ready.get("model"), dict) else model,
         "machine": report.machine_info(), "workload": workload.description(),
         "config": {"clients": clients, "requests": requests, "distinct": distinct, "candidates": candidates,
                    "history": history, "faults": list(faults), "burst": burst if "burst" in faults else 0,
+                   "swap_model": swap_model,
                    "timeout_s": timeout, "seed": seed, "dataset": dataset, "url": url,
                    "settings": getattr(fixture, "settings", None)},
         "reference_seconds": reference_s, **summary, "passed": passed(summary),

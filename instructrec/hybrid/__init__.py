@@ -108,14 +108,16 @@ class Hybrid:
 
 
 def load_hybrid(gate: str | Path, behaviour: str | Path | None, *, sequential: str | Path | None = None,
-                semantic: bool = True) -> Hybrid:
+                semantic: bool | SemanticEncoder | None = True) -> Hybrid:
     """A hybrid from its files: the gate (a gate.json, or a model directory holding one), the
-    behaviour index and the sequential model's directory (None: no such signal)."""
+    behaviour index and the sequential model's directory (None: no such signal); ``semantic``:
+    True for a new MiniLM encoder, or the encoder to use."""
     gate_path = Path(gate)
     if gate_path.is_dir():
         gate_path = gate_path / GATE_FILE
     return Hybrid(load_gate(gate_path), load_behaviour_index(behaviour) if behaviour else None,
-                  SemanticEncoder() if semantic else None, load_sequential(sequential) if sequential else None)
+                  SemanticEncoder() if semantic is True else (semantic or None),
+                  load_sequential(sequential) if sequential else None)
 
 
 __all__ = ["GATE_FILE", "Fused", "Gate", "Hybrid", "Signals", "load_hybrid"]

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -27,8 +28,9 @@ from instructrec.checkpoint import checkpoint_version
 from instructrec.generation import Generation, Generator
 from instructrec.hybrid import GATE_FILE, Hybrid
 from instructrec.instruction import Instruction, build, count_tokens
-from instructrec.modeling import PREFIX_LM, LoadedModel, load_model
+from instructrec.modeling import PREFIX_LM
 from instructrec.ranker import Encoded, Ranker, Scored, targets_ids
+from instructrec.reranker import RerankerWarning, load_hybrid_of, load_ranker
 from instructrec.templates import TEMPLATE_VERSION
 
 from .settings import Settings
@@ -176,34 +178,37 @@ def shared_semantic_encoder(path: str | None = None):
 
 
 def load_hybrid_for(settings: Settings, model_name: str, catalogue=None) -> Hybrid | None:
-    """The service's hybrid (None without a gate). A behaviour index must be built over the
-    catalogue's items when a catalogue is served; every error names its file."""
-    from instructrec.hybrid.behaviour import BehaviourError, items_digest, load_behaviour_index
-    from instructrec.hybrid.gate import load_gate
-    from instructrec.hybrid.sequential import SequentialError, load_sequential
+    """The service's hybrid (None without a gate), loaded by the core's
+    :func:`~instructrec.reranker.load_hybrid_of` from the settings' files, with the service's
+    own rules on top: a behaviour index or sequential model must be built over the catalogue's
+    items when a catalogue is served, and a gate fitted with a sequential model needs one. Every
+    error names its file. The MiniLM encoder is the process's one (its vectors are torch: only the
+    inference thread runs it)."""
+    from instructrec.hybrid.behaviour import BehaviourError, items_digest
+    from instructrec.hybrid.sequential import SequentialError
 
     gate = gate_path(settings, model_name)
-    if gate is None:
-        if settings.behaviour:
-            raise BehaviourError(f"behaviour index {settings.behaviour} given without a gate to fuse it with: set "
-                                 f"INSTRUCTREC_GATE (or put {GATE_FILE} in the model directory)")
-        return None
-    index = load_behaviour_index(settings.behaviour) if settings.behaviour else None
+    if gate is None and settings.behaviour:
+        raise BehaviourError(f"behaviour index {settings.behaviour} given without a gate to fuse it with: set "
+                             f"INSTRUCTREC_GATE (or put {GATE_FILE} in the model directory)")
     sequential = sequential_path(settings, model_name)
-    model = load_sequential(sequential) if sequential is not None else None
+    hybrid = load_hybrid_of(model_name, gate=gate or False, behaviour=settings.behaviour,
+                            sequential=sequential or False, semantic=shared_semantic_encoder if settings.semantic
+                            else False)
+    if hybrid is None:
+        return None
     want = items_digest([it.id for it in catalogue.items]) if catalogue is not None else None
-    for part, what, where, error, fix in ((index, "behaviour index", settings.behaviour, BehaviourError,
+    for part, what, where, error, fix in ((hybrid.behaviour, "behaviour index", settings.behaviour, BehaviourError,
                                            "rebuild it over the catalogue's items"),
-                                          (model, "sequential model", sequential, SequentialError,
+                                          (hybrid.sequential, "sequential model", sequential, SequentialError,
                                            "train it on the catalogue's data set")):
         if part is not None and want is not None and part.items_version != want:
             raise error(f"{what} {where} was built over another item set (items digest {part.items_version}) than "
                         f"catalogue {settings.catalogue} ({want}): {fix}")
-    gate_file = load_gate(gate)
-    if gate_file.info.get("sequential") and model is None:
+    if hybrid.gate.info.get("sequential") and hybrid.sequential is None:
         raise SequentialError(f"gate {gate} was fitted with a sequential model: give one (INSTRUCTREC_SEQUENTIAL, or "
                               "sequential/ in the model directory)")
-    return Hybrid(gate_file, index, shared_semantic_encoder() if settings.semantic else None, model)
+    return hybrid
 
 
 class UnknownItem(ValueError):
@@ -232,18 +237,11 @@ def _cap(ids: list[int], cut: bool, limit: int) -> tuple[list[int], bool]:
 class Engine:
     """A loaded model + ranker, with the numbers the service reports about it."""
 
-    def __init__(self, loaded: LoadedModel, settings: Settings):
+    def __init__(self, ranker: Ranker, settings: Settings):
+        loaded = ranker.loaded
         self.loaded = loaded
         self.settings = settings
-        self.ranker = Ranker(
-            loaded,  # token limits not set: the ones the checkpoint was tuned with
-            max_source_tokens=settings.max_source_tokens,
-            max_target_tokens=settings.max_target_tokens,
-            batch_tokens=settings.batch_tokens,
-            reduction=settings.reduction,
-            mixed_kv_bytes=int(settings.mixed_kv_mb * 2**20),
-            batch_invariant=settings.batch_invariant,
-        )
+        self.ranker = ranker
         self.warmup_report: dict = {}
         self.name = loaded.name
         self.version = model_version(loaded.name)
@@ -269,7 +267,6 @@ class Engine:
             self.generator = Generator(self.ranker, load_catalogue(settings.catalogue), where=settings.catalogue)
             self._recommend_fit = functools.lru_cache(maxsize=max(1, size // 16))(self._fit_matching) if size \
                 else self._fit_matching
-        # hybrid scoring: loaded here, in the inference thread, which alone runs its encoder
         self.hybrid: Hybrid | None = load_hybrid_for(settings, loaded.name, self.catalogue)
         self._retriever = None  # /recommend's candidate retrieval, built on the inference thread at warm-up
 
@@ -482,7 +479,7 @@ class Engine:
         enc = min(getattr(self._local, "encoder", 0.0), total)
         return scored, enc, total - enc
 
-    def warm_up(self) -> tuple[int, int]:
+    def warm_up(self, shared: bool = True) -> tuple[int, int]:
         """The worst batches the settings allow, so a budget that does not fit fails at start-up:
         one full-length instruction with as many full-length candidates as the token budget holds
         (the largest decoder activations), then, when requests share passes (``batch_invariant``
@@ -490,8 +487,10 @@ class Engine:
         ``max_batch_requests`` full-length instructions (as many as the budget holds) whose
         candidates share decoder passes with as many per-row key/value copies as ``mixed_kv_mb``
         allows, each row as long as the token budget then permits; and for a prefix-LM one small
-        request at every padded instruction length (``Ranker.warm_instruction_lengths``). Returns
-        (instruction tokens, candidates) of the first; ``warmup_report`` describes them all."""
+        request at every padded instruction length (``Ranker.warm_instruction_lengths``); with
+        ``shared``, :meth:`warm_up_shared` too (without: the model's own parts only, which any
+        thread may run before the engine serves). Returns (instruction tokens, candidates) of the
+        first; ``warmup_report`` describes them all."""
         r = self.ranker
         special = count_tokens(r.tokenizer, "")
         per_word = max(1, count_tokens(r.tokenizer, "word") - special)
@@ -499,25 +498,39 @@ class Engine:
         candidate = " ".join(["item"] * r.max_target_tokens)  # cut to max_target_tokens
         count = max(1, r.batch_tokens // r.max_target_tokens)
         (scored,), _, _ = self.score_many([(source, [candidate] * count)])
-        self.warmup_report = {"single": {"source_tokens": scored.source_tokens, "candidates": count}}
+        started = time.perf_counter()  # again, timed: the batcher's first drain rate (see Batcher.calibrate)
+        self.score_many([(source, [candidate] * count)])
+        per_token = (time.perf_counter() - started) / (scored.source_tokens + count * r.max_target_tokens)
+        self.warmup_report = {"single": {"source_tokens": scored.source_tokens, "candidates": count,
+                                         "seconds_per_token": per_token}}
         shares_passes = not r.batch_invariant and (
             (self.loaded.kind == "seq2seq" and r.share_cross_kv) or self.loaded.kind == PREFIX_LM)
         if shares_passes:
             self.warmup_report["mixed"] = self._warm_up_mixed(source, scored.source_tokens)
         self.warmup_report["instruction_lengths"] = r.warm_instruction_lengths()
-        if self.hybrid is not None and self.hybrid.semantic is not None:  # the encoder's first pass
-            started = time.perf_counter()
-            self.hybrid.semantic_signal(UserNeed(history=("warm up",)), ["warm up"])
-            self.warmup_report["semantic"] = {"seconds": round(time.perf_counter() - started, 3)}
-        if self.generator is not None and self.hybrid is not None:  # /recommend's retrieval and title vectors
-            started = time.perf_counter()
-            self.retriever()
-            self.warmup_report["retrieval"] = {"seconds": round(time.perf_counter() - started, 3)}
         if self.generator is not None:  # the decoding step's kernels, before the first /recommend
             started = time.perf_counter()
             steps = self.generator.generate(source, 2).steps
             self.warmup_report["generation"] = {"steps": steps, "seconds": round(time.perf_counter() - started, 3)}
+        if shared:
+            self.warm_up_shared()
         return scored.source_tokens, count
+
+    def warm_up_shared(self) -> float:
+        """The warm-up of what this engine shares with the process's other engines (the MiniLM
+        encoder): on the inference thread only. Returns its seconds."""
+        total = 0.0
+        if self.hybrid is not None and self.hybrid.semantic is not None:  # the encoder's first pass
+            started = time.perf_counter()
+            self.hybrid.semantic_signal(UserNeed(history=("warm up",)), ["warm up"])
+            self.warmup_report["semantic"] = {"seconds": round(time.perf_counter() - started, 3)}
+            total += time.perf_counter() - started
+        if self.generator is not None and self.hybrid is not None:  # /recommend's retrieval and title vectors
+            started = time.perf_counter()
+            self.retriever()
+            self.warmup_report["retrieval"] = {"seconds": round(time.perf_counter() - started, 3)}
+            total += time.perf_counter() - started
+        return total
 
     def _warm_up_mixed(self, source: str, source_tokens: int) -> dict:
         r = self.ranker
@@ -572,10 +585,21 @@ class Engine:
         encoder.register_forward_hook(after)
 
 
+def ranker_settings(settings: Settings) -> dict:
+    """The :class:`~instructrec.ranker.Ranker` options the service's settings give (a token limit
+    left unset: the one the checkpoint was tuned with)."""
+    return {"reduction": settings.reduction, "max_source_tokens": settings.max_source_tokens,
+            "max_target_tokens": settings.max_target_tokens, "batch_tokens": settings.batch_tokens,
+            "mixed_kv_bytes": int(settings.mixed_kv_mb * 2**20), "batch_invariant": settings.batch_invariant}
+
+
 def load_engine(settings: Settings, model_name: str) -> Engine:
+    """The model as the service runs it, loaded by the core's :func:`~instructrec.reranker.load_ranker`."""
     if settings.torch_threads:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    loaded = load_model(model_name, device=settings.device, dtype=settings.dtype)
-    return Engine(loaded, settings)
+    with warnings.catch_warnings():  # the engine logs a model tuned on another template table itself
+        warnings.simplefilter("ignore", RerankerWarning)
+        ranker = load_ranker(model_name, device=settings.device, dtype=settings.dtype, **ranker_settings(settings))
+    return Engine(ranker, settings)

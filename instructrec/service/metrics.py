@@ -13,7 +13,7 @@ _COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 10000)
 _TOKENS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
 REJECT_REASONS = ("unauthorized", "body_too_large", "bad_request", "invalid", "queue_full", "expired", "not_ready",
-                  "no_catalogue")
+                  "no_catalogue", "swap_running")
 _STEPS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 _WEIGHTS = (-4.0, -2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 FUSION_MODES = ("fused", "lm-only")
@@ -74,10 +74,15 @@ class Metrics:
             "instructrec_model_info", "the served model (value 1)",
             ("model", "checkpoint_version", "template_version", "tuned_template_version"), registry=r)
         self.ready = Gauge("instructrec_ready", "1 once the model is loaded and warmed up", registry=r)
+        self.model_swaps = Counter(
+            "instructrec_model_swaps", "models swapped in while serving (POST /admin/reload), by outcome: done, or "
+            "failed (the old model kept serving)", ("outcome",), registry=r)
         for reason in REJECT_REASONS:  # export zeros so rates work from the first scrape
             self.rejected.labels(reason)
         for outcome in ("hit", "miss", "bypassed"):
             self.answer_cache.labels(outcome)
+        for outcome in ("done", "failed"):
+            self.model_swaps.labels(outcome)
         for mode in FUSION_MODES:
             self.fusion_requests.labels(mode)
         for signal in GATED_SIGNALS:

@@ -29,7 +29,7 @@ from instructrec.hybrid.semantic import NotCached
 from instructrec.templates import TemplateError, get_template
 
 from .batcher import Expired, QueueFull, ShuttingDown
-from .engine import HybridJob, Prepared, PreparedRecommend, UnknownItem
+from .engine import Engine, HybridJob, Prepared, PreparedRecommend, UnknownItem
 from .errors import ApiError, ClientGone
 from .schemas import FusionMode
 from .state import ServiceState
@@ -134,13 +134,13 @@ class Prepped:
     seconds: float  # spent on the semantic signal here
 
 
-def prepare(state: ServiceState, need: UserNeed, template_id: str | None, texts: list[str],
+def prepare(state: ServiceState, engine: Engine, need: UserNeed, template_id: str | None, texts: list[str],
             max_text_tokens: int | None, fusion: FusionRequest | None = None
             ) -> tuple[Prepared, dict[str, str], Prepped | None]:
     """In the prep thread: the instruction, token counts, one cache key per distinct candidate
     and, for a fused request, the behaviour signal (ids resolved by id, else by exact title) and
     the semantic signal if the encoder has every text cached (the model thread never waits for it)."""
-    engine, cache = state.engine, state.cache
+    cache = state.cache
     prepared = engine.prepare(need, template_id, texts, max_text_tokens)
     keys: dict[str, str] = {}
     if cache.enabled:
@@ -168,15 +168,16 @@ def _ids(ids: Sequence[str | None], n: int) -> list[str | None]:
     return ids
 
 
-def fuses(state: ServiceState, mode: FusionMode) -> bool:
+def fuses(engine: Engine, mode: FusionMode) -> bool:
     """Whether a request in ``mode`` is fused: ``auto`` on a service with a gate."""
-    return mode == "auto" and state.engine.hybrid is not None
+    return mode == "auto" and engine.hybrid is not None
 
 
-async def _submit(receive: Receive, state: ServiceState, job, tokens: int):
-    """A job through the batcher, its result awaited; refusals as the API's errors."""
+async def _submit(receive: Receive, state: ServiceState, engine: Engine, job, tokens: int):
+    """A job through the batcher, scored by ``engine`` (the one that prepared it, even when a
+    swap comes between), its result awaited; refusals as the API's errors."""
     try:
-        future = state.batcher.submit(job, tokens)
+        future = state.batcher.submit((engine, job), tokens)
     except QueueFull as exc:
         raise ApiError(429, "rate_limited", "too many requests are waiting for the model; retry later",
                        headers={"Retry-After": str(exc.retry_after)}, reason="queue_full") from None
@@ -191,17 +192,18 @@ async def _submit(receive: Receive, state: ServiceState, job, tokens: int):
                        headers={"Retry-After": str(exc.retry_after)}, reason="expired") from None
 
 
-async def rerank(receive: Receive, state: ServiceState, need: UserNeed, template_id: str | None,
+async def rerank(receive: Receive, state: ServiceState, engine: Engine, need: UserNeed, template_id: str | None,
                  texts: list[str], max_text_tokens: int | None = None,
                  fusion: FusionRequest = FusionRequest()) -> Outcome:
     cache, metrics = state.cache, state.metrics
     metrics.candidates_per_request.observe(len(texts))
     loop = asyncio.get_running_loop()
-    fused = fuses(state, fusion.mode)
+    fused = fuses(engine, fusion.mode)
     start = time.perf_counter()
     try:
         prepared, keys, signals = await loop.run_in_executor(
-            state.prep_executor, prepare, state, need, template_id, texts, max_text_tokens, fusion if fused else None)
+            state.prep_executor, prepare, state, engine, need, template_id, texts, max_text_tokens,
+            fusion if fused else None)
     except TemplateError as exc:
         raise template_error(exc, "template" if template_id else None) from None
     metrics.prepare_seconds.observe(time.perf_counter() - start)
@@ -228,21 +230,21 @@ async def rerank(receive: Receive, state: ServiceState, need: UserNeed, template
     lm_tokens = prepared.source_tokens + prepared.target_tokens(misses) if misses else 0
     result = None
     sequential = None
-    needs_model = fused and state.engine.hybrid.sequential is not None
+    needs_model = fused and engine.hybrid.sequential is not None
     if fused and (signals.semantic_pending or needs_model):
         # the LM's misses, the semantic signal if a text is new and the sequential one: one trip to the model thread
         pending = signals.semantic_pending
         job = HybridJob(encoded, need, texts, semantic=pending,
                         candidate_ids=signals.candidate_ids if needs_model else None,
                         history_ids=signals.history_ids if needs_model else None)
-        weight = lm_tokens + (state.engine.semantic_tokens(need, texts) if pending else 0) + len(texts)
-        done = await _submit(receive, state, job, weight)
+        weight = lm_tokens + (engine.semantic_tokens(need, texts) if pending else 0) + len(texts)
+        done = await _submit(receive, state, engine, job, weight)
         result, sequential = done.scored, done.sequential
         if pending:
             semantic = done.semantic
         semantic_seconds += done.semantic_seconds
     elif misses:
-        result = await _submit(receive, state, encoded, lm_tokens)
+        result = await _submit(receive, state, engine, encoded, lm_tokens)
     if misses:
         for t, value in zip(misses, result.scores):
             scores[t] = value
@@ -251,7 +253,7 @@ async def rerank(receive: Receive, state: ServiceState, need: UserNeed, template
             await cache.set_many({keys[t]: scores[t] for t in misses})
     lm = [scores[t] for t in texts]
     if fused:
-        outcome = _fuse(state, fusion.mode, need, lm, signals, semantic, sequential, semantic_seconds)
+        outcome = _fuse(state, engine, fusion.mode, need, lm, signals, semantic, sequential, semantic_seconds)
     else:
         outcome = Fusion("lm-only", fusion.mode)
         metrics.observe_fusion("lm-only", {}, 0)
@@ -260,10 +262,10 @@ async def rerank(receive: Receive, state: ServiceState, need: UserNeed, template
                    outcome)
 
 
-def _fuse(state: ServiceState, mode: FusionMode, need: UserNeed, lm: list[float], signals: Prepped,
+def _fuse(state: ServiceState, engine: Engine, mode: FusionMode, need: UserNeed, lm: list[float], signals: Prepped,
           semantic: np.ndarray | None, sequential: np.ndarray | None, semantic_seconds: float) -> Fusion:
     """The gate's fusion of a request's signals (numpy, a few microseconds: on the event loop), counted."""
-    hybrid, metrics = state.engine.hybrid, state.metrics
+    hybrid, metrics = engine.hybrid, state.metrics
     start = time.perf_counter()
     fused = hybrid.fuse_signals(lm, need, Signals(signals.behaviour, signals.known, semantic, sequential))
     metrics.fusion_seconds.observe(time.perf_counter() - start + semantic_seconds)
@@ -293,18 +295,18 @@ def no_catalogue() -> ApiError:
                     "INSTRUCTREC_CATALOGUE=CAT (/rerank works without one)", reason="no_catalogue")
 
 
-async def recommend(receive: Receive, state: ServiceState, need: UserNeed, template_id: str | None, k: int,
-                    mode: FusionMode = "auto", **mask) -> Recommendation:
+async def recommend(receive: Receive, state: ServiceState, engine: Engine, need: UserNeed, template_id: str | None,
+                    k: int, mode: FusionMode = "auto", **mask) -> Recommendation:
     """``mask``: :meth:`Engine.prepare_recommend`'s history ids, exclusions and filter. Fused
     (``auto`` on a service with a gate): the model's own k and what the signals retrieve, ranked
     by the fused scorer; else the model's own k."""
     cache, metrics = state.cache, state.metrics
     loop = asyncio.get_running_loop()
-    fused = fuses(state, mode)
+    fused = fuses(engine, mode)
     start = time.perf_counter()
     try:
         prepared = await loop.run_in_executor(state.prep_executor, functools.partial(
-            state.engine.prepare_recommend, need, template_id, k, fused=fused, **mask))
+            engine.prepare_recommend, need, template_id, k, fused=fused, **mask))
     except TemplateError as exc:
         raise template_error(exc, "template" if template_id else None) from None
     except UnknownItem as exc:
@@ -312,7 +314,7 @@ async def recommend(receive: Receive, state: ServiceState, need: UserNeed, templ
     metrics.prepare_seconds.observe(time.perf_counter() - start)
     if prepared.allowed_items == 0:
         return Recommendation(prepared, [], 0, False, False, mode)
-    key = cache.answer_key(state.engine.recommend_key_parts(prepared)) if cache.enabled else None
+    key = cache.answer_key(engine.recommend_key_parts(prepared)) if cache.enabled else None
     usable, cached = await cache.get_json(key) if key else (False, None)
     if cached is not None:
         metrics.answer_cache.labels("hit").inc()
@@ -322,7 +324,7 @@ async def recommend(receive: Receive, state: ServiceState, need: UserNeed, templ
         return Recommendation(prepared, [(int(i), float(s)) for i, s in cached], 0, True, True, mode)
     if key:
         metrics.answer_cache.labels("miss" if usable else "bypassed").inc()
-    generated = await _submit(receive, state, prepared.job, state.engine.job_tokens(prepared))
+    generated = await _submit(receive, state, engine, prepared.job, engine.job_tokens(prepared))
     metrics.generate_steps.observe(generated.steps)
     if fused:
         fusion = {"weights": generated.fused.weights, "signals": list(generated.fused.components),

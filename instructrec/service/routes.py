@@ -1,6 +1,6 @@
 """The HTTP edge of the endpoints: POST /rerank (native), POST /v1/rerank and /v2/rerank (Cohere
 v1/v2 and Jina compatible), POST /recommend (generation over the catalogue), /health, /ready,
-/metrics.
+/metrics, POST /admin/reload (a model swap).
 
 A route only reads, authorises, validates and serialises: auth -> readiness -> body
 (size-limited, UTF-8, JSON) -> strict validation with the configured limits -> the endpoint's
@@ -20,7 +20,8 @@ from pydantic import BaseModel, ValidationError
 
 from .errors import ApiError, from_validation
 from .schemas import (CompatError, CompatRerankRequest, CompatResponse, ErrorBody, Health, HealthFailed, NotReady, Ready,
-                      RecommendRequest, RecommendResponse, RerankRequest, RerankResponse)
+                      RecommendRequest, RecommendResponse, ReloadRequest, ReloadResponse, RerankRequest,
+                      RerankResponse)
 from .serving import answer_body
 from .serving_compat import ServingCompat
 from .serving_ops import ServingOps
@@ -174,6 +175,21 @@ async def ready(request: Request):
     if isinstance(answer, NotReady):
         return JSONResponse(answer_body(answer), status_code=503, headers={"Retry-After": "5"})
     return JSONResponse(answer_body(answer))
+
+
+@router.post("/admin/reload", response_model=ReloadResponse,
+             responses={code: {"model": ErrorBody} for code in (400, 401, 409, 422, 503)},
+             summary="Swap to a new model version while serving")
+async def reload(request: Request):
+    """Loads ``model`` (default: the configured model, read again) and warms it up while the old
+    one serves, then switches: requests begun before finish on the old model, later ones get the
+    new one; every answer names the checkpoint version that scored it. Needs the API key when
+    one is set. 409 while a swap runs; 422 naming ``model`` when it cannot be served (the old
+    model keeps serving)."""
+    state = _begin(request)
+    body = await _read_json(request, state) if await request.body() else {}
+    req = _validate(ReloadRequest, body, state)
+    return _json(await ServingOps(state).reload(req))
 
 
 @router.get("/metrics", summary="Prometheus metrics")

@@ -403,6 +403,23 @@ class Ready(BaseModel):
     queue: int = Field(description="requests waiting for the model")
     hybrid_version: str | None = Field(None, description="the gate, behaviour index and semantic encoder fused "
                                        "with the LM (null: no gate, every answer LM-only)")
+    model_swaps: int | None = Field(None, description="models swapped in by POST /admin/reload since start-up "
+                                    "(present once one was)")
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = Field(None, min_length=1, description="the checkpoint directory (or built-in model) to "
+                              "swap to; default: the configured model, read again (e.g. new weights in its directory)")
+
+
+class ReloadResponse(BaseModel):
+    status: Literal["swapped"]
+    model: ModelInfo = Field(description="the model now serving new requests")
+    previous: ModelInfo = Field(description="the model swapped out (it finishes the requests it had begun)")
+    model_swaps: int = Field(description="models swapped in since start-up")
+    seconds: float = Field(description="time to load and warm the new model up")
 
 
 class NotReady(BaseModel):

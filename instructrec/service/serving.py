@@ -47,13 +47,16 @@ class Serving:
 
     def __init__(self, state: ServiceState):
         self.state = state
+        # the engine current when the request came in: it prepares, scores and names the answer,
+        # even when a model swap comes between (None before the first model is loaded)
+        self.engine = state.engine
 
     def model_info(self) -> ModelInfo:
-        return ModelInfo.model_construct(**self.state.engine.model_info())
+        return ModelInfo.model_construct(**self.engine.model_info())
 
     def hybrid_versions(self) -> dict[str, str | None]:
         """The gate's and the hybrid's versions (None without a gate)."""
-        hybrid = self.state.engine.hybrid
+        hybrid = self.engine.hybrid
         return {"gate_version": hybrid.gate.version if hybrid else None,
                 "hybrid_version": hybrid.version if hybrid else None}
 

@@ -41,7 +41,7 @@ class ServingCompat(Serving):
         need = UserNeed(intention=req.query, intention_kind=Intention.SPECIFIC)
         ids = [item_id(d.get("id")) if isinstance(d, dict) and isinstance(d.get("id"), (str, int)) else None
                for d in req.documents]
-        out = await pipeline.rerank(receive, self.state, need, None, texts, req.max_tokens_per_doc,
+        out = await pipeline.rerank(receive, self.state, self.engine, need, None, texts, req.max_tokens_per_doc,
                                     fusion=pipeline.FusionRequest(req.fusion, ids))
         return self.answer(req, texts, out, api_version)
 
@@ -63,7 +63,7 @@ class ServingCompat(Serving):
         return CompatResponse.model_construct(
             id=str(uuid.uuid4()),
             results=results,
-            model=self.state.engine.name,
+            model=self.engine.name,
             usage=CompatUsage.model_construct(prompt_tokens=tokens, total_tokens=tokens),
             meta={"api_version": {"version": api_version}, "billed_units": {"search_units": 1}},
             fusion=fusion_info(out, self.hybrid_versions()),

@@ -1,11 +1,14 @@
-"""GET /health, /ready and /metrics: what the probes and the scraper read (:class:`ServingOps`)."""
+"""GET /health, /ready and /metrics: what the probes and the scraper read; POST /admin/reload: a model
+swap while serving (:class:`ServingOps`)."""
 
 from __future__ import annotations
 
 from instructrec.templates import TEMPLATE_VERSION
 
-from .schemas import Health, HealthFailed, NotReady, Ready, ServedModel
+from .errors import ApiError
+from .schemas import Health, HealthFailed, ModelInfo, NotReady, Ready, ReloadRequest, ReloadResponse, ServedModel
 from .serving import Serving
+from .state import SwapRefused, SwapRunning
 
 
 class ServingOps(Serving):
@@ -33,7 +36,20 @@ class ServingOps(Serving):
             cache="disabled" if not cache.enabled else ("up" if cache.up else "down"),
             queue=state.batcher.depth,
             hybrid_version=engine.hybrid.version if engine.hybrid else None,
+            **({"model_swaps": state.swaps} if state.swaps else {}),
         )
+
+    async def reload(self, req: ReloadRequest) -> ReloadResponse:
+        """Swap the model while serving; 409 while a swap runs, 422 naming ``model`` when it cannot be served."""
+        try:
+            previous, engine, seconds = await self.state.reload(req.model)
+        except SwapRunning as exc:
+            raise ApiError(409, "swap_running", str(exc), headers={"Retry-After": "5"}, reason="swap_running") from None
+        except SwapRefused as exc:
+            raise ApiError(422, "validation_error", f"model: {exc}", "model", reason="invalid") from None
+        return ReloadResponse.model_construct(status="swapped", model=ModelInfo.model_construct(**engine.model_info()),
+                                              previous=ModelInfo.model_construct(**previous.model_info()),
+                                              model_swaps=self.state.swaps, seconds=round(seconds, 3))
 
     def exposition(self) -> tuple[bytes, str]:
         """The Prometheus exposition and its content type."""

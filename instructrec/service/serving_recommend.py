@@ -20,19 +20,19 @@ class ServingRecommend(Serving):
     async def handle(self, req: RecommendRequest, receive: Receive) -> RecommendResponse:
         """Raises :class:`.errors.ApiError`: 409 ``no_catalogue`` when the service has none (before
         the template is looked at), an unknown template, a full queue, ..."""
-        if self.state.engine.catalogue is None:
+        if self.engine.catalogue is None:
             raise pipeline.no_catalogue()
         pipeline.check_template(req.template)
         filt = req.filter
         history_ids = tuple(h.id if h.id is None else str(h.id) for h in req.history if h.title)
-        out = await pipeline.recommend(receive, self.state, need_of(req), req.template, req.top_n, req.fusion,
-                                       history_ids=history_ids, exclude_history=req.exclude_history,
+        out = await pipeline.recommend(receive, self.state, self.engine, need_of(req), req.template, req.top_n,
+                                       req.fusion, history_ids=history_ids, exclude_history=req.exclude_history,
                                        only_ids=filt.ids if filt else None, exclude_ids=filt.exclude_ids if filt else (),
                                        meta=filt.meta if filt else None)
         return self.answer(out)
 
     def answer(self, out: pipeline.Recommendation) -> RecommendResponse:
-        cat = self.state.engine.catalogue
+        cat = self.engine.catalogue
         inst = out.prepared.instruction
         fused = out.fusion
         results = [RecommendedItem.model_construct(

@@ -21,7 +21,7 @@ class ServingRerank(Serving):
         texts = [c.title for c in req.candidates]
         fusion = pipeline.FusionRequest(req.fusion, [item_id(c.id) for c in req.candidates],
                                         [item_id(h.id) for h in req.history if h.title])
-        out = await pipeline.rerank(receive, self.state, need_of(req), req.template, texts, fusion=fusion)
+        out = await pipeline.rerank(receive, self.state, self.engine, need_of(req), req.template, texts, fusion=fusion)
         return self.answer(req, texts, out)
 
     def answer(self, req: RerankRequest, texts: list[str], out: pipeline.Outcome) -> RerankResponse:
