@@ -106,6 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     k.add_argument("--history", type=int, default=20, help="history titles per request, at most (default 20)")
     k.add_argument("--faults", default=",".join(DEFAULT_FAULTS), help=f"subset of {','.join(FAULTS)}, or none "
                    f"(default {','.join(DEFAULT_FAULTS)}; swap needs --swap-model)")
+    k.add_argument("--resend", action="store_true", help="send a refused request again after its Retry-After "
+                   "(at most 30 times) until it is answered; then every request must be answered")
     k.add_argument("--swap-model", default=None, help="the swap fault: the model version the service swaps to "
                    "(POST /admin/reload) at 50%% of the load, e.g. a newer checkpoint of the served model")
     k.add_argument("--burst", type=int, default=128, help="requests of the burst at 80%% (default 128)")
@@ -316,7 +318,7 @@ def _run_soak(args: argparse.Namespace) -> int:
     try:
         section = run_soak(model=args.model, url=args.url, clients=args.clients, requests=args.requests,
                            distinct=args.distinct, candidates=args.candidates, history=args.history, faults=faults,
-                           swap_model=args.swap_model,
+                           swap_model=args.swap_model, resend=args.resend,
                            burst=args.burst, timeout=args.timeout, max_seconds=args.max_seconds,
                            settings=args.settings, threads=args.threads, seed=args.seed, dataset=args.dataset,
                            log_dir=args.out)

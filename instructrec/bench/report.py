@@ -434,7 +434,8 @@ def soak_table(s: dict[str, Any]) -> str:
         ["load", f"{c['clients']} clients × {c['requests']} requests ({c['distinct']} distinct, {c['candidates']} "
                  f"candidates)" + (f" + a burst of {c['burst']}" if c.get("burst") else "")],
         ["faults", ", ".join(c["faults"]) or "none"],
-        ["answered (200)", f"{s['answered']} of {s['planned']}"],
+        ["answered (200)", f"{s['answered']} of {s['planned']}" + (
+            f" ({s['retries']} refusals sent again after their Retry-After)" if s.get("resend") else "")],
         ["outcomes", ", ".join(f"{k}: {v}" for k, v in sorted(s["outcomes"].items()))],
         ["lost (no answer)", str(s["lost"])],
         ["not sent (--max-seconds ran out)", str(s.get("not_sent", 0))],
@@ -455,8 +456,11 @@ def soak_table(s: dict[str, Any]) -> str:
     windows = s["hit_ratio_windows"]
     ratios = " ".join("–" if w["hit_ratio"] is None else f"{w['hit_ratio']:.2f}" for w in windows)
     refused = " ".join(str(sum(v for k, v in w.get("outcomes", {}).items() if k != "200")) for w in windows)
+    marks = {"redis": "Redis stopped at 30%, started at 60%", "swap": "the model swapped at 50%",
+             "burst": "the burst after 80% is not in them"}
+    faults = "; ".join(text for name, text in marks.items() if name in c["faults"])
     return (_table(["", ""], rows) + f"\n\nIn {len(windows)} windows of {windows[0]['to'] - windows[0]['from']} "
-            f"requests in send order (Redis stopped at 30%, started at 60%; the burst after 80% is not in them):\n\n"
+            f"requests in send order{f' ({faults})' if faults else ''}:\n\n"
             f"- cache hit ratio of the answered: {ratios}\n- refused (429/503): {refused}\n")
 
 

@@ -13,7 +13,9 @@ What an operator needs before trusting a deployment, in one run on loopback:
    back to back; a client refused with Retry-After waits that long (at most 10 s) before its
    next request, as a polite client does. The fault plan: Redis stopped when 30% of the requests have been sent and
    started again (empty) at 60%; at 80% a burst of ``--burst`` extra requests at once, beyond
-   the clients, over the queue limit. The ``swap`` fault (with ``--swap-model``) swaps the
+   the clients, over the queue limit. With ``--resend`` a refused request is sent again after its
+   Retry-After until answered (the burst's are not), and every request must be answered in the
+   end. The ``swap`` fault (with ``--swap-model``) swaps the
    service to that second model version (``POST /admin/reload``) at 50%, while the clients send
    (from 75% on they send only once it is done); its references are taken before the load (swap
    there, answer each request alone, swap back).
@@ -55,6 +57,7 @@ FAULTS = ("redis", "burst", "swap")
 DEFAULT_FAULTS = ("redis", "burst")  # swap needs a second model (--swap-model)
 WINDOWS = 20
 MAX_RETRY_AFTER_S = 10.0  # a refused client waits its Retry-After, at most this long
+MAX_RESENDS = 30  # with --resend: a refused request is sent again at most this often
 
 
 @dataclass
@@ -73,6 +76,7 @@ class Outcome:
     wrong: str | None = None  # why the 200 answer differs from the reference
     burst: bool = False
     version: str | None = None  # the checkpoint version the 200 answer names
+    retried: bool = False  # refused, then sent again (--resend): the later attempt is the request's outcome
 
 
 @dataclass
@@ -204,8 +208,8 @@ async def _all_references(url: str, bodies: Sequence[bytes], timeout: float, swa
 
 
 async def _load(url: str, bodies: Sequence[bytes], refs, plan: Sequence[int], clients: int, burst: int,
-                timeout: float, max_seconds: float, fault, log: FaultLog, obey_retry_after: bool = True
-                ) -> tuple[list[Outcome], float]:
+                timeout: float, max_seconds: float, fault, log: FaultLog, obey_retry_after: bool = True,
+                resend: bool = False) -> tuple[list[Outcome], float]:
     """The load phase: ``clients`` workers take the next request of ``plan`` until it is done (a
     worker refused with Retry-After waits that long first, as the Cohere SDKs do); a fault runs
     when the sent count crosses its point (Redis stop/start in a thread: they block a moment)."""
@@ -224,15 +228,16 @@ async def _load(url: str, bodies: Sequence[bytes], refs, plan: Sequence[int], cl
 
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, trust_env=False) as client:
 
-        async def one(seq: int, ref: int, is_burst: bool) -> float:
-            """Send one request and check its answer; returns the Retry-After it asked for (0 if none)."""
+        async def one(seq: int, ref: int, is_burst: bool) -> tuple[float, Outcome]:
+            """Send one request and check its answer; returns the Retry-After it asked for (0 if none)
+            and its outcome."""
             t0 = time.perf_counter()
             try:
                 r = await client.post("/rerank", content=bodies[ref], headers=headers)
             except httpx.HTTPError as exc:
                 outcomes.append(Outcome(seq, ref, f"lost: {type(exc).__name__}", (time.perf_counter() - t0) * 1000,
                                         burst=is_burst))
-                return 0.0
+                return 0.0, outcomes[-1]
             o = Outcome(seq, ref, str(r.status_code), (time.perf_counter() - t0) * 1000, _server_ms(r.headers),
                         retry_after="retry-after" in r.headers, burst=is_burst)
             if r.status_code == 200:
@@ -245,9 +250,9 @@ async def _load(url: str, bodies: Sequence[bytes], refs, plan: Sequence[int], cl
                     f"answered by version {o.version}, not one of {sorted(refs)}"
             outcomes.append(o)
             try:
-                return float(r.headers.get("retry-after", 0))
+                return float(r.headers.get("retry-after", 0)), o
             except ValueError:
-                return 0.0
+                return 0.0, o
 
         fault_order = asyncio.Lock()
 
@@ -272,9 +277,13 @@ async def _load(url: str, bodies: Sequence[bytes], refs, plan: Sequence[int], cl
                             await loop.run_in_executor(None, fault.run, name, seq)
                 if swapping and seq >= int(len(plan) * SWAPPED_BY):
                     await asyncio.shield(swapping[0])
-                wait = await one(seq, plan[seq], False)
-                if wait and obey_retry_after:  # a polite client: it waits as told before its next request
-                    await asyncio.sleep(min(wait, MAX_RETRY_AFTER_S))
+                for attempt in range(MAX_RESENDS + 1):
+                    wait, outcome = await one(seq, plan[seq], False)
+                    if wait and obey_retry_after:  # a polite client: it waits as told before its next request
+                        await asyncio.sleep(min(wait, MAX_RETRY_AFTER_S))
+                    if not (wait and resend) or attempt == MAX_RESENDS:
+                        break
+                    outcome.retried = True  # sent again: the next attempt is this request's outcome
 
         await asyncio.gather(*(worker() for _ in range(clients)))
         if fault_tasks:
@@ -340,7 +349,9 @@ def _windows(outcomes: list[Outcome], total: int) -> list[dict[str, Any]]:
 
 
 def summarize(outcomes: list[Outcome], wall: float, log: FaultLog, before: float | None, after: float | None,
-              total: int, swap: dict[str, Any] | None = None) -> dict[str, Any]:
+              total: int, swap: dict[str, Any] | None = None, resend: bool = False) -> dict[str, Any]:
+    retries = sum(1 for o in outcomes if o.retried)
+    outcomes = [o for o in outcomes if not o.retried]  # each request's last attempt
     ok = [o for o in outcomes if o.status == "200"]
     lat = [o.latency_ms for o in ok]
     server = [o.server_ms for o in ok if o.server_ms is not None]
@@ -370,22 +381,23 @@ def summarize(outcomes: list[Outcome], wall: float, log: FaultLog, before: float
         "server_p99_ms": report.percentile(server, 99),
         "cache_errors_before": before, "cache_errors_after": after, "cache_errors_while_redis_up": up_errors,
         "fault_events": log.events, "hit_ratio_windows": _windows(outcomes, total),
-        "versions": dict(Counter(o.version for o in ok)), "swap": swap,
+        "versions": dict(Counter(o.version for o in ok)), "swap": swap, "resend": resend, "retries": retries,
+        "unanswered_after_resend": sum(1 for o in outcomes if not o.burst and o.status != "200") if resend else None,
     }
 
 
 def passed(s: dict[str, Any]) -> bool:
     """The soak's verdict: every planned request sent and answered, nothing wrong, every refusal
-    with Retry-After, no other status, no cache error while Redis was up (when known), and a
-    swap fault's swap done."""
+    with Retry-After, no other status, no cache error while Redis was up (when known), a swap
+    fault's swap done, and with ``resend`` every request answered in the end."""
     return (s["lost"] == 0 and s.get("not_sent", 0) == 0 and s["wrong"] == 0 and s["refused_without_retry_after"] == 0
             and s["unexpected_status"] == 0 and not s.get("cache_errors_while_redis_up")
-            and (s.get("swap") is None or s["swap"].get("status") == 200))
+            and (s.get("swap") is None or s["swap"].get("status") == 200) and not s.get("unanswered_after_resend"))
 
 
 def run_soak(*, model: str | None = None, url: str | None = None, clients: int = 200, requests: int = 4000,
              distinct: int = 40, candidates: int = 10, history: int = 20, faults: Sequence[str] = DEFAULT_FAULTS,
-             swap_model: str | None = None,
+             swap_model: str | None = None, resend: bool = False,
              burst: int = 128, timeout: float = 60.0, max_seconds: float = 1200.0, settings: Sequence[str] = (),
              threads: int | None = None, seed: int = 0, dataset: str = "games", log_dir: Path = report.DEFAULT_OUT
              ) -> dict[str, Any]:
@@ -417,20 +429,20 @@ def run_soak(*, model: str | None = None, url: str | None = None, clients: int =
         before = _cache_errors(fixture.url)
         fault = _Faults(faults, fixture, log, swap_model, timeout)
         outcomes, wall = asyncio.run(_load(fixture.url, bodies, refs, plan, clients, burst if "burst" in faults else 0,
-                                           timeout, max_seconds, fault, log))
+                                           timeout, max_seconds, fault, log, resend=resend))
         after = _cache_errors(fixture.url)
     finally:
         fixture.close()
     start = log.events[0]["at_s"] if log.events else 0.0
     for e in log.events:
         e["at_s"] = round(e["at_s"] - start, 3)
-    summary = summarize(outcomes, wall, log, before, after, len(plan), fault.swap if swap_model else None)
+    summary = summarize(outcomes, wall, log, before, after, len(plan), fault.swap if swap_model else None, resend)
     return {
         "model": ready.get("model", {}).get("name") if isinstance(ready.get("model"), dict) else model,
         "machine": report.machine_info(), "workload": workload.description(),
         "config": {"clients": clients, "requests": requests, "distinct": distinct, "candidates": candidates,
                    "history": history, "faults": list(faults), "burst": burst if "burst" in faults else 0,
-                   "swap_model": swap_model,
+                   "swap_model": swap_model, "resend": resend,
                    "timeout_s": timeout, "seed": seed, "dataset": dataset, "url": url,
                    "settings": getattr(fixture, "settings", None)},
         "reference_seconds": reference_s, **summary, "passed": passed(summary),
