@@ -167,7 +167,8 @@ async def _references(url: str, bodies: Sequence[bytes], timeout: float) -> tupl
             refs.append(_answer(r.json()))
             versions.add(_version(r.json()))
     if len(versions) != 1:
-        raise BenchError(f"the references were answered by {len(versions)} model versions: {sorted(map(str, versions))}")
+        raise BenchError(f"the references were answered by {len(versions)} model versions: "
+                         f"{sorted(map(str, versions))}")
     return versions.pop(), refs
 
 
