@@ -144,7 +144,7 @@ def test_aliases_and_misspellings_are_deterministic():
 def test_evaluate_phrasing_rows_side_by_side(tmp_path):
     data = load_dataset("games-sample").sample_users(40, seed=3)
     cfg = EvalConfig(data=data, out=tmp_path / "report", users=16, select_users=6, settings=("uniform-10",),
-                     scenarios=("sequential", "product_search", "vague_intention"), phrasing=("both",),
+                     scenarios=("sequential", "product_search", "vague_intention"), phrasing="both",
                      base="tiny-random", baselines=("popularity",), resamples=50, progress=False, command="test")
     assert cfg.phrasing == ("in-family", "held-out")
     results = evaluate(cfg)

@@ -88,7 +88,10 @@ class EvalConfig:
         self.settings = tuple(s for s in self.settings if s != FULL)
         if self.settings and SELECTION_SETTING not in self.settings:
             self.settings = (SELECTION_SETTING, *self.settings)
-        self.phrasing = tuple(dict.fromkeys(p for p in self.phrasing for p in (("in-family", "held-out") if p == "both" else (p,))))
+        if isinstance(self.phrasing, str):
+            self.phrasing = tuple(p.strip() for p in self.phrasing.split(",") if p.strip())
+        expanded = [q for p in self.phrasing for q in (("in-family", "held-out") if p == "both" else (p,))]
+        self.phrasing = tuple(dict.fromkeys(expanded))
         wrong = [p for p in self.phrasing if p not in PHRASINGS]
         if wrong or not self.phrasing:
             raise ValueError(f"unknown phrasing {wrong[0] if wrong else ''!r}; choose from {', '.join(PHRASINGS)} or both")
