@@ -171,8 +171,6 @@ LONG_FUNCTIONS = {
     "instructrec.bench.soak._load": "one async load loop; the workers and fault tasks share its counters",
     "instructrec.service.pipeline.rerank":
         "the hot path of one request, cache, model and fusion in order; kept in one piece on purpose",
-    "instructrec.training.annotate.offline.OfflineTeacher._vague":
-        "one phrase builder: slots, then the patterns that use them; splitting scatters the slots",
     "instructrec.bench.hybrid_bench.run_hybrid": "one linear bench: load, build, time each size, report",
     "instructrec.bench.report.render_ranker": "one markdown page written top to bottom",
     "instructrec.service.metrics.Metrics.__init__": "a flat list of metric declarations",

@@ -53,7 +53,7 @@ def test_smoke_writes_model_and_metadata(smoke_run):
     rows = [json.loads(l) for l in (out / "instructions.jsonl").read_text().splitlines()]
     assert len(rows) == meta["data"]["examples"]
     assert all(r["template_id"] and r["instantiation"].startswith("<") and r["user_id"] and "teacher" in r for r in rows)
-    assert any(r["teacher"] == "offline-v1" for r in rows) and any(r["teacher"] is None for r in rows)
+    assert any(r["teacher"] == "offline-v2" for r in rows) and any(r["teacher"] is None for r in rows)
 
 
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from instructrec.training.annotate.offline import OfflineTeacher
+from instructrec.training.annotate.phrasing import PHRASINGS
 from instructrec.training.annotate.teachers import Kind, TeacherError
 from instructrec.training.data.load import load_dataset
 from instructrec.training.data.types import DataError
@@ -58,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated: preference,vague_intention,specific_intention (default: all three)")
     parser.add_argument("--teacher", choices=["offline", "openai"], default="offline",
                         help="offline: rule-based, no network (default); openai: an OpenAI-compatible endpoint")
+    parser.add_argument("--phrasing", choices=PHRASINGS, default="in-family",
+                        help="the offline teacher's phrasing families: in-family (the training ones, default), held-out, "
+                             "novel, v1 (what offline-v1 wrote), all")
     parser.add_argument("--teacher-url", default=None, help="base URL of the endpoint, e.g. http://localhost:8000/v1")
     parser.add_argument("--teacher-model", default=None, help="model name sent to the endpoint")
     parser.add_argument("--teacher-key", default=None, help=f"API key (default: ${KEY_ENV})")
@@ -69,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _teacher(args: argparse.Namespace):
     if args.teacher == "offline":
-        return OfflineTeacher(seed=args.seed)
+        return OfflineTeacher(seed=args.seed, phrasing=args.phrasing)
     from instructrec.training.annotate.openai_teacher import OpenAITeacher
 
     if not args.teacher_url or not args.teacher_model:

@@ -15,6 +15,12 @@ choosing the pattern (and small details) by a hash of the request key and the se
   short search request.
 
 It returns None when there is nothing to go on.
+
+Every sentence frame is a named phrasing family (:mod:`instructrec.training.annotate.frames`),
+and so are the modifiers some answers get (platform aliases, seeded misspellings). Version 2
+(``offline-v2``) added frames, compositional needs ("racing, not too violent, for Nintendo
+Wii"), negations ("nothing with horror") and the modifiers, and writes with the training
+families only unless asked for another phrasing (:mod:`instructrec.training.annotate.phrasing`).
 """
 
 from __future__ import annotations
@@ -24,6 +30,17 @@ import html
 import re
 from collections import Counter
 
+from instructrec.training.annotate.frames import (
+    PREFERENCE,
+    SPECIFIC_CATEGORY,
+    SPECIFIC_PLATFORM,
+    SPECIFIC_PLATFORM_CATEGORY,
+    VAGUE_DESCRIPTION,
+    VAGUE_REVIEW,
+    VAGUE_TITLE,
+    Frame,
+)
+from instructrec.training.annotate.phrasing import ALIASES, TYPOS, alias, allowed, misspell
 from instructrec.training.annotate.teachers import AnnotationRequest, Kind, facets, platform_of, split_platform
 
 # Genre lexicon for game titles: the first genre (in this order) with a keyword in the title wins.
@@ -231,42 +248,122 @@ def _scrub(text: str, titles: list[str]) -> str:
     return text
 
 
+# The tone a need may ask for, by genre (new in offline-v2's compositional frames).
+_TONES: dict[str, tuple[str, ...]] = {
+    "racing": ("fast", "not too violent"), "party": ("good with a group", "family-friendly"),
+    "music and rhythm": ("good with a group", "not too violent"), "sports": ("competitive", "not too violent"),
+    "horror": ("properly scary", "tense"), "shooter": ("fast and intense", "action-packed"),
+    "fighting": ("competitive", "action-packed"), "role-playing": ("long and story-heavy", "immersive"),
+    "platformer": ("not too violent", "family-friendly"), "strategy": ("slow and thoughtful", "not too violent"),
+    "simulation": ("relaxed", "not too violent"), "puzzle": ("relaxed", "family-friendly"),
+    "action-adventure": ("story-driven", "adventurous"),
+}
+_STYLE_PERCENT = 25  # how often a compositional or negating style is drawn when one fits
+
+
 class OfflineTeacher:
-    """Deterministic rule-based teacher; see the module docstring."""
+    """Deterministic rule-based teacher; see the module docstring. ``phrasing`` picks the
+    families it writes with (:mod:`instructrec.training.annotate.phrasing`); training uses
+    ``in-family``, evaluation may ask for ``held-out``."""
 
     max_concurrency = 1
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, phrasing: str = "in-family"):
         self.seed = int(seed)
-        # The seed changes the answers, so it is part of the name (and of cache identity).
-        self.name = "offline-v1" if self.seed == 0 else f"offline-v1:seed{self.seed}"
+        self.phrasing = phrasing
+        self.families = allowed(phrasing)
+        self._used: list[str] = []  # the families of the answer being written (see explain)
+        # Seed and phrasing change the answers, so both are part of the name (and of cache identity).
+        # "v1" writes exactly what offline-v1 wrote, so it keeps that name and its caches.
+        name = "offline-v1" if phrasing == "v1" else "offline-v2" + ("" if phrasing == "in-family" else f":{phrasing}")
+        self.name = name if self.seed == 0 else f"{name}:seed{self.seed}"
 
     # -- helpers --------------------------------------------------------------------------
     def _h(self, key: str, salt: str, n: int) -> int:
         digest = hashlib.sha256(f"{self.seed}|{key}|{salt}".encode()).hexdigest()
         return int(digest[:12], 16) % n if n > 0 else 0
 
-    def _choose(self, key: str, salt: str, patterns: list[tuple[tuple[str, ...], str]], slots: dict[str, str],
+    def _choose(self, key: str, salt: str, frames: tuple[Frame, ...] | list[Frame], slots: dict[str, str],
                 spread: int | None = None) -> str | None:
-        feasible = [(need, text) for need, text in patterns if all(slots.get(s) for s in need)]
+        feasible = [f for f in frames if f.family in self.families and all(slots.get(s) for s in f.needs)]
         if not feasible:
             return None
-        richest = max(len(need) for need, _ in feasible)
-        # Use what is known: the richest patterns, and one slot less only when that is still rich.
-        floor = richest - (spread if spread is not None else (1 if richest >= 3 else 0))
-        pool = [(need, text) for need, text in feasible if len(need) >= floor]
-        _, text = pool[self._h(key, salt, len(pool))]
-        return text.format(**slots)
+        styled = [f for f in feasible if f.styled]
+        plain = [f for f in feasible if not f.styled]
+        if styled and (not plain or self._h(key, salt + "|style", 100) < _STYLE_PERCENT):
+            frame = styled[self._h(key, salt + "|styled", len(styled))]
+        else:
+            richest = max(len(f.needs) for f in plain)
+            # Use what is known: the richest frames, and one slot less only when that is still rich.
+            floor = richest - (spread if spread is not None else (1 if richest >= 3 else 0))
+            pool = [f for f in plain if len(f.needs) >= floor]
+            frame = pool[self._h(key, salt, len(pool))]
+        self._used.insert(0, frame.family)
+        text, family = frame.text.format(**slots), self._alias_family(key)
+        if family:
+            aliased = frame.text.format(**self._aliased(slots, family))
+            if aliased != text:
+                self._used.append(family)
+                return aliased
+        return text
+
+    def _alias_family(self, key: str) -> str | None:
+        """The alias family of about 3 answers in 10 (None for the others)."""
+        aliases = [m for m in ALIASES if m in self.families]
+        if not aliases or self._h(key, "modifier", 10) >= 3:
+            return None
+        return aliases[self._h(key, "alias", len(aliases))]
+
+    @staticmethod
+    def _aliased(slots: dict[str, str], family: str) -> dict[str, str]:
+        """The platform slots under an alias family (the slots only: an example title keeps its
+        own spelling)."""
+        out = dict(slots)
+        for name in ("P", "all", "looking"):
+            if out.get(name):
+                out[name] = alias(out[name], family)
+        if out.get("aP"):
+            out["aP"] = _an(out["P"])
+        return out
+
+    def _modify(self, key: str, text: str | None) -> str | None:
+        """In about 2 answers of 10, a misspelling from one of this phrasing's typo families."""
+        typos = [m for m in TYPOS if m in self.families]
+        if not text or not typos or not 3 <= self._h(key, "modifier", 10) < 5:
+            return text
+        family = typos[self._h(key, "typos", len(typos))]
+        changed = misspell(text, family, key, self.seed)
+        if changed != text:
+            self._used.append(family)
+        return changed
+
+    def _tone(self, key: str, genre: str | None) -> str:
+        tones = _TONES.get(genre or "", ())
+        return tones[self._h(key, "tone", len(tones))] if tones else ""
+
+    def _other_genre(self, key: str, avoid: set[str]) -> str:
+        """A genre to say no to: a seeded one of the lexicon's not in ``avoid``."""
+        names = [g for g, _ in _GENRES if g not in avoid]
+        return names[self._h(key, "negation", len(names))] if names else ""
 
     async def annotate(self, request: AnnotationRequest) -> str | None:
         return self.annotate_sync(request)
 
     def annotate_sync(self, request: AnnotationRequest) -> str | None:
+        return self.explain(request)[0]
+
+    def explain(self, request: AnnotationRequest) -> tuple[str | None, tuple[str, ...]]:
+        """The answer and the families that wrote it (its frame, and each modifier that changed it),
+        so that a split can be checked on what the teacher really wrote."""
+        self._used: list[str] = []
         if request.kind is Kind.PREFERENCE:
-            return self._preference(request)
-        if request.kind is Kind.VAGUE:
-            return self._vague(request)
-        return self._specific(request)
+            text = self._preference(request)
+        elif request.kind is Kind.VAGUE:
+            text = self._vague(request)
+        else:
+            text = self._specific(request)
+        text = self._modify(request.key(), text)
+        return text, (tuple(self._used) if text else ())
 
     # -- P2 -------------------------------------------------------------------------------
     def _preference(self, r: AnnotationRequest) -> str | None:
@@ -285,12 +382,14 @@ class OfflineTeacher:
         example = self._example_phrase(key, cores, recent_first, franchise, genres)
 
         the_franchise = franchise if franchise.lower().startswith("the ") else f"the {franchise}"
+        top = genres.most_common(1)[0][0] if genres else None
         slots = {"P": platform_phrase, "G": genre_phrase, "F": franchise, "TF": the_franchise, "aP": _an(platform_phrase) if platform_phrase else "", "E": example,
-                 "C": cat_phrase, "A": acc_phrase}
+                 "C": cat_phrase, "A": acc_phrase, "T": self._tone(key, top) if genre_phrase else "",
+                 "N": self._other_genre(key, set(genres)) if not cat_phrase else ""}
         # Category phrases describe the data better than the games lexicon when both exist.
         if cat_phrase:
-            slots["G"] = ""
-        text = self._choose(key, "preference", list(_PREFERENCE_PATTERNS), slots)
+            slots["G"] = slots["T"] = ""
+        text = self._choose(key, "preference", PREFERENCE, slots)
         if text and acc_phrase and "{A}" not in text and "gear" not in text and self._h(key, "acc", 2):
             text += f" I also pick up gear like {acc_phrase}."
         return _upper_first(text) if text else None
@@ -322,40 +421,25 @@ class OfflineTeacher:
         return ""
 
     def _vague(self, r: AnnotationRequest) -> str | None:
-        key = r.key()
         full = _clean(r.target_title)
-        core = _core(r.target_title)
-        leak = [full, core, r.target_title, *_title_heads(full)]
+        leak = [full, _core(r.target_title), r.target_title, *_title_heads(full)]
         review = _clean(r.target_review)
         description = _clean(r.target_description)
-
         if review or description:
             source = review or description
             s = _scrub(_first_sentence(source), leak)
-            cue = self._cue(key, source)
-            slots = {"S": s, "s": _lower_first(s), "cue": cue}
-            if review:
-                patterns = [
-                    (("cue", "S"), "I'm looking for {cue}. {S}"),
-                    (("cue", "S"), "{S} So I want {cue}."),
-                    (("cue", "s"), "I need {cue}; {s}"),
-                    (("S",), "{S} That's the kind of thing I'm after."),
-                    (("s",), "What I'm after: {s}"),
-                    (("s",), "Hoping for something like this: {s}"),
-                ]
-            else:
-                patterns = [
-                    (("cue", "s"), "I'd like {cue}, along these lines: {s}"),
-                    (("cue", "S"), "{S} That sounds like {cue}, which is what I want."),
-                    (("s",), "I'm in the mood for something like this: {s}"),
-                    (("S",), "{S} That sounds like what I want right now."),
-                    (("s",), "Something where {s} That's my idea."),
-                ]
-            text = self._choose(key, "vague", patterns, slots)
-            return _scrub(text, leak) if text else None
+            slots = {"S": s, "s": _lower_first(s), "cue": self._cue(r.key(), source)}
+            text = self._choose(r.key(), "vague", VAGUE_REVIEW if review else VAGUE_DESCRIPTION, slots)
+        else:
+            text = self._choose(r.key(), "vague-title", *self._title_slots(r))
+        return _scrub(text, leak) if text else None
 
-        genre = _genre(full)
-        acc = _accessory(full)
+    def _title_slots(self, r: AnnotationRequest) -> tuple[list[Frame], dict[str, str], int]:
+        """The frames and slots of a vague intention from the target's title alone (and its
+        categories): its genre, accessory kind, categories, a few of its words (never all), its
+        platform, a tone, and a genre it is not."""
+        key, full, core = r.key(), _clean(r.target_title), _core(r.target_title)
+        genre, acc = _genre(full), _accessory(full)
         cats = [c for c in r.target_categories if c and c.strip()]
         cat_phrase = _join([c.lower() if not c.isupper() else c for c in cats[-2:]]) if cats else ""
         content = [w for w in _words(core) if w.lower().strip(".:'") not in _STOP and not w.isdigit()
@@ -365,28 +449,16 @@ class OfflineTeacher:
             n = min(len(content) - 1, 1 + self._h(key, "nwords", 2))
             start = self._h(key, "wstart", len(content) - n + 1)
             word_phrase = " ".join(w.lower() for w in content[start : start + n])
-        slots = {"G": genre or "", "aG": _an(genre) if genre else "", "A": acc or "", "C": cat_phrase, "W": word_phrase}
-        patterns = [
-            (("G", "aG"), "I feel like playing {aG} game."),
-            (("G",), "I'm in the mood for a good {G} game."),
-            (("G", "aG", "W"), "I feel like playing {aG} game, maybe something with {W} in it."),
-            (("A",), "I need a new {A} for my setup."),
-            (("A",), "My old {A} is worn out, so I need a replacement."),
-            (("C",), "I'm in the mood for something {C}."),
-            (("C",), "Something in the {C} line would be nice."),
-            (("C", "W"), "I want something {C}, perhaps involving {W}."),
-            (("W",), "I want something with {W} in it."),
-            (("W",), "I'm thinking about something involving {W}."),
-        ]
+        slots = {"G": genre or "", "aG": _an(genre) if genre else "", "A": acc or "", "C": cat_phrase, "W": word_phrase,
+                 "P": platform_of(r.target_title) or "", "T": self._tone(key, genre)}
         if acc:  # an accessory's genre words ("racing wheel") are not what the user wants to play
-            slots["G"] = slots["aG"] = ""
+            slots["G"] = slots["aG"] = slots["T"] = ""
+        if slots["G"]:  # from the target alone: an intention's answer is cached by its target
+            slots["N"] = self._other_genre(key, {genre})
+        frames = list(VAGUE_TITLE)
         if slots["A"] or slots["G"] or slots["C"]:  # a few title words only as a last resort
-            patterns = [p for p in patterns if p[0] != ("W",)]
-        text = self._choose(key, "vague-title", patterns, slots, spread=1)
-        if text is None:
-            return None
-        text = _scrub(text, leak)
-        return text
+            frames = [f for f in frames if f.needs != ("W",)]
+        return frames, slots, 1
 
     # -- I2 -------------------------------------------------------------------------------
     def _specific(self, r: AnnotationRequest) -> str | None:
@@ -409,29 +481,10 @@ class OfflineTeacher:
             "cand": " and ".join(cats[-2:]) if cats else "",
             "all": ", ".join(fs),
         }
-        if platform and not cats:
-            patterns = [
-                (("P",), "{a} {n} for {P}"),
-                (("P",), "{P} {ns}"),
-                (("P",), "Looking for {a} {n} for {P}." if acc else "Looking for something to play on {P}."),
-                (("P",), "I need a new {P} {n}."),
-                (("P",), "Show me {ns} for {P}."),
-            ]
-        elif platform:
-            patterns = [
-                (("P", "c"), "Looking for something on {P} in the {c} category."),
-                (("all",), "{all}"),
-                (("P", "c"), "I want {ac} {n} for {P}."),
-                (("P", "cand"), "{P}, {cand}"),
-            ]
-        else:
-            patterns = [
-                (("cs",), "{cs}"),
-                (("c",), "Looking for something in the {c} category."),
-                (("cand",), "Something in {cand}, please."),
-                (("cand",), "I'd like something tagged {cand}."),
-            ]
-        return self._choose(key, "specific", patterns, slots)
+        slots["looking"] = (f"Looking for {slots['a']} {noun} for {platform}." if acc
+                            else f"Looking for something to play on {platform}.")
+        frames = SPECIFIC_CATEGORY if not platform else SPECIFIC_PLATFORM_CATEGORY if cats else SPECIFIC_PLATFORM
+        return self._choose(key, "specific", frames, slots)
 
 
 # --- P2 phrases (each from the history alone) ----------------------------------------------------
@@ -493,37 +546,3 @@ def _category_phrase(history_categories, plats: Counter) -> str:
     if not cats:
         return ""
     return _join([c.lower() if c[:1].isupper() and not c.isupper() else c for c, _ in cats.most_common(2)])
-
-
-# P2 sentence patterns: the slots each needs (all non-empty), then the sentence.
-_PREFERENCE_PATTERNS: tuple[tuple[tuple[str, ...], str], ...] = (
-        (("P", "G", "E"), "I mostly play on {P} and like {G} games such as {E}."),
-        (("P", "G", "E"), "Most of my gaming is on {P}, usually {G} games like {E}."),
-        (("P", "aP", "G"), "I'm {aP} player who enjoys {G} games."),
-        (("P", "G"), "Give me {G} games on {P} and I'm happy."),
-        (("G", "E"), "I tend to go for {G} games; {E} is the kind of thing I like."),
-        (("G", "E"), "I really enjoy {G} games, for example {E}."),
-        (("F", "TF", "P"), "I'm a big fan of {TF} series, mostly on {P}."),
-        (("F", "P"), "I play on {P} and always pick up the next {F}."),
-        (("F", "P", "G"), "I follow {F} closely and generally like {G} games on {P}."),
-        (("F", "P", "G"), "On {P} I go for {G} games, {F} above all."),
-        (("F", "G"), "I love {F} and {G} games in general."),
-        (("F", "G"), "{G} games are my thing, especially {F}."),
-        (("F", "G"), "I'm drawn to {G} games; {F} is a favourite."),
-        (("F", "E"), "I keep coming back to {F}; I loved {E}."),
-        (("F", "E"), "Anything from {F} catches my eye, like {E}."),
-        (("F",), "Anything from {F} catches my eye."),
-        (("F",), "I keep coming back to {F}."),
-        (("G",), "I'm really into {G} games."),
-        (("G",), "My favourite kind of game is {G}."),
-        (("P",), "I mostly play on {P} and like to keep up with what's new there."),
-        (("P", "E"), "I play on {P}; lately I liked {E}."),
-        (("P", "E"), "Most of my gaming happens on {P}; I enjoyed {E} a lot."),
-        (("E",), "I've enjoyed things like {E} and want more in that vein."),
-        (("E",), "Recently I liked {E}, so similar picks suit me."),
-        (("C",), "I'm into {C}."),
-        (("C",), "My taste runs to {C}."),
-        (("C", "E"), "I like {C}, for example {E}."),
-        (("C", "E"), "Mostly {C} for me; favourites include {E}."),
-        (("A",), "I buy a lot of gaming gear, like {A}."),
-)

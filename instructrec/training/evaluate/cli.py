@@ -72,6 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--extra-scenarios", type=_csv, default=("sequential", "personalized_search"),
                         help="scenarios also run in the hard-10 and uniform-100 settings")
     parser.add_argument("--annotations", help="annotations.jsonl from `instructrec annotate` (default: the offline teacher)")
+    parser.add_argument("--phrasing", type=_csv, default=("in-family",),
+                        help="the offline teacher's phrasing families the needs are written in, each its own rows side by "
+                             "side: in-family (the training families), held-out, novel (held-out and new in offline-v2), "
+                             "v1 (offline-v1's), all; 'both' = in-family,held-out")
     parser.add_argument("--recbole-epochs", type=_epochs, default=10, metavar="N|MODEL=N,...",
                         help="RecBole training epochs at most: one number, or per model, e.g. sasrec=3,bert4rec=1")
     parser.add_argument("--recbole-patience", type=int, default=3)
@@ -97,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
             scenarios=args.scenarios, extra_scenarios=args.extra_scenarios, models=tuple(args.model),
             base=None if args.base.lower() == "none" else args.base, baselines=args.baselines, hybrid=args.hybrid,
             sequential=args.sequential,
-            annotations=args.annotations, recbole_epochs=args.recbole_epochs, recbole_patience=args.recbole_patience,
+            annotations=args.annotations, phrasing=args.phrasing, recbole_epochs=args.recbole_epochs, recbole_patience=args.recbole_patience,
             recbole_threads=args.recbole_threads, recbole_env=args.recbole_env, device=args.device, dtype=args.dtype,
             resamples=args.resamples, progress=args.progress, command=invoked_as(), full_k=args.full_k,
             full_beams=args.full_beams, full_per_source=args.full_per_source)

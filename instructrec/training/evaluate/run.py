@@ -26,6 +26,7 @@ from instructrec.aspects import UserNeed
 from instructrec.generation import MAX_K
 
 from ..annotate.offline import OfflineTeacher
+from ..annotate.phrasing import PHRASINGS
 from ..baselines.recbole import _read_scores, run_recbole
 from ..data.load import load_dataset
 from ..data.types import MAX_HISTORY, Case, InteractionData
@@ -34,7 +35,7 @@ from . import candidates as cand
 from . import report
 from .full_catalogue import FULL
 from .methods import Behaviour, BiEncoder, HybridModel, InstructionModel, Method, Popularity, Precomputed, Sequential, timed_score
-from .scenarios import Scenario, get_scenarios, needs_of
+from .scenarios import Scenario, get_scenarios, needs_of, with_phrasings
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class EvalConfig:
     hybrid: bool = False  # also each tuned model fused with behaviour and semantic signals by its gate.json
     sequential: str | None = None  # the hybrid's SASRec (OUT/model of `instructrec sequential train`): a row, and a signal
     annotations: str | None = None  # a teacher's annotations.jsonl; default: the offline teacher
+    phrasing: tuple[str, ...] = ("in-family",)  # the offline teacher's phrasings the scenarios' needs are written in
     recbole_epochs: int | dict[str, int] = 10  # one budget, or per model: {"sasrec": 3, "bert4rec": 1}
     recbole_patience: int = 3
     recbole_threads: int = 2
@@ -86,6 +88,16 @@ class EvalConfig:
         self.settings = tuple(s for s in self.settings if s != FULL)
         if self.settings and SELECTION_SETTING not in self.settings:
             self.settings = (SELECTION_SETTING, *self.settings)
+        if isinstance(self.phrasing, str):
+            self.phrasing = tuple(p.strip() for p in self.phrasing.split(",") if p.strip())
+        expanded = [q for p in self.phrasing for q in (("in-family", "held-out") if p == "both" else (p,))]
+        self.phrasing = tuple(dict.fromkeys(expanded))
+        wrong = [p for p in self.phrasing if p not in PHRASINGS]
+        if wrong or not self.phrasing:
+            raise ValueError(f"unknown phrasing {wrong[0] if wrong else ''!r}; choose from {', '.join(PHRASINGS)} or both")
+        if self.annotations and self.phrasing != ("in-family",):
+            raise ValueError("--annotations gives one teacher's phrasing; --phrasing other than in-family needs the "
+                             "offline teacher (leave --annotations out)")
         bad = [b for b in self.baselines if b not in BASELINES]
         if bad:
             raise ValueError(f"unknown baseline {bad[0]!r}; choose from {', '.join(BASELINES)}")
@@ -132,7 +144,11 @@ def _cases(data: InteractionData, cfg: EvalConfig) -> dict[str, list[Case]]:
     return {"valid": cand.pick_users(valid, cfg.select_users, cfg.seed), "test": test}
 
 
-def annotate(data: InteractionData, cases: Sequence[Case], scenarios: Sequence[Scenario], cfg: EvalConfig) -> dict:
+def annotate(data: InteractionData, cases: Sequence[Case], scenarios: Sequence[Scenario], cfg: EvalConfig,
+             phrasing: str = "in-family") -> dict:
+    """The scenarios' annotations of ``cases``: the file ``cfg.annotations`` names, else the offline
+    teacher's in ``phrasing``, cached in ``OUT/annotations.jsonl`` (one file for every phrasing,
+    each read back by its teacher's name)."""
     from ..annotate.pipeline import annotate_cases, load_annotations, read_annotations_file
 
     if cfg.annotations:
@@ -140,10 +156,11 @@ def annotate(data: InteractionData, cases: Sequence[Case], scenarios: Sequence[S
 
     kinds = sorted({k for s in scenarios for k in s.kinds()}, key=str)
     path = cfg.out / "annotations.jsonl"
+    teacher = OfflineTeacher(phrasing=phrasing)
     if kinds:
         short = [Case(c.user_id, c.history[-MAX_HISTORY:], c.target, c.review) for c in cases]
-        asyncio.run(annotate_cases(data, short, OfflineTeacher(), kinds, path, progress=cfg.progress))
-    return load_annotations(path) if path.exists() else {}
+        asyncio.run(annotate_cases(data, short, teacher, kinds, path, progress=cfg.progress))
+    return load_annotations(path, teacher=teacher.name) if path.exists() else {}
 
 
 def candidate_files(data: InteractionData, cases: dict[str, list[Case]], cfg: EvalConfig,
@@ -332,11 +349,13 @@ def _moved(cfg: EvalConfig, out: Path) -> EvalConfig:
 def _evaluate_candidates(cfg: EvalConfig, data: InteractionData) -> dict:
     """The candidate settings (uniform-10, hard-10, uniform-100) and their report."""
     started = time.perf_counter()
-    scenarios = get_scenarios(cfg.scenarios)
+    scenarios = with_phrasings(get_scenarios(cfg.scenarios), cfg.phrasing)
     cases = _cases(data, cfg)
     log.info("%s: %d users (%s), %d scenarios, settings %s", data.name, len(cases["test"]),
              f"seeded subsample of {cfg.users}" if cfg.users else "all", len(scenarios), ", ".join(cfg.settings))
-    annotations = annotate(data, [*cases["valid"], *cases["test"]], scenarios, cfg)
+    phrasings = dict.fromkeys(s.phrasing for s in scenarios)
+    annotations = {p: annotate(data, [*cases["valid"], *cases["test"]], [s for s in scenarios if s.phrasing == p], cfg, p)
+                   for p in phrasings}
 
     ev = Evaluation(cfg, data)
     bi = BiEncoder(data, cache_dir=cfg.out / "embeddings", progress=cfg.progress) if ("bi-encoder" in cfg.baselines or "hard-10" in cfg.settings) else None
@@ -369,7 +388,8 @@ def _evaluate_candidates(cfg: EvalConfig, data: InteractionData) -> dict:
                 log.warning("%s: no template has the instantiation %s; skipped", scenario.name, scenario.label)
                 continue
             if len(templates) > 1:
-                valid = [run_unit(ev, method, scenario, SELECTION_SETTING, "valid", t, annotations) for t in templates]
+                valid = [run_unit(ev, method, scenario, SELECTION_SETTING, "valid", t, annotations[scenario.phrasing])
+                         for t in templates]
                 ev.units += valid
                 chosen = _best(valid).template
             else:
@@ -379,7 +399,7 @@ def _evaluate_candidates(cfg: EvalConfig, data: InteractionData) -> dict:
                 # The untuned base is the zero-shot reference on the paper's protocol only.
                 if setting != SELECTION_SETTING and (scenario.name not in cfg.extra_scenarios or method.name == untuned):
                     continue
-                ev.units.append(run_unit(ev, method, scenario, setting, "test", chosen, annotations))
+                ev.units.append(run_unit(ev, method, scenario, setting, "test", chosen, annotations[scenario.phrasing]))
 
     results = summarise(ev, scenarios, time.perf_counter() - started)
     report.write(cfg.out, results)

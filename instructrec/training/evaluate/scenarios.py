@@ -11,7 +11,7 @@ rerank template whose instantiation is exactly the scenario's, as in the paper.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 from instructrec.aspects import Intention, TaskForm, UserNeed
@@ -29,6 +29,7 @@ class Scenario:
     history: bool
     preference: bool = False
     intention: Intention | None = None
+    phrasing: str = "in-family"  # the offline teacher's phrasing families its needs are written in
 
     def kinds(self) -> tuple[Kind, ...]:
         out = []
@@ -79,6 +80,19 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("explicit_preference", "<P1,P2,I0,T3>", "history + explicit preference", history=True, preference=True),
     Scenario("vague_intention", "<P1,I1,T3>", "history + vague intention", history=True, intention=Intention.VAGUE),
 )}
+
+
+def with_phrasings(scenarios: Sequence[Scenario], phrasings: Sequence[str]) -> list[Scenario]:
+    """Each scenario that reads a teacher's text once per phrasing, side by side: the in-family one
+    keeps its name, another is ``NAME@PHRASING`` ("vague_intention@held-out")."""
+    out = []
+    for s in scenarios:
+        if not s.kinds():
+            out.append(s)
+            continue
+        out += [s if p == "in-family" else replace(s, name=f"{s.name}@{p}", title=f"{s.title} ({p} phrasing)", phrasing=p)
+                for p in phrasings]
+    return out
 
 
 def get_scenarios(names: str | Sequence[str] | None) -> list[Scenario]:
