@@ -1,16 +1,21 @@
 """The learned gate: how much each signal beside the LM counts, for this request.
 
-    fused = z(lm) + w_behaviour(x) * z(behaviour) + w_semantic(x) * z(semantic) + w_sequential(x) * z(sequential)
+    fused = (1 + w_lm(x)) * z(lm) + w_behaviour(x) * z(behaviour) + w_semantic(x) * z(semantic)
+            + w_sequential(x) * z(sequential)
     relevance = softmax(temperature * fused) over the request's candidates
 
 Every signal is z-scored within the request (scales differ: log-likelihoods, weighted
 counts, cosines). The weights are linear in a few request features ``x`` (:data:`FEATURES`):
 what the need carries (history, an explicit preference, a vague or a specific intention),
 how long the history is, the share of candidates the behaviour index knows and the LM's
-margin between its first two candidates and how many candidates there are (ten sampled ones
-rank differently from a hundred that retrieval proposed). Why the mix must depend on the request: measured
-on Games, vague intentions wanted the semantic signal at weight 4, sequential needs the
-counts at 1 and the semantic signal at 0.25-1.
+margin between its first two candidates, how many candidates there are (ten sampled ones
+rank differently from a hundred that retrieval proposed), and how alike the candidates are
+to the need (the mean and spread of their raw cosine similarity). Why the mix must depend on
+the request: measured on Games, vague intentions wanted the semantic signal at weight 4,
+sequential needs the counts at 1 and the semantic signal at 0.25-1; and when a matching
+stage already picked candidates that all resemble the history, the LM and the semantic
+signal prefer the closest look-alike, which is mostly not the item the user takes, so there
+the LM's own weight has to fall too (its weight is 1 plus a gated term).
 
 A signal a request lacks (no history the index knows, no text) is left out of the sum, so
 the request ranks exactly as its remaining signals would. The gate is fitted with a
@@ -35,23 +40,26 @@ from ..aspects import Intention, UserNeed
 from .behaviour import zscore
 
 FORMAT = "instructrec-gate"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SIGNALS = ("behaviour", "semantic", "sequential")
-FEATURES = ("bias", "history", "preference", "vague", "specific", "log_history", "known", "lm_margin", "log_candidates")
+FEATURES = ("bias", "history", "preference", "vague", "specific", "log_history", "known", "lm_margin", "log_candidates",
+            "semantic_mean", "semantic_spread")
 
 
 class GateError(ValueError):
     """A gate file cannot be read or does not fit; the message names the file."""
 
 
-def request_features(need: UserNeed, known: float, lm_z: np.ndarray) -> np.ndarray:
-    """The gate's inputs for one request, in the order of :data:`FEATURES`."""
+def request_features(need: UserNeed, known: float, lm_z: np.ndarray, semantic: np.ndarray | None = None) -> np.ndarray:
+    """The gate's inputs for one request, in the order of :data:`FEATURES` (``semantic``: the
+    candidates' raw cosine similarity to the need, None when that signal is absent)."""
     top = np.sort(lm_z)[::-1]
     margin = float(top[0] - top[1]) if top.size > 1 else 0.0
     kind = need.intention_kind if need.intention else None
+    alike = (float(np.mean(semantic)), float(np.std(semantic))) if semantic is not None and len(semantic) else (0.0, 0.0)
     return np.array([1.0, float(bool(need.history)), float(bool(need.preference)), float(kind is Intention.VAGUE),
                      float(kind is Intention.SPECIFIC), math.log1p(len(need.history)) / 3.0, known, margin,
-                     math.log(max(len(lm_z), 1)) / 5.0])
+                     math.log(max(len(lm_z), 1)) / 5.0, *alike])
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,7 @@ class Fused:
     scores: np.ndarray  # fused score per candidate
     relevance: np.ndarray  # calibrated probability per candidate (sums to 1 over the request)
     components: dict[str, np.ndarray]  # z-scored signal per candidate, absent signals left out
-    weights: dict[str, float]  # the gate's weight of each present signal (lm is 1)
+    weights: dict[str, float]  # the gate's weight of each present signal, the LM's included
 
 
 @dataclass
@@ -69,6 +77,11 @@ class Gate:
     weights: np.ndarray  # (len(SIGNALS), len(FEATURES))
     temperature: float = 1.0
     info: dict = field(default_factory=dict)  # how it was fitted (data, users, loss, model)
+    lm_weights: np.ndarray | None = None  # (len(FEATURES),): the LM's weight is 1 + lm_weights @ x; None: 0
+
+    def __post_init__(self) -> None:
+        if self.lm_weights is None:
+            self.lm_weights = np.zeros(len(FEATURES))
 
     @classmethod
     def neutral(cls) -> "Gate":
@@ -79,7 +92,8 @@ class Gate:
 
     @property
     def version(self) -> str:
-        blob = json.dumps({"w": np.round(self.weights, 8).tolist(), "t": round(self.temperature, 8)})
+        blob = json.dumps({"w": np.round(self.weights, 8).tolist(), "t": round(self.temperature, 8),
+                           "lm": np.round(self.lm_weights, 8).tolist()})
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def signal_weights(self, x: np.ndarray) -> np.ndarray:
@@ -88,10 +102,12 @@ class Gate:
     def fuse(self, lm: Sequence[float], need: UserNeed, *, behaviour: np.ndarray | None = None,
              semantic: np.ndarray | None = None, sequential: np.ndarray | None = None, known: float = 0.0) -> Fused:
         z_lm = zscore(np.asarray(lm, dtype=np.float64))
-        w = self.signal_weights(request_features(need, known if behaviour is not None else 0.0, z_lm))
+        x = request_features(need, known if behaviour is not None else 0.0, z_lm, semantic)
+        w = self.signal_weights(x)
+        lm_weight = 1.0 + float(self.lm_weights @ x)
         components = {"lm": z_lm}
-        weights = {"lm": 1.0}
-        scores = z_lm.copy()
+        weights = {"lm": lm_weight}
+        scores = lm_weight * z_lm
         for name, values, weight in zip(SIGNALS, (behaviour, semantic, sequential), w):
             if values is None:
                 continue
@@ -102,8 +118,8 @@ class Gate:
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": FORMAT_VERSION, "signals": list(SIGNALS), "features": list(FEATURES),
-                "weights": self.weights.tolist(), "temperature": self.temperature, "gate_version": self.version,
-                "info": self.info}
+                "weights": self.weights.tolist(), "lm_weights": self.lm_weights.tolist(), "temperature": self.temperature,
+                "gate_version": self.version, "info": self.info}
 
     def save(self, path: str | Path) -> Path:
         return files.write_json(path, self.to_json(), indent=1)
@@ -117,15 +133,21 @@ def load_gate(path: str | Path) -> Gate:
         raise GateError(f"{path}: no such gate file (fit one with `instructrec gate fit`)") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise GateError(f"{path}: not a readable gate file ({exc})") from None
-    if doc.get("format") != FORMAT or doc.get("version") != FORMAT_VERSION:
-        raise GateError(f"{path}: not a gate file of format {FORMAT} v{FORMAT_VERSION}")
+    if doc.get("format") != FORMAT:
+        raise GateError(f"{path}: not a gate file of format {FORMAT}")
+    if doc.get("version") != FORMAT_VERSION:
+        raise GateError(f"{path}: a gate of format v{doc.get('version')}, this code reads v{FORMAT_VERSION}: "
+                        "refit it with `instructrec gate fit`")
     if doc.get("signals") != list(SIGNALS) or doc.get("features") != list(FEATURES):
         raise GateError(f"{path}: fitted for signals {doc.get('signals')} and features {doc.get('features')}, this code "
                         f"uses {list(SIGNALS)} and {list(FEATURES)}: refit it with `instructrec gate fit`")
     weights = np.asarray(doc["weights"], dtype=np.float64)
     if weights.shape != (len(SIGNALS), len(FEATURES)) or not np.isfinite(weights).all():
         raise GateError(f"{path}: weights must be a finite {len(SIGNALS)} x {len(FEATURES)} table")
-    return Gate(weights, float(doc.get("temperature", 1.0)), doc.get("info", {}))
+    lm_weights = np.asarray(doc.get("lm_weights", np.zeros(len(FEATURES))), dtype=np.float64)
+    if lm_weights.shape != (len(FEATURES),) or not np.isfinite(lm_weights).all():
+        raise GateError(f"{path}: lm_weights must be {len(FEATURES)} finite numbers")
+    return Gate(weights, float(doc.get("temperature", 1.0)), doc.get("info", {}), lm_weights)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -180,14 +202,11 @@ class Example:
         return self.behaviour, self.semantic, self.sequential
 
 
-def fit_gate(examples: Sequence[Example], *, l2: float = 1e-3, iterations: int = 200, info: dict | None = None) -> Gate:
-    """Weights and temperature minimising the listwise loss (softmax cross-entropy of the true
-    item) over ``examples``, with an L2 penalty on the weights (a handful of parameters,
-    fitted by L-BFGS in seconds)."""
+def _stacked(examples: Sequence[Example]):
+    """Every example's z-scored signals (LM first), which are present, which candidate slots are
+    real, the request features and the true item's slot, padded to the longest request."""
     import torch
 
-    if not examples:
-        raise GateError("no examples to fit the gate on")
     n, c = len(examples), max(len(e.lm) for e in examples)
     z = torch.zeros(n, 1 + len(SIGNALS), c, dtype=torch.float64)
     present = torch.zeros(n, len(SIGNALS), dtype=torch.float64)
@@ -202,19 +221,14 @@ def fit_gate(examples: Sequence[Example], *, l2: float = 1e-3, iterations: int =
                 z[i, 1 + j, :k] = torch.from_numpy(zscore(values))
                 present[i, j] = 1.0
         valid[i, :k] = True
-        x[i] = torch.from_numpy(request_features(e.need, e.known if e.behaviour is not None else 0.0, z_lm))
-    target = torch.tensor([e.positive for e in examples])
-    w = torch.zeros(len(SIGNALS), len(FEATURES), dtype=torch.float64)
-    w[:, 0] = 1.0
-    w.requires_grad_(True)
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, log_t], max_iter=iterations, line_search_fn="strong_wolfe")
+        x[i] = torch.from_numpy(request_features(e.need, e.known if e.behaviour is not None else 0.0, z_lm, e.semantic))
+    return z, present, valid, x, torch.tensor([e.positive for e in examples])
 
-    def loss_fn():
-        sw = (x @ w.T) * present  # (n, signals)
-        fused = z[:, 0] + (sw.unsqueeze(-1) * z[:, 1:]).sum(1)
-        logits = (log_t.exp() * fused).masked_fill(~valid, float("-inf"))
-        return torch.nn.functional.cross_entropy(logits, target) + l2 * (w[:, 1:] ** 2).sum()
+
+def _minimise(params: list, loss_fn, iterations: int) -> float:
+    import torch
+
+    opt = torch.optim.LBFGS(params, max_iter=iterations, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
@@ -224,6 +238,40 @@ def fit_gate(examples: Sequence[Example], *, l2: float = 1e-3, iterations: int =
 
     opt.step(closure)
     with torch.no_grad():
-        loss = float(loss_fn())
-    return Gate(w.detach().numpy().copy(), float(log_t.detach().exp()), {**(info or {}), "fitted": True, "examples": n,
-                                                                "loss": round(loss, 5), "l2": l2})
+        return float(loss_fn())
+
+
+def fit_gate(examples: Sequence[Example], *, l2: float = 1e-5, iterations: int = 200, info: dict | None = None) -> Gate:
+    """Weights minimising the listwise loss (softmax cross-entropy of the true item) over
+    ``examples`` with an L2 penalty, then the temperature that calibrates them (a handful of
+    parameters, fitted by L-BFGS in seconds). Two steps, because the LM's weight is gated too:
+    fitted together, the weights would shrink towards nothing under the penalty while the
+    temperature grew to undo it."""
+    import torch
+
+    if not examples:
+        raise GateError("no examples to fit the gate on")
+    z, present, valid, x, target = _stacked(examples)
+    w = torch.zeros(len(SIGNALS), len(FEATURES), dtype=torch.float64)
+    w[:, 0] = 1.0
+    w.requires_grad_(True)
+    w_lm = torch.zeros(len(FEATURES), dtype=torch.float64, requires_grad=True)
+    log_t = torch.zeros((), dtype=torch.float64)
+
+    def loss_fn():
+        sw = (x @ w.T) * present  # (n, signals)
+        fused = (1 + x @ w_lm).unsqueeze(-1) * z[:, 0] + (sw.unsqueeze(-1) * z[:, 1:]).sum(1)
+        logits = (log_t.exp() * fused).masked_fill(~valid, float("-inf"))
+        return torch.nn.functional.cross_entropy(logits, target)
+
+    def penalised():
+        return loss_fn() + l2 * ((w[:, 1:] ** 2).sum() + (w_lm[1:] ** 2).sum())
+
+    _minimise([w, w_lm], penalised, iterations)
+    w.requires_grad_(False)
+    w_lm.requires_grad_(False)
+    log_t.requires_grad_(True)
+    loss = _minimise([log_t], loss_fn, iterations)
+    return Gate(w.numpy().copy(), float(log_t.detach().exp()),
+                {**(info or {}), "fitted": True, "examples": len(examples), "loss": round(loss, 5), "l2": l2},
+                w_lm.numpy().copy())

@@ -17,7 +17,7 @@ REJECT_REASONS = ("unauthorized", "body_too_large", "bad_request", "invalid", "q
 _STEPS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 _WEIGHTS = (-4.0, -2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 FUSION_MODES = ("fused", "lm-only")
-GATED_SIGNALS = ("behaviour", "semantic")  # the signals the gate weighs (the LM's weight is 1)
+GATED_SIGNALS = ("lm", "behaviour", "semantic", "sequential")  # the signals the gate weighs (the LM: 1 + a gated term)
 
 
 class Metrics:

@@ -234,7 +234,7 @@ class FusionInfo(BaseModel):
     hybrid_version: str | None = Field(description="gate, behaviour index and semantic encoder versions (null: no gate)")
     signals: list[str] = Field(description="the signals this answer used (lm, behaviour, semantic)")
     weights: dict[str, float] | None = Field(description="the gate's weight of each used signal for this request "
-                                             "(lm is 1); null when LM-only")
+                                             "(lm's is 1 plus a gated term); null when LM-only")
     without_behaviour: list[int] | None = Field(description="request indices of candidates without behaviour signal "
                                                 "(all of them when no history item or no candidate is known to the "
                                                 "index, or the service has none); null when LM-only")

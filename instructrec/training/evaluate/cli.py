@@ -72,10 +72,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--extra-scenarios", type=_csv, default=("sequential", "personalized_search"),
                         help="scenarios also run in the hard-10 and uniform-100 settings")
     parser.add_argument("--annotations", help="annotations.jsonl from `instructrec annotate` (default: the offline teacher)")
-    parser.add_argument("--phrasing", type=_csv, default=("in-family",),
+    parser.add_argument("--phrasing", type=_csv, default=("v1",),
                         help="the offline teacher's phrasing families the needs are written in, each its own rows side by "
-                             "side: in-family (the training families), held-out, novel (held-out and new in offline-v2), "
-                             "v1 (offline-v1's), all; 'both' = in-family,held-out")
+                             "side: v1 (offline-v1's, the default: every published table's), in-family (offline-v2's "
+                             "training families), held-out, novel (held-out and new in offline-v2), all; 'both' = "
+                             "v1,held-out")
     parser.add_argument("--recbole-epochs", type=_epochs, default=10, metavar="N|MODEL=N,...",
                         help="RecBole training epochs at most: one number, or per model, e.g. sasrec=3,bert4rec=1")
     parser.add_argument("--recbole-patience", type=int, default=3)

@@ -35,7 +35,7 @@ from . import candidates as cand
 from . import report
 from .full_catalogue import FULL
 from .methods import Behaviour, BiEncoder, HybridModel, InstructionModel, Method, Popularity, Precomputed, Sequential, timed_score
-from .scenarios import Scenario, get_scenarios, needs_of, with_phrasings
+from .scenarios import EVAL_PHRASING, Scenario, get_scenarios, needs_of, with_phrasings
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class EvalConfig:
     hybrid: bool = False  # also each tuned model fused with behaviour and semantic signals by its gate.json
     sequential: str | None = None  # the hybrid's SASRec (OUT/model of `instructrec sequential train`): a row, and a signal
     annotations: str | None = None  # a teacher's annotations.jsonl; default: the offline teacher
-    phrasing: tuple[str, ...] = ("in-family",)  # the offline teacher's phrasings the scenarios' needs are written in
+    phrasing: tuple[str, ...] = (EVAL_PHRASING,)  # the offline teacher's phrasings the scenarios' needs are written in
     recbole_epochs: int | dict[str, int] = 10  # one budget, or per model: {"sasrec": 3, "bert4rec": 1}
     recbole_patience: int = 3
     recbole_threads: int = 2
@@ -90,14 +90,14 @@ class EvalConfig:
             self.settings = (SELECTION_SETTING, *self.settings)
         if isinstance(self.phrasing, str):
             self.phrasing = tuple(p.strip() for p in self.phrasing.split(",") if p.strip())
-        expanded = [q for p in self.phrasing for q in (("in-family", "held-out") if p == "both" else (p,))]
+        expanded = [q for p in self.phrasing for q in ((EVAL_PHRASING, "held-out") if p == "both" else (p,))]
         self.phrasing = tuple(dict.fromkeys(expanded))
         wrong = [p for p in self.phrasing if p not in PHRASINGS]
         if wrong or not self.phrasing:
             raise ValueError(f"unknown phrasing {wrong[0] if wrong else ''!r}; choose from {', '.join(PHRASINGS)} or both")
-        if self.annotations and self.phrasing != ("in-family",):
-            raise ValueError("--annotations gives one teacher's phrasing; --phrasing other than in-family needs the "
-                             "offline teacher (leave --annotations out)")
+        if self.annotations and self.phrasing != (EVAL_PHRASING,):
+            raise ValueError("--annotations gives one teacher's phrasing; --phrasing other than the default (v1) needs "
+                             "the offline teacher (leave --annotations out)")
         bad = [b for b in self.baselines if b not in BASELINES]
         if bad:
             raise ValueError(f"unknown baseline {bad[0]!r}; choose from {', '.join(BASELINES)}")
@@ -145,7 +145,7 @@ def _cases(data: InteractionData, cfg: EvalConfig) -> dict[str, list[Case]]:
 
 
 def annotate(data: InteractionData, cases: Sequence[Case], scenarios: Sequence[Scenario], cfg: EvalConfig,
-             phrasing: str = "in-family") -> dict:
+             phrasing: str = EVAL_PHRASING) -> dict:
     """The scenarios' annotations of ``cases``: the file ``cfg.annotations`` names, else the offline
     teacher's in ``phrasing``, cached in ``OUT/annotations.jsonl`` (one file for every phrasing,
     each read back by its teacher's name)."""

@@ -29,7 +29,7 @@ class Scenario:
     history: bool
     preference: bool = False
     intention: Intention | None = None
-    phrasing: str = "in-family"  # the offline teacher's phrasing families its needs are written in
+    phrasing: str = "v1"  # the offline teacher's phrasing families its needs are written in (EVAL_PHRASING)
 
     def kinds(self) -> tuple[Kind, ...]:
         out = []
@@ -82,15 +82,18 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
 )}
 
 
+EVAL_PHRASING = "v1"  # every published table was written in offline-v1's phrasing: rerunning one gives its numbers
+
+
 def with_phrasings(scenarios: Sequence[Scenario], phrasings: Sequence[str]) -> list[Scenario]:
-    """Each scenario that reads a teacher's text once per phrasing, side by side: the in-family one
-    keeps its name, another is ``NAME@PHRASING`` ("vague_intention@held-out")."""
+    """Each scenario that reads a teacher's text once per phrasing, side by side: the one in
+    :data:`EVAL_PHRASING` keeps its name, another is ``NAME@PHRASING`` ("vague_intention@held-out")."""
     out = []
     for s in scenarios:
         if not s.kinds():
             out.append(s)
             continue
-        out += [s if p == "in-family" else replace(s, name=f"{s.name}@{p}", title=f"{s.title} ({p} phrasing)", phrasing=p)
+        out += [s if p == EVAL_PHRASING else replace(s, name=f"{s.name}@{p}", title=f"{s.title} ({p} phrasing)", phrasing=p)
                 for p in phrasings]
     return out
 

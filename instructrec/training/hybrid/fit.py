@@ -80,9 +80,11 @@ class Labelled:
 
 def fitting_examples(data: InteractionData, lm, hybrid: Hybrid, *, users: int, work: Path, seed: int = FIT_SEED,
                      scenarios: str | None = None, retrieved_users: int = 0, per_source: int = 30,
-                     progress: bool = True) -> list[Labelled]:
-    """Every (scenario, validation case) of ``users`` seeded users as a gate example, and the
-    retrieved-candidates example of the first ``retrieved_users`` of them; ``lm`` is an
+                     retrieved_negatives: int = 9, progress: bool = True) -> list[Labelled]:
+    """Every (scenario, validation case) of ``users`` seeded users as a gate example; the
+    retrieved-candidates example of the first ``retrieved_users`` of them; and, with
+    ``retrieved_negatives``, each history scenario's case again with that many negatives drawn
+    from what the signals retrieve for it (:func:`retrieved_sample_examples`). ``lm`` is an
     evaluation :class:`~instructrec.training.evaluate.methods.InstructionModel`.
 
     Not the evaluation's hard negatives: there the 9 negatives are the history's semantic
@@ -107,6 +109,9 @@ def fitting_examples(data: InteractionData, lm, hybrid: Hybrid, *, users: int, w
     if retrieved_users:
         out += retrieved_examples(data, lm, hybrid, cases[:retrieved_users], work=work, per_source=per_source,
                                   progress=progress)
+    if retrieved_negatives:
+        out += retrieved_sample_examples(data, lm, hybrid, cases, annotations, [s for s in chosen if s.history],
+                                         work=work, negatives=retrieved_negatives, per_source=per_source, seed=seed)
     return out
 
 
@@ -149,6 +154,46 @@ def retrieved_examples(data: InteractionData, lm, hybrid: Hybrid, cases: Sequenc
     return out
 
 
+def retrieved_sample_examples(data: InteractionData, lm, hybrid: Hybrid, cases: Sequence[Case], annotations: dict,
+                              scenarios: Sequence[Scenario], *, work: Path, negatives: int, per_source: int,
+                              seed: int = FIT_SEED) -> list[Labelled]:
+    """Cases whose candidates are the true item and ``negatives`` items drawn from what the
+    signals retrieve for the need (scenario ``retrieved-N:NAME``): what a reranker meets behind
+    a matching stage. Unlike the evaluation's hard negatives the true item comes from the same
+    pool as the negatives (a case whose target no signal proposed is left out), so nothing but
+    the signals tells them apart; these teach the gate what uniform candidates cannot: when
+    every candidate resembles the history, the look-alike is not the answer."""
+    items, retriever = catalogue_retriever(data, hybrid, work)
+    position = {it.id: j for j, it in enumerate(items)}
+    out = []
+    for scenario in scenarios:
+        built = []
+        for case in cases:
+            need = scenario.need(data, case.user_id, case.history, case.target, annotations, lm.max_history)
+            target = position.get(case.target)
+            if need is None or target is None:
+                continue
+            allowed = np.ones(len(items), dtype=bool)
+            allowed[[position[i] for i in case.history if i in position]] = False
+            got = retriever.retrieve(normalise_need(need), list(case.history), allowed=allowed, per_source=per_source)
+            pool = [items[i].id for i in got.items if i != target]
+            if target not in got.sources or len(pool) < negatives:
+                continue
+            rng = random.Random(f"{seed}:{case.user_id}:{scenario.name}")
+            candidates = [case.target, *rng.sample(pool, negatives)]
+            rng.shuffle(candidates)
+            built.append((cand.CandidateCase(case.user_id, case.history, case.target, tuple(candidates)), need))
+        name = f"retrieved-{negatives + 1}:{scenario.name}"
+        if not built:
+            continue
+        scores = lm.score([c for c, _ in built], [n for _, n in built], None, f"gate-fit:{name}", progress=False)
+        for (case, need), lm_scores in zip(built, scores):
+            sig = case_signals(hybrid, data, case, need)
+            out.append(Labelled(name, case.user_id, Example(np.asarray(lm_scores), need, sig.behaviour, sig.semantic,
+                                                            sig.known, case.positive, sig.sequential)))
+    return out
+
+
 def held_out_users(examples: Sequence[Labelled], seed: int = FIT_SEED) -> set[str]:
     users = sorted({e.user_id for e in examples})
     return set(random.Random(seed).sample(users, round(len(users) * HELD_OUT_SHARE)))
@@ -180,7 +225,7 @@ def report(gate: Gate, examples: Sequence[Labelled]) -> dict:
     return out
 
 
-def fit_and_report(examples: Sequence[Labelled], info: dict, l2: float = 1e-3) -> tuple[Gate, dict]:
+def fit_and_report(examples: Sequence[Labelled], info: dict, l2: float = 1e-5) -> tuple[Gate, dict]:
     held = held_out_users(examples)
     train = [e for e in examples if e.user_id not in held]
     test = [e for e in examples if e.user_id in held]

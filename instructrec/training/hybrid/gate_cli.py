@@ -35,11 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--retrieved-users", type=int, default=0,
                      help="also this many of the users' sequential needs with the candidates the signals retrieve from "
                           "the whole catalogue (what /recommend ranks); default 0")
+    fit.add_argument("--retrieved-negatives", type=int, default=9,
+                     help="also every history scenario's case with the true item and this many negatives drawn from "
+                          "what the signals retrieve for it (a reranker's input behind a matching stage); 0: none "
+                          "(default 9)")
     fit.add_argument("--per-source", type=int, default=30, help="items each signal retrieves for those (default 30)")
     fit.add_argument("--scenarios", help="comma-separated scenarios (default: all)")
     fit.add_argument("--out", help="the gate file (default: MODEL/gate.json)")
     fit.add_argument("--work", default="artifacts/gate", help="where the teacher's annotations are cached")
-    fit.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on the gate's weights")
+    fit.add_argument("--l2", type=float, default=1e-5, help="L2 penalty on the gate's weights (default 1e-5)")
     add_device_options(fit)
     fit.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -78,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         work.mkdir(parents=True, exist_ok=True)
         examples = fitting_examples(data, lm, hybrid, users=args.users, work=work, scenarios=args.scenarios,
                                     retrieved_users=args.retrieved_users, per_source=args.per_source,
+                                    retrieved_negatives=args.retrieved_negatives,
                                     progress=args.progress)
         model_dir = Path(args.model)
         info = {"model": str(model_dir), "checkpoint_version": checkpoint_version(model_dir) if model_dir.is_dir() else None,
