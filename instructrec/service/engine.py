@@ -27,7 +27,7 @@ from instructrec.checkpoint import checkpoint_version
 from instructrec.generation import Generation, Generator
 from instructrec.hybrid import GATE_FILE, Hybrid
 from instructrec.instruction import Instruction, build, count_tokens
-from instructrec.modeling import PREFIX_LM, LoadedModel, load_model
+from instructrec.modeling import LoadedModel, load_model
 from instructrec.ranker import Encoded, Ranker, Scored, targets_ids
 from instructrec.templates import TEMPLATE_VERSION
 
@@ -500,9 +500,7 @@ class Engine:
         count = max(1, r.batch_tokens // r.max_target_tokens)
         (scored,), _, _ = self.score_many([(source, [candidate] * count)])
         self.warmup_report = {"single": {"source_tokens": scored.source_tokens, "candidates": count}}
-        shares_passes = not r.batch_invariant and (
-            (self.loaded.kind == "seq2seq" and r.share_cross_kv) or self.loaded.kind == PREFIX_LM)
-        if shares_passes:
+        if not r.batch_invariant and r.backend.shares_passes():
             self.warmup_report["mixed"] = self._warm_up_mixed(source, scored.source_tokens)
         self.warmup_report["instruction_lengths"] = r.warm_instruction_lengths()
         if self.hybrid is not None and self.hybrid.semantic is not None:  # the encoder's first pass
@@ -542,10 +540,9 @@ class Engine:
 
     def _install_timing_hooks(self) -> None:
         """Time the encoder forward (seq2seq) so decode time = scoring time - encoder time."""
-        model = self.loaded.model
-        if self.loaded.kind != "seq2seq" or not hasattr(model, "get_encoder"):
+        encoder = self.ranker.backend.encoder()
+        if encoder is None:
             return
-        encoder = model.get_encoder()
         local = self._local
         # CUDA runs asynchronously: without a synchronisation the clock would stop when the
         # encoder's kernels were queued, not when they finished (decode time would absorb them)

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from instructrec import prefixlm
-from instructrec.ranker import _decoder_parts, _prefix_head, targets_ids
+from instructrec.backends import decoder_parts, prefix_head
+from instructrec.ranker import targets_ids
 from instructrec.templates import Target
 
 from .data.types import Case, InteractionData
@@ -157,7 +158,7 @@ def candidate_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         _, kv = prefixlm.read_instruction(model.bert, input_ids, attention_mask)
         hidden = prefixlm.decode_candidates(model.bert, kv, attention_mask.sum(dim=1), dec,
                                             lambda t: t.index_select(0, cand_owner))
-        return _summed(_prefix_head(model)(hidden[real]), labels, real)
+        return _summed(prefix_head(model)(hidden[real]), labels, real)
     encoder = model.get_encoder()
     frozen = not any(p.requires_grad for p in encoder.parameters())
     if frozen:
@@ -166,7 +167,7 @@ def candidate_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Ten
             enc = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     else:
         enc = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    body, head = _decoder_parts(model)
+    body, head = decoder_parts(model)
     hidden = body(dec, enc.index_select(0, cand_owner), attention_mask.index_select(0, cand_owner), None)
     return _summed(head(hidden[real]), labels, real)
 
