@@ -388,10 +388,13 @@ class Ranker:
     def warm_instruction_lengths(self) -> list[int]:
         """Score a small request at each instruction length the backend names (a prefix-LM's
         padded lengths), so the kernels of every length exist before the first real request (a
-        new length otherwise costs its first request about 10 ms here). Returns the lengths."""
+        new length otherwise costs its first request about 10 ms here). Returns the lengths.
+        A length past ``max_source_tokens`` (the last bucket of a limit that is no multiple of
+        it) is warmed with the longest instruction kept, which pads to it: more real tokens would
+        leave the candidate no positions."""
         lengths = self.backend.warm_instruction_lengths()
         for n in lengths:
-            self.score_many([Encoded([self.eos] * n, 0, [[self.eos, self.eos]] * 2, 0)])
+            self.score_many([Encoded([self.eos] * min(n, self.max_source_tokens), 0, [[self.eos, self.eos]] * 2, 0)])
         return lengths
 
     def kv_row_bytes(self, source_tokens: int) -> int:

@@ -57,3 +57,11 @@ def test_what_each_kind_tells_the_ranker_and_the_service():
     causal = Ranker(load_model(TINY_CAUSAL, device="cpu", dtype="float32"))
     assert causal.backend.encoder() is None and not causal.backend.shares_passes()
     assert causal.kv_row_bytes(20) == 0 and causal.warm_instruction_lengths() == []
+
+
+def test_warm_up_reaches_the_last_padded_length_within_the_positions():
+    """With a candidate limit that leaves an instruction limit between two padded lengths (512 - 12
+    = 500), the last padded length (512) is warmed with the 500 tokens that pad to it."""
+    ranker = Ranker(load_model(TINY_PREFIX, device="cpu", dtype="float32"), max_target_tokens=12)
+    assert ranker.max_source_tokens == 500
+    assert ranker.warm_instruction_lengths()[-2:] == [496, 512]
