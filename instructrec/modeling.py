@@ -465,24 +465,30 @@ def _from_pretrained(path: str, dtype: torch.dtype | None = None):
 
     if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
         raise FileNotFoundError(f"model {path!r} is neither a built-in ({', '.join(BUILDERS)}) nor a local directory, and HF_HUB_OFFLINE is set")
-    from .prefixlm import is_prefix_lm
-
     config = AutoConfig.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if is_prefix_lm(config):
+    kind = kind_of(config)
+    if kind == PREFIX_LM:
         from transformers import BertForMaskedLM
 
-        return BertForMaskedLM.from_pretrained(path, dtype=dtype or "auto"), tokenizer, PREFIX_LM
-    if config.is_encoder_decoder:
+        return BertForMaskedLM.from_pretrained(path, dtype=dtype or "auto"), tokenizer, kind
+    if kind == SEQ2SEQ:
         model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype or "auto")
         keep_untied_head(model)
-        kind = SEQ2SEQ
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
-        kind = CAUSAL
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, kind
+
+
+def kind_of(config) -> str:
+    """A model's kind from its config: what loading builds and which backend runs it."""
+    from .prefixlm import is_prefix_lm
+
+    if is_prefix_lm(config):
+        return PREFIX_LM
+    return SEQ2SEQ if config.is_encoder_decoder else CAUSAL
 
 
 def load_model(name_or_path: str | Path, device: str | None = "auto", dtype: str | torch.dtype | None = "auto") -> LoadedModel:

@@ -9,7 +9,7 @@ import torch
 from instructrec.backends import BACKENDS, CausalBackend, PrefixLMBackend, Seq2SeqBackend, backend_class
 from instructrec.catalogue import CatalogueItem, build_catalogue
 from instructrec.generation import Generator
-from instructrec.modeling import CAUSAL, PREFIX_LM, SEQ2SEQ, TINY, TINY_CAUSAL, TINY_PREFIX, TINY_T5, load_model
+from instructrec.modeling import CAUSAL, PREFIX_LM, SEQ2SEQ, TINY, TINY_CAUSAL, TINY_PREFIX, TINY_T5, kind_of, load_model
 from instructrec.ranker import Ranker
 
 torch.set_num_threads(1)
@@ -23,7 +23,7 @@ TITLES = ["Halo 3", "Halo Reach", "Portal 2", "Mario Kart 8"]
 def test_each_kind_gets_its_backend_shared_by_ranker_and_generator(name, kind, cls):
     loaded = load_model(name, device="cpu", dtype="float32")
     ranker = Ranker(loaded, max_target_tokens=12)
-    assert loaded.kind == kind and type(ranker.backend) is cls and ranker.kind == kind
+    assert loaded.kind == kind == kind_of(loaded.model.config) and type(ranker.backend) is cls and ranker.kind == kind
     assert ranker.backend.ranker is ranker and ranker.backend.model is loaded.model
     catalogue = build_catalogue([CatalogueItem(str(i), t) for i, t in enumerate(TITLES)], ranker.tokenizer,
                                 eos=ranker.eos, max_target_tokens=ranker.max_target_tokens)
@@ -43,6 +43,8 @@ def test_kind_is_read_only_and_unknown_kinds_are_refused():
     assert set(BACKENDS) == {SEQ2SEQ, PREFIX_LM, CAUSAL}
     with pytest.raises(ValueError, match="no backend for model kind 'rnn'"):
         backend_class("rnn")
+    with pytest.raises(NotImplementedError, match="does not train causal models"):
+        CausalBackend.candidate_states(None, None, None, None, None)
 
 
 def test_what_each_kind_tells_the_ranker_and_the_service():

@@ -111,6 +111,14 @@ class Backend:
         (``naive``: one full forward per candidate, the reference)."""
         raise NotImplementedError
 
+    @classmethod
+    def candidate_states(cls, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, dec: torch.Tensor,
+                         owner: torch.Tensor):
+        """Training's scoring, with gradients: (hidden states of the candidate rows ``dec``, the
+        head that turns them into logits). Row i is the start token then candidate i but its last
+        token, and reads instruction ``owner[i]`` of the padded batch ``input_ids``."""
+        raise NotImplementedError(f"instruction tuning does not train {cls.kind} models")
+
     def steps(self, src: list[int]) -> Steps:
         """Constrained generation's one-token steps after the instruction ``src``."""
         raise NotImplementedError

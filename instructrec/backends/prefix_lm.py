@@ -64,6 +64,19 @@ class PrefixLMBackend(Backend):
         mask = (torch.arange(inp.shape[1], device=self.device)[None, :] < lengths[:, None]).long()
         return prefixlm.read_instruction(self.model.bert, inp, mask)[1]
 
+    @classmethod
+    def candidate_states(cls, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, dec: torch.Tensor,
+                         owner: torch.Tensor):
+        """Each instruction's keys/values per layer, read once; the rows decoded after theirs.
+        Frozen parts run in eval mode (no dropout in a part that does not learn)."""
+        for part in (model.bert.embeddings, *model.bert.encoder.layer):
+            if not any(p.requires_grad for p in part.parameters()):
+                part.eval()
+        _, kv = prefixlm.read_instruction(model.bert, input_ids, attention_mask)
+        hidden = prefixlm.decode_candidates(model.bert, kv, attention_mask.sum(dim=1), dec,
+                                            lambda t: t.index_select(0, owner))
+        return hidden, prefix_head(model)
+
     def shares_passes(self) -> bool:
         return True
 

@@ -96,6 +96,22 @@ class Seq2SeqBackend(Backend):
         copied = row_bytes([enc, mask, *cached(shared)]) if shared else 0
         return ranker.bucketed(targets, owners, copied, skip, run, head)
 
+    @classmethod
+    def candidate_states(cls, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, dec: torch.Tensor,
+                         owner: torch.Tensor):
+        """The encoder runs under ``no_grad`` and in eval mode when it is frozen (no dropout in a
+        part that does not learn); each row's decoder reads its instruction's encoder states."""
+        encoder = model.get_encoder()
+        frozen = not any(p.requires_grad for p in encoder.parameters())
+        if frozen:
+            encoder.eval()
+            with torch.no_grad():
+                enc = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        else:
+            enc = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        body, head = decoder_parts(model)
+        return body(dec, enc.index_select(0, owner), attention_mask.index_select(0, owner), None), head
+
     def shares_passes(self) -> bool:
         return self.ranker.share_cross_kv
 
