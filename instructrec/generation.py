@@ -58,6 +58,7 @@ class Generator:
     def __init__(self, ranker: Ranker, catalogue: Catalogue, *, beams: int | None = None, where=None):
         catalogue.check_compatible(ranker.tokenizer, ranker.eos, ranker.max_target_tokens, where=where)
         self.ranker = ranker
+        self.backend = ranker.backend  # the ranker's own: a title is generated as it is scored
         self.catalogue = catalogue
         self.beams = beams  # None: k
 
@@ -79,7 +80,7 @@ class Generator:
         reduction = reduction or self.ranker.reduction
         src = self.ranker.source_ids(source)[0] if isinstance(source, str) else list(source)
         width = max(k, beams or self.beams or k)
-        steps = self.ranker.backend.steps(src)
+        steps = self.backend.steps(src)
         leaves = search(steps, self.catalogue, width, k, self.ranker.eos, reduction,
                         self.catalogue.allowed_counts(allowed))
         out: list[Recommended] = []

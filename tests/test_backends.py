@@ -28,7 +28,7 @@ def test_each_kind_gets_its_backend_shared_by_ranker_and_generator(name, kind, c
     catalogue = build_catalogue([CatalogueItem(str(i), t) for i, t in enumerate(TITLES)], ranker.tokenizer,
                                 eos=ranker.eos, max_target_tokens=ranker.max_target_tokens)
     generator = Generator(ranker, catalogue)
-    assert generator.ranker.backend is ranker.backend
+    assert generator.backend is ranker.backend
     # the generator's steps are the backend's: with the beam as wide as the catalogue it is the ranker's sort
     found = {r.title: r.score for r in generator.top_k("a shooter", len(TITLES), beams=len(TITLES))}
     scores = dict(zip(TITLES, ranker.score("a shooter", TITLES).scores))
