@@ -43,7 +43,7 @@ HEAD_BLOCK_ROWS = 256
 # head at 122 GFLOP/s against 74 for full rows plus log_softmax.
 VOCAB_BLOCK_ROWS, VOCAB_BLOCK_COLUMNS = 1024, 2048
 # A model whose vocabulary head the ranker cannot run apart from the model (a decoder-only model,
-# a seq2seq architecture without a split in `backends.seq2seq.decoder_parts`) returns float logits at every padded
+# a seq2seq architecture without a split in `decoder_parts`) returns float logits at every padded
 # position of a pass: such passes hold at most this many bytes of them, and each pass is reduced
 # to its targets' log-probs before the next runs (a pass peaks at two to three times this: its
 # logits, those at real positions, a block of their float32 log-softmax; 146-172 MB measured). mT5's 250k vocabulary takes

@@ -9,7 +9,8 @@ import torch
 from instructrec.backends import BACKENDS, CausalBackend, PrefixLMBackend, Seq2SeqBackend, backend_class
 from instructrec.catalogue import CatalogueItem, build_catalogue
 from instructrec.generation import Generator
-from instructrec.modeling import CAUSAL, PREFIX_LM, SEQ2SEQ, TINY, TINY_CAUSAL, TINY_PREFIX, TINY_T5, kind_of, load_model
+from instructrec.modeling import (CAUSAL, PREFIX_LM, SEQ2SEQ, TINY, TINY_CAUSAL, TINY_PREFIX, TINY_T5, kind_of,
+                                  load_model)
 from instructrec.ranker import Ranker
 
 torch.set_num_threads(1)
