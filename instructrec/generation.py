@@ -15,10 +15,11 @@ reaches end-of-sequence is a finished title and leaves the beam (it costs nothin
 answer is the best ``k`` finished titles by the ranker's reduction. With ``beams`` at least
 the number of allowed titles the search is exhaustive, i.e. the ranker's full sort.
 
-Each backend steps one token at a time with its own keys/values cache, reordered to follow
-the surviving beams: the prefix-LM reads the instruction once and decodes after it
-(:func:`instructrec.prefixlm.decode_step`), a seq2seq model encodes once and keeps the
-cross-attention keys/values as views, a decoder-only model keeps the instruction's.
+The steps come from the ranker's backend (:mod:`instructrec.backends`), one token at a time
+with its own keys/values cache, reordered to follow the surviving beams: the prefix-LM reads
+the instruction once and decodes after it (:func:`instructrec.prefixlm.decode_step`), a seq2seq
+model encodes once and keeps the cross-attention keys/values as views, a decoder-only model
+keeps the instruction's.
 """
 
 from __future__ import annotations
@@ -29,10 +30,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import prefixlm
+from .backends import Steps
 from .catalogue import Catalogue, Node
-from .modeling import PREFIX_LM
-from .ranker import SOURCE_BUCKET, Ranker, _decoder_parts, _prefix_head, _view_cache
+from .ranker import Ranker
 
 MAX_K = 100  # the most items one request may ask for (the service's and the evaluation's bound)
 
@@ -58,6 +58,7 @@ class Generator:
     def __init__(self, ranker: Ranker, catalogue: Catalogue, *, beams: int | None = None, where=None):
         catalogue.check_compatible(ranker.tokenizer, ranker.eos, ranker.max_target_tokens, where=where)
         self.ranker = ranker
+        self.backend = ranker.backend  # the ranker's own: a title is generated as it is scored
         self.catalogue = catalogue
         self.beams = beams  # None: k
 
@@ -79,7 +80,7 @@ class Generator:
         reduction = reduction or self.ranker.reduction
         src = self.ranker.source_ids(source)[0] if isinstance(source, str) else list(source)
         width = max(k, beams or self.beams or k)
-        steps = _steps(self.ranker, src)
+        steps = self.backend.steps(src)
         leaves = search(steps, self.catalogue, width, k, self.ranker.eos, reduction,
                         self.catalogue.allowed_counts(allowed))
         out: list[Recommended] = []
@@ -98,7 +99,7 @@ class Generation:
     steps: int  # decoding steps the search ran (model passes after the instruction's)
 
 
-def search(steps: "_Steps", catalogue: Catalogue, width: int, k: int, eos: int, reduction: str,
+def search(steps: Steps, catalogue: Catalogue, width: int, k: int, eos: int, reduction: str,
            counts: np.ndarray | None) -> list[tuple[Node, float]]:
     """Constrained beam search: the finished leaves (a leaf node, the title's summed log-prob)
     in the order of the ranker's reduction, best first, at most enough to hold ``k`` items."""
@@ -161,138 +162,6 @@ def _settled(finished, grown, k: int, reduction: str, counts) -> bool:
         if items >= k:
             return -neg_score >= best_open
     return False
-
-
-# -- stepping each backend one token at a time ------------------------------------------------
-
-
-class _Steps:
-    """``first()`` gives the log-probs [1, vocab] of the first title token; ``advance(parents,
-    tokens)`` continues row ``parents[i]`` of the previous step with ``tokens[i]`` and gives the
-    new rows' log-probs [rows, vocab] (float32, on the CPU)."""
-
-    count = 0  # decoding steps run
-
-    def first(self) -> torch.Tensor:
-        raise NotImplementedError
-
-    def advance(self, parents: list[int], tokens: list[int]) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class _CachedSteps(_Steps):
-    """Backends that feed the start token first and keep each beam's own keys/values per layer
-    (``own``), reordered to follow the beams: ``_step(tokens, own)`` runs one position."""
-
-    start: int
-    device: torch.device
-    own: list | None = None
-
-    def _step(self, tokens: torch.Tensor, own) -> torch.Tensor:
-        raise NotImplementedError
-
-    def first(self) -> torch.Tensor:
-        return self._step(torch.tensor([[self.start]], device=self.device), None)
-
-    def advance(self, parents: list[int], tokens: list[int]) -> torch.Tensor:
-        idx = _rows(parents, self.device)
-        own = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in self.own]
-        return self._step(torch.tensor(tokens, device=self.device)[:, None], own)
-
-
-def _steps(ranker: Ranker, src: list[int]) -> _Steps:
-    if ranker.kind == PREFIX_LM:
-        return _PrefixSteps(ranker, src)
-    if ranker.kind == "causal":
-        return _CausalSteps(ranker, src)
-    return _Seq2SeqSteps(ranker, src)
-
-
-def _logprobs(logits: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits.float(), dim=-1).cpu()
-
-
-def _rows(parents: list[int], device) -> torch.Tensor:
-    return torch.tensor(parents, device=device)
-
-
-class _PrefixSteps(_CachedSteps):
-    def __init__(self, ranker: Ranker, src: list[int]):
-        self.bert = ranker.model.bert
-        self.device = ranker.device
-        self.head = _prefix_head(ranker.model)
-        self.start = ranker.start_id()
-        inp = ranker.pad_rows([src], SOURCE_BUCKET)  # read as the ranker reads it (same kernels, warmed)
-        mask = (torch.arange(inp.shape[1], device=self.device)[None, :] < len(src)).long()
-        _, self.kv = prefixlm.read_instruction(self.bert, inp, mask)
-        self.length = len(src)
-        self.own = None
-
-    def _step(self, tokens: torch.Tensor, own) -> torch.Tensor:
-        hidden, self.own = prefixlm.decode_step(self.bert, self.kv, self.length, tokens, own)
-        return _logprobs(self.head(hidden))
-
-
-class _Seq2SeqSteps(_CachedSteps):
-    def __init__(self, ranker: Ranker, src: list[int]):
-        model = ranker.model
-        self.device = ranker.device
-        self.body, self.head = _decoder_parts(model)
-        inp = torch.tensor([src], device=self.device)
-        self.mask = torch.ones_like(inp)
-        self.enc = model.get_encoder()(input_ids=inp, attention_mask=self.mask).last_hidden_state
-        self.start = ranker.start_id()
-        self.own = None  # decoder self-attention keys/values per layer, one row per beam
-        self.cross = None  # cross-attention keys/values per layer, one row (shared as views)
-
-    def _step(self, tokens: torch.Tensor, own) -> torch.Tensor:
-        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-
-        rows = tokens.shape[0]
-        if self.cross is None:
-            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        else:
-            cross = [(k.expand(rows, *k.shape[1:]), v.expand(rows, *v.shape[1:])) for k, v in self.cross]
-            cache = EncoderDecoderCache(_view_cache(own), _view_cache(cross))
-        hidden = self.body(tokens, self.enc.expand(rows, -1, -1), self.mask.expand(rows, -1), cache)
-        self.own = [(layer.keys, layer.values) for layer in cache.self_attention_cache.layers]
-        if self.cross is None:
-            self.cross = [(layer.keys, layer.values) for layer in cache.cross_attention_cache.layers]
-        return _logprobs(self.head(hidden[:, -1]))
-
-
-class _CausalSteps(_Steps):
-    def __init__(self, ranker: Ranker, src: list[int]):
-        from transformers.cache_utils import DynamicCache
-
-        self.model = ranker.model
-        self.device = ranker.device
-        cache = DynamicCache()
-        inp = torch.tensor([src], device=self.device)
-        out = self.model(input_ids=inp, attention_mask=torch.ones_like(inp), past_key_values=cache, use_cache=True)
-        self.first_logprobs = _logprobs(out.logits[:, -1])  # the instruction's last position predicts the title
-        self.prefix = [(layer.keys, layer.values) for layer in cache.layers]
-        self.length = len(src)
-        self.own = None
-
-    def first(self) -> torch.Tensor:
-        return self.first_logprobs
-
-    def advance(self, parents: list[int], tokens: list[int]) -> torch.Tensor:
-        rows = len(tokens)
-        idx = _rows(parents, self.device)
-        pairs = []
-        for i, (k, v) in enumerate(self.prefix):
-            k, v = k.expand(rows, *k.shape[1:]), v.expand(rows, *v.shape[1:])
-            if self.own is not None:
-                k = torch.cat([k, self.own[i][0].index_select(0, idx)], dim=2)
-                v = torch.cat([v, self.own[i][1].index_select(0, idx)], dim=2)
-            pairs.append((k, v))
-        cache = _view_cache(pairs)
-        out = self.model(input_ids=torch.tensor(tokens, device=self.device)[:, None], past_key_values=cache,
-                         use_cache=True)
-        self.own = [(layer.keys[:, :, self.length :], layer.values[:, :, self.length :]) for layer in cache.layers]
-        return _logprobs(out.logits[:, -1])
 
 
 __all__ = ["Generator", "Generation", "Recommended", "search", "MAX_K"]

@@ -32,7 +32,8 @@ TINY = "tiny-random"  # a tiny randomly initialised BERT2BERT for tests and the 
 TINY_T5 = "tiny-random-t5"  # a tiny randomly initialised T5, for tests of the generic path
 TINY_CAUSAL = "tiny-random-causal"  # a tiny randomly initialised GPT-2-style decoder-only model
 TINY_PREFIX = "tiny-random-prefixlm"  # a tiny randomly initialised prefix-LM
-PREFIX_LM = "prefix-lm"  # LoadedModel.kind of the prefix-LM shape
+# LoadedModel.kind of each model shape; instructrec.backends maps each to the class that runs it
+SEQ2SEQ, CAUSAL, PREFIX_LM = "seq2seq", "causal", "prefix-lm"
 TINY_FLAN_T5 = "tiny-random-flan-t5"  # a tiny random T5 in Flan-T5's layout (untied head, gated-gelu, no output scaling)
 
 DEFAULT_MODEL_DIR = Path("artifacts") / "quickstart" / "model"  # where the quick start puts its model
@@ -270,7 +271,7 @@ def build_tiny_prefix_lm(seed: int = 0, hidden: int = 64, layers: int = 2, heads
 
 BUILDERS = {MINILM: build_minilm_bert2bert, MINILM_PREFIX: build_minilm_prefix_lm, TINY: build_tiny_bert2bert,
             TINY_T5: build_tiny_t5, TINY_CAUSAL: build_tiny_causal, TINY_PREFIX: build_tiny_prefix_lm}
-KINDS = {TINY_CAUSAL: "causal", MINILM_PREFIX: PREFIX_LM, TINY_PREFIX: PREFIX_LM}
+KINDS = {TINY_CAUSAL: CAUSAL, MINILM_PREFIX: PREFIX_LM, TINY_PREFIX: PREFIX_LM}
 BUILDERS[TINY_FLAN_T5] = build_tiny_flan_t5
 
 
@@ -381,7 +382,7 @@ def build_base(name: str, dtype: torch.dtype | None = None):
     checkpoint's own. Built-ins and shipped models are small and always built in float32."""
     if name in BUILDERS:
         model, tokenizer = BUILDERS[name]()
-        return model, tokenizer, KINDS.get(name, "seq2seq")
+        return model, tokenizer, KINDS.get(name, SEQ2SEQ)
     from .shipped import is_shipped
 
     if is_shipped(name):
@@ -435,7 +436,7 @@ def load_shipped(directory: str | Path):
              if name in WHEEL_BASES else f"the built-in {name}")
     check_base(directory, header, actual["base_sha256"], where)
     apply(model, directory)
-    return model, tokenizer, KINDS.get(name, "seq2seq")
+    return model, tokenizer, KINDS.get(name, SEQ2SEQ)
 
 
 def ship(checkpoint: str | Path, out: str | Path, card: dict | None = None, meta: dict | None = None) -> Path:
@@ -464,24 +465,30 @@ def _from_pretrained(path: str, dtype: torch.dtype | None = None):
 
     if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
         raise FileNotFoundError(f"model {path!r} is neither a built-in ({', '.join(BUILDERS)}) nor a local directory, and HF_HUB_OFFLINE is set")
-    from .prefixlm import is_prefix_lm
-
     config = AutoConfig.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if is_prefix_lm(config):
+    kind = kind_of(config)
+    if kind == PREFIX_LM:
         from transformers import BertForMaskedLM
 
-        return BertForMaskedLM.from_pretrained(path, dtype=dtype or "auto"), tokenizer, PREFIX_LM
-    if config.is_encoder_decoder:
+        return BertForMaskedLM.from_pretrained(path, dtype=dtype or "auto"), tokenizer, kind
+    if kind == SEQ2SEQ:
         model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype or "auto")
         keep_untied_head(model)
-        kind = "seq2seq"
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
-        kind = "causal"
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, kind
+
+
+def kind_of(config) -> str:
+    """A model's kind from its config: what loading builds and which backend runs it."""
+    from .prefixlm import is_prefix_lm
+
+    if is_prefix_lm(config):
+        return PREFIX_LM
+    return SEQ2SEQ if config.is_encoder_decoder else CAUSAL
 
 
 def load_model(name_or_path: str | Path, device: str | None = "auto", dtype: str | torch.dtype | None = "auto") -> LoadedModel:

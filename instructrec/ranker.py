@@ -10,20 +10,22 @@ views (no copy), and the vocabulary projection runs only at real target position
 blocks (of the vocabulary on CPU, of rows elsewhere). ``naive=True`` runs one full forward per candidate: the reference the
 fast path must equal.
 
-A decoder-only backend (GenRec-style) does the same with the instruction as a shared
-prefix whose keys/values are computed once.
+What differs between model kinds (encoder-decoder, prefix-LM, decoder-only) lives in one
+backend class per kind (:mod:`instructrec.backends`), chosen once from the loaded model; the
+ranker keeps what they share: tokenising, length buckets, passes of mixed requests, the head.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
-from . import prefixlm
+from .backends import Backend, backend_class
+from .backends.base import Head
 from .instruction import source_token_ids
-from .modeling import PREFIX_LM, LoadedModel
+from .modeling import LoadedModel
 
 REDUCTIONS = ("mean", "sum")
 DEFAULT_TARGET_TOKENS = 48
@@ -31,11 +33,6 @@ DEFAULT_TARGET_TOKENS = 48
 # the cache set-up) and smaller, slower matmuls. Swept on 2 cores (8 to 64): 16 to 32 were
 # fastest at 10 and 100 candidates, within the noise of each other.
 PASS_COST_TOKENS = 32
-# A prefix-LM reads an instruction padded to a multiple of this many tokens (padding masked):
-# every new length meant new kernels for oneDNN and attention to create (148 matmul primitives
-# for one new 10-candidate request), while a few lengths can be warmed up at start-up. On 30 new
-# Games requests: 52-59 ms the first time without it, 46-47 ms with it and the warm-up.
-SOURCE_BUCKET = 16
 # Rows of vocabulary logits computed at a time: 256 x 30k float32 logits are 31 MB, where all
 # 1,000 target tokens of a 100-candidate request at once were 120 MB of fresh pages; on 2 cores
 # 256 rows gave the fastest head matmul (100 GFLOP/s, 84 with 128 rows, 92 with 512).
@@ -46,7 +43,7 @@ HEAD_BLOCK_ROWS = 256
 # head at 122 GFLOP/s against 74 for full rows plus log_softmax.
 VOCAB_BLOCK_ROWS, VOCAB_BLOCK_COLUMNS = 1024, 2048
 # A model whose vocabulary head the ranker cannot run apart from the model (a decoder-only model,
-# a seq2seq architecture without a split in `_decoder_parts`) returns float logits at every padded
+# a seq2seq architecture without a split in `decoder_parts`) returns float logits at every padded
 # position of a pass: such passes hold at most this many bytes of them, and each pass is reduced
 # to its targets' log-probs before the next runs (a pass peaks at two to three times this: its
 # logits, those at real positions, a block of their float32 log-softmax; 146-172 MB measured). mT5's 250k vocabulary takes
@@ -145,7 +142,7 @@ def rank_order(scores: Sequence[float]) -> list[int]:
 
 
 class Ranker:
-    """Scores candidates for an instruction with a loaded model (seq2seq or causal)."""
+    """Scores candidates for an instruction with a loaded model, through its kind's backend."""
 
     def __init__(self, loaded: LoadedModel, *, max_source_tokens: int | None = None, max_target_tokens: int | None = None,
                  batch_tokens: int = 4096, reduction: str = "mean", share_cross_kv: bool = True,
@@ -161,9 +158,9 @@ class Ranker:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
-        self.kind = loaded.kind
+        backend = backend_class(loaded.kind)
         limit = _position_limit(self.model)
-        if loaded.kind in ("causal", PREFIX_LM):
+        if backend.shares_positions:
             limit -= max_target_tokens  # the instruction and the candidate share the positions
         self.max_source_tokens = min(max_source_tokens or limit, limit)  # instruction tokens actually kept
         self.max_target_tokens = max_target_tokens
@@ -178,6 +175,12 @@ class Ranker:
         # scores are bit for bit those of scoring it alone, whatever it is batched with
         self.batch_invariant = batch_invariant
         self.eos = eos_id(self.tokenizer, self.model)
+        self.backend: Backend = backend(self)  # the generator steps through the same one
+
+    @property
+    def kind(self) -> str:
+        """The loaded model's kind (``LoadedModel.kind``), the key its backend was chosen by."""
+        return self.backend.kind
 
     # -- public API -----------------------------------------------------------------
     def rank(self, source: str, candidates: Sequence[str], top_n: int | None = None, **kw) -> list[Ranked]:
@@ -218,24 +221,14 @@ class Ranker:
         if any(not e.targets for e in encoded):
             raise ValueError("no candidates to score")
         if self.batch_invariant or naive:
-            sums = [self._sums([e.source], [e.targets], naive)[0] for e in encoded]
+            sums = [self.backend.sums([e.source], [e.targets], naive)[0] for e in encoded]
         else:
-            sums = self._sums([e.source for e in encoded], [e.targets for e in encoded], naive)
+            sums = self.backend.sums([e.source for e in encoded], [e.targets for e in encoded], naive)
         out = []
         for e, req_sums in zip(encoded, sums):
             scores = [x / len(t) if reduction == "mean" else x for x, t in zip(req_sums, e.targets)]
             out.append(Scored(scores, len(e.source), e.source_cut, sum(len(t) for t in e.targets), e.targets_cut))
         return out
-
-    def _sums(self, srcs: list[list[int]], ids: list[list[list[int]]], naive: bool) -> list[list[float]]:
-        """Summed target log-probs per request and candidate, the given requests in shared passes."""
-        if self.kind == "causal":
-            return [(self._causal_naive if naive else self._causal_fast)(s, i) for s, i in zip(srcs, ids)]
-        if self.kind == PREFIX_LM:
-            return [self._prefix_naive(s, i) for s, i in zip(srcs, ids)] if naive else self._prefix_fast(srcs, ids)
-        if naive:
-            return [self._seq2seq_naive(s, i) for s, i in zip(srcs, ids)]
-        return self._seq2seq_fast(srcs, ids)
 
     def encode(self, source: str, candidates: Sequence[str], *, tokenizer=None) -> Encoded:
         """Tokenise an instruction and its candidates within this ranker's limits. ``tokenizer``
@@ -255,7 +248,7 @@ class Ranker:
         The caller should already have fitted the history (:func:`instructrec.instruction.fit`)."""
         return source_token_ids(tokenizer or self.tokenizer, [source], self.max_source_tokens)[0]
 
-    def _chunks(self, ids: list[list[int]], batch_tokens: int | None = None) -> list[list[int]]:
+    def chunks(self, ids: list[list[int]], batch_tokens: int | None = None) -> list[list[int]]:
         """Indices grouped into decoder passes of similar length, each within the token budget
         (``batch_tokens``, default the ranker's).
 
@@ -317,126 +310,61 @@ class Ranker:
         return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
     @staticmethod
-    def _real_positions(hidden: torch.Tensor, labels: torch.Tensor, lengths: list[int]):
+    def real_positions(hidden: torch.Tensor, labels: torch.Tensor, lengths: list[int]):
         """(hidden states, labels, row of each) at the real (unpadded) target positions of a pass."""
         width = labels.shape[1]
         mask = torch.arange(width, device=labels.device)[None, :] < torch.tensor(lengths, device=labels.device)[:, None]
         rows = torch.arange(len(lengths), device=labels.device)[:, None].expand(-1, width)[mask]
         return hidden[mask], labels[mask], rows
 
-    def _head_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor, head) -> torch.Tensor:
+    def head_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor, head) -> torch.Tensor:
         """log p(label) for each row of ``hidden``: by vocabulary blocks where the head's last
         layer is a float ``nn.Linear`` on CPU, else the head applied ``HEAD_BLOCK_ROWS`` rows at
         a time. Either way never more than one block of logits is in memory."""
-        if isinstance(head, _Head) and type(head.final) is torch.nn.Linear and hidden.device.type == "cpu":
+        if isinstance(head, Head) and type(head.final) is torch.nn.Linear and hidden.device.type == "cpu":
             return torch.cat([_blocked_logprobs(head, hidden[a : a + VOCAB_BLOCK_ROWS], labels[a : a + VOCAB_BLOCK_ROWS])
                               for a in range(0, hidden.shape[0], VOCAB_BLOCK_ROWS)])
         return torch.cat([self._token_logprobs(head(hidden[a : a + HEAD_BLOCK_ROWS]), labels[a : a + HEAD_BLOCK_ROWS])
                           for a in range(0, hidden.shape[0], HEAD_BLOCK_ROWS)])
 
-    def _logits_pass_tokens(self) -> int:
+    def logits_pass_tokens(self) -> int:
         """Padded target tokens a pass may hold when the model returns full logits (``LOGITS_PASS_BYTES``)."""
         return max(1, min(self.batch_tokens, LOGITS_PASS_BYTES // (4 * _vocab_size(self.model))))
 
-    # -- seq2seq --------------------------------------------------------------------
     def start_id(self) -> int:
-        """The decoder's first input token (seq2seq)."""
+        """The first input token of a candidate (a seq2seq decoder's, a prefix-LM's)."""
         return decoder_start_id(self.model)
 
-    def _seq2seq_naive(self, src: list[int], ids: list[list[int]]) -> list[float]:
-        start = self.start_id()
-        inp = torch.tensor([src], device=self.device)
-        out = []
-        for t in ids:
-            labels = torch.tensor([t], device=self.device)
-            dec = torch.tensor([[start] + t[:-1]], device=self.device)
-            logits = self.model(input_ids=inp, attention_mask=torch.ones_like(inp), decoder_input_ids=dec).logits
-            out.append(float(torch.log_softmax(logits.float(), -1).gather(-1, labels.unsqueeze(-1)).sum()))
-        return out
-
-    def _seq2seq_fast(self, srcs: list[list[int]], ids: list[list[list[int]]]) -> list[list[float]]:
-        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-
-        model = self.model
-        lengths = torch.tensor([len(s) for s in srcs], device=self.device)
-        inp = self.pad_rows(srcs)
-        mask = (torch.arange(inp.shape[1], device=self.device)[None, :] < lengths[:, None]).long()
-        enc = model.get_encoder()(input_ids=inp, attention_mask=mask).last_hidden_state
-        if not self.share_cross_kv or all(len(req) == 1 for req in ids):
-            # one candidate per instruction: a shared first step would only add a decoder pass
-            flat = [(r, j) for r, req in enumerate(ids) for j in range(len(req))]
-            sums = [[0.0] * len(req) for req in ids]
-            shared = None
-        else:
-            # One decoder step per instruction, from the start token, is the same first step for
-            # all of its candidates: it fills the cross-attention cache (K/V of every layer), the
-            # start position's self-attention K/V, and its logits score every candidate's first token.
-            probe = EncoderDecoderCache(DynamicCache(), DynamicCache())
-            first = model(encoder_outputs=(enc,), attention_mask=mask, past_key_values=probe, use_cache=True,
-                          decoder_input_ids=torch.full((len(srcs), 1), self.start_id(), device=self.device)).logits
-            first = torch.log_softmax(first[:, 0].float(), dim=-1)
-            sums = [first[r, [t[0] for t in req]].tolist() for r, req in enumerate(ids)]
-            flat = [(r, j) for r, req in enumerate(ids) for j in range(len(req)) if len(req[j]) > 1]
-            shared = ([(layer.keys, layer.values) for layer in probe.self_attention_cache.layers],
-                      [(layer.keys, layer.values) for layer in probe.cross_attention_cache.layers])
-        for (r, j), value in zip(flat, self._decode(enc, mask, [ids[r][j] for r, j in flat],
-                                                     [r for r, _ in flat], shared)):
-            sums[r][j] += value
-        return sums
-
-    def _decode(self, enc: torch.Tensor, mask: torch.Tensor, targets: list[list[int]], owners: list[int],
-                shared) -> list[float]:
-        """Summed log-probs of ``targets`` (rows of the requests ``owners``) through the decoder.
-        With ``shared`` = (start-step self-attention K/V, cross-attention K/V) per request, rows
-        continue after the shared start step and read those as views; with ``None`` every row
-        starts from the start token and its decoder projects the encoder output to cross-attention
-        K/V itself (the benchmark's ``encoder_once``)."""
-        from transformers.cache_utils import EncoderDecoderCache
-
-        body, head = _decoder_parts(self.model)
-        skip = 1 if shared else 0  # tokens already scored by the shared start step
-
-        def run(rows, pick, labels):
-            if shared:
-                inputs = self.pad_rows([t[:-1] for t in rows])
-                cache = EncoderDecoderCache(*(_view_cache([(pick(k), pick(v)) for k, v in kv]) for kv in shared))
-            else:
-                inputs, cache = self._with_start(labels), None
-            return body(inputs, pick(enc), pick(mask), cache)
-
-        row_bytes = _row_bytes([enc, mask, *_cached(shared)]) if shared else 0
-        return self._bucketed(targets, owners, row_bytes, skip, run, head)
-
-    def _with_start(self, labels: torch.Tensor) -> torch.Tensor:
+    def with_start(self, labels: torch.Tensor) -> torch.Tensor:
         """Decoder inputs of padded target rows: the start token, then each target but its last token."""
         return torch.cat([torch.full((labels.shape[0], 1), self.start_id(), device=self.device), labels[:, :-1]], dim=1)
 
-    def _bucketed(self, targets: list[list[int]], owners: list[int], row_bytes: int, skip: int, run, head) -> list[float]:
+    def bucketed(self, targets: list[list[int]], owners: list[int], row_bytes: int, skip: int, run, head) -> list[float]:
         """Summed log-probs of ``targets`` (rows of the requests ``owners``), ``skip`` leading
         tokens already scored: rows go in length buckets (split where mixed requests' key/value
         copies of ``row_bytes`` a row would pass the allowance); ``run(rows, pick, labels)`` gives a
         pass's hidden states; the hidden states at real positions of every pass are collected so
-        the head runs on full blocks at the end. A ``head`` that is no :class:`_Head` means ``run``
+        the head runs on full blocks at the end. A ``head`` that is no :class:`Head` means ``run``
         gives the model's full logits: then passes stay within ``LOGITS_PASS_BYTES`` and each is
         reduced to log-probs at once (every candidate token's logits together do not fit: 7.5 GB at
         1,000 candidates for mT5's vocabulary)."""
-        full_logits = not isinstance(head, _Head)
-        budget = self._logits_pass_tokens() if full_logits else self.batch_tokens
+        full_logits = not isinstance(head, Head)
+        budget = self.logits_pass_tokens() if full_logits else self.batch_tokens
         states, labels_at, rows_at = [], [], []
-        passes = [part for chunk in self._chunks([t[skip:] for t in targets], budget)
+        passes = [part for chunk in self.chunks([t[skip:] for t in targets], budget)
                   for part in self.split_mixed(chunk, owners, row_bytes)]
         for chunk in passes:
             rows = [targets[i] for i in chunk]
             labels = self.pad_rows([t[skip:] for t in rows])
             hidden = run(rows, self._picker([owners[i] for i in chunk]), labels)
-            h, lab, row = self._real_positions(hidden, labels, [len(t) - skip for t in rows])
+            h, lab, row = self.real_positions(hidden, labels, [len(t) - skip for t in rows])
             del hidden  # a pass's logits, when full_logits: freed before they are reduced
-            states.append(self._head_logprobs(h, lab, head) if full_logits else h)
+            states.append(self.head_logprobs(h, lab, head) if full_logits else h)
             labels_at.append(lab)
             rows_at.append(torch.tensor(chunk, device=self.device)[row])
         if not states:
             return []
-        lp = torch.cat(states) if full_logits else self._head_logprobs(torch.cat(states), torch.cat(labels_at), head)
+        lp = torch.cat(states) if full_logits else self.head_logprobs(torch.cat(states), torch.cat(labels_at), head)
         return torch.zeros(len(targets), device=self.device).index_add_(0, torch.cat(rows_at), lp).tolist()
 
     def split_mixed(self, chunk: list[int], owners: list[int], row_bytes: int) -> list[list[int]]:
@@ -458,115 +386,25 @@ class Ranker:
         return parts
 
     def warm_instruction_lengths(self) -> list[int]:
-        """A prefix-LM reads instructions padded to multiples of ``SOURCE_BUCKET``: score a small
-        request at each of those lengths once, so the kernels of every length exist before the
-        first real request (a new length otherwise costs its first request about 10 ms here).
-        Returns the lengths warmed (none for other shapes)."""
-        if self.kind != PREFIX_LM:
-            return []
-        lengths = list(range(SOURCE_BUCKET, self.max_source_tokens + SOURCE_BUCKET, SOURCE_BUCKET))
+        """Score a small request at each instruction length the backend names (a prefix-LM's
+        padded lengths), so the kernels of every length exist before the first real request (a
+        new length otherwise costs its first request about 10 ms here). Returns the lengths.
+        A length past ``max_source_tokens`` (the last bucket of a limit that is no multiple of
+        it) is warmed with the longest instruction kept, which pads to it: more real tokens would
+        leave the candidate no positions."""
+        lengths = self.backend.warm_instruction_lengths()
         for n in lengths:
-            self.score_many([Encoded([self.eos] * n, 0, [[self.eos, self.eos]] * 2, 0)])
+            self.score_many([Encoded([self.eos] * min(n, self.max_source_tokens), 0, [[self.eos, self.eos]] * 2, 0)])
         return lengths
 
     def kv_row_bytes(self, source_tokens: int) -> int:
         """Bytes one row of a mixed-request pass copies (every layer's cross-attention keys/values,
         the encoder states and mask; a prefix-LM's per-layer instruction keys/values) for an
-        instruction of ``source_tokens``, measured on the model."""
-        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-
-        if self.kind == PREFIX_LM:
-            with torch.inference_mode():
-                inp = torch.full((1, max(1, source_tokens)), self.eos, device=self.device)
-                _, kv = prefixlm.read_instruction(self.model.bert, inp, torch.ones_like(inp))
-            return _row_bytes(_cached([kv]))
-        if self.kind != "seq2seq":
-            return 0
-        with torch.inference_mode():
-            inp = torch.full((1, max(1, source_tokens)), self.eos, device=self.device)
-            mask = torch.ones_like(inp)
-            enc = self.model.get_encoder()(input_ids=inp, attention_mask=mask).last_hidden_state
-            probe = EncoderDecoderCache(DynamicCache(), DynamicCache())
-            self.model(encoder_outputs=(enc,), attention_mask=mask, past_key_values=probe, use_cache=True,
-                       decoder_input_ids=torch.full((1, 1), self.start_id(), device=self.device))
-            shared = ([(layer.keys, layer.values) for layer in probe.self_attention_cache.layers],
-                      [(layer.keys, layer.values) for layer in probe.cross_attention_cache.layers])
-            return _row_bytes([enc, mask, *_cached(shared)])
+        instruction of ``source_tokens``, measured on the model (0 where rows copy nothing)."""
+        return self.backend.kv_row_bytes(source_tokens)
 
     def _picker(self, owners: list[int]) -> "_Pick":
         return _Pick(owners, self.device)
-
-    # -- prefix-LM ------------------------------------------------------------------
-    def _prefix_naive(self, src: list[int], ids: list[list[int]]) -> list[float]:
-        head = _prefix_head(self.model)
-        start, out = self.start_id(), []
-        for t in ids:
-            hidden = prefixlm.full_forward(self.model.bert, src, [start] + t[:-1])
-            logits = head(hidden)
-            out.append(float(torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(t, device=self.device)[:, None]).sum()))
-        return out
-
-    def _prefix_fast(self, srcs: list[list[int]], ids: list[list[list[int]]]) -> list[list[float]]:
-        """All instructions in one padded pass that keeps every layer's keys/values; then the
-        candidates of all of them in length buckets, each row reading its instruction's
-        keys/values (views when a bucket holds one request's rows), the head only at real
-        positions and once over all buckets."""
-        bert = self.model.bert
-        lengths = torch.tensor([len(s) for s in srcs], device=self.device)
-        inp = self.pad_rows(srcs, SOURCE_BUCKET)
-        mask = (torch.arange(inp.shape[1], device=self.device)[None, :] < lengths[:, None]).long()
-        _, kv = prefixlm.read_instruction(bert, inp, mask)
-        flat = [(r, j) for r, req in enumerate(ids) for j in range(len(req))]
-
-        def run(rows, pick, labels):
-            return prefixlm.decode_candidates(bert, kv, lengths, self._with_start(labels), pick, shared=pick.shared)
-
-        totals = self._bucketed([ids[r][j] for r, j in flat], [r for r, _ in flat],
-                                _row_bytes(_cached([kv])), 0, run, _prefix_head(self.model))
-        sums = [[0.0] * len(req) for req in ids]
-        for (r, j), value in zip(flat, totals):
-            sums[r][j] = value
-        return sums
-
-    # -- decoder-only ---------------------------------------------------------------
-    def _causal_naive(self, src: list[int], ids: list[list[int]]) -> list[float]:
-        out = []
-        for t in ids:
-            seq = torch.tensor([src + t], device=self.device)
-            logits = self.model(input_ids=seq).logits[0, len(src) - 1 : -1]
-            out.append(float(torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(t, device=self.device)[:, None]).sum()))
-        return out
-
-    def _causal_fast(self, src: list[int], ids: list[list[int]]) -> list[float]:
-        from transformers.cache_utils import DynamicCache
-
-        prefix = DynamicCache()
-        out = self.model(input_ids=torch.tensor([src], device=self.device), past_key_values=prefix, use_cache=True)
-        first = torch.log_softmax(out.logits[0, -1].float(), -1)  # predicts every candidate's first token
-        kv = [(layer.keys, layer.values) for layer in prefix.layers]
-        sums = [0.0] * len(ids)
-        # the model returns logits over the vocabulary at every position: passes within LOGITS_PASS_BYTES
-        for chunk in self._chunks(ids, self._logits_pass_tokens()):
-            rows = [ids[i] for i in chunk]
-            labels = self.pad_rows(rows)
-            totals = first[labels[:, 0]]
-            if labels.shape[1] > 1:
-                tail = self._causal_tail(kv, labels, [len(r) - 1 for r in rows])
-                totals = totals + torch.tensor(tail, device=self.device)
-            for i, s in zip(chunk, totals.tolist()):
-                sums[i] = s
-        return sums
-
-    def _causal_tail(self, kv, labels: torch.Tensor, rest: list[int]) -> list[float]:
-        """Summed log-probs of each row's tokens after its first, the rows continuing the shared
-        instruction ``kv``."""
-        b = labels.shape[0]
-        cache = _view_cache([(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv])
-        logits = self.model(input_ids=labels[:, :-1], past_key_values=cache, use_cache=True).logits
-        h, lab, rows = self._real_positions(logits, labels[:, 1:], rest)
-        del logits  # the pass's logits at every position, freed before the log-softmax blocks
-        lp = self._head_logprobs(h, lab, lambda x: x)
-        return torch.zeros(b, device=self.device).index_add_(0, rows, lp).tolist()
 
 
 class _Pick:
@@ -587,19 +425,7 @@ class _Pick:
             return x.index_select(0, self._index)
 
 
-@dataclass(frozen=True)
-class _Head:
-    """A vocabulary head as what runs before its last linear layer (``pre``) and that layer, so
-    log-probabilities can be computed a block of the vocabulary at a time."""
-
-    pre: Callable[[torch.Tensor], torch.Tensor]
-    final: torch.nn.Module  # hidden -> logits
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.final(self.pre(hidden))
-
-
-def _blocked_logprobs(head: _Head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _blocked_logprobs(head: Head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log p(label) = label logit - logsumexp over the vocabulary, the logsumexp taken per block
     of ``VOCAB_BLOCK_COLUMNS`` and combined, the label logit from the label's weight row.
 
@@ -638,35 +464,6 @@ def _blocked_logprobs(head: _Head, hidden: torch.Tensor, labels: torch.Tensor) -
         return picked.float() - torch.logsumexp(torch.stack(blocks, dim=-1), dim=-1)
 
 
-def _cached(groups) -> list[torch.Tensor]:
-    """Every key and value tensor of groups of per-layer (keys, values) pairs."""
-    return [t for kv in groups for pair in kv for t in pair]
-
-
-def _row_bytes(tensors: list[torch.Tensor]) -> int:
-    """Bytes a row's own copy of its request's slice of these per-request tensors takes (encoder
-    states, mask, cached keys/values)."""
-    return sum(t[:1].numel() * t.element_size() for t in tensors)
-
-
-def _view_cache(pairs: list[tuple[torch.Tensor, torch.Tensor]]):
-    """A DynamicCache holding the given per-layer keys/values as they are. Filling one the
-    documented way (``ddp_cache_data``) concatenates each pair onto an empty tensor, which
-    turns an ``expand``-ed view shared by every row into a full copy per decoder pass."""
-    from transformers.cache_utils import DynamicCache
-
-    cache = DynamicCache(ddp_cache_data=[(None, None)] * len(pairs))
-    for layer, (keys, values) in zip(cache.layers, pairs):
-        layer.lazy_initialization(keys, values)
-        layer.keys, layer.values = keys, values
-    return cache
-
-
-def _prefix_head(model) -> "_Head":
-    predictions = model.cls.predictions
-    return _Head(predictions.transform, predictions.decoder)
-
-
 def _position_limit(model) -> int:
     cfg = model.config
     enc_cfg = getattr(cfg, "encoder", cfg)
@@ -677,66 +474,6 @@ def _position_limit(model) -> int:
     return 512  # T5's relative positions have no hard bound; 512 is what it was trained on
 
 
-def _decoder_parts(model):
-    """(body, head): the decoder stack returning hidden states, and the vocabulary head.
-
-    Splitting them lets the ranker apply the head only at real target positions, a block of
-    the vocabulary at a time. Known architectures get a split (BERT2BERT; T5, mT5 and umT5);
-    any other seq2seq model falls back to the full forward (identical scores; the head then
-    runs on padding too, and the ranker bounds its passes by ``LOGITS_PASS_BYTES``). A peft
-    model is split as the model its adapters live in.
-    """
-    from transformers import EncoderDecoderModel
-
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    if isinstance(model, EncoderDecoderModel) and hasattr(model.decoder, "bert") and hasattr(model.decoder, "cls"):
-        if getattr(model, "enc_to_dec_proj", None) is not None:
-            return _generic_parts(model)
-
-        def body(dec, enc, mask, cache):
-            return model.decoder.bert(input_ids=dec, encoder_hidden_states=enc, encoder_attention_mask=mask,
-                                      past_key_values=cache, use_cache=True).last_hidden_state
-
-        predictions = model.decoder.cls.predictions
-        return body, _Head(predictions.transform, predictions.decoder)
-    scales = _t5_family_scales(model)
-    if scales is not None:
-        def body(dec, enc, mask, cache):
-            return model.decoder(input_ids=dec, encoder_hidden_states=enc, encoder_attention_mask=mask,
-                                 past_key_values=cache, use_cache=True).last_hidden_state
-
-        scale = model.config.d_model ** -0.5 if scales else 1.0
-        return body, _Head(lambda h: h * scale, model.lm_head)
-    return _generic_parts(model)
-
-
-def _t5_family_scales(model) -> bool | None:
-    """Whether a T5-family model's forward multiplies the decoder output by ``d_model ** -0.5``
-    before ``lm_head`` (``None``: not of the family). Each class decides it its own way in
-    transformers 5.23: T5 by :func:`t5_scales_decoder_output`, umT5 by ``tie_word_embeddings``,
-    mT5 never (its configs say ``tie_word_embeddings: false`` anyway). The tests hold the split
-    to each model's own forward, so a release that changes this shows there."""
-    from transformers import MT5ForConditionalGeneration, T5ForConditionalGeneration, UMT5ForConditionalGeneration
-
-    if isinstance(model, T5ForConditionalGeneration):
-        return t5_scales_decoder_output(model.config)
-    if isinstance(model, UMT5ForConditionalGeneration):
-        return bool(model.config.tie_word_embeddings)
-    if isinstance(model, MT5ForConditionalGeneration):
-        return False
-    return None
-
-
-def t5_scales_decoder_output(config) -> bool:
-    """Whether T5's forward multiplies the decoder output by ``d_model ** -0.5`` before the head:
-    what the model itself reads. transformers 5.x keeps it in ``scale_decoder_outputs`` (false for
-    Flan-T5 and T5 v1.1, whose configs say ``tie_word_embeddings: false``) and reports
-    ``tie_word_embeddings`` true for every T5; older versions read ``tie_word_embeddings``."""
-    flag = getattr(config, "scale_decoder_outputs", None)
-    return bool(config.tie_word_embeddings if flag is None else flag)
-
-
 def _vocab_size(model) -> int:
     """Entries of the model's vocabulary head (an int8-quantised head has no ``weight`` tensor)."""
     head = model.get_output_embeddings()
@@ -745,14 +482,6 @@ def _vocab_size(model) -> int:
         return size
     config = model.config
     return getattr(getattr(config, "decoder", config), "vocab_size", None) or config.vocab_size
-
-
-def _generic_parts(model):
-    def body(dec, enc, mask, cache):
-        return model(encoder_outputs=(enc,), attention_mask=mask, decoder_input_ids=dec, past_key_values=cache,
-                     use_cache=True).logits
-
-    return body, lambda logits: logits
 
 
 __all__ = ["Ranker", "Ranked", "Scored", "Encoded", "rank_order", "target_ids", "targets_ids", "eos_id", "token_limits", "REDUCTIONS"]

@@ -122,7 +122,7 @@ def test_encoder_once_variant_recomputes_cross_kv_per_chunk():
         source = "A user played: 1. Halo; 2. Doom. Pick the best candidate."
         cands = [f"game {i} " + "deluxe " * (i % 5) for i in range(30)]
         slow = no_shared_kv_ranker(loaded, batch_tokens=32)
-        chunks = slow._chunks([target_ids(slow.tokenizer, c, slow.max_target_tokens, slow.eos)[0] for c in cands])
+        chunks = slow.chunks([target_ids(slow.tokenizer, c, slow.max_target_tokens, slow.eos)[0] for c in cands])
         assert len(chunks) > 3
         scores = slow.score(source, cands).scores
         assert len(calls) == len(chunks) * len(layers)  # K/V per chunk (and per row inside it), not once

@@ -109,10 +109,8 @@ def test_every_step_is_limited_to_the_prefix_tree(setup):
     """Drive the search with a model that wants a token outside the catalogue above all: the
     beams still only ever hold catalogue prefixes."""
     ranker, catalogue, generator = setup
-    from instructrec import generation
-
     seen = []
-    real = generation._steps
+    real = ranker.backend.steps
 
     class Spy:
         def __init__(self, inner):
@@ -132,11 +130,11 @@ def test_every_step_is_limited_to_the_prefix_tree(setup):
             lp[:, 0] = 0.0  # token 0 is in no title: the constraint must hold it off
             return lp
 
-    generation._steps = lambda r, s: Spy(real(r, s))
+    ranker.backend.steps = lambda s: Spy(real(s))
     try:
         got = generator.top_k(SOURCE, 4)
     finally:
-        generation._steps = real
+        del ranker.backend.steps
     rows = {tuple(catalogue.row_tokens(i)) for i in range(len(catalogue))}
     assert seen and got
     for prefix in seen:

@@ -37,7 +37,7 @@ def test_instruction_states_are_those_of_reading_it_alone(loaded):
 def test_fast_equals_naive(loaded):
     ranker = Ranker(loaded, batch_tokens=24)  # a small budget: several buckets and passes
     ids = [target_ids(ranker.tokenizer, c, ranker.max_target_tokens, ranker.eos)[0] for c in CANDS]
-    assert len(ranker._chunks(ids)) >= 3
+    assert len(ranker.chunks(ids)) >= 3
     for reduction in ("sum", "mean"):
         fast = ranker.score(SOURCE, CANDS, reduction=reduction)
         naive = ranker.score(SOURCE, CANDS, reduction=reduction, naive=True)
@@ -120,7 +120,7 @@ def test_minilm_prefix_lm_is_the_same_model_at_every_load():
 def test_instruction_lengths_are_warmed_by_bucket():
     """Instructions are read padded to multiples of SOURCE_BUCKET (padding masked: the scores
     stay those of the unpadded reference), and the warm-up scores one request per bucket."""
-    from instructrec.ranker import SOURCE_BUCKET
+    from instructrec.backends.prefix_lm import SOURCE_BUCKET
 
     loaded = load_model(TINY_PREFIX, device="cpu", dtype="float32")
     ranker = Ranker(loaded, max_source_tokens=40)

@@ -49,7 +49,7 @@ def _close(fast, naive, tol=1e-4):
 def test_fast_equals_naive(models, name):
     ranker = Ranker(models(name), batch_tokens=16)
     ids = [target_ids(ranker.tokenizer, c, ranker.max_target_tokens, ranker.eos)[0] for c in CANDS]
-    assert len({len(t) for t in ids}) >= 5 and len(ranker._chunks(ids)) > 5  # several buckets and chunks
+    assert len({len(t) for t in ids}) >= 5 and len(ranker.chunks(ids)) > 5  # several buckets and chunks
     for reduction in ("sum", "mean"):
         fast = ranker.score(SOURCE, CANDS, reduction=reduction)
         naive = ranker.score(SOURCE, CANDS, reduction=reduction, naive=True)
@@ -87,7 +87,7 @@ def test_cross_attention_kv_computed_once(models):
         ranker = Ranker(loaded, batch_tokens=16)
         cands = [f"game {i} " + "deluxe " * (i % 6) for i in range(50)]
         ids = [target_ids(ranker.tokenizer, c, ranker.max_target_tokens, ranker.eos)[0] for c in cands]
-        assert len(ranker._chunks(ids)) >= 10
+        assert len(ranker.chunks(ids)) >= 10
         ranker.score(SOURCE, cands)
         assert calls == list(range(len(layers)))  # once per layer (the probe), not per chunk
         calls.clear()
@@ -287,8 +287,8 @@ def test_score_many_shares_passes_across_requests(models):
             return [t[1:] for t in (target_ids(ranker.tokenizer, c, ranker.max_target_tokens, ranker.eos)[0]
                                     for c in cands) if len(t) > 1]
 
-        assert together == 1 + len(ranker._chunks([t for _, c in requests for t in tails(c)]))
-        assert len(passes) == sum(1 + len(ranker._chunks(tails(c))) for _, c in requests)
+        assert together == 1 + len(ranker.chunks([t for _, c in requests for t in tails(c)]))
+        assert len(passes) == sum(1 + len(ranker.chunks(tails(c))) for _, c in requests)
         assert together <= len(passes) / 2
     finally:
         hook.remove()
@@ -336,7 +336,7 @@ def test_chunks_cover_every_row_within_budget_with_little_padding(models):
     ranker = Ranker(models(TINY), batch_tokens=256)
     rnd = random.Random(3)
     ids = [[7] * rnd.choice([2, 3, 3, 4, 5, 6, 8, 9, 12, 22]) for _ in range(100)]
-    chunks = ranker._chunks(ids)
+    chunks = ranker.chunks(ids)
     assert sorted(i for c in chunks for i in c) == list(range(100))
     for c in chunks:
         assert len(c) * max(len(ids[i]) for i in c) <= 256
@@ -346,11 +346,11 @@ def test_chunks_cover_every_row_within_budget_with_little_padding(models):
     assert padded - real <= 0.1 * real < one_bucket - real
     # a pass costs PASS_COST_TOKENS: padding fewer rows than that by a token is cheaper, more is not
     few, many = PASS_COST_TOKENS // 2, PASS_COST_TOKENS * 2
-    assert len(Ranker(models(TINY))._chunks([[7] * 4] * few + [[7] * 5] * 100)) == 1
-    assert len(Ranker(models(TINY))._chunks([[7] * 4] * many + [[7] * 5] * 100)) == 2
-    assert ranker._chunks([]) == []
+    assert len(Ranker(models(TINY)).chunks([[7] * 4] * few + [[7] * 5] * 100)) == 1
+    assert len(Ranker(models(TINY)).chunks([[7] * 4] * many + [[7] * 5] * 100)) == 2
+    assert ranker.chunks([]) == []
     # one row longer than the budget still gets a pass of its own
-    assert Ranker(models(TINY), batch_tokens=4)._chunks([[7] * 9, [7] * 2]) == [[1], [0]]
+    assert Ranker(models(TINY), batch_tokens=4).chunks([[7] * 9, [7] * 2]) == [[1], [0]]
 
 
 @pytest.mark.parametrize("name", [TINY, TINY_T5])
@@ -365,7 +365,7 @@ def test_single_token_targets_score_from_the_shared_first_step(models, name):
         fast = ranker.score_many([request, Encoded(src[:5], 0, targets[::-1], 0)])
         with torch.inference_mode():
             for got, (s, t) in zip(fast, [(src, targets), (src[:5], targets[::-1])]):
-                _close(got.scores, ranker._seq2seq_naive(s, t))
+                _close(got.scores, ranker.backend.naive(s, t))
 
 
 def test_int8_load_quantises_linear_layers_on_cpu_only(models, monkeypatch):
@@ -408,11 +408,12 @@ def test_one_candidate_per_instruction_runs_one_decoder_pass(models):
 def test_vocabulary_blocks_give_the_full_log_softmax(models, name):
     """log p(label) by blocks of the vocabulary (BERT's head with a bias, T5's without, 30,522
     entries: not a multiple of the block) equals log_softmax over the full logits."""
-    from instructrec.ranker import VOCAB_BLOCK_COLUMNS, _blocked_logprobs, _decoder_parts, _Head
+    from instructrec.backends import Head, decoder_parts
+    from instructrec.ranker import VOCAB_BLOCK_COLUMNS, _blocked_logprobs
 
     loaded = models(name)
-    _, head = _decoder_parts(loaded.model)
-    assert isinstance(head, _Head) and (head.final.bias is not None) == (name == TINY)
+    _, head = decoder_parts(loaded.model)
+    assert isinstance(head, Head) and (head.final.bias is not None) == (name == TINY)
     assert head.final.weight.shape[0] % VOCAB_BLOCK_COLUMNS != 0
     torch.manual_seed(0)
     hidden = torch.randn(70, head.final.weight.shape[1]) * 3
@@ -420,7 +421,7 @@ def test_vocabulary_blocks_give_the_full_log_softmax(models, name):
     with torch.inference_mode():
         full = torch.log_softmax(head(hidden), -1).gather(-1, labels[:, None]).squeeze(-1)
         blocked = _blocked_logprobs(head, hidden, labels)
-        via_ranker = Ranker(loaded)._head_logprobs(hidden, labels, head)
+        via_ranker = Ranker(loaded).head_logprobs(hidden, labels, head)
     assert torch.allclose(blocked, full, atol=1e-4) and torch.allclose(via_ranker, full, atol=1e-4)
     # training's validation: float32 weights under bf16 autocast, without grad
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from instructrec.backends import Head, decoder_parts
 from instructrec.modeling import LoadedModel, minilm_tokenizer
-from instructrec.ranker import LOGITS_PASS_BYTES, Ranker, _decoder_parts, _Head
+from instructrec.ranker import LOGITS_PASS_BYTES, Ranker
 
 from .scoring_memory_worker import build, requests
 
@@ -65,11 +66,11 @@ def test_scores_equal_one_full_forward_per_candidate(arch):
     loaded = _loaded(arch)
     model = loaded.model
     ranker = Ranker(loaded, max_source_tokens=64, max_target_tokens=16)
-    split = loaded.kind == "seq2seq" and isinstance(_decoder_parts(model)[1], _Head)
+    split = loaded.kind == "seq2seq" and isinstance(decoder_parts(model)[1], Head)
     assert split == (arch in ("mt5", "umt5"))
     request = requests(40, seed=3)
     if not split:
-        assert len(ranker._chunks(request.targets, ranker._logits_pass_tokens())) >= 3  # several bounded passes
+        assert len(ranker.chunks(request.targets, ranker.logits_pass_tokens())) >= 3  # several bounded passes
     with torch.inference_mode():
         got = ranker.score_many([request], reduction="sum")[0].scores
         want = []
@@ -89,14 +90,14 @@ def test_split_head_blocks_equal_the_full_log_softmax(arch):
     the model's whole logits (float64), on 1,500 rows of the model's own decoder states."""
     loaded = _loaded(arch)
     model = loaded.model
-    _, head = _decoder_parts(model)
+    _, head = decoder_parts(model)
     g = torch.Generator().manual_seed(0)
     dec = torch.randint(2, model.config.vocab_size, (30, 50), generator=g)
     labels = torch.randint(0, model.config.vocab_size, (1500,), generator=g)
     with torch.inference_mode():
         enc = model.get_encoder()(input_ids=torch.tensor([requests(1).source])).last_hidden_state
         hidden = model.decoder(input_ids=dec, encoder_hidden_states=enc.expand(30, -1, -1)).last_hidden_state.reshape(1500, -1)
-        got = Ranker(loaded)._head_logprobs(hidden, labels, head)
+        got = Ranker(loaded).head_logprobs(hidden, labels, head)
         want = torch.log_softmax(model.lm_head(head.pre(hidden)).double(), -1).gather(-1, labels[:, None]).squeeze(-1)
         # and head.pre is the model's own: its logits are the full forward's
         full = model(encoder_outputs=(enc.expand(30, -1, -1),), decoder_input_ids=dec).logits.reshape(1500, -1)
@@ -112,9 +113,9 @@ def test_bounded_passes_equal_one_pass_of_every_logit(arch, monkeypatch):
 
     ranker = Ranker(_loaded(arch), max_source_tokens=64, max_target_tokens=16)
     request = requests(40, seed=3)
-    bounded_passes = len(ranker._chunks(request.targets, ranker._logits_pass_tokens()))
+    bounded_passes = len(ranker.chunks(request.targets, ranker.logits_pass_tokens()))
     bounded = ranker.score_many([request], reduction="sum")[0].scores
     monkeypatch.setattr(ranker_module, "LOGITS_PASS_BYTES", 2**50)
-    assert ranker._logits_pass_tokens() == ranker.batch_tokens == 4096
-    assert bounded_passes >= 3 > len(ranker._chunks(request.targets, ranker._logits_pass_tokens()))
+    assert ranker.logits_pass_tokens() == ranker.batch_tokens == 4096
+    assert bounded_passes >= 3 > len(ranker.chunks(request.targets, ranker.logits_pass_tokens()))
     assert bounded == pytest.approx(ranker.score_many([request], reduction="sum")[0].scores, abs=1e-5, rel=0)

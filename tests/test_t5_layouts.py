@@ -9,8 +9,9 @@ import random
 import pytest
 import torch
 
+from instructrec.backends import t5_scales_decoder_output
 from instructrec.modeling import TINY_FLAN_T5, TINY_T5, build_base, keep_untied_head, load_model
-from instructrec.ranker import Ranker, t5_scales_decoder_output, target_ids
+from instructrec.ranker import Ranker, target_ids
 
 torch.set_num_threads(1)
 
@@ -54,7 +55,7 @@ def test_flan_layout_is_what_flan_t5_xl_declares(models):
 def test_fast_equals_naive_and_the_models_own_loss(models, name):
     ranker = Ranker(models(name), batch_tokens=16)
     ids = [target_ids(ranker.tokenizer, c, ranker.max_target_tokens, ranker.eos)[0] for c in CANDS]
-    assert len(ranker._chunks(ids)) > 3  # several decoder passes
+    assert len(ranker.chunks(ids)) > 3  # several decoder passes
     fast = ranker.score(SOURCE, CANDS, reduction="sum").scores
     naive = ranker.score(SOURCE, CANDS, reduction="sum", naive=True).scores
     assert max(abs(f - n) for f, n in zip(fast, naive)) < 1e-4, (fast, naive)
@@ -194,7 +195,8 @@ def test_auto_bf16_only_with_native_bf16():
 
 def test_head_log_probs_are_float32_and_close_in_bf16(models):
     """In bfloat16 the head's log-softmax still runs in float32 (scores within bf16 rounding of float32)."""
-    from instructrec.ranker import _Head, _blocked_logprobs
+    from instructrec.backends import Head
+    from instructrec.ranker import _blocked_logprobs
 
     fp32 = models(TINY_FLAN_T5)
     ranker = Ranker(fp32)
@@ -203,13 +205,13 @@ def test_head_log_probs_are_float32_and_close_in_bf16(models):
     dec = torch.cat([torch.tensor([ranker.start_id()]), labels[:-1]])[None]
     with torch.inference_mode():
         hidden = fp32.model(input_ids=src, decoder_input_ids=dec, output_hidden_states=True).decoder_hidden_states[-1][0]
-        head = _Head(lambda h: h, fp32.model.lm_head)
+        head = Head(lambda h: h, fp32.model.lm_head)
         exact = torch.log_softmax(head(hidden).double(), -1).gather(-1, labels[:, None]).squeeze(-1)
         blocked = _blocked_logprobs(head, hidden, labels)
         rows = ranker._token_logprobs(head(hidden), labels)
         assert blocked.dtype == rows.dtype == torch.float32
         assert torch.allclose(blocked.double(), exact, atol=1e-4) and torch.allclose(rows.double(), exact, atol=1e-4)
-        bf16_head = _Head(lambda h: h, torch.nn.Linear(64, fp32.model.lm_head.out_features, bias=False).to(torch.bfloat16))
+        bf16_head = Head(lambda h: h, torch.nn.Linear(64, fp32.model.lm_head.out_features, bias=False).to(torch.bfloat16))
         bf16_head.final.weight.copy_(fp32.model.lm_head.weight)
         low = _blocked_logprobs(bf16_head, hidden.to(torch.bfloat16), labels)
         # measured 0.0035 nats (bf16 weights and hidden states; logits rounded to bf16 per block)

@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from instructrec.aspects import UserNeed
+from instructrec.backends import backend_class
 from instructrec.instruction import build, count_tokens
 from instructrec.ranker import HEAD_PROFILE_LABEL, Ranker
 from instructrec.training.data.load import load_dataset
@@ -330,7 +331,7 @@ def _make_rankers(model_name: str, variants: Sequence[str], batch_tokens: int, l
             if v in ("naive", "shared_kv"):
                 rankers[v] = Ranker(loaded32, **kw)
             elif v == "encoder_once":
-                if loaded32.kind != "seq2seq":
+                if not backend_class(loaded32.kind).cross_attention:
                     raise NotImplementedError(f"{loaded32.kind} model: no cross-attention to share or not")
                 rankers[v] = no_shared_kv_ranker(loaded32, **kw)
             elif v == "bf16":

@@ -28,7 +28,6 @@ from instructrec.checkpoint import checkpoint_version
 from instructrec.generation import Generation, Generator
 from instructrec.hybrid import GATE_FILE, Hybrid
 from instructrec.instruction import Instruction, build, count_tokens
-from instructrec.modeling import PREFIX_LM
 from instructrec.ranker import Encoded, Ranker, Scored, targets_ids
 from instructrec.reranker import RerankerWarning, load_hybrid_of, load_ranker
 from instructrec.templates import TEMPLATE_VERSION
@@ -503,9 +502,7 @@ class Engine:
         per_token = (time.perf_counter() - started) / (scored.source_tokens + count * r.max_target_tokens)
         self.warmup_report = {"single": {"source_tokens": scored.source_tokens, "candidates": count,
                                          "seconds_per_token": per_token}}
-        shares_passes = not r.batch_invariant and (
-            (self.loaded.kind == "seq2seq" and r.share_cross_kv) or self.loaded.kind == PREFIX_LM)
-        if shares_passes:
+        if not r.batch_invariant and r.backend.shares_passes():
             self.warmup_report["mixed"] = self._warm_up_mixed(source, scored.source_tokens)
         self.warmup_report["instruction_lengths"] = r.warm_instruction_lengths()
         if self.generator is not None:  # the decoding step's kernels, before the first /recommend
@@ -555,10 +552,9 @@ class Engine:
 
     def _install_timing_hooks(self) -> None:
         """Time the encoder forward (seq2seq) so decode time = scoring time - encoder time."""
-        model = self.loaded.model
-        if self.loaded.kind != "seq2seq" or not hasattr(model, "get_encoder"):
+        encoder = self.ranker.backend.encoder()
+        if encoder is None:
             return
-        encoder = model.get_encoder()
         local = self._local
         # CUDA runs asynchronously: without a synchronisation the clock would stop when the
         # encoder's kernels were queued, not when they finished (decode time would absorb them)

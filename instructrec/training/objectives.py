@@ -26,8 +26,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from instructrec import prefixlm
-from instructrec.ranker import _decoder_parts, _prefix_head, targets_ids
+from instructrec.backends import backend_class
+from instructrec.modeling import kind_of
+from instructrec.ranker import targets_ids
 from instructrec.templates import Target
 
 from .data.types import Case, InteractionData
@@ -150,24 +151,8 @@ def candidate_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     real = cand_labels != -100
     labels = cand_labels.masked_fill(~real, pad_id)
     dec = torch.cat([torch.full_like(labels[:, :1], start_id), labels[:, :-1]], dim=1)
-    if prefixlm.is_prefix_lm(model.config):
-        for part in (model.bert.embeddings, *model.bert.encoder.layer):
-            if not any(p.requires_grad for p in part.parameters()):
-                part.eval()  # no dropout in a part that does not learn
-        _, kv = prefixlm.read_instruction(model.bert, input_ids, attention_mask)
-        hidden = prefixlm.decode_candidates(model.bert, kv, attention_mask.sum(dim=1), dec,
-                                            lambda t: t.index_select(0, cand_owner))
-        return _summed(_prefix_head(model)(hidden[real]), labels, real)
-    encoder = model.get_encoder()
-    frozen = not any(p.requires_grad for p in encoder.parameters())
-    if frozen:
-        encoder.eval()  # no dropout in a part that does not learn
-        with torch.no_grad():
-            enc = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    else:
-        enc = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    body, head = _decoder_parts(model)
-    hidden = body(dec, enc.index_select(0, cand_owner), attention_mask.index_select(0, cand_owner), None)
+    backend = backend_class(kind_of(model.config))  # the kind's own scoring, as the ranker runs it
+    hidden, head = backend.candidate_states(model, input_ids, attention_mask, dec, cand_owner)
     return _summed(head(hidden[real]), labels, real)
 
 

@@ -41,6 +41,7 @@ from instructrec.instruction import build as build_instruction
 from instructrec.instruction import source_token_ids
 from instructrec.modeling import (
     PREFIX_LM,
+    SEQ2SEQ,
     LoadedModel,
     build_base,
     cpu_has_bf16,
@@ -76,7 +77,7 @@ class TrainingError(RuntimeError):
 
 
 def validation_metrics(model, tokenizer, data: InteractionData, cases: list[Case], preset: Preset,
-                       device: torch.device, n_negatives: int = 9, kind: str = "seq2seq") -> dict[str, float]:
+                       device: torch.device, n_negatives: int = 9, kind: str = SEQ2SEQ) -> dict[str, float]:
     """HR/NDCG of the likelihood ranker on ``cases`` (1 positive + ``n_negatives``), serving path,
     several cases per call (:mod:`instructrec.training.validation`; full forwards on every process for a
     sharded model)."""
@@ -84,7 +85,7 @@ def validation_metrics(model, tokenizer, data: InteractionData, cases: list[Case
 
 
 def validation_ranks(model, tokenizer, data: InteractionData, cases: list[Case], preset: Preset,
-                     device: torch.device, n_negatives: int = 9, kind: str = "seq2seq") -> list[int]:
+                     device: torch.device, n_negatives: int = 9, kind: str = SEQ2SEQ) -> list[int]:
     """The 0-based rank of each case's positive among its candidates (the history-only need)."""
     from .validation import score_cases
 
@@ -286,7 +287,7 @@ def _data_and_base(preset: Preset, data_path: str | None, init: str | Path | Non
     split = data.split(preset.max_history)
     # float32 master weights whatever the checkpoint is stored in; bf16 is autocast's, per operation
     model, tokenizer, kind = build_base(str(init) if init else preset.base, torch.float32)
-    if kind not in ("seq2seq", PREFIX_LM):
+    if kind not in (SEQ2SEQ, PREFIX_LM):
         raise TrainingError(f"base model {preset.base!r} is a {kind} model; instruction tuning here trains "
                             "encoder-decoders and the prefix-LM")
     if kind == PREFIX_LM and preset.freeze_encoder:
@@ -389,7 +390,7 @@ def _features(examples: list[Example], data: InteractionData, split, tokenizer, 
 
 def _trainable(model, kind: str, preset: Preset, lora: bool):
     """The model with what this run trains: LoRA adapters, or the weights left unfrozen."""
-    if lora and kind != "seq2seq":
+    if lora and kind != SEQ2SEQ:
         raise TrainingError("--lora trains adapters of a seq2seq model (e.g. Flan-T5); the prefix-LM trains in full")
     if lora:
         try:
