@@ -89,3 +89,21 @@ def delete_namespace(url: str, namespace: str) -> None:
             client.delete(*keys)
     finally:
         client.close()
+
+
+def tiny_checkpoints(root, seeds) -> list:
+    """Tiny prefix-LM checkpoints under ``root``, one per seed: different weights, so different
+    checkpoint versions (what a model swap switches between)."""
+    from instructrec.checkpoint import write_meta
+    from instructrec.modeling import build_tiny_prefix_lm
+    from instructrec.templates import TEMPLATE_VERSION
+
+    paths = []
+    for seed in seeds:
+        model, tok = build_tiny_prefix_lm(seed=seed)
+        path = root / f"v{seed}"
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        write_meta(path, {"template_version": TEMPLATE_VERSION})
+        paths.append(path)
+    return paths

@@ -12,6 +12,7 @@ from instructrec.bench import report
 from instructrec.bench.soak import compare, passed
 from instructrec.cli import main
 from instructrec.service.loopback import RedisServer
+from tests.service_fixtures import tiny_checkpoints
 
 
 def test_compare_catches_order_and_score_drift():
@@ -67,18 +68,9 @@ def test_soak_with_a_model_swap_midway(tmp_path):
     another version) at 50%, refused requests sent again after their Retry-After: every request
     answered, nothing lost or wrong, every answer names one of the two versions and equals that
     version's answer alone, and both versions answered."""
-    from instructrec.checkpoint import checkpoint_version, write_meta
-    from instructrec.modeling import build_tiny_prefix_lm
-    from instructrec.templates import TEMPLATE_VERSION
+    from instructrec.checkpoint import checkpoint_version
 
-    paths = []
-    for seed in (21, 22):
-        model, tok = build_tiny_prefix_lm(seed=seed)
-        path = tmp_path / f"v{seed}"
-        model.save_pretrained(path)
-        tok.save_pretrained(path)
-        write_meta(path, {"template_version": TEMPLATE_VERSION})
-        paths.append(path)
+    paths = tiny_checkpoints(tmp_path, (21, 22))
     out = tmp_path / "out"
     rc = main(["bench", "soak", "--model", str(paths[0]), "--swap-model", str(paths[1]), "--faults", "swap", "--resend",
                "--clients", "50", "--requests", "400", "--distinct", "12", "--candidates", "6", "--threads", "1",

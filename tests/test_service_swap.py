@@ -19,14 +19,13 @@ import httpx
 import pytest
 import torch
 
-from instructrec.checkpoint import checkpoint_version, write_meta
-from instructrec.modeling import build_tiny_prefix_lm
+from instructrec.checkpoint import checkpoint_version
 from instructrec.service.app import create_app
 from instructrec.service.batcher import RETRY_AFTER_MAX_S, Batcher, QueueFull
 from instructrec.service.metrics import Metrics
 from instructrec.service.settings import Settings
-from instructrec.templates import TEMPLATE_VERSION
-from tests.service_fixtures import ServerThread, delete_namespace, metric, redis_up, unique_namespace, SHARED_REDIS
+from tests.service_fixtures import (SHARED_REDIS, ServerThread, delete_namespace, metric, redis_up, tiny_checkpoints,
+                                    unique_namespace)
 
 torch.set_num_threads(1)
 
@@ -169,14 +168,7 @@ def test_eight_clients_of_100_candidates_are_all_answered_at_the_defaults():
 def checkpoints(tmp_path_factory):
     """Two tiny prefix-LM checkpoints, different seeds: two checkpoint versions."""
     root = tmp_path_factory.mktemp("swap")
-    out = []
-    for seed in (11, 12):
-        model, tok = build_tiny_prefix_lm(seed=seed)
-        path = root / f"v{seed}"
-        model.save_pretrained(path)
-        tok.save_pretrained(path)
-        write_meta(path, {"template_version": TEMPLATE_VERSION})
-        out.append(path)
+    out = tiny_checkpoints(root, (11, 12))
     assert checkpoint_version(out[0]) != checkpoint_version(out[1])
     return out
 
