@@ -60,7 +60,10 @@ def test_gate_fit_then_the_hybrid_rows_of_an_evaluation(tmp_path, model_dir, cap
     gate = load_gate(model_dir / "gate.json")
     report = gate.info["report"]
     assert gate.info["examples"] > 0 and gate.info["users_held_out"] == 8 and gate.temperature > 0
-    assert set(report["held_out"]) == {"sequential", "vague_intention", "all"}
+    # the uniform cases of both scenarios, and their retrieved-10 cases where retrieval found the target
+    assert {"sequential", "vague_intention", "all"} <= set(report["held_out"])
+    retrieved = set(report["fitted"]) - {"sequential", "vague_intention", "all"}
+    assert retrieved and all(name.startswith("retrieved-10:") for name in retrieved), retrieved
     assert 0 <= report["held_out"]["all"]["ece"] <= 1
 
     data = load_dataset("games-sample").sample_users(60, seed=3)

@@ -32,6 +32,7 @@ CALLS = [
     ("POST", "/v2/rerank", {"query": "", "documents": ["Halo 2"]}),
     ("POST", "/recommend", {"history": [{"id": "h2", "title": "Halo 2"}], "instruction": "co-op", "k": 2}),
     ("POST", "/recommend", {"history": ["Halo 2"], "k": 0}),
+    ("POST", "/admin/reload", {"model": "/no/such/model"}),  # 422 naming model; the old one keeps serving
 ]
 
 
@@ -74,7 +75,8 @@ def client(tmp_path_factory):
 
 def test_every_json_route_declares_its_models():
     routes = _routes()
-    assert set(routes) == {"/rerank", "/v1/rerank", "/v2/rerank", "/recommend", "/health", "/ready", "/metrics"}
+    assert set(routes) == {"/rerank", "/v1/rerank", "/v2/rerank", "/recommend", "/health", "/ready", "/metrics",
+                           "/admin/reload"}
     for path, route in routes.items():
         if path == "/metrics":  # Prometheus text, not JSON
             continue
