@@ -106,78 +106,92 @@ def fitting_examples(data: InteractionData, lm, hybrid: Hybrid, *, users: int, w
             sig = case_signals(hybrid, data, case, need)
             out.append(Labelled(scenario.name, case.user_id, Example(np.asarray(scores), need, sig.behaviour, sig.semantic,
                                                                      sig.known, case.positive, sig.sequential)))
+    retrieval = CatalogueRetrieval.of(data, hybrid, work) if retrieved_users or retrieved_negatives else None
     if retrieved_users:
-        out += retrieved_examples(data, lm, hybrid, cases[:retrieved_users], work=work, per_source=per_source,
+        out += retrieved_examples(data, lm, hybrid, cases[:retrieved_users], retrieval=retrieval, per_source=per_source,
                                   progress=progress)
     if retrieved_negatives:
         out += retrieved_sample_examples(data, lm, hybrid, cases, annotations, [s for s in chosen if s.history],
-                                         work=work, negatives=retrieved_negatives, per_source=per_source, seed=seed)
+                                         retrieval=retrieval, negatives=retrieved_negatives, per_source=per_source,
+                                         seed=seed)
     return out
 
 
-def catalogue_retriever(data: InteractionData, hybrid: Hybrid, work: Path):
-    """The dataset's items (the catalogue's order) and a retriever over them with every signal
-    of ``hybrid``; title vectors kept in ``work``."""
-    from instructrec.hybrid.retrieval import Retriever
+@dataclass
+class CatalogueRetrieval:
+    """The dataset's items (the catalogue's order) and a retriever over them with every signal of
+    a hybrid, built once for all of a fit's retrieved cases."""
 
-    items, _ = catalogue_items(data)
-    titles = [it.title for it in items]
-    vectors = hybrid.semantic.catalogue_vectors(titles, work / "title-vectors") if hybrid.semantic else None
-    return items, Retriever([it.id for it in items], titles, behaviour=hybrid.behaviour, sequential=hybrid.sequential,
-                            semantic=hybrid.semantic, title_vectors=vectors)
+    items: list
+    retriever: "Retriever"
+    position: dict[str, int]
+
+    @classmethod
+    def of(cls, data: InteractionData, hybrid: Hybrid, work: Path) -> "CatalogueRetrieval":
+        """Title vectors are kept in ``work``."""
+        from instructrec.hybrid.retrieval import Retriever
+
+        items, _ = catalogue_items(data)
+        titles = [it.title for it in items]
+        vectors = hybrid.semantic.catalogue_vectors(titles, work / "title-vectors") if hybrid.semantic else None
+        retriever = Retriever([it.id for it in items], titles, behaviour=hybrid.behaviour, sequential=hybrid.sequential,
+                              semantic=hybrid.semantic, title_vectors=vectors)
+        return cls(items, retriever, {it.id: j for j, it in enumerate(items)})
+
+    def retrieve(self, case: Case, need: UserNeed, per_source: int) -> tuple[list[int], int] | None:
+        """The catalogue positions the signals retrieve for ``need`` (the history left out) and
+        the target's position; None when no signal proposed the target."""
+        target = self.position.get(case.target)
+        if target is None:
+            return None
+        allowed = np.ones(len(self.items), dtype=bool)
+        allowed[[self.position[i] for i in case.history if i in self.position]] = False
+        got = self.retriever.retrieve(normalise_need(need), list(case.history), allowed=allowed, per_source=per_source)
+        return (got.items, target) if target in got.sources else None
 
 
-def retrieved_examples(data: InteractionData, lm, hybrid: Hybrid, cases: Sequence[Case], *, work: Path,
-                       per_source: int, progress: bool = True) -> list[Labelled]:
+def retrieved_examples(data: InteractionData, lm, hybrid: Hybrid, cases: Sequence[Case], *,
+                       retrieval: CatalogueRetrieval, per_source: int, progress: bool = True) -> list[Labelled]:
     """Sequential needs whose candidates are what the signals retrieve from the whole catalogue
     (as ``/recommend`` ranks them): a case whose target no signal proposed is left out."""
     from tqdm import tqdm
 
-    items, retriever = catalogue_retriever(data, hybrid, work)
-    position = {it.id: j for j, it in enumerate(items)}
     out = []
     for case in tqdm(cases, desc="retrieved candidates", unit="case", disable=not progress):
         need = SCENARIOS["sequential"].need(data, case.user_id, case.history, case.target, {}, lm.max_history)
-        if need is None:
+        got = retrieval.retrieve(case, need, per_source) if need is not None else None
+        if got is None:
             continue
-        allowed = np.ones(len(items), dtype=bool)
-        allowed[[position[i] for i in case.history if i in position]] = False
-        got = retriever.retrieve(normalise_need(need), list(case.history), allowed=allowed, per_source=per_source)
-        target = position.get(case.target)
-        if target not in got.sources:
-            continue
-        cand_case = cand.CandidateCase(case.user_id, case.history, case.target, tuple(items[i].id for i in got.items))
+        positions, target = got
+        cand_case = cand.CandidateCase(case.user_id, case.history, case.target,
+                                       tuple(retrieval.items[i].id for i in positions))
         scores = lm.score([cand_case], [need], None, "gate-fit:retrieved", progress=False)[0]
         sig = case_signals(hybrid, data, cand_case, need)
         out.append(Labelled("retrieved", case.user_id, Example(np.asarray(scores), need, sig.behaviour, sig.semantic,
-                                                              sig.known, got.items.index(target), sig.sequential)))
+                                                              sig.known, positions.index(target), sig.sequential)))
     return out
 
 
 def retrieved_sample_examples(data: InteractionData, lm, hybrid: Hybrid, cases: Sequence[Case], annotations: dict,
-                              scenarios: Sequence[Scenario], *, work: Path, negatives: int, per_source: int,
-                              seed: int = FIT_SEED) -> list[Labelled]:
+                              scenarios: Sequence[Scenario], *, retrieval: CatalogueRetrieval, negatives: int,
+                              per_source: int, seed: int = FIT_SEED) -> list[Labelled]:
     """Cases whose candidates are the true item and ``negatives`` items drawn from what the
     signals retrieve for the need (scenario ``retrieved-N:NAME``): what a reranker meets behind
     a matching stage. Unlike the evaluation's hard negatives the true item comes from the same
     pool as the negatives (a case whose target no signal proposed is left out), so nothing but
     the signals tells them apart; these teach the gate what uniform candidates cannot: when
     every candidate resembles the history, the look-alike is not the answer."""
-    items, retriever = catalogue_retriever(data, hybrid, work)
-    position = {it.id: j for j, it in enumerate(items)}
     out = []
     for scenario in scenarios:
         built = []
         for case in cases:
             need = scenario.need(data, case.user_id, case.history, case.target, annotations, lm.max_history)
-            target = position.get(case.target)
-            if need is None or target is None:
+            got = retrieval.retrieve(case, need, per_source) if need is not None else None
+            if got is None:
                 continue
-            allowed = np.ones(len(items), dtype=bool)
-            allowed[[position[i] for i in case.history if i in position]] = False
-            got = retriever.retrieve(normalise_need(need), list(case.history), allowed=allowed, per_source=per_source)
-            pool = [items[i].id for i in got.items if i != target]
-            if target not in got.sources or len(pool) < negatives:
+            positions, target = got
+            pool = [retrieval.items[i].id for i in positions if i != target]
+            if len(pool) < negatives:
                 continue
             rng = random.Random(f"{seed}:{case.user_id}:{scenario.name}")
             candidates = [case.target, *rng.sample(pool, negatives)]
