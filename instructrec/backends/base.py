@@ -109,6 +109,16 @@ class Backend:
     def sums(self, srcs: list[list[int]], ids: list[list[list[int]]], naive: bool) -> list[list[float]]:
         """Summed target log-probs per request and candidate, the given requests in shared passes
         (``naive``: one full forward per candidate, the reference)."""
+        if naive:
+            return [self.naive(s, i) for s, i in zip(srcs, ids)]
+        return self.fast(srcs, ids)
+
+    def naive(self, src: list[int], ids: list[list[int]]) -> list[float]:
+        """One request's candidates, one full forward each: the reference the fast path must equal."""
+        raise NotImplementedError
+
+    def fast(self, srcs: list[list[int]], ids):
+        """The requests' candidates in shared passes (the kind's own signature where it differs)."""
         raise NotImplementedError
 
     @classmethod

@@ -22,11 +22,6 @@ class PrefixLMBackend(Backend):
     kind = PREFIX_LM
     shares_positions = True
 
-    def sums(self, srcs: list[list[int]], ids: list[list[list[int]]], naive: bool) -> list[list[float]]:
-        if naive:
-            return [self.naive(s, i) for s, i in zip(srcs, ids)]
-        return self.fast(srcs, ids)
-
     def naive(self, src: list[int], ids: list[list[int]]) -> list[float]:
         """One pass of the HF model per candidate with the prefix-LM mask: the reference."""
         head = prefix_head(self.model)

@@ -19,11 +19,6 @@ class Seq2SeqBackend(Backend):
     kind = SEQ2SEQ
     cross_attention = True
 
-    def sums(self, srcs: list[list[int]], ids: list[list[list[int]]], naive: bool) -> list[list[float]]:
-        if naive:
-            return [self.naive(s, i) for s, i in zip(srcs, ids)]
-        return self.fast(srcs, ids)
-
     def naive(self, src: list[int], ids: list[list[int]]) -> list[float]:
         """One full forward per candidate: the reference the fast path must equal."""
         start = self.ranker.start_id()
