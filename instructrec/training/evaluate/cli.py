@@ -12,6 +12,7 @@ from instructrec.records import invoked_as
 
 from ..data.types import DataError
 from . import report
+from .scenarios import EVAL_PHRASING
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -72,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--extra-scenarios", type=_csv, default=("sequential", "personalized_search"),
                         help="scenarios also run in the hard-10 and uniform-100 settings")
     parser.add_argument("--annotations", help="annotations.jsonl from `instructrec annotate` (default: the offline teacher)")
-    parser.add_argument("--phrasing", type=_csv, default=("v1",),
+    parser.add_argument("--phrasing", type=_csv, default=(EVAL_PHRASING,),
                         help="the offline teacher's phrasing families the needs are written in, each its own rows side by "
                              "side: v1 (offline-v1's, the default: every published table's), in-family (offline-v2's "
                              "training families), held-out, novel (held-out and new in offline-v2), all; 'both' = "

@@ -21,6 +21,9 @@ from ..annotate.teachers import Kind
 from ..data.types import MAX_HISTORY, InteractionData
 
 
+EVAL_PHRASING = "v1"  # every published table was written in offline-v1's phrasing: rerunning one gives its numbers
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -29,7 +32,7 @@ class Scenario:
     history: bool
     preference: bool = False
     intention: Intention | None = None
-    phrasing: str = "v1"  # the offline teacher's phrasing families its needs are written in (EVAL_PHRASING)
+    phrasing: str = EVAL_PHRASING  # the offline teacher's phrasing families its needs are written in
 
     def kinds(self) -> tuple[Kind, ...]:
         out = []
@@ -80,9 +83,6 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("explicit_preference", "<P1,P2,I0,T3>", "history + explicit preference", history=True, preference=True),
     Scenario("vague_intention", "<P1,I1,T3>", "history + vague intention", history=True, intention=Intention.VAGUE),
 )}
-
-
-EVAL_PHRASING = "v1"  # every published table was written in offline-v1's phrasing: rerunning one gives its numbers
 
 
 def with_phrasings(scenarios: Sequence[Scenario], phrasings: Sequence[str]) -> list[Scenario]:
