@@ -19,18 +19,21 @@ from instructrec.training.evaluate.run import EvalConfig, evaluate
 from instructrec.training.metrics import rank_of
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def tiny_model(path, seed: int):
     """A tiny prefix-LM saved as `instructrec train` saves a checkpoint."""
     from instructrec.modeling import build_tiny_prefix_lm
 
-    path = tmp_path_factory.mktemp("model")
-    model, tok = build_tiny_prefix_lm(seed=5)
+    model, tok = build_tiny_prefix_lm(seed=seed)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     write_meta(path, {"template_version": TEMPLATE_VERSION,
                       "preset": {"name": "smoke", "max_history": 5, "max_source_tokens": 96, "max_target_tokens": 16}})
     return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("model"), seed=5)
 
 
 def test_behaviour_build_cli_leaves_out_the_holdout(tmp_path, capsys):
@@ -102,6 +105,28 @@ def test_gate_fit_then_the_hybrid_rows_of_an_evaluation(tmp_path, model_dir, cap
         assert np.allclose(fused, want, atol=1e-6)
     assert hybrid_row["metrics"]["hr@1"] == pytest.approx(
         np.mean([rank_of(s, c.positive) == 0 for c, s in zip(cases, hy_unit["scores"])]))
+
+
+def test_gate_refit_reads_the_lm_scores_kept_in_work(tmp_path, model_dir):
+    """The LM's scores are kept in --work: a refit asks the model nothing (edited kept scores
+    change its LM row), and a different model does not read them."""
+    work = tmp_path / "work"
+    args = ["gate", "fit", "--model", str(model_dir), "--data", "games-sample", "--users", "20",
+            "--scenarios", "sequential", "--retrieved-negatives", "0", "--work", str(work), "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "a.json")]) == 0
+    kept = sorted((work / "lm-scores").glob("*.json"))
+    assert len(kept) == 1
+    first = load_gate(tmp_path / "a.json").info["report"]["fitted"]["sequential"]["hr@1"]["lm"]
+    scores = json.loads(kept[0].read_text())
+    kept[0].write_text(json.dumps([[-v for v in row] for row in scores]))  # every ranking reversed
+    assert main([*args, "--out", str(tmp_path / "b.json")]) == 0
+    assert sorted((work / "lm-scores").glob("*.json")) == kept
+    assert load_gate(tmp_path / "b.json").info["report"]["fitted"]["sequential"]["hr@1"]["lm"] != first
+    other = tmp_path / "other"
+    tiny_model(other, seed=6)
+    args[args.index(str(model_dir))] = str(other)
+    assert main([*args, "--out", str(tmp_path / "c.json")]) == 0
+    assert len(list((work / "lm-scores").glob("*.json"))) == 2
 
 
 def test_evaluation_without_a_gate_says_how_to_fit_one(tmp_path, capsys):

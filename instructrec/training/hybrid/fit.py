@@ -14,6 +14,8 @@ calibration error are measured there, and the saved gate is the one fitted on th
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from instructrec import files
 from instructrec.aspects import UserNeed
 from instructrec.hybrid import Hybrid, Signals
 from instructrec.hybrid.gate import SIGNALS, Example, Gate, expected_calibration_error, fit_gate
@@ -78,6 +81,22 @@ class Labelled:
     example: Example
 
 
+def lm_scores(lm, work: Path, label: str, cases: Sequence[cand.CandidateCase], needs: Sequence[UserNeed],
+              progress: bool = False) -> list[list[float]]:
+    """``lm.score`` of these cases (the service's template selection), kept in
+    ``work/lm-scores``: the LM is most of a fit's time, and refitting with another L2 or other
+    signals asks it the same questions. The key holds the model's version (checkpoint,
+    precision, lengths) and every case's candidates and need, so a changed model or case misses."""
+    key = json.dumps([lm.version(), label, [[c.user_id, list(c.candidates), repr(n)] for c, n in zip(cases, needs)]])
+    path = work / "lm-scores" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    scores = [[float(v) for v in row] for row in lm.score(cases, needs, None, label, progress=progress)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files.write_json(path, scores)
+    return scores
+
+
 def fitting_examples(data: InteractionData, lm, hybrid: Hybrid, *, users: int, work: Path, seed: int = FIT_SEED,
                      scenarios: str | None = None, retrieved_users: int = 0, per_source: int = 30,
                      retrieved_negatives: int = 9, progress: bool = True) -> list[Labelled]:
@@ -100,20 +119,19 @@ def fitting_examples(data: InteractionData, lm, hybrid: Hybrid, *, users: int, w
         used = needs_of(data, rows, scenario, annotations, lm.max_history)
         if not used:
             continue
-        lm_scores = lm.score([c for c, _ in used], [n for _, n in used], None, f"gate-fit:{scenario.name}",
-                             progress=progress)
-        for (case, need), scores in zip(used, lm_scores):
+        scored = lm_scores(lm, work, f"gate-fit:{scenario.name}", [c for c, _ in used], [n for _, n in used], progress)
+        for (case, need), scores in zip(used, scored):
             sig = case_signals(hybrid, data, case, need)
             out.append(Labelled(scenario.name, case.user_id, Example(np.asarray(scores), need, sig.behaviour, sig.semantic,
                                                                      sig.known, case.positive, sig.sequential)))
     retrieval = CatalogueRetrieval.of(data, hybrid, work) if retrieved_users or retrieved_negatives else None
     if retrieved_users:
         out += retrieved_examples(data, lm, hybrid, cases[:retrieved_users], retrieval=retrieval, per_source=per_source,
-                                  progress=progress)
+                                  work=work, progress=progress)
     if retrieved_negatives:
         out += retrieved_sample_examples(data, lm, hybrid, cases, annotations, [s for s in chosen if s.history],
                                          retrieval=retrieval, negatives=retrieved_negatives, per_source=per_source,
-                                         seed=seed)
+                                         work=work, seed=seed)
     return out
 
 
@@ -151,12 +169,13 @@ class CatalogueRetrieval:
 
 
 def retrieved_examples(data: InteractionData, lm, hybrid: Hybrid, cases: Sequence[Case], *,
-                       retrieval: CatalogueRetrieval, per_source: int, progress: bool = True) -> list[Labelled]:
+                       retrieval: CatalogueRetrieval, per_source: int, work: Path,
+                       progress: bool = True) -> list[Labelled]:
     """Sequential needs whose candidates are what the signals retrieve from the whole catalogue
     (as ``/recommend`` ranks them): a case whose target no signal proposed is left out."""
     from tqdm import tqdm
 
-    out = []
+    built = []
     for case in tqdm(cases, desc="retrieved candidates", unit="case", disable=not progress):
         need = SCENARIOS["sequential"].need(data, case.user_id, case.history, case.target, {}, lm.max_history)
         got = retrieval.retrieve(case, need, per_source) if need is not None else None
@@ -165,16 +184,19 @@ def retrieved_examples(data: InteractionData, lm, hybrid: Hybrid, cases: Sequenc
         positions, target = got
         cand_case = cand.CandidateCase(case.user_id, case.history, case.target,
                                        tuple(retrieval.items[i].id for i in positions))
-        scores = lm.score([cand_case], [need], None, "gate-fit:retrieved", progress=False)[0]
+        built.append((cand_case, need, positions.index(target)))
+    scored = lm_scores(lm, work, "gate-fit:retrieved", [c for c, _, _ in built], [n for _, n, _ in built], progress)
+    out = []
+    for (cand_case, need, positive), scores in zip(built, scored):
         sig = case_signals(hybrid, data, cand_case, need)
-        out.append(Labelled("retrieved", case.user_id, Example(np.asarray(scores), need, sig.behaviour, sig.semantic,
-                                                              sig.known, positions.index(target), sig.sequential)))
+        out.append(Labelled("retrieved", cand_case.user_id, Example(np.asarray(scores), need, sig.behaviour,
+                                                                   sig.semantic, sig.known, positive, sig.sequential)))
     return out
 
 
 def retrieved_sample_examples(data: InteractionData, lm, hybrid: Hybrid, cases: Sequence[Case], annotations: dict,
                               scenarios: Sequence[Scenario], *, retrieval: CatalogueRetrieval, negatives: int,
-                              per_source: int, seed: int = FIT_SEED) -> list[Labelled]:
+                              per_source: int, work: Path, seed: int = FIT_SEED) -> list[Labelled]:
     """Cases whose candidates are the true item and ``negatives`` items drawn from what the
     signals retrieve for the need (scenario ``retrieved-N:NAME``): what a reranker meets behind
     a matching stage. Unlike the evaluation's hard negatives the true item comes from the same
@@ -200,10 +222,10 @@ def retrieved_sample_examples(data: InteractionData, lm, hybrid: Hybrid, cases: 
         name = f"retrieved-{negatives + 1}:{scenario.name}"
         if not built:
             continue
-        scores = lm.score([c for c, _ in built], [n for _, n in built], None, f"gate-fit:{name}", progress=False)
-        for (case, need), lm_scores in zip(built, scores):
+        scored = lm_scores(lm, work, f"gate-fit:{name}", [c for c, _ in built], [n for _, n in built])
+        for (case, need), scores in zip(built, scored):
             sig = case_signals(hybrid, data, case, need)
-            out.append(Labelled(name, case.user_id, Example(np.asarray(lm_scores), need, sig.behaviour, sig.semantic,
+            out.append(Labelled(name, case.user_id, Example(np.asarray(scores), need, sig.behaviour, sig.semantic,
                                                             sig.known, case.positive, sig.sequential)))
     return out
 

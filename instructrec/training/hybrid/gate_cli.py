@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--per-source", type=int, default=30, help="items each signal retrieves for those (default 30)")
     fit.add_argument("--scenarios", help="comma-separated scenarios (default: all)")
     fit.add_argument("--out", help="the gate file (default: MODEL/gate.json)")
-    fit.add_argument("--work", default="artifacts/gate", help="where the teacher's annotations are cached")
+    fit.add_argument("--work", default="artifacts/gate", help="where the teacher's annotations and the LM's scores are cached "
+                     "(a refit with other signals or another --l2 reuses them)")
     fit.add_argument("--l2", type=float, default=1e-5, help="L2 penalty on the gate's weights (default 1e-5)")
     add_device_options(fit)
     fit.add_argument("--no-progress", dest="progress", action="store_false")
