@@ -267,7 +267,8 @@ class Engine:
             self._recommend_fit = functools.lru_cache(maxsize=max(1, size // 16))(self._fit_matching) if size \
                 else self._fit_matching
         self.hybrid: Hybrid | None = load_hybrid_for(settings, loaded.name, self.catalogue)
-        self._retriever = None  # /recommend's candidate retrieval, built on the inference thread at warm-up
+        self._retriever = None  # /recommend's candidate retrieval, built on an inference thread at warm-up
+        self._retriever_lock = threading.Lock()  # lanes may ask for it at once: it is built once
 
     # -- cache key parts ----------------------------------------------------------------
     @property
@@ -418,17 +419,21 @@ class Engine:
     def retriever(self):
         """/recommend's retrieval over the catalogue (built once, on the inference thread: the
         title vectors are the semantic encoder's, kept in a file beside the catalogue)."""
-        if self._retriever is None:
-            from instructrec.hybrid.retrieval import Retriever
+        with self._retriever_lock:
+            if self._retriever is None:
+                self._retriever = self._build_retriever()
+            return self._retriever
 
-            cat, hybrid = self.catalogue, self.hybrid
-            titles = [it.title for it in cat.items]
-            vectors = None
-            if hybrid.semantic is not None:
-                vectors = hybrid.semantic.catalogue_vectors(titles, f"{self.settings.catalogue}.vectors")
-            self._retriever = Retriever([it.id for it in cat.items], titles, behaviour=hybrid.behaviour,
-                                        sequential=hybrid.sequential, semantic=hybrid.semantic, title_vectors=vectors)
-        return self._retriever
+    def _build_retriever(self):
+        from instructrec.hybrid.retrieval import Retriever
+
+        cat, hybrid = self.catalogue, self.hybrid
+        titles = [it.title for it in cat.items]
+        vectors = None
+        if hybrid.semantic is not None:
+            vectors = hybrid.semantic.catalogue_vectors(titles, f"{self.settings.catalogue}.vectors")
+        return Retriever([it.id for it in cat.items], titles, behaviour=hybrid.behaviour,
+                         sequential=hybrid.sequential, semantic=hybrid.semantic, title_vectors=vectors)
 
     def semantic_tokens(self, need: UserNeed, texts: Sequence[str]) -> int:
         """A semantic job's weight in the batcher's token units: about the tokens of the texts
@@ -590,11 +595,14 @@ def ranker_settings(settings: Settings) -> dict:
 
 
 def load_engine(settings: Settings, model_name: str) -> Engine:
-    """The model as the service runs it, loaded by the core's :func:`~instructrec.reranker.load_ranker`."""
-    if settings.torch_threads:
+    """The model as the service runs it, loaded by the core's :func:`~instructrec.reranker.load_ranker`.
+    With several lanes torch runs one thread (for the whole process): each lane's kernels then
+    run on the lane's own thread, in parallel with the others, the same whichever lane it is."""
+    threads = settings.torch_threads or (1 if settings.lanes > 1 else None)
+    if threads:
         import torch
 
-        torch.set_num_threads(settings.torch_threads)
+        torch.set_num_threads(threads)
     with warnings.catch_warnings():  # the engine logs a model tuned on another template table itself
         warnings.simplefilter("ignore", RerankerWarning)
         ranker = load_ranker(model_name, device=settings.device, dtype=settings.dtype, **ranker_settings(settings))
