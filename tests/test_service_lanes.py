@@ -190,9 +190,9 @@ def test_two_lanes_keep_deadlines_and_skip_cancelled_jobs():
 # --- the service ----------------------------------------------------------------------------------
 
 
-def _answers(settings: Settings, requests: list[dict]) -> tuple[list, list, int, float]:
+def _answers(settings: Settings, requests: list[dict]) -> tuple[list, list, int, float, int]:
     """Each request's ranking sent alone, one after another, then all of them at once; the most
-    lanes busy at once, and the busy-lanes gauge once idle."""
+    lanes busy at once, the busy-lanes gauge once idle, and the torch threads of an inference thread."""
     app = create_app(settings)
     with ServerThread(app) as srv:
         srv.wait_ready()
@@ -208,7 +208,8 @@ def _answers(settings: Settings, requests: list[dict]) -> tuple[list, list, int,
         with httpx.Client(base_url=srv.url, timeout=60) as client:
             idle = metric(client, "instructrec_busy_lanes")
         peak = app.state.service.batcher.peak_busy
-    return alone, [_ranking(r.json()) for r in responses], peak, idle
+        threads = app.state.service.infer_executor.submit(torch.get_num_threads).result()
+    return alone, [_ranking(r.json()) for r in responses], peak, idle, threads
 
 
 @pytest.mark.parametrize("model,dtype", [("tiny-random", "bfloat16"), ("tiny-random-prefixlm", "float32")])
@@ -218,11 +219,11 @@ def test_two_lanes_answer_under_load_as_one_lane_answers_alone(model, dtype):
     two at a time, the one-lane server one."""
     requests = [_request(k) for k in range(24)]
     base = dict(model=model, device="cpu", dtype=dtype, redis_url="", max_wait_ms=1, max_queue_wait_ms=120_000)
-    alone, loaded, peak, idle = _answers(Settings(lanes=2, **base), requests)
+    alone, loaded, peak, idle, threads = _answers(Settings(lanes=2, **base), requests)
     assert loaded == alone
     assert peak == 2 and idle == 0
-    assert torch.get_num_threads() == 1  # lanes set torch to one thread for the process
-    one_alone, one_loaded, one_peak, _ = _answers(Settings(lanes=1, torch_threads=1, **base), requests)
+    assert threads == 1  # lanes set torch to one thread (for the process)
+    one_alone, one_loaded, one_peak, _, _ = _answers(Settings(lanes=1, torch_threads=1, **base), requests)
     assert one_alone == alone and one_loaded == alone
     assert one_peak == 1
 
@@ -241,3 +242,47 @@ def test_lanes_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("INSTRUCTREC_LANES", "0")
     with pytest.raises(ValueError):
         Settings()
+
+
+# --- what the lanes share ---------------------------------------------------------------------------
+
+
+def _in_threads(fn, args: list) -> list:
+    """``fn(arg)`` for every arg, all at once on their own threads, released together."""
+    start = threading.Barrier(len(args))
+
+    def run(arg):
+        start.wait()
+        return fn(arg)
+
+    with ThreadPoolExecutor(len(args)) as pool:
+        return list(pool.map(run, args))
+
+
+def test_one_ranker_scores_text_from_several_threads_as_from_one():
+    """Text requests tokenised by the ranker's own tokenizer (a fused /recommend's rerank runs
+    that way on a lane) from 8 threads at once: the scores of each alone, bit for bit."""
+    from instructrec.modeling import TINY_PREFIX, load_model
+    from instructrec.ranker import Ranker
+
+    ranker = Ranker(load_model(TINY_PREFIX, device="cpu", dtype="float32"))
+    requests = [(" ".join(r["history"]) + " " + r["instruction"], r["candidates"]) for r in map(_request, range(8))]
+    alone = [ranker.score(source, cands).scores for source, cands in requests]
+    for _ in range(3):
+        assert _in_threads(lambda r: ranker.score(*r).scores, requests) == alone
+
+
+def test_the_semantic_encoder_serves_several_threads_as_one():
+    """The process's MiniLM encoder, asked by 6 threads at once for needs with texts of their
+    own: each gets the similarities it gets alone, and the cache holds them all."""
+    from instructrec.aspects import UserNeed
+    from instructrec.hybrid.semantic import SemanticEncoder
+
+    needs = [(UserNeed(history=(f"{WORDS[k]} {WORDS[(k + 1) % 15]} saga {k}",), preference=f"more {WORDS[k]} {k}"),
+              [f"{WORDS[(k + j) % 15]} title {k}-{j}" for j in range(8)]) for k in range(6)]
+    serial = SemanticEncoder()  # the needs share no text: one after another, each is encoded as alone
+    alone = [serial.similarities(need, titles).tolist() for need, titles in needs]
+    shared = SemanticEncoder()
+    together = _in_threads(lambda nt: shared.similarities(*nt).tolist(), needs)
+    assert together == alone
+    assert len(shared.cache) == 6 * (2 + 8)
