@@ -79,7 +79,7 @@ class Job:
 
 @dataclass(frozen=True)
 class _Exclusive:
-    """A queued function that runs alone on the inference thread (see :meth:`Batcher.exclusive`)."""
+    """A queued function that runs alone on an inference thread (see :meth:`Batcher.exclusive`)."""
 
     fn: Callable[[], Any]
     seconds: float  # what it is expected to take

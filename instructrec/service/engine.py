@@ -2,8 +2,11 @@
 and the hybrid scorer (gate, behaviour index, semantic encoder) fused with the LM's scores.
 
 Preparation (template selection, instruction fitting, tokenisation) runs in its own thread
-with its own copy of the tokenizer; scoring runs in the single inference thread (see
-:mod:`instructrec.service.batcher`). Nothing here runs on the event loop.
+with its own copy of the tokenizer; scoring runs in the inference threads, one per lane (see
+:mod:`instructrec.service.batcher`), which may score with one engine at once: what they share
+is read-only during scoring, or per thread (the encoder timing), or locked (the ranker's own
+tokenizer, the MiniLM encoder and its cache, the retriever's one-time build). Nothing here
+runs on the event loop.
 """
 
 from __future__ import annotations
@@ -126,7 +129,7 @@ class PreparedRecommend:
 class HybridJob:
     """A fused rerank request's work for the inference thread: the LM's cache misses (None when
     every score came from the cache), the semantic signal (need, candidate texts) when a text is
-    not cached, and the sequential signal (resolved ids): all torch, so all on the one model thread."""
+    not cached, and the sequential signal (resolved ids): all torch, so all on the job's model thread."""
 
     encoded: Encoded | None
     need: UserNeed
@@ -417,7 +420,7 @@ class Engine:
         return FusedItems(items, fused, generated.steps, len(got.items))
 
     def retriever(self):
-        """/recommend's retrieval over the catalogue (built once, on the inference thread: the
+        """/recommend's retrieval over the catalogue (built once, on an inference thread: the
         title vectors are the semantic encoder's, kept in a file beside the catalogue)."""
         with self._retriever_lock:
             if self._retriever is None:
@@ -520,7 +523,7 @@ class Engine:
 
     def warm_up_shared(self) -> float:
         """The warm-up of what this engine shares with the process's other engines (the MiniLM
-        encoder): on the inference thread only. Returns its seconds."""
+        encoder): on an inference thread while no batch runs. Returns its seconds."""
         total = 0.0
         if self.hybrid is not None and self.hybrid.semantic is not None:  # the encoder's first pass
             started = time.perf_counter()
