@@ -164,6 +164,35 @@ def test_expected_wait_and_retry_after_share_the_work_over_the_lanes():
     assert one[2] == pytest.approx(7.0) and two[2] == pytest.approx(5.0)
 
 
+def test_an_idle_lane_takes_a_job_at_once_and_busy_lanes_share_the_queue():
+    """0.05 s a token, batches of 10 tokens (0.5 s): beside one running batch a second lane is
+    idle (wait 0; one lane: the batch's rest); with both lanes busy the wait is their rest plus
+    the queued work shared over the two."""
+    recorder = _Recorder(0.5)
+
+    async def waits(lanes: int) -> list[float]:
+        batcher, executor = _batcher(recorder, lanes)
+        batcher.calibrate(0.05)
+        batcher.start()
+        running = [batcher.submit("a", 10)]
+        await asyncio.sleep(0.05)
+        out = [batcher.expected_wait()]
+        if lanes == 2:
+            running.append(batcher.submit("b", 10))
+            await asyncio.sleep(0.05)  # both lanes busy: 0.45 and 0.45 s left, about
+            running.append(batcher.submit("c", 10))
+            out.append(batcher.expected_wait())
+        await asyncio.gather(*running)
+        await batcher.close()
+        executor.shutdown()
+        return out
+
+    (one,), (idle, busy) = asyncio.run(waits(1)), asyncio.run(waits(2))
+    assert 0.3 < one < 0.46
+    assert idle == 0.0
+    assert 0.3 + 0.25 < busy < 0.5 + 0.25  # the first lane's rest, then half of c's 0.5 s
+
+
 def test_two_lanes_keep_deadlines_and_skip_cancelled_jobs():
     """Two lanes busy for 0.3 s, a 0.2 s deadline: a third job cannot start in time and gets
     Expired; a cancelled job is never scored."""

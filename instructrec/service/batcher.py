@@ -13,7 +13,7 @@ ranker splits into forward passes within the budget).
 
 Admission: a job is queued, never refused, while the work ahead of it (the running batches'
 rest and the queued jobs' tokens, at the measured seconds per token of one lane, shared out
-over the lanes: the drain rate) lets it start within ``max_queue_wait``. Past that, or with ``max_queue`` jobs already waiting,
+over the lanes as they come free: the drain rate) lets it start within ``max_queue_wait``. Past that, or with ``max_queue`` jobs already waiting,
 :meth:`Batcher.submit` raises :class:`QueueFull` (the route answers 429) whose ``retry_after`` is
 the seconds until enough work has drained for the job to be admitted, at the same rate, clamped
 to 1..``RETRY_AFTER_MAX_S``. A job still waiting at its deadline (the estimate was short) gets
@@ -143,20 +143,34 @@ class Batcher:
             self._token_seconds = seconds_per_token
 
     def drain_seconds(self, jobs: int | None = None) -> float:
-        """Seconds until the running batches and the first ``jobs`` queued jobs (all: None) are
-        done, at the measured seconds per token of one lane (0 until measured). The lanes share
-        that work: it takes 1/lanes of its one-lane time (an estimate: exact while every lane
-        has work); an exclusive function runs alone, so its seconds count whole."""
+        """Seconds until the running batches and the first ``jobs`` queued jobs (all: None) have
+        drained enough for a job behind them to start, at the measured seconds per token of one
+        lane (0 until measured). An exclusive function runs alone: its seconds count whole."""
         if jobs is None:
             ahead, exclusive = self._queued_tokens, self._exclusive_seconds
         else:
             first = list(islice(self._pending, max(0, jobs)))
             ahead = sum(j.tokens for j in first)
             exclusive = sum(j.request.seconds for j in first if isinstance(j.request, _Exclusive))
+        exclusive += max(0.0, self._exclusive_until - time.monotonic())
+        return self._lane_free_after(ahead * self._token_seconds) + exclusive
+
+    def _lane_free_after(self, work: float) -> float:
+        """Seconds until a lane is free once ``work`` (one lane's seconds) has been shared out over
+        the lanes as they come free (each running batch's lane from its expected end, an idle
+        lane at once): with every lane busy that is about the work ahead divided by the lanes;
+        with one lane, its rest plus the work (jobs are not split: an estimate)."""
         now = time.monotonic()
-        running = sum(max(0.0, end - now) for end in self._running.values())
-        exclusive += max(0.0, self._exclusive_until - now)
-        return (running + ahead * self._token_seconds) / self.lanes + exclusive
+        free = sorted([max(0.0, end - now) for end in self._running.values()]
+                      + [0.0] * max(0, self.lanes - len(self._running)))[: self.lanes]
+        level = free[0]
+        for k in range(1, len(free) + 1):  # k lanes are free at `level`: the work fills them evenly
+            room = (free[k] - level) * k if k < len(free) else math.inf
+            if work <= room:
+                return level + work / k
+            work -= room
+            level = free[k]
+        return level
 
     def expected_wait(self) -> float:
         """Seconds before a job submitted now would start: everything ahead of it drained."""
