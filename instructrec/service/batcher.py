@@ -13,10 +13,10 @@ ranker splits into forward passes within the budget).
 
 Admission: a job is queued, never refused, while the work ahead of it (the running batches'
 rest and the queued jobs' tokens, at the measured seconds per token of one lane, shared out
-over the lanes as they come free: the drain rate) lets it start within ``max_queue_wait``. Past that, or with ``max_queue`` jobs already waiting,
-:meth:`Batcher.submit` raises :class:`QueueFull` (the route answers 429) whose ``retry_after`` is
-the seconds until enough work has drained for the job to be admitted, at the same rate, clamped
-to 1..``RETRY_AFTER_MAX_S``. A job still waiting at its deadline (the estimate was short) gets
+over the lanes as they come free: the drain rate) lets it start within ``max_queue_wait``.
+Past that, or with ``max_queue`` jobs already waiting, :meth:`Batcher.submit` raises
+:class:`QueueFull` (the route answers 429) whose ``retry_after`` is the seconds until enough
+work has drained for the job to be admitted, at the same rate, clamped to 1..``RETRY_AFTER_MAX_S``. A job still waiting at its deadline (the estimate was short) gets
 :class:`Expired` (503 with ``Retry-After``) instead of being scored for a client that has likely
 given up. A job whose future was cancelled (client disconnected) is skipped, before its batch
 starts and again just before its scoring in the inference thread.
@@ -111,7 +111,7 @@ class Batcher:
         self._running: dict[asyncio.Task, float] = {}  # batch being scored -> monotonic time it should end
         self._exclusive_until = 0.0  # monotonic time the exclusive function taken up should end (0: none)
         self._exclusive_running = False
-        self.peak_busy = 0  # most lanes ever busy at once (what the tests and the bench read)
+        self.peak_busy = 0  # most lanes ever busy at once (what the tests read)
         self._token_seconds = 0.0  # running estimate of scoring seconds per token (0: not measured yet)
         self._exclusive_seconds = 0.0  # expected seconds of the exclusive functions in _pending
 
