@@ -17,6 +17,8 @@ ranker keeps what they share: tokenising, length buckets, passes of mixed reques
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -157,6 +159,10 @@ class Ranker:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
+        # Several threads may score with one ranker (the service's lanes): its own Rust tokenizer
+        # is not thread-safe, so text is tokenised under this lock, and the pad id is read once.
+        self._tokenizer_lock = threading.Lock()
+        self.pad_id = self.tokenizer.pad_token_id or 0
         self.device = loaded.device
         backend = backend_class(loaded.kind)
         limit = _position_limit(self.model)
@@ -237,8 +243,9 @@ class Ranker:
         if not candidates:
             raise ValueError("no candidates to score")
         tok = tokenizer or self.tokenizer
-        src, src_cut = self.source_ids(source, tokenizer=tok)
-        tgts = targets_ids(tok, candidates, self.max_target_tokens, self.eos)
+        with self._tokenising(tokenizer):
+            src, src_cut = self.source_ids(source, tokenizer=tok)
+            tgts = targets_ids(tok, candidates, self.max_target_tokens, self.eos)
         return Encoded(src, src_cut, [t for t, _ in tgts], sum(cut for _, cut in tgts))
 
     # -- shared pieces --------------------------------------------------------------
@@ -246,7 +253,13 @@ class Ranker:
         """The instruction's token ids within ``max_source_tokens``, and how many were cut: cut as
         training cuts it (:func:`instructrec.instruction.source_token_ids`, which keeps the end).
         The caller should already have fitted the history (:func:`instructrec.instruction.fit`)."""
-        return source_token_ids(tokenizer or self.tokenizer, [source], self.max_source_tokens)[0]
+        with self._tokenising(tokenizer):
+            return source_token_ids(tokenizer or self.tokenizer, [source], self.max_source_tokens)[0]
+
+    def _tokenising(self, tokenizer):
+        """The lock on the ranker's own tokenizer (``tokenizer`` None), else nothing: a caller's
+        copy is that caller's."""
+        return self._tokenizer_lock if tokenizer is None else contextlib.nullcontext()
 
     def chunks(self, ids: list[list[int]], batch_tokens: int | None = None) -> list[list[int]]:
         """Indices grouped into decoder passes of similar length, each within the token budget
@@ -300,7 +313,7 @@ class Ranker:
         """Token rows right-padded to one width (rounded up to ``multiple``), on the model's device:
         how every pass of the ranker and the generator is shaped, so both run the same kernels."""
         width = -(-max(len(r) for r in rows) // multiple) * multiple
-        pad = self.tokenizer.pad_token_id or 0
+        pad = self.pad_id
         return torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
 
     @staticmethod

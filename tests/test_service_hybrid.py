@@ -423,3 +423,42 @@ def test_fused_recommend_ranks_what_the_signals_retrieve_as_rerank_would(files):
     assert all(set(r["components"]) >= {"lm", "behaviour", "semantic", "lm_loglik"} for r in answer["results"])
     assert plain["fusion"]["mode"] == "lm-only" and all(r["relevance"] is None for r in plain["results"])
     assert plain["usage"]["ranked"] is None and len({r["title"] for r in plain["results"]}) == len(plain["results"])
+
+
+def test_fused_answers_on_two_lanes_are_the_answers_alone(files):
+    """Two lanes: fused /recommend (retrieval through the MiniLM encoder, the LM scoring the
+    retrieved titles as text with the ranker's own tokenizer, on a lane) and fused /rerank requests
+    sent at once, each gets its answer alone: the same items in the same order, scores within 1e-6
+    (the semantic vectors' float32 rounding)."""
+    import asyncio
+
+    settings = _settings(gate=str(files["gate"]), behaviour=str(files["behaviour"]), catalogue=str(files["catalogue"]),
+                         retrieve_per_source=100, redis_url="", lanes=2)
+    calls = []
+    for k in range(6):
+        history = [TITLES[(k + j) % len(TITLES)] for j in range(1 + k % 3)]
+        need = {"history": history, "instruction": f"something like {TITLES[(k + 5) % len(TITLES)]}"}
+        calls.append(("/recommend", {**need, "k": 2 + k % 3}))
+        calls.append(("/rerank", {**need, "candidates": TITLES[k % 4 : k % 4 + 6]}))
+
+    def items(body: dict) -> list:
+        return [(r.get("id", r.get("index")), r["score"]) for r in body["results"]]
+
+    with ServerThread(create_app(settings)) as srv:
+        srv.wait_ready()
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            alone = [client.post(route, json=body).json() for route, body in calls]
+
+        async def together():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=120) as ac:
+                return await asyncio.gather(*(ac.post(route, json=body) for route, body in calls))
+
+        answers = asyncio.run(together())
+        peak = srv.app.state.service.batcher.peak_busy
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200]
+    assert peak == 2
+    for a, r in zip(alone, answers):
+        assert a["fusion"]["mode"] == "fused"
+        want, got = items(a), items(r.json())
+        assert [g[0] for g in got] == [w[0] for w in want]
+        assert [g[1] for g in got] == pytest.approx([w[1] for w in want], abs=1e-6)

@@ -71,13 +71,15 @@ def test_a_request_scores_the_same_alone_and_under_load(model, dtype):
     assert [(x["index"], x["score"]) for x in batched["results"]] == [(x["index"], x["score"]) for x in alone["results"]]
 
 
-@pytest.mark.parametrize("dtype,batch_invariant", [("bfloat16", True), ("float32", False)])
-def test_a_fused_request_is_the_same_alone_and_under_load(tmp_path, dtype, batch_invariant):
+@pytest.mark.parametrize("dtype,batch_invariant,lanes", [("bfloat16", True, 1), ("float32", False, 1),
+                                                         ("bfloat16", True, 2)])
+def test_a_fused_request_is_the_same_alone_and_under_load(tmp_path, dtype, batch_invariant, lanes):
     """Hybrid scoring (a gate, a behaviour index over the requests' titles, the MiniLM semantic
     signal and a SASRec computed on the inference thread): the fused answer to one request among 7 others
     sent at once is its answer alone (scores and relevance within 1e-4, the same order): in bf16
     by default, and in float32 when rerank requests share passes (batch_invariant=false; in bf16
-    the LM's own scores then move with the load, see above)."""
+    the LM's own scores then move with the load, see above); and on two lanes, where the MiniLM
+    encoder and its cache serve both."""
     import numpy as np
 
     from instructrec.hybrid.behaviour import build_behaviour_index
@@ -104,7 +106,7 @@ def test_a_fused_request_is_the_same_alone_and_under_load(tmp_path, dtype, batch
     # the queue counts, and 8 at once may not start within the default second (429): not what this tests
     settings = Settings(model="tiny-random-prefixlm", device="cpu", dtype=dtype, redis_url="", max_wait_ms=300,
                         max_batch_requests=8, torch_threads=1, batch_invariant=batch_invariant, gate=str(gate),
-                        behaviour=str(index), sequential=str(tmp_path / "seq"), max_queue_wait_ms=60_000)
+                        behaviour=str(index), sequential=str(tmp_path / "seq"), max_queue_wait_ms=60_000, lanes=lanes)
     probe, others = requests[0], requests[1:]
     alone, answers, batches = _alone_then_among_others(settings, probe, others)
     assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200]
@@ -119,11 +121,12 @@ def test_a_fused_request_is_the_same_alone_and_under_load(tmp_path, dtype, batch
     assert batched["fusion"]["weights"] == pytest.approx(alone["fusion"]["weights"], abs=1e-4)
 
 
-@pytest.mark.parametrize("batch_invariant", [True, False])
-def test_a_recommendation_is_the_same_alone_and_under_load(tmp_path, batch_invariant):
+@pytest.mark.parametrize("batch_invariant,lanes", [(True, 1), (False, 1), (True, 2)])
+def test_a_recommendation_is_the_same_alone_and_under_load(tmp_path, batch_invariant, lanes):
     """/recommend in bf16: the answer to one request alone equals its answer among 3 other
     /recommend and 3 /rerank requests sent at once, bit for bit, even where rerank requests
-    share passes (batch_invariant=false): generation always runs each request alone."""
+    share passes (batch_invariant=false): generation always runs each request alone; and on two
+    lanes, generating beside other requests."""
     from instructrec.catalogue import CatalogueItem, build_catalogue
     from instructrec.modeling import load_model
     from instructrec.ranker import Ranker
@@ -134,7 +137,8 @@ def test_a_recommendation_is_the_same_alone_and_under_load(tmp_path, batch_invar
     catalogue = build_catalogue([CatalogueItem(str(i), t) for i, t in enumerate(titles)], loaded.tokenizer,
                                 eos=ranker.eos, max_target_tokens=ranker.max_target_tokens).save(tmp_path / "c.npz")
     settings = Settings(model="tiny-random-prefixlm", device="cpu", dtype="bfloat16", redis_url="", max_wait_ms=300,
-                        max_batch_requests=8, torch_threads=1, catalogue=str(catalogue), batch_invariant=batch_invariant)
+                        max_batch_requests=8, torch_threads=1, catalogue=str(catalogue), batch_invariant=batch_invariant,
+                        lanes=lanes)
 
     def recommend(k: int) -> dict:
         r = _request(k)

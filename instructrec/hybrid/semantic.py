@@ -16,8 +16,10 @@ float32 rounding only (under 1e-6).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
@@ -48,6 +50,10 @@ class SemanticEncoder:
         self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.cache_size = cache_size
         self.batch_size = batch_size
+        # Several threads may run it (the service's lanes): one at a time encodes and fills the
+        # cache (the Rust tokenizer is not thread-safe, and a request's vectors are then read
+        # together with the cache as it left them); cached-only reads take no lock.
+        self._lock = threading.RLock()
 
     @property
     def version(self) -> str:
@@ -74,6 +80,10 @@ class SemanticEncoder:
             if any(vec is None for vec in rows):
                 raise NotCached()
             return np.stack(rows) if rows else np.zeros((0, DIM), dtype=np.float32)
+        with self._lock:
+            return self._embed(texts)
+
+    def _embed(self, texts: Sequence[str]) -> np.ndarray:
         missing = sorted(dict.fromkeys(t for t in texts if t not in self.cache), key=len)
         if missing:
             for text, vec in zip(missing, self._encode(missing)):
@@ -120,7 +130,8 @@ class SemanticEncoder:
                      cached_only: bool = False) -> np.ndarray | None:
         """Cosine similarity of each candidate title to the need (None: the need has no text).
         ``cached_only``: from cached vectors alone, without the model (:meth:`embed`)."""
-        q = self.query(need, cached_only=cached_only)
-        if q is None:
-            return None
-        return self.embed(list(candidates), cached_only=cached_only).astype(np.float64) @ q.astype(np.float64)
+        with contextlib.nullcontext() if cached_only else self._lock:
+            q = self.query(need, cached_only=cached_only)
+            if q is None:
+                return None
+            return self.embed(list(candidates), cached_only=cached_only).astype(np.float64) @ q.astype(np.float64)

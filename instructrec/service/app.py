@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from .checks import ConfigError, check_catalogue, check_device, check_hybrid, resolve_model
+from .checks import ConfigError, check_catalogue, check_device, check_hybrid, check_lanes, resolve_model
 from .http_errors import install as install_errors
 from .routes import router
 from .settings import Settings
@@ -59,6 +59,7 @@ class _MetricsMiddleware:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     check_device(settings)
+    check_lanes(settings)
     check_catalogue(settings)
     model_name = resolve_model(settings)
     check_hybrid(settings, model_name)

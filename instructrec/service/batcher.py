@@ -2,24 +2,28 @@
 
 Requests submit *jobs* (one instruction and the candidates still to score, as the token
 ids preparation made: the ranker's ``Encoded``; the batcher does not look inside). One worker
-task collects jobs until the batch's token budget is reached or ``max_wait`` has passed
-since the first job of the batch, then scores the batch in the single inference thread,
-so the event loop never runs the model. Jobs are taken in arrival order; a job that would
-overflow the budget starts the next batch (a job bigger than the whole budget forms a
-batch of its own, which the ranker splits into forward passes within the budget).
+task waits for a free *lane*, collects jobs until the batch's token budget is reached or
+``max_wait`` has passed since the first job of the batch, then hands the batch to an inference
+thread and goes back to wait for the next free lane, so the event loop never runs the model and
+up to ``lanes`` batches are scored at once (one per inference thread; the service gives each
+lane a single torch thread, so a job's numbers are the same whichever lane takes it). Jobs are
+taken in arrival order and batches start in that order; a job that would overflow the budget
+starts the next batch (a job bigger than the whole budget forms a batch of its own, which the
+ranker splits into forward passes within the budget).
 
-Admission: a job is queued, never refused, while the work ahead of it (the running batch's
-rest and the queued jobs' tokens, at the measured seconds per token: the drain rate) lets it
-start within ``max_queue_wait``. Past that, or with ``max_queue`` jobs already waiting,
-:meth:`Batcher.submit` raises :class:`QueueFull` (the route answers 429) whose ``retry_after`` is
-the seconds until enough work has drained for the job to be admitted, at the same rate, clamped
-to 1..``RETRY_AFTER_MAX_S``. A job still waiting at its deadline (the estimate was short) gets
+Admission: a job is queued, never refused, while the work ahead of it (the running batches'
+rest and the queued jobs' tokens, at the measured seconds per token of one lane, shared out
+over the lanes as they come free: the drain rate) lets it start within ``max_queue_wait``.
+Past that, or with ``max_queue`` jobs already waiting, :meth:`Batcher.submit` raises
+:class:`QueueFull` (the route answers 429) whose ``retry_after`` is the seconds until enough
+work has drained for the job to be admitted, at the same rate, clamped to 1..``RETRY_AFTER_MAX_S``. A job still waiting at its deadline (the estimate was short) gets
 :class:`Expired` (503 with ``Retry-After``) instead of being scored for a client that has likely
 given up. A job whose future was cancelled (client disconnected) is skipped, before its batch
 starts and again just before its scoring in the inference thread.
 
-:meth:`Batcher.exclusive` runs a function on the inference thread between two batches (the part
-of a model swap's warm-up that touches what the engines share), counted in the expected wait.
+:meth:`Batcher.exclusive` runs a function on an inference thread while no batch runs (the part
+of a model swap's warm-up that touches what the engines share): it waits for every lane to be
+idle and no batch starts until it is done; the expected wait counts it whole.
 
 The jobs of a batch are scored by one ``score_many`` call; only when the ranker is not batch
 invariant do they share forward passes (``Ranker.score_many``), so by default the service
@@ -75,7 +79,7 @@ class Job:
 
 @dataclass(frozen=True)
 class _Exclusive:
-    """A queued function that runs alone on the inference thread (see :meth:`Batcher.exclusive`)."""
+    """A queued function that runs alone on an inference thread (see :meth:`Batcher.exclusive`)."""
 
     fn: Callable[[], Any]
     seconds: float  # what it is expected to take
@@ -88,8 +92,10 @@ ScoreFn = Callable[[list[Any]], tuple[list[Any], float, float]]
 
 class Batcher:
     def __init__(self, score: ScoreFn, *, budget_tokens: int, max_wait_s: float, max_queue: int, executor: Executor,
-                 metrics: Metrics, max_jobs: int = 32, max_queue_wait_s: float = math.inf):
+                 metrics: Metrics, max_jobs: int = 32, max_queue_wait_s: float = math.inf, lanes: int = 1):
+        """``lanes``: batches scored at once; ``executor`` needs at least as many threads."""
         self._score = score
+        self.lanes = max(1, int(lanes))
         self.budget = budget_tokens
         self.max_jobs = max_jobs
         self.max_wait = max_wait_s
@@ -102,7 +108,10 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._closed = False
         self._queued_tokens = 0  # tokens of the jobs in _pending
-        self._busy_until = 0.0  # monotonic time the running batch should end (estimate)
+        self._running: dict[asyncio.Task, float] = {}  # batch being scored -> monotonic time it should end
+        self._exclusive_until = 0.0  # monotonic time the exclusive function taken up should end (0: none)
+        self._exclusive_running = False
+        self.peak_busy = 0  # most lanes ever busy at once (what the tests read)
         self._token_seconds = 0.0  # running estimate of scoring seconds per token (0: not measured yet)
         self._exclusive_seconds = 0.0  # expected seconds of the exclusive functions in _pending
 
@@ -134,15 +143,34 @@ class Batcher:
             self._token_seconds = seconds_per_token
 
     def drain_seconds(self, jobs: int | None = None) -> float:
-        """Seconds until the running batch and the first ``jobs`` queued jobs (all: None) are
-        done, at the measured seconds per token (0 until measured)."""
+        """Seconds until the running batches and the first ``jobs`` queued jobs (all: None) have
+        drained enough for a job behind them to start, at the measured seconds per token of one
+        lane (0 until measured). An exclusive function runs alone: its seconds count whole."""
         if jobs is None:
             ahead, exclusive = self._queued_tokens, self._exclusive_seconds
         else:
             first = list(islice(self._pending, max(0, jobs)))
             ahead = sum(j.tokens for j in first)
             exclusive = sum(j.request.seconds for j in first if isinstance(j.request, _Exclusive))
-        return max(0.0, self._busy_until - time.monotonic()) + ahead * self._token_seconds + exclusive
+        exclusive += max(0.0, self._exclusive_until - time.monotonic())
+        return self._lane_free_after(ahead * self._token_seconds) + exclusive
+
+    def _lane_free_after(self, work: float) -> float:
+        """Seconds until a lane is free once ``work`` (one lane's seconds) has been shared out over
+        the lanes as they come free (each running batch's lane from its expected end, an idle
+        lane at once): with every lane busy that is about the work ahead divided by the lanes;
+        with one lane, its rest plus the work (jobs are not split: an estimate)."""
+        now = time.monotonic()
+        free = sorted([max(0.0, end - now) for end in self._running.values()]
+                      + [0.0] * max(0, self.lanes - len(self._running)))[: self.lanes]
+        level = free[0]
+        for k in range(1, len(free) + 1):  # k lanes are free at `level`: the work fills them evenly
+            room = (free[k] - level) * k if k < len(free) else math.inf
+            if work <= room:
+                return level + work / k
+            work -= room
+            level = free[k]
+        return level
 
     def expected_wait(self) -> float:
         """Seconds before a job submitted now would start: everything ahead of it drained."""
@@ -157,8 +185,9 @@ class Batcher:
         return min(RETRY_AFTER_MAX_S, max(1, math.ceil(max(fits, place))))
 
     async def exclusive(self, fn: Callable[[], Any], expected_s: float) -> Any:
-        """Run ``fn`` on the inference thread after the jobs queued now and before any queued later
-        (it is never refused or expired); the expected wait counts it as ``expected_s`` seconds."""
+        """Run ``fn`` on an inference thread after the jobs queued now have been scored and before
+        any queued later starts, with no batch running beside it (it is never refused or expired);
+        the expected wait counts it as ``expected_s`` seconds."""
         if self._closed:
             raise ShuttingDown("the service is shutting down")
         job = Job(_Exclusive(fn, max(0.0, expected_s)), 0, asyncio.get_running_loop().create_future())
@@ -170,6 +199,11 @@ class Batcher:
     @property
     def depth(self) -> int:
         return len(self._pending)
+
+    @property
+    def busy(self) -> int:
+        """Lanes scoring a batch now (an exclusive function counts as one)."""
+        return len(self._running) + self._exclusive_running
 
     async def close(self) -> None:
         self._closed = True
@@ -276,9 +310,20 @@ class Batcher:
                     out[i] = ("error", exc, 0.0, 0.0)
         return out
 
+    def _set_busy(self) -> None:
+        busy = self.busy
+        self.peak_busy = max(self.peak_busy, busy)
+        self.metrics.busy_lanes.set(busy)
+
     async def _run_exclusive(self, job: Job) -> None:
-        self._busy_until = time.monotonic() + job.request.seconds
+        """Run an exclusive function once every lane is idle (the worker starts nothing meanwhile)."""
+        self._exclusive_until = time.monotonic() + job.request.seconds  # counted in the wait from now
         try:
+            if self._running:
+                await asyncio.wait(list(self._running))
+            self._exclusive_until = time.monotonic() + job.request.seconds
+            self._exclusive_running = True
+            self._set_busy()
             result = await asyncio.get_running_loop().run_in_executor(self._executor, job.request.fn)
         except asyncio.CancelledError:
             if not job.future.done():
@@ -291,45 +336,67 @@ class Batcher:
             if not job.future.done():
                 job.future.set_result(result)
         finally:
-            self._busy_until = 0.0
+            self._exclusive_until, self._exclusive_running = 0.0, False
+            self._set_busy()
+
+    def _dispatch(self, batch: list[Job]) -> None:
+        """Start scoring ``batch`` on a free lane; its expected end counts in the drain estimate."""
+        start = time.monotonic()
+        tokens = sum(j.tokens for j in batch)
+        for job in batch:
+            self.metrics.queue_seconds.observe(start - job.enqueued)
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.batch_tokens.observe(tokens)
+        task = asyncio.get_running_loop().create_task(self._score_on_lane(batch, start, tokens))
+        self._running[task] = start + tokens * self._token_seconds
+        task.add_done_callback(self._lane_done)
+        self._set_busy()
+
+    def _lane_done(self, task: asyncio.Task) -> None:
+        self._running.pop(task, None)
+        self._set_busy()
+
+    async def _score_on_lane(self, batch: list[Job], start: float, tokens: int) -> None:
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self._executor, self._score_batch, batch)
+        except asyncio.CancelledError:
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(ShuttingDown("the service is shutting down"))
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. the executor is gone
+            log.exception("scoring batch failed")
+            results = [("error", exc, 0.0, 0.0)] * len(batch)
+        measured = (time.monotonic() - start) / max(1, tokens)  # one lane's seconds per token
+        self._token_seconds = measured if not self._token_seconds else 0.8 * self._token_seconds + 0.2 * measured
+        for job, (status, value, enc, dec) in zip(batch, results):
+            if status == "skip" or job.future.cancelled():
+                self.metrics.dropped_jobs.inc()
+                continue
+            self.metrics.encode_seconds.observe(enc)
+            self.metrics.decode_seconds.observe(dec)
+            if job.future.done():
+                continue
+            if status == "ok":
+                job.future.set_result(value)
+            else:
+                job.future.set_exception(value)
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = await self._collect()
-            if isinstance(batch[0].request, _Exclusive):
-                await self._run_exclusive(batch[0])
-                continue
-            start = time.monotonic()
-            batch_tokens = sum(j.tokens for j in batch)
-            self._busy_until = start + batch_tokens * self._token_seconds
-            for job in batch:
-                self.metrics.queue_seconds.observe(start - job.enqueued)
-            self.metrics.batch_size.observe(len(batch))
-            self.metrics.batch_tokens.observe(batch_tokens)
-            try:
-                results = await loop.run_in_executor(self._executor, self._score_batch, batch)
-            except asyncio.CancelledError:
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(ShuttingDown("the service is shutting down"))
-                raise
-            except Exception as exc:  # noqa: BLE001 - e.g. the executor is gone
-                log.exception("scoring batch failed")
-                results = [("error", exc, 0.0, 0.0)] * len(batch)
-            elapsed = time.monotonic() - start
-            self._busy_until = 0.0
-            measured = elapsed / max(1, batch_tokens)
-            self._token_seconds = measured if not self._token_seconds else 0.8 * self._token_seconds + 0.2 * measured
-            for job, (status, value, enc, dec) in zip(batch, results):
-                if status == "skip" or job.future.cancelled():
-                    self.metrics.dropped_jobs.inc()
-                    continue
-                self.metrics.encode_seconds.observe(enc)
-                self.metrics.decode_seconds.observe(dec)
-                if job.future.done():
-                    continue
-                if status == "ok":
-                    job.future.set_result(value)
+        """The worker: wait for a free lane, collect a batch, start it there; an exclusive
+        function waits for every lane to be idle and runs before anything else starts."""
+        try:
+            while True:
+                while len(self._running) >= self.lanes:
+                    await asyncio.wait(list(self._running), return_when=asyncio.FIRST_COMPLETED)
+                batch = await self._collect()
+                if isinstance(batch[0].request, _Exclusive):
+                    await self._run_exclusive(batch[0])
                 else:
-                    job.future.set_exception(value)
+                    self._dispatch(batch)
+        finally:  # closing: the running batches' jobs hear ShuttingDown
+            running = list(self._running)
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.wait(running)

@@ -37,6 +37,15 @@ def check_device(settings: Settings) -> None:
                           "use bfloat16 or float32 on a GPU")
 
 
+def check_lanes(settings: Settings) -> None:
+    """Lanes need one torch thread each: torch's thread count is the whole process's, and a lane
+    with several would make its answers depend on what the other lanes run meanwhile."""
+    if settings.lanes > 1 and settings.torch_threads not in (None, 1):
+        raise ConfigError(f"settings lanes={settings.lanes} and torch_threads={settings.torch_threads}: each lane "
+                          "runs one torch thread; leave INSTRUCTREC_TORCH_THREADS unset (or 1) with "
+                          "INSTRUCTREC_LANES > 1, or set INSTRUCTREC_LANES=1")
+
+
 def check_catalogue(settings: Settings) -> None:
     """A named catalogue file must exist (whether it fits the model is checked at load)."""
     if settings.catalogue and not Path(settings.catalogue).is_file():

@@ -2,8 +2,11 @@
 and the hybrid scorer (gate, behaviour index, semantic encoder) fused with the LM's scores.
 
 Preparation (template selection, instruction fitting, tokenisation) runs in its own thread
-with its own copy of the tokenizer; scoring runs in the single inference thread (see
-:mod:`instructrec.service.batcher`). Nothing here runs on the event loop.
+with its own copy of the tokenizer; scoring runs in the inference threads, one per lane (see
+:mod:`instructrec.service.batcher`), which may score with one engine at once: what they share
+is read-only during scoring, or per thread (the encoder timing), or locked (the ranker's own
+tokenizer, the MiniLM encoder and its cache, the retriever's one-time build). Nothing here
+runs on the event loop.
 """
 
 from __future__ import annotations
@@ -126,7 +129,7 @@ class PreparedRecommend:
 class HybridJob:
     """A fused rerank request's work for the inference thread: the LM's cache misses (None when
     every score came from the cache), the semantic signal (need, candidate texts) when a text is
-    not cached, and the sequential signal (resolved ids): all torch, so all on the one model thread."""
+    not cached, and the sequential signal (resolved ids): all torch, so all on the job's model thread."""
 
     encoded: Encoded | None
     need: UserNeed
@@ -267,7 +270,8 @@ class Engine:
             self._recommend_fit = functools.lru_cache(maxsize=max(1, size // 16))(self._fit_matching) if size \
                 else self._fit_matching
         self.hybrid: Hybrid | None = load_hybrid_for(settings, loaded.name, self.catalogue)
-        self._retriever = None  # /recommend's candidate retrieval, built on the inference thread at warm-up
+        self._retriever = None  # /recommend's candidate retrieval, built on an inference thread at warm-up
+        self._retriever_lock = threading.Lock()  # lanes may ask for it at once: it is built once
 
     # -- cache key parts ----------------------------------------------------------------
     @property
@@ -416,19 +420,23 @@ class Engine:
         return FusedItems(items, fused, generated.steps, len(got.items))
 
     def retriever(self):
-        """/recommend's retrieval over the catalogue (built once, on the inference thread: the
+        """/recommend's retrieval over the catalogue (built once, on an inference thread: the
         title vectors are the semantic encoder's, kept in a file beside the catalogue)."""
-        if self._retriever is None:
-            from instructrec.hybrid.retrieval import Retriever
+        with self._retriever_lock:
+            if self._retriever is None:
+                self._retriever = self._build_retriever()
+            return self._retriever
 
-            cat, hybrid = self.catalogue, self.hybrid
-            titles = [it.title for it in cat.items]
-            vectors = None
-            if hybrid.semantic is not None:
-                vectors = hybrid.semantic.catalogue_vectors(titles, f"{self.settings.catalogue}.vectors")
-            self._retriever = Retriever([it.id for it in cat.items], titles, behaviour=hybrid.behaviour,
-                                        sequential=hybrid.sequential, semantic=hybrid.semantic, title_vectors=vectors)
-        return self._retriever
+    def _build_retriever(self):
+        from instructrec.hybrid.retrieval import Retriever
+
+        cat, hybrid = self.catalogue, self.hybrid
+        titles = [it.title for it in cat.items]
+        vectors = None
+        if hybrid.semantic is not None:
+            vectors = hybrid.semantic.catalogue_vectors(titles, f"{self.settings.catalogue}.vectors")
+        return Retriever([it.id for it in cat.items], titles, behaviour=hybrid.behaviour,
+                         sequential=hybrid.sequential, semantic=hybrid.semantic, title_vectors=vectors)
 
     def semantic_tokens(self, need: UserNeed, texts: Sequence[str]) -> int:
         """A semantic job's weight in the batcher's token units: about the tokens of the texts
@@ -515,7 +523,7 @@ class Engine:
 
     def warm_up_shared(self) -> float:
         """The warm-up of what this engine shares with the process's other engines (the MiniLM
-        encoder): on the inference thread only. Returns its seconds."""
+        encoder): on an inference thread while no batch runs. Returns its seconds."""
         total = 0.0
         if self.hybrid is not None and self.hybrid.semantic is not None:  # the encoder's first pass
             started = time.perf_counter()
@@ -590,11 +598,14 @@ def ranker_settings(settings: Settings) -> dict:
 
 
 def load_engine(settings: Settings, model_name: str) -> Engine:
-    """The model as the service runs it, loaded by the core's :func:`~instructrec.reranker.load_ranker`."""
-    if settings.torch_threads:
+    """The model as the service runs it, loaded by the core's :func:`~instructrec.reranker.load_ranker`.
+    With several lanes torch runs one thread (for the whole process): each lane's kernels then
+    run on the lane's own thread, in parallel with the others, the same whichever lane it is."""
+    threads = settings.torch_threads or (1 if settings.lanes > 1 else None)
+    if threads:
         import torch
 
-        torch.set_num_threads(settings.torch_threads)
+        torch.set_num_threads(threads)
     with warnings.catch_warnings():  # the engine logs a model tuned on another template table itself
         warnings.simplefilter("ignore", RerankerWarning)
         ranker = load_ranker(model_name, device=settings.device, dtype=settings.dtype, **ranker_settings(settings))

@@ -47,6 +47,8 @@ class Metrics:
             "instructrec_answer_cache", "/recommend answers by cache outcome (hit, miss, bypassed: Redis down)",
             ("outcome",), registry=r)
         self.queue_depth = Gauge("instructrec_queue_depth", "scoring jobs waiting for the model", registry=r)
+        self.busy_lanes = Gauge("instructrec_busy_lanes", "inference lanes scoring a batch now (setting lanes: how "
+                                "many may)", registry=r)
         self.cache_hits = Counter("instructrec_cache_hits", "candidate scores served from the cache", registry=r)
         self.cache_misses = Counter("instructrec_cache_misses", "candidate scores not in the cache", registry=r)
         self.cache_errors = Counter("instructrec_cache_errors", "failed cache operations (Redis down or slow)", registry=r)

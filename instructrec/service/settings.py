@@ -27,7 +27,13 @@ class Settings(BaseSettings):
     reduction: Literal["mean", "sum"] = Field(default="mean", description="score = mean or sum of title token log-probs")
     max_source_tokens: int | None = Field(default=None, ge=8, description="instruction token limit (default: checkpoint preset)")
     max_target_tokens: int | None = Field(default=None, ge=2, description="candidate token limit (default: checkpoint preset, else 48)")
-    torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads (default: torch's choice)")
+    torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads (default: torch's "
+                                      "choice; 1 when lanes > 1, and nothing else may be set then)")
+    lanes: int = Field(default=1, ge=1, description="inference threads, each scoring whole batches with one torch "
+                       "thread, so up to this many batches run at once and an answer never depends on which lane "
+                       "or what load scored it; more requests/s under concurrency for a slower single request "
+                       "(it no longer spreads over several cores). Default 1: one thread with torch_threads, "
+                       "today's latency; set it to the CPU cores for throughput")
     warmup: bool = Field(default=True, description="run a warm-up batch at the largest budget before /ready turns green")
     prep_cache_size: int = Field(default=65536, ge=0, description="candidate texts whose token ids preparation "
                                  "keeps, and a 16th as many fitted instructions (least recently used out; 0 keeps none)")

@@ -4,7 +4,7 @@ the app factory and the handlers both import it and neither imports the other.
 
 A swap (:meth:`ServiceState.reload`) loads and warms up the new engine on a thread of its own
 while the old one keeps serving (the part of the warm-up that touches the process's shared
-MiniLM encoder runs on the inference thread between two batches, counted in the batcher's
+MiniLM encoder runs on an inference thread while no batch runs, counted in the batcher's
 expected wait), then switches ``engine`` on the event loop, atomically: a
 request takes the engine current when it starts and keeps it, so jobs queued before the switch
 are scored by the engine that prepared them, and every answer names the engine that scored it."""
@@ -50,8 +50,8 @@ class ServiceState:
         self.load_error: str | None = None
         self.started = time.monotonic()
         self.swaps = 0  # models swapped in by reload
-        # One thread runs the model (warm-up, every batch); one prepares requests; one loads a swap's model.
-        self.infer_executor = ThreadPoolExecutor(1, thread_name_prefix="instructrec-infer")
+        # One thread per lane runs the model (warm-up, batches); one prepares requests; one loads a swap's model.
+        self.infer_executor = ThreadPoolExecutor(settings.lanes, thread_name_prefix="instructrec-infer")
         self.prep_executor = ThreadPoolExecutor(1, thread_name_prefix="instructrec-prep")
         self.swap_executor = ThreadPoolExecutor(1, thread_name_prefix="instructrec-swap")
         self._swap_lock = asyncio.Lock()
@@ -69,7 +69,7 @@ class ServiceState:
         jobs = 1 if s.batch_invariant else s.max_batch_requests
         self.batcher = Batcher(self._score_many, budget_tokens=s.batch_tokens, max_wait_s=s.max_wait_ms / 1000,
                                max_queue=s.max_queue, executor=self.infer_executor, metrics=self.metrics,
-                               max_jobs=jobs, max_queue_wait_s=s.max_queue_wait_ms / 1000)
+                               max_jobs=jobs, max_queue_wait_s=s.max_queue_wait_ms / 1000, lanes=s.lanes)
         self.batcher.start()
         self._load_task = asyncio.get_running_loop().create_task(self._load(), name="instructrec-load")
 
@@ -90,8 +90,8 @@ class ServiceState:
         return results, enc, dec
 
     def _warm_up(self, engine: Engine, shared: bool = True) -> None:
-        """The warm-up batches, logged (``shared``: with the shared encoder's part, which only the
-        inference thread may run; a swap runs the rest on its own thread)."""
+        """The warm-up batches, logged (``shared``: with the shared encoder's part, which runs on an
+        inference thread while no batch runs; a swap runs the rest on its own thread)."""
         src, n = engine.warm_up(shared)
         log.info("warm-up batch: %d instruction tokens, %d candidates x %d tokens (%d-token budget)",
                  src, n, engine.ranker.max_target_tokens, engine.ranker.batch_tokens)
