@@ -205,6 +205,25 @@ def test_semantic_similarities_equal_sentence_transformers():
     assert enc.similarities(UserNeed(), titles) is None
 
 
+def test_catalogue_vectors_kept_in_a_file_fill_a_new_encoders_cache(tmp_path):
+    """A process that reads a catalogue's kept vectors encodes none of its titles again, and
+    reads for each title the file's vector, whatever it encoded before."""
+    from instructrec.hybrid.semantic import NotCached, SemanticEncoder
+
+    titles = ["Halo 3 - Xbox 360", "Alien: Isolation - PlayStation 4", "Tetris", "Dr. Mario"]
+    first = SemanticEncoder().catalogue_vectors(titles, tmp_path / "vectors")
+    enc = SemanticEncoder()
+    before = enc.embed(["Tetris", "a calm puzzle game"])  # encoded in another batch than the file's
+    with pytest.raises(NotCached):
+        enc.embed(titles, cached_only=True)
+    again = enc.catalogue_vectors(titles, tmp_path / "vectors")
+    assert np.array_equal(again, first)
+    assert np.array_equal(enc.embed(titles, cached_only=True), first)
+    assert np.abs(before[0] - first[2]).max() < 1e-5
+    need = UserNeed(history=("Tetris", "Dr. Mario"))
+    assert enc.similarities(need, titles, cached_only=True) == pytest.approx(enc.similarities(need, titles))
+
+
 def test_hybrid_resolves_titles_and_falls_back(tmp_path):
     index = build_behaviour_index(SEQUENCES, ITEMS, top_n=50)
     gate_path = Gate.neutral().save(tmp_path / "m" / "gate.json")

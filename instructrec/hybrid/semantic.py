@@ -9,7 +9,8 @@ table): it matches meaning where the LM learned the teacher's phrasing.
 The need's vector is the normalised mean of its history titles' vectors plus the vectors
 of its preference and intention texts, normalised again (the evaluation's bi-encoder row
 is this same encoder). Title vectors are kept in a bounded cache, so a catalogue's titles
-are encoded once per process. It runs in float32 on the CPU whatever the LM's precision:
+are encoded once per process, and a catalogue whose vectors were kept in a file fills the
+cache from it (the service with a catalogue encodes only texts the catalogue lacks). It runs in float32 on the CPU whatever the LM's precision:
 it is small, and a cached vector then differs from one computed in another batch by
 float32 rounding only (under 1e-6).
 """
@@ -98,6 +99,14 @@ class SemanticEncoder:
             rows.append(vec)
         return np.stack(rows) if rows else np.zeros((0, DIM), dtype=np.float32)
 
+    def remember(self, texts: Sequence[str], vectors: np.ndarray) -> None:
+        """Put known vectors in the cache (a catalogue's, read from its file), as far as the cache
+        holds them: a request naming those titles then encodes nothing, and every request reads
+        the same vector for a title whatever else was encoded before it."""
+        with self._lock:
+            for text, vec in zip(texts, vectors[: self.cache_size]):
+                self.cache[text] = vec
+
     def query(self, need: UserNeed, *, cached_only: bool = False) -> np.ndarray | None:
         """The need's unit vector, or None when it carries no text."""
         parts = []
@@ -117,7 +126,9 @@ class SemanticEncoder:
         digest = hashlib.sha256("\n".join([self.version, *titles]).encode()).hexdigest()[:16]
         path = Path(f"{keep}-{digest}.npy")
         if path.is_file():
-            return np.load(path)
+            vectors = np.load(path)
+            self.remember(titles, vectors)
+            return vectors
         vectors = self.embed(list(titles))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
