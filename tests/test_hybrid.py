@@ -224,6 +224,18 @@ def test_catalogue_vectors_kept_in_a_file_fill_a_new_encoders_cache(tmp_path):
     assert enc.similarities(need, titles, cached_only=True) == pytest.approx(enc.similarities(need, titles))
 
 
+def test_a_texts_vector_does_not_depend_on_what_was_encoded_with_it():
+    """The same title asked alone by one encoder and among other new titles by another has the
+    same vector bit for bit: a request's semantic signal never depends on earlier requests."""
+    from instructrec.hybrid.semantic import SemanticEncoder
+
+    titles = ["Halo 3 - Xbox 360", "Alien: Isolation - PlayStation 4", "The Legend of Zelda: Breath of the Wild",
+              "Tetris", "a calm puzzle game for the Switch"]
+    together = SemanticEncoder().embed(titles)
+    alone = SemanticEncoder()
+    assert all(np.array_equal(alone.embed([t])[0], row) for t, row in zip(titles, together))
+
+
 def test_hybrid_resolves_titles_and_falls_back(tmp_path):
     index = build_behaviour_index(SEQUENCES, ITEMS, top_n=50)
     gate_path = Gate.neutral().save(tmp_path / "m" / "gate.json")

@@ -10,9 +10,9 @@ The need's vector is the normalised mean of its history titles' vectors plus the
 of its preference and intention texts, normalised again (the evaluation's bi-encoder row
 is this same encoder). Title vectors are kept in a bounded cache, so a catalogue's titles
 are encoded once per process, and a catalogue whose vectors were kept in a file fills the
-cache from it (the service with a catalogue encodes only texts the catalogue lacks). It runs in float32 on the CPU whatever the LM's precision:
-it is small, and a cached vector then differs from one computed in another batch by
-float32 rounding only (under 1e-6).
+cache from it (the service with a catalogue encodes only texts the catalogue lacks). A text
+is encoded alone, never batched with others, so its vector does not depend on which
+request first asked for it. It runs in float32 on the CPU whatever the LM's precision.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class SemanticEncoder:
         return np.concatenate(out) if out else np.zeros((0, DIM), dtype=np.float32)
 
     def embed(self, texts: Sequence[str], *, cached_only: bool = False) -> np.ndarray:
-        """Unit vectors of ``texts``; those not cached are encoded in length-sorted batches.
+        """Unit vectors of ``texts``; those not cached are encoded, each alone.
         ``cached_only``: never run the model (so any thread may call it while the model's own
         thread adds to the cache): :class:`NotCached` when a text is not cached."""
         if cached_only:
@@ -85,10 +85,13 @@ class SemanticEncoder:
             return self._embed(texts)
 
     def _embed(self, texts: Sequence[str]) -> np.ndarray:
-        missing = sorted(dict.fromkeys(t for t in texts if t not in self.cache), key=len)
+        # Each new text is encoded alone: in a batch its vector would depend on the batch it
+        # happened to be in (float32 rounding), so a request's answer would depend on what
+        # other requests encoded before it. Alone costs about 1.25x (30 titles, one thread).
+        missing = list(dict.fromkeys(t for t in texts if t not in self.cache))
         if missing:
-            for text, vec in zip(missing, self._encode(missing)):
-                self.cache[text] = vec
+            for text in missing:
+                self.cache[text] = self._encode([text])[0]
             while len(self.cache) > self.cache_size:
                 self.cache.popitem(last=False)
         rows = []
@@ -129,7 +132,9 @@ class SemanticEncoder:
             vectors = np.load(path)
             self.remember(titles, vectors)
             return vectors
-        vectors = self.embed(list(titles))
+        with self._lock:
+            vectors = self._encode(list(titles))  # batched: the file is every process's source for these
+        self.remember(titles, vectors)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             np.save(path, vectors)
