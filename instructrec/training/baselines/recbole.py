@@ -163,7 +163,7 @@ def run_recbole(
     threads: int = 1,
     env: str | os.PathLike | None = None,
     device: str = "cpu",
-    max_seq_len: int = 50,
+    max_seq_len: int = 20,  # the runner's default; why: recbole_runner.py
     full_rank: bool = False,
 ) -> dict:
     """Train ``model`` (SASRec or BERT4Rec) with RecBole on ``data`` and score every

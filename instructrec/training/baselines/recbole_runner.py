@@ -314,7 +314,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs (default 5)")
     p.add_argument("--seed", type=int, default=2020)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--max-seq-len", type=int, default=50)
+    # 20, not RecBole's usual 50: on Games (6.7 training items per user on average, 4% above 20)
+    # 50 made an epoch 4.3x slower (10.1 against 2.33 s per batch of 2048, one thread, 2026-12-04).
+    p.add_argument("--max-seq-len", type=int, default=20, help="items of history the model reads (default 20)")
     p.add_argument("--candidates", type=Path, nargs="+", required=True, metavar="FILE")
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
