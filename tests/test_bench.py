@@ -187,18 +187,117 @@ def test_service_bench_end_to_end(out):
     _png(out / report.SERVICE_THROUGHPUT_PLOT)
 
 
-def test_service_bench_thread_server(tmp_path):
-    """--server thread: uvicorn in a thread of this process, batching on, no cache."""
-    rc = main(["bench", "service", "--model", TINY, "--concurrency", "2", "--requests", "4", "--candidates", "3",
+def test_service_bench_thread_server(tmp_path, capsys):
+    """--server thread: uvicorn in a thread of this process, batching on, no cache; each cold
+    cell's floor from the requests' FLOPs as the service prepares them and the matmul rate."""
+    rc = main(["bench", "service", "--model", TINY, "--concurrency", "2", "--requests", "4", "--candidates", "10,100",
                "--batching", "on", "--redis-url", "", "--server", "thread", "--set", "warmup=false",
-               "--out", str(tmp_path)])
+               "--peak-size", "256", "--out", str(tmp_path)])
     assert rc == 0
     s = _results(tmp_path)["service"]
     assert s["server"]["kind"] == "thread" and list(s["modes"]) == ["on"] and not s["cache"]["enabled"]
-    cold, warm = s["cells"]
-    assert cold["phase"] == "cold" and cold["status"] == "ok" and cold["ok"] == 4 and cold["batches"] >= 1
-    assert cold["cache_hit_fraction"] is None  # no cache
-    assert warm["phase"] == "warm" and warm["status"] == "skipped"
+    cells = {(c["phase"], c["candidates"]): c for c in s["cells"]}
+    for n in (10, 100):
+        cold, warm = cells[("cold", n)], cells[("warm", n)]
+        assert cold["status"] == "ok" and cold["ok"] == 4 and cold["batches"] >= 1
+        assert cold["cache_hit_fraction"] is None  # no cache
+        assert warm["status"] == "skipped" and warm["floor_ms"] is None and warm["gflop_per_request"] is None
+    _check_floor(s, tmp_path, capsys.readouterr().out)
+
+
+def _check_floor(s: dict, out, printed: str) -> None:
+    """The floor fields against the bench's own requests, prepared here by the service's functions."""
+    from instructrec.bench.ranker_bench import load_games, model_dims, request_flops
+    from instructrec.bench.service_bench import Workload
+    from instructrec.bench.service_floor import prepared_tokens
+    from instructrec.service.engine import load_engine
+    from instructrec.service.settings import Settings
+
+    peak, floor = s["matmul_peak"], s["floor"]
+    precision = s["server"]["precision"]
+    assert floor["reason"] is None and floor["precision"] == precision and floor["lanes"] == 1
+    assert peak["size"] == 256 and peak["gflops_best"] >= peak["gflops_median"] > 0
+    assert peak["dtype"] == ("bfloat16" if "bfloat16" in precision else "float32")
+    assert peak["threads"] == torch.get_num_threads()  # lanes 1, no torch_threads: torch's default here
+    ten, hundred = (next(c for c in s["cells"] if c["phase"] == "cold" and c["candidates"] == n) for n in (10, 100))
+    assert 0 < ten["gflop_per_request"] < hundred["gflop_per_request"]
+    assert 0 < ten["floor_ms"] < hundred["floor_ms"]
+    for c in (ten, hundred):
+        assert c["floor_ms"] == pytest.approx(c["gflop_per_request"] / peak["gflops_best"] * 1000, rel=1e-9)
+        assert c["floor_req_s"] == pytest.approx(1000 / c["floor_ms"], rel=1e-9)
+    # the same requests the bench built (same seed, same order), prepared as the service prepares them
+    workload = Workload(load_games("games-sample"), history=20, seed=0)
+    bodies = {n: workload.make(4, n) for n in (10, 100)}
+    engine = load_engine(Settings(model=TINY, redis_url="", warmup=False), TINY)
+    dims = model_dims(engine.loaded.model)
+    for row in s["request_flops"]:
+        sizes = [prepared_tokens(engine, b) for b in bodies[row["candidates"]]]
+        source = sorted(n for n, _ in sizes)
+        assert (row["source_tokens_min"], row["source_tokens_max"]) == (source[0], source[-1])
+        assert row["source_tokens_median"] == (source[1] + source[2]) / 2
+        gflop = sorted(request_flops(dims, n, t)["executed"][floor["variant"]] / 1e9 for n, t in sizes)
+        assert row["gflop_median"] == pytest.approx((gflop[1] + gflop[2]) / 2)
+        assert all(len(t) == row["candidates"] for _, t in sizes)
+    # S of one body straight from the engine's own preparation of the need the handler reads
+    from instructrec.service.schemas import RerankRequest
+    from instructrec.service.serving import need_of
+
+    req = RerankRequest.model_validate(json.loads(bodies[10][0]))
+    prepared = engine.prepare(need_of(req), None, [c.title for c in req.candidates])
+    assert prepared_tokens(engine, bodies[10][0])[0] == prepared.source_tokens == len(prepared.source_ids)
+    assert "| p50 ms | GFLOP/req | floor ms |" in printed
+    md = (out / report.RESULTS_MD).read_text()
+    assert "| p50 ms | GFLOP/req | floor ms |" in md and f"matmul {peak['dtype']} 256×256 at" in md
+
+
+def test_floor_fields_are_null_when_not_measured_and_old_results_still_render():
+    """--url (or a model without a FLOPs formula): null floor fields and a note saying why; a
+    results.json from before the floor renders "–" in its columns."""
+    from instructrec.bench import service_floor
+
+    cells = [{"batching": "external", "phase": "cold", "candidates": 10, "concurrency": 1, "status": "ok", "ok": 1,
+              "errors": {}, "p50_ms": 53.1}]
+    section = {"cells": cells, **service_floor.skipped("--url: the bench does not know the remote service's model")}
+    service_floor.apply(cells, section)
+    assert all(cells[0][k] is None for k in service_floor.FIELDS) and section["matmul_peak"] is None
+    assert "| 53.1 | – | – |" in report.service_table(section)
+    assert "not measured (--url: the bench does not know" in report.render_service(section, None, None)
+    old = {"batching": "on", "phase": "cold", "candidates": 10, "concurrency": 1, "status": "ok", "errors": {},
+           "requests_per_s": 17.9, "p50_ms": 53.1, "p99_ms": 81.9, "mean_batch_size": 1.0}
+    text = report.readme_section({"service": {"command": "instructrec bench service", "cells": [old]}})
+    assert "| p50 ms | GFLOP/req | floor ms | p99 ms |" in text
+    assert "| on | cold | 10 | 1 | 17.9 | 53.1 | – | – | 81.9 | 0 | 1.00 |" in text
+    assert "53.1 ms |" in text and "floor" not in text.split("Targets")[1]  # no floor in the targets either
+    measured = dict(old, gflop_per_request=0.5, floor_ms=4.0)
+    text = report.readme_section({"service": {"command": "x", "cells": [measured]}})
+    assert "| 53.1 | 0.500 | 4.00 |" in text and "53.1 ms (floor 4.0 ms)" in text
+
+
+def test_service_bench_with_url_leaves_the_floor_null(tmp_path):
+    """--url: the bench does not know the remote model, so no FLOPs, no matmul run, null fields."""
+    from instructrec.bench.service_bench import ThreadServer
+
+    server = ThreadServer({"model": TINY, "redis_url": "", "warmup": False, "log_level": "warning"}, tmp_path / "log")
+    try:
+        server.wait_ready()
+        rc = main(["bench", "service", "--url", server.url, "--concurrency", "1", "--requests", "2",
+                   "--candidates", "3", "--phases", "cold", "--out", str(tmp_path)])
+    finally:
+        server.stop()
+    assert rc == 0
+    s = _results(tmp_path)["service"]
+    (cell,) = s["cells"]
+    assert cell["status"] == "ok" and cell["floor_ms"] is None and cell["gflop_per_request"] is None
+    assert s["matmul_peak"] is None and s["request_flops"] is None and "--url" in s["floor"]["reason"]
+
+
+def test_one_request_runs_on_one_thread_per_lane():
+    from instructrec.bench.service_floor import executed_variant, request_threads
+
+    assert request_threads({"lanes": 2, "torch_threads": None}, 4) == (1, 2)
+    assert request_threads({"lanes": 1, "torch_threads": 3}, 4) == (3, 1)
+    assert request_threads({}, 4) == (4, 1)
+    assert [executed_variant(p) for p in ("torch.bfloat16", "torch.float32", "int8")] == ["bf16", "shared_kv", "int8"]
 
 
 @pytest.mark.parametrize("url", ["http://10.1.2.3:8000", "http://example.com:8000", "http://192.168.0.1",

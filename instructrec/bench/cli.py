@@ -88,6 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="Redis of the started service's cache; '' runs without cache (warm phase skipped)")
     s.add_argument("--server", choices=("subprocess", "thread"), default="subprocess",
                    help="how to start the service: a child process (default) or uvicorn in a thread of this process")
+    s.add_argument("--peak-size", type=int, default=1024, help="side of the square matmul whose rate gives the "
+                   "floor (measured after the cells; default 1024)")
     _started_service_options(s, seed_help="seed of the request sample", dataset="games-sample")
     s.set_defaults(_bench_parser=s, _bench_run=_run_service)
 
@@ -305,7 +307,7 @@ def _run_service(args: argparse.Namespace) -> int:
             requests=args.requests, duration=args.duration, timeout=args.timeout, history=args.history,
             batching=_name_list(args.batching), phases=_name_list(args.phases), redis_url=args.redis_url,
             server=args.server, settings=args.settings, threads=args.threads, seed=args.seed, dataset=args.dataset,
-            log_dir=args.out)
+            log_dir=args.out, peak_size=args.peak_size)
     except BenchError as exc:
         print(f"instructrec bench service: error: {exc}", file=sys.stderr)
         return 2

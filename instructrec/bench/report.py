@@ -283,20 +283,42 @@ def profile_table(section: dict) -> str:
     return _table(["ms (share)"] + [f"`{v}`" for v in names], rows)
 
 
+def floor_columns(cell: dict) -> list[str]:
+    """A service cell's "GFLOP/req" and "floor ms" ("–" where not measured, or in older results)."""
+    gflop = cell.get("gflop_per_request")
+    return [_f(gflop, 3 if gflop is not None and gflop < 10 else 1), _ms(cell.get("floor_ms"))]
+
+
+def floor_note(section: dict) -> str:
+    """What the floor columns mean in this run: the matmul rate and the FLOPs, or why there are none."""
+    floor, peak = section.get("floor"), section.get("matmul_peak")
+    if not floor:
+        return ""
+    if not peak:
+        return f"GFLOP/req and floor ms: not measured ({floor.get('reason')})."
+    sizes = "; ".join(f"{f['candidates']} candidates: {_f(f['gflop_median'], 3)} GFLOP median "
+                      f"({_f(f['gflop_min'], 3)}-{_f(f['gflop_max'], 3)}), instruction {_f(f['source_tokens_median'], 0)}"
+                      f" tokens median" for f in section.get("request_flops") or [])
+    return (f"GFLOP/req and floor ms: {floor['description']}. Here: {floor['precision']} (executed FLOPs of "
+            f"`{floor['variant']}`), matmul {peak['dtype']} {peak['size']}×{peak['size']} at {peak['threads']} "
+            f"thread(s): best {_f(peak['gflops_best'], 1)} GFLOP/s, median {_f(peak['gflops_median'], 1)}; {sizes}.")
+
+
 def service_table(section: dict) -> str:
-    header = ["batching", "cache", "candidates", "concurrency", "ok", "errors", "req/s", "p50 ms", "p95 ms", "p99 ms",
-              "server p50 ms", "cache hits", "mean batch size", "wall s"]
+    header = ["batching", "cache", "candidates", "concurrency", "ok", "errors", "req/s", "p50 ms", "GFLOP/req",
+              "floor ms", "p95 ms", "p99 ms", "server p50 ms", "cache hits", "mean batch size", "wall s"]
     rows = []
     for c in section.get("cells", []):
         if c.get("status") != "ok":
             rows.append([c.get("batching", ""), c.get("phase", ""), str(c.get("candidates", "")),
-                         str(c.get("concurrency", "")), c.get("status", ""), c.get("reason", "")] + [""] * 8)
+                         str(c.get("concurrency", "")), c.get("status", ""), c.get("reason", "")] + [""] * 10)
             continue
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(c["errors"].items())) or "0"
         hits = c.get("cache_hit_fraction")
         rows.append([
             c["batching"], c["phase"], str(c["candidates"]), str(c["concurrency"]), str(c["ok"]), errors,
-            _f(c.get("requests_per_s"), 1), _ms(c.get("p50_ms")), _ms(c.get("p95_ms")), _ms(c.get("p99_ms")),
+            _f(c.get("requests_per_s"), 1), _ms(c.get("p50_ms")), *floor_columns(c), _ms(c.get("p95_ms")),
+            _ms(c.get("p99_ms")),
             _ms(c.get("server_p50_ms")), _f(100 * hits, 0, "%") if hits is not None else "–",
             _f(c.get("mean_batch_size"), 2), _f(c.get("wall_s"), 1),
         ])
@@ -322,6 +344,8 @@ def render_service(s: dict, latency_plot: str | None, throughput_plot: str | Non
     cache = s.get("cache", {})
     out.append(f"- cache: {cache.get('description')}")
     out += ["", service_table(s), ""]
+    if floor_note(s):
+        out += [floor_note(s), ""]
     parts = [c for c in s.get("cells", []) if c.get("status") == "ok" and c.get("server_mean_ms")]
     if parts:
         out += ["Where the server's time goes (mean ms from the service's histograms over the cell: prepare per "
@@ -391,9 +415,10 @@ def targets(results: dict) -> list[dict]:
             c = _cell(s, batching="on", phase="cold", candidates=n, concurrency=1) or _cell(
                 s, batching="external", phase="cold", candidates=n, concurrency=1)
             p50 = c.get("p50_ms") if c else None
+            floor = f" (floor {c['floor_ms']:.1f} ms)" if c and c.get("floor_ms") is not None else ""
             out.append({"target": f"p50 /rerank, {n} candidates, 20-item history, one client <= {limit:.0f} ms "
                                   f"(cold cache)",
-                        "measured": f"{p50:.1f} ms" if p50 is not None else None,
+                        "measured": f"{p50:.1f} ms{floor}" if p50 is not None else None,
                         "pass": None if p50 is None else p50 <= limit})
         for n in sorted({c.get("candidates") for c in s.get("cells", []) if c.get("candidates") is not None}):
             on, off = _cell(s, batching="on", phase="cold", candidates=n, concurrency=32), _cell(
@@ -541,16 +566,19 @@ def readme_section(results: dict) -> str:
                       "self time of the ops by group):", "", prof, ""]
     s = results.get("service")
     if s:
-        header = ["batching", "cache", "candidates", "clients", "req/s", "p50 ms", "p99 ms", "errors", "mean batch"]
+        header = ["batching", "cache", "candidates", "clients", "req/s", "p50 ms", "GFLOP/req", "floor ms", "p99 ms",
+                  "errors", "mean batch"]
         rows = []
         for c in s.get("cells", []):
             if c.get("status") != "ok":
                 continue
             errors = sum(c.get("errors", {}).values())
             rows.append([c["batching"], c["phase"], str(c["candidates"]), str(c["concurrency"]),
-                         _f(c.get("requests_per_s"), 1), _ms(c.get("p50_ms")), _ms(c.get("p99_ms")), str(errors),
-                         _f(c.get("mean_batch_size"), 2)])
+                         _f(c.get("requests_per_s"), 1), _ms(c.get("p50_ms")), *floor_columns(c),
+                         _ms(c.get("p99_ms")), str(errors), _f(c.get("mean_batch_size"), 2)])
         parts += [f"Command: `{s.get('command', '')}`", "", _table(header, rows), ""]
+        if floor_note(s):
+            parts += [floor_note(s), ""]
     t = targets(results)
     if t:
         mark = {True: "met", False: "**not met**", None: "not measured"}

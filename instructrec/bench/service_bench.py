@@ -53,7 +53,7 @@ from typing import Any, Callable, Sequence
 
 from instructrec.service.loopback import ThreadedServer, free_port
 
-from . import report
+from . import report, service_floor
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 READY_TIMEOUT_S = 600.0
@@ -529,6 +529,7 @@ class ServiceBenchConfig:
     seed: int = 0
     dataset: str = "games-sample"
     log_dir: str | Path = report.DEFAULT_OUT
+    peak_size: int = service_floor.PEAK_SIZE
 
     def checked(self) -> "ServiceBenchConfig":
         """The config with the URL, concurrency and candidate counts normalised; BenchError if unusable."""
@@ -543,8 +544,8 @@ class ServiceBenchConfig:
             raise BenchError(f"unknown phase/mode {', '.join(bad)} (phases: cold,warm; batching: on,off)")
         if not self.phases or (url is None and not self.batching):
             raise BenchError("nothing to run: give at least one phase and one batching mode")
-        if self.requests < 1 or self.duration <= 0 or self.timeout <= 0 or self.history < 1:
-            raise BenchError("--requests, --duration, --timeout and --history must be positive")
+        if self.requests < 1 or self.duration <= 0 or self.timeout <= 0 or self.history < 1 or self.peak_size < 8:
+            raise BenchError("--requests, --duration, --timeout and --history must be positive, --peak-size >= 8")
         return dataclasses.replace(self, url=url, concurrency=sorted(set(self.concurrency)),
                                    candidates=sorted(set(self.candidates)))
 
@@ -570,6 +571,7 @@ class _Setup:
     modes: dict[str, Mode]
     server: dict[str, Any]
     cache: dict[str, Any]
+    floor: dict[str, Any] = field(default_factory=dict)  # the service_floor section
 
 
 def run_bench(progress: Callable[[str], None] = log, **options) -> dict[str, Any]:
@@ -577,6 +579,9 @@ def run_bench(progress: Callable[[str], None] = log, **options) -> dict[str, Any
     ``service`` section of results.json."""
     cfg = ServiceBenchConfig(**options).checked()
     machine = report.machine_info()
+    import torch
+
+    default_threads = torch.get_num_threads()  # torch's default here, before any in-thread service sets it
 
     from .ranker_bench import load_games
 
@@ -592,8 +597,11 @@ def run_bench(progress: Callable[[str], None] = log, **options) -> dict[str, Any
         if key:
             load.headers["Authorization"] = f"Bearer {key}"
         setup = _bench_external(cfg.url, load, cells, progress)
+        setup.floor = service_floor.skipped("--url: the bench does not know the remote service's model")
     else:
         setup = _bench_started(cfg, load, cells, progress)
+        setup.floor = _floor(cfg, load, setup, default_threads, progress)
+    service_floor.apply(cells, setup.floor)
     return {
         "kind": "service",
         "machine": machine,
@@ -606,8 +614,18 @@ def run_bench(progress: Callable[[str], None] = log, **options) -> dict[str, Any
         "workload": {"description": workload.description()},
         "cells": cells,
         "cached_request": _cached_summary(cells),
+        **setup.floor,
         "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
+
+
+def _floor(cfg: ServiceBenchConfig, load: _Load, setup: _Setup, default_threads: int, progress) -> dict[str, Any]:
+    """The floor of the cells just measured (after them, the services stopped): the first mode's
+    settings (the modes differ in batching only) and every request built per candidate count."""
+    mode = next(iter(setup.modes.values()))
+    bodies = {n: [b for c in load.concurrency for b in load.bodies[(n, c)]] for n in load.sizes}
+    return service_floor.measure(mode.overrides, mode.settings, setup.server.get("precision"), bodies,
+                                 default_threads, cfg.peak_size, progress)
 
 
 def _bench_external(url: str, load: _Load, cells: list, progress) -> _Setup:
@@ -657,6 +675,7 @@ def _bench_started(cfg: ServiceBenchConfig, load: _Load, cells: list, progress) 
         for name, srv in servers.items():
             info = srv.wait_ready()
             server_info["checkpoint_version"] = (info.get("model") or {}).get("checkpoint_version")
+            server_info["precision"] = (info.get("model") or {}).get("precision")
         for name, mode in modes.items():
             _run_mode(mode, servers[name].url, load, cache_enabled, cells, progress)
     finally:
