@@ -182,7 +182,7 @@ def test_service_bench_end_to_end(out):
 
     md = (out / report.RESULTS_MD).read_text()
     assert "## Ranker" in md and "## Service" in md and "| batching | cache | candidates |" in md
-    assert "## Issue 5 targets" in md
+    assert "## Targets" in md
     _png(out / report.SERVICE_LATENCY_PLOT)
     _png(out / report.SERVICE_THROUGHPUT_PLOT)
 
@@ -483,3 +483,21 @@ def test_benches_default_to_the_model_the_quick_start_serves(tmp_path, monkeypat
         err = capsys.readouterr().err
         assert err.startswith(f"instructrec bench {bench}: error: no model given")
         assert str(DEFAULT_MODEL_DIR) in err and str(DEFAULT_SHIPPED) in err
+
+
+def test_targets_compare_each_load_with_one_client():
+    """The load issue's target: req/s at 8 and 32 clients against one client's, per candidate
+    count, from the cold cells with batching on; a missing cell is not measured."""
+    def cell(n, clients, rps):
+        return {"status": "ok", "batching": "on", "phase": "cold", "candidates": n, "concurrency": clients,
+                "requests_per_s": rps, "p50_ms": 10.0}
+
+    rows = report.targets({"service": {"cells": [cell(10, 1, 4.0), cell(10, 8, 9.0), cell(10, 32, 7.0),
+                                                 cell(100, 1, 1.0), cell(100, 8, 1.5)]}})
+    got = {r["target"]: r for r in rows if "one client" in r["target"]}
+    assert got["8 clients, 10 candidates (cold): >= 2x the req/s of one client"]["pass"] is True
+    assert got["32 clients, 10 candidates (cold): >= 2x the req/s of one client"]["measured"].startswith("1.75×")
+    assert got["32 clients, 10 candidates (cold): >= 2x the req/s of one client"]["pass"] is False
+    assert got["8 clients, 100 candidates (cold): >= 2x the req/s of one client"]["pass"] is False
+    assert got["32 clients, 100 candidates (cold): >= 2x the req/s of one client"]["pass"] is None
+    assert "## Targets" in report.render_targets({"service": {"cells": [cell(10, 1, 4.0)]}})
