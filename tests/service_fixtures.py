@@ -107,3 +107,15 @@ def tiny_checkpoints(root, seeds) -> list:
         write_meta(path, {"template_version": TEMPLATE_VERSION})
         paths.append(path)
     return paths
+
+
+WORDS = "legend zelda mario kart halo doom quest star wars edition remastered deluxe racing puzzle farm".split()
+
+
+def varied_request(k: int, n: int = 12) -> dict:
+    """The k-th of a family of /rerank bodies of different instruction and candidate lengths
+    (so passes batched together would pad): answers under load are compared on them."""
+    history = [f"{WORDS[(k + i) % 15]} {WORDS[(k * 3 + i) % 15]} {i}" for i in range(2 + k % 5)]
+    candidates = [" ".join(WORDS[(k + j + m) % 15] for m in range(1 + (j * k) % 6)) + f" {j}" for j in range(n)]
+    return {"history": history, "instruction": f"something like {WORDS[k % 15]} " * (1 + k % 4),
+            "candidates": candidates}

@@ -21,19 +21,13 @@ from instructrec.service.app import ConfigError, create_app
 from instructrec.service.batcher import Batcher, Expired, QueueFull
 from instructrec.service.metrics import Metrics
 from instructrec.service.settings import Settings
-from tests.service_fixtures import ServerThread, metric
+from tests.service_fixtures import WORDS, ServerThread, metric, varied_request
 
 torch.set_num_threads(1)
 
-WORDS = "legend zelda mario kart halo doom quest star wars edition remastered deluxe racing puzzle farm".split()
-
 
 def _request(k: int, n: int = 30) -> dict:
-    """Requests of different instruction and candidate lengths."""
-    history = [f"{WORDS[(k + i) % 15]} {WORDS[(k * 3 + i) % 15]} {i}" for i in range(2 + k % 5)]
-    candidates = [" ".join(WORDS[(k + j + m) % 15] for m in range(1 + (j * k) % 6)) + f" {j}" for j in range(n)]
-    return {"history": history, "instruction": f"something like {WORDS[k % 15]} " * (1 + k % 4),
-            "candidates": candidates}
+    return varied_request(k, n)
 
 
 def _ranking(body: dict) -> list[tuple[int, float]]:

@@ -17,19 +17,13 @@ from instructrec.service.app import create_app
 from instructrec.service.batcher import Batcher, Expired, QueueFull
 from instructrec.service.metrics import Metrics
 from instructrec.service.settings import Settings
-from tests.service_fixtures import ServerThread, metric, unique_namespace
+from tests.service_fixtures import ServerThread, metric, unique_namespace, varied_request
 
 torch.set_num_threads(1)
 
-WORDS = "legend zelda mario kart halo doom quest star wars edition remastered deluxe racing puzzle farm".split()
-
 
 def _request(k: int, n: int = 12) -> dict:
-    """Requests with different instruction and candidate lengths, so batched passes would pad."""
-    history = [f"{WORDS[(k + i) % 15]} {WORDS[(k * 3 + i) % 15]} {i}" for i in range(2 + k % 5)]
-    candidates = [" ".join(WORDS[(k + j + m) % 15] for m in range(1 + (j * k) % 6)) + f" {j}" for j in range(n)]
-    return {"history": history, "instruction": f"something like {WORDS[k % 15]} " * (1 + k % 4),
-            "candidates": candidates}
+    return varied_request(k, n)
 
 
 # --- one request alone and inside a full batch -------------------------------------------------
