@@ -57,7 +57,7 @@ class Retriever:
         self.position = {item: i for i, item in enumerate(self.item_ids)}
         self.behaviour, self.sequential, self.semantic = behaviour, sequential, semantic
         if semantic is not None and title_vectors is None:
-            title_vectors = semantic.embed(self.titles)
+            title_vectors = semantic.encode_all(self.titles)
         self.title_vectors = title_vectors
         # catalogue position of each behaviour-index row / sequential-model item (-1: not in the catalogue)
         self._beh_rows = self._map(behaviour.item_ids) if behaviour is not None else None
