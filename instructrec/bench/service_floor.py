@@ -45,13 +45,12 @@ def matmul_dtype(precision: str):
 
 
 def request_threads(settings: dict[str, Any], default_threads: int) -> tuple[int, int]:
-    """(torch threads one request's kernels run on, requests scored at once): one thread per lane
-    when ``lanes`` > 1 (as :func:`~instructrec.service.engine.load_engine` sets it), else the
-    service's ``torch_threads`` or torch's default."""
+    """(torch threads one request's kernels run on, requests scored at once): what the service
+    sets (:func:`~instructrec.service.engine.service_torch_threads`), else torch's default."""
+    from instructrec.service.engine import service_torch_threads
+
     lanes = int(settings.get("lanes") or 1)
-    if lanes > 1:
-        return 1, lanes
-    return int(settings.get("torch_threads") or default_threads), 1
+    return service_torch_threads(lanes, settings.get("torch_threads")) or default_threads, lanes
 
 
 def prep_engine(overrides: dict[str, Any]):

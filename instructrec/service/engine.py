@@ -597,11 +597,17 @@ def ranker_settings(settings: Settings) -> dict:
             "mixed_kv_bytes": int(settings.mixed_kv_mb * 2**20), "batch_invariant": settings.batch_invariant}
 
 
+def service_torch_threads(lanes: int, torch_threads: int | None) -> int | None:
+    """The torch threads the service sets (None: torch's default): ``torch_threads``, else one
+    when several lanes share the process."""
+    return torch_threads or (1 if lanes > 1 else None)
+
+
 def load_engine(settings: Settings, model_name: str) -> Engine:
     """The model as the service runs it, loaded by the core's :func:`~instructrec.reranker.load_ranker`.
     With several lanes torch runs one thread (for the whole process): each lane's kernels then
     run on the lane's own thread, in parallel with the others, the same whichever lane it is."""
-    threads = settings.torch_threads or (1 if settings.lanes > 1 else None)
+    threads = service_torch_threads(settings.lanes, settings.torch_threads)
     if threads:
         import torch
 
