@@ -288,6 +288,33 @@ def test_the_sequential_signal_is_fused_with_its_own_weight():
     assert fused.scores == pytest.approx(zscore(lm) + 2.0 * zscore(seq))
 
 
+def test_a_candidates_sequential_score_is_the_same_alone_kept_or_recomputed():
+    """A candidate's sequential score depends on its history alone: not on the other
+    candidates, nor on whether the history's state was kept; new weights (stamped) are not
+    answered from a state of the old ones."""
+    import torch
+
+    from instructrec.hybrid.sequential import SASRecConfig, new_scorer, stamp
+
+    torch.manual_seed(1)
+    seq = new_scorer(SASRecConfig(items=8, hidden=16, heads=2, inner=32, max_length=6), [i for i, _ in ITEMS])
+    cands = ["i2", "i3", "i4", "i5", "i6", "i7", None]
+    query = seq.query(["i0", "i1"], cands)
+    assert seq.kept_scores(query) is None
+    first = seq.scores(["i0", "i1"], cands)
+    assert seq.kept_scores(query).tolist() == first.tolist()
+    assert first[-1] == first[:-1].min()  # unknown: the lowest known score
+    for k in range(len(cands) - 1):
+        assert seq.scores(["i0", "i1"], [cands[k]])[0] == first[k]
+    seq.forget()
+    assert seq.kept_scores(query) is None and seq.scores(["i0", "i1"], cands).tolist() == first.tolist()
+    assert seq.query(["x"], cands) is None and seq.query(["i0"], ["x", None]) is None
+    with torch.no_grad():
+        seq.model.items.weight.mul_(2.0)
+    stamp(seq)
+    assert seq.scores(["i0", "i1"], cands).tolist() != first.tolist()
+
+
 def test_retrieval_unions_each_sources_best_allowed_items():
     from instructrec.hybrid.retrieval import Retriever
     from instructrec.hybrid.sequential import SASRecConfig, new_scorer

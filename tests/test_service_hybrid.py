@@ -190,6 +190,48 @@ def test_the_sequential_signal_from_a_model_beside_the_gate(files, tmp_path):
         assert client.get("/health").status_code == 503
 
 
+@pytest.mark.skipif(not redis_up(), reason="needs the Redis at " + SHARED_REDIS)
+def test_a_cached_fused_request_is_answered_without_the_model(files, tmp_path):
+    """With every LM score cached and the history's sequential state kept, a fused request is
+    answered from the prep thread alone: no batch is scored, and the answer equals the first
+    one. The same history with new candidates needs the LM, not the sequential model's state,
+    and still equals the core's fusion."""
+    from instructrec.hybrid.gate import load_gate
+    from instructrec.hybrid.sequential import SASRecConfig, load_sequential, new_scorer
+
+    torch.manual_seed(5)
+    new_scorer(SASRecConfig(items=len(ITEMS), hidden=16, heads=2, inner=32), [i for i, _ in ITEMS]).save(tmp_path / "seq")
+    w = known_gate().weights.copy()
+    w[SIGNALS.index("sequential"), FEATURES.index("bias")] = 1.2
+    gate = Gate(w, temperature=1.3, info={"sequential": "test"}).save(tmp_path / "gate.json")
+    namespace = unique_namespace()
+    settings = _settings(gate=str(gate), behaviour=str(files["behaviour"]), sequential=str(tmp_path / "seq"),
+                         catalogue=str(files["catalogue"]), cache_namespace=namespace)
+    reference = Hybrid(load_gate(gate), load_behaviour_index(files["behaviour"]), shared_semantic_encoder(),
+                       load_sequential(tmp_path / "seq"))
+    other = {**REQUEST, "candidates": [{"id": "g7", "title": "Doom"}, {"id": "g4", "title": "Portal 2"},
+                                       {"id": "g6", "title": "Harvest Moon"}]}
+    try:
+        with ServerThread(create_app(settings)) as srv:
+            srv.wait_ready()
+            with httpx.Client(base_url=srv.url, timeout=60) as client:
+                first = client.post("/rerank", json=REQUEST).json()
+                batches = metric(client, "instructrec_batch_size_count")
+                again = client.post("/rerank", json=REQUEST).json()
+                assert metric(client, "instructrec_batch_size_count") == batches
+                new = client.post("/rerank", json=other).json()
+                assert metric(client, "instructrec_batch_size_count") == batches + 1  # the LM's misses
+                lm = lm_scores(client, other)
+    finally:
+        delete_namespace(SHARED_REDIS, namespace)
+    assert again["cache"]["hits"] == len(REQUEST["candidates"]) and first["fusion"]["mode"] == "fused"
+    assert "sequential" in first["fusion"]["signals"]
+    assert [(r["index"], r["score"], r["relevance"], r["components"]) for r in again["results"]] == \
+        [(r["index"], r["score"], r["relevance"], r["components"]) for r in first["results"]]
+    expected = reference.fuse(lm, need_of(other), _titles(other), [c["id"] for c in other["candidates"]], ["g0", "g1"])
+    check_fused(new, expected, lm)
+
+
 def test_lm_only_is_todays_answer(hybrid_service, files):
     """fusion=lm-only on the hybrid service, and auto on a service without a gate, answer what
     /rerank answered before fusion: ranked by the LM's score, no relevance or components."""

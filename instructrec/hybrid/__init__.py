@@ -19,7 +19,7 @@ from ..aspects import UserNeed
 from .behaviour import BehaviourIndex, load_behaviour_index
 from .gate import Fused, Gate, load_gate
 from .semantic import SemanticEncoder
-from .sequential import SequentialScorer, load_sequential
+from .sequential import SequenceQuery, SequentialScorer, load_sequential
 
 GATE_FILE = "gate.json"  # beside a model: the gate fitted for it
 
@@ -72,10 +72,17 @@ class Hybrid:
 
     def sequential_signal(self, candidate_ids: Sequence[str | None],
                           history_ids: Sequence[str | None]) -> np.ndarray | None:
-        """The sequential model's scores of one request (torch: a service runs this on its model thread)."""
+        """The sequential model's scores of one request (torch unless the history's state is
+        kept: a service runs this on its model thread)."""
+        query = self.sequential_query(candidate_ids, history_ids)
+        return None if query is None else self.sequential.scores_of(query)
+
+    def sequential_query(self, candidate_ids: Sequence[str | None],
+                         history_ids: Sequence[str | None]) -> SequenceQuery | None:
+        """The request as the sequential model sees it (None: no sequential signal); numpy only."""
         if self.sequential is None:
             return None
-        return self.sequential.scores([h for h in history_ids if h is not None], list(candidate_ids))
+        return self.sequential.query([h for h in history_ids if h is not None], list(candidate_ids))
 
     def signals(self, need: UserNeed, titles: Sequence[str], candidate_ids: Sequence[str | None],
                 history_ids: Sequence[str | None]) -> Signals:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import threading
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -105,26 +107,83 @@ def left_pad(rows: Sequence[Sequence[int]], length: int) -> torch.Tensor:
     return out
 
 
+@dataclass(frozen=True)
+class SequenceQuery:
+    """One request as the sequential model sees it: its history's item rows (the most recent
+    ``max_length``, oldest first) and each candidate's row (0: an item the model does not know)."""
+
+    history: tuple[int, ...]
+    candidates: tuple[int, ...]
+
+
 class SequentialScorer(Stamped):
-    """A trained SASRec with its item ids: scores a request's candidates from its history."""
+    """A trained SASRec with its item ids: scores a request's candidates from its history.
+
+    A request's scores are its history's state (torch, the one costly part) dotted with each
+    candidate's item row, in float64 numpy one row at a time, so a score does not depend on
+    which other candidates came with it. The last ``STATES`` histories' states are kept: a
+    repeated history (the same user's next request, a cached answer's replay) is scored from
+    numpy alone, on any thread, identically to the first time."""
+
+    STATES = 4096
 
     def __init__(self, model: SASRec, item_ids: list[str], header: dict):
         self.model = model.eval()
         self.item_ids = item_ids
         self.position = {item: i + 1 for i, item in enumerate(item_ids)}  # 0 is padding
         self.header = header
+        self._rows: np.ndarray | None = None  # the item table as float64, made at first use
+        self._states: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
 
-    @torch.inference_mode()
+    def query(self, history: Sequence[str | None], candidates: Sequence[str | None]) -> SequenceQuery | None:
+        """The request's rows, or None when the model knows none of the history or none of the
+        candidates (no signal). Dictionary lookups only."""
+        hist = [self.position[h] for h in history if h is not None and h in self.position]
+        cand = tuple(self.position.get(c, 0) if c is not None else 0 for c in candidates)
+        if not hist or not any(cand):
+            return None
+        return SequenceQuery(tuple(hist[-self.model.config.max_length:]), cand)
+
+    def kept_scores(self, query: SequenceQuery) -> np.ndarray | None:
+        """The scores from a kept state (numpy only), or None when the state is not kept."""
+        with self._lock:
+            state = self._states.get(query.history)
+            if state is not None:
+                self._states.move_to_end(query.history)
+        return None if state is None else self._dot(state, query.candidates)
+
+    def scores_of(self, query: SequenceQuery) -> np.ndarray:
+        """The scores, computing (and keeping) the history's state if it is not kept."""
+        kept = self.kept_scores(query)
+        if kept is not None:
+            return kept
+        with torch.inference_mode():
+            state = self.model.history_state(query.history).double().numpy()
+        with self._lock:
+            self._states[query.history] = state
+            while len(self._states) > self.STATES:
+                self._states.popitem(last=False)
+        return self._dot(state, query.candidates)
+
     def scores(self, history: Sequence[str | None], candidates: Sequence[str | None]) -> np.ndarray | None:
         """Score per candidate (unknown candidates get the lowest known score), or None when
         the model knows none of the history or none of the candidates."""
-        hist = [self.position[h] for h in history if h is not None and h in self.position]
-        cand = [self.position.get(c, 0) if c is not None else 0 for c in candidates]
-        if not hist or not any(cand):
-            return None
-        state = self.model.history_state(hist)
-        out = (self.model.items.weight[torch.tensor(cand)] @ state).double().numpy()
-        known = np.array(cand) > 0
+        query = self.query(history, candidates)
+        return None if query is None else self.scores_of(query)
+
+    def forget(self) -> None:
+        """Drop the kept states and item table: call when the weights changed (training)."""
+        with self._lock:
+            self._states.clear()
+            self._rows = None
+
+    def _dot(self, state: np.ndarray, candidates: tuple[int, ...]) -> np.ndarray:
+        if self._rows is None:
+            self._rows = self.model.items.weight.detach().double().numpy()
+        cand = np.asarray(candidates)
+        out = (self._rows[cand] * state).sum(axis=1)  # row by row: independent of the other candidates
+        known = cand > 0
         out[~known] = out[known].min()
         return out
 
@@ -157,6 +216,7 @@ def stamp(scorer: SequentialScorer) -> None:
         h.update(name.encode())
         h.update(tensor.detach().float().numpy().tobytes())
     scorer.header["digest"] = h.hexdigest()[:12]
+    scorer.forget()
 
 
 def load_sequential(directory: str | Path) -> SequentialScorer:

@@ -30,6 +30,7 @@ from instructrec.catalogue import load_catalogue
 from instructrec.checkpoint import checkpoint_version
 from instructrec.generation import Generation, Generator
 from instructrec.hybrid import GATE_FILE, Hybrid
+from instructrec.hybrid.sequential import SequenceQuery
 from instructrec.instruction import Instruction, build, count_tokens
 from instructrec.ranker import Encoded, Ranker, Scored, targets_ids
 from instructrec.reranker import RerankerWarning, load_hybrid_of, load_ranker
@@ -129,14 +130,14 @@ class PreparedRecommend:
 class HybridJob:
     """A fused rerank request's work for the inference thread: the LM's cache misses (None when
     every score came from the cache), the semantic signal (need, candidate texts) when a text is
-    not cached, and the sequential signal (resolved ids): all torch, so all on the job's model thread."""
+    not cached, and the sequential signal when its history's state is not kept: all torch, so all
+    on the job's model thread."""
 
     encoded: Encoded | None
     need: UserNeed
     texts: list[str]
     semantic: bool = True  # compute the semantic signal (False: the prep thread had every vector cached)
-    candidate_ids: list | None = None  # for the sequential signal (None: none)
-    history_ids: list | None = None
+    sequential: "SequenceQuery | None" = None  # the sequential signal to compute (None: none, or kept)
 
 
 @dataclass(frozen=True)
@@ -465,8 +466,7 @@ class Engine:
             if isinstance(job, HybridJob):
                 start = time.perf_counter()
                 semantic = self.hybrid.semantic_signal(job.need, job.texts) if job.semantic else None
-                sequential = (self.hybrid.sequential_signal(job.candidate_ids, job.history_ids)
-                              if job.candidate_ids is not None else None)
+                sequential = self.hybrid.sequential.scores_of(job.sequential) if job.sequential is not None else None
                 results[i] = HybridResult(results[i], semantic, time.perf_counter() - start, sequential)
         for i, job in enumerate(jobs):
             if isinstance(job, RecommendJob):

@@ -2,9 +2,10 @@
 
 Rerank: preparation in the prep thread (the core's template selection and instruction
 fitting, one cache key per distinct candidate; with fusion, the items' ids resolved, the
-behaviour signal, and the semantic signal when the encoder has every text cached) -> cache
-lookup -> the misses (and, with fusion, a semantic signal that needs the encoder and the
-sequential model's scores) go to the batcher (abandoned if the client disconnects) -> the LM
+behaviour signal, the semantic signal when the encoder has every text cached and the
+sequential one when its history's state is kept) -> cache lookup -> the misses (and, with
+fusion, the signals the prep thread could not compute) go to the batcher (abandoned if the
+client disconnects) -> the LM
 scores of the misses are written back (the cache holds LM scores only) -> with fusion, the
 gate fuses the signals.
 Recommend: preparation (a matching template, the mask of allowed items; with fusion, the
@@ -26,6 +27,7 @@ import numpy as np
 from instructrec.aspects import UserNeed
 from instructrec.hybrid import Fused, Signals
 from instructrec.hybrid.semantic import NotCached
+from instructrec.hybrid.sequential import SequenceQuery
 from instructrec.templates import TemplateError, get_template
 
 from .batcher import Expired, QueueFull, ShuttingDown
@@ -122,8 +124,8 @@ async def await_scores(receive: Receive, future: asyncio.Future):
 @dataclass(frozen=True)
 class Prepped:
     """A fused request's signals beside the LM, as far as the prep thread computes them (numpy
-    only): the behaviour signal, and the semantic one when every text's vector is cached; the
-    sequential model (torch) runs on the model thread from the resolved ids."""
+    only): the behaviour signal, the semantic one when every text's vector is cached, and the
+    sequential one when its history's state is kept; else the model thread computes them."""
 
     behaviour: np.ndarray | None  # per candidate; None when absent (no history or no candidate the index knows)
     known: float
@@ -131,7 +133,9 @@ class Prepped:
     history_ids: list[str | None]
     semantic: np.ndarray | None  # per candidate; None when absent or not computed yet
     semantic_pending: bool  # a text was not cached: the model thread computes the semantic signal
-    seconds: float  # spent on the semantic signal here
+    seconds: float  # spent on the semantic and sequential signals here
+    sequential: np.ndarray | None = None  # per candidate; None when absent or not computed yet
+    sequential_pending: SequenceQuery | None = None  # the state is not kept: the model thread computes it
 
 
 def prepare(state: ServiceState, engine: Engine, need: UserNeed, template_id: str | None, texts: list[str],
@@ -157,7 +161,10 @@ def prepare(state: ServiceState, engine: Engine, need: UserNeed, template_id: st
             semantic = hybrid.semantic_signal(need, texts, cached_only=True)
         except NotCached:
             pending = True
-        signals = Prepped(score, known, candidates, history, semantic, pending, time.perf_counter() - start)
+        query = hybrid.sequential_query(candidates, history)
+        sequential = hybrid.sequential.kept_scores(query) if query is not None else None
+        signals = Prepped(score, known, candidates, history, semantic, pending, time.perf_counter() - start,
+                          sequential, query if sequential is None else None)
     return prepared, keys, signals
 
 
@@ -229,17 +236,18 @@ async def rerank(receive: Receive, state: ServiceState, engine: Engine, need: Us
     encoded = prepared.encoded(misses) if misses else None
     lm_tokens = prepared.source_tokens + prepared.target_tokens(misses) if misses else 0
     result = None
-    sequential = None
-    needs_model = fused and engine.hybrid.sequential is not None
-    if fused and (signals.semantic_pending or needs_model):
-        # the LM's misses, the semantic signal if a text is new and the sequential one: one trip to the model thread
-        pending = signals.semantic_pending
-        job = HybridJob(encoded, need, texts, semantic=pending,
-                        candidate_ids=signals.candidate_ids if needs_model else None,
-                        history_ids=signals.history_ids if needs_model else None)
-        weight = lm_tokens + (engine.semantic_tokens(need, texts) if pending else 0) + len(texts)
+    sequential = signals.sequential if fused else None
+    if fused and (signals.semantic_pending or signals.sequential_pending is not None):
+        # the LM's misses, the semantic signal if a text is new and the sequential one if its
+        # history's state is not kept: one trip to the model thread
+        pending, query = signals.semantic_pending, signals.sequential_pending
+        job = HybridJob(encoded, need, texts, semantic=pending, sequential=query)
+        weight = lm_tokens + (engine.semantic_tokens(need, texts) if pending else 0) + \
+            (len(texts) if query is not None else 0)
         done = await _submit(receive, state, engine, job, weight)
-        result, sequential = done.scored, done.sequential
+        result = done.scored
+        if query is not None:
+            sequential = done.sequential
         if pending:
             semantic = done.semantic
         semantic_seconds += done.semantic_seconds

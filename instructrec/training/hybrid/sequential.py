@@ -51,6 +51,7 @@ def validation_cases(data: InteractionData, item_ids: list[str], users: int, see
 
 def evaluate_scorer(scorer: SequentialScorer, cases) -> dict:
     ranks = []
+    scorer.forget()  # the weights changed since the last evaluation: no state kept from then
     for c in cases:
         s = scorer.scores(list(c.history), list(c.candidates))
         ranks.append(rank_of(list(s) if s is not None else [0.0] * len(c.candidates), c.positive))
