@@ -168,6 +168,7 @@ def test_service_bench_end_to_end(out):
         assert c["status"] == "ok" and c["sent"] == c["ok"] == REQUESTS and c["errors"] == {}, c
         assert 0 < c["p50_ms"] <= c["p95_ms"] <= c["p99_ms"] and c["requests_per_s"] > 0
         assert c["server_p50_ms"] > 0 and c["server_ms_source"] == "header"
+        assert c["server_cpu_ms_per_request"] > 0  # the child's process_cpu_seconds_total over the answers
         if cache:
             assert c["cache_hit_fraction"] == (0.0 if phase == "cold" else 1.0)
         if phase == "cold":
@@ -197,6 +198,8 @@ def test_service_bench_thread_server(tmp_path, capsys):
     s = _results(tmp_path)["service"]
     assert s["server"]["kind"] == "thread" and list(s["modes"]) == ["on"] and not s["cache"]["enabled"]
     cells = {(c["phase"], c["candidates"]): c for c in s["cells"]}
+    # the bench's own process: its CPU time would count the clients too
+    assert all(c.get("server_cpu_ms_per_request") is None for c in s["cells"])
     for n in (10, 100):
         cold, warm = cells[("cold", n)], cells[("warm", n)]
         assert cold["status"] == "ok" and cold["ok"] == 4 and cold["batches"] >= 1
@@ -265,12 +268,30 @@ def test_floor_fields_are_null_when_not_measured_and_old_results_still_render():
     old = {"batching": "on", "phase": "cold", "candidates": 10, "concurrency": 1, "status": "ok", "errors": {},
            "requests_per_s": 17.9, "p50_ms": 53.1, "p99_ms": 81.9, "mean_batch_size": 1.0}
     text = report.readme_section({"service": {"command": "instructrec bench service", "cells": [old]}})
-    assert "| p50 ms | GFLOP/req | floor ms | p99 ms |" in text
-    assert "| on | cold | 10 | 1 | 17.9 | 53.1 | – | – | 81.9 | 0 | 1.00 |" in text
+    assert "| p50 ms | GFLOP/req | floor ms | CPU ms/req | p99 ms |" in text
+    assert "| on | cold | 10 | 1 | 17.9 | 53.1 | – | – | – | 81.9 | 0 | 1.00 |" in text
     assert "53.1 ms |" in text and "floor" not in text.split("Targets")[1]  # no floor in the targets either
     measured = dict(old, gflop_per_request=0.5, floor_ms=4.0)
     text = report.readme_section({"service": {"command": "x", "cells": [measured]}})
     assert "| 53.1 | 0.500 | 4.00 |" in text and "53.1 ms (floor 4.0 ms)" in text
+
+
+def test_the_scaling_targets_show_the_cpu_ceiling_of_the_loaded_cell():
+    """N CPUs cannot answer more than N / (CPU seconds per answer) per second: the loaded cell's
+    own CPU time gives the ceiling of its ratio to one client; without it, no ceiling."""
+    def cell(clients, rps, cpu_ms=None):
+        return {"batching": "on", "phase": "cold", "candidates": 10, "concurrency": clients, "status": "ok",
+                "errors": {}, "ok": 50, "requests_per_s": rps, "p50_ms": 100.0,
+                "server_cpu_ms_per_request": cpu_ms}
+
+    s = {"machine": {"usable_cpus": 2}, "cells": [cell(1, 9.0, 105.0), cell(8, 16.8, 110.0), cell(32, 17.3)]}
+    rows = {t["target"]: t for t in report.targets({"service": s})}
+    eight = rows["8 clients, 10 candidates (cold): >= 2x the req/s of one client"]
+    assert eight["pass"] is False
+    assert eight["measured"] == ("1.87× (16.8 vs 9.0 req/s); ceiling 2 CPUs ÷ 110 CPU-ms per answer = 18.2 req/s "
+                                 "= 2.02×")
+    assert "ceiling" not in rows["32 clients, 10 candidates (cold): >= 2x the req/s of one client"]["measured"]
+    assert "| 110.0 |" in report.service_table(s) and "CPU ms/req" in report.readme_section({"service": s})
 
 
 def test_service_bench_with_url_leaves_the_floor_null(tmp_path):
@@ -288,6 +309,7 @@ def test_service_bench_with_url_leaves_the_floor_null(tmp_path):
     s = _results(tmp_path)["service"]
     (cell,) = s["cells"]
     assert cell["status"] == "ok" and cell["floor_ms"] is None and cell["gflop_per_request"] is None
+    assert cell["server_cpu_ms_per_request"] > 0  # from the service's /metrics, wherever it runs
     assert s["matmul_peak"] is None and s["request_flops"] is None and "--url" in s["floor"]["reason"]
 
 

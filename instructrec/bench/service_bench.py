@@ -338,8 +338,10 @@ def metric_delta(before, after) -> dict[str, Any]:
         n = _value(after, f"{name}_count") - _value(before, f"{name}_count")
         total = _value(after, f"{name}_sum") - _value(before, f"{name}_sum")
         breakdown[part] = total / n * 1000 if n else None
+    cpu = (_value(after, "process_cpu_seconds_total") - _value(before, "process_cpu_seconds_total")
+           if any(name == "process_cpu_seconds_total" for name, _, _ in after) else None)
     return {"batches": int(batches), "mean_batch_size": jobs / batches if batches else None, "request_buckets": delta,
-            "server_mean_ms": breakdown}
+            "server_mean_ms": breakdown, "server_cpu_s": cpu}
 
 
 # --- load generation -----------------------------------------------------------------------------
@@ -435,6 +437,10 @@ def summarize(samples: list[Sample], wall: float, delta: dict[str, Any]) -> dict
                fully_cached=sum(1 for s in ok if s.cache_enabled and s.misses == 0 and s.hits > 0),
                mean_batch_size=delta.get("mean_batch_size"), batches=delta.get("batches"),
                server_mean_ms=delta.get("server_mean_ms"))
+    cpu = delta.get("server_cpu_s")
+    # CPU seconds the serving process spent per answer (all its threads): N CPUs cannot answer
+    # more than N / this per second, whatever the concurrency
+    out["server_cpu_ms_per_request"] = cpu / len(ok) * 1000 if cpu is not None and ok else None
     return out
 
 
@@ -602,6 +608,9 @@ def run_bench(progress: Callable[[str], None] = log, **options) -> dict[str, Any
         setup = _bench_started(cfg, load, cells, progress)
         setup.floor = _floor(cfg, load, setup, default_threads, progress)
     service_floor.apply(cells, setup.floor)
+    if cfg.url is None and cfg.server == "thread":
+        for cell in cells:  # the process is the bench's too: its CPU time counts the clients
+            cell["server_cpu_ms_per_request"] = None
     return {
         "kind": "service",
         "machine": machine,

@@ -1,12 +1,14 @@
 """Every Prometheus metric of the service, in one place, on a registry per app.
 
 A dedicated :class:`CollectorRegistry` per app lets several apps live in one process
-(tests) without duplicate-metric errors; ``/metrics`` exposes exactly this registry.
+(tests) without duplicate-metric errors; ``/metrics`` exposes exactly this registry, with the
+standard ``process_*`` metrics (CPU seconds, memory) of the serving process beside ours.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
+                               generate_latest)
 
 _FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 10000)
@@ -23,6 +25,8 @@ GATED_SIGNALS = ("lm", "behaviour", "semantic", "sequential")  # the signals the
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        # process_cpu_seconds_total and friends: what `bench service` divides by the requests answered
+        ProcessCollector(registry=r)
         self.request_seconds = Histogram(
             "instructrec_request_duration_seconds", "HTTP request duration", ("route", "status"), buckets=_FAST, registry=r)
         self.queue_seconds = Histogram(
