@@ -98,8 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        description="Starts a private Redis and the service (or uses --url, loopback only), answers "
                                    "each distinct real Games request alone (the references), then sends the load "
                                    "with the fault plan and checks every answer.")
-    k.add_argument("--model", default=None, help="model the started service serves (default: the service's own "
-                   "default, artifacts/quickstart/model; ignored with --url)")
+    k.add_argument("--model", default=None, help="model the started service serves (default: the model the quick "
+                   "start serves, artifacts/quickstart/model if trained, else models/minilm-games; ignored with --url)")
     k.add_argument("--url", help="soak this already-running loopback service instead (no redis fault then)")
     k.add_argument("--clients", type=int, default=200, help="concurrent clients (default 200)")
     k.add_argument("--requests", type=int, default=4000, help="requests of the load phase (default 4000)")
@@ -317,6 +317,8 @@ def _run_service(args: argparse.Namespace) -> int:
 
 def _run_soak(args: argparse.Namespace) -> int:
     faults = [] if args.faults.strip() in ("", "none") else _name_list(args.faults)
+    if args.url is None and not _resolve_model(args, "soak"):
+        return 2
     try:
         section = run_soak(model=args.model, url=args.url, clients=args.clients, requests=args.requests,
                            distinct=args.distinct, candidates=args.candidates, history=args.history, faults=faults,
