@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the candidate sample (default 0)")
     p.add_argument("--dataset", default="games-sample", help="data set for the request (default games-sample)")
     p.add_argument("--profile-candidates", type=int, default=100,
-                   help="after timing, profile shared_kv and int8 once at this many candidates with the torch "
+                   help="after timing, profile shared_kv, bf16 and int8 (those run) once at this many candidates with the torch "
                         "profiler (time by group of ops); 0 skips (default 100)")
     p.add_argument("--out", default=str(report.DEFAULT_OUT), help=f"output directory (default {report.DEFAULT_OUT})")
     p.set_defaults(_bench_parser=p, _bench_run=_run_ranker)

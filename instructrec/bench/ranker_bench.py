@@ -229,7 +229,7 @@ def matmul_peak(dtype: torch.dtype, size: int, min_seconds: float = 0.3, min_cal
 
 # --- where the time goes ------------------------------------------------------------------------
 
-PROFILE_VARIANTS = ("shared_kv", "int8")
+PROFILE_VARIANTS = ("shared_kv", "bf16", "int8")
 _MATMULS = {"aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
             "quantized::linear_dynamic"}
 _COPIES = {"aten::copy_", "aten::cat", "aten::index_select", "aten::index", "aten::gather", "aten::clone",
