@@ -158,6 +158,37 @@ def test_expected_wait_and_retry_after_share_the_work_over_the_lanes():
     assert one[2] == pytest.approx(7.0) and two[2] == pytest.approx(5.0)
 
 
+def test_clients_refused_together_are_told_to_come_back_one_after_another(monkeypatch):
+    """A full queue (1 s a token, two jobs of 1 token, two places): the refused clients' returns
+    count as work ahead until they are due, so the first is told 1 s, the next 2 s, 3 s, 4 s,
+    rather than all 1 s (then all back at once, most refused again); a return that is due no
+    longer counts."""
+    import types
+
+    from instructrec.service import batcher as batcher_module
+
+    clock = [100.0]
+    monkeypatch.setattr(batcher_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+
+    async def refusals() -> list[int]:
+        batcher = Batcher(_Recorder(0.0), budget_tokens=10, max_wait_s=0, max_queue=2, executor=None,
+                          metrics=Metrics(), max_jobs=1)
+        batcher.calibrate(1.0)  # not started: nothing drains while we look
+        batcher.submit("a", 1)
+        batcher.submit("b", 1)
+        told = []
+        for k in range(4):
+            with pytest.raises(QueueFull) as full:
+                batcher.submit(k, 1)
+            told.append(full.value.retry_after)
+        clock[0] += 2.5  # the first two returns are due: the queue (or their clients' absence) has them now
+        with pytest.raises(QueueFull) as full:
+            batcher.submit("late", 1)
+        return told + [full.value.retry_after]
+
+    assert asyncio.run(refusals()) == [1, 2, 3, 4, 3]
+
+
 def test_an_idle_lane_takes_a_job_at_once_and_busy_lanes_share_the_queue():
     """0.05 s a token, batches of 10 tokens (0.5 s): beside one running batch a second lane is
     idle (wait 0; one lane: the batch's rest); with both lanes busy the wait is their rest plus

@@ -16,9 +16,14 @@ rest and the queued jobs' tokens, at the measured seconds per token of one lane,
 over the lanes as they come free: the drain rate) lets it start within ``max_queue_wait``.
 Past that, or with ``max_queue`` jobs already waiting, :meth:`Batcher.submit` raises
 :class:`QueueFull` (the route answers 429) whose ``retry_after`` is the seconds until enough
-work has drained for the job to be admitted, at the same rate, clamped to 1..``RETRY_AFTER_MAX_S``. A job still waiting at its deadline (the estimate was short) gets
-:class:`Expired` (503 with ``Retry-After``) instead of being scored for a client that has likely
-given up. A job whose future was cancelled (client disconnected) is skipped, before its batch
+work has drained for the job to be admitted, at the same rate, clamped to 1..``RETRY_AFTER_MAX_S``.
+The clients already refused count as work ahead until the time they were told to come back:
+without them every client refused in the same second would be told the same Retry-After, come
+back together and mostly be refused again (a soak of 200 clients resending: 23,000 refusals,
+388 requests still refused after 30 tries); with them the k-th refused client is told about k
+jobs' drain time later than the first. A job still waiting at its deadline (the estimate was
+short) gets :class:`Expired` (503 with ``Retry-After``) instead of being scored for a client
+that has likely given up. A job whose future was cancelled (client disconnected) is skipped, before its batch
 starts and again just before its scoring in the inference thread.
 
 :meth:`Batcher.exclusive` runs a function on an inference thread while no batch runs (the part
@@ -34,6 +39,7 @@ alone so one bad job cannot fail the others.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import math
 import time
@@ -114,6 +120,9 @@ class Batcher:
         self.peak_busy = 0  # most lanes ever busy at once (what the tests read)
         self._token_seconds = 0.0  # running estimate of scoring seconds per token (0: not measured yet)
         self._exclusive_seconds = 0.0  # expected seconds of the exclusive functions in _pending
+        # the refused jobs' returns: (monotonic time its client was told to come back, tokens), a heap
+        self._promised: list[tuple[float, int]] = []
+        self._promised_tokens = 0
 
     # -- router side --------------------------------------------------------------------
     def start(self) -> None:
@@ -126,7 +135,7 @@ class Batcher:
         if len(self._pending) >= self.max_queue:
             self._purge_cancelled()
         if len(self._pending) >= self.max_queue or self.expected_wait() > self.max_queue_wait:
-            raise QueueFull(self.retry_after())
+            raise QueueFull(self._refuse(tokens))
         now = time.monotonic()
         job = Job(request, max(1, int(tokens)), asyncio.get_running_loop().create_future(), now,
                   now + self.max_queue_wait)
@@ -142,12 +151,13 @@ class Batcher:
         if seconds_per_token > 0 and not self._token_seconds:
             self._token_seconds = seconds_per_token
 
-    def drain_seconds(self, jobs: int | None = None) -> float:
-        """Seconds until the running batches and the first ``jobs`` queued jobs (all: None) have
-        drained enough for a job behind them to start, at the measured seconds per token of one
-        lane (0 until measured). An exclusive function runs alone: its seconds count whole."""
+    def drain_seconds(self, jobs: int | None = None, extra_tokens: int = 0) -> float:
+        """Seconds until the running batches and the first ``jobs`` queued jobs (all: None; then
+        ``extra_tokens`` more) have drained enough for a job behind them to start, at the
+        measured seconds per token of one lane (0 until measured). An exclusive function runs
+        alone: its seconds count whole."""
         if jobs is None:
-            ahead, exclusive = self._queued_tokens, self._exclusive_seconds
+            ahead, exclusive = self._queued_tokens + extra_tokens, self._exclusive_seconds
         else:
             first = list(islice(self._pending, max(0, jobs)))
             ahead = sum(j.tokens for j in first)
@@ -177,12 +187,34 @@ class Batcher:
         return self.drain_seconds()
 
     def retry_after(self) -> int:
-        """Whole seconds until a job submitted then would be admitted: enough work drained that
-        its wait fits ``max_queue_wait`` and a queue place is free; 1 to ``RETRY_AFTER_MAX_S``."""
-        fits = self.expected_wait() - self.max_queue_wait
-        place = self.drain_seconds(len(self._pending) - self.max_queue + 1) if len(self._pending) >= self.max_queue \
-            else 0.0
+        """Whole seconds until a job submitted then would be admitted: enough work drained (the
+        queue's, and the refused jobs' due back before) that its wait fits ``max_queue_wait`` and
+        a queue place is free; 1 to ``RETRY_AFTER_MAX_S``."""
+        promised, tokens = self._promises()
+        fits = self.drain_seconds(extra_tokens=tokens) - self.max_queue_wait
+        excess = len(self._pending) + promised - self.max_queue + 1  # jobs ahead that must leave first
+        if excess <= 0:
+            place = 0.0
+        elif excess <= len(self._pending):
+            place = self.drain_seconds(excess)
+        else:  # the whole queue and some of the returns, at their mean size
+            place = self.drain_seconds(extra_tokens=round(tokens * (excess - len(self._pending)) / promised))
         return min(RETRY_AFTER_MAX_S, max(1, math.ceil(max(fits, place))))
+
+    def _promises(self) -> tuple[int, int]:
+        """(jobs, tokens) of the refused clients told to come back later than now; a return now
+        due is in the queue by now, or its client has gone."""
+        now = time.monotonic()
+        while self._promised and self._promised[0][0] <= now:
+            self._promised_tokens -= heapq.heappop(self._promised)[1]
+        return len(self._promised), self._promised_tokens
+
+    def _refuse(self, tokens: int) -> int:
+        """The Retry-After of a refused job of ``tokens``, whose return is then counted as work ahead."""
+        seconds = self.retry_after()
+        heapq.heappush(self._promised, (time.monotonic() + seconds, max(1, int(tokens))))
+        self._promised_tokens += max(1, int(tokens))
+        return seconds
 
     async def exclusive(self, fn: Callable[[], Any], expected_s: float) -> Any:
         """Run ``fn`` on an inference thread after the jobs queued now have been scored and before
@@ -244,7 +276,7 @@ class Batcher:
             self.metrics.dropped_jobs.inc()
             return True
         if now > job.deadline:
-            job.future.set_exception(Expired(now - job.enqueued, self.retry_after()))
+            job.future.set_exception(Expired(now - job.enqueued, self._refuse(job.tokens)))
             return True
         return False
 
