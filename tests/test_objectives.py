@@ -71,6 +71,40 @@ def test_negatives_attach_only_to_item_targets(games):
     assert again == feats  # seeded: a resumed run trains on the same negatives
 
 
+def test_hard_negatives_come_from_the_bi_encoders_nearest_unseen_items(tmp_path):
+    """--hard-negatives: each rankable example's hard negatives are drawn from the first 50
+    unseen items the MiniLM bi-encoder retrieves for its case's history, the same items the
+    hard-10 evaluation's matching stage (``BiEncoder.retrieve``) finds; popular and uniform
+    ones follow, and uniform ones make up for a pool too small."""
+    from instructrec.training.evaluate.methods import BiEncoder
+    from instructrec.training.hard_negatives import POOL, RETRIEVED, hard_pools
+
+    data = load_dataset("games-sample").sample_users(60, seed=0)
+    split = data.split(10)
+    cases = [c for c in split.train if c.history][:30]
+    examples = [Example("src", data.title(c.target), "t", "<P1,I0,T3>", "s", "item", None, c.user_id, c.target)
+                for c in cases]
+    pools = hard_pools(examples, split.train, data, max_history=10, cache_dir=tmp_path)
+    assert list(tmp_path.glob("titles-*.npy"))  # the titles' embeddings are kept for the next run
+    want = BiEncoder(data, cache_dir=tmp_path).retrieve(cases, RETRIEVED)
+    for k in range(len(cases)):
+        assert len(set(pools[k][:POOL]) & set(want[k][:POOL])) >= POOL - 2  # float ties may swap the edge
+    sampler = NegativeSampler(data, split.train, popular=1, uniform=1, hard=3)
+    rng = random.Random(0)
+    for k, case in enumerate(cases):
+        seen = {x.item_id for x in data.sequences[case.user_id]}
+        negs = sampler.sample(case.user_id, rng, pools[k])
+        assert len(negs) == 5 == len(set(negs)) and not set(negs) & seen
+        assert set(negs[:3]) <= set([i for i in pools[k] if i not in seen][:POOL])
+    alone = sampler.sample(cases[0].user_id, rng, ())  # no pool: uniform ones instead
+    assert len(alone) == 5 == len(set(alone))
+    loaded = load_model(TINY, device="cpu", dtype="float32")
+    tok, eos = loaded.tokenizer, eos_id(loaded.tokenizer, loaded.model)
+    feats = [{"input_ids": [1, 2], "labels": [3, eos]} for _ in examples]
+    assert attach_negatives(feats, examples, data, sampler, tok, 48, eos, seed=0, pools=pools) == len(examples)
+    assert all(len(f["negatives"]) == 5 for f in feats)
+
+
 def _batch(loaded, sources=SOURCES, candidates=CANDIDATES):
     tok, eos = loaded.tokenizer, eos_id(loaded.tokenizer, loaded.model)
     feats = []

@@ -261,11 +261,13 @@ def test_unknown_objective_is_refused(tmp_path):
 def test_prefix_lm_trains_with_frozen_bottom_and_ranks(tmp_path):
     out = tmp_path / "pl"
     proc = subprocess.run(_train_cmd(out, "--base", "tiny-random-prefixlm", "--objective", "listwise", "--frozen-layers", "1",
-                                     "--max-steps", "6", "--eval-steps", "6", "--dtype", "float32"),
+                                     "--hard-negatives", "2", "--max-steps", "6", "--eval-steps", "6", "--dtype", "float32"),
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = read_meta(out / "model")
     assert meta["preset"]["frozen_layers"] == 1 and meta["validation"]["cases"] == PRESETS["smoke"].eval_users
+    assert meta["preset"]["hard_negatives"] == 2 and "negatives (2 hard)" in proc.stderr
+    assert list((out / "embeddings").glob("titles-*.npy"))  # the bi-encoder's title vectors, kept for a resume
     from instructrec.modeling import PREFIX_LM, load_model
 
     assert load_model(str(out / "model"), device="cpu", dtype="float32").kind == PREFIX_LM

@@ -37,13 +37,15 @@ OBJECTIVES = ("mle", "listwise")
 
 
 class NegativeSampler:
-    """Items a user never touched: ``popular`` drawn by training popularity, ``uniform`` uniformly."""
+    """Items a user never touched: ``hard`` drawn from a pool a matching stage retrieved for the
+    example (:mod:`.hard_negatives`), ``popular`` drawn by training popularity, ``uniform`` uniformly."""
 
-    def __init__(self, data: InteractionData, cases: Sequence[Case], *, popular: int, uniform: int):
-        if popular < 0 or uniform < 0 or popular + uniform < 1:
-            raise ValueError(f"need at least one negative (popular={popular}, uniform={uniform})")
+    def __init__(self, data: InteractionData, cases: Sequence[Case], *, popular: int, uniform: int, hard: int = 0,
+                 pool: int = 50):
+        if popular < 0 or uniform < 0 or hard < 0 or popular + uniform + hard < 1:
+            raise ValueError(f"need at least one negative (hard={hard}, popular={popular}, uniform={uniform})")
         self.data = data
-        self.popular, self.uniform = popular, uniform
+        self.popular, self.uniform, self.hard, self.pool = popular, uniform, hard, pool
         self.items = sorted(data.items)
         counts = Counter(c.target for c in cases)
         # +1: an item never seen as a training target can still be drawn, rarely
@@ -61,10 +63,15 @@ class NegativeSampler:
             return self.items[bisect.bisect_right(self._cum, rng.random() * self._cum[-1])]
         return self.items[rng.randrange(len(self.items))]
 
-    def sample(self, user_id: str, rng: random.Random) -> list[str]:
-        """``popular + uniform`` distinct negatives for ``user_id`` (popular ones first)."""
+    def sample(self, user_id: str, rng: random.Random, retrieved: Sequence[str] = ()) -> list[str]:
+        """``hard + popular + uniform`` distinct negatives for ``user_id``: the hard ones drawn
+        uniformly from the first ``pool`` items of ``retrieved`` the user never touched (uniform
+        ones make up for a pool too small), then the popular ones, then the uniform ones."""
         seen, out = self.seen(user_id), []
-        for weighted, n in ((True, self.popular), (False, self.uniform)):
+        if self.hard:
+            fresh = [i for i in retrieved if i not in seen][: self.pool]
+            out += rng.sample(fresh, min(self.hard, len(fresh)))
+        for weighted, n in ((True, self.popular), (False, self.uniform + self.hard - len(out))):
             for _ in range(n):
                 for _attempt in range(1000):
                     item = self._draw(rng, weighted)
@@ -96,14 +103,15 @@ def rankable(example, data: InteractionData) -> bool:
 
 
 def attach_negatives(features: list[dict], examples: Sequence, data: InteractionData, sampler: NegativeSampler,
-                     tokenizer, max_target_tokens: int, eos: int, seed: int) -> int:
+                     tokenizer, max_target_tokens: int, eos: int, seed: int, pools=None) -> int:
     """Add ``negatives`` (token ids of each negative title, as the ranker tokenises them) to
-    every rankable example's features, in place; returns how many got them."""
+    every rankable example's features, in place; returns how many got them. ``pools[k]``: the
+    items retrieved for example k that its hard negatives are drawn from."""
     rng = random.Random(seed)
     n = 0
-    for feat, ex in zip(features, examples):
+    for k, (feat, ex) in enumerate(zip(features, examples)):
         if rankable(ex, data):
-            titles = [data.title(i) for i in sampler.sample(ex.user_id, rng)]
+            titles = [data.title(i) for i in sampler.sample(ex.user_id, rng, pools[k] if pools is not None else ())]
             feat["negatives"] = [ids for ids, _ in targets_ids(tokenizer, titles, max_target_tokens, eos)]
             n += 1
         else:

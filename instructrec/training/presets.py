@@ -37,6 +37,7 @@ class Preset:
     objective: str = "mle"
     popular_negatives: int = 1  # listwise: negatives drawn by training popularity ...
     uniform_negatives: int = 2  # ... and uniformly (never items the user touched)
+    hard_negatives: int = 0  # ... and from the 50 the MiniLM bi-encoder finds nearest the history (hard-10's kind)
     mle_weight: float = 0.5
     decoder_layers: int | None = None  # keep only the decoder's first N layers (None = all)
     frozen_layers: int | None = None  # prefix-LM: freeze the embeddings and the first N layers

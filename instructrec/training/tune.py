@@ -195,7 +195,7 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
     stats = summary(examples)
     if distributed.is_main():
         (out / "instructions_summary.json").write_text(json.dumps(stats, indent=2) + "\n")
-    features = _features(examples, data, split, tokenizer, preset, eos)
+    features = _features(examples, data, split, tokenizer, preset, eos, out / "embeddings")
     per_step = preset.batch_size * preset.grad_accum * distributed.world_size()
     relay = _relay_start(out, init, preset, len(examples), per_step, resume)
     if init:  # this leg's window of the stream, in order (the Trainer then reads it sequentially)
@@ -376,15 +376,30 @@ def _instruction_examples(data: InteractionData, cases: list[Case], tokenizer, p
     return examples
 
 
-def _features(examples: list[Example], data: InteractionData, split, tokenizer, preset: Preset, eos: int) -> list[dict]:
-    """Token ids per example, with sampled negatives for the listwise objective."""
+def _features(examples: list[Example], data: InteractionData, split, tokenizer, preset: Preset, eos: int,
+              embeddings: Path | None = None) -> list[dict]:
+    """Token ids per example, with sampled negatives for the listwise objective (hard ones from
+    the bi-encoder, its title embeddings kept in ``embeddings``)."""
     features = tokenize_examples(examples, tokenizer, preset, eos)
     if preset.objective == "listwise":
         # popularity over every training case of the data, not only the sampled ones
-        sampler = NegativeSampler(data, split.train, popular=preset.popular_negatives, uniform=preset.uniform_negatives)
-        listed = attach_negatives(features, examples, data, sampler, tokenizer, preset.max_target_tokens, eos, preset.seed)
-        log.info("listwise: %d of %d examples contrast their target with %d negatives", listed, len(features),
-                 preset.popular_negatives + preset.uniform_negatives)
+        sampler = NegativeSampler(data, split.train, popular=preset.popular_negatives, uniform=preset.uniform_negatives,
+                                  hard=preset.hard_negatives)
+        pools = None
+        if preset.hard_negatives:
+            from .hard_negatives import hard_pools
+
+            def find() -> object:
+                return hard_pools(examples, split.train, data, max_history=preset.max_history, cache_dir=embeddings)
+
+            try:  # the main process first: it writes the title embeddings the others then read
+                pools = distributed.on_main(find) or find()
+            except RuntimeError as exc:
+                raise TrainingError(str(exc)) from None
+        listed = attach_negatives(features, examples, data, sampler, tokenizer, preset.max_target_tokens, eos, preset.seed,
+                                  pools)
+        log.info("listwise: %d of %d examples contrast their target with %d negatives (%d hard)", listed, len(features),
+                 preset.hard_negatives + preset.popular_negatives + preset.uniform_negatives, preset.hard_negatives)
     return features
 
 

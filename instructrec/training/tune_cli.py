@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "negatives + --mle-weight x mle (default: the preset's)")
     parser.add_argument("--popular-negatives", type=int, help="listwise: negatives drawn by training popularity")
     parser.add_argument("--uniform-negatives", type=int, help="listwise: negatives drawn uniformly")
+    parser.add_argument("--hard-negatives", type=int,
+                        help="listwise: negatives drawn from the 50 unseen items the MiniLM bi-encoder finds nearest the "
+                             "example's history, as the hard-10 evaluation draws them (default 0)")
     parser.add_argument("--mle-weight", type=float, help="listwise: weight of the target's likelihood loss")
     parser.add_argument("--decoder-layers", type=int, help="keep only the decoder's first N layers (BERT2BERT, T5)")
     parser.add_argument("--frozen-layers", type=int, help="prefix-LM: freeze the embeddings and the first N layers")
