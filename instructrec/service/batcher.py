@@ -16,15 +16,16 @@ rest and the queued jobs' tokens, at the measured seconds per token of one lane,
 over the lanes as they come free: the drain rate) lets it start within ``max_queue_wait``.
 Past that, or with ``max_queue`` jobs already waiting, :meth:`Batcher.submit` raises
 :class:`QueueFull` (the route answers 429) whose ``retry_after`` is the seconds until enough
-work has drained for the job to be admitted, at the same rate, clamped to 1..``RETRY_AFTER_MAX_S``.
-The clients already refused count as work ahead until the time they were told to come back:
-without them every client refused in the same second would be told the same Retry-After, come
-back together and mostly be refused again (a soak of 200 clients resending: 23,000 refusals,
-388 requests still refused after 30 tries); with them the k-th refused client is told about k
-jobs' drain time later than the first. A job still waiting at its deadline (the estimate was
-short) gets :class:`Expired` (503 with ``Retry-After``) instead of being scored for a client
-that has likely given up. A job whose future was cancelled (client disconnected) is skipped, before its batch
-starts and again just before its scoring in the inference thread.
+work has drained for the job to be admitted, at the same rate, clamped to
+1..``RETRY_AFTER_MAX_S``. The clients already refused count as work ahead until the time they
+were told to come back: without them every client refused in the same second would be told the
+same Retry-After, come back together and mostly be refused again (a soak of 200 clients
+resending: 22,988 resends, 388 requests still refused after 30 tries); with them the k-th
+refused client is told about k jobs' drain time later than the first. A job still waiting at
+its deadline (the estimate was short) gets :class:`Expired` (503 with ``Retry-After``) instead
+of being scored for a client that has likely given up. A job whose future was cancelled
+(client disconnected) is skipped, before its batch starts and again just before its scoring in
+the inference thread.
 
 :meth:`Batcher.exclusive` runs a function on an inference thread while no batch runs (the part
 of a model swap's warm-up that touches what the engines share): it waits for every lane to be

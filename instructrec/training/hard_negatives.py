@@ -18,6 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
+from instructrec.aspects import UserNeed
+
 from .data.types import Case, InteractionData
 
 log = logging.getLogger(__name__)
@@ -50,32 +52,26 @@ def hard_pools(examples: Sequence, cases: Sequence[Case], data: InteractionData,
     start = time.perf_counter()
     history = {(c.user_id, c.target): c.history[-max_history:] for c in cases}
     ids = sorted(data.items)
-    position = {item: k for k, item in enumerate(ids)}
     try:
         encoder = BiEncoder(data, cache_dir=cache_dir, progress=progress)
     except RuntimeError as exc:  # sentence-transformers missing: say which option needs it
         raise RuntimeError(f"--hard-negatives: {exc}") from None
-    matrix = encoder.catalogue(ids).astype(np.float32)  # unit rows
+    matrix = encoder.catalogue(ids).astype(np.float32)  # unit rows, and every title's vector cached
     queries: dict[tuple[str, ...], int] = {}
     owner = np.full(len(examples), -1, dtype=np.int64)
     for k, ex in enumerate(examples):
-        hist = tuple(position[i] for i in history.get((ex.user_id, ex.item_id), ()) if i in position)
+        hist = tuple(i for i in history.get((ex.user_id, ex.item_id), ()) if i in data.items)
         if hist:
             owner[k] = queries.setdefault(hist, len(queries))
     rows = np.zeros((len(queries), min(RETRIEVED, len(ids))), dtype=np.int32)
     keys = list(queries)
     for lo in range(0, len(keys), CHUNK):
-        q = np.stack([_query(matrix, h) for h in keys[lo:lo + CHUNK]])
-        sims = q @ matrix.T
+        # the bi-encoder's own query (its mean of the history titles' unit vectors), as hard-10 retrieves
+        q = np.stack([encoder.query(UserNeed(history=tuple(data.title(i) for i in h))) for h in keys[lo:lo + CHUNK]])
+        sims = q.astype(np.float32) @ matrix.T
         top = np.argpartition(-sims, rows.shape[1] - 1, axis=1)[:, : rows.shape[1]]
         order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
         rows[lo:lo + len(q)] = np.take_along_axis(top, order, axis=1)
     log.info("hard negatives: the %d items nearest each of %d histories (%d examples) in %.0f s", rows.shape[1],
              len(keys), int((owner >= 0).sum()), time.perf_counter() - start)
     return HardPools(ids, rows, owner)
-
-
-def _query(matrix: np.ndarray, history: tuple[int, ...]) -> np.ndarray:
-    """The bi-encoder's query for a history: the mean of its titles' unit vectors, made unit."""
-    q = matrix[list(history)].mean(axis=0)
-    return q / (np.linalg.norm(q) or 1.0)
