@@ -5,9 +5,8 @@ fitting, one cache key per distinct candidate; with fusion, the items' ids resol
 behaviour signal, the semantic signal when the encoder has every text cached and the
 sequential one when its history's state is kept) -> cache lookup -> the misses (and, with
 fusion, the signals the prep thread could not compute) go to the batcher (abandoned if the
-client disconnects) -> the LM
-scores of the misses are written back (the cache holds LM scores only) -> with fusion, the
-gate fuses the signals.
+client disconnects) -> the LM scores of the misses are written back (the cache holds LM
+scores only) -> with fusion, the gate fuses the signals.
 Recommend: preparation (a matching template, the mask of allowed items; with fusion, the
 rerank instruction and the history's ids) -> the whole answer from the cache, or a job through
 the same batcher (generation, and with fusion the retrieved items ranked by the fused scorer)

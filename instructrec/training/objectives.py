@@ -32,6 +32,7 @@ from instructrec.ranker import targets_ids
 from instructrec.templates import Target
 
 from .data.types import Case, InteractionData
+from .hard_negatives import POOL as HARD_POOL
 
 OBJECTIVES = ("mle", "listwise")
 
@@ -41,7 +42,7 @@ class NegativeSampler:
     example (:mod:`.hard_negatives`), ``popular`` drawn by training popularity, ``uniform`` uniformly."""
 
     def __init__(self, data: InteractionData, cases: Sequence[Case], *, popular: int, uniform: int, hard: int = 0,
-                 pool: int = 50):
+                 pool: int = HARD_POOL):
         if popular < 0 or uniform < 0 or hard < 0 or popular + uniform + hard < 1:
             raise ValueError(f"need at least one negative (hard={hard}, popular={popular}, uniform={uniform})")
         self.data = data
