@@ -27,6 +27,7 @@ import torch
 from .backends import Backend, backend_class
 from .backends.base import Head
 from .instruction import source_token_ids
+from .lanes import LanePool, alone
 from .modeling import LoadedModel
 
 REDUCTIONS = ("mean", "sum")
@@ -182,6 +183,14 @@ class Ranker:
         self.batch_invariant = batch_invariant
         self.eos = eos_id(self.tokenizer, self.model)
         self.backend: Backend = backend(self)  # the generator steps through the same one
+        # idle lanes that may compute some of a request's passes and head blocks (the service's);
+        # None: all on the calling thread. Either way the same parts give the same bits.
+        self.pool: LanePool | None = None
+
+    def map_parts(self, fn, items):
+        """``[fn(x) for x in items]``: independent parts of one request, on idle lanes too when
+        the ranker has a pool (:mod:`instructrec.lanes`)."""
+        return alone(fn, items) if self.pool is None else self.pool.map(fn, items)
 
     @property
     def kind(self) -> str:
@@ -335,7 +344,8 @@ class Ranker:
         layer is a float ``nn.Linear`` on CPU, else the head applied ``HEAD_BLOCK_ROWS`` rows at
         a time. Either way never more than one block of logits is in memory."""
         if isinstance(head, Head) and type(head.final) is torch.nn.Linear and hidden.device.type == "cpu":
-            return torch.cat([_blocked_logprobs(head, hidden[a : a + VOCAB_BLOCK_ROWS], labels[a : a + VOCAB_BLOCK_ROWS])
+            return torch.cat([_blocked_logprobs(head, hidden[a : a + VOCAB_BLOCK_ROWS], labels[a : a + VOCAB_BLOCK_ROWS],
+                                                self.map_parts)
                               for a in range(0, hidden.shape[0], VOCAB_BLOCK_ROWS)])
         return torch.cat([self._token_logprobs(head(hidden[a : a + HEAD_BLOCK_ROWS]), labels[a : a + HEAD_BLOCK_ROWS])
                           for a in range(0, hidden.shape[0], HEAD_BLOCK_ROWS)])
@@ -363,20 +373,21 @@ class Ranker:
         1,000 candidates for mT5's vocabulary)."""
         full_logits = not isinstance(head, Head)
         budget = self.logits_pass_tokens() if full_logits else self.batch_tokens
-        states, labels_at, rows_at = [], [], []
         passes = [part for chunk in self.chunks([t[skip:] for t in targets], budget)
                   for part in self.split_mixed(chunk, owners, row_bytes)]
-        for chunk in passes:
+
+        def one_pass(chunk: list[int]):
             rows = [targets[i] for i in chunk]
             labels = self.pad_rows([t[skip:] for t in rows])
             hidden = run(rows, self._picker([owners[i] for i in chunk]), labels)
             h, lab, row = self.real_positions(hidden, labels, [len(t) - skip for t in rows])
             del hidden  # a pass's logits, when full_logits: freed before they are reduced
-            states.append(self.head_logprobs(h, lab, head) if full_logits else h)
-            labels_at.append(lab)
-            rows_at.append(torch.tensor(chunk, device=self.device)[row])
-        if not states:
+            return (self.head_logprobs(h, lab, head) if full_logits else h), lab, torch.tensor(chunk, device=self.device)[row]
+
+        done = self.map_parts(one_pass, passes)
+        if not done:
             return []
+        states, labels_at, rows_at = (list(x) for x in zip(*done))
         lp = torch.cat(states) if full_logits else self.head_logprobs(torch.cat(states), torch.cat(labels_at), head)
         return torch.zeros(len(targets), device=self.device).index_add_(0, torch.cat(rows_at), lp).tolist()
 
@@ -438,43 +449,57 @@ class _Pick:
             return x.index_select(0, self._index)
 
 
-def _blocked_logprobs(head: Head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _blocked_logprobs(head: Head, hidden: torch.Tensor, labels: torch.Tensor, map_parts=alone) -> torch.Tensor:
     """log p(label) = label logit - logsumexp over the vocabulary, the logsumexp taken per block
-    of ``VOCAB_BLOCK_COLUMNS`` and combined, the label logit from the label's weight row.
-
-    Every block is written into the same two buffers (the logits, and their float32 copy when
-    the model is not float32): a fresh multi-MB tensor per block is fresh pages for the kernel
-    to fault in and zero, which made up two thirds of the head's time in bf16 (1,024 rows: 65 ms,
-    of which 28 ms copies into new float32 tensors and 12 ms matmuls into new ones)."""
+    of ``VOCAB_BLOCK_COLUMNS`` (independent parts: ``map_parts`` may hand them to idle lanes) and
+    combined in the vocabulary's order, the label logit from the label's weight row."""
     x = head.pre(hidden)
     weight, bias = head.final.weight, head.final.bias
     with torch.profiler.record_function(HEAD_PROFILE_LABEL):
         picked = (x.float() * weight[labels].float()).sum(-1)  # float32 like the log-softmax below
         if bias is not None:
             picked = picked + bias[labels].float()
-        rows, vocab = x.shape[0], weight.shape[0]
         # out= has no grad, and autocast (training's bf16) does not cast for it: the buffers are for
         # inference in the model's own dtype
         reuse = x.dtype == weight.dtype and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        if reuse:
-            size = rows * min(VOCAB_BLOCK_COLUMNS, vocab)
-            logits_buffer = torch.empty(size, dtype=x.dtype, device=x.device)
-            work_buffer = logits_buffer if x.dtype == torch.float32 else torch.empty(size, dtype=torch.float32,
-                                                                                    device=x.device)
-        blocks = []
-        for a in range(0, vocab, VOCAB_BLOCK_COLUMNS):
+
+        def block(a: int) -> torch.Tensor:
             w = weight[a : a + VOCAB_BLOCK_COLUMNS].t()
             b = None if bias is None else bias[a : a + VOCAB_BLOCK_COLUMNS]
             if not reuse:
                 work = (x @ w if b is None else torch.addmm(b, x, w)).float()  # a fresh tensor: worked on in place
             else:
-                logits = logits_buffer[: rows * w.shape[1]].view(rows, w.shape[1])
+                logits, work = _head_buffers(x.shape[0], w.shape[1], x.dtype, x.device)
                 torch.mm(x, w, out=logits) if b is None else torch.addmm(b, x, w, out=logits)
-                work = logits if work_buffer is logits_buffer else (
-                    work_buffer[: logits.numel()].view_as(logits).copy_(logits))
+                work = logits if work is None else work.copy_(logits)
             top = work.amax(dim=-1, keepdim=True)
-            blocks.append(work.sub_(top).exp_().sum(dim=-1).log_() + top.squeeze(-1))
+            return work.sub_(top).exp_().sum(dim=-1).log_() + top.squeeze(-1)
+
+        blocks = map_parts(block, range(0, weight.shape[0], VOCAB_BLOCK_COLUMNS))
         return picked.float() - torch.logsumexp(torch.stack(blocks, dim=-1), dim=-1)
+
+
+_BUFFERS = threading.local()
+
+
+def _head_buffers(rows: int, columns: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This thread's buffers for one block of logits (and their float32 copy when ``dtype`` is not
+    float32), grown as needed and kept: a fresh multi-MB tensor per block is fresh pages for the
+    kernel to fault in and zero, which made up two thirds of the head's time in bf16 (1,024 rows:
+    65 ms, of which 28 ms copies into new float32 tensors and 12 ms matmuls into new ones). Kept
+    per thread (a lane lending a hand has its own) and per inference mode (an inference tensor
+    cannot be written outside it)."""
+    key = (dtype, str(device), torch.is_inference_mode_enabled())
+    kept = getattr(_BUFFERS, "kept", None)
+    if kept is None:
+        kept = _BUFFERS.kept = {}
+    size = rows * columns
+    have = kept.get(key)
+    if have is None or have[0].numel() < size:
+        logits = torch.empty(size, dtype=dtype, device=device)
+        have = kept[key] = (logits, None if dtype == torch.float32 else torch.empty(size, dtype=torch.float32, device=device))
+    logits = have[0][:size].view(rows, columns)
+    return logits, None if have[1] is None else have[1][:size].view(rows, columns)
 
 
 def _position_limit(model) -> int:

@@ -218,6 +218,59 @@ def test_an_idle_lane_takes_a_job_at_once_and_busy_lanes_share_the_queue():
     assert 0.3 + 0.25 < busy < 0.5 + 0.25  # the first lane's rest, then half of c's 0.5 s
 
 
+def test_a_lent_lane_counts_as_taken_and_comes_back_for_a_waiting_job():
+    """Two lanes and a pool: job A's 12 parts of 50 ms borrow the idle lane; job B, submitted
+    meanwhile, starts once that lane has finished its part (not when A ends, and not beside it:
+    never more than two threads compute at once); A ends on its own lane with every answer."""
+    from instructrec.lanes import LanePool
+
+    pool = LanePool(2)
+    lock, state, log = threading.Lock(), {"now": 0, "most": 0}, []
+
+    def busy(seconds: float, what: str):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+            log.append((what, time.monotonic()))
+        time.sleep(seconds)
+        with lock:
+            state["now"] -= 1
+
+    def score(requests):
+        (name,) = requests
+        if name == "A":
+            return [pool.map(lambda x: busy(0.05, "A") or x, range(12))], 0.0, 0.0
+        busy(0.1, "B")
+        return ["B"], 0.0, 0.0
+
+    async def scenario():
+        executor = ThreadPoolExecutor(2)
+        batcher = Batcher(score, executor=executor, metrics=Metrics(), lanes=2, pool=pool, budget_tokens=10,
+                          max_wait_s=0, max_queue=100, max_jobs=1)
+        batcher.start()
+        a = batcher.submit("A", 1)
+        await asyncio.sleep(0.08)
+        assert pool.lent == 1  # A borrowed the idle lane
+        sent = time.monotonic()
+        b = batcher.submit("B", 1)
+        results = await asyncio.gather(a, b)
+        await batcher.close()
+        executor.shutdown()
+        return results, sent
+
+    try:
+        (a, b), sent = asyncio.run(scenario())
+    finally:
+        pool.close()
+    assert a == list(range(12)) and b == "B"
+    assert state["most"] == 2
+    started_b = next(t for what, t in log if what == "B")
+    last_a = max(t for what, t in log if what == "A")
+    assert started_b - sent < 0.09  # the lent lane's part (50 ms) and no more
+    assert last_a > started_b  # A was still running: B did not wait for it to end
+    assert pool.lent == 0 and pool.parts_lent >= 1
+
+
 def test_two_lanes_keep_deadlines_and_skip_cancelled_jobs():
     """Two lanes busy for 0.3 s, a 0.2 s deadline: a third job cannot start in time and gets
     Expired; a cancelled job is never scored."""
@@ -263,23 +316,30 @@ def _answers(settings: Settings, requests: list[dict]) -> tuple[list, list, int,
             idle = metric(client, "instructrec_busy_lanes")
         peak = app.state.service.batcher.peak_busy
         threads = app.state.service.infer_executor.submit(torch.get_num_threads).result()
-    return alone, [_ranking(r.json()) for r in responses], peak, idle, threads
+        pool = app.state.service.lane_pool
+        lent = pool.parts_lent if pool is not None else None
+    return alone, [_ranking(r.json()) for r in responses], peak, idle, threads, lent
 
 
 @pytest.mark.parametrize("model,dtype", [("tiny-random", "bfloat16"), ("tiny-random-prefixlm", "float32")])
 def test_two_lanes_answer_under_load_as_one_lane_answers_alone(model, dtype):
     """24 requests sent at once to a two-lane server get, bit for bit, the answers they get
-    alone from it, and from a one-lane server with one torch thread; the two-lane server scored
-    two at a time, the one-lane server one."""
+    alone from it (where the idle lane computed some of their parts), and from a one-lane server
+    with one torch thread, and from a two-lane server that lends no lane; the two-lane server
+    scored two at a time, the one-lane server one."""
     requests = [_request(k) for k in range(24)]
-    base = dict(model=model, device="cpu", dtype=dtype, redis_url="", max_wait_ms=1, max_queue_wait_ms=120_000)
-    alone, loaded, peak, idle, threads = _answers(Settings(lanes=2, **base), requests)
+    base = dict(model=model, device="cpu", dtype=dtype, redis_url="", max_wait_ms=1, max_queue_wait_ms=120_000,
+                batch_tokens=64)  # small passes: a request has several for the idle lane to take
+    alone, loaded, peak, idle, threads, lent = _answers(Settings(lanes=2, **base), requests)
     assert loaded == alone
     assert peak == 2 and idle == 0
     assert threads == 1  # lanes set torch to one thread (for the process)
-    one_alone, one_loaded, one_peak, _, _ = _answers(Settings(lanes=1, torch_threads=1, **base), requests)
+    assert lent > 0
+    one_alone, one_loaded, one_peak, _, _, _ = _answers(Settings(lanes=1, torch_threads=1, **base), requests)
     assert one_alone == alone and one_loaded == alone
     assert one_peak == 1
+    unlent_alone, unlent_loaded, _, _, _, none_lent = _answers(Settings(lanes=2, lend_lanes=False, **base), requests)
+    assert unlent_alone == alone and unlent_loaded == alone and none_lent is None
 
 
 def test_lanes_with_several_torch_threads_are_refused():

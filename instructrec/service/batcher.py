@@ -48,9 +48,12 @@ from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .metrics import Metrics
+
+if TYPE_CHECKING:
+    from instructrec.lanes import LanePool
 
 log = logging.getLogger("instructrec.service.batcher")
 
@@ -99,10 +102,18 @@ ScoreFn = Callable[[list[Any]], tuple[list[Any], float, float]]
 
 class Batcher:
     def __init__(self, score: ScoreFn, *, budget_tokens: int, max_wait_s: float, max_queue: int, executor: Executor,
-                 metrics: Metrics, max_jobs: int = 32, max_queue_wait_s: float = math.inf, lanes: int = 1):
-        """``lanes``: batches scored at once; ``executor`` needs at least as many threads."""
+                 metrics: Metrics, max_jobs: int = 32, max_queue_wait_s: float = math.inf, lanes: int = 1,
+                 pool: LanePool | None = None):
+        """``lanes``: batches scored at once; ``executor`` needs at least as many threads. ``pool``:
+        the lanes a batch may borrow while they are idle (:mod:`instructrec.lanes`); the batcher
+        tells it which lanes score a batch and when a job waits for one."""
         self._score = score
         self.lanes = max(1, int(lanes))
+        self.pool = pool
+        self._wanting = False  # a batch is collected and waits for a lane (a lent one should come back)
+        self._lane_back = asyncio.Event()  # a lent lane came back
+        if pool is not None:
+            pool.demand = lambda: self._wanting or bool(self._pending)
         self.budget = budget_tokens
         self.max_jobs = max_jobs
         self.max_wait = max_wait_s
@@ -127,6 +138,9 @@ class Batcher:
 
     # -- router side --------------------------------------------------------------------
     def start(self) -> None:
+        if self.pool is not None:
+            loop = asyncio.get_running_loop()
+            self.pool.on_return = lambda: loop.call_soon_threadsafe(self._lane_back.set)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="instructrec-batcher")
 
@@ -380,14 +394,34 @@ class Batcher:
             self.metrics.queue_seconds.observe(start - job.enqueued)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_tokens.observe(tokens)
+        if self.pool is not None:
+            self.pool.take()
         task = asyncio.get_running_loop().create_task(self._score_on_lane(batch, start, tokens))
         self._running[task] = start + tokens * self._token_seconds
         task.add_done_callback(self._lane_done)
         self._set_busy()
 
     def _lane_done(self, task: asyncio.Task) -> None:
-        self._running.pop(task, None)
+        if self._running.pop(task, None) is not None and self.pool is not None:
+            self.pool.give()
         self._set_busy()
+
+    def _lanes_taken(self) -> int:
+        """Lanes scoring a batch or lent to one."""
+        return len(self._running) + (self.pool.lent if self.pool is not None else 0)
+
+    async def _free_lane(self) -> None:
+        """Until a lane is neither scoring a batch nor lent (a lent lane returns after its part
+        once a job waits: ``_wanting`` or a queued job)."""
+        while self._lanes_taken() >= self.lanes:
+            self._lane_back.clear()
+            if self._lanes_taken() < self.lanes:
+                break
+            back = asyncio.ensure_future(self._lane_back.wait())
+            try:
+                await asyncio.wait([*self._running, back], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                back.cancel()
 
     async def _score_on_lane(self, batch: list[Job], start: float, tokens: int) -> None:
         try:
@@ -420,13 +454,17 @@ class Batcher:
         function waits for every lane to be idle and runs before anything else starts."""
         try:
             while True:
-                while len(self._running) >= self.lanes:
-                    await asyncio.wait(list(self._running), return_when=asyncio.FIRST_COMPLETED)
+                await self._free_lane()
                 batch = await self._collect()
                 if isinstance(batch[0].request, _Exclusive):
                     await self._run_exclusive(batch[0])
-                else:
-                    self._dispatch(batch)
+                    continue
+                self._wanting = True  # a lane lent while the batch was collected comes back now
+                try:
+                    await self._free_lane()
+                finally:
+                    self._wanting = False
+                self._dispatch(batch)
         finally:  # closing: the running batches' jobs hear ShuttingDown
             running = list(self._running)
             for task in running:

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
                        "or what load scored it; more requests/s under concurrency for a slower single request "
                        "(it no longer spreads over several cores). Default 1: one thread with torch_threads, "
                        "today's latency; set it to the CPU cores for throughput")
+    lend_lanes: bool = Field(default=True, description="with lanes > 1, a request scored while other lanes are idle "
+                             "has some of its candidate passes and vocabulary blocks computed by them: the same "
+                             "answer, bit for bit, sooner; a lent lane returns after its part when a request waits")
     warmup: bool = Field(default=True, description="run a warm-up batch at the largest budget before /ready turns green")
     prep_cache_size: int = Field(default=65536, ge=0, description="candidate texts whose token ids preparation "
                                  "keeps, and a 16th as many fitted instructions (least recently used out; 0 keeps none)")

@@ -16,6 +16,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from instructrec.lanes import LanePool
 from instructrec.templates import TEMPLATE_VERSION
 
 from .batcher import Batcher
@@ -52,6 +53,8 @@ class ServiceState:
         self.swaps = 0  # models swapped in by reload
         # One thread per lane runs the model (warm-up, batches); one prepares requests; one loads a swap's model.
         self.infer_executor = ThreadPoolExecutor(settings.lanes, thread_name_prefix="instructrec-infer")
+        # the idle lanes a batch borrows for its independent passes (the same bits, sooner)
+        self.lane_pool = LanePool(settings.lanes) if settings.lanes > 1 and settings.lend_lanes else None
         self.prep_executor = ThreadPoolExecutor(1, thread_name_prefix="instructrec-prep")
         self.swap_executor = ThreadPoolExecutor(1, thread_name_prefix="instructrec-swap")
         self._swap_lock = asyncio.Lock()
@@ -69,7 +72,8 @@ class ServiceState:
         jobs = 1 if s.batch_invariant else s.max_batch_requests
         self.batcher = Batcher(self._score_many, budget_tokens=s.batch_tokens, max_wait_s=s.max_wait_ms / 1000,
                                max_queue=s.max_queue, executor=self.infer_executor, metrics=self.metrics,
-                               max_jobs=jobs, max_queue_wait_s=s.max_queue_wait_ms / 1000, lanes=s.lanes)
+                               max_jobs=jobs, max_queue_wait_s=s.max_queue_wait_ms / 1000, lanes=s.lanes,
+                               pool=self.lane_pool)
         self.batcher.start()
         self._load_task = asyncio.get_running_loop().create_task(self._load(), name="instructrec-load")
 
@@ -132,6 +136,7 @@ class ServiceState:
     def _install(self, engine: Engine) -> None:
         """Make ``engine`` the one new requests use (on the event loop: atomic for every request)."""
         previous, self.engine = self.engine, engine
+        engine.ranker.pool = self.lane_pool  # after its warm-up: a swap's runs beside the lanes, borrowing none
         if previous is not None:
             self.metrics.model_info.remove(*self._info_labels(previous))
         if engine.catalogue is not None:
@@ -197,3 +202,5 @@ class ServiceState:
             await self.cache.close()
         for executor in (self.infer_executor, self.prep_executor, self.swap_executor):
             executor.shutdown(wait=False, cancel_futures=True)
+        if self.lane_pool is not None:
+            self.lane_pool.close()
