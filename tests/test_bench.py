@@ -193,7 +193,7 @@ def test_service_bench_thread_server(tmp_path, capsys):
     cell's floor from the requests' FLOPs as the service prepares them and the matmul rate."""
     rc = main(["bench", "service", "--model", TINY, "--concurrency", "2", "--requests", "4", "--candidates", "10,100",
                "--batching", "on", "--redis-url", "", "--server", "thread", "--set", "warmup=false",
-               "--peak-size", "256", "--out", str(tmp_path)])
+               "--set", "lanes=1", "--peak-size", "256", "--out", str(tmp_path)])
     assert rc == 0
     s = _results(tmp_path)["service"]
     assert s["server"]["kind"] == "thread" and list(s["modes"]) == ["on"] and not s["cache"]["enabled"]
@@ -219,6 +219,7 @@ def _check_floor(s: dict, out, printed: str) -> None:
     peak, floor = s["matmul_peak"], s["floor"]
     precision = s["server"]["precision"]
     assert floor["reason"] is None and floor["precision"] == precision and floor["lanes"] == 1
+    assert floor["request_lanes"] == 1
     assert peak["size"] == 256 and peak["gflops_best"] >= peak["gflops_median"] > 0
     assert peak["dtype"] == ("bfloat16" if "bfloat16" in precision else "float32")
     assert peak["threads"] == torch.get_num_threads()  # lanes 1, no torch_threads: torch's default here
@@ -251,6 +252,23 @@ def _check_floor(s: dict, out, printed: str) -> None:
     assert "| p50 ms | GFLOP/req | floor ms |" in printed
     md = (out / report.RESULTS_MD).read_text()
     assert "| p50 ms | GFLOP/req | floor ms |" in md and f"matmul {peak['dtype']} 256×256 at" in md
+
+
+def test_a_request_alone_gets_every_lane_in_the_floor_when_idle_lanes_lend_a_hand():
+    """Two lanes lending: a lone request may compute on both, so its floor is half the one-lane
+    floor; without lending (or with one lane) it is the one-lane floor; req/s floors stay lanes x."""
+    from instructrec.bench import service_floor
+
+    assert service_floor.request_lanes({"lanes": 2}) == 2
+    assert service_floor.request_lanes({"lanes": 2, "lend_lanes": False}) == 1
+    assert service_floor.request_lanes({"lanes": 1}) == 1
+    peak = {"gflops_best": 200.0}
+    flops = [{"candidates": 10, "gflop_median": 10.0}]
+    for alone, floor_ms in ((2, 25.0), (1, 50.0)):
+        cells = [{"phase": "cold", "candidates": 10}]
+        service_floor.apply(cells, {"floor": {"lanes": 2, "request_lanes": alone}, "matmul_peak": peak,
+                                    "request_flops": flops})
+        assert cells[0]["floor_ms"] == pytest.approx(floor_ms) and cells[0]["floor_req_s"] == pytest.approx(40.0)
 
 
 def test_floor_fields_are_null_when_not_measured_and_old_results_still_render():

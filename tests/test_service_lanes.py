@@ -353,9 +353,36 @@ def test_lanes_with_several_torch_threads_are_refused():
 def test_lanes_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("INSTRUCTREC_LANES", "3")
     assert Settings().lanes == 3
-    monkeypatch.setenv("INSTRUCTREC_LANES", "0")
+    monkeypatch.setenv("INSTRUCTREC_LANES", "-1")
     with pytest.raises(ValueError):
         Settings()
+
+
+def test_lanes_default_to_the_cores_this_process_may_use(monkeypatch, tmp_path):
+    """0 (the default): one lane per CPU core the process may run on (affinity, then a cgroup
+    quota: v2 cpu.max or v1 cfs quota/period, rounded up); one lane on a GPU or with torch
+    threads asked for."""
+    import os
+
+    from instructrec.service.settings import cpu_cores
+
+    monkeypatch.delenv("INSTRUCTREC_LANES", raising=False)
+    affinity = len(os.sched_getaffinity(0))
+    assert cpu_cores(tmp_path) == affinity  # no cgroup files: the affinity
+    assert Settings(device="cpu").lanes == Settings(device="cpu", lanes=0).lanes == cpu_cores()
+    assert Settings(device="cpu", torch_threads=2).lanes == 1
+    assert Settings(device="cuda").lanes == Settings(device="cuda:1").lanes == 1
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cpu_cores(tmp_path) == affinity
+    (tmp_path / "cpu.max").write_text("50000 100000\n")
+    assert cpu_cores(tmp_path) == 1
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("150000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu_cores(v1) == min(affinity, 2)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cpu_cores(v1) == affinity
 
 
 # --- what the lanes share ---------------------------------------------------------------------------

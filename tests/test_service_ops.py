@@ -38,7 +38,7 @@ def _fields(r: httpx.Response) -> list:
 
 @pytest.fixture(scope="module")
 def small_queue():
-    settings = Settings(model="tiny-random", device="cpu", dtype="float32", redis_url="", max_queue=2,
+    settings = Settings(model="tiny-random", device="cpu", dtype="float32", redis_url="", max_queue=2, lanes=1,
                         batch_tokens=256, max_wait_ms=0, max_queue_wait_ms=60_000)  # no deadline refusals here
     with ServerThread(create_app(settings)) as srv:
         srv.wait_ready()

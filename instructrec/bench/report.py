@@ -307,7 +307,8 @@ def floor_note(section: dict) -> str:
                       f" tokens median" for f in section.get("request_flops") or [])
     return (f"GFLOP/req and floor ms: {floor['description']}. Here: {floor['precision']} (executed FLOPs of "
             f"`{floor['variant']}`), matmul {peak['dtype']} {peak['size']}×{peak['size']} at {peak['threads']} "
-            f"thread(s): best {_f(peak['gflops_best'], 1)} GFLOP/s, median {_f(peak['gflops_median'], 1)}; {sizes}.")
+            f"thread(s): best {_f(peak['gflops_best'], 1)} GFLOP/s, median {_f(peak['gflops_median'], 1)}, "
+            f"{floor.get('request_lanes') or 1} lane(s) for a request alone; {sizes}.")
 
 
 def service_table(section: dict) -> str:

@@ -21,7 +21,8 @@ PEAK_SIZE = 1024
 DESCRIPTION = ("floor ms = the median request's executed LM FLOPs (instructrec.bench.ranker_bench.FLOPS_FORMULA; "
                "instruction and candidate tokens counted by the service's own preparation of each request the bench "
                "built for that candidate count) ÷ the best rate of a square matmul in the service's dtype at the "
-               "torch threads one request runs on; floor req/s = lanes × that rate ÷ the same FLOPs. Not counted: "
+               "torch threads one request runs on, times the lanes a request alone may use (all of them when idle "
+               "lanes lend a hand, lend_lanes; else one); floor req/s = lanes × that rate ÷ the same FLOPs. Not counted: "
                "embeddings, layer norms, softmax, padding, the fused signals (semantic, behaviour, sequential), "
                "Python and HTTP. Cold cells only: a warm cell's scores come from the cache")
 FIELDS = ("gflop_per_request", "floor_ms", "floor_req_s")
@@ -51,6 +52,13 @@ def request_threads(settings: dict[str, Any], default_threads: int) -> tuple[int
 
     lanes = int(settings.get("lanes") or 1)
     return service_torch_threads(lanes, settings.get("torch_threads")) or default_threads, lanes
+
+
+def request_lanes(settings: dict[str, Any]) -> int:
+    """Lanes one request alone may compute on: every lane when idle ones lend a hand (the
+    service's ``lend_lanes``, on by default), else its own."""
+    lanes = int(settings.get("lanes") or 1)
+    return lanes if lanes > 1 and settings.get("lend_lanes", True) else 1
 
 
 def prep_engine(overrides: dict[str, Any]):
@@ -142,14 +150,15 @@ def measure(overrides: dict[str, Any], settings: dict[str, Any], precision: str 
     progress(f"floor: matmul peak, {dtype} {peak_size}x{peak_size} at {threads} thread(s) ...")
     peak = measure_peak(dtype, threads, peak_size)
     floor = {"description": DESCRIPTION, "reason": None, "precision": precision, "variant": variant,
-             "threads": threads, "lanes": lanes, "model_dims": dims}
+             "threads": threads, "lanes": lanes, "request_lanes": request_lanes(settings), "model_dims": dims}
     return {"floor": floor, "matmul_peak": peak, "request_flops": flops}
 
 
 def apply(cells: list[dict[str, Any]], section: dict[str, Any]) -> None:
     """Give every cell the floor fields: its size's median GFLOP, the floor ms and req/s (cold
     cells of a measured floor; null elsewhere)."""
-    peak, lanes = section.get("matmul_peak"), (section.get("floor") or {}).get("lanes") or 1
+    floor = section.get("floor") or {}
+    peak, lanes, alone = section.get("matmul_peak"), floor.get("lanes") or 1, floor.get("request_lanes") or 1
     by_size = {f["candidates"]: f["gflop_median"] for f in section.get("request_flops") or []}
     for c in cells:
         gflop = by_size.get(c.get("candidates")) if c.get("phase") == "cold" else None
@@ -157,4 +166,4 @@ def apply(cells: list[dict[str, Any]], section: dict[str, Any]) -> None:
             c.update(dict.fromkeys(FIELDS))
             continue
         rate = peak["gflops_best"]
-        c.update(gflop_per_request=gflop, floor_ms=gflop / rate * 1000, floor_req_s=lanes * rate / gflop)
+        c.update(gflop_per_request=gflop, floor_ms=gflop / (rate * alone) * 1000, floor_req_s=lanes * rate / gflop)

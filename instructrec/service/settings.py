@@ -6,9 +6,12 @@ how ``instructrec serve --model/--host/--port`` override it.
 
 from __future__ import annotations
 
+import math
+import os
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from instructrec.options import ALIASES, DEVICE_HELP, DTYPE_HELP, INFERENCE_DTYPES
@@ -29,11 +32,11 @@ class Settings(BaseSettings):
     max_target_tokens: int | None = Field(default=None, ge=2, description="candidate token limit (default: checkpoint preset, else 48)")
     torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads (default: torch's "
                                       "choice; 1 when lanes > 1, and nothing else may be set then)")
-    lanes: int = Field(default=1, ge=1, description="inference threads, each scoring whole batches with one torch "
+    lanes: int = Field(default=0, ge=0, description="inference threads, each scoring whole batches with one torch "
                        "thread, so up to this many batches run at once and an answer never depends on which lane "
-                       "or what load scored it; more requests/s under concurrency for a slower single request "
-                       "(it no longer spreads over several cores). Default 1: one thread with torch_threads, "
-                       "today's latency; set it to the CPU cores for throughput")
+                       "or what load scored it; an idle lane computes parts of a busy one's request (lend_lanes). "
+                       "0 (default): the CPU cores this process may use (its affinity and cgroup quota), or 1 on "
+                       "a GPU or with torch_threads > 1 (one thread using torch's intra-op threads)")
     lend_lanes: bool = Field(default=True, description="with lanes > 1, a request scored while other lanes are idle "
                              "has some of its candidate passes and vocabulary blocks computed by them: the same "
                              "answer, bit for bit, sooner; a lent lane returns after its part when a request waits")
@@ -106,6 +109,12 @@ class Settings(BaseSettings):
                                       "never closes one the instant a client reuses it (uvicorn's 5 s default lost a "
                                       "request that way in a soak run)")
 
+    @model_validator(mode="after")
+    def _auto_lanes(self):
+        if self.lanes == 0:
+            self.lanes = auto_lanes(self.device, self.torch_threads)
+        return self
+
     @field_validator("dtype", mode="before")
     @classmethod
     def _known_dtype(cls, value):
@@ -132,3 +141,34 @@ class Settings(BaseSettings):
     @property
     def cache_enabled(self) -> bool:
         return bool(self.redis_url.strip())
+
+
+def cpu_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may run on: its affinity, capped by a cgroup CPU quota (a container's
+    `cpus` limit: cgroup v2 ``cpu.max``, or v1 ``cpu/cpu.cfs_quota_us`` over its period)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = None
+    try:
+        limit, period = (cgroup / "cpu.max").read_text().split()[:2]
+        quota = None if limit == "max" else int(limit) / int(period)
+    except (OSError, ValueError):
+        try:
+            limit = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+            quota = limit / int((cgroup / "cpu" / "cpu.cfs_period_us").read_text()) if limit > 0 else None
+        except (OSError, ValueError):
+            pass
+    return max(1, min(cores, math.ceil(quota)) if quota else cores)
+
+
+def auto_lanes(device: str, torch_threads: int | None) -> int:
+    """``lanes=0``: one lane per CPU core on a CPU; one lane on a GPU (a GPU runs one batch at a
+    time) or when torch's intra-op threads were asked for (``torch_threads`` > 1)."""
+    if (torch_threads or 1) > 1 or device.startswith("cuda"):
+        return 1
+    if device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return 1
+    return cpu_cores()
+
