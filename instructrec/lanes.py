@@ -44,6 +44,7 @@ class LanePool:
         self.demand: Callable[[], bool] = lambda: False  # a batch is waiting for a lane (the batcher sets it)
         self.on_return: Callable[[], None] = lambda: None  # a lent lane is idle again (the batcher's wake-up)
         self.parts_lent = 0  # parts computed by lent lanes (what tests and metrics read)
+        self._closed = False
 
     # -- the batcher's side -------------------------------------------------------------------
     def take(self) -> None:
@@ -60,7 +61,7 @@ class LanePool:
 
     def _borrow(self, wanted: int) -> int:
         with self._lock:
-            if self._threads is None or wanted <= 0 or self.demand():
+            if self._threads is None or self._closed or wanted <= 0 or self.demand():
                 return 0
             # the caller is a lane: counted in _busy when the batcher gave it a batch, else here
             n = max(0, min(wanted, self.lanes - max(self._busy, 1) - self._lent))
@@ -70,7 +71,10 @@ class LanePool:
     def _return(self) -> None:
         with self._lock:
             self._lent -= 1
-        self.on_return()
+        try:
+            self.on_return()
+        except RuntimeError:  # the batcher's event loop has closed (shutting down): nobody waits
+            pass
 
     # -- the scoring lane's side --------------------------------------------------------------
     def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
@@ -119,6 +123,8 @@ class LanePool:
         return results
 
     def close(self) -> None:
-        """No new parts; a part being computed finishes on its own."""
+        """Nothing lent from now on; a part being computed finishes on its own."""
+        with self._lock:
+            self._closed = True
         if self._threads is not None:
             self._threads.shutdown(wait=False)

@@ -123,6 +123,22 @@ def test_a_failing_part_fails_the_call_with_every_lane_back():
         pool.close()
 
 
+def test_a_closed_pool_lends_nothing_and_a_closed_loop_fails_no_request():
+    """After close (the service stopping) a call runs every part itself; a lane returned after
+    the batcher's loop has closed (on_return raising RuntimeError) does not fail the request."""
+    pool = LanePool(2)
+
+    def closed_loop():
+        raise RuntimeError("Event loop is closed")
+
+    pool.on_return = closed_loop
+    slow = lambda x: time.sleep(0.01) or x  # noqa: E731
+    assert pool.map(slow, range(6)) == list(range(6)) and pool.parts_lent > 0 and pool.lent == 0
+    pool.close()
+    lent = pool.parts_lent
+    assert pool.map(slow, range(6)) == list(range(6)) and pool.parts_lent == lent
+
+
 def test_lent_lanes_run_in_the_callers_modes():
     """torch's grad and inference modes are per thread: a lent lane takes the caller's."""
     pool = LanePool(2)
