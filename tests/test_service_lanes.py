@@ -314,10 +314,11 @@ def _answers(settings: Settings, requests: list[dict]) -> tuple[list, list, int,
         assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
         with httpx.Client(base_url=srv.url, timeout=60) as client:
             idle = metric(client, "instructrec_busy_lanes")
+            pool = app.state.service.lane_pool
+            lent = pool.parts_lent if pool is not None else None
+            assert metric(client, "instructrec_lent_parts") == (lent or 0)
         peak = app.state.service.batcher.peak_busy
         threads = app.state.service.infer_executor.submit(torch.get_num_threads).result()
-        pool = app.state.service.lane_pool
-        lent = pool.parts_lent if pool is not None else None
     return alone, [_ranking(r.json()) for r in responses], peak, idle, threads, lent
 
 

@@ -53,6 +53,8 @@ class Metrics:
         self.queue_depth = Gauge("instructrec_queue_depth", "scoring jobs waiting for the model", registry=r)
         self.busy_lanes = Gauge("instructrec_busy_lanes", "inference lanes scoring a batch now (setting lanes: how "
                                 "many may)", registry=r)
+        self.lent_parts = Gauge("instructrec_lent_parts", "parts of requests (candidate passes, vocabulary blocks) "
+                                "computed by an idle lane for a busy one since start (setting lend_lanes)", registry=r)
         self.cache_hits = Counter("instructrec_cache_hits", "candidate scores served from the cache", registry=r)
         self.cache_misses = Counter("instructrec_cache_misses", "candidate scores not in the cache", registry=r)
         self.cache_errors = Counter("instructrec_cache_errors", "failed cache operations (Redis down or slow)", registry=r)

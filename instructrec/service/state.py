@@ -55,6 +55,8 @@ class ServiceState:
         self.infer_executor = ThreadPoolExecutor(settings.lanes, thread_name_prefix="instructrec-infer")
         # the idle lanes a batch borrows for its independent passes (the same bits, sooner)
         self.lane_pool = LanePool(settings.lanes) if settings.lanes > 1 and settings.lend_lanes else None
+        if self.lane_pool is not None:
+            self.metrics.lent_parts.set_function(lambda: self.lane_pool.parts_lent)
         self.prep_executor = ThreadPoolExecutor(1, thread_name_prefix="instructrec-prep")
         self.swap_executor = ThreadPoolExecutor(1, thread_name_prefix="instructrec-swap")
         self._swap_lock = asyncio.Lock()
@@ -124,9 +126,10 @@ class ServiceState:
         self.metrics.ready.set(1)
         self.ready = True
         r = engine.ranker
-        log.info("ready in %.1fs: model %s (version %s, %s on %s), %d/%d source/target tokens, template table %s",
-                 time.monotonic() - t0, engine.name, engine.version, engine.loaded.precision, engine.loaded.device,
-                 r.max_source_tokens, r.max_target_tokens, TEMPLATE_VERSION)
+        log.info("ready in %.1fs: model %s (version %s, %s on %s), %d/%d source/target tokens, template table %s, "
+                 "%d lane(s)%s", time.monotonic() - t0, engine.name, engine.version, engine.loaded.precision,
+                 engine.loaded.device, r.max_source_tokens, r.max_target_tokens, TEMPLATE_VERSION, self.settings.lanes,
+                 ", idle ones lending a hand" if self.lane_pool is not None else "")
 
     @staticmethod
     def _cannot_load(name: str, exc: Exception) -> str:
