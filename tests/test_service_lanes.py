@@ -89,9 +89,10 @@ def test_lanes_score_that_many_batches_at_once(lanes):
         executor.shutdown()
         return results, peak
 
-    started = time.monotonic()
     results, peak = asyncio.run(scenario())
-    elapsed = time.monotonic() - started
+    # from the first job's start to the last one's end (not the event loop's or the threads'
+    # set-up and shut-down, which a busy CI machine can stretch)
+    elapsed = max(end for _, end, _ in recorder.intervals) - min(start for start, _, _ in recorder.intervals)
     assert results == [f"scored {k}" for k in range(6)]
     assert recorder.most == lanes and peak == lanes
     assert elapsed < 6 * 0.15 / lanes + 0.4  # they really overlapped
