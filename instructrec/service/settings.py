@@ -166,9 +166,8 @@ def auto_lanes(device: str, torch_threads: int | None) -> int:
     if (torch_threads or 1) > 1 or device.startswith("cuda"):
         return 1
     if device == "auto":
-        import torch
+        from instructrec.modeling import resolve_device  # what the engine will resolve "auto" to
 
-        if torch.cuda.is_available():
+        if resolve_device(device).type == "cuda":
             return 1
     return cpu_cores()
-
