@@ -3,8 +3,9 @@ otherwise wait, without changing a bit of its answer.
 
 The service runs ``lanes`` single-thread workers so that concurrent requests use every core and
 an answer never depends on the load. Alone, though, a request used one core of the machine.
-Its candidate passes and its vocabulary head's column blocks are independent computations
-whose shapes the request alone decides; a :class:`LanePool` lets the lane scoring it borrow the
+Its instruction's pass (in position parts, each layer's two steps), its candidate passes and
+its vocabulary head's column blocks are independent computations whose shapes the request
+alone decides; a :class:`LanePool` lets the lane scoring it borrow the
 lanes that are idle *now* for some of those parts. Which thread computes a part does not change
 the part (every lane runs the same single-thread kernels on the same shapes), so the answer is
 bit for bit the one computed without help; only its latency moves.

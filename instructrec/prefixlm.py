@@ -55,12 +55,16 @@ def _dropout(layer) -> float:
     return layer.attention.self.dropout.p if layer.training else 0.0
 
 
-def read_instruction(bert, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+def read_instruction(bert, input_ids: torch.Tensor, attention_mask: torch.Tensor, map_parts=None):
     """The instruction pass (bidirectional, padding masked): last hidden states and each
-    layer's keys/values, which every candidate of the instruction then reads."""
+    layer's keys/values, which every candidate of the instruction then reads. With
+    ``map_parts`` (inference) the positions go in :func:`position_parts`, whose layers
+    ``map_parts`` may compute on several threads (:func:`_read_in_parts`)."""
     x = bert.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
     mask = attention_mask.bool()[:, None, None, :]
     heads = bert.config.num_attention_heads
+    if map_parts is not None and not bert.training:
+        return _read_in_parts(bert, x, mask, heads, map_parts)
     kv = []
     for layer in bert.encoder.layer:
         def attend(q, k, v, p=_dropout(layer)):
@@ -69,6 +73,44 @@ def read_instruction(bert, input_ids: torch.Tensor, attention_mask: torch.Tensor
         x, own = _layer(layer, x, attend, heads)
         kv.append(own)
     return x, kv
+
+
+# Positions of an instruction read in parts: the fewest parts of at most this many positions
+# (every part but the last a multiple of 16), so that idle lanes can share the instruction's pass.
+PART_POSITIONS = 96
+
+
+def position_parts(width: int) -> list[slice]:
+    """The parts an instruction of ``width`` (padded) positions is read in: a function of the
+    width alone, so a request is computed the same way whichever threads compute it."""
+    n = -(-width // PART_POSITIONS)
+    size = -(-(-(-width // n)) // 16) * 16
+    return [slice(a, min(a + size, width)) for a in range(0, width, size)]
+
+
+def _read_in_parts(bert, x: torch.Tensor, mask: torch.Tensor, heads: int, map_parts):
+    """:func:`read_instruction` with each layer's work split by positions: every part's queries,
+    keys and values (linear layers act on each position alone), then, with all keys and values
+    joined, every part's attention, output and feed-forward. Each of the two steps is one
+    ``map_parts`` call over the parts, so a layer waits for its slowest part twice."""
+    parts = position_parts(x.shape[1])
+    xs = [x[:, p] for p in parts]
+    kv = []
+    for layer in bert.encoder.layer:
+        att = layer.attention.self
+        qkv = map_parts(lambda xp: tuple(_split_heads(proj(xp), heads) for proj in (att.query, att.key, att.value)), xs)
+        k = torch.cat([t[1] for t in qkv], dim=2) if len(qkv) > 1 else qkv[0][1]
+        v = torch.cat([t[2] for t in qkv], dim=2) if len(qkv) > 1 else qkv[0][2]
+
+        def rest(i: int, layer=layer, k=k, v=v) -> torch.Tensor:
+            xp, q = xs[i], qkv[i][0]
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(xp.shape)
+            h = layer.attention.output(ctx, xp)
+            return layer.output(layer.intermediate(h), h)
+
+        xs = map_parts(rest, range(len(parts)))
+        kv.append((k, v))
+    return (torch.cat(xs, dim=1) if len(xs) > 1 else xs[0]), kv
 
 
 def attend_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,

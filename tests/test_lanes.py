@@ -156,3 +156,45 @@ def test_lent_lanes_run_in_the_callers_modes():
         assert pool.parts_lent > 0
     finally:
         pool.close()
+
+
+def test_position_parts_cover_the_instruction_in_order():
+    from instructrec.prefixlm import PART_POSITIONS, position_parts
+
+    for width in range(16, 513, 16):
+        parts = position_parts(width)
+        assert parts[0].start == 0 and parts[-1].stop == width
+        assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
+        assert all(p.stop - p.start <= PART_POSITIONS and p.start % 16 == 0 for p in parts)
+        assert len(parts) == -(-width // PART_POSITIONS)  # the fewest parts
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_an_instruction_read_in_parts_by_lent_lanes_is_read_as_alone(dtype):
+    """The instruction's pass in position parts: on two lanes bit for bit what one thread computes,
+    and the states of reading it whole (up to rounding)."""
+    from instructrec import prefixlm
+    from instructrec.lanes import alone
+
+    loaded = load_model(TINY_PREFIX, device="cpu", dtype=dtype)
+    bert = loaded.model.bert
+    ids = torch.randint(5, loaded.tokenizer.vocab_size, (1, 160), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 150:] = 0  # padding, as the ranker pads to 16
+    assert len(prefixlm.position_parts(ids.shape[1])) == 2
+    with torch.inference_mode():
+        whole_x, whole = prefixlm.read_instruction(bert, ids, mask)
+        one_x, one = prefixlm.read_instruction(bert, ids, mask, map_parts=alone)
+        pool = LanePool(2)
+        try:
+            for _ in range(10):
+                lent_x, lent = prefixlm.read_instruction(bert, ids, mask, map_parts=pool.map)
+                assert torch.equal(lent_x, one_x)
+                assert all(torch.equal(a, b) for (ka, va), (kb, vb) in zip(lent, one) for a, b in ((ka, kb), (va, vb)))
+            assert pool.parts_lent > 0 and pool.lent == 0
+        finally:
+            pool.close()
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    assert torch.allclose(one_x[0, :150].float(), whole_x[0, :150].float(), atol=tol)
+    assert all(torch.allclose(a.float(), b.float(), atol=tol) for (ka, va), (kb, vb) in zip(one, whole)
+               for a, b in ((ka, kb), (va, vb)))

@@ -57,7 +57,7 @@ class PrefixLMBackend(Backend):
         (padding masked): the ranker and the generator read an instruction the same way."""
         inp = self.ranker.pad_rows(srcs, SOURCE_BUCKET)
         mask = (torch.arange(inp.shape[1], device=self.device)[None, :] < lengths[:, None]).long()
-        return prefixlm.read_instruction(self.model.bert, inp, mask)[1]
+        return prefixlm.read_instruction(self.model.bert, inp, mask, map_parts=self.ranker.map_parts)[1]
 
     @classmethod
     def candidate_states(cls, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, dec: torch.Tensor,
