@@ -54,10 +54,13 @@ class PrefixLMBackend(Backend):
 
     def _read(self, srcs: list[list[int]], lengths: torch.Tensor):
         """Every layer's keys/values of the instructions, read padded to ``SOURCE_BUCKET`` multiples
-        (padding masked): the ranker and the generator read an instruction the same way."""
+        (padding masked): the ranker and the generator read an instruction the same way. On a CPU
+        in position parts that idle lanes may share (always, lanes or not, so that the parts and
+        their bits never depend on the lanes); a GPU reads it whole."""
         inp = self.ranker.pad_rows(srcs, SOURCE_BUCKET)
         mask = (torch.arange(inp.shape[1], device=self.device)[None, :] < lengths[:, None]).long()
-        return prefixlm.read_instruction(self.model.bert, inp, mask, map_parts=self.ranker.map_parts)[1]
+        parts = self.ranker.map_parts if torch.device(self.device).type == "cpu" else None
+        return prefixlm.read_instruction(self.model.bert, inp, mask, map_parts=parts)[1]
 
     @classmethod
     def candidate_states(cls, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, dec: torch.Tensor,
