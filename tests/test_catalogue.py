@@ -134,6 +134,39 @@ def test_the_cli_builds_shows_and_reports_bad_input(tmp_path):
     assert f'{items}:2: "title" must be a non-empty string' in bad.stderr
 
 
+def test_the_built_catalogue_keeps_the_title_vectors_the_service_reads(tmp_path, monkeypatch):
+    """`catalogue build` keeps the semantic signal's title vectors where a service serving the
+    catalogue looks for them, so the service reads them instead of encoding every title."""
+    from instructrec.hybrid.semantic import SemanticEncoder, catalogue_keep
+
+    items = tmp_path / "items.jsonl"
+    titles = ["Halo 3 - Xbox 360", "Zelda: Breath of the Wild", "Halo 3 - Xbox 360", "Portal 2 - PC"]
+    items.write_text("".join(json.dumps({"id": i, "title": t}) + "\n" for i, t in enumerate(titles)), encoding="utf-8")
+    out = tmp_path / "cat.npz"
+    cmd = [sys.executable, "-m", "instructrec.cli", "catalogue", "build", "--items", str(items), "--model",
+           "tiny-random", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "kept 4 title vectors of the semantic signal" in done.stdout
+    encoder = SemanticEncoder()
+    kept = encoder.kept_vectors_path([it.title for it in load_catalogue(out).items], catalogue_keep(out))
+    assert kept.is_file()
+
+    def encode_all(*args, **kwargs):
+        raise AssertionError("the kept vectors were not found: every title encoded again")
+
+    monkeypatch.setattr(encoder, "encode_all", encode_all)
+    vectors = encoder.catalogue_vectors(titles, catalogue_keep(out))
+    assert vectors.shape == (4, 384) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(vectors[0], encoder.embed(["Halo 3 - Xbox 360"])[0], atol=1e-5)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # a rebuild reuses them
+    assert again.returncode == 0 and "(already there)" in again.stdout
+    off = subprocess.run([*cmd[:-2], "--out", str(tmp_path / "bare.npz"), "--no-title-vectors"],
+                         capture_output=True, text=True, timeout=300)
+    assert off.returncode == 0 and "title vectors" not in off.stdout
+    assert not list(tmp_path.glob("bare.npz.vectors-*"))
+
+
 def test_metadata_lookups_match_values_and_list_members(tiny, tmp_path):
     loaded, ranker = tiny
     items = [CatalogueItem("a", "Halo", {"platform": "PC", "tags": ["co-op", "shooter"], "year": 2001}),

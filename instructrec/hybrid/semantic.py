@@ -61,9 +61,14 @@ class SemanticEncoder:
         return f"{Path(self.path).name}:mean-pool:v1"
 
     @torch.inference_mode()
-    def _encode(self, texts: list[str]) -> np.ndarray:
+    def _encode(self, texts: list[str], progress: bool = False) -> np.ndarray:
         out = []
-        for i in range(0, len(texts), self.batch_size):
+        starts = range(0, len(texts), self.batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="title vectors", unit="batch", total=len(starts))
+        for i in starts:
             batch = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True,
                                    max_length=MAX_TOKENS, return_tensors="pt")
             states = self.model(**batch).last_hidden_state
@@ -102,12 +107,12 @@ class SemanticEncoder:
             rows.append(vec)
         return np.stack(rows) if rows else np.zeros((0, DIM), dtype=np.float32)
 
-    def encode_all(self, texts: Sequence[str]) -> np.ndarray:
+    def encode_all(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
         """Vectors of a whole catalogue's titles, encoded in batches (alone would take 1.25x as
         long) and put in the cache, so every later request of this process reads these."""
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # batches of like lengths pad little
         with self._lock:
-            encoded = self._encode([texts[i] for i in order])
+            encoded = self._encode([texts[i] for i in order], progress)
         vectors = np.zeros_like(encoded)
         vectors[order] = encoded
         self.remember(texts, vectors)
@@ -133,17 +138,23 @@ class SemanticEncoder:
         q = np.sum(parts, axis=0)
         return q / (np.linalg.norm(q) or 1.0)
 
-    def catalogue_vectors(self, titles: Sequence[str], keep: str | Path) -> np.ndarray:
-        """Vectors of every title of a catalogue, kept in the file ``{keep}-{digest}.npy`` (the
-        digest names the encoder and the titles): a catalogue takes minutes on a CPU, once. A
-        file that cannot be written is only a warning: the vectors are computed again next time."""
+    def kept_vectors_path(self, titles: Sequence[str], keep: str | Path) -> Path:
+        """The file ``{keep}-{digest}.npy`` that keeps these titles' vectors (the digest names the
+        encoder and the titles)."""
         digest = hashlib.sha256("\n".join([self.version, *titles]).encode()).hexdigest()[:16]
-        path = Path(f"{keep}-{digest}.npy")
+        return Path(f"{keep}-{digest}.npy")
+
+    def catalogue_vectors(self, titles: Sequence[str], keep: str | Path, *, progress: bool = False) -> np.ndarray:
+        """Vectors of every title of a catalogue, kept in :meth:`kept_vectors_path`: a catalogue
+        takes minutes on a CPU, once (``instructrec catalogue build`` does it beside the
+        catalogue, :func:`catalogue_keep`). A file that cannot be written is only a warning: the
+        vectors are computed again next time."""
+        path = self.kept_vectors_path(titles, keep)
         if path.is_file():
             vectors = np.load(path)
             self.remember(titles, vectors)
             return vectors
-        vectors = self.encode_all(titles)
+        vectors = self.encode_all(titles, progress)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             np.save(path, vectors)
@@ -160,3 +171,9 @@ class SemanticEncoder:
             if q is None:
                 return None
             return self.embed(list(candidates), cached_only=cached_only).astype(np.float64) @ q.astype(np.float64)
+
+
+def catalogue_keep(catalogue_path: str | Path) -> str:
+    """Where a catalogue's title vectors are kept (the prefix of :meth:`SemanticEncoder.kept_vectors_path`):
+    beside the catalogue file, so the service finds what ``catalogue build`` computed."""
+    return f"{catalogue_path}.vectors"

@@ -430,12 +430,13 @@ class Engine:
 
     def _build_retriever(self):
         from instructrec.hybrid.retrieval import Retriever
+        from instructrec.hybrid.semantic import catalogue_keep
 
         cat, hybrid = self.catalogue, self.hybrid
         titles = [it.title for it in cat.items]
         vectors = None
         if hybrid.semantic is not None:
-            vectors = hybrid.semantic.catalogue_vectors(titles, f"{self.settings.catalogue}.vectors")
+            vectors = hybrid.semantic.catalogue_vectors(titles, catalogue_keep(self.settings.catalogue))
         return Retriever([it.id for it in cat.items], titles, behaviour=hybrid.behaviour,
                          sequential=hybrid.sequential, semantic=hybrid.semantic, title_vectors=vectors)
 

@@ -3,7 +3,10 @@
 ``build`` reads the items of a dataset (``--data``: a directory or a shipped name such as
 ``games``) or of a JSON-lines file (``--items``: ``{"id", "title", ...}`` per line, other
 fields kept as metadata), tokenises every title as the model ``--model`` scores candidates,
-and writes the prefix tree (:mod:`instructrec.catalogue`). ``show`` prints a catalogue's header.
+and writes the prefix tree (:mod:`instructrec.catalogue`); then it keeps the titles' vectors
+of the hybrid's semantic signal beside it (what a service serving the catalogue would otherwise
+compute at its first start, on one of its lanes: 16,859 Games titles took 100 s there on an
+AVX2 machine). ``show`` prints a catalogue's header.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--max-target-tokens", type=int, metavar="N",
                        help="cut titles to N tokens with end-of-sequence (default: what the model was tuned with)")
     build.add_argument("--out", required=True, metavar="CAT", help="the catalogue file to write (.npz)")
+    build.add_argument("--title-vectors", action=argparse.BooleanOptionalAction, default=True,
+                       help="also keep the titles' MiniLM vectors beside the catalogue (CAT.vectors-*.npy), which "
+                       "the hybrid's semantic signal and /recommend's retrieval read (default: yes; a service "
+                       "computes missing ones at its start)")
     show = sub.add_parser("show", help="print a catalogue's header")
     show.add_argument("catalogue", metavar="CAT")
 
@@ -61,7 +68,24 @@ def _build(args: argparse.Namespace) -> int:
     h = catalogue.header
     print(f"wrote {path}: {h['items']} items, {h['leaves']} distinct titles as {name} tokenises them "
           f"(at most {limit} tokens), {path.stat().st_size / 2**20:.1f} MB, {time.perf_counter() - start:.1f} s")
+    if args.title_vectors:
+        _keep_title_vectors(path)
     return 0
+
+
+def _keep_title_vectors(path) -> None:
+    """The semantic signal's vectors of the catalogue's titles, in the file the service reads
+    (the titles as the service lists them: the saved catalogue's items, in order)."""
+    from instructrec.hybrid.semantic import SemanticEncoder, catalogue_keep
+
+    start = time.perf_counter()
+    titles = [it.title for it in load_catalogue(path).items]
+    encoder = SemanticEncoder()
+    kept = encoder.kept_vectors_path(titles, catalogue_keep(path))
+    existed = kept.is_file()
+    vectors = encoder.catalogue_vectors(titles, catalogue_keep(path), progress=True)
+    how = "already there" if existed else f"{time.perf_counter() - start:.1f} s"
+    print(f"kept {len(vectors)} title vectors of the semantic signal in {kept} ({how})")
 
 
 def run(args: argparse.Namespace) -> int:
