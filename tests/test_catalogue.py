@@ -114,13 +114,17 @@ def test_items_keep_metadata_and_normalised_titles(tmp_path):
     assert item == CatalogueItem("B1", "Halo 3", {"platform": "Xbox"})
 
 
-def test_the_cli_builds_shows_and_reports_bad_input(tmp_path):
+def _build_command(tmp_path, titles: list[str]):
+    """(items file, catalogue path, the `catalogue build` command from the one to the other)."""
     items = tmp_path / "items.jsonl"
-    items.write_text("".join(json.dumps({"id": i, "title": t}) + "\n"
-                             for i, t in enumerate(["Halo", "Halo 3", "Zelda", "Halo 3"])), encoding="utf-8")
+    items.write_text("".join(json.dumps({"id": i, "title": t}) + "\n" for i, t in enumerate(titles)), encoding="utf-8")
     out = tmp_path / "cat.npz"
-    cmd = [sys.executable, "-m", "instructrec.cli", "catalogue", "build", "--items", str(items), "--model",
-           "tiny-random", "--out", str(out)]
+    return items, out, [sys.executable, "-m", "instructrec.cli", "catalogue", "build", "--items", str(items), "--model",
+                        "tiny-random", "--out", str(out)]
+
+
+def test_the_cli_builds_shows_and_reports_bad_input(tmp_path):
+    items, out, cmd = _build_command(tmp_path, ["Halo", "Halo 3", "Zelda", "Halo 3"])
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "4 items, 3 distinct titles" in done.stdout
@@ -139,12 +143,8 @@ def test_the_built_catalogue_keeps_the_title_vectors_the_service_reads(tmp_path,
     catalogue looks for them, so the service reads them instead of encoding every title."""
     from instructrec.hybrid.semantic import SemanticEncoder, catalogue_keep
 
-    items = tmp_path / "items.jsonl"
     titles = ["Halo 3 - Xbox 360", "Zelda: Breath of the Wild", "Halo 3 - Xbox 360", "Portal 2 - PC"]
-    items.write_text("".join(json.dumps({"id": i, "title": t}) + "\n" for i, t in enumerate(titles)), encoding="utf-8")
-    out = tmp_path / "cat.npz"
-    cmd = [sys.executable, "-m", "instructrec.cli", "catalogue", "build", "--items", str(items), "--model",
-           "tiny-random", "--out", str(out)]
+    _, out, cmd = _build_command(tmp_path, titles)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "kept 4 title vectors of the semantic signal" in done.stdout
