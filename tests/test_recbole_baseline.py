@@ -11,9 +11,16 @@ import time
 
 import pytest
 
-from instructrec.training.baselines.recbole import INTER_HEADER, RecBoleError, recbole_python, run_recbole, write_inter
+from instructrec.training.baselines.recbole import (
+    INTER_HEADER,
+    RecBoleError,
+    RecBolePaused,
+    recbole_python,
+    run_recbole,
+    write_inter,
+)
 from instructrec.training.data.load import load_dataset
-from instructrec.training.data.types import Interaction, InteractionData, Item
+from instructrec.training.data.types import DataError, Interaction, InteractionData, Item
 
 UNKNOWN_ITEM = "no-such-item"
 
@@ -145,6 +152,33 @@ def test_summary(sasrec_run, games_300):
     assert sasrec_run["seconds"] < 120
 
 
+def test_a_stopped_run_resumes_to_the_same_model(sasrec_run, games_300, tmp_path):
+    """Stopped after each epoch and resumed, the run trains the batches an unbroken run trains,
+    in the same order, to the same weights: every score equals the unbroken fixture run's. A
+    finished run asked to resume only scores again."""
+    files, out = list(sasrec_run["files"]), tmp_path / "out"
+    kw = dict(epochs=2, patience=2, seed=0, threads=1, max_seq_len=20, full_rank=True)
+    with pytest.raises(RecBolePaused, match="stopped after 1 epoch"):
+        run_recbole(games_300, "SASRec", files, out, stop_after=1, **kw)
+    assert not (out / "summary.json").exists() and (out / "recbole" / "resume.pth").is_file()
+    resumed = run_recbole(games_300, "SASRec", files, out, resume=True, **kw)
+    assert resumed["scores"] == sasrec_run["result"]["scores"]
+    summary = resumed["summary"]
+    assert summary["resumed_after_epochs"] == [1] and summary["epochs_run"] == 2
+    assert [e["epoch"] for e in summary["epoch_log"]] == [1, 2]
+    assert [e["train_loss"] for e in summary["epoch_log"]] == [e["train_loss"] for e in sasrec_run["result"]["summary"]["epoch_log"]]
+    assert summary["best_epoch"] == sasrec_run["result"]["summary"]["best_epoch"]
+
+    again = run_recbole(games_300, "SASRec", files, out, resume=True, **kw)
+    assert again["scores"] == resumed["scores"]
+    assert again["summary"]["epoch_log"] == summary["epoch_log"]
+    assert again["summary"]["resumed_after_epochs"] == [1, 2]  # nothing trained: it resumed after the last epoch
+
+    # other settings: the saved state is not used, the run starts over
+    other = run_recbole(games_300, "SASRec", files[:1], out, resume=True, **{**kw, "epochs": 1, "patience": 1})
+    assert other["summary"]["resumed_after_epochs"] == [] and other["summary"]["epochs_run"] == 1
+
+
 def test_bad_candidates_file_names_file_and_line(tmp_path, games_300):
     _env_or_skip()
     bad = tmp_path / "bad.jsonl"
@@ -172,3 +206,53 @@ def test_write_inter_timestamps_or_positions(tmp_path):
     untimed = InteractionData("p", items, {"u1": [Interaction("a", 3.0), Interaction("b")]})
     lines = write_inter(untimed, tmp_path / "p.inter").read_text().splitlines()
     assert lines == [INTER_HEADER, "u1\ta\t0", "u1\tb\t1"]
+
+
+def test_kept_result_ranks_as_the_run_and_refuses_other_candidates(tmp_path):
+    """Scores kept at float32's shortest text order every candidate as the run's float32 scores
+    did (ties stay ties, -inf stays); a result made for other candidates is a clear error."""
+    import struct
+
+    from instructrec.training.baselines.stored import load_result, save_result
+
+    rng = random.Random(0)
+    f32 = [struct.unpack("f", struct.pack("f", rng.uniform(-3, 3)))[0] for _ in range(400)]
+    close = [f32[0], struct.unpack("f", struct.pack("f", f32[0] + 1e-6))[0], f32[0]]  # neighbours and a tie
+    table = {f"u{i}": row for i, row in enumerate([f32[j:j + 10] for j in range(0, 400, 10)] + [close + [-math.inf]])}
+    stamp = {"model": "SASRec", "epochs": 5, "candidate_files": ["abc"]}
+    path = save_result(tmp_path / "kept" / "games-sasrec.json.gz", stamp, {"epochs_run": 5, "inter": "/local/path"},
+                       {"abc": table}, "0123abcd")
+    kept = load_result(path, stamp)
+    assert kept["commit"] == "0123abcd" and kept["summary"] == {"epochs_run": 5}  # machine paths are not kept
+    for user, row in table.items():
+        back = kept["scores"]["abc"][user]
+        order = sorted(range(len(row)), key=lambda i: (row[i], i))
+        assert sorted(range(len(back)), key=lambda i: (back[i], i)) == order, user
+        assert [struct.unpack("f", struct.pack("f", x))[0] for x in back] == row
+    assert load_result(tmp_path / "nothing.json.gz", stamp) is None
+    with pytest.raises(DataError, match=r"games-sasrec\.json\.gz: made for other settings or candidate files \(differ: candidate_files, epochs\)"):
+        load_result(path, {**stamp, "epochs": 6, "candidate_files": ["def"]})
+    (tmp_path / "bad.json.gz").write_bytes(b"not gzip")
+    with pytest.raises(DataError, match=r"bad\.json\.gz: not a readable RecBole result"):
+        load_result(tmp_path / "bad.json.gz", stamp)
+
+
+def test_evaluate_keeps_the_recbole_result_and_reuses_it_without_training(tmp_path):
+    """`evaluate --recbole-results DIR` trains once and keeps the result; a second evaluation
+    (a fresh report folder, no RecBole environment at all) reads it and reports the same rows."""
+    _env_or_skip()
+    from instructrec.training.evaluate.run import EvalConfig, evaluate
+
+    data = load_dataset("games-sample").sample_users(120, seed=1)
+    kw = dict(data=data, users=20, select_users=10, seed=0, settings=("uniform-10",), scenarios=("sequential",),
+              base=None, baselines=("sasrec",), recbole_epochs=1, recbole_patience=1, recbole_threads=1,
+              recbole_results=tmp_path / "kept", resamples=50, progress=False, command="test")
+    first = evaluate(EvalConfig(out=tmp_path / "a", **kw))
+    kept = tmp_path / "kept" / f"{data.name}-sasrec.json.gz"
+    assert kept.is_file()
+    second = evaluate(EvalConfig(out=tmp_path / "b", recbole_env=str(tmp_path / "no-env"), **kw))
+    rows = lambda r: [(x["scenario"], x["method"], x["metrics"]) for x in r["rows"]]  # noqa: E731
+    assert rows(second) == rows(first) and [m for _, m, _ in rows(first)] == ["SASRec"]
+    # other candidates (more users): the kept result is refused, naming the file
+    with pytest.raises(DataError, match="made for other settings or candidate files"):
+        evaluate(EvalConfig(out=tmp_path / "c", **{**kw, "users": 30}))

@@ -184,3 +184,22 @@ def test_the_rule_and_the_paired_interval():
     gain, low, high = promote_mod.paired_bootstrap(a, b)
     assert gain == pytest.approx(0.10) and 0 < low < gain < high
     assert promote_mod.paired_bootstrap(a, b) == (gain, low, high)  # seeded
+
+
+def test_the_evaluation_reports_the_whole_relays_budget(relay, tmp_path):
+    """A model continued by relay legs is reported with every leg's training time and examples,
+    not only its last leg's."""
+    import shutil
+
+    from instructrec.training.data.load import load_dataset
+    from instructrec.training.evaluate.methods import InstructionModel
+
+    model = tmp_path / "leg-n"
+    shutil.copytree(relay[0] / "models" / "tiny-games", model)
+    meta = json.loads((model / "instructrec.json").read_text())
+    leg_seconds = meta["train_seconds_total"]
+    meta["relay"] = {**meta["relay"], "examples_total": 123_456, "train_seconds_total": leg_seconds + 3600.0}
+    (model / "instructrec.json").write_text(json.dumps(meta))
+    m = InstructionModel(load_dataset("games-sample"), model, "shipped", device="cpu", dtype="float32")
+    assert m.train_seconds == leg_seconds + 3600.0
+    assert "tuned by the training relay (123,456 examples)" in m.notes

@@ -32,6 +32,7 @@ DEFAULT_ENV = REPO_ROOT / "artifacts" / "envs" / "recbole"
 RUNNER = Path(__file__).resolve().parent / "recbole_runner.py"
 INSTALL_HINT = "bash scripts/install_recbole.sh"
 MODELS = ("SASRec", "BERT4Rec")
+PAUSED = 3  # the runner's exit status after --stop-after (recbole_runner.PAUSED)
 INTER_HEADER = "user_id:token\titem_id:token\ttimestamp:float"
 # strings pandas.read_csv (RecBole's reader) turns into NaN, and characters that break the format
 _NA_STRINGS = {
@@ -42,6 +43,10 @@ _NA_STRINGS = {
 
 class RecBoleError(RuntimeError):
     """The RecBole environment is missing or the runner failed (the message carries its stderr tail)."""
+
+
+class RecBolePaused(RecBoleError):
+    """The runner trained its ``stop_after`` epochs and saved its state (resume to go on)."""
 
 
 def env_dir(env: str | os.PathLike | None = None) -> Path:
@@ -165,12 +170,16 @@ def run_recbole(
     device: str = "cpu",
     max_seq_len: int = 20,  # the runner's default; why: recbole_runner.py
     full_rank: bool = False,
+    resume: bool = False,
+    stop_after: int | None = None,
 ) -> dict:
     """Train ``model`` (SASRec or BERT4Rec) with RecBole on ``data`` and score every
     candidates file. Returns ``{"summary": <OUT/summary.json>, "scores": {str(candidate
     file): {user_id: [score per candidate, in the file's order]}}}``; unknown candidates
     score ``-inf``; with ``full_rank`` the scores files also carry each case's full-catalogue rank
-    (:func:`read_full_ranks`). The runner's output is streamed to this process's stderr; on failure
+    (:func:`read_full_ranks`). ``resume`` continues the run in ``out_dir`` from its last finished epoch
+    when it had the same data and settings (a finished run only scores again); ``stop_after`` trains
+    at most that many epochs, saves the state and raises :class:`RecBolePaused`. The runner's output is streamed to this process's stderr; on failure
     RecBoleError carries the tail of the runner's stderr."""
     if model not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
@@ -198,6 +207,10 @@ def run_recbole(
         cmd.append("--progress")
     if full_rank:
         cmd.append("--full-rank")
+    if resume:
+        cmd.append("--resume")
+    if stop_after is not None:
+        cmd += ["--stop-after", str(stop_after)]
     child_env = dict(os.environ)
     child_env["OMP_NUM_THREADS"] = str(threads)
     child_env.pop("PYTHONPATH", None)  # the runner must not see the main environment's packages
@@ -214,6 +227,9 @@ def run_recbole(
         proc.wait()
         raise
     t.join()
+    if rc == PAUSED:
+        raise RecBolePaused(f"RecBole {model} in {out}: stopped after {stop_after} epoch(s) with its state saved; "
+                            "run again with resume to continue")
     if rc != 0:
         text = "".join(tail).replace("\r", "\n")
         last = "\n".join(line for line in text.splitlines() if line.strip())[-4000:]

@@ -55,7 +55,16 @@ class CandidateFile:
     @property
     def digest(self) -> str:
         """A short content hash: results computed on one file are never mixed with another's."""
-        h = hashlib.sha256(json.dumps(self.header, sort_keys=True).encode())
+        return self._hash(json.dumps(self.header, sort_keys=True))
+
+    @property
+    def cases_digest(self) -> str:
+        """A hash of the cases alone (not of the header, which names where the data lay): equal on
+        every machine that draws the same cases, so a result kept in the repository finds them."""
+        return self._hash("")
+
+    def _hash(self, first: str) -> str:
+        h = hashlib.sha256(first.encode())
         for c in self.cases:
             h.update(f"{c.user_id}\t{' '.join(c.history)}\t{c.target}\t{' '.join(c.candidates)}\n".encode())
         return h.hexdigest()[:16]

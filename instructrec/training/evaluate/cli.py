@@ -82,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="RecBole training epochs at most: one number, or per model, e.g. sasrec=3,bert4rec=1")
     parser.add_argument("--recbole-patience", type=int, default=3)
     parser.add_argument("--recbole-threads", type=int, default=2)
+    parser.add_argument("--recbole-results", metavar="DIR",
+                        help="keep each RecBole result in DIR/<dataset>-<model>.json.gz and reuse it when made for the same "
+                             "candidates and budget (the README's converged SASRec: docs/baselines)")
     parser.add_argument("--recbole-env", help="RecBole virtualenv (default: artifacts/envs/recbole, see scripts/install_recbole.sh)")
     add_device_options(parser)
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
@@ -104,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
             base=None if args.base.lower() == "none" else args.base, baselines=args.baselines, hybrid=args.hybrid,
             sequential=args.sequential,
             annotations=args.annotations, phrasing=args.phrasing, recbole_epochs=args.recbole_epochs, recbole_patience=args.recbole_patience,
-            recbole_threads=args.recbole_threads, recbole_env=args.recbole_env, device=args.device, dtype=args.dtype,
+            recbole_threads=args.recbole_threads, recbole_env=args.recbole_env, recbole_results=args.recbole_results, device=args.device, dtype=args.dtype,
             resamples=args.resamples, progress=args.progress, command=invoked_as(), full_k=args.full_k,
             full_beams=args.full_beams, full_per_source=args.full_per_source)
         results = evaluate(cfg)

@@ -179,12 +179,17 @@ class InstructionModel(Method):
         self.group = group
         path = Path(str(model))
         self._version = checkpoint_version(path) if path.is_dir() else str(model)
-        # training steps over every resumed run when the checkpoint records them, else the last run's wall time
-        self.train_seconds = (meta.get("train_seconds_total") or meta.get("train_seconds_this_run")) if meta else 0.0
+        # a relay's model: every leg's training steps (the shipped default); else every resumed run's
+        # when the checkpoint records them, else the last run's wall time
+        relay = (meta or {}).get("relay") or {}
+        self.train_seconds = (relay.get("train_seconds_total") or meta.get("train_seconds_total")
+                              or meta.get("train_seconds_this_run")) if meta else 0.0
         self.max_history = (meta.get("preset") or {}).get("max_history", MAX_HISTORY) if meta else MAX_HISTORY
         data_meta = meta.get("data", {}) if meta else {}
         count = lambda key: f"{data_meta[key]:,}" if isinstance(data_meta.get(key), int) else "?"  # noqa: E731
-        self.notes = (f"{meta.get('base_model')} tuned {meta.get('steps')} steps on {data_meta.get('name')} "
+        tuned = (f"by the training relay ({relay['examples_total']:,} examples)"
+                 if isinstance(relay.get("examples_total"), int) else f"{meta.get('steps')} steps") if meta else ""
+        self.notes = (f"{meta.get('base_model')} tuned {tuned} on {data_meta.get('name')} "
                       f"({count('users')} users, {count('examples')} generated instructions)"
                       if meta else f"{model}, untuned")
         # (candidate file, template) -> user id -> scores, of every unit scored or read back in

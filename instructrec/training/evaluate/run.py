@@ -24,10 +24,12 @@ from typing import Sequence
 from instructrec import files
 from instructrec.aspects import UserNeed
 from instructrec.generation import MAX_K
+from instructrec.records import code_commit
 
 from ..annotate.offline import OfflineTeacher
 from ..annotate.phrasing import PHRASINGS
 from ..baselines.recbole import _read_scores, run_recbole
+from ..baselines.stored import load_result, result_path, save_result
 from ..data.load import load_dataset
 from ..data.types import MAX_HISTORY, Case, InteractionData
 from ..metrics import bootstrap_intervals, metrics_from_ranks, rank_of
@@ -67,6 +69,7 @@ class EvalConfig:
     recbole_patience: int = 3
     recbole_threads: int = 2
     recbole_env: str | None = None
+    recbole_results: str | Path | None = None  # where RecBole results are kept and reused (baselines/stored.py)
     device: str = "auto"
     dtype: str = "auto"
     resamples: int = 1000
@@ -217,13 +220,36 @@ def recbole_epochs(cfg: EvalConfig, model: str) -> int:
 
 def _recbole(data: InteractionData, model: str, files: list[cand.CandidateFile], cfg: EvalConfig) -> dict:
     """Train and score with RecBole, or reuse the result of an earlier run with the same
-    budget on the same candidate files (the digests are stamped beside RecBole's output)."""
+    budget on the same candidate files: the one kept in ``cfg.recbole_results`` (written there
+    after training when it is not there yet), else the one in OUT (the digests are stamped
+    beside RecBole's output). A run that was stopped resumes from its last finished epoch."""
     out = cfg.out / "recbole" / model
     stamp_path = out / "instructrec-stamp.json"
     epochs = recbole_epochs(cfg, model)
+    kept = None
+    if cfg.recbole_results:
+        kept = result_path(cfg.recbole_results, data.name, model)
+        kept_stamp = {"model": model, "epochs": epochs, "patience": cfg.recbole_patience, "seed": cfg.seed,
+                      "dataset": data.name, "users": len(data.sequences), "interactions": sum(len(s) for s in data.sequences.values()),
+                      "candidate_files": sorted(f.cases_digest for f in files)}
+        stored = load_result(kept, kept_stamp)
+        if stored is not None:
+            log.info("%s: the result kept in %s (code %s)", model, kept, stored["commit"])
+            return {"summary": stored["summary"],
+                    "scores": {str(f.path): stored["scores"][f.cases_digest] for f in files}}
     stamp = {"epochs": epochs, "patience": cfg.recbole_patience, "seed": cfg.seed,
              "dataset": data.name, "users": len(data.sequences),
              "files": {str(f.path.resolve()): f.digest for f in files}}
+    result = _recbole_in_out(data, model, files, cfg, out, stamp_path, stamp, epochs)
+    if kept is not None:
+        save_result(kept, kept_stamp, result["summary"],
+                    {f.cases_digest: result["scores"][str(f.path)] for f in files}, code_commit())
+        log.info("%s: result kept in %s", model, kept)
+    return result
+
+
+def _recbole_in_out(data: InteractionData, model: str, files: list[cand.CandidateFile], cfg: EvalConfig,
+                    out: Path, stamp_path: Path, stamp: dict, epochs: int) -> dict:
     if stamp_path.exists() and (out / "summary.json").exists() and json.loads(stamp_path.read_text()) == stamp:
         summary = json.loads((out / "summary.json").read_text())
         try:
@@ -234,7 +260,8 @@ def _recbole(data: InteractionData, model: str, files: list[cand.CandidateFile],
             log.info("%s: reusing the RecBole run in %s", model, out)
             return {"summary": summary, "scores": scores}
     result = run_recbole(data, model, [f.path for f in files], out, epochs=epochs,
-                         patience=cfg.recbole_patience, seed=cfg.seed, threads=cfg.recbole_threads, env=cfg.recbole_env)
+                         patience=cfg.recbole_patience, seed=cfg.seed, threads=cfg.recbole_threads, env=cfg.recbole_env,
+                         resume=True)
     stamp_path.write_text(json.dumps(stamp, indent=1))
     return result
 
