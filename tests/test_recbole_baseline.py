@@ -153,9 +153,10 @@ def test_summary(sasrec_run, games_300):
 
 
 def test_a_stopped_run_resumes_to_the_same_model(sasrec_run, games_300, tmp_path):
-    """Stopped after each epoch and resumed, the run trains the batches an unbroken run trains,
+    """Stopped after an epoch and resumed, the run trains the batches an unbroken run trains,
     in the same order, to the same weights: every score equals the unbroken fixture run's. A
-    finished run asked to resume only scores again."""
+    finished run asked to resume only scores again; with a smaller budget it stops at its best
+    epoch so far."""
     files, out = list(sasrec_run["files"]), tmp_path / "out"
     kw = dict(epochs=2, patience=2, seed=0, threads=1, max_seq_len=20, full_rank=True)
     with pytest.raises(RecBolePaused, match="stopped after 1 epoch"):
@@ -174,8 +175,12 @@ def test_a_stopped_run_resumes_to_the_same_model(sasrec_run, games_300, tmp_path
     assert again["summary"]["epoch_log"] == summary["epoch_log"]
     assert again["summary"]["resumed_after_epochs"] == [1, 2]  # nothing trained: it resumed after the last epoch
 
-    # other settings: the saved state is not used, the run starts over
-    other = run_recbole(games_300, "SASRec", files[:1], out, resume=True, **{**kw, "epochs": 1, "patience": 1})
+    # a smaller budget stops where the run stands (its best epoch so far), training nothing
+    cut = run_recbole(games_300, "SASRec", files, out, resume=True, **{**kw, "epochs": 1, "patience": 0})
+    assert cut["scores"] == resumed["scores"] and cut["summary"]["epoch_log"] == summary["epoch_log"]
+
+    # another seed: the saved state is not used, the run starts over
+    other = run_recbole(games_300, "SASRec", files[:1], out, resume=True, **{**kw, "epochs": 1, "seed": 1})
     assert other["summary"]["resumed_after_epochs"] == [] and other["summary"]["epochs_run"] == 1
 
 
@@ -256,3 +261,22 @@ def test_evaluate_keeps_the_recbole_result_and_reuses_it_without_training(tmp_pa
     # other candidates (more users): the kept result is refused, naming the file
     with pytest.raises(DataError, match="made for other settings or candidate files"):
         evaluate(EvalConfig(out=tmp_path / "c", **{**kw, "users": 30}))
+
+
+def test_a_saved_state_is_resumed_only_by_the_same_run(tmp_path, capsys):
+    """The run's key (data and settings) must match; fields a key no longer holds (a run saved
+    when the budget was part of it) do not count."""
+    import torch
+
+    from instructrec.training.baselines import recbole_runner as runner
+
+    key = {"inter_sha256": "ab", "model": "SASRec", "seed": 0}
+    (tmp_path / runner.RUN_KEY_FILE).write_text(json.dumps({**key, "epochs": 100, "patience": 5}))
+    assert runner.load_resume_state(tmp_path, key, torch) is None  # no state saved yet
+    torch.save({"epoch": 3}, tmp_path / runner.RESUME_FILE)
+    assert runner.load_resume_state(tmp_path, key, torch) == {"epoch": 3}
+    assert runner.load_resume_state(tmp_path, {**key, "seed": 1}, torch) is None
+    assert "other data or settings: starting over" in capsys.readouterr().err
+    (tmp_path / runner.RESUME_FILE).write_bytes(b"truncated")
+    assert runner.load_resume_state(tmp_path, key, torch) is None
+    assert "cannot read" in capsys.readouterr().err

@@ -41,6 +41,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -316,13 +317,14 @@ RESUME_FILE = "resume.pth"
 
 
 def run_key(args: argparse.Namespace, inter: Path) -> dict:
-    """What a run's result depends on: a saved state is resumed only under the same key."""
+    """What a run's result depends on: a saved state is resumed only under the same key. The
+    budget (``--epochs``, ``--patience``) is not part of it: a run may resume with a larger one to
+    train on, or a smaller one to stop at its best epoch so far."""
     h = hashlib.sha256()
     with inter.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return {"inter_sha256": h.hexdigest(), "model": args.model, "epochs": args.epochs, "patience": args.patience,
-            "seed": args.seed, "max_seq_len": args.max_seq_len, "device": args.device,
+    return {"inter_sha256": h.hexdigest(), "model": args.model, "seed": args.seed, "max_seq_len": args.max_seq_len, "device": args.device,
             "base_config": _jsonable(BASE_CONFIG)}
 
 
@@ -331,14 +333,15 @@ def load_resume_state(work: Path, key: dict, torch) -> dict | None:
     there is none or it belongs to another run (other data or settings)."""
     key_file, state_file = work / RUN_KEY_FILE, work / RESUME_FILE
     try:
-        if json.loads(key_file.read_text(encoding="utf-8")) != key:
+        kept = json.loads(key_file.read_text(encoding="utf-8"))
+        if {k: kept.get(k) for k in key} != key:  # fields the key no longer has (the budget, once) do not count
             print("resume: the run in OUT had other data or settings: starting over", file=sys.stderr)
             return None
         # our own file (optimizer state, RNG states, RecBole's loss dict): not weights-only
         return torch.load(state_file, map_location="cpu", weights_only=False)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         print(f"resume: cannot read {state_file} ({e}): starting over", file=sys.stderr)
         return None
 
@@ -380,12 +383,12 @@ class TrainingProgress:
                             "valid_score": float(valid_score), "seconds": round(now - self._epoch_started, 3)})
         self._own += now - self._epoch_started
         self._epoch_started = now
-        self.finished = t.cur_step > t.stopping_step or epoch_idx + 1 >= t.epochs
+        self.finished = self._done(epoch_idx)
         state = {
             "epoch": epoch_idx, "cur_step": t.cur_step, "best_valid_score": t.best_valid_score,
             "best_valid_result": t.best_valid_result, "train_loss_dict": dict(t.train_loss_dict),
             "saved_model_file": t.saved_model_file, "state_dict": t.model.state_dict(),
-            "optimizer": t.optimizer.state_dict(), "finished": self.finished,
+            "optimizer": t.optimizer.state_dict(),
             "epochs_log": self.epochs, "resumed_after": self.resumed_after, "train_seconds": self.train_seconds(),
             "rng": {"torch": self.torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "loader": self.train_data.generator.get_state()},
@@ -396,6 +399,11 @@ class TrainingProgress:
         self._trained += 1
         if self.stop_after is not None and self._trained >= self.stop_after and not self.finished:
             raise Paused()
+
+    def _done(self, epoch_idx: int) -> bool:
+        """Early stopping's patience ran out, or the epoch budget (of this process) is spent."""
+        t = self.trainer
+        return t.cur_step > t.stopping_step or epoch_idx + 1 >= t.epochs
 
     def restore(self, state: dict) -> None:
         import numpy as np
@@ -417,7 +425,7 @@ class TrainingProgress:
         self.epochs = list(state["epochs_log"])
         self.resumed_after = [*state["resumed_after"], state["epoch"] + 1]
         self._before = state["train_seconds"]
-        self.finished = state["finished"]
+        self.finished = self._done(state["epoch"])  # under this process's budget
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
