@@ -136,6 +136,8 @@ def test_summary(sasrec_run, games_300):
     assert summary["model"] == "SASRec"
     assert summary["recbole_version"] == "1.2.1"
     assert summary["epochs_run"] == 2 and 1 <= summary["best_epoch"] <= 2
+    assert summary["converged"] is False  # 2 epochs cannot outlast a patience of 2: the budget ended it
+    assert [e["epoch"] for e in summary["epoch_log"]] == [1, 2] and all(e["seconds"] > 0 for e in summary["epoch_log"])
     assert summary["train_seconds"] > 0 and summary["score_seconds"] >= 0
     assert summary["n_users"] == 300
     assert summary["n_items"] == len({x.item_id for s in games_300.sequences.values() for x in s})
@@ -258,6 +260,8 @@ def test_evaluate_keeps_the_recbole_result_and_reuses_it_without_training(tmp_pa
     second = evaluate(EvalConfig(out=tmp_path / "b", recbole_env=str(tmp_path / "no-env"), **kw))
     rows = lambda r: [(x["scenario"], x["method"], x["metrics"]) for x in r["rows"]]  # noqa: E731
     assert rows(second) == rows(first) and [m for _, m, _ in rows(first)] == ["SASRec"]
+    notes = {m["name"]: m["notes"] for m in second["methods"]}
+    assert notes["SASRec"].endswith(": not converged (the epoch budget ended it before early stopping)"), notes
     # other candidates (more users): the kept result is refused, naming the file
     with pytest.raises(DataError, match="made for other settings or candidate files"):
         evaluate(EvalConfig(out=tmp_path / "c", **{**kw, "users": 30}))

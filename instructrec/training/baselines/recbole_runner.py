@@ -619,6 +619,9 @@ def main(argv: list[str] | None = None) -> int:
         "max_epochs": args.epochs,
         "patience": args.patience,
         "stopped_early": epochs_run < args.epochs,
+        # early stopping's verdict: validation did not improve for more than --patience epochs
+        # (false: the epoch budget ended the run, so it may not have converged)
+        "converged": trainer.cur_step > trainer.stopping_step,
         "valid_metric": config["valid_metric"],
         "best_valid_score": float(best_valid_score),
         "best_valid": {k: float(v) for k, v in (best_valid or {}).items()},

@@ -279,8 +279,17 @@ def recbole_methods(data: InteractionData, files: dict, cfg: EvalConfig) -> list
                                notes=f"RecBole {summary.get('recbole_version', '')}, trained on the training part of all "
                                      f"{summary.get('n_users', '?')} users, {summary.get('epochs_run')} epochs "
                                      f"(max {summary.get('max_epochs')}, patience {summary.get('patience')}), "
-                                     f"best epoch {summary.get('best_epoch')}, {summary.get('threads')} thread(s)"))
+                                     f"best epoch {summary.get('best_epoch')}, {summary.get('threads')} thread(s)"
+                                     + _convergence(summary)))
     return out
+
+
+def _convergence(summary: dict) -> str:
+    """Whether early stopping ended the run (what 'converged' means here), when the run says."""
+    if "converged" not in summary:
+        return ""
+    return (": converged (early stopping)" if summary["converged"] else
+            ": not converged (the epoch budget ended it before early stopping)")
 
 
 # --- units ---------------------------------------------------------------------------------
