@@ -98,6 +98,20 @@ def test_every_route_answers_in_its_documented_shape(client):
     assert ("/health", 200) in seen and ("/ready", 200) in seen
     fused = client.post("/rerank", json=CALLS[2][2]).json()
     assert fused["fusion"]["mode"] == "fused" and fused["results"][0]["components"]["lm_loglik"] <= 0
+    # /rerank builds its results as dicts (serving.Prebuilt): each one exactly what the model would
+    # dump, key for key in declared order (every field set; the components present, in order)
+    from instructrec.service.schemas import Components, RankedItem
+
+    no_scores = client.post("/rerank", json={**CALLS[3][2], "history": ["Halo"]})
+    assert no_scores.status_code == 200, no_scores.text
+    for body in (fused, client.post("/rerank", json=CALLS[4][2]).json(), no_scores.json()):  # fused, LM-only, no scores
+        for result in body["results"]:
+            model = RankedItem.model_validate(result)
+            assert result == model.model_dump(exclude_unset=True)
+            assert list(result) == list(RankedItem.model_fields)
+            if result["components"] is not None:
+                assert list(result["components"]) == [f for f in Components.model_fields if f in result["components"]]
+    assert list(fused["results"][0]["components"]) == ["lm", "behaviour", "semantic", "lm_loglik"]
     assert client.post("/v2/rerank", json=CALLS[10][2]).json()["fusion"]["mode"] == "fused"
     unauthorised = client.post("/rerank", json=CALLS[2][2], headers={"Authorization": "Bearer wrong"})
     assert unauthorised.status_code == 401

@@ -8,8 +8,8 @@ from instructrec.ranker import rank_order
 
 from . import pipeline
 from .pipeline import Receive
-from .schemas import CacheInfo, RankedItem, RerankRequest, RerankResponse, Truncation, Usage
-from .serving import Serving, components, fusion_info, item_id, need_of, template_info
+from .schemas import CacheInfo, RerankRequest, RerankResponse, Truncation, Usage
+from .serving import Prebuilt, Serving, components_body, fusion_info, item_id, need_of, template_info
 
 
 class ServingRerank(Serving):
@@ -31,10 +31,11 @@ class ServingRerank(Serving):
         inst = prepared.instruction
         candidate_tokens = prepared.target_tokens(texts)
         fused, scores = out.fusion.fused, req.return_scores
-        results = [RankedItem.model_construct(
-            index=i, id=req.candidates[i].id, title=texts[i], score=ranking[i] if scores else None,
-            relevance=float(fused.relevance[i]) if scores and fused is not None else None,
-            components=components(out, i) if scores else None, cached=out.cached[i]) for i in order]
+        # each result as RankedItem dumps it (every field set, in declared order): Prebuilt
+        results = Prebuilt({
+            "index": i, "id": req.candidates[i].id, "title": texts[i], "score": ranking[i] if scores else None,
+            "relevance": float(fused.relevance[i]) if scores and fused is not None else None,
+            "components": components_body(out, i) if scores else None, "cached": out.cached[i]} for i in order)
         return RerankResponse.model_construct(
             id=f"rr-{uuid.uuid4().hex}",
             results=results,
