@@ -51,7 +51,7 @@ def answer_body(answer: BaseModel) -> dict[str, Any]:
     if not prebuilt:
         return answer.model_dump(exclude_unset=True)
     body = answer.model_dump(exclude_unset=True, exclude=prebuilt)
-    return {name: list(getattr(answer, name)) if name in prebuilt else body[name]
+    return {name: getattr(answer, name) if name in prebuilt else body[name]
             for name in type(answer).model_fields if name in prebuilt or name in body}
 
 

@@ -177,10 +177,11 @@ def run_recbole(
     candidates file. Returns ``{"summary": <OUT/summary.json>, "scores": {str(candidate
     file): {user_id: [score per candidate, in the file's order]}}}``; unknown candidates
     score ``-inf``; with ``full_rank`` the scores files also carry each case's full-catalogue rank
-    (:func:`read_full_ranks`). ``resume`` continues the run in ``out_dir`` from its last finished epoch
-    when it had the same data and settings (a finished run only scores again); ``stop_after`` trains
-    at most that many epochs, saves the state and raises :class:`RecBolePaused`. The runner's output is streamed to this process's stderr; on failure
-    RecBoleError carries the tail of the runner's stderr."""
+    (:func:`read_full_ranks`). ``resume`` continues the run in ``out_dir`` from its last finished
+    epoch when it had the same data and settings (a finished run only scores again); ``stop_after``
+    trains at most that many epochs, saves the state and raises :class:`RecBolePaused`. The
+    runner's output is streamed to this process's stderr; on failure RecBoleError carries the
+    tail of the runner's stderr."""
     if model not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
     py = recbole_python(env)
