@@ -105,7 +105,8 @@ def test_the_handlers_answer_without_the_web_framework():
 
     from instructrec.ranker import rank_order
     from instructrec.service.errors import ApiError
-    from instructrec.service.schemas import CompatRerankRequest, RecommendRequest, RerankRequest, RerankResponse
+    from instructrec.service.schemas import (CompatRerankRequest, RankedItem, RecommendRequest, RerankRequest,
+                                             RerankResponse)
     from instructrec.service.serving import answer_body
     from instructrec.service.serving_compat import ServingCompat
     from instructrec.service.serving_recommend import ServingRecommend
@@ -143,13 +144,15 @@ def test_the_handlers_answer_without_the_web_framework():
 
     native, compat, errors = asyncio.run(run())
     assert isinstance(native, RerankResponse)
-    scores = [r.score for r in native.results]
+    # the results come as the JSON objects RankedItem dumps to (serving.Prebuilt)
+    results = [RankedItem.model_validate(r) for r in native.results]
+    scores = [r.score for r in results]
     assert len(scores) == 2 and scores == sorted(scores, reverse=True)
-    assert {r.title for r in native.results} <= {"Portal", "Doom", "Tetris"}
-    assert native.fusion.mode == "lm-only" and native.results[0].components is None
+    assert {r.title for r in results} <= {"Portal", "Doom", "Tetris"}
+    assert native.fusion.mode == "lm-only" and results[0].components is None
     body = answer_body(native)
     assert list(body) == list(RerankResponse.model_fields) and body["id"].startswith("rr-")
-    assert [r["index"] for r in body["results"]] == [r.index for r in native.results]
+    assert body["results"] == [r.model_dump() for r in results]
     assert compat.meta["api_version"] == {"version": "2"}
     assert [r.index for r in compat.results] == rank_order([r.log_likelihood for r in
                                                             sorted(compat.results, key=lambda r: r.index)])
