@@ -285,10 +285,12 @@ def recbole_methods(data: InteractionData, files: dict, cfg: EvalConfig) -> list
 
 
 def _convergence(summary: dict) -> str:
-    """Whether early stopping ended the run (what 'converged' means here), when the run says."""
-    if "converged" not in summary:
+    """Whether early stopping ended the run (what 'converged' means here). A summary from before
+    the runner said so: a run that stopped before its epoch budget was stopped by early stopping."""
+    converged = summary.get("converged", summary.get("stopped_early"))
+    if converged is None:
         return ""
-    return (": converged (early stopping)" if summary["converged"] else
+    return (": converged (early stopping)" if converged else
             ": not converged (the epoch budget ended it before early stopping)")
 
 
