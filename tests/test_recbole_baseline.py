@@ -277,3 +277,14 @@ def test_a_saved_state_is_resumed_only_by_the_same_run(tmp_path, capsys):
     (tmp_path / runner.RESUME_FILE).write_bytes(b"truncated")
     assert runner.load_resume_state(tmp_path, key, torch) is None
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_the_methods_table_says_whether_early_stopping_ended_the_run():
+    from instructrec.training.evaluate.run import _convergence
+
+    assert _convergence({"converged": True, "stopped_early": False}) == ": converged (early stopping)"
+    assert _convergence({"converged": False, "stopped_early": False}).startswith(": not converged")
+    # a summary written before the runner said so: stopping before the budget was early stopping
+    assert _convergence({"stopped_early": True}) == ": converged (early stopping)"
+    assert _convergence({"stopped_early": False}).startswith(": not converged")
+    assert _convergence({}) == ""
