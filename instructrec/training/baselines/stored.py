@@ -25,6 +25,8 @@ from pathlib import Path
 from instructrec.files import atomic_file
 from instructrec.training.data.types import DataError
 
+from .recbole import _safe_name
+
 FORMAT = "instructrec-recbole-result"
 VERSION = 1
 # machine-specific entries of the runner's summary (absolute paths): not kept
@@ -32,8 +34,7 @@ _LOCAL_KEYS = ("inter", "checkpoint", "log", "files")
 
 
 def result_path(directory: str | os.PathLike, dataset: str, model: str) -> Path:
-    safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in dataset) or "data"
-    return Path(directory) / f"{safe}-{model.lower()}.json.gz"
+    return Path(directory) / f"{_safe_name(dataset)}-{model.lower()}.json.gz"
 
 
 def _float32_text(x: float) -> float | str:
