@@ -31,10 +31,12 @@ else
   CAT=artifacts/quickstart/catalogue-games.npz
 fi
 # The Games catalogue for /recommend (the titles as this model tokenises them; seconds),
-# rebuilt whenever the model is newer than it.
+# rebuilt whenever the model is newer than it. Its titles' vectors (the semantic signal's, a
+# minute or more on a CPU) are left to the service: it computes them in the background on its
+# first start, answering /rerank meanwhile, and keeps them beside the catalogue for the next.
 mkdir -p artifacts/quickstart
 if [ ! -f "$CAT" ] || [ "$MODEL/instructrec.json" -nt "$CAT" ]; then
-  instructrec catalogue build --data games --model "$MODEL" --out "$CAT"
+  instructrec catalogue build --data games --model "$MODEL" --out "$CAT" --no-title-vectors
 fi
 HYBRID=()
 if [ -f "$MODEL/gate.json" ]; then

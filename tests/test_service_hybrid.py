@@ -504,3 +504,83 @@ def test_fused_answers_on_two_lanes_are_the_answers_alone(files):
         want, got = items(a), items(r.json())
         assert [g[0] for g in got] == [w[0] for w in want]
         assert [g[1] for g in got] == [w[1] for w in want]
+
+
+def test_title_vectors_are_computed_while_rerank_answers(files, tmp_path, monkeypatch):
+    """Without title vectors kept beside the catalogue the service is ready at once and computes
+    them in the background, each title alone: meanwhile /rerank answers as it does afterwards, a
+    fused /recommend gets a 503 naming the progress with a Retry-After (lm-only answers); then the
+    fused /recommend answers, and the file kept holds each title's vector encoded alone."""
+    import threading
+    import time
+
+    from instructrec.catalogue import CatalogueItem, build_catalogue
+    from instructrec.hybrid.semantic import catalogue_keep
+    from instructrec.modeling import load_model
+    from instructrec.ranker import Ranker
+    from instructrec.service.engine import TitleVectors
+
+    # titles no other test encodes, so this process computes each of them here
+    items = [(f"v{k}", f"Quiet Lighthouse Saga {word}") for k, word in
+             enumerate(["Amber", "Birch", "Cobalt", "Dune", "Ember", "Fjord", "Garnet", "Heath", "Iris", "Juniper"])]
+    loaded = load_model(MODEL, device="cpu", dtype="float32")
+    cat = build_catalogue([CatalogueItem(i, t) for i, t in items], loaded.tokenizer, eos=Ranker(loaded).eos,
+                          max_target_tokens=Ranker(loaded).max_target_tokens).save(tmp_path / "cat.npz")
+    sequences = [["v0", "v1", "v2"], ["v1", "v3", "v4"], ["v2", "v5", "v6"], ["v0", "v7", "v8", "v9"]]
+    index = build_behaviour_index(sequences, items, top_n=50).save(tmp_path / "behaviour.npz")
+    encoder = shared_semantic_encoder()
+    titles = [t for _, t in items]
+    kept = encoder.kept_vectors_path(titles, catalogue_keep(cat))
+    assert not kept.exists()
+
+    release = threading.Event()
+    progress = TitleVectors.progress
+
+    def held(self, done, total):  # the background stops after three titles until the test lets it go on
+        progress(self, done, total)
+        if done == 3:
+            release.wait(60)
+
+    monkeypatch.setattr(TitleVectors, "progress", held)
+    settings = _settings(gate=str(files["gate"]), behaviour=str(index), catalogue=str(cat), redis_url="",
+                         max_queue_wait_ms=300, retrieve_per_source=100)
+    rerank = {"history": [{"id": "v0", "title": titles[0]}, {"id": "v1", "title": titles[1]}],
+              "instruction": "a calm seaside story",
+              "candidates": [{"id": f"v{k}", "title": titles[k]} for k in (2, 5, 6, 8, 9)]}
+    recommend = {"history": rerank["history"], "instruction": rerank["instruction"], "top_n": 3}
+    try:
+        with ServerThread(create_app(settings)) as srv:
+            srv.wait_ready()
+            with httpx.Client(base_url=srv.url, timeout=60) as client:
+                for _ in range(1000):
+                    ready = client.get("/ready").json()
+                    if ready.get("title_vectors", {}).get("done") == 3:
+                        break
+                    time.sleep(0.01)
+                assert ready["status"] == "ready" and ready["title_vectors"]["total"] == 10, ready
+                assert ready["title_vectors"]["done"] == 3 and ready["title_vectors"]["seconds_left"] >= 1
+                during = client.post("/rerank", json=rerank)
+                assert during.status_code == 200, during.text
+                refused = client.post("/recommend", json=recommend)
+                assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
+                error = refused.json()["error"]
+                assert error["type"] == "warming_up" and "3 of 10 titles" in error["message"], error
+                assert client.post("/recommend", json={**recommend, "fusion": "lm-only"}).status_code == 200
+                assert metric(client, "instructrec_requests_rejected_total", {"reason": "warming_up"}) == 1
+                assert not kept.exists()
+                release.set()
+                for _ in range(1000):
+                    if "title_vectors" not in client.get("/ready").json():
+                        break
+                    time.sleep(0.01)
+                fused = client.post("/recommend", json=recommend)
+                assert fused.status_code == 200, fused.text
+                assert fused.json()["fusion"]["mode"] == "fused" and len(fused.json()["results"]) == 3
+                after = client.post("/rerank", json=rerank)
+        assert after.json()["results"] == during.json()["results"]
+    finally:
+        release.set()
+    vectors = np.load(kept)
+    assert vectors.shape == (10, 384)
+    for k, title in enumerate(titles):
+        assert np.array_equal(vectors[k], encoder._encode([title])[0]), title

@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .. import files
 from ..aspects import UserNeed
 
 DIM = 384
@@ -118,6 +119,19 @@ class SemanticEncoder:
         self.remember(texts, vectors)
         return vectors
 
+    def encode_alone(self, texts: Sequence[str], on_text=None) -> np.ndarray:
+        """Vectors of ``texts``, each read from the cache or encoded alone: the vectors a request
+        naming these texts would get, so a service can compute a whole catalogue's while it
+        answers (about 1.6x :meth:`encode_all`'s time). The lock is taken per text, so requests'
+        encodings interleave; ``on_text(done, total)`` is called before each text, outside it."""
+        out = np.zeros((len(texts), DIM), dtype=np.float32)
+        for i, text in enumerate(texts):
+            if on_text is not None:
+                on_text(i, len(texts))
+            with self._lock:
+                out[i] = self._embed([text])[0]
+        return out
+
     def remember(self, texts: Sequence[str], vectors: np.ndarray) -> None:
         """Put known vectors in the cache (a catalogue's, read from its file), as far as the cache
         holds them: a request naming those titles then encodes nothing, and every request reads
@@ -144,20 +158,22 @@ class SemanticEncoder:
         digest = hashlib.sha256("\n".join([self.version, *titles]).encode()).hexdigest()[:16]
         return Path(f"{keep}-{digest}.npy")
 
-    def catalogue_vectors(self, titles: Sequence[str], keep: str | Path, *, progress: bool = False) -> np.ndarray:
+    def catalogue_vectors(self, titles: Sequence[str], keep: str | Path, *, progress: bool = False,
+                          alone: bool = False, on_text=None) -> np.ndarray:
         """Vectors of every title of a catalogue, kept in :meth:`kept_vectors_path`: a catalogue
         takes minutes on a CPU, once (``instructrec catalogue build`` does it beside the
-        catalogue, :func:`catalogue_keep`). A file that cannot be written is only a warning: the
+        catalogue, :func:`catalogue_keep`). ``alone``: computed by :meth:`encode_alone` (what the
+        service does while it answers). A file that cannot be written is only a warning: the
         vectors are computed again next time."""
         path = self.kept_vectors_path(titles, keep)
         if path.is_file():
             vectors = np.load(path)
             self.remember(titles, vectors)
             return vectors
-        vectors = self.encode_all(titles, progress)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.save(path, vectors)
+        vectors = self.encode_alone(titles, on_text) if alone else self.encode_all(titles, progress)
+        try:  # whole or not at all: a service computing them in the background may be stopped
+            with files.atomic_file(path, "wb") as out:
+                np.save(out, vectors)
         except OSError:
             logging.getLogger(__name__).warning("could not keep the title vectors in %s", path)
         return vectors

@@ -237,6 +237,51 @@ def _cap(ids: list[int], cut: bool, limit: int) -> tuple[list[int], bool]:
     return ids[: limit - 1] + ids[-1:], True
 
 
+class TitleVectors:
+    """Progress of the catalogue's title vectors when the service computes them itself (no file
+    kept beside the catalogue): /ready reports it, /recommend waits for it."""
+
+    def __init__(self) -> None:
+        self.done = self.total = 0
+        self.error: str | None = None
+        self._started: float | None = None
+        self._finished: float | None = None
+        self._ready = threading.Event()
+        self._ready.set()  # nothing to compute unless start() says so
+
+    def start(self, total: int) -> None:
+        self.done, self.total, self._started = 0, total, time.monotonic()
+        self._ready.clear()
+
+    def progress(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+
+    def finish(self) -> None:
+        self.done, self._finished = self.total, time.monotonic()
+        self._ready.set()
+
+    def failed(self, error: str) -> None:
+        self.error = error
+        self._ready.set()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def computing(self) -> bool:
+        return not self.ready
+
+    def seconds(self) -> float:
+        return (self._finished or time.monotonic()) - (self._started or time.monotonic())
+
+    def eta_seconds(self) -> int:
+        """Seconds until done at the rate so far (at least 1)."""
+        elapsed = self.seconds()
+        rate = self.done / elapsed if self.done and elapsed > 0 else 0.0
+        return max(1, round((self.total - self.done) / rate)) if rate else max(1, round(self.total / 50))
+
+
 class Engine:
     """A loaded model + ranker, with the numbers the service reports about it."""
 
@@ -273,6 +318,7 @@ class Engine:
         self.hybrid: Hybrid | None = load_hybrid_for(settings, loaded.name, self.catalogue)
         self._retriever = None  # /recommend's candidate retrieval, built on an inference thread at warm-up
         self._retriever_lock = threading.Lock()  # lanes may ask for it at once: it is built once
+        self.title_vectors = TitleVectors()  # the catalogue's title vectors, when the service computes them
 
     # -- cache key parts ----------------------------------------------------------------
     @property
@@ -436,9 +482,30 @@ class Engine:
         titles = [it.title for it in cat.items]
         vectors = None
         if hybrid.semantic is not None:
-            vectors = hybrid.semantic.catalogue_vectors(titles, catalogue_keep(self.settings.catalogue))
+            # Not kept in a file: each computed alone, as a request naming the title would, so no
+            # answer depends on whether it came before or after this
+            vectors = hybrid.semantic.catalogue_vectors(titles, catalogue_keep(self.settings.catalogue), alone=True,
+                                                        on_text=self.title_vectors.progress)
         return Retriever([it.id for it in cat.items], titles, behaviour=hybrid.behaviour,
                          sequential=hybrid.sequential, semantic=hybrid.semantic, title_vectors=vectors)
+
+    def _title_vectors_kept(self) -> bool:
+        from instructrec.hybrid.semantic import catalogue_keep
+
+        semantic = self.hybrid.semantic
+        titles = [it.title for it in self.catalogue.items]
+        return semantic is None or semantic.kept_vectors_path(titles, catalogue_keep(self.settings.catalogue)).is_file()
+
+    def _retriever_in_background(self) -> None:
+        try:
+            self.retriever()
+        except Exception as exc:  # noqa: BLE001 - /recommend answers with it; /rerank is unaffected
+            log.error("could not compute the catalogue's title vectors", exc_info=exc)
+            self.title_vectors.failed(f"{type(exc).__name__}: {exc}")
+            return
+        self.title_vectors.finish()
+        log.info("title vectors of the catalogue's %d titles computed in %.1fs and kept beside %s: /recommend answers",
+                 self.title_vectors.total, self.title_vectors.seconds(), self.settings.catalogue)
 
     def semantic_tokens(self, need: UserNeed, texts: Sequence[str]) -> int:
         """A semantic job's weight in the batcher's token units: about the tokens of the texts
@@ -533,9 +600,18 @@ class Engine:
             total += time.perf_counter() - started
         if self.generator is not None and self.hybrid is not None:  # /recommend's retrieval and title vectors
             started = time.perf_counter()
-            self.retriever()
-            self.warmup_report["retrieval"] = {"seconds": round(time.perf_counter() - started, 3)}
-            total += time.perf_counter() - started
+            if self._title_vectors_kept():
+                self.retriever()
+                self.warmup_report["retrieval"] = {"seconds": round(time.perf_counter() - started, 3)}
+                total += time.perf_counter() - started
+            else:  # minutes on a CPU: /rerank answers meanwhile, /recommend waits for them (503 past its deadline)
+                self.title_vectors.start(len(self.catalogue))
+                log.info("computing the title vectors of the catalogue's %d titles in the background (each alone, "
+                         "kept beside %s once done); /recommend answers when they are", len(self.catalogue),
+                         self.settings.catalogue)
+                threading.Thread(target=self._retriever_in_background, name="instructrec-infer-title-vectors",
+                                 daemon=True).start()
+                self.warmup_report["retrieval"] = {"background": True}
         return total
 
     def _warm_up_mixed(self, source: str, source_tokens: int) -> dict:

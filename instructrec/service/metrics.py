@@ -15,7 +15,7 @@ _COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 10000)
 _TOKENS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
 REJECT_REASONS = ("unauthorized", "body_too_large", "bad_request", "invalid", "queue_full", "expired", "not_ready",
-                  "no_catalogue", "swap_running")
+                  "no_catalogue", "swap_running", "warming_up")
 _STEPS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 _WEIGHTS = (-4.0, -2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 FUSION_MODES = ("fused", "lm-only")

@@ -302,6 +302,25 @@ def no_catalogue() -> ApiError:
                     "INSTRUCTREC_CATALOGUE=CAT (/rerank works without one)", reason="no_catalogue")
 
 
+async def title_vectors_ready(engine: Engine, wait_s: float) -> None:
+    """Wait (at most ``wait_s``) while the service computes the catalogue's title vectors, which a
+    fused /recommend retrieves by; past that a 503 with the expected wait as Retry-After."""
+    vectors = engine.title_vectors
+    deadline = time.monotonic() + wait_s
+    while vectors.computing and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    if vectors.computing:
+        raise ApiError(503, "warming_up", f"the service is computing the title vectors of its catalogue, which a fused "
+                       f"/recommend retrieves by ({vectors.done:,} of {vectors.total:,} titles; about "
+                       f"{vectors.eta_seconds()} s left, once per catalogue: they are kept beside it); /rerank "
+                       "answers meanwhile, and so does /recommend with \"fusion\": \"lm-only\"",
+                       headers={"Retry-After": str(vectors.eta_seconds())}, reason="warming_up")
+    if vectors.error:
+        raise ApiError(503, "unavailable", f"the catalogue's title vectors could not be computed ({vectors.error}): a "
+                       "fused /recommend cannot retrieve; /rerank and /recommend with \"fusion\": \"lm-only\" "
+                       "answer", reason="not_ready")
+
+
 async def recommend(receive: Receive, state: ServiceState, engine: Engine, need: UserNeed, template_id: str | None,
                     k: int, mode: FusionMode = "auto", **mask) -> Recommendation:
     """``mask``: :meth:`Engine.prepare_recommend`'s history ids, exclusions and filter. Fused
@@ -310,6 +329,8 @@ async def recommend(receive: Receive, state: ServiceState, engine: Engine, need:
     cache, metrics = state.cache, state.metrics
     loop = asyncio.get_running_loop()
     fused = fuses(engine, mode)
+    if fused:
+        await title_vectors_ready(engine, state.settings.max_queue_wait_ms / 1000)
     start = time.perf_counter()
     try:
         prepared = await loop.run_in_executor(state.prep_executor, functools.partial(

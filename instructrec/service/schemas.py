@@ -395,6 +395,12 @@ class ServedModel(ModelInfo):
     precision: str = Field(description="what it computes in: torch.float32, torch.bfloat16, torch.float16 or int8")
 
 
+class TitleVectorsProgress(BaseModel):
+    done: int = Field(description="catalogue titles whose vectors are computed")
+    total: int = Field(description="catalogue titles")
+    seconds_left: int = Field(description="expected at the rate so far")
+
+
 class Ready(BaseModel):
     status: Literal["ready"]
     model: ServedModel
@@ -405,6 +411,9 @@ class Ready(BaseModel):
                                        "with the LM (null: no gate, every answer LM-only)")
     model_swaps: int | None = Field(None, description="models swapped in by POST /admin/reload since start-up "
                                     "(present once one was)")
+    title_vectors: TitleVectorsProgress | None = Field(None, description="present while the service computes its "
+                                                       "catalogue's title vectors (no file kept beside it): a fused "
+                                                       "/recommend waits for them, /rerank does not")
 
 
 class ReloadRequest(BaseModel):

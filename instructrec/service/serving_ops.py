@@ -6,7 +6,8 @@ from __future__ import annotations
 from instructrec.templates import TEMPLATE_VERSION
 
 from .errors import ApiError
-from .schemas import Health, HealthFailed, ModelInfo, NotReady, Ready, ReloadRequest, ReloadResponse, ServedModel
+from .schemas import (Health, HealthFailed, ModelInfo, NotReady, Ready, ReloadRequest, ReloadResponse, ServedModel,
+                      TitleVectorsProgress)
 from .serving import Serving
 from .state import SwapRefused, SwapRunning
 
@@ -37,6 +38,9 @@ class ServingOps(Serving):
             queue=state.batcher.depth,
             hybrid_version=engine.hybrid.version if engine.hybrid else None,
             **({"model_swaps": state.swaps} if state.swaps else {}),
+            **({"title_vectors": TitleVectorsProgress.model_construct(
+                done=vectors.done, total=vectors.total, seconds_left=vectors.eta_seconds())}
+               if (vectors := engine.title_vectors).computing else {}),
         )
 
     async def reload(self, req: ReloadRequest) -> ReloadResponse:

@@ -4,9 +4,9 @@
 ``games``) or of a JSON-lines file (``--items``: ``{"id", "title", ...}`` per line, other
 fields kept as metadata), tokenises every title as the model ``--model`` scores candidates,
 and writes the prefix tree (:mod:`instructrec.catalogue`); then it keeps the titles' vectors
-of the hybrid's semantic signal beside it (what a service serving the catalogue would otherwise
-compute at its first start, on one of its lanes: 16,859 Games titles took 100 s there on an
-AVX2 machine). ``show`` prints a catalogue's header.
+of the hybrid's semantic signal beside it, in batches on every core (a service serving the
+catalogue without them computes them in the background at its first start, each title alone,
+about twice as long on one thread, while it answers /rerank). ``show`` prints a catalogue's header.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--title-vectors", action=argparse.BooleanOptionalAction, default=True,
                        help="also keep the titles' MiniLM vectors beside the catalogue (CAT.vectors-*.npy), which "
                        "the hybrid's semantic signal and /recommend's retrieval read (default: yes; a service "
-                       "computes missing ones at its start)")
+                       "computes missing ones in the background at its start, /rerank answering meanwhile)")
     show = sub.add_parser("show", help="print a catalogue's header")
     show.add_argument("catalogue", metavar="CAT")
 
