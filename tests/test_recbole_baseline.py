@@ -4,10 +4,12 @@ written here. Skipped only when that environment is not installed."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import random
 import time
+from pathlib import Path
 
 import pytest
 
@@ -235,6 +237,28 @@ def test_kept_result_ranks_as_the_run_and_refuses_other_candidates(tmp_path):
     (tmp_path / "bad.json.gz").write_bytes(b"not gzip")
     with pytest.raises(DataError, match=r"bad\.json\.gz: not a readable RecBole result"):
         load_result(tmp_path / "bad.json.gz", stamp)
+
+
+def test_the_kept_games_sasrec_reads_as_the_readme_uses_it():
+    """docs/baselines/Games-sasrec.json.gz (the converged SASRec the README's tables reuse) reads
+    with this code: the path `--recbole-results docs/baselines` looks for, a run that stopped
+    early after its best epoch, and one finite score per candidate for each of the three
+    candidate files of the README's 300 users."""
+    from instructrec.training.baselines.stored import load_result, result_path
+
+    path = result_path(Path(__file__).parent.parent / "docs" / "baselines", "Games", "SASRec")
+    assert path.name == "Games-sasrec.json.gz" and path.is_file()
+    stamp = json.loads(gzip.decompress(path.read_bytes()))["stamp"]
+    assert stamp["dataset"] == "Games" and stamp["epochs"] == 100 and stamp["patience"] == 5
+    kept = load_result(path, stamp)
+    summary = kept["summary"]
+    assert summary["stopped_early"] and summary["best_epoch"] < summary["epochs_run"] <= summary["max_epochs"]
+    assert len(summary["epoch_log"]) == summary["epochs_run"]
+    assert sorted(kept["scores"]) == sorted(stamp["candidate_files"])
+    sizes = sorted(len(next(iter(table.values()))) for table in kept["scores"].values())
+    assert sizes == [10, 10, 100]  # uniform-10, hard-10, 1+99
+    for table in kept["scores"].values():
+        assert len(table) == 300 and all(math.isfinite(x) for row in table.values() for x in row)
 
 
 def test_evaluate_keeps_the_recbole_result_and_reuses_it_without_training(tmp_path):

@@ -37,7 +37,7 @@ def result_path(directory: str | os.PathLike, dataset: str, model: str) -> Path:
     return Path(directory) / f"{_safe_name(dataset)}-{model.lower()}.json.gz"
 
 
-def _float32_text(x: float) -> float | str:
+def _float32_text(x: float) -> float:
     """x as float32's shortest text that reads back to the same float32 (json keeps it as a number)."""
     if x != x or x in (float("inf"), float("-inf")):
         return x
@@ -59,7 +59,6 @@ def save_result(path: str | os.PathLike, stamp: dict, summary: dict, scores_by_d
                    for digest, table in scores_by_digest.items()},
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = gzip.compress(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode(), mtime=0)
     with atomic_file(path, "wb") as f:
         f.write(data)
