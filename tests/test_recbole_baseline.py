@@ -232,8 +232,14 @@ def test_kept_result_ranks_as_the_run_and_refuses_other_candidates(tmp_path):
         assert sorted(range(len(back)), key=lambda i: (back[i], i)) == order, user
         assert [struct.unpack("f", struct.pack("f", x))[0] for x in back] == row
     assert load_result(tmp_path / "nothing.json.gz", stamp) is None
-    with pytest.raises(DataError, match=r"games-sasrec\.json\.gz: made for other settings or candidate files \(differ: candidate_files, epochs\)"):
+    with pytest.raises(DataError, match=r"games-sasrec\.json\.gz: made for other settings \(differ: epochs\); holds no "
+                                        r"scores for the candidate file\(s\) def \(it keeps abc; a hard-10 file"):
         load_result(path, {**stamp, "epochs": 6, "candidate_files": ["def"]})
+    with pytest.raises(DataError, match=r"holds no scores for the candidate file\(s\) def .*uniform-10,uniform-100"):
+        load_result(path, {**stamp, "candidate_files": ["abc", "def"]})
+    wider = save_result(tmp_path / "wider.json.gz", {**stamp, "candidate_files": ["abc", "def"]}, {"epochs_run": 5},
+                        {"abc": table, "def": {"u0": [1.0, 2.0]}}, None)
+    assert load_result(wider, stamp)["scores"]["abc"] == kept["scores"]["abc"]  # a kept superset serves a subset
     (tmp_path / "bad.json.gz").write_bytes(b"not gzip")
     with pytest.raises(DataError, match=r"bad\.json\.gz: not a readable RecBole result"):
         load_result(tmp_path / "bad.json.gz", stamp)

@@ -67,8 +67,9 @@ def save_result(path: str | os.PathLike, stamp: dict, summary: dict, scores_by_d
 
 def load_result(path: str | os.PathLike, stamp: dict) -> dict | None:
     """The stored result when ``path`` exists: ``{"summary", "commit", "scores"}``; None when
-    there is no file; DataError naming the file when it was made for other candidates or another
-    budget (what differs is in the message)."""
+    there is no file; DataError naming the file when it was made with another budget or holds no
+    scores for one of the stamp's candidate files (what differs is in the message). A result
+    kept for more candidate files than asked for serves the ones asked for."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -79,8 +80,15 @@ def load_result(path: str | os.PathLike, stamp: dict) -> dict | None:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
         raise DataError(path, None, f"expected format {FORMAT!r} version {VERSION}")
     kept = doc.get("stamp") or {}
-    if kept != stamp:
-        differ = sorted(k for k in set(kept) | set(stamp) if kept.get(k) != stamp.get(k))
-        raise DataError(path, None, f"made for other settings or candidate files (differ: {', '.join(differ)}); "
-                                    "give another --recbole-results directory to train again, or the settings it was made with")
+    differ = sorted(k for k in (set(kept) | set(stamp)) - {"candidate_files"} if kept.get(k) != stamp.get(k))
+    have = set(kept.get("candidate_files", ()))
+    missing = sorted(set(stamp.get("candidate_files", ())) - have)
+    if differ or missing:
+        why = [f"made for other settings (differ: {', '.join(differ)})"] if differ else []
+        if missing:
+            why.append(f"holds no scores for the candidate file(s) {', '.join(missing)} (it keeps {', '.join(sorted(have))}; "
+                       "a hard-10 file is drawn by the bi-encoder's float32 similarities, which can differ from one "
+                       "CPU to another, so --settings uniform-10,uniform-100 reuses a result made elsewhere)")
+        raise DataError(path, None, "; ".join(why) + "; give another --recbole-results directory to train again, or "
+                        "the settings it was made with")
     return {"summary": doc["summary"], "commit": doc.get("commit"), "scores": doc["scores"]}
