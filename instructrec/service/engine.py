@@ -239,41 +239,28 @@ def _cap(ids: list[int], cut: bool, limit: int) -> tuple[list[int], bool]:
 
 class TitleVectors:
     """Progress of the catalogue's title vectors when the service computes them itself (no file
-    kept beside the catalogue): /ready reports it, /recommend waits for it."""
+    kept beside the catalogue): /ready reports it, a fused /recommend waits while ``computing``."""
 
     def __init__(self) -> None:
         self.done = self.total = 0
+        self.computing = False
         self.error: str | None = None
-        self._started: float | None = None
-        self._finished: float | None = None
-        self._ready = threading.Event()
-        self._ready.set()  # nothing to compute unless start() says so
+        self._started = self._finished = 0.0
 
     def start(self, total: int) -> None:
-        self.done, self.total, self._started = 0, total, time.monotonic()
-        self._ready.clear()
+        self.done, self.total, self._started, self.computing = 0, total, time.monotonic(), True
 
     def progress(self, done: int, total: int) -> None:
         self.done, self.total = done, total
 
     def finish(self) -> None:
-        self.done, self._finished = self.total, time.monotonic()
-        self._ready.set()
+        self.done, self._finished, self.computing = self.total, time.monotonic(), False
 
     def failed(self, error: str) -> None:
-        self.error = error
-        self._ready.set()
-
-    @property
-    def ready(self) -> bool:
-        return self._ready.is_set()
-
-    @property
-    def computing(self) -> bool:
-        return not self.ready
+        self.error, self.computing = error, False
 
     def seconds(self) -> float:
-        return (self._finished or time.monotonic()) - (self._started or time.monotonic())
+        return (self._finished or time.monotonic()) - self._started
 
     def eta_seconds(self) -> int:
         """Seconds until done at the rate so far (at least 1)."""
