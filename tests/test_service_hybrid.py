@@ -508,9 +508,10 @@ def test_fused_answers_on_two_lanes_are_the_answers_alone(files):
 
 def test_title_vectors_are_computed_while_rerank_answers(files, tmp_path, monkeypatch):
     """Without title vectors kept beside the catalogue the service is ready at once and computes
-    them in the background, each title alone: meanwhile /rerank answers as it does afterwards, a
-    fused /recommend gets a 503 naming the progress with a Retry-After (lm-only answers); then the
-    fused /recommend answers, and the file kept holds each title's vector encoded alone."""
+    them in the background, each title alone: meanwhile /rerank answers as it does afterwards,
+    even with the background stopped in the middle of encoding a title (it holds no lock there),
+    a fused /recommend gets a 503 naming the progress with a Retry-After (lm-only answers); then
+    the fused /recommend answers, and the file kept holds each title's vector encoded alone."""
     import threading
     import time
 
@@ -518,7 +519,6 @@ def test_title_vectors_are_computed_while_rerank_answers(files, tmp_path, monkey
     from instructrec.hybrid.semantic import catalogue_keep
     from instructrec.modeling import load_model
     from instructrec.ranker import Ranker
-    from instructrec.service.engine import TitleVectors
 
     # titles no other test encodes, so this process computes each of them here
     items = [(f"v{k}", f"Quiet Lighthouse Saga {word}") for k, word in
@@ -534,14 +534,14 @@ def test_title_vectors_are_computed_while_rerank_answers(files, tmp_path, monkey
     assert not kept.exists()
 
     release = threading.Event()
-    progress = TitleVectors.progress
+    encode = encoder._encode
 
-    def held(self, done, total):  # the background stops after three titles until the test lets it go on
-        progress(self, done, total)
-        if done == 3:
+    def held(texts, *args, **kwargs):  # the background stops inside its fourth title until the test lets it go on
+        if threading.current_thread().name == "instructrec-infer-title-vectors" and texts == [titles[3]]:
             release.wait(60)
+        return encode(texts, *args, **kwargs)
 
-    monkeypatch.setattr(TitleVectors, "progress", held)
+    monkeypatch.setattr(encoder, "_encode", held)
     settings = _settings(gate=str(files["gate"]), behaviour=str(index), catalogue=str(cat), redis_url="",
                          max_queue_wait_ms=300, retrieve_per_source=100)
     rerank = {"history": [{"id": "v0", "title": titles[0]}, {"id": "v1", "title": titles[1]}],
@@ -559,7 +559,7 @@ def test_title_vectors_are_computed_while_rerank_answers(files, tmp_path, monkey
                     time.sleep(0.01)
                 assert ready["status"] == "ready" and ready["title_vectors"]["total"] == 10, ready
                 assert ready["title_vectors"]["done"] == 3 and ready["title_vectors"]["seconds_left"] >= 1
-                during = client.post("/rerank", json=rerank)
+                during = client.post("/rerank", json=rerank, timeout=30)  # new titles: encoded while it waits
                 assert during.status_code == 200, during.text
                 refused = client.post("/recommend", json=recommend)
                 assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
