@@ -18,6 +18,7 @@ request first asked for it. It runs in float32 on the CPU whatever the LM's prec
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 import threading
@@ -127,8 +128,6 @@ class SemanticEncoder:
         It encodes outside the lock, with its own tokenizer, and takes the lock only to read and
         fill the cache: a request's encoding never waits behind it (holding the lock per text, it
         kept requests waiting 4-24 s). ``on_text(done, total)`` is called before each text."""
-        import copy
-
         tokenizer = copy.deepcopy(self.tokenizer)  # the Rust tokenizer is not thread-safe
         out = np.zeros((len(texts), DIM), dtype=np.float32)
         for i, text in enumerate(texts):
