@@ -42,14 +42,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(out: Path, *extra: str, procs: int = 1, base: str = TINY_T5) -> subprocess.CompletedProcess:
+def _command(out: Path, *extra: str, procs: int = 1, base: str = TINY_T5) -> list[str]:
     extra = ("--base", base, *extra)  # a later --base wins
     if procs == 1:
-        cmd = [sys.executable, "-m", "instructrec.cli", *COMMON, "--out", str(out), *extra]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), "-m", "instructrec.cli", *COMMON, "--out", str(out), *extra]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+        return [sys.executable, "-m", "instructrec.cli", *COMMON, "--out", str(out), *extra]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_addr", "127.0.0.1",
+            "--master_port", str(_free_port()), "-m", "instructrec.cli", *COMMON, "--out", str(out), *extra]
+
+
+def _run(out: Path, *extra: str, procs: int = 1, base: str = TINY_T5) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(out, *extra, procs=procs, base=base), cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=240)
+
+
+def _side_by_side(runs: dict[str, tuple], base: str = TINY_T5) -> dict[str, subprocess.CompletedProcess]:
+    """One-process runs (``name: (out, *extra)``) started together, one thread each: the two cores."""
+    started = {name: subprocess.Popen(_command(*args, base=base), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True) for name, args in runs.items()}
+    done = {}
+    for name, popen in started.items():
+        try:
+            stdout, stderr = popen.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            for other in started.values():
+                other.kill()
+            raise
+        done[name] = subprocess.CompletedProcess(popen.args, popen.returncode, stdout, stderr)
+    return done
 
 
 def _logged(out: Path) -> list[dict]:
@@ -61,11 +80,15 @@ def _logged(out: Path) -> list[dict]:
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("dist")
     done = {}
-    for name, extra, procs in [("one", ("--batch-size", "8"), 1), ("accum", ("--batch-size", "4", "--grad-accum", "2"), 1),
-                               ("ddp", ("--batch-size", "4"), 2)]:
-        proc = _run(base / name, *extra, procs=procs)
+    # the two one-process runs side by side (one thread each, the two cores), then the two-process one
+    alone = _side_by_side({"one": (base / "one", "--batch-size", "8"),
+                           "accum": (base / "accum", "--batch-size", "4", "--grad-accum", "2")})
+    for name, proc in alone.items():
         assert proc.returncode == 0, proc.stderr[-4000:]
         done[name] = (base / name, proc)
+    proc = _run(base / "ddp", "--batch-size", "4", procs=2)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    done["ddp"] = (base / "ddp", proc)
     return done
 
 
@@ -126,8 +149,11 @@ def test_gradient_checkpointing_same_loss_and_gradients(tmp_path):
     """--gradient-checkpointing recomputes activations (T5 reports turning its cache off for it)
     and yields the loss and gradient norm of the run without it, on the Flan-T5 layout."""
     logged = {}
+    runs = _side_by_side({name: (tmp_path / name, "--batch-size", "8", *extra)
+                          for name, extra in [("plain", ()), ("ckpt", ("--gradient-checkpointing",))]},
+                         base="tiny-random-flan-t5")
     for name, extra in [("plain", ()), ("ckpt", ("--gradient-checkpointing",))]:
-        proc = _run(tmp_path / name, "--batch-size", "8", *extra, base="tiny-random-flan-t5")
+        proc = runs[name]
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert ("incompatible with gradient checkpointing" in proc.stderr) == bool(extra)
         logged[name] = _logged(tmp_path / name)
