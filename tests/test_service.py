@@ -255,6 +255,41 @@ def test_cache_hit_equals_miss(service):
     assert spaced["cache"]["hits"] == 20 and strip(spaced) == strip(first)
 
 
+def test_a_repeated_request_is_answered_whole_from_the_cache(service):
+    """The same request body again is answered from its kept answer: exactly the answer the
+    per-candidate cache gives it (every score a hit, nothing scored), under an id of its own."""
+    app, client = service
+    body = {"history": HISTORY, "preference": "split screen", "candidates": titles(15, seed=21), "top_n": 9}
+    hit = {"route": "rerank", "outcome": "hit"}
+    miss = {"route": "rerank", "outcome": "miss"}
+    hits0, misses0 = metric(client, "instructrec_answer_cache_total", hit), metric(client, "instructrec_answer_cache_total", miss)
+    scored0 = metric(client, "instructrec_cache_hits_total")
+    first = client.post("/rerank", json=body).json()
+    replayed = client.post("/rerank", json=body).json()
+    assert metric(client, "instructrec_answer_cache_total", hit) == hits0 + 1
+    assert metric(client, "instructrec_answer_cache_total", miss) == misses0 + 1
+    assert metric(client, "instructrec_cache_hits_total") == scored0 + 15  # counted as the score cache's hits
+    # the same body with its keys in another order is another answer key: the per-candidate cache answers it
+    reordered = client.post("/rerank", content=json.dumps(dict(reversed(list(body.items())))),
+                            headers={"content-type": "application/json"}).json()
+    assert metric(client, "instructrec_answer_cache_total", hit) == hits0 + 1
+    assert reordered["cache"] == {"enabled": True, "hits": 15, "misses": 0}
+    assert replayed["id"] != first["id"] and replayed["id"] != reordered["id"]
+    assert {**replayed, "id": None} == {**reordered, "id": None}
+    assert [x["score"] for x in replayed["results"]] == [x["score"] for x in first["results"]]
+    assert first["cache"]["misses"] == 15 and len(first["results"]) == 9
+
+    # an answer is kept by everything that decides it: the model's version is part of its key
+    engine = app.state.service.engine
+    version = engine.version
+    try:
+        engine.version = "another-version"
+        other = client.post("/rerank", json=body).json()
+    finally:
+        engine.version = version
+    assert other["model"]["checkpoint_version"] == "another-version" and other["cache"]["hits"] == 0
+
+
 def test_duplicate_candidates(service):
     app, client = service
     cands = titles(3, seed=6)

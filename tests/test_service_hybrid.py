@@ -340,13 +340,20 @@ def test_fusion_metrics(hybrid_service):
                 "w_sem": metric(hybrid_service, "instructrec_fusion_gate_weight_count", {"signal": "semantic"}),
                 "seconds": metric(hybrid_service, "instructrec_fusion_seconds_count")}
 
+    first = {**REQUEST, "top_n": 4}  # a request no other test sends: its fusion is computed here
     before = read()
-    hybrid_service.post("/rerank", json=REQUEST)
+    hybrid_service.post("/rerank", json=first)
     hybrid_service.post("/rerank", json={**REQUEST, "candidates": [*REQUEST["candidates"], "Unknown Title"]})
     hybrid_service.post("/rerank", json={**REQUEST, "fusion": "lm-only"})
     after = read()
     delta = {k: after[k] - before[k] for k in before}
     assert delta == {"fused": 2, "lm": 1, "without": 1, "w_beh": 2, "w_sem": 2, "seconds": 2}
+    # the same request again is answered whole from the cache: counted as fused with the gate's
+    # weights as the first time, but no fusion is computed
+    hybrid_service.post("/rerank", json=first)
+    again = read()
+    assert {k: again[k] - after[k] for k in before} == {"fused": 1, "lm": 0, "without": 0, "w_beh": 1, "w_sem": 1,
+                                                        "seconds": 0}
     # the gate's weight of this request: 0.8 + 0.4 * known (1.0) for behaviour
     text = hybrid_service.get("/metrics").text
     assert 'instructrec_fusion_gate_weight_bucket{le="2.0",signal="behaviour"}' in text

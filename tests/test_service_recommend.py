@@ -184,12 +184,12 @@ def test_a_rerank_template_is_refused_for_generation(service):
 def test_metrics_count_generation_and_the_answer_cache(service):
     app, client = service
     steps = metric(client, "instructrec_generate_steps_count")
-    hits = metric(client, "instructrec_answer_cache_total", {"outcome": "hit"})
+    hits = metric(client, "instructrec_answer_cache_total", {"route": "recommend", "outcome": "hit"})
     need = {"instruction": "a puzzle game for a long trip", "k": 2}
     client.post("/recommend", json=need)
     client.post("/recommend", json=need)
     assert metric(client, "instructrec_generate_steps_count") == steps + 1
-    assert metric(client, "instructrec_answer_cache_total", {"outcome": "hit"}) == hits + 1
+    assert metric(client, "instructrec_answer_cache_total", {"route": "recommend", "outcome": "hit"}) == hits + 1
     assert metric(client, "instructrec_request_duration_seconds_count", {"route": "/recommend", "status": "200"}) >= 2
 
 

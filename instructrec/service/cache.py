@@ -155,6 +155,13 @@ class ScoreCache:
         """One key for a whole answer decided by ``parts``."""
         return f"{self.namespace}:answer:{hashlib.sha256(_encode(_SEP.join(parts))).hexdigest()}"
 
+    async def get_text(self, key: str) -> tuple[bool, str | None]:
+        """(whether the cache could be used, the text kept at ``key`` or None)."""
+        return await self._guarded(self._client.get, key)
+
+    async def set_text(self, key: str, value: str | bytes) -> bool:
+        return (await self._guarded(functools.partial(self._client.set, key, value, ex=self.ttl)))[0]
+
     async def get_json(self, key: str) -> tuple[bool, Any]:
         """(whether the cache could be used, the cached value or None)."""
         ok, value = await self._guarded(self._client.get, key)

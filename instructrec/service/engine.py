@@ -415,6 +415,14 @@ class Engine:
         job = RecommendJob(source_ids, k, allowed, beams, fusion)
         return PreparedRecommend(inst, source_cut, job, len(cat) if allowed is None else int(allowed.sum()), digest)
 
+    def rerank_answer_parts(self) -> tuple[str, ...]:
+        """What decides a /rerank answer beside its request body (the whole answer is cached by
+        both): the served model and its name, precision, templates, scoring limits, and the gate
+        with every signal's version (an id is resolved by the behaviour index: its version too)."""
+        r = self.ranker
+        return ("rerank", self.name, self.version, self.loaded.precision, TEMPLATE_VERSION, r.reduction,
+                str(r.max_source_tokens), str(r.max_target_tokens), self.hybrid.version if self.hybrid else "lm-only")
+
     def recommend_key_parts(self, prepared: PreparedRecommend) -> tuple[str, ...]:
         """A /recommend answer is cached whole, by everything that decides it. Generation runs
         each request alone, so in any precision a cached answer is the one it gets uncached."""

@@ -48,8 +48,8 @@ class Metrics:
         self.generate_steps = Histogram(
             "instructrec_generate_steps", "decoding steps of a /recommend beam search", buckets=_STEPS, registry=r)
         self.answer_cache = Counter(
-            "instructrec_answer_cache", "/recommend answers by cache outcome (hit, miss, bypassed: Redis down)",
-            ("outcome",), registry=r)
+            "instructrec_answer_cache", "whole answers by route (recommend, rerank) and cache outcome (hit, miss, "
+            "bypassed: Redis down)", ("route", "outcome"), registry=r)
         self.queue_depth = Gauge("instructrec_queue_depth", "scoring jobs waiting for the model", registry=r)
         self.busy_lanes = Gauge("instructrec_busy_lanes", "inference lanes scoring a batch now (setting lanes: how "
                                 "many may)", registry=r)
@@ -87,8 +87,9 @@ class Metrics:
             "failed (the old model kept serving)", ("outcome",), registry=r)
         for reason in REJECT_REASONS:  # export zeros so rates work from the first scrape
             self.rejected.labels(reason)
-        for outcome in ("hit", "miss", "bypassed"):
-            self.answer_cache.labels(outcome)
+        for route in ("recommend", "rerank"):
+            for outcome in ("hit", "miss", "bypassed"):
+                self.answer_cache.labels(route, outcome)
         for outcome in ("done", "failed"):
             self.model_swaps.labels(outcome)
         for mode in FUSION_MODES:

@@ -345,13 +345,13 @@ async def recommend(receive: Receive, state: ServiceState, engine: Engine, need:
     key = cache.answer_key(engine.recommend_key_parts(prepared)) if cache.enabled else None
     usable, cached = await cache.get_json(key) if key else (False, None)
     if cached is not None:
-        metrics.answer_cache.labels("hit").inc()
+        metrics.answer_cache.labels("recommend", "hit").inc()
         if fused:
             return Recommendation(prepared, [(int(i), float(s), float(r), c) for i, s, r, c in cached["items"]], 0,
                                   True, True, mode, cached["fusion"])
         return Recommendation(prepared, [(int(i), float(s)) for i, s in cached], 0, True, True, mode)
     if key:
-        metrics.answer_cache.labels("miss" if usable else "bypassed").inc()
+        metrics.answer_cache.labels("recommend", "miss" if usable else "bypassed").inc()
     generated = await _submit(receive, state, engine, prepared.job, engine.job_tokens(prepared))
     metrics.generate_steps.observe(generated.steps)
     if fused:

@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     cache_retry_seconds: float = Field(default=5.0, ge=0, description="back-off before trying Redis again after an error")
     cache_connections: int = Field(default=8, ge=1, description="Redis connections, each used by its own I/O thread "
                                    "(cache I/O stays off the event loop); requests beyond them wait for one")
+    cache_answers: bool = Field(default=True, description="also keep each /rerank answer whole, by its request "
+                                "body and everything that decides it (model, precision, templates, gate and signals): "
+                                "a repeated request is answered from one Redis read, the per-candidate work skipped")
 
     # -- security and limits --------------------------------------------------------------
     api_key: SecretStr | None = Field(default=None, description="if set, rerank routes need 'Authorization: Bearer <key>'")
