@@ -18,7 +18,10 @@ BODY='{"instruction": "a horror game for PlayStation 4",
                  "Fallout 4 - PlayStation 4", "Halo 3 - Xbox 360",
                  "Star Wars: Battlefront - Standard Edition - PlayStation 4", "Resident Evil 4 - PC"],
   "top_n": 3}'
-rerank() { curl -s -o "$1" -w '%{http_code}' "localhost:$PORT/rerank" -H 'content-type: application/json' -d "$BODY" || true; }
+# The same request with its keys in another order: not the first answer replayed whole from the
+# cache, but ranked again (the LM's scores from the score cache, the signals and the gate anew).
+AGAIN=$(python3 -c 'import json, sys; print(json.dumps(dict(reversed(list(json.loads(sys.argv[1]).items())))))' "$BODY")
+rerank() { curl -s -o "$1" -w '%{http_code}' "localhost:$PORT/rerank" -H 'content-type: application/json' -d "${2:-$BODY}" || true; }
 since() { python3 -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 1))" "$T0" "$(date +%s.%N)"; }
 
 T0=$(date +%s.%N)
@@ -35,7 +38,7 @@ done
 echo "first /rerank answer: $(since) s after the clone started (log: $WORK/quickstart.log)"
 while curl -s "localhost:$PORT/ready" | grep -q '"title_vectors"'; do sleep 1; done
 echo "title vectors computed: $(since) s"
-rerank "$WORK/again.json" > /dev/null
+rerank "$WORK/again.json" "$AGAIN" > /dev/null
 python3 - "$WORK/first.json" "$WORK/again.json" <<'PY'
 import json, sys
 first, again = ([{k: v for k, v in r.items() if k != "cached"} for r in json.load(open(p))["results"]] for p in sys.argv[1:])
