@@ -164,12 +164,12 @@ class ScoreCache:
 
     async def get_json(self, key: str) -> tuple[bool, Any]:
         """(whether the cache could be used, the cached value or None)."""
-        ok, value = await self._guarded(self._client.get, key)
+        ok, value = await self.get_text(key)
         return ok, None if value is None else json.loads(value)
 
     async def set_json(self, key: str, value: Any) -> bool:
         # repr-exact floats: json writes a float as its shortest repr, read back bit-identically
-        return (await self._guarded(functools.partial(self._client.set, key, json.dumps(value), ex=self.ttl)))[0]
+        return await self.set_text(key, json.dumps(value))
 
     async def close(self) -> None:
         if self._client is not None:
