@@ -73,6 +73,12 @@ class Fusion:
     fused: Fused | None = None
     without_behaviour: list[int] | None = None  # request indices of candidates with no behaviour signal
     signals: list[str] = field(default_factory=lambda: ["lm"])
+    counted_without: int = 0  # of those, what instructrec_fusion_candidates_without_behaviour counted
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """The gate's weights of the present signals ({} when LM-only), as the metrics observe them."""
+        return self.fused.weights if self.fused is not None else {}
 
 
 @dataclass
@@ -278,8 +284,9 @@ def _fuse(state: ServiceState, engine: Engine, mode: FusionMode, need: UserNeed,
     metrics.fusion_seconds.observe(time.perf_counter() - start + semantic_seconds)
     without = list(range(len(lm))) if signals.behaviour is None else \
         [i for i, c in enumerate(signals.candidate_ids) if c is None]
-    metrics.observe_fusion("fused", fused.weights, len(without) if hybrid.behaviour is not None else 0)
-    return Fusion("fused", mode, fused, without, list(fused.components))
+    counted = len(without) if hybrid.behaviour is not None else 0
+    metrics.observe_fusion("fused", fused.weights, counted)
+    return Fusion("fused", mode, fused, without, list(fused.components), counted)
 
 
 @dataclass

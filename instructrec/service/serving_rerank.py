@@ -53,9 +53,8 @@ class ServingRerank(Serving):
     async def keep(self, key: str, answer: RerankResponse, out: pipeline.Outcome) -> None:
         """Keep the whole answer, with what a replay counts in the metrics as this request counted it."""
         f = out.fusion
-        without = len(f.without_behaviour) if f.fused is not None and self.engine.hybrid.behaviour is not None else 0
         entry = {"answer": answer_body(answer), "distinct": len(out.prepared.targets),
-                 "fusion": {"mode": f.mode, "weights": f.fused.weights if f.fused is not None else {}, "without": without}}
+                 "fusion": {"mode": f.mode, "weights": f.weights, "without": f.counted_without}}
         try:
             text = orjson.dumps(entry)
         except orjson.JSONEncodeError:
