@@ -14,6 +14,7 @@ import random
 
 import httpx
 import pytest
+import redis
 import torch
 
 from instructrec.aspects import Intention, UserNeed
@@ -21,6 +22,7 @@ from instructrec.instruction import build
 from instructrec.ranker import Ranker, rank_order
 from instructrec.templates import TEMPLATE_VERSION, get_template
 from instructrec.service.app import create_app
+from instructrec.service.serving_rerank import ServingRerank
 from instructrec.service.settings import Settings
 from tests.service_fixtures import SHARED_REDIS, ServerThread, delete_namespace, metric, redis_up, unique_namespace
 
@@ -278,6 +280,12 @@ def test_a_repeated_request_is_answered_whole_from_the_cache(service):
     assert {**replayed, "id": None} == {**reordered, "id": None}
     assert [x["score"] for x in replayed["results"]] == [x["score"] for x in first["results"]]
     assert first["cache"]["misses"] == 15 and len(first["results"]) == 9
+    # kept for CACHE_ANSWER_TTL_SECONDS (an hour), the scores for CACHE_TTL_SECONDS (here 600 s)
+    state = app.state.service
+    key = ServingRerank(state).answer_key(body)
+    kept = redis.Redis.from_url(SHARED_REDIS)
+    assert 3500 < kept.ttl(key) <= 3600
+    assert 500 < kept.ttl(next(kept.scan_iter(f"{state.settings.cache_namespace}:[0-9a-f]*"))) <= 600
 
     # an answer is kept by everything that decides it: the model's version is part of its key
     engine = app.state.service.engine

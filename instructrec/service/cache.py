@@ -159,8 +159,9 @@ class ScoreCache:
         """(whether the cache could be used, the text kept at ``key`` or None)."""
         return await self._guarded(self._client.get, key)
 
-    async def set_text(self, key: str, value: str | bytes) -> bool:
-        return (await self._guarded(functools.partial(self._client.set, key, value, ex=self.ttl)))[0]
+    async def set_text(self, key: str, value: str | bytes, ttl_seconds: int | None = None) -> bool:
+        """Keep ``value`` at ``key`` for ``ttl_seconds`` (default: the cache's TTL)."""
+        return (await self._guarded(functools.partial(self._client.set, key, value, ex=ttl_seconds or self.ttl)))[0]
 
     async def get_json(self, key: str) -> tuple[bool, Any]:
         """(whether the cache could be used, the cached value or None)."""

@@ -59,7 +59,7 @@ class ServingRerank(Serving):
             text = orjson.dumps(entry)
         except orjson.JSONEncodeError:
             return
-        await self.state.cache.set_text(key, text)
+        await self.state.cache.set_text(key, text, self.state.settings.cache_answer_ttl_seconds)
 
     def replay(self, req: RerankRequest, kept: str) -> dict:
         """A kept answer as this request's, counted in the metrics as a request answered from the score cache."""

@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     cache_answers: bool = Field(default=True, description="also keep each /rerank answer whole, by its request "
                                 "body and everything that decides it (model, precision, templates, gate and signals): "
                                 "a repeated request is answered from one Redis read, the per-candidate work skipped")
+    cache_answer_ttl_seconds: int = Field(default=3600, ge=1, description="how long a kept /rerank answer lives: "
+                                          "a 100-candidate fused answer takes about 41 kB of Redis against 15 kB for its "
+                                          "100 scores, so whole answers are kept for repeats that come soon")
 
     # -- security and limits --------------------------------------------------------------
     api_key: SecretStr | None = Field(default=None, description="if set, rerank routes need 'Authorization: Bearer <key>'")
