@@ -232,7 +232,9 @@ def append_leg(csv_path: Path, row: dict) -> None:
 
 
 def draw_curve(csv_path: Path, png: Path) -> bool:
-    """HR@1 of each leg's candidate and of the shipped model against examples seen in total."""
+    """Each leg in the order run: its candidate's HR@1 with the paired interval of its gain (drawn
+    around the candidate), and the shipped model it was compared with (a step where a leg was
+    promoted); each tick names the leg and the examples seen in total."""
     try:
         import matplotlib
 
@@ -243,21 +245,28 @@ def draw_curve(csv_path: Path, png: Path) -> bool:
         return False
     with csv_path.open(encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    x = [int(r["examples_total"]) for r in rows]
+    legs = list(range(1, len(rows) + 1))
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(x, [float(r["hr1_candidate"]) for r in rows], "o-", label="leg's candidate")
-    shipped = [(xi, float(r["hr1_shipped"])) for xi, r in zip(x, rows) if r["hr1_shipped"] not in ("", "None")]
+    shipped = [(leg, float(r["hr1_shipped"])) for leg, r in zip(legs, rows) if r["hr1_shipped"] not in ("", "None")]
     if shipped:
-        ax.plot(*zip(*shipped), "s--", label="shipped before the leg")
-    for xi, r in zip(x, rows):
-        if r["promoted"] == "yes":
-            ax.annotate("promoted", (xi, float(r["hr1_candidate"])), textcoords="offset points", xytext=(0, 6),
-                        ha="center", fontsize=7)
-    ax.set_xlabel("examples seen in total")
+        ax.step(*zip(*shipped), "--", where="mid", color="tab:orange", label="shipped model it was compared with")
+    for leg, r in zip(legs, rows):
+        hr = float(r["hr1_candidate"])
+        has_ci = r.get("ci_low") not in (None, "", "None") and r.get("gain") not in (None, "", "None")
+        err = [[float(r["gain"]) - float(r["ci_low"])], [float(r["ci_high"]) - float(r["gain"])]] if has_ci else None
+        promoted = r["promoted"] == "yes"
+        ax.errorbar([leg], [hr], yerr=err, fmt="o", color="tab:green" if promoted else "tab:blue", capsize=3,
+                    label=None)
+        if promoted:
+            ax.annotate("promoted", (leg, hr), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7)
+    ax.plot([], [], "o", color="tab:blue", label="leg's candidate (95% interval of its gain)")
+    ax.plot([], [], "o", color="tab:green", label="promoted")
+    ax.set_xticks(legs, [f"{leg}\n{int(r['examples_total']) // 1000}k" for leg, r in zip(legs, rows)], fontsize=7)
+    ax.set_xlabel("leg, and the examples seen in total")
     ax.set_ylabel(f"HR@1 ({RELAY_USERS} relay validation users, 1 + 9)")
     ax.set_title("The training relay")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=120)
