@@ -149,10 +149,10 @@ def test_gradient_checkpointing_same_loss_and_gradients(tmp_path):
     """--gradient-checkpointing recomputes activations (T5 reports turning its cache off for it)
     and yields the loss and gradient norm of the run without it, on the Flan-T5 layout."""
     logged = {}
-    runs = _side_by_side({name: (tmp_path / name, "--batch-size", "8", *extra)
-                          for name, extra in [("plain", ()), ("ckpt", ("--gradient-checkpointing",))]},
+    variants = {"plain": (), "ckpt": ("--gradient-checkpointing",)}
+    runs = _side_by_side({name: (tmp_path / name, "--batch-size", "8", *extra) for name, extra in variants.items()},
                          base="tiny-random-flan-t5")
-    for name, extra in [("plain", ()), ("ckpt", ("--gradient-checkpointing",))]:
+    for name, extra in variants.items():
         proc = runs[name]
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert ("incompatible with gradient checkpointing" in proc.stderr) == bool(extra)

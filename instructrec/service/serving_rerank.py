@@ -36,9 +36,11 @@ class ServingRerank(Serving):
                                         [item_id(h.id) for h in req.history if h.title])
         out = await pipeline.rerank(receive, self.state, self.engine, need_of(req), req.template, texts, fusion=fusion)
         answer = self.answer(req, texts, out)
-        if usable:
-            await self.keep(key, answer, out)
-        return answer
+        if not usable:
+            return answer
+        dumped = answer_body(answer)  # dumped once: kept, and answered (the edge takes the object as it is)
+        await self.keep(key, dumped, out)
+        return dumped
 
     def answer_key(self, body: dict | None) -> str | None:
         """The cache key of a request's whole answer (None: not kept)."""
@@ -50,10 +52,11 @@ class ServingRerank(Serving):
             return None
         return self.state.cache.answer_key((*self.engine.rerank_answer_parts(), request))
 
-    async def keep(self, key: str, answer: RerankResponse, out: pipeline.Outcome) -> None:
-        """Keep the whole answer, with what a replay counts in the metrics as this request counted it."""
+    async def keep(self, key: str, body: dict, out: pipeline.Outcome) -> None:
+        """Keep the whole answer (its JSON object), with what a replay counts in the metrics as
+        this request counted it."""
         f = out.fusion
-        entry = {"answer": answer_body(answer), "distinct": len(out.prepared.targets),
+        entry = {"answer": body, "distinct": len(out.prepared.targets),
                  "fusion": {"mode": f.mode, "weights": f.weights, "without": f.counted_without}}
         try:
             text = orjson.dumps(entry)

@@ -255,8 +255,7 @@ def draw_curve(csv_path: Path, png: Path) -> bool:
         has_ci = r.get("ci_low") not in (None, "", "None") and r.get("gain") not in (None, "", "None")
         err = [[float(r["gain"]) - float(r["ci_low"])], [float(r["ci_high"]) - float(r["gain"])]] if has_ci else None
         promoted = r["promoted"] == "yes"
-        ax.errorbar([leg], [hr], yerr=err, fmt="o", color="tab:green" if promoted else "tab:blue", capsize=3,
-                    label=None)
+        ax.errorbar([leg], [hr], yerr=err, fmt="o", color="tab:green" if promoted else "tab:blue", capsize=3)
         if promoted:
             ax.annotate("promoted", (leg, hr), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7)
     ax.plot([], [], "o", color="tab:blue", label="leg's candidate (95% interval of its gain)")
