@@ -36,7 +36,7 @@ def test_soak_end_to_end(tmp_path):
                "--distinct", "12", "--candidates", "6", "--burst", "12", "--threads", "1",
                "--set", "max_queue_wait_ms=30000", "--dataset", "games-sample", "--out", str(tmp_path)])
     s = json.loads((tmp_path / report.RESULTS_JSON).read_text())["soak"]
-    assert rc == 0 and s["passed"], s
+    assert rc == 0 and s["passed"], json.dumps(s)  # the whole summary when it fails (pytest cuts a dict short)
     assert s["planned"] == 80 + 12 and s["sent"] == 92 and s["lost"] == s["not_sent"] == 0 and s["wrong"] == 0
     assert sum(s["outcomes"].values()) == 92 and s["answered"] > 0
     assert [e["event"] for e in s["fault_events"]] == ["before_stop", "redis_stopped", "before_start",
@@ -79,7 +79,7 @@ def test_soak_with_a_model_swap_midway(tmp_path):
                # may then wait past the 100 ms default (an uncached answer, counted as a cache error)
                "--set", "cache_timeout_ms=2000"])
     s = json.loads((out / report.RESULTS_JSON).read_text())["soak"]
-    assert rc == 0 and s["passed"], s
+    assert rc == 0 and s["passed"], json.dumps(s)  # the whole summary when it fails (pytest cuts a dict short)
     assert s["lost"] == s["not_sent"] == s["wrong"] == s["unexpected_status"] == 0
     assert s["refused_without_retry_after"] == 0
     assert s["answered"] == s["planned"] == 400 and s["unanswered_after_resend"] == 0  # refusals sent again, answered
