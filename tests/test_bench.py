@@ -377,16 +377,33 @@ def test_readme_section_is_regenerated_between_markers(tmp_path):
          "naive_flop_ratio": 6.7},
         {"variant": "int8", "candidates": 100, "status": "ok", "median_ms": 350.0, "ratio_to_naive": 20.0}]}}
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\nbefore\n{report.README_START}\nstale\n{report.README_END}\nafter\n", encoding="utf-8")
+    amx, bf16 = report.speed_markers("amx-bf16"), report.speed_markers("avx512-bf16")
+    readme.write_text(f"# x\n\nbefore\n{bf16[0]}\nstale\n{bf16[1]}\nafter\n", encoding="utf-8")
+    results["ranker"]["machine"] = {"cpu_model": "EPYC", "cpu_features": {"avx2": True, "avx512_bf16": True}}
     report.update_readme(readme, results)
     text = readme.read_text(encoding="utf-8")
     assert "stale" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
+    assert "Machine (class `avx512-bf16`): EPYC" in text
     assert "| `shared_kv` | 100.0 (7.0×) | 400.0 (17.5×) |" in text
     assert ("| encoder-once path >= 15x naive at 100 candidates (same run) | 17.5× (naive/fast FLOP ratio on this "
             "request: 6.7×); int8 20.0× | met |") in text
-    readme.write_text("no markers\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="no markers <!-- bench:start"):
+    # another kind of machine gets a block of its own after the first, which it leaves alone
+    results["ranker"]["machine"] = {"cpu_model": "Xeon", "cpu_features": {"avx512_bf16": True, "amx_bf16": True}}
+    report.update_readme(readme, results)
+    results["ranker"]["rows"][1]["median_ms"] = 90.0
+    report.update_readme(readme, results)
+    text = readme.read_text(encoding="utf-8")
+    assert text.index(bf16[1]) < text.index(amx[0]) < text.index("Xeon") < text.index(amx[1]) < text.index("after")
+    assert text.count(amx[0]) == 1 and text.count("EPYC") == 1 and text.count("Xeon") == 1
+    assert text.split(amx[0])[0].count("| `shared_kv` | 100.0 (7.0×) |") == 1
+    assert text.split(amx[0])[1].count("| `shared_kv` | 90.0 (7.0×) |") == 1
+    # the ranker from one kind of machine and the service from another do not make one block
+    results["service"] = {"machine": {"cpu_features": {}}, "cells": []}
+    with pytest.raises(ValueError, match="different kinds of machine"):
         report.update_readme(readme, results)
+    readme.write_text("no markers\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no speed block: add the markers <!-- bench:amx-bf16:start"):
+        report.update_readme(readme, {"ranker": results["ranker"]})
 
 
 def test_profile_groups():
@@ -455,7 +472,7 @@ def test_recommend_bench_end_to_end(tmp_path):
         else:
             assert x["mean_steps"] == 0 and x["hits"] == 3
     readme = tmp_path / "README.md"
-    readme.write_text(f"{report.README_START}\nother benches\n{report.README_END}\n{report.RECOMMEND_START}\n"
+    readme.write_text(f"{report.speed_markers('no-bf16')[0]}\nother benches\n{report.speed_markers('no-bf16')[1]}\n{report.RECOMMEND_START}\n"
                       f"{report.RECOMMEND_END}\n", encoding="utf-8")
     report.update_readme(readme, _results(out))
     text = readme.read_text(encoding="utf-8")
