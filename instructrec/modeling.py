@@ -305,6 +305,54 @@ def quantize_int8(model, inplace: bool = False):
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=inplace)
 
 
+PACK_ROWS = 64  # the rows oneDNN is told to expect when it lays a weight out (a hint, not a limit)
+
+
+class PackedLinear(torch.nn.Module):
+    """An inference-only ``nn.Linear`` (bfloat16, CPU) whose weight oneDNN has laid out once, at
+    load, in the blocked format its matmul kernels read. ``F.linear`` reorders the weight on
+    every call; at the service's small passes that reorder is a large share of a matmul
+    (measured on an Intel Xeon with AMX, 1 thread: 0.06 against 0.12 ms at 30 rows, 10% of a
+    10- or 100-candidate request), and the results are the same bits."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
+        # plain attributes, not buffers: an opaque oneDNN tensor cannot be moved, cast or saved
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed, self.bias, "none", [], "")
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :func:`pack_linears` applies: bfloat16 on a CPU that computes it natively, with
+    torch's oneDNN (float32 gained nothing measurable, and elsewhere bf16 is emulated)."""
+    return (device.type == "cpu" and dtype == torch.bfloat16 and cpu_has_bf16() and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def pack_linears(model: torch.nn.Module) -> int:
+    """Replace every bfloat16 ``nn.Linear`` of an inference model by a :class:`PackedLinear`,
+    in place; returns how many. The output layer stays: the ranker reads its weight to
+    normalise over the vocabulary in blocks. For models whose code only calls its linear layers
+    (the prefix-LM: HF's T5 reads ``wo.weight`` to pick a dtype)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear and child is not head and child.weight.dtype == torch.bfloat16:
+                setattr(module, name, PackedLinear(child))
+                swapped += 1
+    return swapped
+
+
 # Model types whose activations overflow float16 (T5's feed-forward outputs exceed 65,504 in
 # pretrained checkpoints, Flan-T5 included): inf/NaN scores and losses, not merely lower precision.
 FP16_UNSAFE = frozenset({"t5", "mt5", "umt5", "longt5", "switch_transformers"})
@@ -507,6 +555,8 @@ def load_model(name_or_path: str | Path, device: str | None = "auto", dtype: str
     model.eval()
     if quantized:
         model = quantize_int8(model, inplace=True)  # no float32 copy kept beside it
+    elif kind == PREFIX_LM and can_pack(dev, dt):  # HF's T5 and GPT-2 code read their layers' .weight
+        log.debug("%s: %d linear layers packed for oneDNN", name, pack_linears(model))
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, kind=kind, device=dev, dtype=dt, meta=meta,
                        quantized=INT8 if quantized else None)
 

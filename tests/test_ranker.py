@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
 import pytest
 import torch
 
-from instructrec.modeling import TINY, TINY_CAUSAL, TINY_T5, load_model
+from instructrec.modeling import TINY, TINY_CAUSAL, TINY_PREFIX, TINY_T5, build_base, can_pack, load_model
 from instructrec.ranker import PASS_COST_TOKENS, Encoded, Ranker, rank_order, target_ids, targets_ids
 
 torch.set_num_threads(1)
@@ -383,6 +384,30 @@ def test_int8_load_quantises_linear_layers_on_cpu_only(models, monkeypatch):
         load_model(TINY, device="cuda", dtype="int8")
     with pytest.raises(ValueError, match="int8"):  # listed among the choices
         load_model(TINY, device="cpu", dtype="int4")
+
+
+@pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16), reason="no native bf16 / oneDNN on this CPU")
+def test_bf16_load_packs_linear_layers_and_scores_as_unpacked(models):
+    """A bf16 model on a CPU with bf16 gets its linear layers laid out once for oneDNN; the
+    output layer stays (the ranker reads its weight), and the scores are those of plain
+    ``F.linear`` on the same weights, to bf16's rounding (the tiny models' small matmuls take
+    another kernel without packing)."""
+    from instructrec.modeling import PackedLinear, pack_linears
+
+    name = TINY_PREFIX
+    loaded = models(name, "bfloat16")
+    packed = [m for m in loaded.model.modules() if isinstance(m, PackedLinear)]
+    plain = [m for m in loaded.model.modules() if type(m) is torch.nn.Linear]
+    assert packed and plain == ([loaded.model.get_output_embeddings()] if plain else [])
+    assert not any(k.endswith("packed") for k in loaded.model.state_dict())
+    assert pack_linears(loaded.model) == 0  # nothing left to pack
+    unpacked = build_base(name, torch.bfloat16)[0].eval()  # the same seeded weights, not packed
+    reference = Ranker(dataclasses.replace(loaded, model=unpacked)).score(SOURCE, CANDS).scores
+    got = Ranker(loaded).score(SOURCE, CANDS).scores
+    assert max(abs(a - b) for a, b in zip(got, reference)) < 1e-2  # bf16 rounding (0 on the real model, AMX)
+    assert not can_pack(torch.device("cpu"), torch.float32)
+    for other in (models(name), models(TINY_T5, "bfloat16")):  # float32, and a model whose code reads .weight
+        assert not any(isinstance(m, PackedLinear) for m in other.model.modules())
 
 
 def test_one_candidate_per_instruction_runs_one_decoder_pass(models):
