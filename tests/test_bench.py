@@ -412,6 +412,7 @@ def test_profile_groups():
     assert profile_group("aten::addmm", True) == "vocabulary head matmul"
     assert profile_group("aten::addmm", False) == profile_group("quantized::linear_dynamic", False) == PROFILE_GROUPS[0]
     assert profile_group("quantized::linear_dynamic", True) == "vocabulary head matmul"
+    assert profile_group("mkldnn::_linear_pointwise", False) == PROFILE_GROUPS[0]  # a packed bf16 linear layer
     assert profile_group("aten::_log_softmax", False) == profile_group("aten::exp_", True) == PROFILE_GROUPS[2]
     assert profile_group("aten::_scaled_dot_product_flash_attention_for_cpu", False) == PROFILE_GROUPS[3]
     assert profile_group("aten::cat", False) == PROFILE_GROUPS[4]

@@ -231,7 +231,7 @@ def matmul_peak(dtype: torch.dtype, size: int, min_seconds: float = 0.3, min_cal
 
 PROFILE_VARIANTS = ("shared_kv", "bf16", "int8")
 _MATMULS = {"aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
-            "quantized::linear_dynamic"}
+            "mkldnn::_linear_pointwise", "quantized::linear_dynamic"}
 _COPIES = {"aten::copy_", "aten::cat", "aten::index_select", "aten::index", "aten::gather", "aten::clone",
            "aten::contiguous", "aten::_to_copy", "aten::to", "aten::empty", "aten::empty_strided", "aten::zeros",
            "aten::zero_", "aten::fill_", "aten::index_add_", "aten::masked_select", "aten::repeat", "aten::expand"}
