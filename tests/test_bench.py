@@ -473,8 +473,8 @@ def test_recommend_bench_end_to_end(tmp_path):
         else:
             assert x["mean_steps"] == 0 and x["hits"] == 3
     readme = tmp_path / "README.md"
-    readme.write_text(f"{report.speed_markers('no-bf16')[0]}\nother benches\n{report.speed_markers('no-bf16')[1]}\n{report.RECOMMEND_START}\n"
-                      f"{report.RECOMMEND_END}\n", encoding="utf-8")
+    start, end = report.speed_markers("no-bf16")
+    readme.write_text(f"{start}\nother benches\n{end}\n{report.RECOMMEND_START}\n{report.RECOMMEND_END}\n", encoding="utf-8")
     report.update_readme(readme, _results(out))
     text = readme.read_text(encoding="utf-8")
     assert "| k | phase | requests | p50 ms |" in text

@@ -48,7 +48,8 @@ def test_soak_end_to_end(tmp_path):
     md = (tmp_path / report.RESULTS_MD).read_text()
     assert "## Soak" in md and "| wrong answers | 0 |" in md
     readme = tmp_path / "README.md"
-    readme.write_text(f"a\n{report.speed_markers('no-bf16')[0]}\n{report.speed_markers('no-bf16')[1]}\nb\n{report.SOAK_START}\nold\n{report.SOAK_END}\nc\n")
+    start, end = report.speed_markers("no-bf16")
+    readme.write_text(f"a\n{start}\n{end}\nb\n{report.SOAK_START}\nold\n{report.SOAK_END}\nc\n")
     report.update_readme(readme, {"soak": s})
     text = readme.read_text()
     soak_block = text.split(report.SOAK_START)[1].split(report.SOAK_END)[0]

@@ -398,7 +398,7 @@ def test_bf16_load_packs_linear_layers_and_scores_as_unpacked(models):
     loaded = models(name, "bfloat16")
     packed = [m for m in loaded.model.modules() if isinstance(m, PackedLinear)]
     plain = [m for m in loaded.model.modules() if type(m) is torch.nn.Linear]
-    assert packed and plain == ([loaded.model.get_output_embeddings()] if plain else [])
+    assert packed and plain == [loaded.model.get_output_embeddings()]
     assert not any(k.endswith("packed") for k in loaded.model.state_dict())
     assert pack_linears(loaded.model) == 0  # nothing left to pack
     unpacked = build_base(name, torch.bfloat16)[0].eval()  # the same seeded weights, not packed

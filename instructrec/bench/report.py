@@ -132,8 +132,12 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _features(m: dict) -> str:
+    return ", ".join(f for f, on in (m.get("cpu_features") or {}).items() if on) or "none of interest"
+
+
 def _machine_md(m: dict) -> str:
-    feats = ", ".join(f for f, on in (m.get("cpu_features") or {}).items() if on) or "none of interest"
+    feats = _features(m)
     load_avg = m.get("load_average")
     la = " / ".join(f"{x:.2f}" for x in load_avg) if load_avg else "–"
     return (f"- CPU: {m.get('cpu_model')} — {m.get('usable_cpus')} usable of {m.get('logical_cpus')} logical CPUs "
@@ -610,9 +614,8 @@ def readme_section(results: dict) -> str:
     parts = []
     machine = next((results[k]["machine"] for k in ("ranker", "service") if results.get(k, {}).get("machine")), None)
     if machine:
-        feats = ", ".join(f for f, on in (machine.get("cpu_features") or {}).items() if on) or "none of interest"
         parts += [f"Machine (class `{machine_class(machine)}`): {machine.get('cpu_model')}, "
-                  f"{machine.get('usable_cpus')} CPUs; features {feats}; torch {machine.get('torch')}.", ""]
+                  f"{machine.get('usable_cpus')} CPUs; features {_features(machine)}; torch {machine.get('torch')}.", ""]
     r = results.get("ranker")
     if r:
         sizes = sorted({x["candidates"] for x in r.get("rows", [])})
@@ -701,7 +704,7 @@ def update_readme(readme: str | Path, results: dict) -> Path:
 def _speed_block(readme: str | Path, kind: str) -> tuple[Path, str, str]:
     """The file holding ``kind``'s speed block, else the one holding another class's; and the markers."""
     start, end = speed_markers(kind)
-    for other in (kind, *MACHINE_CLASSES):
+    for other in dict.fromkeys((kind, *MACHINE_CLASSES)):  # its own block first
         try:
             return holder(readme, *speed_markers(other)), start, end
         except ValueError:
