@@ -203,3 +203,18 @@ def test_the_evaluation_reports_the_whole_relays_budget(relay, tmp_path):
     m = InstructionModel(load_dataset("games-sample"), model, "shipped", device="cpu", dtype="float32")
     assert m.train_seconds == leg_seconds + 3600.0
     assert "tuned by the training relay (123,456 examples)" in m.notes
+
+
+def test_a_relay_leg_keeps_every_checkpoint_unless_told():
+    """promote compares a leg's checkpoints on the relay users after the leg: a leg keeps them all."""
+    import argparse
+
+    from instructrec.training.tune_cli import add_arguments, preset_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    leg = ["--preset", "full", "--out", "x", "--init", "models/minilm-games"]
+    assert preset_from_args(parser.parse_args(leg)).save_total_limit is None
+    assert preset_from_args(parser.parse_args([*leg, "--save-total-limit", "3"])).save_total_limit == 3
+    assert preset_from_args(parser.parse_args(["--preset", "full", "--out", "x"])).save_total_limit == \
+        PRESETS["full"].save_total_limit == 1

@@ -52,7 +52,7 @@ class Preset:
     # optimizer state resuming needs) are kept.
     gradient_checkpointing: bool = False
     lora: bool = False
-    save_total_limit: int = 2
+    save_total_limit: int | None = 2  # None: every checkpoint (a relay leg's default, tune_cli)
 
     def override(self, **changes) -> "Preset":
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -63,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ckpt.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None,
                       help="recompute activations in the backward pass: far less memory, about a third more compute (default: the preset's)")
     ckpt.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
-    parser.add_argument("--save-total-limit", type=int, help="resumable checkpoints kept (each with optimizer state)")
+    parser.add_argument("--save-total-limit", type=int, help="resumable checkpoints kept (each with optimizer state; default: the preset's, "
+                        "every one for a relay leg, --init)")
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="start over instead of resuming from OUT")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -74,10 +75,17 @@ NOT_OVERRIDES = {"name", "data"}
 
 
 def preset_from_args(args: argparse.Namespace) -> Preset:
-    """The named preset with every option given that is one of its fields (an option left out is None)."""
+    """The named preset with every option given that is one of its fields (an option left out is None).
+    A relay leg (``--init``) keeps every checkpoint unless ``--save-total-limit`` says otherwise:
+    promote compares them on the relay users after the leg, and the best step there need not be
+    the best on the preset's validation (leg 12's step 250 gained +0.012 on the relay users and
+    was deleted by the time the leg ended)."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Preset)
              if f.name not in NOT_OVERRIDES and hasattr(args, f.name)}
-    return PRESETS[args.preset].override(**given)
+    preset = PRESETS[args.preset].override(**given)
+    if getattr(args, "init", None) and given.get("save_total_limit") is None:
+        preset = dataclasses.replace(preset, save_total_limit=None)
+    return preset
 
 
 def run(args: argparse.Namespace) -> int:
