@@ -313,14 +313,15 @@ class PackedLinear(torch.nn.Module):
     load, in the blocked format its matmul kernels read. ``F.linear`` reorders the weight on
     every call; at the service's small passes that reorder is a large share of a matmul
     (measured on an Intel Xeon with AMX, 1 thread: 0.06 against 0.12 ms at 30 rows, 10% of a
-    10- or 100-candidate request), and the results are the same bits."""
+    10- or 100-candidate request). The shipped model's scores were the same bits; layers much
+    smaller than its 384-wide ones may differ by bf16 rounding, as ``F.linear`` can take another
+    kernel for them (the tiny test model: up to 0.0013)."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach()
         # plain attributes, not buffers: an opaque oneDNN tensor cannot be moved, cast or saved
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_ROWS)
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -556,7 +557,8 @@ def load_model(name_or_path: str | Path, device: str | None = "auto", dtype: str
     if quantized:
         model = quantize_int8(model, inplace=True)  # no float32 copy kept beside it
     elif kind == PREFIX_LM and can_pack(dev, dt):  # HF's T5 and GPT-2 code read their layers' .weight
-        log.debug("%s: %d linear layers packed for oneDNN", name, pack_linears(model))
+        packed = pack_linears(model)
+        log.debug("%s: %d linear layers packed for oneDNN", name, packed)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, kind=kind, device=dev, dtype=dt, meta=meta,
                        quantized=INT8 if quantized else None)
 
