@@ -75,10 +75,11 @@ def test_gate_fit_then_the_hybrid_rows_of_an_evaluation(tmp_path, model_dir, gam
     gate = load_gate(model_dir / "gate.json")
     report = gate.info["report"]
     assert gate.info["examples"] > 0 and gate.info["users_held_out"] == 8 and gate.temperature > 0
-    # the uniform cases of both scenarios, and their retrieved-10 cases where retrieval found the target
+    # the uniform cases of both scenarios, their retrieved-10 cases where retrieval found the
+    # target and their alike-10 cases where the target is among the need's 50 nearest titles
     assert {"sequential", "vague_intention", "all"} <= set(report["held_out"])
-    retrieved = set(report["fitted"]) - {"sequential", "vague_intention", "all"}
-    assert retrieved and all(name.startswith("retrieved-10:") for name in retrieved), retrieved
+    pooled = set(report["fitted"]) - {"sequential", "vague_intention", "all"}
+    assert {name.split(":")[0] for name in pooled} == {"retrieved-10", "alike-10"}, pooled
     assert 0 <= report["held_out"]["all"]["ece"] <= 1
 
     data = load_dataset("games-sample").sample_users(60, seed=3)
@@ -119,12 +120,52 @@ def test_gate_fit_then_the_hybrid_rows_of_an_evaluation(tmp_path, model_dir, gam
         np.mean([rank_of(s, c.positive) == 0 for c, s in zip(cases, hy_unit["scores"])]))
 
 
+def test_alike_cases_draw_every_candidate_from_the_needs_nearest_titles(tmp_path, model_dir, games_slice, capsys):
+    """The gate's alike-10 cases: the true item and 9 negatives, all among the need's nearest
+    titles by the bi-encoder (the history left out), and only cases whose true item is one of
+    them; a bad --alike-negatives is refused before anything runs."""
+    from instructrec.hybrid import Hybrid
+    from instructrec.hybrid.semantic import SemanticEncoder
+    from instructrec.text import normalise_need
+    from instructrec.training.evaluate.methods import InstructionModel
+    from instructrec.training.evaluate.scenarios import get_scenarios
+    from instructrec.training.hybrid.behaviour_cli import build_for
+    from instructrec.training.hybrid.fit import CatalogueRetrieval, alike_examples
+
+    data = load_dataset(str(games_slice))
+    hybrid = Hybrid(gate=None, behaviour=build_for(data), semantic=SemanticEncoder())
+    lm = InstructionModel(data, model_dir, device="cpu", dtype="float32")
+    retrieval = CatalogueRetrieval.of(data, hybrid, tmp_path)
+    cases = cand.pick_users(cand.full_cases(data, "valid"), 120, 7)
+    [scenario] = get_scenarios("sequential")
+    got = alike_examples(data, lm, hybrid, cases, {}, [scenario], retrieval=retrieval, negatives=9, pool=50, work=tmp_path)
+    by_user = {c.user_id: c for c in cases}
+    kept = 0
+    for case in cases:
+        need = scenario.need(data, case.user_id, case.history, case.target, {}, lm.max_history)
+        nearest = {retrieval.items[i].id for i in retrieval.nearest(case, need, 50)}
+        kept += case.target in nearest
+        assert not nearest & set(case.history)
+    assert 0 < len(got) == kept < len(cases)
+    for row in got:
+        case = by_user[row.user_id]
+        need = scenario.need(data, case.user_id, case.history, case.target, {}, lm.max_history)
+        positions = retrieval.nearest(case, need, 50)
+        farthest = float(retrieval.retriever.title_vectors[positions[-1]] @ hybrid.semantic.query(normalise_need(need)))
+        assert row.scenario == "alike-10:sequential" and len(row.example.lm) == 10
+        # every candidate at least as close to the need as the 50th nearest title
+        assert row.example.semantic.min() >= farthest - 1e-4
+    assert main(["gate", "fit", "--model", str(model_dir), "--alike-negatives", "9", "--alike-pool", "9"]) == 2
+    assert "--alike-negatives must be 0 or more and below --alike-pool" in capsys.readouterr().err
+
+
 def test_gate_refit_reads_the_lm_scores_kept_in_work(tmp_path, model_dir):
     """The LM's scores are kept in --work: a refit asks the model nothing (edited kept scores
     change its LM row), and a different model does not read them."""
     work = tmp_path / "work"
     args = ["gate", "fit", "--model", str(model_dir), "--data", "games-sample", "--users", "20",
-            "--scenarios", "sequential", "--retrieved-negatives", "0", "--work", str(work), "--no-progress"]
+            "--scenarios", "sequential", "--retrieved-negatives", "0", "--alike-negatives", "0", "--work", str(work),
+            "--no-progress"]
     assert main([*args, "--out", str(tmp_path / "a.json")]) == 0
     kept = sorted((work / "lm-scores").glob("*.json"))
     assert len(kept) == 1

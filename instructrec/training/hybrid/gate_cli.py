@@ -39,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="also every history scenario's case with the true item and this many negatives drawn from "
                           "what the signals retrieve for it (a reranker's input behind a matching stage); 0: none "
                           "(default 9)")
+    fit.add_argument("--alike-negatives", type=int, default=9,
+                     help="also every history scenario's case with the true item and this many negatives drawn from the "
+                          "need's --alike-pool nearest titles by the bi-encoder, where the true item is one of them (a "
+                          "reranker's input behind an embedding retriever); 0: none (default 9)")
+    fit.add_argument("--alike-pool", type=int, default=50, help="nearest titles those negatives come from (default 50)")
     fit.add_argument("--per-source", type=int, default=30, help="items each signal retrieves for those (default 30)")
     fit.add_argument("--scenarios", help="comma-separated scenarios (default: all)")
     fit.add_argument("--out", help="the gate file (default: MODEL/gate.json)")
@@ -74,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     try:
+        if args.alike_negatives < 0 or (args.alike_negatives and args.alike_pool <= args.alike_negatives):
+            raise ValueError(f"--alike-negatives must be 0 or more and below --alike-pool, not {args.alike_negatives} "
+                             f"of {args.alike_pool}")
         data = load_dataset(args.data)
         index = load_behaviour_index(args.behaviour) if args.behaviour else build_for(data, source=args.data)
         lm = InstructionModel(data, args.model, device=args.device, dtype=args.dtype)
@@ -83,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         work.mkdir(parents=True, exist_ok=True)
         examples = fitting_examples(data, lm, hybrid, users=args.users, work=work, scenarios=args.scenarios,
                                     retrieved_users=args.retrieved_users, per_source=args.per_source,
-                                    retrieved_negatives=args.retrieved_negatives,
+                                    retrieved_negatives=args.retrieved_negatives, alike_negatives=args.alike_negatives,
+                                    alike_pool=args.alike_pool,
                                     progress=args.progress)
         model_dir = Path(args.model)
         info = {"model": str(model_dir), "checkpoint_version": checkpoint_version(model_dir) if model_dir.is_dir() else None,
