@@ -270,9 +270,10 @@ class Ranker:
         copy is that caller's."""
         return self._tokenizer_lock if tokenizer is None else contextlib.nullcontext()
 
-    def chunks(self, ids: list[list[int]], batch_tokens: int | None = None) -> list[list[int]]:
+    def chunks(self, ids: list[list[int]], batch_tokens: int | None = None, multiple: int = 1) -> list[list[int]]:
         """Indices grouped into decoder passes of similar length, each within the token budget
-        (``batch_tokens``, default the ranker's).
+        (``batch_tokens``, default the ranker's); ``multiple``: passes are padded to widths that
+        are multiples of it, so lengths are rounded up to it first.
 
         Rows sorted by length are cut where padding would cost more than another pass: a
         dynamic programme over the distinct lengths minimises padded tokens plus
@@ -280,14 +281,18 @@ class Ranker:
         pad 970 real tokens to 2,200).
         """
         budget = batch_tokens or self.batch_tokens
-        order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
+
+        def width(i: int) -> int:
+            return -(-len(ids[i]) // multiple) * multiple
+
+        order = sorted(range(len(ids)), key=lambda i: (width(i), i))
         if not order:
             return []
-        widths = sorted({len(ids[i]) for i in order})
+        widths = sorted({width(i) for i in order})
         counts = [0] * len(widths)
         position = {w: k for k, w in enumerate(widths)}
         for i in order:
-            counts[position[len(ids[i])]] += 1
+            counts[position[width(i)]] += 1
 
         def passes(rows: int, width: int) -> int:
             per_pass = max(1, budget // width)
@@ -373,14 +378,16 @@ class Ranker:
         1,000 candidates for mT5's vocabulary)."""
         full_logits = not isinstance(head, Head)
         budget = self.logits_pass_tokens() if full_logits else self.batch_tokens
-        passes = [part for chunk in self.chunks([t[skip:] for t in targets], budget)
+        shapes = self.backend.pass_shapes()
+        passes = [part for chunk in self.chunks([t[skip:] for t in targets], budget, shapes.width)
                   for part in self.split_mixed(chunk, owners, row_bytes)]
 
         def one_pass(chunk: list[int]):
             rows = [targets[i] for i in chunk]
-            labels = self.pad_rows([t[skip:] for t in rows])
-            hidden = run(rows, self._picker([owners[i] for i in chunk]), labels)
-            h, lab, row = self.real_positions(hidden, labels, [len(t) - skip for t in rows])
+            filler = shapes.padded_rows(len(rows)) - len(rows)  # rows of padding only, read by nobody
+            labels = self.pad_rows([t[skip:] for t in rows] + [[]] * filler, shapes.width)
+            hidden = run(rows, self._picker([owners[i] for i in chunk] + [owners[chunk[0]]] * filler), labels)
+            h, lab, row = self.real_positions(hidden, labels, [len(t) - skip for t in rows] + [0] * filler)
             del hidden  # a pass's logits, when full_logits: freed before they are reduced
             return (self.head_logprobs(h, lab, head) if full_logits else h), lab, torch.tensor(chunk, device=self.device)[row]
 
@@ -388,7 +395,16 @@ class Ranker:
         if not done:
             return []
         states, labels_at, rows_at = (list(x) for x in zip(*done))
-        lp = torch.cat(states) if full_logits else self.head_logprobs(torch.cat(states), torch.cat(labels_at), head)
+        if full_logits:
+            lp = torch.cat(states)
+        else:
+            hidden, labels = torch.cat(states), torch.cat(labels_at)
+            real = hidden.shape[0]
+            filler = -real % shapes.head_rows  # zero rows, so the head's matmuls take few shapes
+            if filler:
+                hidden = torch.cat([hidden, hidden.new_zeros(filler, hidden.shape[1])])
+                labels = torch.cat([labels, labels.new_zeros(filler)])
+            lp = self.head_logprobs(hidden, labels, head)[:real]
         return torch.zeros(len(targets), device=self.device).index_add_(0, torch.cat(rows_at), lp).tolist()
 
     def split_mixed(self, chunk: list[int], owners: list[int], row_bytes: int) -> list[list[int]]:

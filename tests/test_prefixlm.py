@@ -129,3 +129,33 @@ def test_instruction_lengths_are_warmed_by_bucket():
         source = " ".join(["quest"] * words)
         fast = ranker.score(source, CANDS[:4]).scores
         assert fast == pytest.approx(ranker.score(source, CANDS[:4], naive=True).scores, abs=1e-4)
+
+
+def test_cpu_passes_take_padded_shapes_and_score_as_exact_ones(loaded, monkeypatch):
+    """On a CPU a prefix-LM's candidate passes are padded (widths to multiples of 8, rows to a
+    few sizes, the head's rows to multiples of 64) so new requests reuse kernels; the padding is
+    never read: the scores are those of passes shaped exactly, and those of the reference."""
+    from instructrec.backends import prefix_lm
+    from instructrec.backends.base import EXACT
+
+    ranker = Ranker(loaded)
+    shapes = prefix_lm.CPU_PASS_SHAPES
+    assert ranker.backend.pass_shapes() == shapes and shapes.width > 1 and shapes.head_rows > 1
+    passes, head_rows = [], []
+    hook = loaded.model.bert.embeddings.register_forward_hook(
+        lambda _m, _a, kw, _out: passes.append(tuple(kw["input_ids"].shape))
+        if int(kw["token_type_ids"].max()) == prefixlm.CANDIDATE_TYPE else None, with_kwargs=True)
+    head_logprobs = ranker.head_logprobs
+    monkeypatch.setattr(ranker, "head_logprobs", lambda h, lab, head: head_rows.append(h.shape[0]) or head_logprobs(h, lab, head))
+    try:
+        padded = ranker.score(SOURCE, CANDS * 2).scores  # 14 candidates of 1-48 tokens
+    finally:
+        hook.remove()
+    assert passes and all(width % shapes.width == 0 and rows == shapes.padded_rows(rows) for rows, width in passes)
+    assert any(rows not in (1, 2) for rows, _ in passes)
+    assert head_rows and all(n % shapes.head_rows == 0 for n in head_rows)
+    monkeypatch.setattr(prefix_lm, "CPU_PASS_SHAPES", EXACT)
+    exact = Ranker(loaded).score(SOURCE, CANDS * 2).scores
+    assert padded == pytest.approx(exact, abs=1e-5)
+    assert padded[: len(CANDS)] == pytest.approx(ranker.score(SOURCE, CANDS, naive=True).scores, abs=1e-4)
+    assert [shapes.padded_rows(n) for n in (1, 2, 3, 5, 10, 32, 33, 40)] == [1, 2, 4, 8, 12, 32, 40, 40]

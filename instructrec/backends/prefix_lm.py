@@ -9,13 +9,22 @@ import torch
 from instructrec import prefixlm
 from instructrec.modeling import PREFIX_LM
 
-from .base import Backend, CachedSteps, Head, cached, row_bytes, step_logprobs
+from .base import EXACT, Backend, CachedSteps, Head, PassShapes, cached, row_bytes, step_logprobs
 
 # A prefix-LM reads an instruction padded to a multiple of this many tokens (padding masked):
 # every new length meant new kernels for oneDNN and attention to create (148 matmul primitives
 # for one new 10-candidate request), while a few lengths can be warmed up at start-up. On 30 new
 # Games requests: 52-59 ms the first time without it, 46-47 ms with it and the warm-up.
 SOURCE_BUCKET = 16
+# On a CPU its candidate passes are padded too (:class:`PassShapes`): widths to multiples of 8
+# tokens, rows to multiples of 4 (of 8 past 32), the head's rows to multiples of 64; and the
+# candidates read the instruction's keys/values at its padded length (the padding masked,
+# :func:`instructrec.prefixlm.attend_after_prefix`). Measured on the shipped model (Intel Xeon
+# with AMX, bf16, one thread, a training run on the other core), the median of 50 new
+# 10-candidate Games requests after 10 others: 55-66 ms before (three runs), 43-56 ms with the
+# instruction read padded (four), 40-47 ms with the passes padded too (three of them alternated
+# with three of the former, 43-56); the same requests again took 46-49 ms in each way.
+CPU_PASS_SHAPES = PassShapes(width=8, rows=4, head_rows=64)
 
 
 class PrefixLMBackend(Backend):
@@ -77,6 +86,9 @@ class PrefixLMBackend(Backend):
 
     def shares_passes(self) -> bool:
         return True
+
+    def pass_shapes(self) -> PassShapes:
+        return CPU_PASS_SHAPES if torch.device(self.device).type == "cpu" else EXACT
 
     def warm_instruction_lengths(self) -> list[int]:
         """Instructions are read padded to multiples of ``SOURCE_BUCKET``: each such length within
