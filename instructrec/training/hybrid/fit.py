@@ -222,7 +222,7 @@ def retrieved_sample_examples(data: InteractionData, lm, hybrid: Hybrid, cases: 
     the signals tells them apart; these teach the gate what uniform candidates cannot: when
     every candidate resembles the history, the look-alike is not the answer."""
     return pooled_examples(data, lm, hybrid, cases, annotations, scenarios, items=retrieval.items, negatives=negatives,
-                           work=work, name="retrieved", salt=f"{seed}:",
+                           work=work, name="retrieved", seed=seed,
                            pool_of=lambda case, need: retrieval.retrieve(case, need, per_source))
 
 
@@ -244,12 +244,12 @@ def alike_examples(data: InteractionData, lm, hybrid: Hybrid, cases: Sequence[Ca
         return (positions, target) if target in positions else None
 
     return pooled_examples(data, lm, hybrid, cases, annotations, scenarios, items=retrieval.items, negatives=negatives,
-                           work=work, name="alike", pool_of=pool_of, salt=f"{seed}:", suffix=":alike")
+                           work=work, name="alike", pool_of=pool_of, seed=seed, suffix=":alike")
 
 
 def pooled_examples(data: InteractionData, lm, hybrid: Hybrid, cases: Sequence[Case], annotations: dict,
                     scenarios: Sequence[Scenario], *, items: Sequence, negatives: int, work: Path, name: str, pool_of,
-                    salt: str, suffix: str = "") -> list[Labelled]:
+                    seed: int, suffix: str = "") -> list[Labelled]:
     """Each scenario's case with the true item and ``negatives`` drawn (seeded per user and
     scenario) from ``pool_of(case, need)``: (positions in ``items``, the target's), or None to
     leave the case out; scenario ``NAME-N:SCENARIO``."""
@@ -265,7 +265,7 @@ def pooled_examples(data: InteractionData, lm, hybrid: Hybrid, cases: Sequence[C
             pool = [items[i].id for i in positions if i != target]
             if len(pool) < negatives:
                 continue
-            rng = random.Random(f"{salt}{case.user_id}:{scenario.name}{suffix}")
+            rng = random.Random(f"{seed}:{case.user_id}:{scenario.name}{suffix}")
             candidates = [case.target, *rng.sample(pool, negatives)]
             rng.shuffle(candidates)
             built.append((cand.CandidateCase(case.user_id, case.history, case.target, tuple(candidates)), need))
