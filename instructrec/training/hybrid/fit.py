@@ -129,8 +129,8 @@ def fitting_examples(data: InteractionData, lm, hybrid: Hybrid, *, users: int, w
             sig = case_signals(hybrid, data, case, need)
             out.append(Labelled(scenario.name, case.user_id, Example(np.asarray(scores), need, sig.behaviour, sig.semantic,
                                                                      sig.known, case.positive, sig.sequential)))
-    pooled = retrieved_users or retrieved_negatives or (alike_negatives and hybrid.semantic is not None)
-    retrieval = CatalogueRetrieval.of(data, hybrid, work) if pooled else None
+    alike = alike_negatives and hybrid.semantic is not None  # look-alikes need the bi-encoder
+    retrieval = CatalogueRetrieval.of(data, hybrid, work) if retrieved_users or retrieved_negatives or alike else None
     if retrieved_users:
         out += retrieved_examples(data, lm, hybrid, cases[:retrieved_users], retrieval=retrieval, per_source=per_source,
                                   work=work, progress=progress)
@@ -138,7 +138,7 @@ def fitting_examples(data: InteractionData, lm, hybrid: Hybrid, *, users: int, w
         out += retrieved_sample_examples(data, lm, hybrid, cases, annotations, [s for s in chosen if s.history],
                                          retrieval=retrieval, negatives=retrieved_negatives, per_source=per_source,
                                          work=work, seed=seed)
-    if alike_negatives and hybrid.semantic is not None:
+    if alike:
         out += alike_examples(data, lm, hybrid, cases, annotations, [s for s in chosen if s.history], retrieval=retrieval,
                               negatives=alike_negatives, pool=alike_pool, work=work, seed=seed)
     return out
