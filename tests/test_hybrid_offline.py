@@ -281,3 +281,35 @@ def test_full_catalogue_hybrid_ranks_the_retrieved_union(tmp_path, model_dir):
         lm = ranker.score(build_instruction(need, ranker.tokenizer, ranker.max_source_tokens).source, titles).scores
         fused = hybrid.fuse(lm, need, titles, [ids[p] for p in got.items], list(case.history)).scores
         assert rank == int((fused >= fused[got.items.index(pos)]).sum()) - 1
+
+
+def test_cross_validated_report_ranks_each_user_by_the_other_folds_gate(capsys):
+    """Every user's cases are ranked by a gate fitted without that user; report-only cases are
+    ranked the same way but neither fitted on nor counted in "all". Here the behaviour signal
+    points at the true item and the LM away from it: a gate fitted on the other folds learns
+    that, so out of fold every case ranks first."""
+    from instructrec.aspects import UserNeed
+    from instructrec.hybrid.gate import Example
+    from instructrec.training.hybrid.fit import Labelled, cross_validated
+
+    rng = np.random.default_rng(0)
+
+    def case(user: int, scenario: str) -> Labelled:
+        positive = int(rng.integers(10))
+        behaviour = rng.normal(size=10)
+        behaviour[positive] += 10.0
+        lm = rng.normal(size=10)
+        lm[positive] -= 2.0
+        return Labelled(scenario, f"u{user}", Example(lm, UserNeed(history=("a", "b")), behaviour, None, 1.0, positive))
+
+    examples = [case(u, "sequential") for u in range(40)]
+    held = [case(u, "hard-10:sequential") for u in range(40)]
+    result = cross_validated(examples, 4, report_only=held)
+    assert set(result) == {"sequential", "all", "hard-10:sequential"}
+    assert result["all"]["cases"] == result["sequential"]["cases"] == 40 == result["hard-10:sequential"]["cases"]
+    assert result["sequential"]["hr@1"] == 1.0 and result["hard-10:sequential"]["hr@1"] == 1.0
+    assert 0 <= result["all"]["ece"] <= 1
+    assert main(["gate", "fit", "--model", "none", "--folds", "1"]) == 2
+    assert "--folds must be 0 or at least 2" in capsys.readouterr().err
+    assert main(["gate", "fit", "--model", "none", "--hard-report"]) == 2
+    assert "--hard-report needs it" in capsys.readouterr().err

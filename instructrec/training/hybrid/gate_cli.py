@@ -45,6 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "reranker's input behind an embedding retriever); 0: none (default 9)")
     fit.add_argument("--alike-pool", type=int, default=50, help="nearest titles those negatives come from (default 50)")
     fit.add_argument("--per-source", type=int, default=30, help="items each signal retrieves for those (default 30)")
+    fit.add_argument("--folds", type=int, default=0,
+                     help="also report every user's cases ranked by a gate fitted on the other folds' users (this many "
+                          "seeded folds; 0: only the held-out fifth, default)")
+    fit.add_argument("--hard-report", action="store_true",
+                     help="with --folds, also report the users' cases with the evaluation's hard negatives (never fitted)")
     fit.add_argument("--scenarios", help="comma-separated scenarios (default: all)")
     fit.add_argument("--out", help="the gate file (default: MODEL/gate.json)")
     fit.add_argument("--work", default="artifacts/gate", help="where the teacher's annotations and the LM's scores are cached "
@@ -65,6 +70,12 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def cv_table(result: dict) -> str:
+    lines = ["| scenario | cases | fused | ECE |", "| --- | --- | --- | --- |"]
+    lines += [f"| {name} | {r['cases']} | **{r['hr@1']:.3f}** | {r['ece']:.3f} |" for name, r in result.items()]
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     from instructrec.hybrid import GATE_FILE, Hybrid
     from instructrec.hybrid.behaviour import BehaviourError, load_behaviour_index
@@ -73,12 +84,14 @@ def run(args: argparse.Namespace) -> int:
     from instructrec.hybrid.sequential import SequentialError, load_sequential
     from instructrec.modeling import ModelNotFound
 
-    from ..evaluate.methods import InstructionModel
+    from ..evaluate.methods import BiEncoder, InstructionModel
     from .behaviour_cli import build_for
-    from .fit import fit_and_report, fitting_examples
+    from .fit import cross_validated, fit_and_report, fitting_examples, hard_report_examples
 
     started = time.perf_counter()
     try:
+        if args.folds == 1 or args.folds < 0 or (args.hard_report and not args.folds):
+            raise ValueError(f"--folds must be 0 or at least 2 (--hard-report needs it), not {args.folds}")
         if args.alike_negatives < 0 or (args.alike_negatives and args.alike_pool <= args.alike_negatives):
             raise ValueError(f"--alike-negatives must be 0 or more and below --alike-pool, not {args.alike_negatives} "
                              f"of {args.alike_pool}")
@@ -100,6 +113,11 @@ def run(args: argparse.Namespace) -> int:
                 "semantic": hybrid.semantic.version, "sequential": sequential.version if sequential else None,
                 "users": args.users, "command": invoked_as()}
         gate, result = fit_and_report(examples, info, l2=args.l2)
+        if args.folds:
+            retrieve = BiEncoder(data, cache_dir=work / "bi-encoder").retrieve if args.hard_report else None
+            hard = hard_report_examples(data, lm, hybrid, retrieve, users=args.users, work=work, scenarios=args.scenarios,
+                                        progress=args.progress) if args.hard_report else []
+            result["cross_validated"] = cross_validated(examples, args.folds, l2=args.l2, report_only=hard)
         gate.info.update({"report": result, "seconds": round(time.perf_counter() - started, 1), "machine": machine_info()})
         out = gate.save(Path(args.out) if args.out else model_dir / GATE_FILE)
     except (BehaviourError, GateError, SequentialError, DataError, ModelNotFound, FileNotFoundError, ValueError) as exc:
@@ -107,6 +125,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f"held-out users ({gate.info['users_held_out']}), HR@1 of 1 + 9 candidates:")
     print(table(result["held_out"]))
+    if "cross_validated" in result:
+        print(f"every user, ranked by the gate of the other {args.folds - 1} folds (fused HR@1 of 1 + 9 candidates):")
+        print(cv_table(result["cross_validated"]))
     print(json.dumps({"gate": str(out), "version": gate.version, "temperature": round(gate.temperature, 4),
                       "examples": gate.info["examples"], "seconds": gate.info["seconds"]}))
     return 0
