@@ -69,15 +69,20 @@ def test_behaviour_build_cli_leaves_out_the_holdout(tmp_path, capsys):
 
 def test_gate_fit_then_the_hybrid_rows_of_an_evaluation(tmp_path, model_dir, games_slice, capsys):
     assert main(["gate", "fit", "--model", str(model_dir), "--data", str(games_slice), "--users", "40",
-                 "--scenarios", "sequential,vague_intention", "--work", str(tmp_path / "work"), "--no-progress"]) == 0
+                 "--scenarios", "sequential,vague_intention", "--work", str(tmp_path / "work"), "--folds", "2",
+                 "--hard-report", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "| sequential |" in out and "| vague_intention |" in out
+    # every user's cases ranked out of fold, and their hard-10 sequential cases, reported only
+    assert "ranked by the gate of the other 1 folds" in out and "| hard-10:sequential | 40 |" in out
     gate = load_gate(model_dir / "gate.json")
     report = gate.info["report"]
     assert gate.info["examples"] > 0 and gate.info["users_held_out"] == 8 and gate.temperature > 0
     # the uniform cases of both scenarios, their retrieved-10 cases where retrieval found the
     # target and their alike-10 cases where the target is among the need's 50 nearest titles
     assert {"sequential", "vague_intention", "all"} <= set(report["held_out"])
+    assert report["cross_validated"]["sequential"]["cases"] == 40
+    assert "hard-10:sequential" not in report["fitted"]
     pooled = set(report["fitted"]) - {"sequential", "vague_intention", "all"}
     assert {name.split(":")[0] for name in pooled} == {"retrieved-10", "alike-10"}, pooled
     assert 0 <= report["held_out"]["all"]["ece"] <= 1

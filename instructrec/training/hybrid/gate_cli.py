@@ -114,9 +114,14 @@ def run(args: argparse.Namespace) -> int:
                 "users": args.users, "command": invoked_as()}
         gate, result = fit_and_report(examples, info, l2=args.l2)
         if args.folds:
-            retrieve = BiEncoder(data, cache_dir=work / "bi-encoder").retrieve if args.hard_report else None
-            hard = hard_report_examples(data, lm, hybrid, retrieve, users=args.users, work=work, scenarios=args.scenarios,
-                                        progress=args.progress) if args.hard_report else []
+            hard = []
+            if args.hard_report:
+                try:  # the evaluation's matching model for hard negatives
+                    retrieve = BiEncoder(data, cache_dir=work / "bi-encoder").retrieve
+                except RuntimeError as exc:  # sentence-transformers missing: the message says what to install
+                    raise ValueError(f"--hard-report: {exc}") from None
+                hard = hard_report_examples(data, lm, hybrid, retrieve, users=args.users, work=work,
+                                            scenarios=args.scenarios, progress=args.progress)
             result["cross_validated"] = cross_validated(examples, args.folds, l2=args.l2, report_only=hard)
         gate.info.update({"report": result, "seconds": round(time.perf_counter() - started, 1), "machine": machine_info()})
         out = gate.save(Path(args.out) if args.out else model_dir / GATE_FILE)
