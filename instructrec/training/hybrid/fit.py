@@ -97,6 +97,19 @@ def lm_scores(lm, work: Path, label: str, cases: Sequence[cand.CandidateCase], n
     return scores
 
 
+def labelled(data: InteractionData, lm, hybrid: Hybrid, work: Path, label: str,
+             used: Sequence[tuple[cand.CandidateCase, UserNeed]], progress: bool = False) -> list[Labelled]:
+    """The (case, need) pairs ``used`` as examples of scenario ``label``: the LM's scores (kept in
+    ``work`` under ``gate-fit:LABEL``) and every other signal of each case."""
+    scored = lm_scores(lm, work, f"gate-fit:{label}", [c for c, _ in used], [n for _, n in used], progress)
+    out = []
+    for (case, need), scores in zip(used, scored):
+        sig = case_signals(hybrid, data, case, need)
+        out.append(Labelled(label, case.user_id, Example(np.asarray(scores), need, sig.behaviour, sig.semantic,
+                                                         sig.known, case.positive, sig.sequential)))
+    return out
+
+
 def fitting_examples(data: InteractionData, lm, hybrid: Hybrid, *, users: int, work: Path, seed: int = FIT_SEED,
                      scenarios: str | None = None, retrieved_users: int = 0, per_source: int = 30,
                      retrieved_negatives: int = 9, alike_negatives: int = 9, alike_pool: int = 50,
@@ -122,13 +135,8 @@ def fitting_examples(data: InteractionData, lm, hybrid: Hybrid, *, users: int, w
     out = []
     for scenario in chosen:
         used = needs_of(data, rows, scenario, annotations, lm.max_history)
-        if not used:
-            continue
-        scored = lm_scores(lm, work, f"gate-fit:{scenario.name}", [c for c, _ in used], [n for _, n in used], progress)
-        for (case, need), scores in zip(used, scored):
-            sig = case_signals(hybrid, data, case, need)
-            out.append(Labelled(scenario.name, case.user_id, Example(np.asarray(scores), need, sig.behaviour, sig.semantic,
-                                                                     sig.known, case.positive, sig.sequential)))
+        if used:
+            out += labelled(data, lm, hybrid, work, scenario.name, used, progress)
     alike = alike_negatives and hybrid.semantic is not None  # look-alikes need the bi-encoder
     retrieval = CatalogueRetrieval.of(data, hybrid, work) if retrieved_users or retrieved_negatives or alike else None
     if retrieved_users:
@@ -199,17 +207,11 @@ def retrieved_examples(data: InteractionData, lm, hybrid: Hybrid, cases: Sequenc
         got = retrieval.retrieve(case, need, per_source) if need is not None else None
         if got is None:
             continue
-        positions, target = got
+        positions, _ = got
         cand_case = cand.CandidateCase(case.user_id, case.history, case.target,
                                        tuple(retrieval.items[i].id for i in positions))
-        built.append((cand_case, need, positions.index(target)))
-    scored = lm_scores(lm, work, "gate-fit:retrieved", [c for c, _, _ in built], [n for _, n, _ in built], progress)
-    out = []
-    for (cand_case, need, positive), scores in zip(built, scored):
-        sig = case_signals(hybrid, data, cand_case, need)
-        out.append(Labelled("retrieved", cand_case.user_id, Example(np.asarray(scores), need, sig.behaviour,
-                                                                   sig.semantic, sig.known, positive, sig.sequential)))
-    return out
+        built.append((cand_case, need))
+    return labelled(data, lm, hybrid, work, "retrieved", built, progress)
 
 
 def retrieved_sample_examples(data: InteractionData, lm, hybrid: Hybrid, cases: Sequence[Case], annotations: dict,
@@ -269,14 +271,8 @@ def pooled_examples(data: InteractionData, lm, hybrid: Hybrid, cases: Sequence[C
             candidates = [case.target, *rng.sample(pool, negatives)]
             rng.shuffle(candidates)
             built.append((cand.CandidateCase(case.user_id, case.history, case.target, tuple(candidates)), need))
-        label = f"{name}-{negatives + 1}:{scenario.name}"
-        if not built:
-            continue
-        scored = lm_scores(lm, work, f"gate-fit:{label}", [c for c, _ in built], [n for _, n in built])
-        for (case, need), scores in zip(built, scored):
-            sig = case_signals(hybrid, data, case, need)
-            out.append(Labelled(label, case.user_id, Example(np.asarray(scores), need, sig.behaviour, sig.semantic,
-                                                             sig.known, case.positive, sig.sequential)))
+        if built:
+            out += labelled(data, lm, hybrid, work, f"{name}-{negatives + 1}:{scenario.name}", built)
     return out
 
 
@@ -325,12 +321,8 @@ def hard_report_examples(data: InteractionData, lm, hybrid: Hybrid, retrieve, *,
     out = []
     for scenario in chosen:
         used = needs_of(data, rows, scenario, annotations, lm.max_history)
-        label = f"hard-10:{scenario.name}"
-        scored = lm_scores(lm, work, f"gate-fit:{label}", [c for c, _ in used], [n for _, n in used], progress)
-        for (case, need), scores in zip(used, scored):
-            sig = case_signals(hybrid, data, case, need)
-            out.append(Labelled(label, case.user_id, Example(np.asarray(scores), need, sig.behaviour, sig.semantic,
-                                                             sig.known, case.positive, sig.sequential)))
+        if used:
+            out += labelled(data, lm, hybrid, work, f"hard-10:{scenario.name}", used, progress)
     return out
 
 
