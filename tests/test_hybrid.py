@@ -12,7 +12,8 @@ from instructrec.aspects import Intention, UserNeed
 from instructrec.hybrid import Hybrid, load_hybrid
 from instructrec.hybrid.behaviour import (DECAY, POPULARITY_WEIGHT, BehaviourError, build_behaviour_index,
                                           load_behaviour_index, zscore)
-from instructrec.hybrid.gate import FEATURES, SIGNALS, Example, Gate, GateError, fit_gate, load_gate, softmax
+from instructrec.hybrid.gate import (FEATURES, SIGNALS, Example, Gate, GateError, expected_calibration_error, fit_gate,
+                                      load_gate, softmax)
 
 ITEMS = [(f"i{k}", f"Game {k}") for k in range(8)]
 SEQUENCES = [["i0", "i1", "i2"], ["i0", "i1", "i3"], ["i1", "i2"], ["i4", "i5", "i4", "i6"]]
@@ -174,6 +175,46 @@ def test_fitting_recovers_a_gate_that_ranks_better(tmp_path):
     assert again.info["data"] == "synthetic" and again.info["examples"] == 600
 
 
+def test_calibration_cases_set_the_temperature_and_never_the_order(tmp_path):
+    """Cases whose sampling the ranking must not learn (the evaluation's hard negatives) only
+    set the temperature, per request log-linear in its features: the weights are those fitted
+    without them, every request's order stays, and the probabilities follow those cases."""
+    rng = np.random.default_rng(2)
+
+    def example(hard: bool) -> Example:
+        truth = int(rng.integers(10))
+        lm, beh, sem = rng.normal(size=10), rng.normal(size=10), rng.normal(size=10)
+        beh[truth] += 3.0
+        if hard:  # every candidate looks like the need and the signals are unsure: the sure top is wrong more often
+            sem = 0.8 + 0.01 * rng.normal(size=10)
+            beh[truth] -= 2.5
+        return Example(lm, NEED, beh, sem, 1.0, truth)
+
+    fit, hard = [example(False) for _ in range(300)], [example(True) for _ in range(300)]
+    plain, calibrated = fit_gate(fit), fit_gate(fit, calibration=hard)
+    assert np.array_equal(plain.weights, calibrated.weights) and np.array_equal(plain.lm_weights, calibrated.lm_weights)
+    assert calibrated.version != plain.version and calibrated.info["calibration_examples"] == 300
+    probe = [example(h) for h in (False, True) for _ in range(200)]
+    for e in probe:
+        a = plain.fuse(e.lm, e.need, behaviour=e.behaviour, semantic=e.semantic, known=1.0)
+        b = calibrated.fuse(e.lm, e.need, behaviour=e.behaviour, semantic=e.semantic, known=1.0)
+        assert np.array_equal(a.scores, b.scores) and np.argsort(-a.relevance).tolist() == np.argsort(-b.relevance).tolist()
+        assert b.relevance == pytest.approx(softmax(b.temperature * b.scores))
+
+    def ece(gate, cases):
+        fused = [gate.fuse(e.lm, e.need, behaviour=e.behaviour, semantic=e.semantic, known=1.0) for e in cases]
+        return expected_calibration_error([f.relevance for f in fused], [e.positive for e in cases])
+
+    hard_probe = probe[200:]
+    assert ece(calibrated, hard_probe) < ece(plain, hard_probe) - 0.05
+    # the request's temperature comes back from the file
+    again = load_gate(calibrated.save(tmp_path / "gate.json"))
+    assert again.version == calibrated.version and np.array_equal(again.temperature_weights, calibrated.temperature_weights)
+    e = hard_probe[0]
+    assert again.fuse(e.lm, e.need, behaviour=e.behaviour, semantic=e.semantic, known=1.0).relevance == pytest.approx(
+        calibrated.fuse(e.lm, e.need, behaviour=e.behaviour, semantic=e.semantic, known=1.0).relevance)
+
+
 def test_bad_gate_files_are_clear_errors(tmp_path):
     with pytest.raises(GateError, match="no such gate file"):
         load_gate(tmp_path / "gate.json")
@@ -182,6 +223,11 @@ def test_bad_gate_files_are_clear_errors(tmp_path):
     doc["features"] = ["bias"]
     path.write_text(json.dumps(doc))
     with pytest.raises(GateError, match="refit it"):
+        load_gate(path)
+    doc = Gate.neutral().to_json()
+    doc["temperature_weights"] = [0.5]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(GateError, match=f"g.json: temperature_weights must be {len(FEATURES)} finite numbers"):
         load_gate(path)
     with pytest.raises(GateError, match="no examples"):
         fit_gate([])

@@ -86,6 +86,16 @@ def test_gate_fit_then_the_hybrid_rows_of_an_evaluation(tmp_path, model_dir, gam
     pooled = set(report["fitted"]) - {"sequential", "vague_intention", "all"}
     assert {name.split(":")[0] for name in pooled} == {"retrieved-10", "alike-10"}, pooled
     assert 0 <= report["held_out"]["all"]["ece"] <= 1
+    # hard-10 cases as calibration: the same weights (the LM's scores kept in the work folder),
+    # a temperature per request fitted with them, their held-out users' rows reported apart
+    assert main(["gate", "fit", "--model", str(model_dir), "--data", str(games_slice), "--users", "40",
+                 "--scenarios", "sequential,vague_intention", "--work", str(tmp_path / "work"), "--calibrate-hard",
+                 "--out", str(tmp_path / "calibrated.json"), "--no-progress"]) == 0
+    capsys.readouterr()
+    calibrated = load_gate(tmp_path / "calibrated.json")
+    assert np.array_equal(calibrated.weights, gate.weights) and calibrated.info["calibration_examples"] > 0
+    assert calibrated.temperature_weights is not None and "hard-10:sequential" in calibrated.info["report"]["held_out"]
+    assert calibrated.info["report"]["held_out"]["all"]["cases"] == report["held_out"]["all"]["cases"]
 
     data = load_dataset("games-sample").sample_users(60, seed=3)
     cfg = EvalConfig(data=data, out=tmp_path / "eval", users=12, select_users=6, seed=0, settings=("uniform-10",),
@@ -100,7 +110,7 @@ def test_gate_fit_then_the_hybrid_rows_of_an_evaluation(tmp_path, model_dir, gam
     assert (tmp_path / "eval" / "reliability.png").stat().st_size > 0
 
     # The hybrid row recomputed by hand from the LM's scores with the hybrid's template (chosen on
-    # validation like every instruction row's): z(lm) + w . z(signals)
+    # validation like every instruction row's): z(lm) + w . z(signals), times the request's temperature
     test_file = cand.read(tmp_path / "eval" / "candidates" / "test-uniform-10.jsonl", data)
     units = [json.loads(p.read_text())["unit"] for p in (tmp_path / "eval" / "units").iterdir()]
     hy_unit = next(u for u in units if u["method"] == "tiny + hybrid" and u["scenario"] == "sequential"
@@ -119,8 +129,8 @@ def test_gate_fit_then_the_hybrid_rows_of_an_evaluation(tmp_path, model_dir, gam
     for case, need, lm, fused in zip(cases, needs, lm_scores, hy_unit["scores"]):
         beh = index.features(list(case.history), list(case.candidates))
         sem = enc.similarities(need, [data.title(i) for i in case.candidates])
-        want = gate.fuse(lm, need, behaviour=beh.score, semantic=sem, known=beh.known).scores
-        assert np.allclose(fused, want, atol=1e-6)
+        want = gate.fuse(lm, need, behaviour=beh.score, semantic=sem, known=beh.known)
+        assert np.allclose(fused, want.temperature * want.scores, atol=1e-6)  # the fused order, the relevance's scale
     assert hybrid_row["metrics"]["hr@1"] == pytest.approx(
         np.mean([rank_of(s, c.positive) == 0 for c, s in zip(cases, hy_unit["scores"])]))
 

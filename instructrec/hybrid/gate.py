@@ -20,8 +20,11 @@ the LM's own weight has to fall too (its weight is 1 plus a gated term).
 A signal a request lacks (no history the index knows, no text) is left out of the sum, so
 the request ranks exactly as its remaining signals would. The gate is fitted with a
 listwise loss (softmax cross-entropy of the true item among its candidates) on validation
-cases; the temperature is fitted with it, so ``relevance`` is a probability of being the
-item the user takes among these candidates (its calibration error is measured on test).
+cases; then the temperature, log-linear in the same features, so ``relevance`` is a
+probability of being the item the user takes among these candidates (its calibration error is
+measured on test). A request's temperature scales its fused scores and never reorders them,
+so it may also be fitted on cases whose ranking the weights must not learn (the evaluation's
+hard negatives: :func:`fit_gate`'s ``calibration``).
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ class Fused:
     relevance: np.ndarray  # calibrated probability per candidate (sums to 1 over the request)
     components: dict[str, np.ndarray]  # z-scored signal per candidate, absent signals left out
     weights: dict[str, float]  # the gate's weight of each present signal, the LM's included
+    temperature: float = 1.0  # relevance = softmax(temperature * scores)
 
 
 @dataclass
@@ -78,6 +82,8 @@ class Gate:
     temperature: float = 1.0
     info: dict = field(default_factory=dict)  # how it was fitted (data, users, loss, model)
     lm_weights: np.ndarray | None = None  # (len(FEATURES),): the LM's weight is 1 + lm_weights @ x; None: 0
+    # (len(FEATURES),): a request's temperature is exp(temperature_weights @ x); None: ``temperature``
+    temperature_weights: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.lm_weights is None:
@@ -92,9 +98,17 @@ class Gate:
 
     @property
     def version(self) -> str:
-        blob = json.dumps({"w": np.round(self.weights, 8).tolist(), "t": round(self.temperature, 8),
-                           "lm": np.round(self.lm_weights, 8).tolist()})
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        parts = {"w": np.round(self.weights, 8).tolist(), "t": round(self.temperature, 8),
+                 "lm": np.round(self.lm_weights, 8).tolist()}
+        if self.temperature_weights is not None:
+            parts["tw"] = np.round(self.temperature_weights, 8).tolist()
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
+
+    def temperature_at(self, x: np.ndarray) -> float:
+        """The temperature of a request with features ``x``."""
+        if self.temperature_weights is None:
+            return self.temperature
+        return math.exp(float(self.temperature_weights @ x))
 
     def signal_weights(self, x: np.ndarray) -> np.ndarray:
         return self.weights @ x
@@ -114,11 +128,13 @@ class Gate:
             z = zscore(values)
             components[name], weights[name] = z, float(weight)
             scores = scores + weight * z
-        return Fused(scores, softmax(self.temperature * scores), components, weights)
+        t = self.temperature_at(x)
+        return Fused(scores, softmax(t * scores), components, weights, t)
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": FORMAT_VERSION, "signals": list(SIGNALS), "features": list(FEATURES),
                 "weights": self.weights.tolist(), "lm_weights": self.lm_weights.tolist(), "temperature": self.temperature,
+                **({} if self.temperature_weights is None else {"temperature_weights": self.temperature_weights.tolist()}),
                 "gate_version": self.version, "info": self.info}
 
     def save(self, path: str | Path) -> Path:
@@ -147,7 +163,12 @@ def load_gate(path: str | Path) -> Gate:
     lm_weights = np.asarray(doc.get("lm_weights", np.zeros(len(FEATURES))), dtype=np.float64)
     if lm_weights.shape != (len(FEATURES),) or not np.isfinite(lm_weights).all():
         raise GateError(f"{path}: lm_weights must be {len(FEATURES)} finite numbers")
-    return Gate(weights, float(doc.get("temperature", 1.0)), doc.get("info", {}), lm_weights)
+    temperature_weights = doc.get("temperature_weights")
+    if temperature_weights is not None:
+        temperature_weights = np.asarray(temperature_weights, dtype=np.float64)
+        if temperature_weights.shape != (len(FEATURES),) or not np.isfinite(temperature_weights).all():
+            raise GateError(f"{path}: temperature_weights must be {len(FEATURES)} finite numbers")
+    return Gate(weights, float(doc.get("temperature", 1.0)), doc.get("info", {}), lm_weights, temperature_weights)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -241,12 +262,22 @@ def _minimise(params: list, loss_fn, iterations: int) -> float:
         return float(loss_fn())
 
 
-def fit_gate(examples: Sequence[Example], *, l2: float = 1e-5, iterations: int = 200, info: dict | None = None) -> Gate:
+def _fused(z, present, x, w, w_lm):
+    """The fused scores of stacked examples (:func:`_stacked`) under weights ``w`` and ``w_lm``."""
+    sw = (x @ w.T) * present  # (n, signals)
+    return (1 + x @ w_lm).unsqueeze(-1) * z[:, 0] + (sw.unsqueeze(-1) * z[:, 1:]).sum(1)
+
+
+def fit_gate(examples: Sequence[Example], *, l2: float = 1e-5, iterations: int = 200, info: dict | None = None,
+             calibration: Sequence[Example] = ()) -> Gate:
     """Weights minimising the listwise loss (softmax cross-entropy of the true item) over
-    ``examples`` with an L2 penalty, then the temperature that calibrates them (a handful of
-    parameters, fitted by L-BFGS in seconds). Two steps, because the LM's weight is gated too:
-    fitted together, the weights would shrink towards nothing under the penalty while the
-    temperature grew to undo it."""
+    ``examples`` with an L2 penalty, then the temperature that calibrates them, log-linear in
+    the request features, over ``examples`` and ``calibration`` (a handful of parameters,
+    fitted by L-BFGS in seconds). Two steps, because the LM's weight is gated too: fitted
+    together, the weights would shrink towards nothing under the penalty while the
+    temperature grew to undo it. ``calibration`` cases set only the temperature, which scales
+    a request's scores and never reorders them: cases such as the evaluation's hard negatives,
+    whose sampling the ranking must not learn, but on which the probabilities should hold."""
     import torch
 
     if not examples:
@@ -256,22 +287,26 @@ def fit_gate(examples: Sequence[Example], *, l2: float = 1e-5, iterations: int =
     w[:, 0] = 1.0
     w.requires_grad_(True)
     w_lm = torch.zeros(len(FEATURES), dtype=torch.float64, requires_grad=True)
-    log_t = torch.zeros((), dtype=torch.float64)
-
-    def loss_fn():
-        sw = (x @ w.T) * present  # (n, signals)
-        fused = (1 + x @ w_lm).unsqueeze(-1) * z[:, 0] + (sw.unsqueeze(-1) * z[:, 1:]).sum(1)
-        logits = (log_t.exp() * fused).masked_fill(~valid, float("-inf"))
-        return torch.nn.functional.cross_entropy(logits, target)
 
     def penalised():
-        return loss_fn() + l2 * ((w[:, 1:] ** 2).sum() + (w_lm[1:] ** 2).sum())
+        logits = _fused(z, present, x, w, w_lm).masked_fill(~valid, float("-inf"))
+        return torch.nn.functional.cross_entropy(logits, target) + l2 * ((w[:, 1:] ** 2).sum() + (w_lm[1:] ** 2).sum())
 
     _minimise([w, w_lm], penalised, iterations)
-    w.requires_grad_(False)
-    w_lm.requires_grad_(False)
-    log_t.requires_grad_(True)
-    loss = _minimise([log_t], loss_fn, iterations)
-    return Gate(w.numpy().copy(), float(log_t.detach().exp()),
-                {**(info or {}), "fitted": True, "examples": len(examples), "loss": round(loss, 5), "l2": l2},
-                w_lm.numpy().copy())
+    z, present, valid, x, target = _stacked([*examples, *calibration])
+    with torch.no_grad():
+        fused = _fused(z, present, x, w, w_lm)
+    log_t = torch.zeros(len(FEATURES), dtype=torch.float64, requires_grad=True)
+
+    def calibrated():
+        logits = ((x @ log_t).exp().unsqueeze(-1) * fused).masked_fill(~valid, float("-inf"))
+        return torch.nn.functional.cross_entropy(logits, target)
+
+    loss = _minimise([log_t], calibrated, iterations)
+    t = (x @ log_t).detach().exp().numpy()
+    return Gate(w.detach().numpy().copy(), 1.0,
+                {**(info or {}), "fitted": True, "examples": len(examples), "calibration_examples": len(calibration),
+                 "loss": round(loss, 5), "l2": l2,
+                 "temperature": {"min": round(float(t.min()), 4), "median": round(float(np.median(t)), 4),
+                                 "max": round(float(t.max()), 4)}},
+                w_lm.detach().numpy().copy(), log_t.detach().numpy().copy())

@@ -303,10 +303,11 @@ class HybridModel(Method):
         return self.lm.templates(scenario)
 
     def relevance(self, scores: Sequence[float]) -> np.ndarray:
-        """The calibrated probabilities of one case's fused scores."""
+        """The calibrated probabilities of one case's scores (:meth:`score`'s: the fused scores
+        times the request's temperature, so the order is the fused one)."""
         from instructrec.hybrid.gate import softmax
 
-        return softmax(self.hybrid.gate.temperature * np.asarray(scores, dtype=np.float64))
+        return softmax(np.asarray(scores, dtype=np.float64))
 
     def score(self, cases, needs, template, candidate_file, progress=False):
         from ..hybrid.fit import case_signals
@@ -320,7 +321,7 @@ class HybridModel(Method):
         for case, need in zip(cases, needs):
             signals = case_signals(self.hybrid, self.data, case, need)
             fused = self.hybrid.fuse_signals(known[case.user_id], normalise_need(need), signals)
-            out.append([float(x) for x in fused.scores])
+            out.append([float(x) for x in fused.temperature * fused.scores])
         return out
 
 

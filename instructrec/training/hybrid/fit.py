@@ -312,8 +312,9 @@ def hard_report_examples(data: InteractionData, lm, hybrid: Hybrid, retrieve, *,
     """The gate-fit users' validation cases with the evaluation's hard negatives (9 of the 50
     unseen items ``retrieve`` finds nearest the history: the evaluation's bi-encoder's
     ``retrieve``, drawn as ``evaluate`` draws them), scenario ``hard-10:NAME``: for
-    :func:`cross_validated`'s report only, never fitted on (a gate fitted on them learns the
-    sampling, see :func:`fitting_examples`)."""
+    :func:`cross_validated`'s report, and as calibration cases of the temperature alone; never
+    fitted on by the weights (a gate ranking by them learns the sampling, see
+    :func:`fitting_examples`)."""
     chosen = [s for s in get_scenarios(scenarios) if s.name in ("sequential", "personalized_search")]
     cases = cand.pick_users(cand.full_cases(data, "valid"), users, seed)
     annotations = annotations_for(data, cases, chosen, work / "annotations.jsonl", progress)
@@ -327,18 +328,21 @@ def hard_report_examples(data: InteractionData, lm, hybrid: Hybrid, retrieve, *,
 
 
 def cross_validated(examples: Sequence[Labelled], folds: int, *, l2: float = 1e-5, seed: int = FIT_SEED,
-                    report_only: Sequence[Labelled] = ()) -> dict:
+                    report_only: Sequence[Labelled] = (), calibration: Sequence[Labelled] = ()) -> dict:
     """HR@1 and calibration error of the fused ranking with every user's cases ranked by the gate
     fitted on the other folds' users (``folds`` seeded folds of users), per scenario: all the
     users measured, where the held-out report measures a fifth. ``report_only`` cases (their
-    users among the examples') are ranked the same way and never fitted on."""
+    users among the examples') are ranked the same way and never fitted on; ``calibration``
+    cases are reported so too, and the other folds' ones set each gate's temperature
+    (:func:`~instructrec.hybrid.gate.fit_gate`)."""
     users = sorted({e.user_id for e in examples})
     random.Random(seed).shuffle(users)
     fold_of = {u: i % folds for i, u in enumerate(users)}
     ranked: dict[str, list] = {}
     for k in range(folds):
-        gate = fit_gate([e.example for e in examples if fold_of[e.user_id] != k], l2=l2)
-        for fitted, group in ((True, examples), (False, report_only)):
+        gate = fit_gate([e.example for e in examples if fold_of[e.user_id] != k], l2=l2,
+                        calibration=[e.example for e in calibration if fold_of.get(e.user_id) != k])
+        for fitted, group in ((True, examples), (False, [*report_only, *calibration])):
             for e in group:
                 if fold_of.get(e.user_id) != k:
                     continue
@@ -353,10 +357,18 @@ def cross_validated(examples: Sequence[Labelled], folds: int, *, l2: float = 1e-
             for name, rows in ranked.items()}
 
 
-def fit_and_report(examples: Sequence[Labelled], info: dict, l2: float = 1e-5) -> tuple[Gate, dict]:
+def fit_and_report(examples: Sequence[Labelled], info: dict, l2: float = 1e-5,
+                   calibration: Sequence[Labelled] = ()) -> tuple[Gate, dict]:
+    """The gate fitted on the users but a held-out fifth, reported on both; the held-out
+    users' ``calibration`` cases are reported with theirs, the others' set the temperature."""
     held = held_out_users(examples)
     train = [e for e in examples if e.user_id not in held]
     test = [e for e in examples if e.user_id in held]
     gate = fit_gate([e.example for e in train], l2=l2, info={**info, "users_fitted": len({e.user_id for e in train}),
-                                                             "users_held_out": len(held)})
-    return gate, {"fitted": report(gate, train), "held_out": report(gate, test)}
+                                                             "users_held_out": len(held)},
+                    calibration=[e.example for e in calibration if e.user_id not in held])
+    held_out = report(gate, test)
+    held_calibration = [e for e in calibration if e.user_id in held]
+    if held_calibration:  # their own rows: "all" stays the fitted kinds of case
+        held_out.update({k: v for k, v in report(gate, held_calibration).items() if k != "all"})
+    return gate, {"fitted": report(gate, train), "held_out": held_out}

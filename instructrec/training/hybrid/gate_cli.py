@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "seeded folds; 0: only the held-out fifth, default)")
     fit.add_argument("--hard-report", action="store_true",
                      help="with --folds, also report the users' cases with the evaluation's hard negatives (never fitted)")
+    fit.add_argument("--calibrate-hard", action="store_true",
+                     help="also fit the temperature (never the weights: the order stays) on the users' cases with the "
+                          "evaluation's hard negatives, so relevance holds there too; reported like --hard-report")
     fit.add_argument("--scenarios", help="comma-separated scenarios (default: all)")
     fit.add_argument("--out", help="the gate file (default: MODEL/gate.json)")
     fit.add_argument("--work", default="artifacts/gate", help="where the teacher's annotations and the LM's scores are cached "
@@ -76,6 +79,20 @@ def cv_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def hard_cases(args: argparse.Namespace, data, lm, hybrid, work: Path) -> list:
+    """The users' validation cases with the evaluation's hard negatives (its bi-encoder's)."""
+    from ..evaluate.methods import BiEncoder
+    from .fit import hard_report_examples
+
+    try:
+        retrieve = BiEncoder(data, cache_dir=work / "bi-encoder").retrieve
+    except RuntimeError as exc:  # sentence-transformers missing: the message says what to install
+        flag = "--calibrate-hard" if args.calibrate_hard else "--hard-report"
+        raise ValueError(f"{flag}: {exc}") from None
+    return hard_report_examples(data, lm, hybrid, retrieve, users=args.users, work=work, scenarios=args.scenarios,
+                                progress=args.progress)
+
+
 def run(args: argparse.Namespace) -> int:
     from instructrec.hybrid import GATE_FILE, Hybrid
     from instructrec.hybrid.behaviour import BehaviourError, load_behaviour_index
@@ -84,9 +101,9 @@ def run(args: argparse.Namespace) -> int:
     from instructrec.hybrid.sequential import SequentialError, load_sequential
     from instructrec.modeling import ModelNotFound
 
-    from ..evaluate.methods import BiEncoder, InstructionModel
+    from ..evaluate.methods import InstructionModel
     from .behaviour_cli import build_for
-    from .fit import cross_validated, fit_and_report, fitting_examples, hard_report_examples
+    from .fit import cross_validated, fit_and_report, fitting_examples
 
     started = time.perf_counter()
     try:
@@ -112,17 +129,12 @@ def run(args: argparse.Namespace) -> int:
                 "precision": lm.loaded.precision, "data": data.name, "behaviour": index.version,
                 "semantic": hybrid.semantic.version, "sequential": sequential.version if sequential else None,
                 "users": args.users, "command": invoked_as()}
-        gate, result = fit_and_report(examples, info, l2=args.l2)
+        hard = hard_cases(args, data, lm, hybrid, work) if args.calibrate_hard or args.hard_report else []
+        calibration = hard if args.calibrate_hard else []
+        gate, result = fit_and_report(examples, info, l2=args.l2, calibration=calibration)
         if args.folds:
-            hard = []
-            if args.hard_report:
-                try:  # the evaluation's matching model for hard negatives
-                    retrieve = BiEncoder(data, cache_dir=work / "bi-encoder").retrieve
-                except RuntimeError as exc:  # sentence-transformers missing: the message says what to install
-                    raise ValueError(f"--hard-report: {exc}") from None
-                hard = hard_report_examples(data, lm, hybrid, retrieve, users=args.users, work=work,
-                                            scenarios=args.scenarios, progress=args.progress)
-            result["cross_validated"] = cross_validated(examples, args.folds, l2=args.l2, report_only=hard)
+            result["cross_validated"] = cross_validated(examples, args.folds, l2=args.l2, calibration=calibration,
+                                                        report_only=[] if calibration else hard)
         gate.info.update({"report": result, "seconds": round(time.perf_counter() - started, 1), "machine": machine_info()})
         out = gate.save(Path(args.out) if args.out else model_dir / GATE_FILE)
     except (BehaviourError, GateError, SequentialError, DataError, ModelNotFound, FileNotFoundError, ValueError) as exc:
@@ -133,6 +145,6 @@ def run(args: argparse.Namespace) -> int:
     if "cross_validated" in result:
         print(f"every user, ranked by the gate of the other {args.folds - 1} folds (fused HR@1 of 1 + 9 candidates):")
         print(cv_table(result["cross_validated"]))
-    print(json.dumps({"gate": str(out), "version": gate.version, "temperature": round(gate.temperature, 4),
+    print(json.dumps({"gate": str(out), "version": gate.version, "temperature": gate.info["temperature"],
                       "examples": gate.info["examples"], "seconds": gate.info["seconds"]}))
     return 0
