@@ -360,5 +360,5 @@ def run(args: argparse.Namespace) -> int:
         sequential = Path(shipped) / "sequential"
         print(f"\nThe hybrid gate was fitted to the previous weights: fit it again for these:\n"
               f"  instructrec gate fit --model {shipped} --data games"
-              + (f" --sequential {sequential}" if sequential.is_dir() else "") + " --retrieved-users 300")
+              + (f" --sequential {sequential}" if sequential.is_dir() else "") + " --retrieved-users 300 --calibrate-hard")
     return 0
