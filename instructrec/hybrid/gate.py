@@ -293,7 +293,8 @@ def fit_gate(examples: Sequence[Example], *, l2: float = 1e-5, iterations: int =
         return torch.nn.functional.cross_entropy(logits, target) + l2 * ((w[:, 1:] ** 2).sum() + (w_lm[1:] ** 2).sum())
 
     _minimise([w, w_lm], penalised, iterations)
-    z, present, valid, x, target = _stacked([*examples, *calibration])
+    if calibration:  # the temperature's cases: the examples and these
+        z, present, valid, x, target = _stacked([*examples, *calibration])
     with torch.no_grad():
         fused = _fused(z, present, x, w, w_lm)
     log_t = torch.zeros(len(FEATURES), dtype=torch.float64, requires_grad=True)
