@@ -29,7 +29,7 @@ PER_STEP = PRESET.batch_size
 USERS = 30  # relay validation users in these tests (the rule's 500 on Games)
 
 
-def _train(out: Path, preset=PRESET, init: Path | None = None) -> tuple[dict, list, list]:
+def _train(out: Path, preset=PRESET, init: Path | None = None, **kwargs) -> tuple[dict, list, list]:
     """One in-process run: its final metadata, its dataset's features, and the batches collated (the
     ones it trained on, and the one the data loader reads ahead)."""
     sets, batches = [], []
@@ -45,7 +45,7 @@ def _train(out: Path, preset=PRESET, init: Path | None = None) -> tuple[dict, li
 
     tune._Examples.__init__, ListwiseCollator.__call__ = init_, call
     try:
-        meta = tune.train(preset, out, bf16=False, progress=False, init=init)
+        meta = tune.train(preset, out, bf16=False, progress=False, init=init, **kwargs)
     finally:
         tune._Examples.__init__, ListwiseCollator.__call__ = orig_init, orig_call
     return meta, sets[0], batches
@@ -116,6 +116,30 @@ def test_init_leg_continues_the_stream_and_resumes_as_it_started(relay):
     assert Path(again["resumed_from"]).name == "checkpoint-4" and again["steps"] == 6
     assert [ids for b in batches for ids in b][: 2 * PER_STEP] == [features[i]["input_ids"] for i in stream[4 * PER_STEP:]]
     assert again["relay"]["start"] == start
+
+
+def test_stream_start_moves_a_leg_past_the_examples_earlier_legs_read(relay, tmp_path):
+    """Legs that were not promoted leave the card where it was: ``--stream-start`` reads on past them."""
+    root, _, features, _, _ = relay
+    shipped = root / "models" / "tiny-games"
+    card = read_card(shipped)
+    later = card["data_position"] + 3 * PER_STEP
+    lengths = [len(f["input_ids"]) for f in features]
+    meta, _, batches = _train(tmp_path / "leg", PRESET.override(max_steps=2, eval_steps=2, save_steps=2), init=shipped,
+                              stream_start=later)
+    fed = [ids for batch in batches for ids in batch]
+    assert fed[: 2 * PER_STEP] == [features[i]["input_ids"] for i in window(lengths, PER_STEP, PRESET.seed, later, 2 * PER_STEP)]
+    relay_meta = meta["relay"]
+    assert relay_meta["start"] == later and relay_meta["data_position"] == later + meta["best_step"] * PER_STEP
+    assert relay_meta["examples_total"] == card["examples_total"] + meta["best_step"] * PER_STEP  # what the weights saw
+
+
+def test_stream_start_needs_a_leg_and_a_position(tmp_path):
+    with pytest.raises(tune.TrainingError, match="only a relay leg"):
+        tune.train(PRESET, tmp_path / "a", bf16=False, progress=False, stream_start=10)
+    with pytest.raises(tune.TrainingError, match="0 or more"):
+        tune.train(PRESET, tmp_path / "b", bf16=False, progress=False, init=tmp_path, stream_start=-1)
+    assert not (tmp_path / "a").exists()
 
 
 def test_init_leg_starts_from_the_shipped_weights(relay, tmp_path):

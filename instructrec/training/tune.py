@@ -174,10 +174,13 @@ def _save_model(trainer, tokenizer, target: Path, meta: dict) -> None:
 
 def train(preset: Preset, out: str | Path, *, data_path: str | None = None, annotations_path: str | None = None,
           device: str | None = None, bf16: bool | None = None, lora: bool = False, resume: bool = True,
-          progress: bool = True, init: str | Path | None = None) -> dict:
+          progress: bool = True, init: str | Path | None = None, stream_start: int | None = None) -> dict:
     """Run (or resume) one instruction-tuning job; returns the final model's metadata. ``init``: a
     shipped model directory (a leg of the relay): start from its weights, and from where its
-    card says the data stream stopped."""
+    card says the data stream stopped (or at example ``stream_start``)."""
+    if stream_start is not None and (not init or stream_start < 0):
+        raise TrainingError(f"--stream-start {stream_start}: " + ("a position in the stream is 0 or more" if init else
+                                                                  "only a relay leg (--init) starts inside the stream"))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lora = lora or preset.lora
@@ -197,7 +200,7 @@ def train(preset: Preset, out: str | Path, *, data_path: str | None = None, anno
         (out / "instructions_summary.json").write_text(json.dumps(stats, indent=2) + "\n")
     features = _features(examples, data, split, tokenizer, preset, eos, out / "embeddings")
     per_step = preset.batch_size * preset.grad_accum * distributed.world_size()
-    relay = _relay_start(out, init, preset, len(examples), per_step, resume)
+    relay = _relay_start(out, init, preset, len(examples), per_step, resume, stream_start)
     if init:  # this leg's window of the stream, in order (the Trainer then reads it sequentially)
         lengths = [len(f["input_ids"]) for f in features]
         features = [features[i] for i in stream.window(lengths, per_step, preset.seed, relay["start"],
@@ -307,10 +310,13 @@ def _data_and_base(preset: Preset, data_path: str | None, init: str | Path | Non
 INIT_FILE = "init.json"
 
 
-def _relay_start(out: Path, init: str | Path | None, preset: Preset, n_examples: int, per_step: int, resume: bool) -> dict:
+def _relay_start(out: Path, init: str | Path | None, preset: Preset, n_examples: int, per_step: int, resume: bool,
+                 stream_start: int | None = None) -> dict:
     """Where this run starts in the relay: at 0 from the base; with ``init``, where the shipped
-    model's card says the stream stopped, with the examples and seconds behind it. Recorded in
-    OUT/init.json, which a resumed run keeps even if the shipped model has moved on since."""
+    model's card says the stream stopped (or at ``stream_start``: legs that were not promoted
+    leave the card where it was, so the next leg would read their examples again), with the
+    examples and seconds behind it. Recorded in OUT/init.json, which a resumed run keeps even
+    if the shipped model has moved on since."""
     from instructrec.shipped import read_card
 
     here = {"preset": preset.name, "seed": preset.seed, "examples": n_examples, "per_step": per_step}
@@ -331,7 +337,7 @@ def _relay_start(out: Path, init: str | Path | None, preset: Preset, n_examples:
     if theirs and (theirs.get("preset"), theirs.get("examples")) != (preset.name, n_examples):
         log.warning("%s counted its data position in the %s stream of %s examples; this run's is the %s stream of %d",
                     init, theirs.get("preset"), theirs.get("examples"), preset.name, n_examples)
-    relay = {"start": card["data_position"], "examples_before": int(card.get("examples_total") or card["data_position"]),
+    relay = {"start": card["data_position"] if stream_start is None else stream_start, "examples_before": int(card.get("examples_total") or card["data_position"]),
              "seconds_before": float(card.get("train_seconds_total") or 0.0),
              "init": {"from": str(init), "checkpoint_version": checkpoint_version(init)}, "stream": here}
     distributed.on_main(lambda: path.write_text(json.dumps(relay, indent=2) + "\n", encoding="utf-8"))

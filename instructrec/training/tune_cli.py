@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", metavar="SHIPPED",
                         help="a leg of the training relay: start from a shipped model (models/minilm-games) and from "
                              "where its card says the data stream stopped, so the leg sees new examples")
+    parser.add_argument("--stream-start", type=int, metavar="N",
+                        help="with --init: start at example N of the data stream instead of the card's position (past "
+                             "the examples earlier legs from the same weights read: docs/relay/legs.csv's data_position)")
     parser.add_argument("--annotations", help="annotations.jsonl from `instructrec annotate` (default: run the offline teacher)")
     parser.add_argument("--users", type=int, help="train on a seeded subsample of this many users")
     parser.add_argument("--max-steps", type=int)
@@ -100,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         meta = train(preset, args.out, data_path=args.data, annotations_path=args.annotations, device=args.device,
-                     bf16=args.bf16 if bf16 is None else bf16, lora=preset.lora, resume=args.resume, progress=args.progress, init=args.init)
+                     bf16=args.bf16 if bf16 is None else bf16, lora=preset.lora, resume=args.resume, progress=args.progress, init=args.init,
+                     stream_start=args.stream_start)
     except (DataError, TrainingError, FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
         print(f"instructrec train: {exc}", file=sys.stderr)
         return 2
