@@ -134,6 +134,47 @@ def test_stream_start_moves_a_leg_past_the_examples_earlier_legs_read(relay, tmp
     assert relay_meta["examples_total"] == card["examples_total"] + meta["best_step"] * PER_STEP  # what the weights saw
 
 
+def test_a_soup_averages_legs_and_counts_what_each_cost(relay, tmp_path):
+    """Two legs on different windows of the stream and the shipped model they started from,
+    averaged: every tensor is the members' weighted mean, the relay record counts both legs, and
+    ``promote`` takes the soup like any leg."""
+    from instructrec.modeling import build_base
+    from instructrec.training import soup as soup_mod
+
+    root = relay[0]
+    shipped = root / "models" / "tiny-games"
+    card = read_card(shipped)
+    short = PRESET.override(max_steps=2, eval_steps=2, save_steps=2, learning_rate=1e-2)
+    a, _, _ = _train(tmp_path / "a", short, init=shipped)
+    b, _, _ = _train(tmp_path / "b", short, init=shipped, stream_start=card["data_position"] + 2 * PER_STEP)
+    meta = soup_mod.soup([(str(tmp_path / "a"), 2.0), (str(tmp_path / "b"), 1.0), (str(shipped), 1.0)], tmp_path / "soup")
+
+    states = [build_base(str(p), torch.float32)[0].state_dict()
+              for p in (tmp_path / "a" / "model", tmp_path / "b" / "model", shipped, tmp_path / "soup")]
+    changed = [k for k in states[0] if not torch.equal(states[0][k], states[2][k])]
+    assert changed and not torch.equal(states[0][changed[0]], states[1][changed[0]])
+    for k in states[0]:
+        torch.testing.assert_close(states[3][k], 0.5 * states[0][k] + 0.25 * states[1][k] + 0.25 * states[2][k])
+    relay_meta = meta["relay"]
+    assert relay_meta["start"] == card["data_position"] and relay_meta["data_position"] == b["relay"]["data_position"]
+    assert relay_meta["examples_total"] == card["examples_total"] + (a["best_step"] + b["best_step"]) * PER_STEP
+    assert [m["weight"] for m in relay_meta["soup"]] == [0.5, 0.25, 0.25]
+
+    verdict = promote_mod.promote(tmp_path / "soup", shipped, dry_run=True, users=USERS)
+    assert verdict["candidate"] == str(tmp_path / "soup") and verdict["users"] == USERS
+    assert verdict["leg"]["examples"] == (a["best_step"] + b["best_step"]) * PER_STEP
+
+    with pytest.raises(soup_mod.SoupError, match="not a relay leg"):
+        soup_mod.soup([(str(root / "leg1"), 1.0)], tmp_path / "bad")
+    with pytest.raises(soup_mod.SoupError, match="positive"):
+        soup_mod.parse_member(f"{tmp_path / 'a'}:0")
+    assert soup_mod.parse_member("runs/a:2") == ("runs/a", 2.0) and soup_mod.parse_member("runs/a") == ("runs/a", 1.0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    bad = subprocess.run([sys.executable, "-m", "instructrec.cli", "soup", str(tmp_path / "missing"), "--out", str(tmp_path / "x")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "is not a directory" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_stream_start_needs_a_leg_and_a_position(tmp_path):
     with pytest.raises(tune.TrainingError, match="only a relay leg"):
         tune.train(PRESET, tmp_path / "a", bf16=False, progress=False, stream_start=10)

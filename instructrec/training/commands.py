@@ -8,6 +8,8 @@ COMMANDS = (
     Command("train", "instructrec.training.tune_cli", "instruction-tune a seq2seq model"),
     Command("promote", "instructrec.training.promote",
             "replace the shipped model (models/minilm-games) by a relay leg's only when it gains HR@1"),
+    Command("soup", "instructrec.training.soup",
+            "average the weights of relay legs (and the shipped model) into one candidate for promote"),
     Command("curve", "instructrec.training.curve", "the learning curve of a training run (table, PNG, README block)"),
     Command("evaluate", "instructrec.training.evaluate.cli",
             "evaluate models and baselines with the paper's protocol, write the report"),
