@@ -162,7 +162,17 @@ def test_a_soup_averages_legs_and_counts_what_each_cost(relay, tmp_path):
 
     verdict = promote_mod.promote(tmp_path / "soup", shipped, dry_run=True, users=USERS)
     assert verdict["candidate"] == str(tmp_path / "soup") and verdict["users"] == USERS
-    assert verdict["leg"]["examples"] == (a["best_step"] + b["best_step"]) * PER_STEP
+    assert verdict["leg"]["examples"] == (a["best_step"] + b["best_step"]) * PER_STEP and "choice" not in verdict
+
+    # several candidates: the best on other validation users (never the relay users) faces the rule
+    _, relay_users, others = promote_mod.relay_cases(promote_mod.preset_of(a), users=USERS, choice_users=20)
+    assert len(others) == 20 and not {c.user_id for c in relay_users} & {c.user_id for c in others}
+    verdict = promote_mod.promote([tmp_path / "a", tmp_path / "soup"], shipped, dry_run=True, users=USERS, choice_users=20)
+    choice = verdict["choice"]
+    rates = [c["hr@1"] for c in choice["candidates"]]
+    assert choice["users"] == 20 and len(rates) == 2 and verdict["users"] == USERS
+    assert choice["chosen"] == verdict["candidate"] == choice["candidates"][0 if rates[0] >= rates[1] else 1]["candidate"]
+    assert "other validation users (the choice)" in promote_mod.table(verdict)
 
     with pytest.raises(soup_mod.SoupError, match="not a relay leg"):
         soup_mod.soup([(str(root / "leg1"), 1.0)], tmp_path / "bad")

@@ -21,6 +21,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Sequence
 
 from instructrec.checkpoint import checkpoint_version, read_meta
 from instructrec.options import add_device_options
@@ -35,6 +36,8 @@ from .data.types import DataError
 # (the full preset validates on 500 drawn with seed 0; the two sets share about 5 users).
 RELAY_USERS = 500
 RELAY_SEED = 25
+CHOICE_USERS = 1000  # where several candidates are compared before the rule (other validation users)
+CHOICE_SEED = 26
 NEGATIVES = 9
 BOOTSTRAP_SAMPLES = 10_000
 BOOTSTRAP_SEED = 2505
@@ -121,15 +124,20 @@ def preset_of(meta: dict):
     return Preset(**{k: v for k, v in raw.items() if k in known})
 
 
-def relay_cases(preset, data_path: str | None = None, users: int = RELAY_USERS):
-    """The data and the fixed relay validation cases of the preset's data."""
+def relay_cases(preset, data_path: str | None = None, users: int = RELAY_USERS, choice_users: int = 0):
+    """The data, the fixed relay validation cases of the preset's data, and ``choice_users``
+    other validation cases (none of the relay users'): where several candidates are compared
+    first, so that choosing among them leaves the relay users to the rule alone."""
     from .tune import _seeded_subset
 
     data = load_dataset(data_path or preset.data)
     if preset.users:
         data = data.sample_users(preset.users, seed=preset.seed)
-    split = data.split(preset.max_history)
-    return data, _seeded_subset(split.valid, users, RELAY_SEED, key=lambda c: c.user_id)
+    valid = data.split(preset.max_history).valid
+    relay = _seeded_subset(valid, users, RELAY_SEED, key=lambda c: c.user_id)
+    taken = {c.user_id for c in relay}
+    rest = [c for c in valid if c.user_id not in taken]
+    return data, relay, _seeded_subset(rest, choice_users, CHOICE_SEED, key=lambda c: c.user_id) if choice_users else []
 
 
 def hits_at_1(model_dir: Path, data, cases, preset, dtype: str, device: str = "cpu") -> list[int]:
@@ -144,6 +152,24 @@ def hits_at_1(model_dir: Path, data, cases, preset, dtype: str, device: str = "c
     with torch.inference_mode():
         ranks = validation_ranks(loaded.model, loaded.tokenizer, data, cases, preset, loaded.device, NEGATIVES, loaded.kind)
     return [int(r == 0) for r in ranks]
+
+
+def rounded_hits(candidate: Candidate, data, cases, preset, dtype: str, device: str = "cpu") -> list[int]:
+    """:func:`hits_at_1` of the candidate as it would ship (its changed tensors rounded to bfloat16)."""
+    from instructrec.modeling import ship
+
+    with tempfile.TemporaryDirectory(prefix="promote-") as tmp:
+        rounded = ship(candidate.weights, Path(tmp) / "candidate", meta=candidate.meta)
+        return hits_at_1(rounded, data, cases, preset, dtype, device)
+
+
+def choose(candidates: list[Candidate], data, cases, preset, dtype: str, device: str = "cpu") -> tuple[Candidate, dict]:
+    """The candidate with the highest HR@1 on ``cases`` (the first of equals), and the comparison."""
+    rates = [sum(h) / len(h) for h in (rounded_hits(c, data, cases, preset, dtype, device) for c in candidates)]
+    best = max(range(len(candidates)), key=lambda i: (rates[i], -i))
+    return candidates[best], {"users": len(cases), "seed": CHOICE_SEED, "chosen": str(candidates[best].weights),
+                              "candidates": [{"candidate": str(c.weights), "hr@1": round(r, 4)}
+                                             for c, r in zip(candidates, rates)]}
 
 
 def paired_bootstrap(a: list[int], b: list[int], samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
@@ -273,45 +299,47 @@ def draw_curve(csv_path: Path, png: Path) -> bool:
     return True
 
 
-def promote(candidate_path: str | Path, shipped: str | Path = DEFAULT_SHIPPED, *, dry_run: bool = False,
+def promote(candidate_path: str | Path | Sequence[str | Path], shipped: str | Path = DEFAULT_SHIPPED, *, dry_run: bool = False,
             dtype: str = "float32", device: str = "cpu", users: int = RELAY_USERS, data_path: str | None = None,
-            legs_csv: Path = LEGS_CSV, curve_png: Path = CURVE_PNG) -> dict:
-    """Evaluate, decide, and (unless ``dry_run``) ship and log. Returns the verdict."""
+            legs_csv: Path = LEGS_CSV, curve_png: Path = CURVE_PNG, choice_users: int = CHOICE_USERS) -> dict:
+    """Evaluate, decide, and (unless ``dry_run``) ship and log. Returns the verdict. Several
+    candidates: the one with the best HR@1 on ``choice_users`` other validation users faces the rule."""
     from instructrec.modeling import ship
 
-    candidate = resolve(candidate_path)
+    paths = [candidate_path] if isinstance(candidate_path, (str, Path)) else list(candidate_path)
+    candidates = [resolve(p) for p in paths]
     shipped = Path(shipped)
     have_shipped = is_shipped(shipped)
     if shipped.exists() and not have_shipped:
         raise PromoteError(f"{shipped} exists but is not a shipped model (no {shipped}/weights.safetensors)")
-    preset = preset_of(candidate.meta)
+    preset = preset_of(candidates[0].meta)
     previous = read_card(shipped) if have_shipped else {}
-    data, cases = relay_cases(preset, data_path, users)
-    with tempfile.TemporaryDirectory(prefix="promote-") as tmp:
-        rounded = ship(candidate.weights, Path(tmp) / shipped.name, meta=candidate.meta)  # as it would ship: bf16
-        hits_c = hits_at_1(rounded, data, cases, preset, dtype, device)
-        hits_s = hits_at_1(shipped, data, cases, preset, dtype, device) if have_shipped else None
-        hr_c = sum(hits_c) / len(hits_c)
-        hr_s = sum(hits_s) / len(hits_s) if hits_s else None
-        gain, low, high = paired_bootstrap(hits_c, hits_s) if hits_s else (None, None, None)
-        promoted, reason = decide(hr_c, hr_s, low)
-        evaluation = {"hr@1_candidate": round(hr_c, 4), "hr@1_shipped": None if hr_s is None else round(hr_s, 4),
-                      "gain": None if gain is None else round(gain, 4), "ci_low": None if low is None else round(low, 4),
-                      "ci_high": None if high is None else round(high, 4), "users": len(cases), "dtype": dtype}
-        row = _leg_row(candidate, evaluation, promoted, dtype)
-        verdict = {"candidate": str(candidate.weights), "shipped": str(shipped), **evaluation, "promoted": promoted,
-                   "reason": reason, "rule": f"gain >= {MIN_GAIN} and paired 95% interval above 0",
-                   "data_position": candidate.meta["relay"]["data_position"], "dry_run": dry_run, "leg": row}
-        started = candidate.meta["relay"].get("init")
-        if have_shipped and (started or {}).get("checkpoint_version") != checkpoint_version(shipped):
-            verdict["note"] = (f"this leg started from {started['from']} at version {started['checkpoint_version']}; "
-                               f"{shipped} is now {checkpoint_version(shipped)}" if started else
-                               f"this leg started from the base, not from {shipped}")
-        if dry_run:
-            return verdict
-        if promoted:
-            card = _card(shipped, candidate, previous, row, evaluation)
-            ship(candidate.weights, shipped, card, meta=candidate.meta)
+    data, cases, others = relay_cases(preset, data_path, users, choice_users if len(candidates) > 1 else 0)
+    candidate, choice = choose(candidates, data, others, preset, dtype, device) if len(candidates) > 1 else (candidates[0], None)
+    hits_c = rounded_hits(candidate, data, cases, preset, dtype, device)
+    hits_s = hits_at_1(shipped, data, cases, preset, dtype, device) if have_shipped else None
+    hr_c = sum(hits_c) / len(hits_c)
+    hr_s = sum(hits_s) / len(hits_s) if hits_s else None
+    gain, low, high = paired_bootstrap(hits_c, hits_s) if hits_s else (None, None, None)
+    promoted, reason = decide(hr_c, hr_s, low)
+    evaluation = {"hr@1_candidate": round(hr_c, 4), "hr@1_shipped": None if hr_s is None else round(hr_s, 4),
+                  "gain": None if gain is None else round(gain, 4), "ci_low": None if low is None else round(low, 4),
+                  "ci_high": None if high is None else round(high, 4), "users": len(cases), "dtype": dtype}
+    row = _leg_row(candidate, evaluation, promoted, dtype)
+    verdict = {"candidate": str(candidate.weights), "shipped": str(shipped), **evaluation, "promoted": promoted,
+               "reason": reason, "rule": f"gain >= {MIN_GAIN} and paired 95% interval above 0",
+               "data_position": candidate.meta["relay"]["data_position"], "dry_run": dry_run, "leg": row,
+               **({"choice": choice} if choice else {})}
+    started = candidate.meta["relay"].get("init")
+    if have_shipped and (started or {}).get("checkpoint_version") != checkpoint_version(shipped):
+        verdict["note"] = (f"this leg started from {started['from']} at version {started['checkpoint_version']}; "
+                           f"{shipped} is now {checkpoint_version(shipped)}" if started else
+                           f"this leg started from the base, not from {shipped}")
+    if dry_run:
+        return verdict
+    if promoted:
+        card = _card(shipped, candidate, previous, row, evaluation)
+        ship(candidate.weights, shipped, card, meta=candidate.meta)
     append_leg(Path(legs_csv), row)
     draw_curve(Path(legs_csv), Path(curve_png))
     return verdict
@@ -324,6 +352,10 @@ def table(verdict: dict) -> str:
              f"| shipped `{verdict['shipped']}` | {fmt(verdict['hr@1_shipped'])} |"]
     if verdict["gain"] is not None:
         lines.append(f"| gain (paired 95% interval) | {verdict['gain']:+.3f} ({verdict['ci_low']:+.3f}, {verdict['ci_high']:+.3f}) |")
+    if verdict.get("choice"):
+        choice = verdict["choice"]
+        lines[2:2] = [f"| `{c['candidate']}`, on {choice['users']} other validation users (the choice) | {fmt(c['hr@1'])} |"
+                      for c in choice["candidates"]]
     action = "would promote" if verdict["dry_run"] and verdict["promoted"] else "promoted" if verdict["promoted"] else "not promoted"
     lines.append(f"\n{action}: {verdict['reason']}")
     if verdict.get("note"):
@@ -332,8 +364,12 @@ def table(verdict: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("candidate", metavar="CANDIDATE",
-                        help="a training output directory (its best/), OUT/model, OUT/best or OUT/checkpoints/checkpoint-N")
+    parser.add_argument("candidate", metavar="CANDIDATE", nargs="+",
+                        help="a training output directory (its best/), OUT/model, OUT/best, OUT/checkpoints/checkpoint-N "
+                             "or a soup; several: the best on --choice-users other validation users faces the rule")
+    parser.add_argument("--choice-users", type=int, default=CHOICE_USERS,
+                        help=f"with several candidates, the validation users (none of the relay's) they are compared on "
+                             f"(default {CHOICE_USERS})")
     parser.add_argument("--shipped", default=str(DEFAULT_SHIPPED), help=f"the shipped model directory (default: {DEFAULT_SHIPPED})")
     parser.add_argument("--dry-run", action="store_true", help="evaluate and report only: ship nothing, log nothing")
     # float32 on the CPU by default: the same numbers on every machine, so legs compare across machines
@@ -349,7 +385,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         verdict = promote(args.candidate, args.shipped, dry_run=args.dry_run, dtype=args.dtype, device=args.device, users=args.users,
-                          data_path=args.data, legs_csv=Path(args.legs_csv), curve_png=Path(args.curve))
+                          data_path=args.data, legs_csv=Path(args.legs_csv), curve_png=Path(args.curve),
+                          choice_users=args.choice_users)
     except (PromoteError, ShippedError, DataError, FileNotFoundError, OSError) as exc:
         print(f"instructrec promote: {exc}", file=sys.stderr)
         return 2
