@@ -219,6 +219,10 @@ def render_card(card: dict) -> str:
         lines.append(f"| {i} | {leg.get('date', '?')} | {leg.get('cpu', '?')} | {leg.get('dtype', '?')} | "
                      f"{_fmt(leg.get('steps'))} | {_fmt(leg.get('examples'))} | {_fmt(leg.get('train_seconds'), ',.0f')} | "
                      f"{_fmt(leg.get('hr@1'), '.3f')} | {_fmt(leg.get('data_position'))} |")
+    for i, leg in enumerate(card.get("legs", []), 1):
+        if leg.get("soup"):  # a soup's weights: the weighted mean of these members' (instructrec soup)
+            lines.append(f"\nLeg {i} is a soup (`instructrec soup`), the weighted mean of: "
+                         + ", ".join(f"{m['weight']:.3g} × `{m['member']}`" for m in leg["soup"]) + ".")
     curve = card.get("validation_curve", [])
     if curve:
         lines += ["", "## Validation curve (training-time validation, every leg)", "",

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from instructrec.checkpoint import checkpoint_version, read_meta
-from instructrec.shipped import read_card, read_header
+from instructrec.shipped import read_card, read_header, render_card
 from instructrec.training import promote as promote_mod
 from instructrec.training import tune
 from instructrec.training.checkpoints import last_good_checkpoint
@@ -163,6 +163,13 @@ def test_a_soup_averages_legs_and_counts_what_each_cost(relay, tmp_path):
     verdict = promote_mod.promote(tmp_path / "soup", shipped, dry_run=True, users=USERS)
     assert verdict["candidate"] == str(tmp_path / "soup") and verdict["users"] == USERS
     assert verdict["leg"]["examples"] == (a["best_step"] + b["best_step"]) * PER_STEP and "choice" not in verdict
+
+    candidate = promote_mod.resolve(tmp_path / "soup")
+    row = promote_mod._leg_row(candidate, {**{k: None for k in ("hr@1_shipped", "gain", "ci_low", "ci_high")},
+                                            "hr@1_candidate": 0.5, "users": USERS}, True, "float32")
+    card = promote_mod._card(shipped, candidate, card, row, {"hr@1_candidate": 0.5, "users": USERS, "dtype": "float32"})
+    assert card["legs"][-1]["soup"] == relay_meta["soup"] and card["data_position"] == relay_meta["data_position"]
+    assert f"is a soup (`instructrec soup`), the weighted mean of: 0.5 × `{relay_meta['soup'][0]['member']}`" in render_card(card)
 
     # several candidates: the best on other validation users (never the relay users) faces the rule
     _, relay_users, others = promote_mod.relay_cases(promote_mod.preset_of(a), users=USERS, choice_users=20)

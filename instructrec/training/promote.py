@@ -228,7 +228,7 @@ def _card(shipped: Path, candidate: Candidate, previous: dict, row: dict, evalua
     data = meta.get("data") or {}
     leg = {"date": row["date"], "cpu": row["cpu"], "dtype": row["dtype"], "steps": row["steps"], "examples": row["examples"],
            "train_seconds": row["train_seconds"], "hr@1": row["hr1_candidate"], "data_position": row["data_position"],
-           "commit": row["commit"]}
+           "commit": row["commit"], **({"soup": relay["soup"]} if relay.get("soup") else {})}
     return {
         "name": shipped.name,
         "preset": (meta.get("preset") or {}).get("name"),
