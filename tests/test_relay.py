@@ -177,7 +177,7 @@ def test_a_soup_averages_legs_and_counts_what_each_cost(relay, tmp_path):
     verdict = promote_mod.promote([tmp_path / "a", tmp_path / "soup"], shipped, dry_run=True, users=USERS, choice_users=20)
     choice = verdict["choice"]
     rates = [c["hr@1"] for c in choice["candidates"]]
-    assert choice["users"] == 20 and len(rates) == 2 and verdict["users"] == USERS
+    assert choice["users"] == 20 and len(rates) == 2 and verdict["users"] == USERS and 0 <= choice["shipped"] <= 1
     assert choice["chosen"] == verdict["candidate"] == choice["candidates"][0 if rates[0] >= rates[1] else 1]["candidate"]
     assert "other validation users (the choice)" in promote_mod.table(verdict)
 

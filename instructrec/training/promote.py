@@ -163,13 +163,17 @@ def rounded_hits(candidate: Candidate, data, cases, preset, dtype: str, device: 
         return hits_at_1(rounded, data, cases, preset, dtype, device)
 
 
-def choose(candidates: list[Candidate], data, cases, preset, dtype: str, device: str = "cpu") -> tuple[Candidate, dict]:
-    """The candidate with the highest HR@1 on ``cases`` (the first of equals), and the comparison."""
+def choose(candidates: list[Candidate], data, cases, preset, dtype: str, device: str = "cpu",
+           shipped: Path | None = None) -> tuple[Candidate, dict]:
+    """The candidate with the highest HR@1 on ``cases`` (the first of equals), and the comparison
+    (with the shipped model's HR@1 on the same cases, for reference, when there is one)."""
     rates = [sum(h) / len(h) for h in (rounded_hits(c, data, cases, preset, dtype, device) for c in candidates)]
     best = max(range(len(candidates)), key=lambda i: (rates[i], -i))
+    reference = hits_at_1(shipped, data, cases, preset, dtype, device) if shipped else None
     return candidates[best], {"users": len(cases), "seed": CHOICE_SEED, "chosen": str(candidates[best].weights),
                               "candidates": [{"candidate": str(c.weights), "hr@1": round(r, 4)}
-                                             for c, r in zip(candidates, rates)]}
+                                             for c, r in zip(candidates, rates)],
+                              "shipped": None if reference is None else round(sum(reference) / len(reference), 4)}
 
 
 def paired_bootstrap(a: list[int], b: list[int], samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
@@ -315,7 +319,8 @@ def promote(candidate_path: str | Path | Sequence[str | Path], shipped: str | Pa
     preset = preset_of(candidates[0].meta)
     previous = read_card(shipped) if have_shipped else {}
     data, cases, others = relay_cases(preset, data_path, users, choice_users if len(candidates) > 1 else 0)
-    candidate, choice = choose(candidates, data, others, preset, dtype, device) if len(candidates) > 1 else (candidates[0], None)
+    candidate, choice = (choose(candidates, data, others, preset, dtype, device, shipped if have_shipped else None)
+                         if len(candidates) > 1 else (candidates[0], None))
     hits_c = rounded_hits(candidate, data, cases, preset, dtype, device)
     hits_s = hits_at_1(shipped, data, cases, preset, dtype, device) if have_shipped else None
     hr_c = sum(hits_c) / len(hits_c)
@@ -355,7 +360,8 @@ def table(verdict: dict) -> str:
     if verdict.get("choice"):
         choice = verdict["choice"]
         lines[2:2] = [f"| `{c['candidate']}`, on {choice['users']} other validation users (the choice) | {fmt(c['hr@1'])} |"
-                      for c in choice["candidates"]]
+                      for c in choice["candidates"]] + ([f"| shipped, on the same {choice['users']} | {fmt(choice['shipped'])} |"]
+                                                        if choice["shipped"] is not None else [])
     action = "would promote" if verdict["dry_run"] and verdict["promoted"] else "promoted" if verdict["promoted"] else "not promoted"
     lines.append(f"\n{action}: {verdict['reason']}")
     if verdict.get("note"):
