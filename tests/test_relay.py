@@ -155,6 +155,12 @@ def test_a_soup_averages_legs_and_counts_what_each_cost(relay, tmp_path):
     assert changed and not torch.equal(states[0][changed[0]], states[1][changed[0]])
     for k in states[0]:
         torch.testing.assert_close(states[3][k], 0.5 * states[0][k] + 0.25 * states[1][k] + 0.25 * states[2][k])
+    frozen = [k for k in states[0] if torch.equal(states[0][k], states[1][k]) and torch.equal(states[0][k], states[2][k])]
+    assert frozen and all(torch.equal(states[3][k], states[2][k]) for k in frozen)  # what no leg changed stays bit for bit
+    third = soup_mod.soup([(str(tmp_path / "a"), 1.0), (str(tmp_path / "b"), 1.0), (str(shipped), 1.0)], tmp_path / "third")
+    assert third["relay"]["soup"][0]["weight"] == round(1 / 3, 6)
+    thirds = build_base(str(tmp_path / "third"), torch.float32)[0].state_dict()
+    assert all(torch.equal(thirds[k], states[2][k]) for k in frozen)  # (x + x + x) / 3 need not round back to x
     relay_meta = meta["relay"]
     assert relay_meta["start"] == card["data_position"] and relay_meta["data_position"] == b["relay"]["data_position"]
     assert relay_meta["examples_total"] == card["examples_total"] + (a["best_step"] + b["best_step"]) * PER_STEP

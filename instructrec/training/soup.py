@@ -98,23 +98,28 @@ def soup_relay(members: list[Member]) -> dict:
 
 
 def average(members: list[Member]):
-    """(model, tokenizer) of the first leg, holding the weighted mean of every member's tensors (float32)."""
+    """(model, tokenizer) of the first leg, holding the weighted mean of every member's tensors
+    (float32). A tensor every member has alike (what training froze) is kept bit for bit: a mean
+    of equal numbers need not round back to them, and the shipped form keeps changed tensors only."""
     import torch
 
     from instructrec.modeling import build_base
 
     template = next(m for m in members if m.meta is not None)
     model, tokenizer, _ = build_base(str(template.path), torch.float32)
+    first = {k: v.detach().clone() for k, v in model.state_dict().items()}
     total = sum(m.weight for m in members)
-    acc = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in model.state_dict().items()}
+    acc = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in first.items()}
+    alike = set(first)
     for m in members:
-        state = model.state_dict() if m is template else build_base(str(m.path), torch.float32)[0].state_dict()
+        state = first if m is template else build_base(str(m.path), torch.float32)[0].state_dict()
         missing = sorted(set(acc) - set(state))
         if missing:
             raise SoupError(f"{m.path}: another architecture than {template.path} (no tensor {missing[0]})")
+        alike -= {k for k in alike if not torch.equal(state[k], first[k])}
         for k in acc:
             acc[k] += state[k].float() * (m.weight / total)
-    model.load_state_dict(acc)
+    model.load_state_dict({k: first[k] if k in alike else acc[k] for k in acc})
     return model, tokenizer
 
 
