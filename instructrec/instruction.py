@@ -51,9 +51,21 @@ def source_token_ids(tokenizer, texts: Sequence[str], max_tokens: int) -> list[t
     sequence) stay with the end."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, not {max_tokens}")
-    if not texts:
-        return []
-    encoded = tokenizer(list(texts), return_special_tokens_mask=True)
+    out: list[tuple[list[int], int]] = []
+    for a in range(0, len(texts), TOKENIZE_CHUNK):
+        out.extend(_cut_to(tokenizer(list(texts[a : a + TOKENIZE_CHUNK]), return_special_tokens_mask=True), max_tokens))
+    return out
+
+
+# Texts tokenised per call: a fast tokenizer keeps every text's whole encoding until the call
+# returns. Training's 288,626 Games instructions in one call took
+# about 6 GB more at their peak than in calls of this many (measured on 50,000 of them: 1.11
+# against 0.24 GB), which made a relay leg peak near 12 GB; the ids are the same.
+TOKENIZE_CHUNK = 2048
+
+
+def _cut_to(encoded, max_tokens: int) -> list[tuple[list[int], int]]:
+    """:func:`source_token_ids` on one tokenizer call's output."""
     out = []
     for ids, special in zip(encoded["input_ids"], encoded["special_tokens_mask"]):
         cut = len(ids) - max_tokens

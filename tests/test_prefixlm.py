@@ -159,3 +159,27 @@ def test_cpu_passes_take_padded_shapes_and_score_as_exact_ones(loaded, monkeypat
     assert padded == pytest.approx(exact, abs=1e-5)
     assert padded[: len(CANDS)] == pytest.approx(ranker.score(SOURCE, CANDS, naive=True).scores, abs=1e-4)
     assert [shapes.padded_rows(n) for n in (1, 2, 3, 5, 10, 32, 33, 40)] == [1, 2, 4, 8, 12, 32, 40, 40]
+
+
+@pytest.mark.parametrize("own", [5, 8])
+def test_cpu_flash_attention_after_a_prefix_equals_the_float32_softmax(own):
+    """The CPU path joins two flash-attention passes by their log-sum-exps; the other devices'
+    path computes the softmax over both parts as float32 tensors: the same attention, whether
+    the own keys match the queries or run ahead of them (a decoding step's cache), with the
+    prefix's padding masked."""
+    if prefixlm._CPU_FLASH is None:
+        pytest.skip("this torch has no CPU flash attention kernel")
+    g = torch.Generator().manual_seed(3)
+    rows, heads, width, d = 3, 4, 5, 16
+    q = torch.randn(rows, heads, width, d, generator=g) * 2
+    k, v = torch.randn(rows, heads, own, d, generator=g) * 2, torch.randn(rows, heads, own, d, generator=g)
+    pk, pv = torch.randn(1, heads, 32, d, generator=g) * 2, torch.randn(1, heads, 32, d, generator=g)
+    flash = prefixlm._flash_after_prefix(q, k, v, pk, pv, 27)
+    math = prefixlm._math_after_prefix(q, k, v, pk, pv, 27)
+    assert torch.allclose(flash, math, atol=1e-5)
+    # the padding is not read: changing it changes nothing; a prefix position that is read does
+    pk2 = pk.clone()
+    pk2[:, :, 27:] = 100.0
+    assert torch.equal(prefixlm._flash_after_prefix(q, k, v, pk2, pv, 27), flash)
+    pk2[:, :, 3] = 100.0
+    assert not torch.allclose(prefixlm._flash_after_prefix(q, k, v, pk2, pv, 27), flash, atol=1e-3)

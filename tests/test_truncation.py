@@ -129,3 +129,17 @@ def test_the_rule_leaves_what_fits_alone():
     assert source_token_ids(tok, [], 8) == []
     with pytest.raises(ValueError, match="at least 1"):
         source_token_ids(tok, texts, 0)
+
+
+def test_many_texts_are_tokenised_in_calls_that_give_the_same_ids(monkeypatch):
+    """Long lists (training's whole instruction stream) go to the tokenizer a chunk at a time,
+    which bounds the memory its encodings take; the ids and the cuts are those of one call."""
+    from instructrec import instruction
+
+    tokenizer = minilm_tokenizer()
+    texts = [_instruction(tokenizer), "Portal 2", "", f"Halo Reach. {TASK}", LONG_TITLE, "Zelda"] * 3
+    whole = source_token_ids(tokenizer, texts, LIMIT)
+    monkeypatch.setattr(instruction, "TOKENIZE_CHUNK", 4)
+    assert source_token_ids(tokenizer, texts, LIMIT) == whole
+    assert len(whole) == len(texts) and any(cut for _, cut in whole) and any(not cut for _, cut in whole)
+    assert source_token_ids(tokenizer, [], LIMIT) == []
