@@ -307,7 +307,7 @@ def test_the_scaling_targets_show_the_cpu_ceiling_of_the_loaded_cell():
     eight = rows["8 clients, 10 candidates (cold): >= 2x the req/s of one client"]
     assert eight["pass"] is False
     assert eight["measured"] == ("1.87× (16.8 vs 9.0 req/s); ceiling 2 CPUs ÷ 110 CPU-ms per answer = 18.2 req/s "
-                                 "= 2.02×")
+                                 "= 2.02×; one client alone keeps 0.94 of the 2 CPUs busy")
     assert "ceiling" not in rows["32 clients, 10 candidates (cold): >= 2x the req/s of one client"]["measured"]
     assert "| 110.0 |" in report.service_table(s) and "CPU ms/req" in report.readme_section({"service": s})
 

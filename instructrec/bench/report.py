@@ -557,14 +557,20 @@ def _scaling_targets(s: dict) -> list[dict]:
 
 def cpu_ceiling(s: dict, many: dict, one: dict) -> str | None:
     """The ceiling the machine puts on a loaded cell: its CPUs over the CPU seconds the serving
-    process spent per answer in that cell, and that as a multiple of one client's req/s."""
+    process spent per answer in that cell, and that as a multiple of one client's req/s; and how
+    many CPUs one client alone keeps busy (idle lanes lend it a hand), whose complement is all
+    that more clients can add."""
     cpu_ms = many.get("server_cpu_ms_per_request")
     cpus = (s.get("machine") or {}).get("usable_cpus")
     if not cpu_ms or not cpus or not one.get("requests_per_s"):
         return None
     ceiling = cpus / (cpu_ms / 1000)
-    return (f"ceiling {cpus} CPUs ÷ {cpu_ms:.0f} CPU-ms per answer = {ceiling:.1f} req/s = "
-            f"{ceiling / one['requests_per_s']:.2f}×")
+    out = (f"ceiling {cpus} CPUs ÷ {cpu_ms:.0f} CPU-ms per answer = {ceiling:.1f} req/s = "
+           f"{ceiling / one['requests_per_s']:.2f}×")
+    if one.get("server_cpu_ms_per_request"):  # what one client leaves idle bounds what more clients can add
+        busy = one["server_cpu_ms_per_request"] / 1000 * one["requests_per_s"]
+        out += f"; one client alone keeps {busy:.2f} of the {cpus} CPUs busy"
+    return out
 
 
 def render_targets(results: dict) -> str:
