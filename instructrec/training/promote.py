@@ -217,7 +217,8 @@ def _leg_row(candidate: Candidate, evaluation: dict, promoted: bool, eval_dtype:
     leg_seconds = relay["train_seconds_total"] - relay.get("seconds_before", 0.0)
     return {"date": datetime.date.today().isoformat(), "cpu": cpu_model(),
             "dtype": "bf16" if meta.get("bf16") else "float32", "steps": relay.get("steps"),
-            "examples": relay["data_position"] - relay["start"], "train_seconds": round(leg_seconds, 1),
+            # what the leg (a soup: its legs) read, which need not be one window of the stream
+            "examples": relay["examples_total"] - relay.get("examples_before", 0), "train_seconds": round(leg_seconds, 1),
             "examples_total": relay["examples_total"], "train_seconds_total": relay["train_seconds_total"],
             "data_position": relay["data_position"], "hr1_candidate": evaluation["hr@1_candidate"],
             "hr1_shipped": evaluation["hr@1_shipped"], "gain": evaluation["gain"], "ci_low": evaluation["ci_low"],
