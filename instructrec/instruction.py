@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from .aspects import TaskForm, UserNeed
-from .templates import Rendered, Template, render, select
+from .templates import Rendered, Template, render, render_history, select
 
 
 @dataclass(frozen=True)
@@ -80,22 +80,72 @@ def _cut_to(encoded, max_tokens: int) -> list[tuple[list[int], int]]:
 
 
 def fit(template: Template, need: UserNeed, tokenizer, max_tokens: int, **render_kw) -> Instruction:
-    """Render ``template`` for ``need``, dropping the oldest history items until it fits."""
+    """Render ``template`` for ``need``, dropping the oldest history items until it fits: the most
+    recent items that fit (at least one is kept).
+
+    The number kept is guessed from the whole rendering's tokens (each history item's share,
+    found by the tokens' character offsets) and verified with the guess and one item more, so
+    three tokenisations settle what a binary search over a history of 20 took five or six for;
+    a wrong guess (token counts that are not additive across items) falls back to that binary
+    search in the range the two verifications left. Either way the result is the largest count
+    that fits, as long as keeping more items never takes fewer tokens."""
     rendered = render(template, need, **render_kw)
-    if count_tokens(tokenizer, rendered.source) <= max_tokens or len(need.history) <= 1:
+    n = len(need.history)
+    if n <= 1:
         return Instruction(rendered, 0)
-    # Binary search the number of most recent items that fits (at least one is kept).
-    lo, hi = 1, len(need.history) - 1
-    best = replace(need, history=need.history[-1:])
-    while lo <= hi:
+    offsets = bool(getattr(tokenizer, "is_fast", False))  # a slow tokenizer gives no offsets
+    full = tokenizer(rendered.source, return_offsets_mapping=offsets)
+    if len(full["input_ids"]) <= max_tokens:
+        return Instruction(rendered, 0)
+
+    def fits(k: int) -> bool:
+        trial = replace(need, history=need.history[-k:])
+        return count_tokens(tokenizer, render(template, trial, **render_kw).source) <= max_tokens
+
+    lo, hi, best = 1, n - 1, 1  # the answer: the largest count in [lo, hi] that fits, else best
+    guess = _guess_kept(rendered.source, need.history, full, max_tokens) if offsets else None
+    if guess is not None:
+        if not fits(guess):
+            hi = guess - 1
+        elif guess == n - 1 or not fits(guess + 1):
+            best, lo = guess, n  # settled
+        else:
+            best, lo = guess + 1, guess + 2
+    while lo <= hi:  # a binary search over what the verifications left
         mid = (lo + hi) // 2
-        trial = replace(need, history=need.history[-mid:])
-        if count_tokens(tokenizer, render(template, trial, **render_kw).source) <= max_tokens:
-            best, lo = trial, mid + 1
+        if fits(mid):
+            best, lo = mid, mid + 1
         else:
             hi = mid - 1
-    return Instruction(render(template, best, **render_kw), len(need.history) - len(best.history))
+    kept = replace(need, history=need.history[-best:])
+    return Instruction(render(template, kept, **render_kw), n - best)
 
+
+def _guess_kept(source: str, history: Sequence[str], encoded, max_tokens: int) -> int | None:
+    """How many of the most recent ``history`` items the rendering ``source`` (tokenised in
+    ``encoded``, with offsets) can keep within ``max_tokens``, counting each item's tokens where
+    it stands; None when the rendered history is not found in ``source``."""
+    listed = render_history(history)
+    at = source.find(listed)
+    if at < 0:
+        return None
+    ends, pos = [], at  # each item's end in source, "; " included
+    for i, title in enumerate(history, 1):
+        pos += len(f"{i}. {title}") + (2 if i < len(history) else 0)
+        ends.append(pos)
+    per_item = [0] * len(history)
+    item = 0
+    for start, stop in encoded["offset_mapping"]:
+        if stop <= start or start < at or start >= ends[-1]:
+            continue
+        while start >= ends[item]:
+            item += 1
+        per_item[item] += 1
+    excess, dropped = len(encoded["input_ids"]) - max_tokens, 0
+    while excess > 0 and dropped < len(history) - 1:
+        excess -= per_item[dropped]
+        dropped += 1
+    return len(history) - dropped
 
 def build(need: UserNeed, tokenizer, max_tokens: int, *, task: TaskForm = TaskForm.RERANK, template_id: str | None = None,
           rng: random.Random | None = None) -> Instruction:

@@ -19,6 +19,7 @@ queued request waits at most one part for a lane.
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence, TypeVar
 
@@ -46,6 +47,7 @@ class LanePool:
         self.on_return: Callable[[], None] = lambda: None  # a lent lane is idle again (the batcher's wake-up)
         self.parts_lent = 0  # parts computed by lent lanes (what tests and metrics read)
         self._closed = False
+        self._local = threading.local()  # per scoring lane: seconds lent lanes computed for it
 
     # -- the batcher's side -------------------------------------------------------------------
     def take(self) -> None:
@@ -59,6 +61,15 @@ class LanePool:
     @property
     def lent(self) -> int:
         return self._lent
+
+    def lent_seconds(self) -> float:
+        """Seconds lent lanes spent computing parts of the calling thread's :meth:`map` calls
+        since it last asked (then 0 again). A batch's wall time and these together are the lane
+        seconds it cost, what it would have taken on its own lane alone: the batcher's drain
+        rate, which must hold when the load leaves no lane idle to lend."""
+        seconds = getattr(self._local, "seconds", 0.0)
+        self._local.seconds = 0.0
+        return seconds
 
     def _borrow(self, wanted: int) -> int:
         with self._lock:
@@ -90,6 +101,7 @@ class LanePool:
         taken = iter(range(len(items)))
         take_lock = threading.Lock()
         modes = (torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+        spent = [0.0]  # seconds the lent lanes computed parts
 
         def next_part() -> int | None:
             with take_lock:
@@ -99,9 +111,11 @@ class LanePool:
             try:
                 with torch.inference_mode(modes[0]), torch.set_grad_enabled(modes[1]):
                     while not self.demand() and (i := next_part()) is not None:
+                        start = time.perf_counter()
                         results[i] = fn(items[i])
                         with self._lock:
                             self.parts_lent += 1
+                            spent[0] += time.perf_counter() - start
             finally:
                 self._return()
 
@@ -119,6 +133,7 @@ class LanePool:
                 f.result()
             except BaseException as exc:  # noqa: BLE001
                 failure = failure or exc
+        self._local.seconds = getattr(self._local, "seconds", 0.0) + spent[0]
         if failure is not None:
             raise failure
         return results

@@ -10,7 +10,7 @@ import pytest
 from instructrec.aspects import Intention, TaskForm, UserNeed
 from instructrec.instruction import build, count_tokens, fit
 from instructrec.modeling import minilm_tokenizer
-from instructrec.templates import TemplateError, get_template, render, select
+from instructrec.templates import TemplateError, compatible, get_template, render, select
 
 TITLES = tuple(f"The Chronicles of Item Number {i}: Extended Edition" for i in range(1, 21))
 NEED = UserNeed(history=TITLES, preference="I like long story-driven adventures.",
@@ -106,3 +106,52 @@ def test_normalise_is_nfc_then_collapsed_whitespace(text):
     text = text.encode().decode("unicode_escape") if "\\" in text else text
     assert normalise(text) == " ".join(unicodedata.normalize("NFC", text).split())
     assert normalise(normalise(text)) == normalise(text)
+
+
+def _fit_by_search(template, need, tok, budget):
+    """The reference: the largest number of most recent items that fits, by binary search."""
+    if count_tokens(tok, render(template, need).source) <= budget or len(need.history) <= 1:
+        return 0
+    lo, hi, best = 1, len(need.history) - 1, 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if tokens_with_last(template, need, mid, tok) <= budget:
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    return len(need.history) - best
+
+
+def test_fit_keeps_what_a_binary_search_keeps_with_at_most_three_tokenisations(tok, monkeypatch):
+    """Random real-looking histories (titles of 1 to 12 words, numbers and punctuation), every
+    history template, budgets from too small to roomy: fit drops exactly the items a binary
+    search over the counts drops, and tokenises the instruction at most three times."""
+    import instructrec.instruction as instruction
+
+    rng = random.Random(7)
+    words = ["Mario", "Kart", "8", "Deluxe", "The", "Legend", "of", "Zelda:", "Breath", "Wild", "Call", "Duty",
+             "Black-Ops", "II", "(PS4)", "FIFA", "2019", "Édition", "Spider-Man", "Tom", "Clancy's", "3DS", "&", "XL"]
+    calls = []
+    real = tok.__class__.__call__
+
+    def counted(self, *a, **kw):
+        calls.append(1)
+        return real(self, *a, **kw)
+
+    cases = 0
+    for _ in range(60):
+        history = tuple(" ".join(rng.choice(words) for _ in range(rng.randint(1, 12))) for _ in range(rng.randint(2, 40)))
+        need = UserNeed(history=history, preference="I like co-op games.", intention="a racing game",
+                        intention_kind=rng.choice([Intention.SPECIFIC, Intention.VAGUE]))
+        template = rng.choice([t for t in compatible(need, rankable=True) if "{history}" in t.text])
+        full = count_tokens(tok, render(template, need).source)
+        for budget in (8, full // 3, full // 2, full - 3, full - 1, full):
+            expected = _fit_by_search(template, need, tok, budget)
+            monkeypatch.setattr(tok.__class__, "__call__", counted)
+            calls.clear()
+            inst = fit(template, need, tok, budget)
+            monkeypatch.setattr(tok.__class__, "__call__", real)
+            assert inst.history_dropped == expected, (template.id, budget, len(history))
+            assert len(calls) <= 3, (template.id, budget, len(calls))
+            cases += 1
+    assert cases == 360

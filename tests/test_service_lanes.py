@@ -272,6 +272,60 @@ def test_a_lent_lane_counts_as_taken_and_comes_back_for_a_waiting_job():
     assert pool.lent == 0 and pool.parts_lent >= 1
 
 
+def test_the_drain_rate_counts_what_lent_lanes_computed():
+    """A job of 20 tokens whose 8 parts of 50 ms a lent lane shares: about 0.2 s of wall time
+    but 0.4 s of lane time. The drain rate is the lane time's (0.02 s a token), so 20 more
+    tokens on two lanes are expected to take 0.2 s, as they do when no lane is idle to lend;
+    the wall time alone would have said 0.1 s."""
+    from instructrec.lanes import LanePool
+
+    pool = LanePool(2)
+
+    def score(requests):
+        return [sum(pool.map(lambda x: time.sleep(0.05) or 1, range(8))) for _ in requests], 0.0, 0.0
+
+    async def scenario():
+        executor = ThreadPoolExecutor(2)
+        batcher = Batcher(score, executor=executor, metrics=Metrics(), lanes=2, pool=pool, budget_tokens=100,
+                          max_wait_s=0, max_queue=10, max_jobs=1)
+        batcher.start()
+        result = await batcher.submit("a", 20)
+        drain = batcher.drain_seconds(extra_tokens=20)
+        await batcher.close()
+        executor.shutdown()
+        return result, drain
+
+    try:
+        result, drain = asyncio.run(scenario())
+    finally:
+        pool.close()
+    assert result == 8 and pool.parts_lent >= 2
+    assert drain >= 0.19, drain  # 8 x 0.05 s over 20 tokens, times 20 tokens, over 2 lanes
+    assert pool.lent_seconds() == 0.0  # the lane's account was read by the batcher, not this thread's
+
+
+def test_an_admitted_job_waits_past_the_admission_deadline_up_to_its_expiry():
+    """One lane busy for 0.3 s: a job admitted with a 0.2 s admission deadline (the rate was
+    not measured yet, so it fit) but 0.5 s to expire is scored, not dropped; with the expiry
+    at the admission deadline (the default) it gets Expired."""
+    recorder = _Recorder(0.3)
+
+    async def scenario(expire_after_s):
+        batcher, executor = _batcher(recorder, 1, max_queue_wait_s=0.2, expire_after_s=expire_after_s)
+        batcher.start()
+        first = batcher.submit("a", 5)
+        await asyncio.sleep(0.02)
+        second = batcher.submit("b", 5)
+        results = await asyncio.gather(first, second, return_exceptions=True)
+        await batcher.close()
+        executor.shutdown()
+        return results
+
+    assert asyncio.run(scenario(0.5)) == ["scored a", "scored b"]
+    first, late = asyncio.run(scenario(None))
+    assert first == "scored a" and isinstance(late, Expired)
+
+
 def test_two_lanes_keep_deadlines_and_skip_cancelled_jobs():
     """Two lanes busy for 0.3 s, a 0.2 s deadline: a third job cannot start in time and gets
     Expired; a cancelled job is never scored."""

@@ -249,6 +249,7 @@ def test_expired_requests_answer_503_with_retry_after():
                         max_queue_wait_ms=50, max_wait_ms=0, max_batch_requests=1, torch_threads=1)
     with ServerThread(create_app(settings)) as srv:
         srv.wait_ready()
+        assert srv.app.state.service.batcher.expire_after == pytest.approx(0.05 * settings.queue_expiry_factor)
 
         async def flood():
             async with httpx.AsyncClient(base_url=srv.url, timeout=120) as ac:

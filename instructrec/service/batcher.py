@@ -22,8 +22,12 @@ were told to come back: without them every client refused in the same second wou
 same Retry-After, come back together and mostly be refused again (a soak of 200 clients
 resending: 22,988 resends, 388 requests still refused after 30 tries); with them the k-th
 refused client is told about k jobs' drain time later than the first. A job still waiting at
-its deadline (the estimate was short) gets :class:`Expired` (503 with ``Retry-After``) instead
-of being scored for a client that has likely given up. A job whose future was cancelled
+``expire_after`` (by default ``max_queue_wait``; the service gives admitted jobs twice that,
+``queue_expiry_factor``, since the drain rate can fall after they were admitted) gets
+:class:`Expired` (503 with ``Retry-After``) instead of being scored for a client that has likely
+given up. The drain rate is measured in lane seconds: a batch's wall time plus what idle lanes
+computed for it (:meth:`instructrec.lanes.LanePool.lent_seconds`), so the rate a quiet service
+measured with help still holds when a burst leaves no lane idle. A job whose future was cancelled
 (client disconnected) is skipped, before its batch starts and again just before its scoring in
 the inference thread.
 
@@ -71,7 +75,7 @@ class ShuttingDown(Exception):
 
 
 class Expired(Exception):
-    """The job waited ``max_queue_wait`` without its batch starting."""
+    """The job waited ``expire_after`` without its batch starting."""
 
     def __init__(self, waited: float, retry_after: int):
         super().__init__(f"waited {waited:.2f}s for the model without starting; retry after {retry_after}s")
@@ -103,10 +107,12 @@ ScoreFn = Callable[[list[Any]], tuple[list[Any], float, float]]
 class Batcher:
     def __init__(self, score: ScoreFn, *, budget_tokens: int, max_wait_s: float, max_queue: int, executor: Executor,
                  metrics: Metrics, max_jobs: int = 32, max_queue_wait_s: float = math.inf, lanes: int = 1,
-                 pool: LanePool | None = None):
+                 pool: LanePool | None = None, expire_after_s: float | None = None):
         """``lanes``: batches scored at once; ``executor`` needs at least as many threads. ``pool``:
         the lanes a batch may borrow while they are idle (:mod:`instructrec.lanes`); the batcher
-        tells it which lanes score a batch and when a job waits for one."""
+        tells it which lanes score a batch and when a job waits for one. ``expire_after_s``: how
+        long an admitted job may wait before it gets :class:`Expired` (default
+        ``max_queue_wait_s``, what admission promised)."""
         self._score = score
         self.lanes = max(1, int(lanes))
         self.pool = pool
@@ -119,6 +125,7 @@ class Batcher:
         self.max_wait = max_wait_s
         self.max_queue = max_queue
         self.max_queue_wait = max_queue_wait_s
+        self.expire_after = max_queue_wait_s if expire_after_s is None else max(expire_after_s, max_queue_wait_s)
         self._executor = executor
         self.metrics = metrics
         self._pending: deque[Job] = deque()
@@ -153,7 +160,7 @@ class Batcher:
             raise QueueFull(self._refuse(tokens))
         now = time.monotonic()
         job = Job(request, max(1, int(tokens)), asyncio.get_running_loop().create_future(), now,
-                  now + self.max_queue_wait)
+                  now + self.expire_after)
         self._pending.append(job)
         self._queued_tokens += job.tokens
         self.metrics.queue_depth.set(len(self._pending))
@@ -338,8 +345,15 @@ class Batcher:
         self.metrics.queue_depth.set(len(self._pending))
         return batch
 
-    def _score_batch(self, jobs: list[Job]) -> list[tuple[str, Any, float, float]]:
-        """In the inference thread: score the live jobs together; ('skip'|'ok'|'error', value, enc, dec)."""
+    def _score_batch(self, jobs: list[Job]) -> tuple[list[tuple[str, Any, float, float]], float]:
+        """In the inference thread: score the live jobs together; ('skip'|'ok'|'error', value, enc,
+        dec) per job, and the seconds lent lanes computed for them."""
+        if self.pool is not None:
+            self.pool.lent_seconds()  # from zero
+        out = self._score_jobs(jobs)
+        return out, (self.pool.lent_seconds() if self.pool is not None else 0.0)
+
+    def _score_jobs(self, jobs: list[Job]) -> list[tuple[str, Any, float, float]]:
         live = [i for i, job in enumerate(jobs) if not job.future.cancelled()]  # the client may have left meanwhile
         out: list[tuple[str, Any, float, float]] = [("skip", None, 0.0, 0.0)] * len(jobs)
         if not live:
@@ -424,8 +438,9 @@ class Batcher:
                 back.cancel()
 
     async def _score_on_lane(self, batch: list[Job], start: float, tokens: int) -> None:
+        lent = 0.0
         try:
-            results = await asyncio.get_running_loop().run_in_executor(self._executor, self._score_batch, batch)
+            results, lent = await asyncio.get_running_loop().run_in_executor(self._executor, self._score_batch, batch)
         except asyncio.CancelledError:
             for job in batch:
                 if not job.future.done():
@@ -434,7 +449,9 @@ class Batcher:
         except Exception as exc:  # noqa: BLE001 - e.g. the executor is gone
             log.exception("scoring batch failed")
             results = [("error", exc, 0.0, 0.0)] * len(batch)
-        measured = (time.monotonic() - start) / max(1, tokens)  # one lane's seconds per token
+        # one lane's seconds per token: the lent lanes' seconds count, since under load (when the
+        # rate decides admission) no lane is idle to lend and the batch takes them all on its own
+        measured = (time.monotonic() - start + lent) / max(1, tokens)
         self._token_seconds = measured if not self._token_seconds else 0.8 * self._token_seconds + 0.2 * measured
         for job, (status, value, enc, dec) in zip(batch, results):
             if status == "skip" or job.future.cancelled():

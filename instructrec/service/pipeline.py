@@ -200,7 +200,7 @@ async def _submit(receive: Receive, state: ServiceState, engine: Engine, job, to
     except ShuttingDown:
         raise shutting_down() from None
     except Expired as exc:
-        raise ApiError(503, "overloaded", f"the request waited longer than max_queue_wait_ms for the model ({exc})",
+        raise ApiError(503, "overloaded", f"the request waited longer than max_queue_wait_ms x queue_expiry_factor for the model ({exc})",
                        headers={"Retry-After": str(exc.retry_after)}, reason="expired") from None
 
 

@@ -74,8 +74,13 @@ class Settings(BaseSettings):
     max_queue_wait_ms: float = Field(default=5000.0, gt=0, description="longest a request waits for the model: "
                                      "requests are queued while the work ahead of them, at the measured drain rate, "
                                      "lets them start by then (8 requests of 100 candidates on 2 CPU cores wait about "
-                                     "3 s); past it 429 with Retry-After = seconds until enough work drains; one still "
-                                     "waiting then is dropped (503 with Retry-After)")
+                                     "3 s); past it 429 with Retry-After = seconds until enough work drains; one admitted "
+                                     "that still waits at queue_expiry_factor times this is dropped (503 with Retry-After)")
+    queue_expiry_factor: float = Field(default=2.0, ge=1.0, description="an admitted request is dropped (503 with "
+                                       "Retry-After) only once it has waited this many times max_queue_wait_ms: "
+                                       "admission assumes the drain rate it measured, and a rate that falls afterwards "
+                                       "(a slower core, a noisy neighbour) should delay the requests it admitted, not "
+                                       "fail them")
     max_batch_requests: int = Field(default=32, ge=1, description="requests sharing one batch at most (1 turns micro-batching off)")
     batch_invariant: bool = Field(default=True, description="score each request of a batch in forward passes of its "
                                   "own, so its answer is bit for bit the one it gets alone (false: requests share "

@@ -75,7 +75,7 @@ class ServiceState:
         self.batcher = Batcher(self._score_many, budget_tokens=s.batch_tokens, max_wait_s=s.max_wait_ms / 1000,
                                max_queue=s.max_queue, executor=self.infer_executor, metrics=self.metrics,
                                max_jobs=jobs, max_queue_wait_s=s.max_queue_wait_ms / 1000, lanes=s.lanes,
-                               pool=self.lane_pool)
+                               pool=self.lane_pool, expire_after_s=s.max_queue_wait_ms * s.queue_expiry_factor / 1000)
         self.batcher.start()
         self._load_task = asyncio.get_running_loop().create_task(self._load(), name="instructrec-load")
 
