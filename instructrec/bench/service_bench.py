@@ -703,7 +703,11 @@ def _modes(base: dict[str, Any], batching: Sequence[str], cache_enabled: bool, r
         overrides = dict(base)
         if cache_enabled:
             overrides["cache_namespace"] = f"instructrec-bench:{run_id}:{name}"
-        if name == "on":
+        if name == "on" and on.batch_invariant:
+            desc = ("the service as configured: batch_invariant, so each request is scored in forward passes "
+                    "of its own and a batch holds one request (none waits for others to join); up to "
+                    f"{on.lanes} at once, one per lane")
+        elif name == "on":
             desc = (f"the service as configured: a batch collects requests until {on.batch_tokens} tokens "
                     f"(instruction + candidates) or {on.max_wait_ms:g} ms after its first request")
         else:
