@@ -147,6 +147,7 @@ def _guess_kept(source: str, history: Sequence[str], encoded, max_tokens: int) -
         dropped += 1
     return len(history) - dropped
 
+
 def build(need: UserNeed, tokenizer, max_tokens: int, *, task: TaskForm = TaskForm.RERANK, template_id: str | None = None,
           rng: random.Random | None = None) -> Instruction:
     """Select the template for ``need`` (the one selection function) and fit it: the serving entry point."""

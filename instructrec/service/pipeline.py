@@ -200,8 +200,8 @@ async def _submit(receive: Receive, state: ServiceState, engine: Engine, job, to
     except ShuttingDown:
         raise shutting_down() from None
     except Expired as exc:
-        raise ApiError(503, "overloaded", f"the request waited longer than max_queue_wait_ms x queue_expiry_factor for the model ({exc})",
-                       headers={"Retry-After": str(exc.retry_after)}, reason="expired") from None
+        raise ApiError(503, "overloaded", "the request waited longer than max_queue_wait_ms x queue_expiry_factor "
+                       f"for the model ({exc})", headers={"Retry-After": str(exc.retry_after)}, reason="expired") from None
 
 
 async def rerank(receive: Receive, state: ServiceState, engine: Engine, need: UserNeed, template_id: str | None,
