@@ -155,3 +155,19 @@ def test_fit_keeps_what_a_binary_search_keeps_with_at_most_three_tokenisations(t
             assert len(calls) <= 3, (template.id, budget, len(calls))
             cases += 1
     assert cases == 360
+
+
+@pytest.mark.parametrize("off_by", [-7, -2, -1, 1, 2, 7])
+def test_fit_recovers_from_a_wrong_guess(tok, monkeypatch, off_by):
+    """Where the guess from the token offsets is wrong (counts that are not additive across
+    items), the verifications and the binary search they leave still find what the search
+    alone finds."""
+    import instructrec.instruction as instruction
+
+    guess = instruction._guess_kept
+    monkeypatch.setattr(instruction, "_guess_kept",
+                        lambda *a: max(1, min(len(a[1]) - 1, guess(*a) + off_by)))
+    template = get_template("comb-09")
+    full = count_tokens(tok, render(template, NEED).source)
+    for budget in (8, full // 3, full // 2, full - 5, full - 1):
+        assert fit(template, NEED, tok, budget).history_dropped == _fit_by_search(template, NEED, tok, budget)
