@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from .aspects import TaskForm, UserNeed
-from .templates import Rendered, Template, render, render_history, select
+from .templates import HISTORY_SEPARATOR, Rendered, Template, history_entries, render, select
 
 
 @dataclass(frozen=True)
@@ -125,14 +125,15 @@ def _guess_kept(source: str, history: Sequence[str], encoded, max_tokens: int) -
     """How many of the most recent ``history`` items the rendering ``source`` (tokenised in
     ``encoded``, with offsets) can keep within ``max_tokens``, counting each item's tokens where
     it stands; None when the rendered history is not found in ``source``."""
-    listed = render_history(history)
-    at = source.find(listed)
+    entries = history_entries(history)
+    at = source.find(HISTORY_SEPARATOR.join(entries))
     if at < 0:
         return None
-    ends, pos = [], at  # each item's end in source, "; " included
-    for i, title in enumerate(history, 1):
-        pos += len(f"{i}. {title}") + (2 if i < len(history) else 0)
+    ends, pos = [], at  # each item's end in source, its separator included
+    for entry in entries:
+        pos += len(entry) + len(HISTORY_SEPARATOR)
         ends.append(pos)
+    ends[-1] -= len(HISTORY_SEPARATOR)  # the last item has none
     per_item = [0] * len(history)
     item = 0
     for start, stop in encoded["offset_mapping"]:

@@ -67,6 +67,8 @@ __all__ = [
     "compatible",
     "table_version",
     "render_history",
+    "history_entries",
+    "HISTORY_SEPARATOR",
     "SLOTS",
 ]
 
@@ -327,9 +329,17 @@ class Rendered:
     instantiation: Instantiation
 
 
+HISTORY_SEPARATOR = "; "
+
+
+def history_entries(history: tuple[str, ...] | list[str]) -> list[str]:
+    """Each history item as the rendered history lists it: ``1. A``, ``2. B``, ..."""
+    return [f"{i}. {title}" for i, title in enumerate(history, 1)]
+
+
 def render_history(history: tuple[str, ...] | list[str]) -> str:
     """``1. A; 2. B; 3. C`` (deterministic)."""
-    return "; ".join(f"{i}. {title}" for i, title in enumerate(history, 1))
+    return HISTORY_SEPARATOR.join(history_entries(history))
 
 
 def _fields(text: str) -> set[str]:
