@@ -135,12 +135,11 @@ def _print_table(result: dict) -> None:
         return
     weights = "  ".join(f"{k} {v:.3f}" for k, v in fusion["weights"].items())
     print(f"{shown} candidates by fused score (gate {fusion['gate_version']}; weights {weights}):")
-    print(f"{'':>{width + 1}} {'score':>8} {'relev.':>7} {'z(lm)':>7} {'capped':>7} {'z(beh)':>7} {'z(sem)':>7} "
-          f"{'z(seq)':>7} {'loglik':>8}")
+    print(f"{'':>{width + 1}} {'score':>8} {'relev.':>7} {'z(lm)':>7} {'z(beh)':>7} {'z(sem)':>7} {'z(seq)':>7} "
+          f"{'loglik':>8}")
     for pos, r in enumerate(rows, 1):
         c = r["components"]
-        parts = [f"{c[k]:7.3f}" if k in c else f"{'-':>7}" for k in ("lm", "lm_capped", "behaviour", "semantic",
-                                                                      "sequential")]
+        parts = [f"{c[k]:7.3f}" if k in c else f"{'-':>7}" for k in ("lm", "behaviour", "semantic", "sequential")]
         print(f"{pos:>{width}}. {r['score']:8.3f} {r['relevance']:7.3f} {' '.join(parts)} {c['lm_loglik']:8.4f}  "
               f"[{r['index']}] {r['title']}")
     if fusion["without_behaviour"]:

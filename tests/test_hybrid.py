@@ -12,8 +12,8 @@ from instructrec.aspects import Intention, UserNeed
 from instructrec.hybrid import Hybrid, load_hybrid
 from instructrec.hybrid.behaviour import (DECAY, POPULARITY_WEIGHT, BehaviourError, build_behaviour_index,
                                           load_behaviour_index, zscore)
-from instructrec.hybrid.gate import (FEATURES, LM_CAPS, SIGNALS, Example, Gate, GateError, expected_calibration_error,
-                                      fit_gate, load_gate, request_features, softmax)
+from instructrec.hybrid.gate import (FEATURES, SIGNALS, Example, Gate, GateError, expected_calibration_error, fit_gate,
+                                      load_gate, softmax)
 
 ITEMS = [(f"i{k}", f"Game {k}") for k in range(8)]
 SEQUENCES = [["i0", "i1", "i2"], ["i0", "i1", "i3"], ["i1", "i2"], ["i4", "i5", "i4", "i6"]]
@@ -229,92 +229,8 @@ def test_bad_gate_files_are_clear_errors(tmp_path):
     path.write_text(json.dumps(doc))
     with pytest.raises(GateError, match=f"g.json: temperature_weights must be {len(FEATURES)} finite numbers"):
         load_gate(path)
-    doc = Gate.neutral().to_json()
-    doc["lm_caps"] = [0.0]
-    path.write_text(json.dumps(doc))
-    with pytest.raises(GateError, match=r"g.json: fitted with the LM capped at \[0.0\].*refit it"):
-        load_gate(path)
-    doc = Gate.neutral().to_json()
-    doc["cap_weights"] = [[1.0]]
-    path.write_text(json.dumps(doc))
-    with pytest.raises(GateError, match=f"g.json: cap_weights must be a finite {len(LM_CAPS)} x {len(FEATURES)} table"):
-        load_gate(path)
     with pytest.raises(GateError, match="no examples"):
         fit_gate([])
-
-
-def test_a_bare_query_adds_the_capped_lm_and_a_need_with_history_does_not():
-    """Without history the LM's part is piecewise linear (its z-score and its capped copies, each
-    at its gated weight), reported as one more component so that the score is still the sum of
-    weight x component; with a history the capped terms are left out entirely."""
-    rng = np.random.default_rng(3)
-    w = rng.normal(size=(len(SIGNALS), len(FEATURES)))
-    caps = rng.normal(size=(len(LM_CAPS), len(FEATURES)))
-    gate, plain = Gate(w, cap_weights=caps), Gate(w)
-    lm, sem = rng.normal(size=7), rng.normal(size=7)
-    query = UserNeed(intention="a PS2 game", intention_kind=Intention.SPECIFIC)
-    fused = gate.fuse(lm, query, semantic=sem)
-    z = zscore(lm)
-    x = request_features(query, 0.0, z, sem)
-    expected = (1 + gate.lm_weights @ x) * z + (w @ x)[SIGNALS.index("semantic")] * zscore(sem) \
-        + sum((caps[k] @ x) * np.minimum(z, c) for k, c in enumerate(LM_CAPS))
-    assert fused.scores == pytest.approx(expected)
-    assert set(fused.components) == {"lm", "semantic", "lm_capped"} and fused.weights["lm_capped"] == 1.0
-    assert fused.scores == pytest.approx(sum(fused.weights[k] * v for k, v in fused.components.items()))
-    assert not np.allclose(fused.scores, plain.fuse(lm, query, semantic=sem).scores)
-    with_history = UserNeed(history=("Game 0",), intention="a PS2 game", intention_kind=Intention.SPECIFIC)
-    a, b = gate.fuse(lm, with_history, semantic=sem), plain.fuse(lm, with_history, semantic=sem)
-    assert "lm_capped" not in a.components and np.array_equal(a.scores, b.scores)
-
-
-def test_a_v2_gate_reads_as_one_without_capped_terms(tmp_path):
-    """Gates fitted before the capped terms still load, rank as they did and keep their version."""
-    rng = np.random.default_rng(4)
-    gate = Gate(rng.normal(size=(len(SIGNALS), len(FEATURES))), 1.3)
-    doc = gate.to_json()
-    assert doc["version"] == 3 and not np.any(doc["cap_weights"])
-    del doc["lm_caps"], doc["cap_weights"]
-    doc["version"] = 2
-    path = tmp_path / "v2.json"
-    path.write_text(json.dumps(doc))
-    old = load_gate(path)
-    assert old.version == gate.version and not old.cap_weights.any()
-    query = UserNeed(intention="a PC game", intention_kind=Intention.SPECIFIC)
-    lm = rng.normal(size=6)
-    assert np.array_equal(old.fuse(lm, query).scores, gate.fuse(lm, query).scores)
-    fitted = Gate(gate.weights, cap_weights=np.ones((len(LM_CAPS), len(FEATURES))))
-    assert fitted.version != gate.version and load_gate(fitted.save(tmp_path / "v3.json")).version == fitted.version
-
-
-def test_fitting_lets_the_other_signals_choose_among_the_lms_matches():
-    """Synthetic bare queries: three candidates match (the LM scores them high, with noise) and
-    the one the user takes is the most popular of them, while non-matching candidates may be
-    more popular still. A linear mix must either follow the LM's noise among the matches or let
-    popular non-matches in; the capped terms let the fitted gate do neither. The same cases with
-    a history (so without capped terms) are the linear gate's."""
-    rng = np.random.default_rng(5)
-
-    def case(history: bool) -> Example:
-        match = rng.choice(10, size=3, replace=False)
-        lm = rng.normal(0.0, 0.3, size=10)
-        lm[match] += 3.0 + rng.normal(0.0, 0.6, size=3)
-        popularity = rng.normal(0.0, 1.0, size=10)
-        popularity[rng.choice(10)] += 3.0
-        truth = int(match[np.argmax(popularity[match])])
-        need = UserNeed(history=("Game 0",) if history else (), intention="a PS2 game", intention_kind=Intention.SPECIFIC)
-        return Example(lm, need, None, None, 0.0, truth, sequential=popularity)
-
-    def hr1(history: bool) -> float:
-        rng_state = rng.bit_generator.state
-        train = [case(history) for _ in range(800)]
-        test = [case(history) for _ in range(600)]
-        rng.bit_generator.state = rng_state  # both gates see the same numbers
-        gate = fit_gate(train)
-        return float(np.mean([gate.fuse(e.lm, e.need, sequential=e.sequential).scores.argmax() == e.positive
-                              for e in test]))
-
-    capped, linear = hr1(False), hr1(True)
-    assert capped > linear + 0.1, (capped, linear)
 
 
 def test_semantic_similarities_equal_sentence_transformers():

@@ -17,7 +17,7 @@ import torch
 from instructrec.aspects import Intention, UserNeed
 from instructrec.hybrid import Hybrid
 from instructrec.hybrid.behaviour import build_behaviour_index, load_behaviour_index
-from instructrec.hybrid.gate import FEATURES, LM_CAPS, SIGNALS, Gate
+from instructrec.hybrid.gate import FEATURES, SIGNALS, Gate
 from instructrec.ranker import rank_order
 from instructrec.service.app import ConfigError, create_app
 from instructrec.service.engine import shared_semantic_encoder
@@ -41,9 +41,7 @@ def known_gate() -> Gate:
     w[SIGNALS.index("behaviour"), FEATURES.index("known")] = 0.4
     w[SIGNALS.index("semantic"), FEATURES.index("bias")] = 0.5
     w[SIGNALS.index("semantic"), FEATURES.index("vague")] = 1.5
-    caps = np.zeros((len(LM_CAPS), len(FEATURES)))  # a bare query's capped LM terms
-    caps[:, FEATURES.index("bias")] = [2.0, 1.0, -1.5]
-    return Gate(w, temperature=1.3, info={"test": True}, cap_weights=caps)
+    return Gate(w, temperature=1.3, info={"test": True})
 
 
 @pytest.fixture(scope="module")
@@ -311,14 +309,12 @@ def test_cohere_relevance_score_is_the_fused_relevance(hybrid_service, reference
     need = UserNeed(intention=query, intention_kind=Intention.SPECIFIC)
     texts = ["Stardew Valley", "Doom", "Harvest Moon", "Tetris"]
     expected = reference.fuse(lm, need, texts, [None, None, "g6", None], [])
-    # no history: no behaviour signal, and the LM capped (a bare query's matcher)
-    assert set(expected.components) == {"lm", "semantic", "lm_capped"}
+    assert set(expected.components) == {"lm", "semantic"}  # no history: no behaviour signal
     assert [r["index"] for r in answer["results"]] == rank_order(expected.scores.tolist())
     for r in answer["results"]:
         assert r["relevance_score"] == pytest.approx(expected.relevance[r["index"]], abs=1e-6)
         assert r["log_likelihood"] == lm[r["index"]]
-        for name in ("semantic", "lm_capped"):
-            assert r["components"][name] == pytest.approx(expected.components[name][r["index"]], abs=1e-6)
+        assert r["components"]["semantic"] == pytest.approx(expected.components["semantic"][r["index"]], abs=1e-6)
     assert answer["fusion"]["mode"] == "fused"
     v1 = hybrid_service.post("/v1/rerank", json=body).json()
     assert [(r["index"], r["relevance_score"]) for r in v1["results"]] == \

@@ -17,13 +17,6 @@ stage already picked candidates that all resemble the history, the LM and the se
 signal prefer the closest look-alike, which is mostly not the item the user takes, so there
 the LM's own weight has to fall too (its weight is 1 plus a gated term).
 
-A bare query (a need without history) adds the LM capped at a few levels of its z-score
-(:data:`LM_CAPS`), each at its own gated weight: the LM's part becomes piecewise linear, steep
-where a candidate does not match the query and flat among the ones that match it equally well,
-so that among those the other signals choose. With a history the LM is a preference model, not
-a matcher, and these terms are left out. Measured on Games' product search (five folds of the
-gate-fit users, the shipped model): 0.892 to 0.914 HR@1, the other cases unchanged.
-
 A signal a request lacks (no history the index knows, no text) is left out of the sum, so
 the request ranks exactly as its remaining signals would. The gate is fitted with a
 listwise loss (softmax cross-entropy of the true item among its candidates) on validation
@@ -50,21 +43,14 @@ from ..aspects import Intention, UserNeed
 from .behaviour import zscore
 
 FORMAT = "instructrec-gate"
-FORMAT_VERSION = 3
-READS = (2, 3)  # v2: a gate without the capped LM terms
+FORMAT_VERSION = 2
 SIGNALS = ("behaviour", "semantic", "sequential")
 FEATURES = ("bias", "history", "preference", "vague", "specific", "log_history", "known", "lm_margin", "log_candidates",
             "semantic_mean", "semantic_spread")
-LM_CAPS = (-0.5, 0.5, 1.5)  # z-score levels the LM is capped at, for a need without history
 
 
 class GateError(ValueError):
     """A gate file cannot be read or does not fit; the message names the file."""
-
-
-def capped_lm(z_lm: np.ndarray) -> np.ndarray:
-    """(len(LM_CAPS), candidates): the LM's z-scores capped at each of :data:`LM_CAPS`."""
-    return np.minimum(np.asarray(z_lm, dtype=np.float64)[None, :], np.asarray(LM_CAPS)[:, None])
 
 
 def request_features(need: UserNeed, known: float, lm_z: np.ndarray, semantic: np.ndarray | None = None) -> np.ndarray:
@@ -85,9 +71,7 @@ class Fused:
 
     scores: np.ndarray  # fused score per candidate
     relevance: np.ndarray  # calibrated probability per candidate (sums to 1 over the request)
-    # z-scored signal per candidate, absent signals left out; for a need without history also
-    # "lm_capped", the capped LM terms already weighted (its weight is 1): scores = sum of weight * component
-    components: dict[str, np.ndarray]
+    components: dict[str, np.ndarray]  # z-scored signal per candidate, absent signals left out
     weights: dict[str, float]  # the gate's weight of each present signal, the LM's included
     temperature: float = 1.0  # relevance = softmax(temperature * scores)
 
@@ -100,15 +84,10 @@ class Gate:
     lm_weights: np.ndarray | None = None  # (len(FEATURES),): the LM's weight is 1 + lm_weights @ x; None: 0
     # (len(FEATURES),): a request's temperature is exp(temperature_weights @ x); None: ``temperature``
     temperature_weights: np.ndarray | None = None
-    # (len(LM_CAPS), len(FEATURES)): the weight of the LM capped at each level, for a need without
-    # history, is cap_weights @ x; None: 0 (a v2 gate)
-    cap_weights: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.lm_weights is None:
             self.lm_weights = np.zeros(len(FEATURES))
-        if self.cap_weights is None:
-            self.cap_weights = np.zeros((len(LM_CAPS), len(FEATURES)))
 
     @classmethod
     def neutral(cls) -> "Gate":
@@ -123,8 +102,6 @@ class Gate:
                  "lm": np.round(self.lm_weights, 8).tolist()}
         if self.temperature_weights is not None:
             parts["tw"] = np.round(self.temperature_weights, 8).tolist()
-        if self.cap_weights.any():  # a gate without them keeps the version it had as v2
-            parts["caps"] = [list(LM_CAPS), np.round(self.cap_weights, 8).tolist()]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
 
     def temperature_at(self, x: np.ndarray) -> float:
@@ -145,10 +122,6 @@ class Gate:
         components = {"lm": z_lm}
         weights = {"lm": lm_weight}
         scores = lm_weight * z_lm
-        if not need.history and self.cap_weights.any():
-            capped = (self.cap_weights @ x) @ capped_lm(z_lm)
-            components["lm_capped"], weights["lm_capped"] = capped, 1.0
-            scores = scores + capped
         for name, values, weight in zip(SIGNALS, (behaviour, semantic, sequential), w):
             if values is None:
                 continue
@@ -162,7 +135,6 @@ class Gate:
         return {"format": FORMAT, "version": FORMAT_VERSION, "signals": list(SIGNALS), "features": list(FEATURES),
                 "weights": self.weights.tolist(), "lm_weights": self.lm_weights.tolist(), "temperature": self.temperature,
                 **({} if self.temperature_weights is None else {"temperature_weights": self.temperature_weights.tolist()}),
-                "lm_caps": list(LM_CAPS), "cap_weights": self.cap_weights.tolist(),
                 "gate_version": self.version, "info": self.info}
 
     def save(self, path: str | Path) -> Path:
@@ -179,9 +151,9 @@ def load_gate(path: str | Path) -> Gate:
         raise GateError(f"{path}: not a readable gate file ({exc})") from None
     if doc.get("format") != FORMAT:
         raise GateError(f"{path}: not a gate file of format {FORMAT}")
-    if doc.get("version") not in READS:
-        raise GateError(f"{path}: a gate of format v{doc.get('version')}, this code reads "
-                        f"{' and '.join(f'v{v}' for v in READS)}: refit it with `instructrec gate fit`")
+    if doc.get("version") != FORMAT_VERSION:
+        raise GateError(f"{path}: a gate of format v{doc.get('version')}, this code reads v{FORMAT_VERSION}: "
+                        "refit it with `instructrec gate fit`")
     if doc.get("signals") != list(SIGNALS) or doc.get("features") != list(FEATURES):
         raise GateError(f"{path}: fitted for signals {doc.get('signals')} and features {doc.get('features')}, this code "
                         f"uses {list(SIGNALS)} and {list(FEATURES)}: refit it with `instructrec gate fit`")
@@ -196,16 +168,7 @@ def load_gate(path: str | Path) -> Gate:
         temperature_weights = np.asarray(temperature_weights, dtype=np.float64)
         if temperature_weights.shape != (len(FEATURES),) or not np.isfinite(temperature_weights).all():
             raise GateError(f"{path}: temperature_weights must be {len(FEATURES)} finite numbers")
-    cap_weights = None
-    if doc["version"] >= 3:
-        if doc.get("lm_caps") != list(LM_CAPS):
-            raise GateError(f"{path}: fitted with the LM capped at {doc.get('lm_caps')}, this code caps it at "
-                            f"{list(LM_CAPS)}: refit it with `instructrec gate fit`")
-        cap_weights = np.asarray(doc.get("cap_weights"), dtype=np.float64)
-        if cap_weights.shape != (len(LM_CAPS), len(FEATURES)) or not np.isfinite(cap_weights).all():
-            raise GateError(f"{path}: cap_weights must be a finite {len(LM_CAPS)} x {len(FEATURES)} table")
-    return Gate(weights, float(doc.get("temperature", 1.0)), doc.get("info", {}), lm_weights, temperature_weights,
-                cap_weights)
+    return Gate(weights, float(doc.get("temperature", 1.0)), doc.get("info", {}), lm_weights, temperature_weights)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -261,14 +224,13 @@ class Example:
 
 
 def _stacked(examples: Sequence[Example]):
-    """Every example's z-scored signals (LM first, then the capped LM terms of a need without
-    history: :func:`capped_lm`), which are present, which candidate slots are real, the request
-    features and the true item's slot, padded to the longest request."""
+    """Every example's z-scored signals (LM first), which are present, which candidate slots are
+    real, the request features and the true item's slot, padded to the longest request."""
     import torch
 
     n, c = len(examples), max(len(e.lm) for e in examples)
-    z = torch.zeros(n, 1 + len(SIGNALS) + len(LM_CAPS), c, dtype=torch.float64)
-    present = torch.zeros(n, len(SIGNALS) + len(LM_CAPS), dtype=torch.float64)
+    z = torch.zeros(n, 1 + len(SIGNALS), c, dtype=torch.float64)
+    present = torch.zeros(n, len(SIGNALS), dtype=torch.float64)
     valid = torch.zeros(n, c, dtype=torch.bool)
     x = torch.zeros(n, len(FEATURES), dtype=torch.float64)
     for i, e in enumerate(examples):
@@ -279,9 +241,6 @@ def _stacked(examples: Sequence[Example]):
             if values is not None:
                 z[i, 1 + j, :k] = torch.from_numpy(zscore(values))
                 present[i, j] = 1.0
-        if not e.need.history:
-            z[i, 1 + len(SIGNALS):, :k] = torch.from_numpy(capped_lm(z_lm))
-            present[i, len(SIGNALS):] = 1.0
         valid[i, :k] = True
         x[i] = torch.from_numpy(request_features(e.need, e.known if e.behaviour is not None else 0.0, z_lm, e.semantic))
     return z, present, valid, x, torch.tensor([e.positive for e in examples])
@@ -304,9 +263,8 @@ def _minimise(params: list, loss_fn, iterations: int) -> float:
 
 
 def _fused(z, present, x, w, w_lm):
-    """The fused scores of stacked examples (:func:`_stacked`) under weights ``w`` (the signals'
-    rows, then the capped LM terms') and ``w_lm``."""
-    sw = (x @ w.T) * present  # (n, signals + caps)
+    """The fused scores of stacked examples (:func:`_stacked`) under weights ``w`` and ``w_lm``."""
+    sw = (x @ w.T) * present  # (n, signals)
     return (1 + x @ w_lm).unsqueeze(-1) * z[:, 0] + (sw.unsqueeze(-1) * z[:, 1:]).sum(1)
 
 
@@ -325,8 +283,8 @@ def fit_gate(examples: Sequence[Example], *, l2: float = 1e-5, iterations: int =
     if not examples:
         raise GateError("no examples to fit the gate on")
     z, present, valid, x, target = _stacked(examples)
-    w = torch.zeros(len(SIGNALS) + len(LM_CAPS), len(FEATURES), dtype=torch.float64)
-    w[:len(SIGNALS), 0] = 1.0
+    w = torch.zeros(len(SIGNALS), len(FEATURES), dtype=torch.float64)
+    w[:, 0] = 1.0
     w.requires_grad_(True)
     w_lm = torch.zeros(len(FEATURES), dtype=torch.float64, requires_grad=True)
 
@@ -347,10 +305,9 @@ def fit_gate(examples: Sequence[Example], *, l2: float = 1e-5, iterations: int =
 
     loss = _minimise([log_t], calibrated, iterations)
     t = (x @ log_t).detach().exp().numpy()
-    w = w.detach().numpy()
-    return Gate(w[:len(SIGNALS)].copy(), 1.0,
+    return Gate(w.detach().numpy().copy(), 1.0,
                 {**(info or {}), "fitted": True, "examples": len(examples), "calibration_examples": len(calibration),
                  "loss": round(loss, 5), "l2": l2,
                  "temperature": {"min": round(float(t.min()), 4), "median": round(float(np.median(t)), 4),
                                  "max": round(float(t.max()), 4)}},
-                w_lm.detach().numpy().copy(), log_t.detach().numpy().copy(), w[len(SIGNALS):].copy())
+                w_lm.detach().numpy().copy(), log_t.detach().numpy().copy())

@@ -200,13 +200,10 @@ class RecommendResponse(BaseModel):
 
 class Components(BaseModel):
     """A fused result's parts: each present signal z-scored within the request (the fused score
-    is ``weights.lm * lm + lm_capped + weights.behaviour * behaviour + weights.semantic * semantic
-    + weights.sequential * sequential``, absent parts left out), and the LM's raw score."""
+    is ``lm + weights.behaviour * behaviour + weights.semantic * semantic + weights.sequential * sequential``),
+    and the LM's raw score."""
 
     lm: float = Field(description="the LM's score, z-scored within the request")
-    lm_capped: float | None = Field(None, description="a request without history: the LM's z-score capped at a few "
-                                    "levels, weighted by the gate (flat among the candidates that match the query "
-                                    "equally well, so the other signals choose among them); absent with a history")
     behaviour: float | None = Field(None, description="item-to-item counts from the history, z-scored (absent: "
                                     "no behaviour signal for this request)")
     semantic: float | None = Field(None, description="MiniLM similarity of the need to the candidate, z-scored")
