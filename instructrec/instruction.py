@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from .aspects import TaskForm, UserNeed
-from .templates import HISTORY_SEPARATOR, Rendered, Template, history_entries, render, select
+from .templates import HISTORY_SEPARATOR, Rendered, Template, history_entries, render, render_history, select
 
 
 @dataclass(frozen=True)
@@ -125,12 +125,11 @@ def _guess_kept(source: str, history: Sequence[str], encoded, max_tokens: int) -
     """How many of the most recent ``history`` items the rendering ``source`` (tokenised in
     ``encoded``, with offsets) can keep within ``max_tokens``, counting each item's tokens where
     it stands; None when the rendered history is not found in ``source``."""
-    entries = history_entries(history)
-    at = source.find(HISTORY_SEPARATOR.join(entries))
+    at = source.find(render_history(history))
     if at < 0:
         return None
     ends, pos = [], at  # each item's end in source, its separator included
-    for entry in entries:
+    for entry in history_entries(history):
         pos += len(entry) + len(HISTORY_SEPARATOR)
         ends.append(pos)
     ends[-1] -= len(HISTORY_SEPARATOR)  # the last item has none
