@@ -99,11 +99,15 @@ def test_gate_fit_then_the_hybrid_rows_of_an_evaluation(tmp_path, model_dir, gam
 
     data = load_dataset("games-sample").sample_users(60, seed=3)
     cfg = EvalConfig(data=data, out=tmp_path / "eval", users=12, select_users=6, seed=0, settings=("uniform-10",),
-                     scenarios=("sequential", "vague_intention"), base=None, models=(f"tiny={model_dir}",),
-                     baselines=("behaviour",), hybrid=True, resamples=50, progress=False, command="test")
+                     scenarios=("sequential", "vague_intention", "product_search", "product_search_anonymous"),
+                     base=None, models=(f"tiny={model_dir}",), baselines=("behaviour",), hybrid=True, resamples=50,
+                     progress=False, command="test")
     results = evaluate(cfg)
     rows = {(r["scenario"], r["method"]): r for r in results["rows"]}
     assert {m for _, m in rows} == {"behaviour (item-to-item counts)", "tiny", "tiny + hybrid"}
+    # an anonymous request has no history: no row for a signal that reads only the history's ids
+    assert ("product_search", "behaviour (item-to-item counts)") in rows
+    assert {m for s, m in rows if s == "product_search_anonymous"} == {"tiny", "tiny + hybrid"}
     hybrid_row = rows[("sequential", "tiny + hybrid")]
     assert 0 <= hybrid_row["ece"] <= 1 and hybrid_row["reliability"]
     assert "Calibration of the hybrid" in (tmp_path / "eval" / "results.md").read_text()
@@ -133,6 +137,40 @@ def test_gate_fit_then_the_hybrid_rows_of_an_evaluation(tmp_path, model_dir, gam
         assert np.allclose(fused, want.temperature * want.scores, atol=1e-6)  # the fused order, the relevance's scale
     assert hybrid_row["metrics"]["hr@1"] == pytest.approx(
         np.mean([rank_of(s, c.positive) == 0 for c, s in zip(cases, hy_unit["scores"])]))
+
+    # One query signed in and anonymous: the LM scores it the same; the anonymous hybrid fuses the
+    # LM with the semantic signal alone (as the service does a request without history), while
+    # the signed-in one reads the history's behaviour too
+    from instructrec.text import normalise_need
+    from instructrec.training.annotate.pipeline import load_annotations
+    from instructrec.training.evaluate.scenarios import SCENARIOS
+
+    def unit(method, scenario):
+        return next(u for u in units if u["method"] == method and u["scenario"] == scenario and u["split"] == "test")
+
+    lm_signed, lm_anonymous = unit("tiny", "product_search"), unit("tiny", "product_search_anonymous")
+    assert lm_signed["template"] == lm_anonymous["template"] and lm_signed["scores"] == lm_anonymous["scores"]
+    signed, anonymous = unit("tiny + hybrid", "product_search"), unit("tiny + hybrid", "product_search_anonymous")
+    assert signed["user_ids"] == anonymous["user_ids"] and anonymous["user_ids"]
+    annotations = load_annotations(tmp_path / "eval" / "annotations.jsonl")
+    queried = [by_user[u] for u in anonymous["user_ids"]]
+    needs = [SCENARIOS["product_search_anonymous"].need(data, c.user_id, c.history, c.target, annotations)
+             for c in queried]
+    tiny = InstructionModel(data, model_dir)
+    lm_anon = tiny.score(queried, needs, anonymous["template"], str(test_file.path))
+    lm_sign = tiny.score(queried, needs, signed["template"], str(test_file.path))
+    read_history = 0
+    for case, need, la, ls, fused, fused_signed in zip(queried, needs, lm_anon, lm_sign, anonymous["scores"],
+                                                       signed["scores"]):
+        need = normalise_need(need)
+        sem = enc.similarities(need, [data.title(i) for i in case.candidates])
+        want = gate.fuse(la, need, semantic=sem)
+        assert np.allclose(fused, want.temperature * want.scores, atol=1e-6)
+        beh = index.features(list(case.history), list(case.candidates))
+        want = gate.fuse(ls, need, behaviour=beh.score, semantic=sem, known=beh.known)
+        assert np.allclose(fused_signed, want.temperature * want.scores, atol=1e-6)
+        read_history += beh.score is not None
+    assert read_history > 0
 
 
 def test_alike_cases_draw_every_candidate_from_the_needs_nearest_titles(tmp_path, model_dir, games_slice, capsys):

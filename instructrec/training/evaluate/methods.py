@@ -45,6 +45,7 @@ class Method:
     name: str = ""
     family: str = ""  # "interaction" (reads ids only), "text" (reads text, untrained) or "instruction"
     reads_need = False  # False: the scenario's instruction is invisible to it (one score per case)
+    history_only = False  # True: it reads nothing but the history's ids (no row for an anonymous request)
     train_seconds: float | None = None  # CPU training time of this method, when it was trained here
     notes: str = ""
 
@@ -232,6 +233,7 @@ class InstructionModel(Method):
 
 class Behaviour(Method):
     family = "interaction"
+    history_only = True
 
     def __init__(self, data: InteractionData, index=None, name: str = "behaviour (item-to-item counts)"):
         from ..hybrid.behaviour_cli import build_for
@@ -256,6 +258,7 @@ class Behaviour(Method):
 
 class Sequential(Method):
     family = "interaction"
+    history_only = True
 
     def __init__(self, scorer, name: str = "SASRec (plain torch)"):
         self.name = name
@@ -326,9 +329,10 @@ class HybridModel(Method):
 
 
 class Precomputed(Method):
-    """Scores written by another process, per candidate file and user."""
+    """Scores written by another process, per candidate file and user (RecBole's, from the history)."""
 
     family = "interaction"
+    history_only = True
 
     def __init__(self, name: str, scores: Mapping[str, Mapping[str, Sequence[float]]], version: str,
                  train_seconds: float | None = None, notes: str = ""):

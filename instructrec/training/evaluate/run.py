@@ -421,6 +421,8 @@ def _evaluate_candidates(cfg: EvalConfig, data: InteractionData) -> dict:
 
     for method in ev.methods:
         for scenario in scenarios:
+            if method.history_only and not scenario.signed_in:
+                continue  # an anonymous request gives it nothing to read
             templates = method.templates(scenario)
             if not templates:
                 log.warning("%s: no template has the instantiation %s; skipped", scenario.name, scenario.label)

@@ -3,7 +3,10 @@
 A scenario turns a case (history + target) and the teacher's annotations of that target
 into the :class:`~instructrec.aspects.UserNeed` a user in that scenario would bring:
 sequential recommendation brings only the history; product search only a query about
-the target (on Games its platform); personalized search both. A case whose annotation
+the target (on Games its platform); personalized search both. Product search comes twice:
+as a signed-in user's search (the signals that read the history's ids see it, the LM reads
+only the query) and anonymous (nothing sees the history), which is what a ``/rerank``
+request without history gets. A case whose annotation
 is missing (the teacher had nothing to go on) is left out of that scenario, and the
 report counts how many were left out. The instruction model is scored with every
 rerank template whose instantiation is exactly the scenario's, as in the paper.
@@ -33,6 +36,7 @@ class Scenario:
     preference: bool = False
     intention: Intention | None = None
     phrasing: str = EVAL_PHRASING  # the offline teacher's phrasing families its needs are written in
+    signed_in: bool = True  # False: the case's history ids are hidden from every method (an anonymous request)
 
     def kinds(self) -> tuple[Kind, ...]:
         out = []
@@ -71,14 +75,17 @@ class Scenario:
 
 def needs_of(data: InteractionData, cases: Sequence, scenario: Scenario, annotations: Mapping,
              max_history: int = MAX_HISTORY) -> list:
-    """(case, need) of the ``cases`` (each with user_id, history, target) this scenario can use."""
+    """(case, need) of the ``cases`` (each with user_id, history, target) this scenario can use;
+    an anonymous scenario's cases come without their history."""
     pairs = [(c, scenario.need(data, c.user_id, c.history, c.target, annotations, max_history)) for c in cases]
-    return [(c, n) for c, n in pairs if n is not None]
+    return [(c if scenario.signed_in else replace(c, history=()), n) for c, n in pairs if n is not None]
 
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("sequential", "<P1,I0,T3>", "sequential recommendation", history=True),
     Scenario("product_search", "<P0,I2,T3>", "product search", history=False, intention=Intention.SPECIFIC),
+    Scenario("product_search_anonymous", "<P0,I2,T3>", "product search, anonymous", history=False,
+             intention=Intention.SPECIFIC, signed_in=False),
     Scenario("personalized_search", "<P1,I2,T3>", "personalized search", history=True, intention=Intention.SPECIFIC),
     Scenario("explicit_preference", "<P1,P2,I0,T3>", "history + explicit preference", history=True, preference=True),
     Scenario("vague_intention", "<P1,I1,T3>", "history + vague intention", history=True, intention=Intention.VAGUE),

@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--calibrate-hard", action="store_true",
                      help="also fit the temperature (never the weights: the order stays) on the users' cases with the "
                           "evaluation's hard negatives, so relevance holds there too; reported like --hard-report")
-    fit.add_argument("--scenarios", help="comma-separated scenarios (default: all)")
+    fit.add_argument("--scenarios", help="comma-separated scenarios (default: every one but the anonymous product search)")
     fit.add_argument("--out", help="the gate file (default: MODEL/gate.json)")
     fit.add_argument("--work", default="artifacts/gate", help="where the teacher's annotations and the LM's scores are cached "
                      "(a refit with other signals or another --l2 reuses them)")
