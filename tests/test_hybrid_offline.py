@@ -69,11 +69,13 @@ def test_behaviour_build_cli_leaves_out_the_holdout(tmp_path, capsys):
 
 
 def test_gate_fit_then_the_hybrid_rows_of_an_evaluation(tmp_path, model_dir, games_slice, capsys):
-    assert main(["gate", "fit", "--model", str(model_dir), "--data", str(games_slice), "--users", "100",
-                 "--scenarios", "sequential,vague_intention", "--work", str(tmp_path / "work"), "--folds", "2",
+    assert main(["gate", "fit", "--model", str(model_dir), "--data", str(games_slice), "--users", "40",
+                 "--scenarios", "sequential,vague_intention,product_search", "--work", str(tmp_path / "work"), "--folds", "2",
                  "--hard-report", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "| sequential |" in out and "| vague_intention |" in out
+    # the product searches again without the history's signals, as a request without history: reported only
+    assert out.count("| product_search_anonymous |") == 2  # held out, and every user out of fold
     # every user's cases ranked out of fold, and their hard-10 sequential cases, reported only
     assert "ranked by the gate of the other 1 folds" in out and "| hard-10:sequential | 40 |" in out
     gate = load_gate(model_dir / "gate.json")
@@ -81,16 +83,19 @@ def test_gate_fit_then_the_hybrid_rows_of_an_evaluation(tmp_path, model_dir, gam
     assert gate.info["examples"] > 0 and gate.info["users_held_out"] == 8 and gate.temperature > 0
     # the uniform cases of both scenarios, their retrieved-10 cases where retrieval found the
     # target and their alike-10 cases where the target is among the need's 50 nearest titles
-    assert {"sequential", "vague_intention", "all"} <= set(report["held_out"])
+    assert {"sequential", "vague_intention", "product_search", "product_search_anonymous", "all"} <= set(report["held_out"])
     assert report["cross_validated"]["sequential"]["cases"] == 40
-    assert "hard-10:sequential" not in report["fitted"]
-    pooled = set(report["fitted"]) - {"sequential", "vague_intention", "all"}
+    cv = report["cross_validated"]
+    assert cv["product_search_anonymous"]["cases"] == cv["product_search"]["cases"] > 0
+    assert cv["product_search_anonymous"]["lm_hr@1"] == cv["product_search"]["lm_hr@1"]
+    assert "hard-10:sequential" not in report["fitted"] and "product_search_anonymous" not in report["fitted"]
+    pooled = set(report["fitted"]) - {"sequential", "vague_intention", "product_search", "all"}
     assert {name.split(":")[0] for name in pooled} == {"retrieved-10", "alike-10"}, pooled
     assert 0 <= report["held_out"]["all"]["ece"] <= 1
     # hard-10 cases as calibration: the same weights (the LM's scores kept in the work folder),
     # a temperature per request fitted with them, their held-out users' rows reported apart
-    assert main(["gate", "fit", "--model", str(model_dir), "--data", str(games_slice), "--users", "100",
-                 "--scenarios", "sequential,vague_intention", "--work", str(tmp_path / "work"), "--calibrate-hard",
+    assert main(["gate", "fit", "--model", str(model_dir), "--data", str(games_slice), "--users", "40",
+                 "--scenarios", "sequential,vague_intention,product_search", "--work", str(tmp_path / "work"), "--calibrate-hard",
                  "--out", str(tmp_path / "calibrated.json"), "--no-progress"]) == 0
     capsys.readouterr()
     calibrated = load_gate(tmp_path / "calibrated.json")
@@ -369,3 +374,38 @@ def test_cross_validated_report_ranks_each_user_by_the_other_folds_gate(capsys):
     assert "--folds must be 0 or at least 2" in capsys.readouterr().err
     assert main(["gate", "fit", "--model", "none", "--hard-report"]) == 2
     assert "--hard-report needs it" in capsys.readouterr().err
+
+
+def test_anonymous_copies_are_the_product_searches_without_the_historys_signals():
+    """What a request without history gets, reported beside the signed-in product searches: the
+    same LM scores and query, no behaviour or sequential signal, never fitted on. Here the
+    behaviour signal finds the true item and the LM only leans to it, so the signed-in cases
+    rank it first out of fold and their anonymous copies rank as the LM does."""
+    from instructrec.aspects import Intention, UserNeed
+    from instructrec.hybrid.gate import Example
+    from instructrec.training.hybrid.fit import Labelled, anonymous_copies, cross_validated
+
+    rng = np.random.default_rng(1)
+
+    def case(user: int, scenario: str) -> Labelled:
+        positive = int(rng.integers(10))
+        behaviour, sequential, lm = rng.normal(size=10), rng.normal(size=10), rng.normal(size=10)
+        behaviour[positive] += 10.0
+        lm[positive] += 1.0
+        need = (UserNeed(intention="for PC", intention_kind=Intention.SPECIFIC) if scenario == "product_search"
+                else UserNeed(history=("a", "b")))
+        return Labelled(scenario, f"u{user}", Example(lm, need, behaviour, None, 1.0, positive, sequential))
+
+    examples = [case(u, "product_search") for u in range(40)] + [case(u, "sequential") for u in range(40)]
+    anonymous = anonymous_copies(examples)
+    assert len(anonymous) == 40 and {a.scenario for a in anonymous} == {"product_search_anonymous"}
+    for a, e in zip(anonymous, examples):
+        assert a.user_id == e.user_id and a.example.lm is e.example.lm and a.example.need is e.example.need
+        assert a.example.behaviour is None and a.example.sequential is None and a.example.known == 0.0
+        assert a.example.positive == e.example.positive
+    result = cross_validated(examples, 4, report_only=anonymous)
+    signed, bare = result["product_search"], result["product_search_anonymous"]
+    assert result["all"]["cases"] == 80 and bare["cases"] == signed["cases"] == 40
+    lm_alone = np.mean([rank_of(list(e.example.lm), e.example.positive) == 0 for e in examples[:40]])
+    assert signed["lm_hr@1"] == bare["lm_hr@1"] == pytest.approx(lm_alone) and lm_alone < 1.0
+    assert signed["hr@1"] == 1.0 and bare["hr@1"] == pytest.approx(lm_alone)  # only the LM left: its order

@@ -74,8 +74,9 @@ def table(result: dict) -> str:
 
 
 def cv_table(result: dict) -> str:
-    lines = ["| scenario | cases | fused | ECE |", "| --- | --- | --- | --- |"]
-    lines += [f"| {name} | {r['cases']} | **{r['hr@1']:.3f}** | {r['ece']:.3f} |" for name, r in result.items()]
+    lines = ["| scenario | cases | LM | fused | ECE |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {name} | {r['cases']} | {r['lm_hr@1']:.3f} | **{r['hr@1']:.3f}** | {r['ece']:.3f} |"
+              for name, r in result.items()]
     return "\n".join(lines)
 
 
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..evaluate.methods import InstructionModel
     from .behaviour_cli import build_for
-    from .fit import cross_validated, fit_and_report, fitting_examples
+    from .fit import anonymous_copies, cross_validated, fit_and_report, fitting_examples
 
     started = time.perf_counter()
     try:
@@ -131,10 +132,11 @@ def run(args: argparse.Namespace) -> int:
                 "users": args.users, "command": invoked_as()}
         hard = hard_cases(args, data, lm, hybrid, work) if args.calibrate_hard or args.hard_report else []
         calibration = hard if args.calibrate_hard else []
-        gate, result = fit_and_report(examples, info, l2=args.l2, calibration=calibration)
+        anonymous = anonymous_copies(examples)  # reported only: what a request without history gets
+        gate, result = fit_and_report(examples, info, l2=args.l2, calibration=calibration, report_only=anonymous)
         if args.folds:
             result["cross_validated"] = cross_validated(examples, args.folds, l2=args.l2, calibration=calibration,
-                                                        report_only=[] if calibration else hard)
+                                                        report_only=[*([] if calibration else hard), *anonymous])
         gate.info.update({"report": result, "seconds": round(time.perf_counter() - started, 1), "machine": machine_info()})
         out = gate.save(Path(args.out) if args.out else model_dir / GATE_FILE)
     except (BehaviourError, GateError, SequentialError, DataError, ModelNotFound, FileNotFoundError, ValueError) as exc:
