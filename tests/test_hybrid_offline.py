@@ -105,7 +105,8 @@ def test_gate_fit_then_the_hybrid_rows_of_an_evaluation(tmp_path, model_dir, gam
 
     data = load_dataset("games-sample").sample_users(60, seed=3)
     cfg = EvalConfig(data=data, out=tmp_path / "eval", users=12, select_users=6, seed=0, settings=("uniform-10",),
-                     scenarios=("sequential", "vague_intention", "product_search", "product_search_anonymous"),
+                     scenarios=("sequential", "personalized_search", "vague_intention", "product_search",
+                                "product_search_anonymous"),
                      base=None, models=(f"tiny={model_dir}",), baselines=("behaviour",), hybrid=True, resamples=50,
                      progress=False, command="test")
     results = evaluate(cfg)
@@ -177,6 +178,20 @@ def test_gate_fit_then_the_hybrid_rows_of_an_evaluation(tmp_path, model_dir, gam
         assert np.allclose(fused_signed, want.temperature * want.scores, atol=1e-6)
         read_history += beh.score is not None
     assert read_history > 0
+
+    # Personalized search and vague intention share their templates (comb-*) with other needs:
+    # each hybrid row fuses the LM's scores of its own needs, whichever scenario the LM scored last
+    for name in ("personalized_search", "vague_intention"):
+        fused_unit = unit("tiny + hybrid", name)
+        asked = [by_user[u] for u in fused_unit["user_ids"]]
+        needs = [SCENARIOS[name].need(data, c.user_id, c.history, c.target, annotations, 5) for c in asked]
+        lm_scores = tiny.score(asked, needs, fused_unit["template"], str(test_file.path))
+        for case, need, lm, fused in zip(asked, needs, lm_scores, fused_unit["scores"]):
+            need = normalise_need(need)
+            beh = index.features(list(case.history), list(case.candidates))
+            want = gate.fuse(lm, need, behaviour=beh.score, known=beh.known,
+                             semantic=enc.similarities(need, [data.title(i) for i in case.candidates]))
+            assert np.allclose(fused, want.temperature * want.scores, atol=1e-6), name
 
 
 def test_alike_cases_draw_every_candidate_from_the_needs_nearest_titles(tmp_path, model_dir, games_slice, capsys):

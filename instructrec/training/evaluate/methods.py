@@ -193,13 +193,16 @@ class InstructionModel(Method):
         self.notes = (f"{meta.get('base_model')} tuned {tuned} on {data_meta.get('name')} "
                       f"({count('users')} users, {count('examples')} generated instructions)"
                       if meta else f"{model}, untuned")
-        # (candidate file, template) -> user id -> scores, of every unit scored or read back in
-        # this process: a hybrid row fuses these instead of scoring the LM again
-        self.memo: dict[tuple[str, str | None], dict[str, list[float]]] = {}
+        # (candidate file, user id, instruction) -> scores, of every unit scored or read back in
+        # this process: a hybrid row fuses these instead of scoring the LM again. The instruction
+        # is the key, not the template: scenarios share templates (sequential and explicit
+        # preference the pref-*, personalized search and vague intention the comb-*) with other needs
+        self.memo: dict[tuple[str, str, str], list[float]] = {}
 
-    def remember(self, candidate_file: str, template: str | None, user_ids: Sequence[str],
+    def remember(self, candidate_file: str, user_ids: Sequence[str], sources: Sequence[str],
                  scores: Sequence[Sequence[float]]) -> None:
-        self.memo.setdefault((str(candidate_file), template), {}).update(zip(user_ids, scores))
+        for user, source, s in zip(user_ids, sources, scores, strict=True):
+            self.memo[(str(candidate_file), user, source)] = s
 
     def version(self) -> str:
         r = self.ranker
@@ -227,7 +230,7 @@ class InstructionModel(Method):
                 out.append([by_title[x] for x in t])
             bar.update(len(titles))
         bar.close()
-        self.remember(candidate_file, template, [c.user_id for c in cases], out)
+        self.remember(candidate_file, [c.user_id for c in cases], sources, out)
         return out
 
 
@@ -299,8 +302,12 @@ class HybridModel(Method):
         self.notes = (f"{lm.name} fused with {', '.join(signals) or 'nothing'} by a gate fitted on "
                       f"{info.get('examples', '?')} validation requests of {info.get('users_fitted', '?')} users")
 
+    # 2: a row fuses the LM's scores of its own needs (1 could fuse those of another scenario
+    # sharing its template: the personalized searches fused the vague intentions' scores)
+    REVISION = 2
+
     def version(self) -> str:
-        return f"{self.lm.version()}+{self.hybrid.version}"
+        return f"{self.lm.version()}+{self.hybrid.version}+r{self.REVISION}"
 
     def templates(self, scenario) -> list[str | None]:
         return self.lm.templates(scenario)
@@ -315,15 +322,14 @@ class HybridModel(Method):
     def score(self, cases, needs, template, candidate_file, progress=False):
         from ..hybrid.fit import case_signals
 
-        known = self.lm.memo.get((str(candidate_file), template), {})
-        missing = [i for i, c in enumerate(cases) if c.user_id not in known]
+        keys = [(str(candidate_file), c.user_id, source) for c, source in zip(cases, self.lm.sources(needs, template))]
+        missing = [i for i, key in enumerate(keys) if key not in self.lm.memo]
         if missing:
             self.lm.score([cases[i] for i in missing], [needs[i] for i in missing], template, candidate_file, progress)
-            known = self.lm.memo[(str(candidate_file), template)]
         out = []
-        for case, need in zip(cases, needs):
+        for case, need, key in zip(cases, needs, keys):
             signals = case_signals(self.hybrid, self.data, case, need)
-            fused = self.hybrid.fuse_signals(known[case.user_id], normalise_need(need), signals)
+            fused = self.hybrid.fuse_signals(self.lm.memo[key], normalise_need(need), signals)
             out.append([float(x) for x in fused.temperature * fused.scores])
         return out
 

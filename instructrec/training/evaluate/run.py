@@ -321,14 +321,13 @@ def run_unit(ev: Evaluation, method: Method, scenario: Scenario, setting: str, s
         saved = json.loads(path.read_text())
         ev.reused += 1
         unit = Unit(**saved["unit"])
-        _remember(method, file, unit)
+        _remember(method, file, unit, [n for _, n in used])
         return unit
     cases = [c for c, _ in used]
     scores, seconds = timed_score(method, cases, [n for _, n in used], template, str(file.path), progress=cfg.progress)
     unit = Unit(setting, split, scenario.name, method.name, template, [c.user_id for c in cases],
                 [rank_of(s, c.positive) for s, c in zip(scores, cases)], scores, round(seconds, 3),
                 len(file.cases[0].candidates), len(file.cases) - len(used))
-    _remember(method, file, unit)
     files.write_json(path, {"key": key, "unit": asdict(unit)})
     m = unit.metrics()
     log.info("%-12s %-20s %-28s %-8s %s: HR@1 %.3f NDCG@5 %.3f (%d cases, %.1f s)", setting, scenario.name, method.name,
@@ -336,10 +335,11 @@ def run_unit(ev: Evaluation, method: Method, scenario: Scenario, setting: str, s
     return unit
 
 
-def _remember(method: Method, file: cand.CandidateFile, unit: Unit) -> None:
-    """An instruction model keeps its scores for the hybrid row that fuses them."""
+def _remember(method: Method, file: cand.CandidateFile, unit: Unit, needs: Sequence[UserNeed]) -> None:
+    """An instruction model's unit read back from the cache: its scores kept for the hybrid row
+    that fuses them (a unit it scores now it keeps itself)."""
     if isinstance(method, InstructionModel):
-        method.remember(str(file.path), unit.template, unit.user_ids, unit.scores)
+        method.remember(str(file.path), unit.user_ids, method.sources(needs, unit.template), unit.scores)
 
 
 def hybrid_methods(data: InteractionData, lms: list[tuple[str | None, InstructionModel]], index,
