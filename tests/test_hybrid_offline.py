@@ -418,6 +418,7 @@ def test_anonymous_copies_are_the_product_searches_without_the_historys_signals(
         assert a.user_id == e.user_id and a.example.lm is e.example.lm and a.example.need is e.example.need
         assert a.example.behaviour is None and a.example.sequential is None and a.example.known == 0.0
         assert a.example.positive == e.example.positive
+    assert anonymous_copies([*examples, *anonymous]) == []  # already fitted on: no second row of that name
     result = cross_validated(examples, 4, report_only=anonymous)
     signed, bare = result["product_search"], result["product_search_anonymous"]
     assert result["all"]["cases"] == 80 and bare["cases"] == signed["cases"] == 40

@@ -366,7 +366,10 @@ def anonymous_copies(examples: Sequence[Labelled]) -> list[Labelled]:
     """Each signed-in product search again as a request without history comes (the
     evaluation's ``product_search_anonymous``): the same query, LM scores and semantic signal,
     no behaviour or sequential signal. Reported, never fitted on (fitted on too, the gate
-    ranked them lower: 0.858 against 0.866 over five folds, 2026-12-06)."""
+    ranked them lower: 0.858 against 0.866 over five folds, 2026-12-06). None when
+    ``--scenarios`` named the anonymous scenario: its cases are then fitted and reported as such."""
+    if any(e.scenario == "product_search_anonymous" for e in examples):
+        return []
     return [Labelled("product_search_anonymous", e.user_id,
                      replace(e.example, behaviour=None, sequential=None, known=0.0))
             for e in examples if e.scenario == "product_search"]
