@@ -129,8 +129,8 @@ def fitting_examples(data: InteractionData, lm, hybrid: Hybrid, *, users: int, w
     The alike cases draw from the same neighbours but keep only true items among them, so
     similarity cannot tell the answer there either way.
 
-    By default the signed-in scenarios only: a gate also fitted on anonymous copies of the
-    product searches ranked those copies lower (0.858 against 0.866 over five folds, 2026-12-06)."""
+    By default the signed-in scenarios only (the anonymous product searches are reported
+    apart, :func:`anonymous_copies`)."""
     chosen = get_scenarios(scenarios) if scenarios else [s for s in get_scenarios(None) if s.signed_in]
     cases = cand.pick_users(cand.full_cases(data, "valid"), users, seed)
     annotations = annotations_for(data, cases, chosen, work / "annotations.jsonl", progress)
@@ -333,8 +333,8 @@ def hard_report_examples(data: InteractionData, lm, hybrid: Hybrid, retrieve, *,
 def cross_validated(examples: Sequence[Labelled], folds: int, *, l2: float = 1e-5, seed: int = FIT_SEED,
                     report_only: Sequence[Labelled] = (), calibration: Sequence[Labelled] = ()) -> dict:
     """HR@1 and calibration error of the fused ranking (and the LM's HR@1 alone) with every
-    user's cases ranked by the gate fitted on the other folds' users (``folds`` seeded folds of users), per scenario: all the
-    users measured, where the held-out report measures a fifth. ``report_only`` cases (their
+    user's cases ranked by the gate fitted on the other folds' users (``folds`` seeded folds of
+    users), per scenario: all the users measured, where the held-out report measures a fifth. ``report_only`` cases (their
     users among the examples') are ranked the same way and never fitted on; ``calibration``
     cases are reported so too, and the other folds' ones set each gate's temperature
     (:func:`~instructrec.hybrid.gate.fit_gate`)."""
