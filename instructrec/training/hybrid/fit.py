@@ -334,10 +334,10 @@ def cross_validated(examples: Sequence[Labelled], folds: int, *, l2: float = 1e-
                     report_only: Sequence[Labelled] = (), calibration: Sequence[Labelled] = ()) -> dict:
     """HR@1 and calibration error of the fused ranking (and the LM's HR@1 alone) with every
     user's cases ranked by the gate fitted on the other folds' users (``folds`` seeded folds of
-    users), per scenario: all the users measured, where the held-out report measures a fifth. ``report_only`` cases (their
-    users among the examples') are ranked the same way and never fitted on; ``calibration``
-    cases are reported so too, and the other folds' ones set each gate's temperature
-    (:func:`~instructrec.hybrid.gate.fit_gate`)."""
+    users), per scenario: all the users measured, where the held-out report measures a fifth.
+    ``report_only`` cases (their users among the examples') are ranked the same way and never
+    fitted on; ``calibration`` cases are reported so too, and the other folds' ones set each
+    gate's temperature (:func:`~instructrec.hybrid.gate.fit_gate`)."""
     users = sorted({e.user_id for e in examples})
     random.Random(seed).shuffle(users)
     fold_of = {u: i % folds for i, u in enumerate(users)}
