@@ -164,20 +164,25 @@ def test_gate_fit_then_the_hybrid_rows_of_an_evaluation(tmp_path, model_dir, gam
     needs = [SCENARIOS["product_search_anonymous"].need(data, c.user_id, c.history, c.target, annotations)
              for c in queried]
     tiny = InstructionModel(data, model_dir)
-    lm_anon = tiny.score(queried, needs, anonymous["template"], str(test_file.path))
-    lm_sign = tiny.score(queried, needs, signed["template"], str(test_file.path))
-    read_history = 0
-    for case, need, la, ls, fused, fused_signed in zip(queried, needs, lm_anon, lm_sign, anonymous["scores"],
-                                                       signed["scores"]):
+
+    def by_hand(lm, need, case, signed_in=True):
+        """The fused scores of one case, from its LM scores and the signals its need and ids give."""
         need = normalise_need(need)
         sem = enc.similarities(need, [data.title(i) for i in case.candidates])
-        want = gate.fuse(la, need, semantic=sem)
-        assert np.allclose(fused, want.temperature * want.scores, atol=1e-6)
+        if not signed_in:
+            want = gate.fuse(lm, need, semantic=sem)
+            return want.temperature * want.scores
         beh = index.features(list(case.history), list(case.candidates))
-        want = gate.fuse(ls, need, behaviour=beh.score, semantic=sem, known=beh.known)
-        assert np.allclose(fused_signed, want.temperature * want.scores, atol=1e-6)
-        read_history += beh.score is not None
-    assert read_history > 0
+        want = gate.fuse(lm, need, behaviour=beh.score, semantic=sem, known=beh.known)
+        return want.temperature * want.scores
+
+    lm_anon = tiny.score(queried, needs, anonymous["template"], str(test_file.path))
+    lm_sign = tiny.score(queried, needs, signed["template"], str(test_file.path))
+    for case, need, la, ls, fused, fused_signed in zip(queried, needs, lm_anon, lm_sign, anonymous["scores"],
+                                                       signed["scores"]):
+        assert np.allclose(fused, by_hand(la, need, case, signed_in=False), atol=1e-6)
+        assert np.allclose(fused_signed, by_hand(ls, need, case), atol=1e-6)
+    assert any(index.features(list(c.history), list(c.candidates)).score is not None for c in queried)
 
     # Personalized search and vague intention share their templates (comb-*) with other needs:
     # each hybrid row fuses the LM's scores of its own needs, whichever scenario the LM scored last
@@ -187,11 +192,7 @@ def test_gate_fit_then_the_hybrid_rows_of_an_evaluation(tmp_path, model_dir, gam
         needs = [SCENARIOS[name].need(data, c.user_id, c.history, c.target, annotations, 5) for c in asked]
         lm_scores = tiny.score(asked, needs, fused_unit["template"], str(test_file.path))
         for case, need, lm, fused in zip(asked, needs, lm_scores, fused_unit["scores"]):
-            need = normalise_need(need)
-            beh = index.features(list(case.history), list(case.candidates))
-            want = gate.fuse(lm, need, behaviour=beh.score, known=beh.known,
-                             semantic=enc.similarities(need, [data.title(i) for i in case.candidates]))
-            assert np.allclose(fused, want.temperature * want.scores, atol=1e-6), name
+            assert np.allclose(fused, by_hand(lm, need, case), atol=1e-6), name
 
 
 def test_alike_cases_draw_every_candidate_from_the_needs_nearest_titles(tmp_path, model_dir, games_slice, capsys):
